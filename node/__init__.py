@@ -1,0 +1,1 @@
+"""autoglm.node: the running node (IO lives here)."""

@@ -1,0 +1,216 @@
+"""Turning a model directory into a manifest: walk, plan pieces, hash.
+
+Strategy for speed: every byte is read once into one of a few fixed buffers.
+A helper thread feeds each buffer to SHA-256 while the reading thread feeds the
+same buffer to the piece BLAKE3 hashers; both hash functions and ``readinto``
+release the GIL, so on two cores the slower hash (SHA-256) runs back to back
+and sets the pace. Memory is NBUF x CHUNK whatever the model size.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import queue
+import stat
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from autoglm.protocol import (
+    DEFAULT_MAX_PIECE_SIZE,
+    AutoglmError,
+    ConfigError,
+    FileEntry,
+    Manifest,
+    Piece,
+    RemoteProtocolError,
+    Requirements,
+    Variant,
+    check_path,
+    check_unique_paths,
+    plan_fixed,
+    plan_safetensors,
+    safetensors_header_length,
+    safetensors_tensor_spans,
+)
+
+__all__ = ["VariantSpec", "build_manifest", "hash_file", "list_model_files", "plan_file"]
+
+CHUNK = 4 * 1024 * 1024
+NBUF = 4
+
+ProgressFn = Callable[[int], None]
+
+
+def list_model_files(root: Path, exclude: Iterable[Path] = ()) -> list[str]:
+    """Relative POSIX paths of the regular files under ``root``, sorted.
+
+    Hidden files and directories (``.git``, ``.cache``) are skipped. Symlinks to
+    files are followed (Hugging Face cache snapshots are symlinks to blobs).
+    """
+    excluded = {p.resolve() for p in exclude}
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in filenames:
+            if fn.startswith("."):
+                continue
+            full = Path(dirpath) / fn
+            if full.resolve() in excluded:
+                continue
+            try:
+                st = full.stat()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {full}: {exc.strerror}") from exc
+            if stat.S_ISREG(st.st_mode):
+                out.append(full.relative_to(root).as_posix())
+    out.sort(key=lambda s: s.encode())
+    try:
+        for p in out:
+            check_path(p)
+        check_unique_paths(out)
+    except RemoteProtocolError as exc:
+        raise ConfigError(f"cannot publish {root}: {exc}") from exc
+    return out
+
+
+def plan_file(path: Path, size: int, max_piece: int) -> list[tuple[int, int]]:
+    """Piece spans for one file: tensor-aligned for .safetensors, fixed otherwise."""
+    if path.suffix != ".safetensors":
+        return plan_fixed(size, max_piece)
+    try:
+        with open(path, "rb") as f:
+            n = safetensors_header_length(f.read(8), size)
+            header = f.read(n)
+        return plan_safetensors(size, n, safetensors_tensor_spans(header, size), max_piece)
+    except RemoteProtocolError as exc:
+        raise ConfigError(f"{path} is not a valid safetensors file: {exc}") from exc
+
+
+def hash_file(path: Path, spans: list[tuple[int, int]], progress: ProgressFn | None = None) -> tuple[bytes, list[bytes]]:
+    """SHA-256 of the whole file and BLAKE3 of each span, reading every byte once."""
+    sha = hashlib.sha256()
+    full: queue.Queue[memoryview | None] = queue.Queue()
+    free: queue.Queue[bytearray] = queue.Queue()
+    bufs = [bytearray(CHUNK) for _ in range(NBUF)]
+    owner = {id(b): b for b in bufs}
+    for b in bufs:
+        free.put(b)
+    errors: list[BaseException] = []
+
+    def sha_worker() -> None:
+        try:
+            while (mv := full.get()) is not None:
+                sha.update(mv)
+                free.put(owner[id(mv.obj)])
+        except BaseException as exc:  # handed to the reading thread
+            errors.append(exc)
+            free.put(bufs[0])
+
+    worker = threading.Thread(target=sha_worker, name="sha256", daemon=True)
+    worker.start()
+    hashes: list[bytes] = []
+    ends = [off + length for off, length in spans]
+    piece_i, hasher, pos = 0, blake3.blake3(), 0
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                buf = free.get()
+                if errors:
+                    raise errors[0]
+                n = f.readinto(buf)
+                if not n:
+                    free.put(buf)
+                    break
+                mv = memoryview(buf)[:n]
+                full.put(mv)
+                i = 0
+                while i < n:
+                    if piece_i >= len(ends):
+                        raise ConfigError(f"{path} grew while it was being published")
+                    take = min(ends[piece_i] - pos, n - i)
+                    hasher.update(mv[i : i + take])
+                    i += take
+                    pos += take
+                    if pos == ends[piece_i]:
+                        hashes.append(hasher.digest())
+                        hasher = blake3.blake3()
+                        piece_i += 1
+                if progress is not None:
+                    progress(n)
+    finally:
+        full.put(None)
+        worker.join()
+    if errors:
+        raise errors[0]
+    if piece_i != len(ends):
+        raise ConfigError(f"{path} shrank while it was being published")
+    return sha.digest(), hashes
+
+
+@dataclass(frozen=True, slots=True)
+class VariantSpec:
+    """A variant as the publisher states it: file globs and requirements."""
+
+    name: str
+    patterns: tuple[str, ...]
+    requirements: Requirements = Requirements()
+
+
+def _resolve_variants(specs: Iterable[VariantSpec], paths: list[str]) -> tuple[Variant, ...]:
+    out = []
+    for spec in specs:
+        files = [p for p in paths if any(fnmatch.fnmatchcase(p, pat) for pat in spec.patterns)]
+        if not files:
+            raise ConfigError(f"variant {spec.name!r} matches no files ({', '.join(spec.patterns)})")
+        out.append(Variant(spec.name, tuple(files), spec.requirements))
+    return tuple(out)
+
+
+def build_manifest(
+    root: Path,
+    *,
+    name: str,
+    version: str,
+    publisher: str,
+    created_at: int,
+    max_piece: int = DEFAULT_MAX_PIECE_SIZE,
+    variants: Iterable[VariantSpec] = (),
+    parent: bytes | None = None,
+    exclude: Iterable[Path] = (),
+    progress: ProgressFn | None = None,
+) -> Manifest:
+    """Hash every file under ``root`` and return the (unsigned) manifest."""
+    if not root.is_dir():
+        raise ConfigError(f"{root} is not a directory")
+    paths = list_model_files(root, exclude)
+    if not paths:
+        raise ConfigError(f"{root} holds no files to publish")
+    files = []
+    for rel in paths:
+        full = root / rel
+        size = full.stat().st_size
+        spans = plan_file(full, size, max_piece)
+        sha, hashes = hash_file(full, spans, progress)
+        pieces = tuple(Piece(o, n, h) for (o, n), h in zip(spans, hashes, strict=True))
+        files.append(FileEntry(rel, size, sha, pieces))
+    m = Manifest(
+        name=name,
+        version=version,
+        created_at=created_at,
+        publisher=publisher,
+        files=tuple(files),
+        variants=_resolve_variants(variants, paths),
+        parent=parent,
+        max_piece_size=max_piece,
+    )
+    try:
+        m.validate()
+    except AutoglmError as exc:
+        raise ConfigError(f"cannot publish: {exc}") from exc
+    return m

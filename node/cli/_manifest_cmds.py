@@ -1,0 +1,277 @@
+"""keygen, publish, inspect, verify-manifest, sample-model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from autoglm.node._keys import load_private_key, load_trust_policy, write_keypair
+from autoglm.node._manifests import (
+    check_manifest,
+    default_manifest_path,
+    load_signed_manifest,
+    write_signed_manifest,
+)
+from autoglm.node._publish import VariantSpec, build_manifest, list_model_files
+from autoglm.node._sample import write_sample_model
+from autoglm.protocol import (
+    DEFAULT_MAX_PIECE_SIZE,
+    ConfigError,
+    Requirements,
+    SignatureError,
+    SignedManifest,
+    key_id,
+    parse_public_key,
+    sign_manifest,
+    verify_signature,
+)
+from autoglm.protocol._signing import DOMAIN_MANIFEST
+
+from ._common import console, human_bytes, print_json
+
+__all__ = ["parse_size", "register"]
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'8MiB', '512k', '1G', '4096' -> bytes."""
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num) :]
+    if unit not in _UNITS or not num:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 8MiB)")
+    try:
+        return int(float(num) * _UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("keygen", help="create an Ed25519 publisher key pair")
+    p.add_argument("--out", required=True, type=Path, metavar="KEYFILE", help="private key path (KEYFILE.pub is written too)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing key")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("publish", help="hash a model directory and write a signed manifest")
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--key", required=True, type=Path, metavar="KEYFILE")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", required=True, metavar="VER")
+    p.add_argument("--out", type=Path, metavar="MANIFEST", help="default: DATA_DIR/published/NAME@VER.agm")
+    p.add_argument("--max-piece", type=parse_size, default=DEFAULT_MAX_PIECE_SIZE, metavar="SIZE", help="default 8MiB")
+    p.add_argument("--variants", type=Path, metavar="FILE.json", help="variant definitions (see docs/manifest.md)")
+    p.add_argument("--parent", type=Path, metavar="MANIFEST", help="the previous version, for delta updates")
+    p.add_argument("--cert-chain", type=Path, metavar="PEM", help="publisher X.509 chain, leaf first")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("inspect", help="show the files, pieces and signer of a manifest")
+    p.add_argument("manifest", type=Path, metavar="MANIFEST")
+    p.add_argument("--json", action="store_true", help="every file and piece as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify-manifest", help="check a manifest's signature against trusted keys")
+    p.add_argument("manifest", type=Path, metavar="MANIFEST")
+    add_trust_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify_manifest)
+
+    p = sub.add_parser("sample-model", help="write a generated sample model directory (for demos and tests)")
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--size", type=parse_size, default=64 << 20, metavar="SIZE", help="about this many bytes (default 64MiB)")
+    p.add_argument("--seed", default="sample")
+    p.set_defaults(func=cmd_sample)
+
+
+def add_trust_args(p: argparse.ArgumentParser) -> None:
+    """--trust/--root/--spiffe-id, shared by every command that checks manifests."""
+    p.add_argument("--trust", action="append", type=Path, default=[], metavar="KEY.pub", help="trusted publisher key (repeatable)")
+    p.add_argument("--root", action="append", type=Path, default=[], metavar="CA.pem", help="trusted root CA for X.509 publishers")
+    p.add_argument("--spiffe-id", action="append", default=[], metavar="ID", help="allowed publisher SPIFFE ID; a trailing / allows a prefix")
+
+
+def trust_from_args(args: argparse.Namespace) -> Any:
+    return load_trust_policy(args.data_dir, args.trust, args.root, args.spiffe_id)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    kid = write_keypair(args.out, force=args.force)
+    if args.json:
+        print_json({"key_id": kid, "private": str(args.out), "public": str(args.out) + ".pub"})
+    else:
+        console.print(f"key id [bold]{kid}[/]\nprivate key {args.out} (mode 0600)\npublic key  {args.out}.pub")
+    return 0
+
+
+def _load_variants(path: Path) -> list[VariantSpec]:
+    try:
+        raw = json.loads(path.read_text())
+        specs = []
+        for v in raw:
+            req = v.get("requirements", {})
+            specs.append(
+                VariantSpec(
+                    name=v["name"],
+                    patterns=tuple(v["files"]),
+                    requirements=Requirements(
+                        min_ram=req.get("min_ram"),
+                        min_accel_mem=req.get("min_accel_mem"),
+                        accel=req.get("accel"),
+                        dtype=req.get("dtype"),
+                    ),
+                )
+            )
+        return specs
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"cannot read variants from {path}: {exc}") from exc
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    key = load_private_key(args.key)
+    from cryptography.hazmat.primitives import serialization
+
+    raw_pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    out: Path = args.out or default_manifest_path(args.data_dir, args.name, args.version)
+    variants = _load_variants(args.variants) if args.variants else []
+    parent = load_signed_manifest(args.parent).id if args.parent else None
+    chain: tuple[bytes, ...] = ()
+    if args.cert_chain:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        certs = x509.load_pem_x509_certificates(args.cert_chain.read_bytes())
+        chain = tuple(c.public_bytes(Encoding.DER) for c in certs)
+    root: Path = args.dir
+    exclude = [out, args.key]
+    total = sum((root / p).stat().st_size for p in list_model_files(root, exclude)) if root.is_dir() else 0
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("hashing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        console=console, disable=args.json or not console.is_terminal, transient=True,
+    ) as progress:
+        task = progress.add_task("hash", total=total)
+        manifest = build_manifest(
+            root, name=args.name, version=args.version, publisher=key_id(raw_pub), created_at=int(time.time()),
+            max_piece=args.max_piece, variants=variants, parent=parent, exclude=exclude,
+            progress=lambda n: progress.advance(task, n),
+        )
+    signed = sign_manifest(manifest, key, chain)
+    write_signed_manifest(out, signed)
+    elapsed = time.perf_counter() - t0
+    if args.json:
+        print_json({"manifest": str(out), "id": signed.id.hex(), "files": len(manifest.files),
+                    "pieces": manifest.piece_count, "size": manifest.total_size, "seconds": round(elapsed, 3)})
+    else:
+        console.print(
+            f"published [bold]{manifest.name}[/] {manifest.version}: {len(manifest.files)} files, "
+            f"{manifest.piece_count} pieces, {human_bytes(manifest.total_size)} in {elapsed:.2f}s\n"
+            f"manifest {out}\nid {signed.id.hex()}"
+        )
+    return 0
+
+
+def manifest_json(signed: SignedManifest, signature_ok: bool | None = None) -> dict[str, Any]:
+    m = signed.manifest
+    return {
+        "id": signed.id.hex(),
+        "format": 1,
+        "name": m.name,
+        "version": m.version,
+        "created_at": m.created_at,
+        "publisher": m.publisher,
+        "signer": signed.signer,
+        "signature_valid": signature_ok,
+        "has_certificate_chain": bool(signed.chain),
+        "parent": m.parent.hex() if m.parent else None,
+        "max_piece_size": m.max_piece_size,
+        "total_size": m.total_size,
+        "files": [
+            {
+                "path": f.path,
+                "size": f.size,
+                "sha256": f.sha256.hex(),
+                "pieces": [{"offset": p.offset, "length": p.length, "hash": p.hash.hex()} for p in f.pieces],
+            }
+            for f in m.files
+        ],
+        "variants": [
+            {
+                "name": v.name,
+                "files": list(v.files),
+                "requirements": {k: getattr(v.requirements, k) for k in ("min_ram", "min_accel_mem", "accel", "dtype")
+                                 if getattr(v.requirements, k) is not None},
+            }
+            for v in m.variants
+        ],
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    signed = load_signed_manifest(args.manifest)
+    m = signed.manifest
+    try:
+        verify_signature(signed.public_key, signed.signature, DOMAIN_MANIFEST, m.encode())
+        sig_ok = m.publisher == signed.signer
+    except SignatureError:
+        sig_ok = False
+    if args.json:
+        print_json(manifest_json(signed, sig_ok))
+        return 0
+    created = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(m.created_at))
+    console.print(f"[bold]{m.name}[/] {m.version}  (created {created})")
+    console.print(f"id       {signed.id.hex()}")
+    state = "[green]valid signature[/]" if sig_ok else "[bold red]INVALID signature[/]"
+    console.print(f"signer   {signed.signer}  {state} (trust not checked: use verify-manifest)")
+    if signed.chain:
+        console.print(f"chain    {len(signed.chain)} X.509 certificate(s)")
+    if m.parent:
+        console.print(f"parent   {m.parent.hex()}")
+    table = Table(show_edge=False)
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    table.add_column("pieces", justify="right")
+    table.add_column("sha256")
+    for f in m.files:
+        table.add_row(f.path, human_bytes(f.size), str(len(f.pieces)), f.sha256.hex()[:16] + "…")
+    table.add_row("[bold]total[/]", human_bytes(m.total_size), str(m.piece_count), "")
+    console.print(table)
+    for v in m.variants:
+        req = {k: getattr(v.requirements, k) for k in ("min_ram", "min_accel_mem", "accel", "dtype")
+               if getattr(v.requirements, k) is not None}
+        console.print(f"variant [bold]{v.name}[/]: {len(v.files)} files, requires {req or 'nothing'}")
+    return 0
+
+
+def cmd_verify_manifest(args: argparse.Namespace) -> int:
+    signed = load_signed_manifest(args.manifest)
+    policy = trust_from_args(args)
+    m = check_manifest(signed, policy)
+    if args.json:
+        print_json({"valid": True, "id": signed.id.hex(), "name": m.name, "version": m.version, "signer": signed.signer})
+    else:
+        console.print(f"[green]valid[/]: {m.name} {m.version} signed by trusted key {signed.signer}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    write_sample_model(args.dir, size=args.size, seed=args.seed.encode())
+    console.print(f"wrote sample model to {args.dir}")
+    return 0
+
+
+_ = parse_public_key  # re-exported for other command modules

@@ -1,0 +1,101 @@
+"""Optional X.509 publisher identity with a SPIFFE ID policy.
+
+An organisation that runs its own PKI issues the publisher a certificate for
+its Ed25519 signing key with a SPIFFE ID (``spiffe://trust-domain/path``) as
+the only URI SAN. Nodes configured with the organisation's root CAs then trust
+manifests from any publisher whose SPIFFE ID the policy allows, without
+distributing raw keys. Time is a parameter: the caller passes ``now``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
+
+from ._errors import TrustError
+from ._signing import TrustPolicy
+
+__all__ = ["load_certificates", "spiffe_id_allowed", "verify_publisher_chain"]
+
+_ALLOWED_EKU = {ExtendedKeyUsageOID.CODE_SIGNING, ExtendedKeyUsageOID.CLIENT_AUTH}
+
+
+def load_certificates(data: bytes) -> list[x509.Certificate]:
+    """Parse one DER certificate or any number of PEM certificates."""
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificates(data)
+        return [x509.load_der_x509_certificate(data)]
+    except ValueError as exc:
+        raise TrustError(f"malformed certificate: {exc}") from exc
+
+
+def spiffe_id_allowed(spiffe_id: str, allowed: tuple[str, ...]) -> bool:
+    """Exact match, or prefix match for policy entries ending in ``/``."""
+    return any(spiffe_id == a or (a.endswith("/") and spiffe_id.startswith(a)) for a in allowed)
+
+
+def _check_eku(_policy: object, _cert: x509.Certificate, ext: x509.ExtendedKeyUsage | None) -> None:
+    if ext is not None and not (_ALLOWED_EKU & set(ext)):
+        raise ValueError("extended key usage allows neither codeSigning nor clientAuth")
+
+
+def _leaf_spiffe_id(leaf: x509.Certificate) -> str:
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise TrustError("publisher certificate has no subject alternative name") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    spiffe = [u for u in uris if u.startswith("spiffe://")]
+    if len(uris) != 1 or len(spiffe) != 1:
+        raise TrustError("publisher certificate must carry exactly one URI SAN, a SPIFFE ID")
+    return spiffe[0]
+
+
+def verify_publisher_chain(chain: tuple[bytes, ...], public_key: bytes, policy: TrustPolicy, now: datetime) -> str:
+    """Verify ``chain`` (DER, leaf first) to a policy root at ``now``; return the SPIFFE ID.
+
+    The leaf must certify exactly ``public_key``, the key that signed the
+    manifest. Raises TrustError with the reason otherwise.
+    """
+    if not chain:
+        raise TrustError("no certificate chain")
+    certs = [c for der in chain for c in load_certificates(der)]
+    leaf = certs[0]
+    leaf_key = leaf.public_key()
+    if not isinstance(leaf_key, Ed25519PublicKey) or leaf_key.public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    ) != public_key:
+        raise TrustError("publisher certificate is not for the key that signed the manifest")
+    roots = [c for r in policy.roots for c in load_certificates(r)]
+    extra = [c for i in policy.intermediates for c in load_certificates(i)]
+    ee_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+        x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _check_eku
+    )
+    verifier = (
+        PolicyBuilder()
+        .store(Store(roots))
+        .time(now)
+        .max_chain_depth(4)
+        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy)
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(leaf, certs[1:] + extra)
+    except VerificationError as exc:
+        raise TrustError(f"publisher certificate chain does not verify: {exc}") from exc
+    spiffe_id = _leaf_spiffe_id(leaf)
+    if not spiffe_id_allowed(spiffe_id, policy.spiffe_ids):
+        raise TrustError(f"SPIFFE ID {spiffe_id} is not allowed by the trust policy")
+    return spiffe_id
