@@ -19,7 +19,7 @@ __all__ = ["build_parser", "main"]
 
 # Each module defines register(subparsers); a command's handler is
 # args.func(args) -> int. Order sets the order in --help.
-_COMMAND_MODULES = ["_manifest_cmds", "_fetch_cmds", "_swarm_cmds", "_verify_cmds"]
+_COMMAND_MODULES = ["_manifest_cmds", "_fetch_cmds", "_swarm_cmds", "_verify_cmds", "_mirror_cmds"]
 
 
 def build_parser() -> argparse.ArgumentParser:

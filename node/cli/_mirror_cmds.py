@@ -1,0 +1,42 @@
+"""serve-mirror: a static HTTP mirror of a model directory (Range, ETag)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import trio
+
+from autoglm.node._mirror_server import MirrorStats, serve_mirror
+from autoglm.protocol import ConfigError
+
+from ._common import err_console
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve-mirror", help="serve a directory over HTTP as a mirror (Range, ETag)")
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="default 127.0.0.1 and a free port; use 0.0.0.0:PORT to serve a LAN")
+    p.set_defaults(func=cmd_serve_mirror)
+
+
+def cmd_serve_mirror(args: argparse.Namespace) -> int:
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--listen {args.listen!r} is not HOST:PORT")
+    if not args.dir.is_dir():
+        raise ConfigError(f"{args.dir} is not a directory")
+    stats = MirrorStats()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            h, p = await nursery.start(serve_mirror, args.dir, host, int(port), stats)
+            # The URL line is the readiness signal scripts wait for.
+            print(f"http://{h}:{p}/", flush=True)
+            err_console.print(f"serving {args.dir} (Ctrl-C to stop)", style="dim")
+
+    trio.run(run)
+    return 0
