@@ -11,8 +11,8 @@ from __future__ import annotations
 import email.utils
 import os
 import urllib.parse
-from http import HTTPStatus
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 
 import h11
@@ -122,10 +122,12 @@ async def _respond(stream: trio.SocketStream, conn: h11.Connection, req: h11.Req
     await stream.send_all(conn.send(h11.Response(status_code=status, headers=out, reason=HTTPStatus(status).phrase)) or b"")
     if req.method == b"GET":
         rel = path.relative_to(root).as_posix()
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY)
+        try:
             pos = start
             while pos < end:
-                chunk = os.pread(f.fileno(), min(_CHUNK, end - pos), pos)
+                # Reads go to a worker thread so a cold disk never stalls other clients.
+                chunk = await trio.to_thread.run_sync(os.pread, fd, min(_CHUNK, end - pos), pos)
                 if not chunk:
                     break
                 for part in conn.send_with_data_passthrough(h11.Data(data=chunk)) or ():
@@ -133,6 +135,8 @@ async def _respond(stream: trio.SocketStream, conn: h11.Connection, req: h11.Req
                 pos += len(chunk)
                 stats.body_bytes += len(chunk)
                 stats.by_path[rel] = stats.by_path.get(rel, 0) + len(chunk)
+        finally:
+            os.close(fd)
     await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
 
 
@@ -154,7 +158,7 @@ async def serve_mirror(
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``root`` until cancelled; reports (host, port) through task_status."""
-    root = root.resolve()
+    root = root.resolve()  # noqa: ASYNC240 (once, at start-up)
     stats = stats if stats is not None else MirrorStats()
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()

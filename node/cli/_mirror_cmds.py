@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 from pathlib import Path
 
 import trio
@@ -32,11 +34,17 @@ def cmd_serve_mirror(args: argparse.Namespace) -> int:
     stats = MirrorStats()
 
     async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            h, p = await nursery.start(serve_mirror, args.dir, host, int(port), stats)
-            # The URL line is the readiness signal scripts wait for.
-            print(f"http://{h}:{p}/", flush=True)
-            err_console.print(f"serving {args.dir} (Ctrl-C to stop)", style="dim")
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                h, p = await nursery.start(serve_mirror, args.dir, host, int(port), stats)
+                # The URL line is the readiness signal scripts wait for.
+                print(f"http://{h}:{p}/", flush=True)
+                err_console.print(f"serving {args.dir} (Ctrl-C to stop)", style="dim")
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
 
     trio.run(run)
+    # Last line on stdout: what this mirror served (origin egress for demos and benchmarks).
+    print(json.dumps({"event": "mirror-stats", "requests": stats.requests, "body_bytes": stats.body_bytes}), flush=True)
     return 0
