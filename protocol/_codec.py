@@ -16,7 +16,7 @@ import msgpack
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 
-__all__ = ["Limits", "decode_canonical", "encode_canonical", "decode_frame_payload", "encode_frame_payload"]
+__all__ = ["MAX_DEPTH", "Limits", "decode_canonical", "encode_canonical", "decode_frame_payload", "encode_frame_payload"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,14 +30,22 @@ class Limits:
     max_map_len: int = 256
 
 
-def _canonicalise(value: Any) -> Any:
+#: Deepest nesting of maps and arrays a canonical value may have. Formats here
+#: nest a handful of levels; the cap keeps hostile input from exhausting the
+#: Python stack (a RecursionError) while it is canonicalised.
+MAX_DEPTH = 32
+
+
+def _canonicalise(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, (dict, list, tuple)) and depth >= MAX_DEPTH:
+        raise LocalProtocolError(f"value nests deeper than {MAX_DEPTH} levels")
     if isinstance(value, dict):
         for k in value:
             if not isinstance(k, str):
                 raise LocalProtocolError(f"map key {k!r} is not text")
-        return {k: _canonicalise(value[k]) for k in sorted(value, key=lambda s: s.encode())}
+        return {k: _canonicalise(value[k], depth + 1) for k in sorted(value, key=lambda s: s.encode())}
     if isinstance(value, (list, tuple)):
-        return [_canonicalise(v) for v in value]
+        return [_canonicalise(v, depth + 1) for v in value]
     if isinstance(value, bool) or value is None or isinstance(value, (str, bytes, int)):
         return value
     raise LocalProtocolError(f"type {type(value).__name__} is not allowed in canonical msgpack")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -29,6 +30,9 @@ from ._signing import TrustPolicy
 __all__ = ["load_certificates", "spiffe_id_allowed", "verify_publisher_chain"]
 
 _ALLOWED_EKU = {ExtendedKeyUsageOID.CODE_SIGNING, ExtendedKeyUsageOID.CLIENT_AUTH}
+# The chain comes from the envelope, outside the signature: any bytes at all.
+# cryptography parses certificates lazily, so these can surface at any access.
+_PARSE_ERRORS = (ValueError, UnsupportedAlgorithm, x509.InvalidVersion)
 
 
 def load_certificates(data: bytes) -> list[x509.Certificate]:
@@ -37,7 +41,7 @@ def load_certificates(data: bytes) -> list[x509.Certificate]:
         if b"-----BEGIN" in data:
             return x509.load_pem_x509_certificates(data)
         return [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
+    except _PARSE_ERRORS as exc:
         raise TrustError(f"malformed certificate: {exc}") from exc
 
 
@@ -69,6 +73,13 @@ def verify_publisher_chain(chain: tuple[bytes, ...], public_key: bytes, policy: 
     The leaf must certify exactly ``public_key``, the key that signed the
     manifest. Raises TrustError with the reason otherwise.
     """
+    try:
+        return _verify_chain(chain, public_key, policy, now)
+    except _PARSE_ERRORS as exc:
+        raise TrustError(f"malformed certificate: {exc}") from exc
+
+
+def _verify_chain(chain: tuple[bytes, ...], public_key: bytes, policy: TrustPolicy, now: datetime) -> str:
     if not chain:
         raise TrustError("no certificate chain")
     certs = [c for der in chain for c in load_certificates(der)]

@@ -154,7 +154,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
         from cryptography import x509
         from cryptography.hazmat.primitives.serialization import Encoding
 
-        certs = x509.load_pem_x509_certificates(args.cert_chain.read_bytes())
+        try:
+            certs = x509.load_pem_x509_certificates(args.cert_chain.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the certificate chain {args.cert_chain}: {exc}") from exc
         chain = tuple(c.public_bytes(Encoding.DER) for c in certs)
     root: Path = args.dir
     exclude = [out, args.key]

@@ -1,0 +1,210 @@
+"""The local control API: newline-delimited JSON over a unix socket in the data directory.
+
+Only processes that can open ``DATA_DIR/control.sock`` (mode 0600, so the
+same user) reach it; it never listens on the network. One request line per
+connection:
+
+* ``{"op": "status"}`` -> one line, the node's status.
+* ``{"op": "fetch", "manifest": PATH|URL, "out": DIR, "mirrors": [...],
+  "trust": [KEY.pub paths], "files": [paths] or null}`` -> progress events, one per line (the
+  ``--json`` form of node/_progress.py), then ``{"event": "result", ...}`` or
+  ``{"event": "error", "message": ..., "kind": ...}``. The running node keeps
+  serving the model afterwards. With ``"name": NAME`` instead of
+  ``"manifest"``, the node resolves the signed name record of a trusted
+  publisher in the DHT and fetches the manifest itself from peers.
+* ``{"op": "name_publish", "key": KEYFILE, "manifest": PATH, "seq": N or null}``
+  -> ``{"event": "name-published", ...}``: NAME now points at this manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from autoglm.node._keys import load_private_key, load_trust_policy
+from autoglm.node._manifests import load_signed_manifest
+from autoglm.node._progress import Event, to_json
+from autoglm.node.errors import AutoglmError, ConfigError, SourceError
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+    from autoglm.node._swarm_node import SwarmNode
+
+__all__ = ["SOCKET_NAME", "control_request", "node_is_running", "serve_control_api", "socket_path"]
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+_MAX_LINE = 64 * 1024
+
+
+def socket_path(data_dir: Path) -> Path:
+    return data_dir / SOCKET_NAME
+
+
+async def _send(stream: trio.abc.Stream, value: dict[str, Any]) -> None:
+    await stream.send_all(json.dumps(value, sort_keys=True).encode() + b"\n")
+
+
+async def _read_line(stream: trio.abc.Stream) -> bytes:
+    buf = b""
+    while b"\n" not in buf:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > _MAX_LINE:
+            raise ConfigError("control request too long")
+    return buf.split(b"\n", 1)[0]
+
+
+async def _handle(stream: trio.SocketStream, node: SwarmNode) -> None:
+    try:
+        with trio.fail_after(10):
+            req = json.loads(await _read_line(stream) or b"{}")
+        op = req.get("op") if isinstance(req, dict) else None
+        if op == "status":
+            await _send(stream, node.status())
+        elif op == "fetch":
+            await _fetch(stream, node, req)
+        elif op == "name_publish":
+            await _name_publish(stream, node, req)
+        else:
+            await _send(stream, {"event": "error", "message": f"unknown op {op!r}", "kind": "ConfigError"})
+    except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ValueError) as eg:
+        log.debug("control client went away: %r", eg.exceptions[0])
+    except* Exception:  # the per-client supervisor: a client's failure never stops the node
+        log.exception("control request failed")
+    finally:
+        await stream.aclose()
+
+
+async def _fetch(stream: trio.SocketStream, node: SwarmNode, req: dict[str, Any]) -> None:
+    send, recv = trio.open_memory_channel[Event](64)
+    try:
+        trust = load_trust_policy(node.config.data_dir, [Path(p) for p in req.get("trust", [])])
+        async with trio.open_nursery() as nursery:
+
+            async def forward() -> None:
+                async with recv:
+                    async for ev in recv:
+                        await _send(stream, to_json(ev))
+
+            nursery.start_soon(forward)
+            manifest = req.get("manifest")
+            if manifest is None:
+                manifest = await node.resolve_name(str(req["name"]), trust)
+            result = await node.hold(
+                manifest, out=req["out"], trust=trust, mirrors=req.get("mirrors", []),
+                files=req.get("files"), events=send,
+            )
+        await _send(
+            stream,
+            {
+                "event": "result",
+                "manifest_id": result.manifest_id.hex(),
+                "out_dir": result.out_dir,
+                "bytes_total": result.bytes_total,
+                "bytes_by_source": result.bytes_by_source,
+                "seconds": round(result.seconds, 3),
+            },
+        )
+    except* (AutoglmError, KeyError) as eg:
+        exc = eg.exceptions[0]
+        await _send(stream, {"event": "error", "message": str(exc), "kind": type(exc).__name__})
+
+
+async def _name_publish(stream: trio.SocketStream, node: SwarmNode, req: dict[str, Any]) -> None:
+    try:
+        key = await trio.to_thread.run_sync(load_private_key, Path(req["key"]))
+        signed = await trio.to_thread.run_sync(load_signed_manifest, Path(req["manifest"]))
+        rec = await node.publish_name(key, signed, req.get("seq"))
+    except (AutoglmError, KeyError) as exc:
+        await _send(stream, {"event": "error", "message": str(exc), "kind": type(exc).__name__})
+        return
+    await _send(stream, {"event": "name-published", "key": rec.key, "manifest_id": rec.manifest_id.hex(),
+                         "version": rec.version, "seq": rec.seq})
+
+
+async def serve_control_api(
+    node: SwarmNode, data_dir: Path, *, task_status: TaskStatus[Path] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Listen on DATA_DIR/control.sock until cancelled; the socket file is removed on exit."""
+    path = socket_path(data_dir)
+
+    try:
+        probe = await trio.open_unix_socket(str(path))
+    except OSError:
+        pass
+    else:
+        await probe.aclose()
+        raise ConfigError(f"a node is already running with data directory {data_dir}")
+
+    def prepare() -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)  # left behind by a node killed with SIGKILL
+
+    await trio.to_thread.run_sync(prepare)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started(path)
+            await trio.serve_listeners(lambda s: _handle(s, node), [listener], handler_nursery=nursery)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+
+
+async def node_is_running(data_dir: Path) -> bool:
+    """True when a `join` node answers on DATA_DIR/control.sock (``fetch`` then delegates to it)."""
+    try:
+        stream = await trio.open_unix_socket(str(socket_path(data_dir)))
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
+
+
+@asynccontextmanager
+async def control_request(data_dir: Path, request: dict[str, Any]) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+    """Send one request to a running node; yields an iterator over its reply lines.
+
+    SourceError if no node is running with this data directory.
+    """
+    path = socket_path(data_dir)
+    try:
+        stream = await trio.open_unix_socket(str(path))
+    except OSError as exc:
+        raise SourceError(f"no running node at {path} (start one with `autoglm-node join`)") from exc
+
+    async def lines() -> AsyncIterator[dict[str, Any]]:
+        buf = b""
+        while True:
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                yield json.loads(line)
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            buf += chunk
+
+    try:
+        await _send(stream, request)
+        yield lines()
+    finally:
+        await stream.aclose()

@@ -1,0 +1,602 @@
+"""The fetch engine: the picker decides, sources do the IO, the store commits.
+
+Theory of operation
+-------------------
+One :class:`Fetch` assembles one :class:`~autoglm.node._store.Download`.
+``run`` opens a nursery with three kinds of task:
+
+* the *loop* (``run`` itself): wakes when something changed, asks the pure
+  :class:`~autoglm.protocol._picker.PiecePicker` for work for every source that
+  has spare capacity and is out of backoff, and starts one *request task* per
+  pick. It never awaits IO while deciding.
+* *request tasks*: ``await source.fetch(request, sink)``; on return or failure
+  they update the picker and wake the loop. Failures are isolated per request.
+* the *committer*: group commit. Pieces whose hash matched are queued; the
+  committer fdatasyncs and records the whole queue in one transaction in a
+  worker thread, then marks them DONE and publishes ``PieceVerified``. Pieces
+  written while a commit runs go in the next one.
+
+Writers: the first source to open a piece streams it straight into the staging
+file; an endgame duplicate of the same piece buffers in memory and writes only
+after its own hash matched. Once a piece is verified, any other writer of it
+becomes a no-op, and a buffered winner waits for the direct writer's pwrite in
+flight (big blocks are hashed and written in worker threads) before writing its
+own bytes, so unverified bytes never land on verified ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import blake3
+import trio
+
+from autoglm.node._http import PermanentMirrorError
+from autoglm.node._progress import (
+    Event,
+    FetchDone,
+    FetchStarted,
+    FileDone,
+    PieceVerified,
+    ProgressSnapshot,
+    SourceFailed,
+)
+from autoglm.node._sources import FetchRequest, PieceRef, Source, SourceKind
+from autoglm.node._store import Download, PieceLocation, Store, _pread, preflight
+from autoglm.node.errors import (
+    AutoglmError,
+    IntegrityError,
+    NoSourceError,
+    SourceError,
+    StorageError,
+)
+from autoglm.protocol._picker import PiecePicker, PieceState
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+__all__ = ["LOCAL_ID", "Fetch", "FetchOptions", "FetchResult", "collapse_group"]
+
+LOCAL_ID = "local:store"
+THREAD_MIN = 128 << 10  # chunks at least this big are hashed and written in a worker thread
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchOptions:
+    endgame_copies: int = 2
+    mirror_overlap_budget: int | None = None
+    check_space: bool = True
+    space_margin: int | None = None
+    local_copies: bool = True
+    max_consecutive_failures: int = 8
+    wait_for_sources: bool = False  # True: keep waiting when no source can serve (the swarm)
+    progress_interval: float = 0.5
+    check_sha256: bool = False  # re-read each finished file and check its SHA-256 too
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    manifest_id: bytes
+    out_dir: str
+    bytes_total: int
+    bytes_by_source: dict[str, int]
+    seconds: float
+    refetched_bytes: int
+
+
+class _NullWriter:
+    def __init__(self, fetch: Fetch, n: int = 0) -> None:
+        self._fetch = fetch
+
+    async def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        self._fetch._received += len(chunk)
+
+    async def finish(self) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+
+class _Writer:
+    """Streams one piece. ``direct``: into the staging file; else buffered until verified."""
+
+    def __init__(self, fetch: Fetch, source_id: str, index: int, direct: bool) -> None:
+        self._f = fetch
+        self._sid = source_id
+        self.index = index
+        self.direct = direct
+        self.dead = False
+        self._h = blake3.blake3()
+        self._off = 0
+        self._buf = bytearray() if not direct else None
+        self._idle: trio.Event | None = None
+        self.resumed = False
+        fetch._writers.setdefault(index, []).append(self)
+
+    async def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        self._f._received += len(chunk)
+        if self.dead:
+            return
+        if self._buf is not None:
+            self._h.update(chunk)
+            self._buf += chunk
+        elif len(chunk) >= THREAD_MIN:
+            self._idle = trio.Event()
+            try:
+                await trio.to_thread.run_sync(self._write_sync, chunk, self._off)
+            finally:
+                self._idle.set()
+                self._idle = None
+        else:
+            self._write_sync(chunk, self._off)
+        self._off += len(chunk)
+
+    def resume(self, prefix: bytes) -> None:
+        """Start after bytes already in the staging file (unverified until finish)."""
+        self._h.update(prefix)
+        if self._buf is not None:
+            self._buf += prefix
+        self._off = len(prefix)
+        self.resumed = True
+
+    def _write_sync(self, chunk: bytes | bytearray | memoryview, off: int) -> None:
+        self._h.update(chunk)
+        self._f.download.write(self.index, off, chunk)
+
+    async def wait_idle(self) -> None:
+        if self._idle is not None:
+            await self._idle.wait()
+
+    def _detach(self) -> None:
+        ws = self._f._writers.get(self.index, [])
+        if self in ws:
+            ws.remove(self)
+        if not ws:
+            self._f._writers.pop(self.index, None)
+
+    async def finish(self) -> None:
+        self._detach()
+        if self.dead:
+            return
+        f = self._f
+        p = f.download.pieces[self.index]
+        if self._off != p.length or self._h.digest() != p.hash:
+            f._discarded += self._off
+            if self.resumed:
+                # The bytes kept from before the crash may be the bad part: fetch it whole, blame no one.
+                f.download.partial.pop(self.index, None)
+                raise SourceError(f"piece {self.index} did not verify after resuming mid-piece; fetching it whole")
+            raise IntegrityError(f"piece {self.index} ({f._path(self.index)} at byte {p.offset}) from {self._sid} failed its hash check")
+        if f.picker.state(self.index) in (PieceState.WRITING, PieceState.DONE):
+            f._discarded += self._off
+            return
+        others = f._writers.pop(self.index, [])
+        for w in others:
+            w.dead = True
+        f._finalizing.add(self.index)
+        try:
+            if self._buf is not None:
+                await self._write_buffered(others)
+        finally:
+            f._finalizing.discard(self.index)
+        if f.picker.state(self.index) not in (PieceState.WRITING, PieceState.DONE):
+            f._piece_written(self._sid, self.index)
+
+    async def _write_buffered(self, others: list[_Writer]) -> None:
+        f = self._f
+        assert self._buf is not None
+        # A direct writer of this piece may have a pwrite in a worker thread:
+        # let it land before ours, so the verified bytes are the last written.
+        for w in others:
+            await w.wait_idle()
+        if f.picker.state(self.index) not in (PieceState.WRITING, PieceState.DONE):
+            await trio.to_thread.run_sync(f.download.write, self.index, 0, self._buf)
+
+    def abort(self) -> None:
+        self._detach()
+        self._f._discarded += self._off
+        self.dead = True
+
+
+class _Sink:
+    def __init__(self, fetch: Fetch, source_id: str) -> None:
+        self._f = fetch
+        self._sid = source_id
+
+    def open_piece(self, index: int, skip: int = 0) -> _Writer | _NullWriter:
+        f = self._f
+        if f.picker.state(index) in (PieceState.WRITING, PieceState.DONE) or index in f._finalizing:
+            return _NullWriter(f)
+        direct = not any(w.direct and not w.dead for w in f._writers.get(index, []))
+        w = _Writer(f, self._sid, index, direct)
+        if skip:
+            if f.download.partial.get(index) != skip:
+                w.abort()
+                raise SourceError(f"piece {index}: cannot resume at byte {skip}")
+            w.resume(f.download.read_range(index, 0, skip))
+        return w
+
+    async def put(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        w = self.open_piece(index)
+        await w.write(data)
+        await w.finish()
+
+    def claim(self, index: int) -> bool:
+        f = self._f
+        if not f.picker.has_source(self._sid):
+            return False
+        return f.picker.claim(self._sid, index, trio.current_time())
+
+    def file_pieces(self, path: str) -> Sequence[PieceRef]:
+        return self._f._file_refs[path]
+
+
+@dataclass(slots=True)
+class _Req:
+    source_id: str
+    indices: list[int]
+    scope: trio.CancelScope
+
+
+class Fetch:
+    """One running fetch. Create, then ``await nursery.start(fetch.run)`` or ``await fetch.run()``.
+
+    Swarm hooks (synchronous, callable from any trio task while it runs):
+    :meth:`add_source`, :meth:`remove_source`, :meth:`source_have`,
+    :meth:`source_bitfield`. ``PieceVerified`` events go to ``events``.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        download: Download,
+        sources: Iterable[Source] = (),
+        events: trio.MemorySendChannel[Event] | None = None,
+        options: FetchOptions | None = None,
+    ) -> None:
+        self.store = store
+        self.download = download
+        self.options = options or FetchOptions()
+        self._events = events
+        d = download
+        self.picker = PiecePicker(
+            [p.length for p in d.pieces],
+            d.file_starts,
+            have=d.done,
+            wanted=d.wanted,
+            endgame_copies=self.options.endgame_copies,
+            mirror_overlap_budget=self.options.mirror_overlap_budget,
+        )
+        self._refs: list[PieceRef] = []
+        self._file_refs: dict[str, list[PieceRef]] = {}
+        for i, p in enumerate(d.pieces):
+            f = d.manifest.files[d.file_of[i]]
+            ref = PieceRef(i, f.path, p.offset, p.length, p.hash, f.size)
+            self._refs.append(ref)
+            self._file_refs.setdefault(f.path, []).append(ref)
+        self._sources: dict[str, Source] = {}
+        self._failures: dict[str, int] = {}
+        self._last_error: dict[str, str] = {}
+        self._requests: dict[int, _Req] = {}
+        self._next_req = 0
+        self._writers: dict[int, list[_Writer]] = {}
+        self._finalizing: set[int] = set()
+        self._pending: dict[int, str] = {}
+        self._wake_ev = trio.Event()
+        self._commit_ev = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._received = 0
+        self._discarded = 0
+        self.bytes_by_source: dict[str, int] = {}
+        self._bytes_done = 0
+        self._by_file: dict[str, int] = {}
+        for s in sources:
+            self.add_source(s)
+
+    # -- swarm hooks -----------------------------------------------------------
+    def add_source(self, source: Source) -> None:
+        if source.id in self._sources:
+            return
+        avail = source.availability()
+        self._sources[source.id] = source
+        self.picker.add_source(source.id, source.kind.value, None if avail is None else set(avail))
+        self._wake()
+
+    def remove_source(self, source_id: str) -> None:
+        if source_id not in self._sources:
+            return
+        for req in list(self._requests.values()):
+            if req.source_id == source_id:
+                req.scope.cancel()
+        self.picker.remove_source(source_id)
+        src = self._sources.pop(source_id)
+        if self._nursery is not None:
+            self._nursery.start_soon(src.aclose)
+        self._wake()
+
+    def source_have(self, source_id: str, index: int) -> None:
+        if source_id in self._sources:
+            self.picker.source_have(source_id, index)
+            self._wake()
+
+    def source_bitfield(self, source_id: str, indices: Iterable[int]) -> None:
+        if source_id in self._sources:
+            self.picker.source_bitfield(source_id, indices)
+            self._wake()
+
+    # -- internals -------------------------------------------------------------
+    def _wake(self) -> None:
+        self._wake_ev.set()
+
+    def _path(self, index: int) -> str:
+        return self._refs[index].path
+
+    def _send_nowait(self, ev: Event) -> None:
+        if self._events is not None:
+            try:
+                self._events.send_nowait(ev)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _send(self, ev: Event) -> None:
+        if self._events is not None:
+            try:
+                await self._events.send(ev)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._events = None
+
+    def _piece_written(self, source_id: str, index: int) -> None:
+        others = self.picker.piece_written(source_id, index)
+        self.download.partial.pop(index, None)
+        self._pending[index] = source_id
+        self._commit_ev.set()
+        for req in self._requests.values():
+            if req.source_id in others and all(self.picker.state(i) >= PieceState.WRITING for i in req.indices):
+                req.scope.cancel()
+
+    def _request_bytes(self, src: Source) -> int:
+        limit = src.max_request_bytes()
+        if src.kind is SourceKind.MIRROR:
+            conns = sum(s.max_requests() for s in self._sources.values() if s.kind is SourceKind.MIRROR) or 1
+            missing = sum(self._refs[i].length for i in range(len(self._refs)) if self.picker.state(i) == PieceState.NONE)
+            limit = min(limit, max(missing // conns, 1))
+        return limit
+
+    def _order(self) -> list[Source]:
+        rank = {SourceKind.LOCAL: 0, SourceKind.PEER: 1, SourceKind.MIRROR: 2}
+
+        def key(s: Source) -> tuple[int, float]:
+            score = getattr(s, "score", None)
+            return rank[s.kind], -(score.value if score is not None else 0.0)
+
+        return sorted(self._sources.values(), key=key)
+
+    def _schedule(self, nursery: trio.Nursery) -> None:
+        now = trio.current_time()
+        active: dict[str, int] = {}
+        for r in self._requests.values():
+            active[r.source_id] = active.get(r.source_id, 0) + 1
+        progress = True
+        while progress:
+            progress = False
+            for src in self._order():
+                if active.get(src.id, 0) >= src.max_requests() or src.ready_at() > now:
+                    continue
+                picked = self.picker.pick(src.id, self._request_bytes(src), now)
+                if not picked:
+                    continue
+                rid = self._next_req
+                self._next_req += 1
+                req = _Req(src.id, picked, trio.CancelScope())
+                self._requests[rid] = req
+                active[src.id] = active.get(src.id, 0) + 1
+                nursery.start_soon(self._run_request, rid, src, req)
+                progress = True
+
+    async def _run_request(self, rid: int, src: Source, req: _Req) -> None:
+        skip = self.download.partial.get(req.indices[0], 0) if src.kind is SourceKind.MIRROR else 0
+        request = FetchRequest(self.download.manifest_id, tuple(self._refs[i] for i in req.indices), skip)
+        failed_integrity: int | None = None
+        error: AutoglmError | None = None
+        try:
+            with req.scope:
+                await src.fetch(request, _Sink(self, src.id))
+        except IntegrityError as exc:
+            error = exc
+            failed_integrity = next((i for i in req.indices if self.picker.state(i) == PieceState.REQUESTED and src.id in self.picker.requesters(i)), None)
+        except SourceError as exc:
+            error = exc
+        except StorageError:
+            raise
+        finally:
+            del self._requests[rid]
+            self._wake()
+        if src.id not in self._sources:
+            return
+        permanent = isinstance(error, PermanentMirrorError)
+        undelivered = [i for i in req.indices if src.id in self.picker.requesters(i)]
+        if error is None and len(undelivered) == len(req.indices):
+            # Returned without delivering anything: a peer that advertised what it
+            # cannot serve. Count it as a failure so it cannot spin the loop.
+            error = SourceError(f"{src.id} returned without delivering any of {len(req.indices)} requested pieces")
+        for i in undelivered:
+            self.picker.piece_failed(src.id, i, integrity=permanent or i == failed_integrity)
+        if error is None:
+            self._failures[src.id] = 0
+            return
+        self._last_error[src.id] = str(error)
+        self._failures[src.id] = self._failures.get(src.id, 0) + 1
+        whole = permanent and getattr(error, "whole_source", False)
+        too_many = self._failures[src.id] >= self.options.max_consecutive_failures
+        log.info("source %s failed: %s", src.id, error)
+        self._send_nowait(SourceFailed(src.id, str(error), integrity=isinstance(error, IntegrityError), permanent=permanent or whole or too_many))
+        if whole or too_many:
+            self.remove_source(src.id)
+
+    async def _committer(self) -> None:
+        while True:
+            await self._commit_ev.wait()
+            self._commit_ev = trio.Event()
+            batch, self._pending = self._pending, {}
+            if not batch:
+                continue
+            try:
+                finished = await trio.to_thread.run_sync(self.download.commit, list(batch))
+            except StorageError:
+                for i in batch:
+                    self.picker.piece_lost(i)
+                raise
+            for i, sid in batch.items():
+                self.picker.piece_done(i)
+                n = self._refs[i].length
+                self._bytes_done += n
+                self.bytes_by_source[sid] = self.bytes_by_source.get(sid, 0) + n
+                path = self._refs[i].path
+                self._by_file[path] = self._by_file.get(path, 0) + n
+                await self._send(PieceVerified(self.download.manifest_id, i, sid, n, path))
+            for fi in finished:
+                f = self.download.manifest.files[fi]
+                await self._send(FileDone(f.path, f.size))
+            self._wake()
+
+    async def _ticker(self, total: int) -> None:
+        last_t, last_b = trio.current_time(), self._received
+        rate = 0.0
+        while True:
+            await trio.sleep(self.options.progress_interval)
+            now = trio.current_time()
+            inst = (self._received - last_b) / max(now - last_t, 1e-9)
+            rate = inst if rate == 0.0 else 0.6 * rate + 0.4 * inst
+            last_t, last_b = now, self._received
+            self._send_nowait(ProgressSnapshot(self._bytes_done, total, self._received, rate, dict(self.bytes_by_source), dict(self._by_file)))
+
+    def _no_source_error(self) -> NoSourceError:
+        missing = self.picker.remaining
+        errs = "; ".join(f"{sid}: {msg}" for sid, msg in self._last_error.items()) or "no sources were given"
+        return NoSourceError(f"no source can provide the {missing} missing pieces of {self.download.manifest.name}: {errs}")
+
+    async def _prepare(self) -> int:
+        """Recover crash leftovers, finish empty files, find local copies. Returns bytes already present."""
+        d = self.download
+        found = await trio.to_thread.run_sync(d.recover)
+        if found:
+            await trio.to_thread.run_sync(d.commit, found)
+            for i in found:
+                self.picker.piece_done(i)
+        self.picker.break_runs_at(d.partial)
+        for fi in await trio.to_thread.run_sync(d.finish_empty_files):
+            await self._send(FileDone(d.manifest.files[fi].path, 0))
+        present = d.total_bytes - d.missing_bytes()
+        for f in d.manifest.files:
+            self._by_file[f.path] = 0
+        for i in d.done:
+            self._by_file[self._refs[i].path] = self._by_file.get(self._refs[i].path, 0) + self._refs[i].length
+        if self.options.local_copies:
+            locs: dict[int, PieceLocation] = {}
+            for i in d.missing():
+                loc = await trio.to_thread.run_sync(self.store.find_by_hash, d.pieces[i].hash, d.id)
+                if loc is not None:
+                    locs[i] = loc
+            if locs:
+                copied, finished = await trio.to_thread.run_sync(_copy_local, d, locs)
+                for i in copied:
+                    self.picker.piece_done(i)
+                    n = self._refs[i].length
+                    self.bytes_by_source[LOCAL_ID] = self.bytes_by_source.get(LOCAL_ID, 0) + n
+                    self._by_file[self._refs[i].path] += n
+                    await self._send(PieceVerified(d.manifest_id, i, LOCAL_ID, n, self._refs[i].path))
+                for fi in finished:
+                    await self._send(FileDone(d.manifest.files[fi].path, d.manifest.files[fi].size))
+        return present
+
+    async def run(self, *, task_status: TaskStatus[Fetch] = trio.TASK_STATUS_IGNORED) -> FetchResult:
+        """Fetch every wanted piece; returns a summary. Raises NoSourceError, StorageError, ..."""
+        t0 = trio.current_time()
+        d = self.download
+        if self.options.check_space:
+            await trio.to_thread.run_sync(preflight, d, self.options.space_margin)
+        d.check_sha256 = self.options.check_sha256
+        await trio.to_thread.run_sync(d.lock)
+        present = await self._prepare()
+        self._bytes_done = present
+        total = d.total_bytes
+        m = d.manifest
+        await self._send(
+            FetchStarted(d.manifest_id.hex(), m.name, m.version, str(d.out_dir),
+                         tuple((m.files[fi].path, m.files[fi].size) for fi in d.wanted_files), total, present,
+                         tuple(self._sources))
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._committer)
+                nursery.start_soon(self._ticker, total)
+                task_status.started(self)
+                while not self.picker.is_complete:
+                    self._wake_ev = trio.Event()
+                    self._schedule(nursery)
+                    if not self._requests and not self._pending and not self.picker.is_complete:
+                        if not self.picker.can_serve_missing() and not self.options.wait_for_sources:
+                            raise self._no_source_error()
+                    # Wake when a backed-off source becomes usable again, even while others are busy.
+                    now = trio.current_time()
+                    deadline = min((t for s in self._sources.values() if (t := s.ready_at()) > now), default=float("inf"))
+                    with trio.move_on_at(deadline):
+                        await self._wake_ev.wait()
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as eg:
+            raise collapse_group(eg) from None
+        finally:
+            self._nursery = None
+            for src in list(self._sources.values()):
+                with trio.CancelScope(shield=True):
+                    await src.aclose()
+            await trio.to_thread.run_sync(d.close)
+        seconds = trio.current_time() - t0
+        refetched = self._discarded
+        result = FetchResult(d.manifest_id, str(d.out_dir), total, dict(self.bytes_by_source), seconds, refetched)
+        await self._send(FetchDone(total, dict(self.bytes_by_source), seconds, refetched, str(d.out_dir)))
+        return result
+
+
+def _copy_local(d: Download, locs: dict[int, PieceLocation]) -> tuple[list[int], list[int]]:
+    """Copy pieces that exist elsewhere in the store (same hash), verify, commit. Blocking."""
+    copied = []
+    for i, loc in locs.items():
+        try:
+            data = _pread(loc)
+        except OSError:
+            continue
+        if blake3.blake3(data).digest() == d.pieces[i].hash:
+            d.write(i, 0, data)
+            copied.append(i)
+    return copied, d.commit(copied)
+
+
+def collapse_group(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """One exception out of a nursery's group: KeyboardInterrupt, then storage, then other AutoglmError."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    for cls in (KeyboardInterrupt, StorageError, AutoglmError):
+        for e in leaves:
+            if isinstance(e, cls):
+                return e
+    non_cancel = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    return non_cancel[0] if non_cancel else leaves[0]
+
+
+_collapse = collapse_group  # older name, still imported by node/_swarm_node.py

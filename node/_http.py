@@ -1,0 +1,293 @@
+"""A lean HTTP/1.1 client on trio sockets, for mirrors: GET with Range, keep-alive, proxies.
+
+Strategy: model bytes move at disk speed, so the body path avoids copies. The
+response head is parsed by hand (status line and headers, 64 KiB cap); the body
+is read with ``recv_into`` straight into the caller's buffer, which the caller
+pwrites and hashes. No chunked bodies: static servers (nginx, S3, Hugging Face
+mirrors) send Content-Length; anything else is refused with a clear message.
+
+Proxies follow the usual environment variables (``http_proxy``,
+``https_proxy``, ``no_proxy`` via :func:`urllib.request.getproxies`): plain
+HTTP goes through the proxy in absolute form, HTTPS through ``CONNECT``.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+
+import trio
+
+from autoglm.node.errors import MirrorError
+
+__all__ = ["HttpConnection", "PermanentMirrorError", "Response", "Url", "open_connection", "parse_url", "request_target"]
+
+MAX_HEAD = 64 * 1024
+RECV_BUF = 1 << 20
+
+
+class PermanentMirrorError(MirrorError):
+    """Retrying will not help (unknown host, file not there, wrong file): stop asking this mirror.
+
+    ``whole_source`` means the mirror as a whole is unusable, not just one file.
+    """
+
+    whole_source = False
+
+
+class HostNotFound(PermanentMirrorError):
+    whole_source = True
+
+
+@dataclass(frozen=True, slots=True)
+class Url:
+    scheme: str
+    host: str
+    port: int
+    path: str  # path + query, already quoted
+    userinfo: str = ""
+
+    @property
+    def origin(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}" + ("" if self.port == default else f":{self.port}")
+
+    def __str__(self) -> str:
+        return self.origin + self.path
+
+
+def parse_url(text: str) -> Url:
+    u = urllib.parse.urlsplit(text)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise MirrorError(f"not an http(s) URL: {text!r}")
+    try:
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError as exc:
+        raise MirrorError(f"bad port in URL {text!r}") from exc
+    path = u.path or "/"
+    if u.query:
+        path += "?" + u.query
+    userinfo = u.netloc.rpartition("@")[0] if "@" in u.netloc else ""
+    return Url(u.scheme, u.hostname, port, path, urllib.parse.unquote(userinfo))
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    reason: str
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names; repeated headers joined by ", "
+    content_length: int | None = None
+    keep_alive: bool = True
+
+
+def _proxy_for(url: Url) -> Url | None:
+    proxies = urllib.request.getproxies()
+    if proxies.get("no") and urllib.request.proxy_bypass(url.host):
+        return None
+    spec = proxies.get(url.scheme)
+    if not spec:
+        return None
+    if "://" not in spec:
+        spec = "http://" + spec
+    return parse_url(spec)
+
+
+class HttpConnection:
+    """One HTTP/1.1 connection. ``request`` sends and reads the head; ``read_into`` reads the body."""
+
+    def __init__(self, sock: trio.socket.SocketType | None, tls: trio.SSLStream | None, url: Url, via_proxy: bool) -> None:
+        self._sock = sock
+        self._tls = tls
+        self.url = url
+        self.via_proxy = via_proxy
+        self._buf = bytearray(MAX_HEAD)
+        self._pending = memoryview(b"")  # body bytes that arrived with the head
+        self.remaining: int | None = 0
+        self.reusable = False
+        self.proxy_headers: dict[str, str] = {}
+
+    async def _recv_into(self, view: memoryview) -> int:
+        if self._sock is not None:
+            try:
+                return await self._sock.recv_into(view)
+            except OSError as exc:
+                raise MirrorError(f"{self.url.origin}: connection failed: {exc.strerror or exc}") from exc
+        assert self._tls is not None
+        try:
+            data = await self._tls.receive_some(len(view))
+        except trio.BrokenResourceError as exc:
+            raise MirrorError(f"{self.url.origin}: connection broken: {exc.__cause__ or exc}") from exc
+        view[: len(data)] = data
+        return len(data)
+
+    async def _send_all(self, data: bytes) -> None:
+        try:
+            if self._sock is not None:
+                view = memoryview(data)
+                while view:
+                    n = await self._sock.send(view)
+                    view = view[n:]
+            else:
+                assert self._tls is not None
+                await self._tls.send_all(data)
+        except (OSError, trio.BrokenResourceError) as exc:
+            raise MirrorError(f"{self.url.origin}: connection broken while sending: {exc}") from exc
+
+    async def request(self, method: str, target: str, headers: dict[str, str]) -> Response:
+        """Send a request (no body) and read the response head."""
+        self.reusable = False
+        host = headers.pop("Host", None) or self.url.origin.split("://", 1)[1]
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+        lines += [f"{k}: {v}" for k, v in {**self.proxy_headers, **headers}.items()]
+        await self._send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return await self._read_head(method)
+
+    async def _read_head(self, method: str) -> Response:
+        buf = self._buf
+        filled = 0
+        while True:
+            end = buf.find(b"\r\n\r\n", 0, filled)
+            if end >= 0:
+                break
+            if filled == len(buf):
+                raise MirrorError(f"{self.url.origin}: response head over {MAX_HEAD} bytes")
+            n = await self._recv_into(memoryview(buf)[filled:])
+            if n == 0:
+                raise MirrorError(f"{self.url.origin}: connection closed before a response" if filled == 0 else f"{self.url.origin}: truncated response head")
+            filled += n
+        head = bytes(buf[:end]).decode("latin-1")
+        self._pending = memoryview(bytes(buf[end + 4 : filled]))
+        status_line, *hlines = head.split("\r\n")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise MirrorError(f"{self.url.origin}: not an HTTP/1.x response: {status_line[:80]!r}")
+        resp = Response(int(parts[1]), parts[2] if len(parts) > 2 else "")
+        for ln in hlines:
+            k, sep, v = ln.partition(":")
+            if not sep:
+                raise MirrorError(f"{self.url.origin}: malformed header line {ln[:80]!r}")
+            k = k.strip().lower()
+            v = v.strip()
+            resp.headers[k] = f"{resp.headers[k]}, {v}" if k in resp.headers else v
+        conn = resp.headers.get("connection", "").lower()
+        resp.keep_alive = parts[0] == "HTTP/1.1" and "close" not in conn
+        if "chunked" in resp.headers.get("transfer-encoding", "").lower():
+            if 200 <= resp.status < 300:
+                raise MirrorError(f"{self.url.origin}: chunked transfer encoding is not supported for file bodies")
+            resp.keep_alive = False
+            self.remaining = None
+        elif method == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200:
+            self.remaining = 0
+        elif "content-length" in resp.headers:
+            try:
+                resp.content_length = int(resp.headers["content-length"])
+            except ValueError as exc:
+                raise MirrorError(f"{self.url.origin}: bad Content-Length") from exc
+            self.remaining = resp.content_length
+        else:
+            resp.keep_alive = False
+            self.remaining = None  # until the server closes
+        self.reusable = resp.keep_alive
+        return resp
+
+    async def read_into(self, view: memoryview) -> int:
+        """Read body bytes into ``view``; 0 at the end of the body. Raises MirrorError on truncation."""
+        if self.remaining == 0:
+            return 0
+        want = len(view) if self.remaining is None else min(len(view), self.remaining)
+        if self._pending:
+            n = min(want, len(self._pending))
+            view[:n] = self._pending[:n]
+            self._pending = self._pending[n:]
+        else:
+            n = await self._recv_into(view[:want])
+            if n == 0:
+                if self.remaining is None:
+                    self.remaining = 0
+                    self.reusable = False
+                    return 0
+                raise MirrorError(f"{self.url.origin}: body truncated ({self.remaining} bytes missing)")
+        if self.remaining is not None:
+            self.remaining -= n
+        return n
+
+    async def read_all(self, limit: int) -> bytes:
+        out = bytearray()
+        buf = memoryview(bytearray(1 << 16))
+        while True:
+            n = await self.read_into(buf)
+            if not n:
+                return bytes(out)
+            out += buf[:n]
+            if len(out) > limit:
+                raise MirrorError(f"{self.url}: response over {limit} bytes")
+
+    async def aclose(self) -> None:
+        self.reusable = False
+        if self._sock is not None:
+            self._sock.close()
+        elif self._tls is not None:
+            await trio.aclose_forcefully(self._tls)
+
+
+async def _connect_tcp(host: str, port: int) -> trio.socket.SocketType:
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise HostNotFound(f"cannot resolve host {host!r} ({exc.strerror}); check the URL") from exc
+    last: OSError | None = None
+    for family, type_, proto, _, addr in infos:
+        sock = trio.socket.socket(family, type_, proto)
+        try:
+            await sock.connect(addr)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUF)
+        return sock
+    raise MirrorError(f"cannot connect to {host}:{port}: {last.strerror if last else 'no address'}") from last
+
+
+async def open_connection(url: Url, ssl_context: ssl.SSLContext | None = None) -> HttpConnection:
+    """Connect to ``url``'s origin, through the environment's proxy when one applies."""
+    proxy = _proxy_for(url)
+    if proxy is None:
+        sock = await _connect_tcp(url.host, url.port)
+        if url.scheme == "http":
+            return HttpConnection(sock, None, url, False)
+        return HttpConnection(None, await _tls(sock, url, ssl_context), url, False)
+    sock = await _connect_tcp(proxy.host, proxy.port)
+    auth = {}
+    if proxy.userinfo:
+        auth["Proxy-Authorization"] = "Basic " + base64.b64encode(proxy.userinfo.encode()).decode()
+    if url.scheme == "http":
+        conn = HttpConnection(sock, None, url, True)
+        conn.proxy_headers = auth
+        return conn
+    tunnel = HttpConnection(sock, None, proxy, False)
+    resp = await tunnel.request("CONNECT", f"{url.host}:{url.port}", {**auth, "Host": f"{url.host}:{url.port}"})
+    if resp.status != 200:
+        sock.close()
+        raise MirrorError(f"proxy {proxy.origin} refused CONNECT to {url.host}:{url.port}: {resp.status} {resp.reason}")
+    return HttpConnection(None, await _tls(sock, url, ssl_context), url, False)
+
+
+async def _tls(sock: trio.socket.SocketType, url: Url, ctx: ssl.SSLContext | None) -> trio.SSLStream:
+    stream = trio.SSLStream(trio.SocketStream(sock), ctx or ssl.create_default_context(), server_hostname=url.host)
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        raise MirrorError(f"TLS handshake with {url.origin} failed: {exc.__cause__ or exc}") from exc
+    return stream
+
+
+def request_target(conn: HttpConnection, url: Url) -> str:
+    """Origin-form normally, absolute-form through a plain HTTP proxy."""
+    return str(url) if conn.via_proxy else url.path

@@ -1,0 +1,303 @@
+"""The one py-libp2p adapter: identity, Noise+yamux host, Kademlia DHT, control streams.
+
+Everything else in the node talks to :class:`P2PNode` and never imports
+``libp2p``. libp2p carries identity, discovery and the small control
+protocol; bulk piece bytes travel over peerwire (plain TCP, node/_peerwire.py),
+because a py-libp2p yamux stream moves about 150 MB/s and dies when its reader
+stalls.
+
+Pitfalls handled here (py-libp2p 0.8.1): only Noise is offered (the default
+also accepts plaintext); one connection per peer (avoids a 250 ms delay per
+dial); the DHT exists before the first connection; ADD_PROVIDER is
+rate-limited by receivers (10 per 10 s), so we announce per manifest and per
+file, never per piece; libp2p's loggers are silenced by the CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamEOF, StreamError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.records.validator import Validator
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.tools.anyio_service import background_trio_service
+
+from autoglm.node.errors import ConfigError, RemoteProtocolError, SignatureError, SourceError
+from autoglm.protocol._control import CONTROL_PROTOCOL_ID
+from autoglm.protocol._namerecord import (
+    NAME_NAMESPACE,
+    NameRecord,
+    check_name_update,
+    name_key,
+    select_name_record,
+    verify_name_record,
+)
+
+__all__ = ["DEFAULT_LISTEN", "ControlStream", "P2PNode", "PeerAddr", "load_identity_seed", "open_p2p"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+_IDENTITY_FILE = "p2p-identity.key"
+_DHT_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAddr:
+    """A peer as the DHT reports it: its id and the multiaddrs it advertised."""
+
+    peer_id: str
+    addrs: tuple[str, ...]
+
+
+def load_identity_seed(data_dir: Path) -> bytes:
+    """The node's persistent Ed25519 seed (created 0600 on first use)."""
+    path = data_dir / _IDENTITY_FILE
+    try:
+        seed = path.read_bytes()
+    except FileNotFoundError:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        seed = os.urandom(32)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, seed)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    if len(seed) != 32:
+        raise ConfigError(f"{path} is not a 32-byte identity seed; delete it to make a new identity")
+    return seed
+
+
+def manifest_provider_key(manifest_id: bytes) -> str:
+    # Hashed with a tag so provider keys for manifests and for files never collide.
+    return hashlib.sha256(b"autoglm/provide/manifest\x00" + manifest_id).hexdigest()
+
+
+def file_provider_key(sha256: bytes) -> str:
+    return hashlib.sha256(b"autoglm/provide/file\x00" + sha256).hexdigest()
+
+
+class _NameRecordValidator(Validator):
+    """libp2p's validator hook, backed by the sans-IO checks in protocol/_namerecord."""
+
+    def validate(self, key: str, value: bytes) -> None:
+        verify_name_record(key, value)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return select_name_record(key, values)
+
+
+class ControlStream:
+    """A Noise-authenticated libp2p stream, with trio-like errors."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.peer_id: str = str(stream.muxed_conn.peer_id)
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        """Bytes, or b"" at end of stream. BrokenResourceError if the peer reset it."""
+        try:
+            data: bytes = await self._stream.read(max_bytes)
+        except StreamEOF:
+            return b""
+        except (StreamError, OSError) as exc:
+            raise trio.BrokenResourceError(f"control stream broke: {exc!r}") from exc
+        return data
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            await self._stream.write(data)
+        except (StreamError, OSError) as exc:
+            raise trio.BrokenResourceError(f"control stream broke: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(2):
+            try:
+                await self._stream.close()
+            except (StreamError, OSError):
+                pass
+
+
+ControlHandler = Callable[[ControlStream], Awaitable[None]]
+
+
+class P2PNode:
+    """A running libp2p host with its DHT. Create with :func:`open_p2p`."""
+
+    def __init__(self, host: Any, dht: KadDHT) -> None:
+        self._host = host
+        self._dht = dht
+
+    @property
+    def peer_id(self) -> str:
+        return str(self._host.get_id())
+
+    def addrs(self) -> list[str]:
+        """Bound listen addresses with ``/p2p/<id>``: what other nodes join with."""
+        out = []
+        for a in self._host.get_addrs():
+            s = str(a)
+            out.append(s if "/p2p/" in s else f"{s}/p2p/{self.peer_id}")
+        return out
+
+    def connected_peers(self) -> list[str]:
+        return [str(p) for p in self._host.get_connected_peers()]
+
+    def dht_size(self) -> int:
+        return int(self._dht.get_routing_table_size())
+
+    async def connect(self, addr: str | PeerAddr) -> str:
+        """Dial a multiaddr ending in /p2p/ID (or a PeerAddr); returns the peer id."""
+        try:
+            if isinstance(addr, PeerAddr):
+                info = PeerInfo(ID.from_base58(addr.peer_id), [multiaddr.Multiaddr(a) for a in addr.addrs])
+            else:
+                info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except (ValueError, TypeError, BaseLibp2pError) as exc:
+            raise ConfigError(f"not a peer multiaddr (/ip4/HOST/tcp/PORT/p2p/ID): {addr}") from exc
+        try:
+            with trio.fail_after(_DHT_TIMEOUT):
+                await self._host.connect(info)
+        except (trio.TooSlowError, OSError, BaseLibp2pError) as exc:
+            raise SourceError(f"cannot connect to {addr}: {exc}") from exc
+        # py-libp2p can return from a failed dial without raising.
+        if info.peer_id not in self._host.get_connected_peers():
+            raise SourceError(f"cannot connect to {addr}")
+        return str(info.peer_id)
+
+    async def _provide(self, key: str) -> bool:
+        with trio.move_on_after(_DHT_TIMEOUT):
+            try:
+                return bool(await self._dht.provide(key))
+            except (BaseLibp2pError, OSError) as exc:
+                log.info("provide failed: %r", exc)
+        return False
+
+    async def provide_manifest(self, manifest_id: bytes) -> bool:
+        return await self._provide(manifest_provider_key(manifest_id))
+
+    async def provide_file(self, sha256: bytes) -> bool:
+        return await self._provide(file_provider_key(sha256))
+
+    async def _find(self, key: str) -> list[PeerAddr]:
+        found: dict[str, PeerAddr] = {}
+        with trio.move_on_after(_DHT_TIMEOUT):
+            try:
+                infos = await self._dht.find_providers(key)
+            except (BaseLibp2pError, OSError) as exc:
+                log.info("find_providers failed: %r", exc)
+                infos = []
+            for info in infos:
+                pid = str(info.peer_id)
+                if pid != self.peer_id:
+                    found[pid] = PeerAddr(pid, tuple(str(a) for a in info.addrs))
+        return list(found.values())
+
+    async def find_manifest_providers(self, manifest_id: bytes) -> list[PeerAddr]:
+        return await self._find(manifest_provider_key(manifest_id))
+
+    async def find_file_providers(self, sha256: bytes) -> list[PeerAddr]:
+        return await self._find(file_provider_key(sha256))
+
+    async def put_name_record(self, record: NameRecord) -> None:
+        """Store a signed record locally and at the closest peers; refuses a lower seq."""
+        old = self._dht.value_store.get(record.key.encode())
+        check_name_update(record.key, old.value if old else None, record.encode())
+        try:
+            with trio.fail_after(_DHT_TIMEOUT):
+                await self._dht.put_value(record.key, record.encode())
+        except ValueError as exc:
+            raise RemoteProtocolError(str(exc)) from exc
+
+    async def get_name_record(self, publisher_key_id: str, name: str) -> NameRecord | None:
+        """The best valid record the DHT has, or None. Invalid values are skipped."""
+        key = name_key(publisher_key_id, name)
+        with trio.move_on_after(_DHT_TIMEOUT):
+            value = await self._dht.get_value(key)
+            if value is None:
+                return None
+            try:
+                return verify_name_record(key, value)
+            except (RemoteProtocolError, SignatureError) as exc:
+                log.warning("ignoring invalid name record for %s: %s", key, exc)
+        return None
+
+    def set_control_handler(self, handler: ControlHandler) -> None:
+        async def on_stream(stream: Any) -> None:
+            await handler(ControlStream(stream))
+
+        self._host.set_stream_handler(CONTROL_PROTOCOL_ID, on_stream)
+
+    async def open_control(self, peer: str | PeerAddr) -> ControlStream:
+        """Open /autoglm/swarm/1 to a peer (dialling its addrs first if given)."""
+        if isinstance(peer, PeerAddr):
+            if peer.addrs:
+                await self.connect(peer)
+            peer = peer.peer_id
+        try:
+            with trio.fail_after(_DHT_TIMEOUT):
+                stream = await self._host.new_stream(ID.from_base58(peer), [CONTROL_PROTOCOL_ID])
+        except (trio.TooSlowError, OSError, BaseLibp2pError) as exc:
+            raise SourceError(f"cannot open a control stream to {peer}: {exc}") from exc
+        return ControlStream(stream)
+
+
+def _make_host(seed: bytes) -> Any:
+    kp = create_new_key_pair(seed)
+    noise = NoiseTransport(kp, noise_privkey=create_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=kp,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_preference="YAMUX",
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        enable_mDNS=False,
+        enable_upnp=False,
+    )
+
+
+@asynccontextmanager
+async def open_p2p(
+    data_dir: Path,
+    listen: Sequence[str] = (DEFAULT_LISTEN,),
+    bootstrap: Sequence[str] = (),
+) -> AsyncIterator[P2PNode]:
+    """Start the host and DHT, dial the bootstrap peers, and yield the node."""
+    try:
+        maddrs = [multiaddr.Multiaddr(a) for a in listen]
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"bad --listen multiaddr: {exc}") from exc
+    host = _make_host(load_identity_seed(data_dir))
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(host.run(maddrs))
+        # The DHT must exist before the first connection, or it misses the peer.
+        dht = KadDHT(host, DHTMode.SERVER)
+        dht.validator.add_validator(NAME_NAMESPACE, _NameRecordValidator())  # type: ignore[union-attr]
+        await stack.enter_async_context(background_trio_service(dht))
+        node = P2PNode(host, dht)
+        for addr in bootstrap:
+            try:
+                await node.connect(addr)
+            except SourceError as exc:
+                log.warning("bootstrap peer unreachable: %s", exc)
+        yield node

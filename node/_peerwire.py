@@ -1,0 +1,500 @@
+"""Peerwire over TCP: the bulk piece transport between nodes.
+
+The server listens on 127.0.0.1 by default. A connection is served only
+after it presents a one-time token that the swarm issued over the
+Noise-authenticated control stream; the token binds the connection to that
+peer, so choking, bans and fair sharing apply per peer. Every piece is read
+from the store and its BLAKE3 hash checked before its first serve in this
+process; later serves of the unchanged file region go out with
+``os.sendfile``. The client pipelines requests on one connection and returns
+whole, length-checked pieces; the caller verifies the hash (the sink does).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from autoglm.node._ratelimit import RateLimiter
+from autoglm.node.errors import AutoglmError, IntegrityError, RemoteProtocolError, SourceError
+from autoglm.protocol._frames import NEED_DATA
+from autoglm.protocol._peerwire import (
+    MAX_INFLIGHT,
+    Auth,
+    Cancel,
+    Codec,
+    PeerwireClient,
+    PeerwireServer,
+    PieceReceived,
+    Rejected,
+    RejectReason,
+    Request,
+    Welcome,
+    maybe_compress,
+    verify_piece,
+)
+
+if TYPE_CHECKING:
+    # trio_typing's stubs (pulled in by libp2p) shadow trio's own types for mypy.
+    from trio_typing import TaskStatus
+
+__all__ = [
+    "PeerRejected",
+    "PeerwireConnection",
+    "PieceLocation",
+    "AeadStream",
+    "PieceLocator",
+    "ServeGrant",
+    "connect_peerwire",
+    "derive_keys",
+    "new_token",
+    "open_peerwire_connection",
+    "serve_peerwire",
+]
+
+log = logging.getLogger(__name__)
+
+_RECV = 1 << 20
+#: Test hook: a node started with this set flips one byte of every piece it serves.
+CORRUPT_ENV = "AUTOGLM_TEST_CORRUPT_SERVE"
+
+
+class PeerRejected(SourceError):
+    """The peer answered a request with Reject."""
+
+    def __init__(self, reason: RejectReason) -> None:
+        super().__init__(f"peer refused the request: {reason.name}")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class PieceLocation:
+    """A verified piece on disk: which file, where, and the hash to re-check."""
+
+    path: str | os.PathLike[str]
+    offset: int
+    length: int
+    hash: bytes
+
+
+class PieceLocator(Protocol):
+    def locate(self, manifest_id: bytes, index: int) -> PieceLocation | None:
+        """Where a verified piece lies, or None if this node does not hold it."""
+        ...
+
+
+class ServeGrant(Protocol):
+    """What a redeemed token stands for: one peer, asking under the swarm's rules."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    def check(self, manifest_id: bytes, index: int) -> RejectReason | None:
+        """None when this peer may have this piece now, else why not."""
+        ...
+
+    def served(self, manifest_id: bytes, index: int, nbytes: int) -> None:
+        """Count bytes sent to this peer."""
+        ...
+
+
+Redeem = Callable[[bytes], ServeGrant | None]
+
+
+def new_token() -> bytes:
+    return secrets.token_bytes(32)
+
+
+_RECORD_MAX = 1 << 20
+_TAG = 16
+
+
+def derive_keys(psk: bytes, token: bytes) -> tuple[bytes, bytes]:
+    """(client-to-server, server-to-client) keys for one connection of a private swarm."""
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=token, info=b"autoglm-node/peerwire/v1").derive(psk)
+    return okm[:32], okm[32:]
+
+
+class AeadStream:
+    """A stream whose bytes travel sealed with ChaCha20-Poly1305 (private swarms).
+
+    Each ``send_all`` is cut into records of at most 1 MiB: a 4-byte length,
+    then the ciphertext and tag; the nonce is a per-direction record counter,
+    so a record cannot be replayed, reordered or dropped unnoticed.
+    """
+
+    def __init__(self, stream: trio.SocketStream, send_key: bytes, recv_key: bytes) -> None:
+        self._stream = stream
+        self._seal = ChaCha20Poly1305(send_key)
+        self._open = ChaCha20Poly1305(recv_key)
+        self._send_n = 0
+        self._recv_n = 0
+        self._raw = bytearray()
+        self._plain = bytearray()
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self._stream.socket
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        out = []
+        for pos in range(0, len(view), _RECORD_MAX):
+            nonce = self._send_n.to_bytes(12, "big")
+            self._send_n += 1
+            ct = self._seal.encrypt(nonce, bytes(view[pos : pos + _RECORD_MAX]), None)
+            out.append(len(ct).to_bytes(4, "big") + ct)
+        await self._stream.send_all(b"".join(out))
+
+    async def receive_some(self, max_bytes: int = _RECV) -> bytes:
+        while not self._plain:
+            if len(self._raw) >= 4:
+                n = int.from_bytes(self._raw[:4], "big")
+                if not _TAG <= n <= _RECORD_MAX + _TAG:
+                    raise RemoteProtocolError(f"sealed record of {n} bytes")
+                if len(self._raw) >= 4 + n:
+                    nonce = self._recv_n.to_bytes(12, "big")
+                    self._recv_n += 1
+                    try:
+                        self._plain += self._open.decrypt(nonce, bytes(self._raw[4 : 4 + n]), None)
+                    except InvalidTag as exc:
+                        raise RemoteProtocolError("sealed record does not authenticate (wrong swarm key?)") from exc
+                    del self._raw[: 4 + n]
+                    continue
+            chunk = await self._stream.receive_some(_RECV)
+            if not chunk:
+                if self._raw:
+                    raise RemoteProtocolError("stream ended inside a sealed record")
+                return b""
+            self._raw += chunk
+        out = bytes(self._plain[:max_bytes])
+        del self._plain[:max_bytes]
+        return out
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+@dataclass(slots=True)
+class _ServeState:
+    locator: PieceLocator
+    redeem: Redeem
+    up: RateLimiter
+    corrupt: bool = False
+    psk: bytes | None = None
+    # (path, offset, length) -> (st_ino, st_mtime_ns, st_size) when it last verified.
+    verified: dict[tuple[str | os.PathLike[str], int, int], tuple[int, int, int]] = field(default_factory=dict)
+
+
+async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: int) -> None:
+    while count:
+        try:
+            n = os.sendfile(sock.fileno(), fd, offset, count)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock.fileno())
+            continue
+        if n == 0:
+            raise trio.BrokenResourceError("peer closed during sendfile")
+        offset += n
+        count -= n
+
+
+def _locate_and_read(st: _ServeState, manifest_id: bytes, index: int) -> tuple[PieceLocation | None, bytes | None]:
+    """Runs in a worker thread (the store is blocking).
+
+    Returns (location, bytes) after a fresh hash check, (location, None) when
+    this unchanged region verified before and can go out by sendfile, or
+    (None, None) when the piece is not here.
+    """
+    loc = st.locator.locate(manifest_id, index)
+    if loc is None:
+        return None, None
+    key = (loc.path, loc.offset, loc.length)
+    fd = os.open(loc.path, os.O_RDONLY)
+    try:
+        s = os.fstat(fd)
+        stamp = (s.st_ino, s.st_mtime_ns, s.st_size)
+        if st.verified.get(key) == stamp and not st.corrupt and st.psk is None:
+            return loc, None
+        data = os.pread(fd, loc.length, loc.offset)
+    finally:
+        os.close(fd)
+    if len(data) != loc.length:
+        raise IntegrityError(f"{loc.path} is shorter than the manifest says")
+    verify_piece(data, loc.hash)
+    st.verified[key] = stamp
+    return loc, data
+
+
+async def _serve_one(stream: trio.SocketStream | AeadStream, proto: PeerwireServer, st: _ServeState, grant: ServeGrant, req: Request) -> None:
+    why = grant.check(req.manifest_id, req.index)
+    loc, data = None, None
+    if why is None:
+        try:
+            loc, data = await trio.to_thread.run_sync(_locate_and_read, st, req.manifest_id, req.index)
+        except (OSError, AutoglmError) as exc:
+            # Gone or rotted on disk: refuse it rather than serve bad bytes.
+            log.warning("cannot serve piece %d: %s", req.index, exc)
+    if loc is None:
+        await stream.send_all(proto.reject(req.req_id, why or RejectReason.NOT_HAVE))
+        return
+    await st.up.acquire(loc.length)
+    if data is not None:
+        if st.corrupt and data:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        codec, body = (Codec.RAW, data)
+        if req.accept_zstd:
+            codec, body = await trio.to_thread.run_sync(maybe_compress, data)
+        if codec is Codec.ZSTD or st.corrupt or st.psk is not None:
+            # Two writes: joining header and an 8 MiB body would copy the body once more.
+            await stream.send_all(proto.piece_header(req.req_id, codec, len(body)))
+            await stream.send_all(body)
+            grant.served(req.manifest_id, req.index, len(body))
+            return
+    # Raw bytes that just verified, or verified before and unchanged since:
+    # zero copy from the page cache.
+    await stream.send_all(proto.piece_header(req.req_id, Codec.RAW, loc.length))
+    fd = os.open(loc.path, os.O_RDONLY)
+    try:
+        await _sendfile(stream.socket, fd, loc.offset, loc.length)
+    finally:
+        os.close(fd)
+    grant.served(req.manifest_id, req.index, loc.length)
+
+
+async def _auth(
+    stream: trio.SocketStream, proto: PeerwireServer, st: _ServeState
+) -> tuple[ServeGrant, trio.SocketStream | AeadStream] | None:
+    """The grant for a valid token, and the stream to use from now on (sealed in a private swarm)."""
+    with trio.move_on_after(10):
+        while True:
+            ev = proto.next_event()
+            if isinstance(ev, Auth):
+                grant = st.redeem(ev.token)
+                if grant is None:
+                    await stream.send_all(proto.refuse(RejectReason.BAD_TOKEN))
+                    return None
+                out: trio.SocketStream | AeadStream = stream
+                if st.psk is not None:
+                    c2s, s2c = derive_keys(st.psk, ev.token)
+                    out = AeadStream(stream, s2c, c2s)
+                await out.send_all(proto.accept())
+                return grant, out
+            data = await stream.receive_some(_RECV)
+            if not data:
+                return None
+            proto.receive_data(data)
+    return None
+
+
+async def _serve_conn(raw: trio.SocketStream, st: _ServeState) -> None:
+    proto = PeerwireServer()
+    authed = await _auth(raw, proto, st)
+    if authed is None:
+        return
+    grant, stream = authed
+    # The protocol caps queued requests at MAX_INFLIGHT, so this never blocks.
+    send, recv = trio.open_memory_channel[Request](MAX_INFLIGHT)
+    cancelled: set[int] = set()
+
+    async def writer() -> None:
+        async for req in recv:
+            if req.req_id in cancelled:
+                cancelled.discard(req.req_id)
+                await stream.send_all(proto.reject(req.req_id, RejectReason.CANCELLED))
+            else:
+                await _serve_one(stream, proto, st, grant, req)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        async with send:
+            while True:
+                ev = proto.next_event()
+                if isinstance(ev, Request):
+                    send.send_nowait(ev)
+                elif isinstance(ev, Cancel):
+                    cancelled.add(ev.req_id)
+                else:
+                    data = await stream.receive_some(_RECV)
+                    if not data:
+                        break
+                    proto.receive_data(data)
+
+
+async def _handle_conn(stream: trio.SocketStream, st: _ServeState) -> None:
+    """The per-connection supervisor: one client's failure never reaches the server."""
+    try:
+        await _serve_conn(stream, st)
+    except* (trio.BrokenResourceError, trio.ClosedResourceError, RemoteProtocolError, OSError) as eg:
+        log.debug("peerwire connection ended: %r", eg.exceptions[0])
+    except* Exception:
+        log.exception("peerwire connection failed")
+    finally:
+        await stream.aclose()
+
+
+async def serve_peerwire(
+    locator: PieceLocator,
+    redeem: Redeem,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    up: RateLimiter | None = None,
+    psk: bytes | None = None,
+    task_status: TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve pieces until cancelled; reports the bound (host, port) via ``task_status``.
+
+    With ``psk`` (a private swarm's key) every byte after Auth is sealed.
+    """
+    st = _ServeState(locator, redeem, up or RateLimiter(None), corrupt=os.environ.get(CORRUPT_ENV) == "1", psk=psk)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    sockname = listeners[0].socket.getsockname()
+    async with trio.open_nursery() as nursery:
+        task_status.started((sockname[0], sockname[1]))
+        await trio.serve_listeners(lambda s: _handle_conn(s, st), listeners, handler_nursery=nursery)
+
+
+@dataclass(slots=True)
+class _Slot:
+    result: PieceReceived | Rejected | None = None
+
+
+class PeerwireConnection:
+    """A client connection: ``await conn.fetch(mid, index, length)`` from many tasks at once.
+
+    Strategy: no background reader. Requests are pipelined; whichever waiting
+    task holds the receive lock reads and dispatches answers to every slot
+    until its own is filled, then hands the lock on. Nothing outlives the
+    callers, so the connection needs no nursery of its own.
+    """
+
+    def __init__(self, stream: trio.SocketStream, down: RateLimiter) -> None:
+        self._stream: trio.SocketStream | AeadStream = stream
+        self._proto = PeerwireClient()
+        self._slots: dict[int, _Slot] = {}
+        self._next_id = 1
+        self._send_lock = trio.Lock()
+        self._recv_lock = trio.Lock()
+        self._down = down
+        self._broken: BaseException | None = None
+        self.bytes_received = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._slots)
+
+    @property
+    def broken(self) -> bool:
+        return self._broken is not None
+
+    async def aclose(self) -> None:
+        self._broken = self._broken or trio.ClosedResourceError("closed")
+        await self._stream.aclose()
+
+    async def _handshake(self, token: bytes, psk: bytes | None) -> None:
+        await self._stream.send_all(self._proto.auth(token))
+        if psk is not None:
+            assert isinstance(self._stream, trio.SocketStream)
+            c2s, s2c = derive_keys(psk, token)
+            self._stream = AeadStream(self._stream, c2s, s2c)
+        while True:
+            ev = self._proto.next_event()
+            if isinstance(ev, Welcome):
+                return
+            if isinstance(ev, Rejected):
+                raise PeerRejected(ev.reason)
+            if ev is NEED_DATA:
+                self._proto.receive_data(await self._stream.receive_some(_RECV))
+
+    async def _pump_until(self, slot: _Slot) -> None:
+        async with self._recv_lock:
+            while slot.result is None and self._broken is None:
+                ev = self._proto.next_event()
+                if isinstance(ev, (PieceReceived, Rejected)):
+                    done = self._slots.pop(ev.req_id, None)
+                    if done is not None:
+                        done.result = ev
+                    continue
+                data = await self._stream.receive_some(_RECV)
+                self._proto.receive_data(data)
+                if data:
+                    await self._down.acquire(len(data))
+
+    async def fetch(self, manifest_id: bytes, index: int, length: int) -> bytes:
+        """One whole piece (hash not checked here). PeerRejected or SourceError on failure."""
+        if self._broken is not None:
+            raise SourceError(f"peerwire connection is broken: {self._broken!r}")
+        req_id = self._next_id
+        self._next_id += 1
+        slot = self._slots[req_id] = _Slot()
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(self._proto.request(req_id, manifest_id, index, length))
+            await self._pump_until(slot)
+        except trio.Cancelled:
+            if self._broken is None and slot.result is None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    try:
+                        async with self._send_lock:
+                            await self._stream.send_all(self._proto.cancel(req_id))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        self._broken = exc
+            raise
+        except (trio.BrokenResourceError, trio.ClosedResourceError, RemoteProtocolError, OSError) as exc:
+            self._broken = exc
+            raise SourceError(f"peerwire connection broke: {exc!r}") from exc
+        res = slot.result
+        if res is None:
+            raise SourceError(f"peerwire connection broke: {self._broken!r}")
+        if isinstance(res, Rejected):
+            raise PeerRejected(res.reason)
+        self.bytes_received += res.wire_bytes
+        return res.data
+
+
+async def connect_peerwire(
+    host: str, port: int, token: bytes, down: RateLimiter | None = None, psk: bytes | None = None
+) -> PeerwireConnection:
+    """Dial and authenticate; the caller owns the result and must ``aclose()`` it.
+
+    With ``psk`` (a private swarm's key) every byte after Auth is sealed.
+    """
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise SourceError(f"cannot connect to peer at {host}:{port}: {exc.strerror or exc}") from exc
+    conn = PeerwireConnection(stream, down or RateLimiter(None))
+    try:
+        with trio.fail_after(10):
+            await conn._handshake(token, psk)
+    except (trio.TooSlowError, trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
+        await stream.aclose()
+        raise SourceError(f"peerwire handshake with {host}:{port} failed: {exc!r}") from exc
+    except BaseException:
+        await stream.aclose()
+        raise
+    return conn
+
+
+@asynccontextmanager
+async def open_peerwire_connection(
+    host: str, port: int, token: bytes, down: RateLimiter | None = None, psk: bytes | None = None
+) -> AsyncIterator[PeerwireConnection]:
+    """``async with open_peerwire_connection(host, port, token) as conn:``; SourceError if refused."""
+    conn = await connect_peerwire(host, port, token, down, psk)
+    try:
+        yield conn
+    finally:
+        await conn.aclose()

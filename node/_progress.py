@@ -1,0 +1,101 @@
+"""Events a fetch sends over its progress channel (frozen, slotted dataclasses).
+
+The CLI renders them (rich bars or ``--json`` lines); the swarm turns
+:class:`PieceVerified` into HAVE messages. ``to_json`` gives the ``--json`` form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "Event",
+    "FetchDone",
+    "FetchStarted",
+    "FileDone",
+    "PieceVerified",
+    "ProgressSnapshot",
+    "SourceFailed",
+    "to_json",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class FetchStarted:
+    manifest_id: str
+    name: str
+    version: str
+    out_dir: str
+    files: tuple[tuple[str, int], ...]  # (path, size) of the wanted files
+    bytes_total: int
+    bytes_present: int  # already verified before this run (resume, local copies not included)
+    sources: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PieceVerified:
+    """A piece matched its hash and is durable: it counts, and may be served."""
+
+    manifest_id: bytes
+    index: int
+    source_id: str
+    nbytes: int
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class FileDone:
+    path: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFailed:
+    source_id: str
+    message: str
+    integrity: bool = False  # the source sent bytes that failed the hash
+    permanent: bool = False  # the source will not be asked for those pieces again
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressSnapshot:
+    bytes_done: int
+    bytes_total: int
+    bytes_received: int  # includes bytes of pieces still in flight
+    rate: float  # bytes/s over the last seconds
+    by_source: dict[str, int] = field(default_factory=dict)
+    by_file: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchDone:
+    bytes_total: int
+    bytes_by_source: dict[str, int]
+    seconds: float
+    refetched_bytes: int
+    out_dir: str
+
+
+Event = FetchStarted | PieceVerified | FileDone | SourceFailed | ProgressSnapshot | FetchDone
+
+_NAMES = {
+    FetchStarted: "start",
+    PieceVerified: "piece",
+    FileDone: "file",
+    SourceFailed: "source_failed",
+    ProgressSnapshot: "progress",
+    FetchDone: "done",
+}
+
+
+def to_json(ev: Event) -> dict[str, Any]:
+    d = asdict(ev)
+    for k, v in list(d.items()):
+        if isinstance(v, bytes):
+            d[k] = v.hex()
+    if isinstance(ev, ProgressSnapshot | FetchDone):
+        for k in ("rate", "seconds"):
+            if k in d:
+                d[k] = round(d[k], 3)
+    return {"event": _NAMES[type(ev)], **d}

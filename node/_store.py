@@ -1,0 +1,717 @@
+"""The durable local store: which pieces are verified, where their bytes are, and serving them.
+
+Strategy (why it survives ``kill -9`` at any instant):
+
+* State lives in one SQLite database, ``DATA_DIR/store.sqlite`` (WAL,
+  ``synchronous=FULL``). A row in ``pieces`` means "these bytes matched the
+  manifest hash and were fdatasync'ed before the row was committed".
+* Bytes are written in place (``os.pwrite``) into a sparse staging file per
+  file, ``OUT/.autoglm-partial/<manifest id>/<file index>.part``. Keeping the
+  staging area beside the destination makes the final ``rename`` atomic (same
+  filesystem) and makes the free-space check look at the right disk.
+* Group commit: writers hand verified pieces to :meth:`Download.commit`, which
+  fdatasyncs every dirty staging file once and then records all those pieces
+  in one transaction. A crash before the commit loses only those pieces'
+  *record*; on the next open, :meth:`Download.recover` re-hashes the staging
+  regions that hold data (``SEEK_DATA``) and re-records what still matches,
+  so a killed process re-fetches only pieces that were partly received.
+* When every piece of a file is recorded, the file is renamed to
+  ``OUT/<path>`` (then the directory is fsync'ed) and its row says so.
+* ``pieces.hash`` is indexed: a piece with the same BLAKE3 hash in any other
+  download is copied locally instead of downloaded.
+* Serving (the swarm): :meth:`Store.read_piece` re-verifies the hash every time.
+
+The store is blocking code; the engine calls it through ``trio.to_thread``.
+One lock serialises the SQLite connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import blake3
+
+from autoglm.node.errors import DiskFullError, IntegrityError, StorageError
+from autoglm.protocol import Manifest, Piece, SignedManifest, decode_signed_manifest
+
+__all__ = ["PARTIAL_DIR", "Download", "DownloadInfo", "PieceLocation", "Store", "preflight"]
+
+PARTIAL_DIR = ".autoglm-partial"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS downloads (
+    id INTEGER PRIMARY KEY,
+    manifest_id BLOB NOT NULL,
+    out_dir TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    signed BLOB NOT NULL,
+    wanted TEXT,
+    created REAL NOT NULL,
+    completed REAL,
+    UNIQUE (manifest_id, out_dir)
+);
+CREATE TABLE IF NOT EXISTS files (
+    download_id INTEGER NOT NULL,
+    file_index INTEGER NOT NULL,
+    complete INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (download_id, file_index)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pieces (
+    download_id INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (download_id, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pieces_by_hash ON pieces (hash);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PieceLocation:
+    """Where a verified piece's bytes are on disk."""
+
+    path: Path
+    offset: int
+    length: int
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadInfo:
+    """One row of ``autoglm-node ls``."""
+
+    manifest_id: bytes
+    name: str
+    version: str
+    out_dir: Path
+    pieces_done: int
+    pieces_total: int
+    bytes_done: int
+    bytes_total: int
+    completed: bool
+
+
+def _raise_os(exc: OSError, what: str) -> NoReturn:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFullError(
+            f"the disk is full while {what}; free some space and run the same command again "
+            "(every verified piece is kept)"
+        ) from exc
+    raise StorageError(f"{what}: {exc.strerror or exc}") from exc
+
+
+class _PieceMap:
+    """Global piece index <-> (file index, piece), for one manifest."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.file_of: list[int] = []
+        self.pieces: list[Piece] = []
+        self.file_starts: list[int] = []
+        for fi, f in enumerate(manifest.files):
+            self.file_starts.append(len(self.pieces))
+            for p in f.pieces:
+                self.file_of.append(fi)
+                self.pieces.append(p)
+
+    def file_range(self, fi: int) -> range:
+        return range(self.file_starts[fi], self.file_starts[fi] + len(self.manifest.files[fi].pieces))
+
+
+class Store:
+    """The store under one data directory. Thread-safe; blocking."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(data_dir / "store.sqlite", check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(f"cannot open the store in {data_dir}: {exc}; check --data-dir and its permissions") from exc
+        self._lock = threading.Lock()
+        self._maps: dict[bytes, _PieceMap] = {}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- internal ----------------------------------------------------------
+    def _q(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "full" in str(exc):
+                    raise DiskFullError(f"the disk holding {self.data_dir} is full; free some space and run again") from exc
+                raise StorageError(f"store database: {exc}") from exc
+
+    def _tx(self, statements: Iterable[tuple[str, tuple[object, ...]]]) -> None:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, args in statements:
+                        self._db.execute(sql, args)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if "full" in str(exc):
+                    raise DiskFullError(f"the disk holding {self.data_dir} is full; free some space and run again") from exc
+                raise StorageError(f"store database: {exc}") from exc
+
+    def _map(self, manifest_id: bytes, signed_blob: bytes | None = None) -> _PieceMap:
+        pm = self._maps.get(manifest_id)
+        if pm is None:
+            if signed_blob is None:
+                rows = self._q("SELECT signed FROM downloads WHERE manifest_id=? LIMIT 1", (manifest_id,))
+                if not rows:
+                    raise StorageError(f"manifest {manifest_id.hex()[:16]} is not in the store")
+                signed_blob = rows[0][0]
+            assert signed_blob is not None
+            pm = _PieceMap(decode_signed_manifest(signed_blob).manifest)
+            self._maps[manifest_id] = pm
+        return pm
+
+    # -- downloads ---------------------------------------------------------
+    def open_download(self, signed: SignedManifest, out_dir: Path, files: Iterable[str] | None = None) -> Download:
+        """Create or resume the download of ``signed`` (already verified) into ``out_dir``."""
+        out_dir = out_dir.resolve()
+        wanted = None if files is None else sorted(set(files))
+        blob = signed.encode()
+        mid = signed.id
+        m = signed.manifest
+        self._q(
+            "INSERT OR IGNORE INTO downloads (manifest_id, out_dir, name, version, signed, wanted, created) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (mid, str(out_dir), m.name, m.version, blob, json.dumps(wanted), time.time()),
+        )
+        rows = self._q("SELECT id, wanted FROM downloads WHERE manifest_id=? AND out_dir=?", (mid, str(out_dir)))
+        did = int(rows[0][0])
+        old = json.loads(str(rows[0][1]))
+        if old is not None and (wanted is None or set(wanted) - set(old)):
+            merged = None if wanted is None else sorted(set(old) | set(wanted))
+            self._q("UPDATE downloads SET wanted=?, completed=NULL WHERE id=?", (json.dumps(merged), did))
+        return Download(self, did, mid, self._map(mid, blob), out_dir, wanted)
+
+    def downloads(self) -> list[DownloadInfo]:
+        out = []
+        for did, mid, out_dir, name, version, completed, wanted in self._q(
+            "SELECT id, manifest_id, out_dir, name, version, completed, wanted FROM downloads ORDER BY name, version"
+        ):
+            pm = self._map(mid)
+            want = json.loads(str(wanted))
+            idxs = [i for i in range(len(pm.pieces)) if want is None or pm.manifest.files[pm.file_of[i]].path in want]
+            done = {int(r[0]) for r in self._q("SELECT idx FROM pieces WHERE download_id=?", (did,))}
+            out.append(
+                DownloadInfo(
+                    manifest_id=mid,
+                    name=str(name),
+                    version=str(version),
+                    out_dir=Path(str(out_dir)),
+                    pieces_done=sum(1 for i in idxs if i in done),
+                    pieces_total=len(idxs),
+                    bytes_done=sum(pm.pieces[i].length for i in idxs if i in done),
+                    bytes_total=sum(pm.pieces[i].length for i in idxs),
+                    completed=completed is not None,
+                )
+            )
+        return out
+
+    # -- serving (used by the swarm) ----------------------------------------
+    def _locations(self, manifest_id: bytes, index: int) -> Iterator[tuple[int, PieceLocation]]:
+        pm = self._map(manifest_id)
+        for did, out_dir, complete in self._q(
+            "SELECT d.id, d.out_dir, f.complete FROM downloads d JOIN pieces p ON p.download_id=d.id "
+            "LEFT JOIN files f ON f.download_id=d.id AND f.file_index=? WHERE d.manifest_id=? AND p.idx=?",
+            (pm.file_of[index], manifest_id, index),
+        ):
+            yield int(did), _location(pm, Path(str(out_dir)), manifest_id, index, bool(complete))
+
+    def verified_pieces(self, manifest_id: bytes) -> set[int]:
+        """Indices (order of ``manifest.iter_pieces()``) of every verified piece, across downloads."""
+        rows = self._q(
+            "SELECT DISTINCT p.idx FROM pieces p JOIN downloads d ON p.download_id=d.id WHERE d.manifest_id=?",
+            (manifest_id,),
+        )
+        return {int(r[0]) for r in rows}
+
+    def bitfield(self, manifest_id: bytes) -> bytes:
+        """Verified pieces as a bitfield: bit i is piece i, most significant bit of byte 0 first."""
+        n = len(self._map(manifest_id).pieces)
+        bits = bytearray((n + 7) // 8)
+        for i in self.verified_pieces(manifest_id):
+            bits[i >> 3] |= 0x80 >> (i & 7)
+        return bytes(bits)
+
+    def manifest_ids(self) -> list[bytes]:
+        return [r[0] for r in self._q("SELECT DISTINCT manifest_id FROM downloads")]
+
+    def piece_location(self, manifest_id: bytes, index: int) -> PieceLocation:
+        """Where a verified piece lies (for sendfile). Call :meth:`read_piece` first if unsure."""
+        for _, loc in self._locations(manifest_id, index):
+            return loc
+        raise StorageError(f"piece {index} of {manifest_id.hex()[:16]} is not verified here")
+
+    def read_piece(self, manifest_id: bytes, index: int) -> bytes:
+        """The bytes of a verified piece, hash re-checked. A piece that no longer matches is forgotten."""
+        for did, loc in self._locations(manifest_id, index):
+            try:
+                data = _pread(loc)
+            except OSError:
+                data = b""
+            if len(data) == loc.length and blake3.blake3(data).digest() == loc.hash:
+                return data
+            self._q("DELETE FROM pieces WHERE download_id=? AND idx=?", (did, index))
+            self._q("UPDATE downloads SET completed=NULL WHERE id=?", (did,))
+        raise IntegrityError(f"piece {index} of {manifest_id.hex()[:16]} is missing or changed on disk")
+
+    def find_by_hash(self, piece_hash: bytes, exclude_download: int | None = None) -> PieceLocation | None:
+        """A verified piece anywhere in the store with this BLAKE3 hash (for local copies)."""
+        rows = self._q(
+            "SELECT d.id, d.manifest_id, d.out_dir, p.idx FROM pieces p JOIN downloads d ON p.download_id=d.id "
+            "WHERE p.hash=? AND d.id IS NOT ? LIMIT 4",
+            (piece_hash, exclude_download),
+        )
+        for did, mid, out_dir, idx in rows:
+            pm = self._map(mid)
+            fi = pm.file_of[int(idx)]
+            c = self._q("SELECT complete FROM files WHERE download_id=? AND file_index=?", (did, fi))
+            loc = _location(pm, Path(str(out_dir)), mid, int(idx), bool(c and c[0][0]))
+            if loc.path.exists():
+                return loc
+        return None
+
+    # -- gc ------------------------------------------------------------------
+    def gc(self, *, drop_incomplete: bool = False) -> list[str]:
+        """Remove stale staging files and forget data that is gone. Returns what was done, one line each."""
+        done: list[str] = []
+        known: set[Path] = set()
+        out_dirs: set[Path] = set()
+        for did, mid, out_dir, completed in self._q("SELECT id, manifest_id, out_dir, completed FROM downloads"):
+            od = Path(str(out_dir))
+            out_dirs.add(od)
+            staging = od / PARTIAL_DIR / bytes(mid).hex()[:32]
+            pm = self._map(mid)
+            complete_files = {int(r[0]) for r in self._q("SELECT file_index FROM files WHERE download_id=? AND complete=1", (did,))}
+            gone = [fi for fi in complete_files if not (od / pm.manifest.files[fi].path).exists()]
+            if not od.exists() or (completed is None and drop_incomplete) or (gone and len(gone) == len(complete_files) and completed is not None):
+                self._tx([("DELETE FROM pieces WHERE download_id=?", (did,)), ("DELETE FROM files WHERE download_id=?", (did,)),
+                          ("DELETE FROM downloads WHERE id=?", (did,))])
+                done.append(f"forgot {pm.manifest.name} {pm.manifest.version} in {od}")
+                continue
+            for fi in gone:
+                r = pm.file_range(fi)
+                self._tx([("DELETE FROM pieces WHERE download_id=? AND idx>=? AND idx<?", (did, r.start, r.stop)),
+                          ("DELETE FROM files WHERE download_id=? AND file_index=?", (did, fi)),
+                          ("UPDATE downloads SET completed=NULL WHERE id=?", (did,))])
+                done.append(f"forgot deleted file {od / pm.manifest.files[fi].path}")
+            if completed is None:
+                known.add(staging)
+        for od in out_dirs:
+            part = od / PARTIAL_DIR
+            if not part.is_dir():
+                continue
+            for d in part.iterdir():
+                if d not in known:
+                    shutil.rmtree(d, ignore_errors=True)
+                    done.append(f"removed stale staging {d}")
+            if not any(part.iterdir()):
+                part.rmdir()
+        return done
+
+
+def _staging_dir(out_dir: Path, manifest_id: bytes) -> Path:
+    return out_dir / PARTIAL_DIR / manifest_id.hex()[:32]
+
+
+def _location(pm: _PieceMap, out_dir: Path, manifest_id: bytes, index: int, complete: bool) -> PieceLocation:
+    fi = pm.file_of[index]
+    p = pm.pieces[index]
+    path = out_dir / pm.manifest.files[fi].path if complete else _staging_dir(out_dir, manifest_id) / f"{fi}.part"
+    return PieceLocation(path, p.offset, p.length, p.hash)
+
+
+def _pread(loc: PieceLocation) -> bytes:
+    fd = os.open(loc.path, os.O_RDONLY)
+    try:
+        return os.pread(fd, loc.length, loc.offset)
+    finally:
+        os.close(fd)
+
+
+MIN_RESUME = 16 << 10
+
+
+def _data_prefix(fd: int, offset: int, length: int) -> int:
+    """How many bytes from ``offset`` are data (not a hole), rounded down to 4 KiB, below ``length``.
+
+    Pieces are written front to back, so after a crash this is the part of a
+    piece that arrived. It is unverified: the piece hash decides later.
+    """
+    try:
+        if os.lseek(fd, offset, os.SEEK_DATA) != offset:
+            return 0
+        hole = os.lseek(fd, offset, os.SEEK_HOLE)
+    except OSError:
+        return 0
+    n = min(hole - offset, length - 1)
+    return max(0, n - n % 4096)
+
+
+def _sha256_fd(fd: int, size: int) -> bytes:
+    h = hashlib.sha256()
+    pos = 0
+    while pos < size:
+        chunk = os.pread(fd, min(8 << 20, size - pos), pos)
+        if not chunk:
+            break
+        h.update(chunk)
+        pos += len(chunk)
+    return h.digest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Download:
+    """One manifest being assembled into one output directory. Blocking; use from a worker thread."""
+
+    def __init__(self, store: Store, did: int, manifest_id: bytes, pm: _PieceMap, out_dir: Path, wanted: list[str] | None) -> None:
+        self.store = store
+        self.id = did
+        self.manifest_id = manifest_id
+        self.manifest = pm.manifest
+        self._pm = pm
+        self.out_dir = out_dir
+        self.staging = _staging_dir(out_dir, manifest_id)
+        want = None if wanted is None else set(wanted)
+        self.wanted_files = [fi for fi, f in enumerate(self.manifest.files) if want is None or f.path in want]
+        self.wanted = [i for fi in self.wanted_files for i in pm.file_range(fi)]
+        self._fds: dict[int, int] = {}
+        self._dirty: set[int] = set()
+        self._fd_lock = threading.Lock()
+        self._lock_fd: int | None = None
+        #: piece -> bytes at its start already in the staging file (a crash mid-piece); filled by recover()
+        self.partial: dict[int, int] = {}
+        self.check_sha256 = False  # also check each finished file's SHA-256 (costs a read of the file)
+        self.done: set[int] = set()
+        self.complete_files: set[int] = set()
+        self._load()
+
+    @property
+    def pieces(self) -> list[Piece]:
+        return self._pm.pieces
+
+    @property
+    def file_of(self) -> list[int]:
+        return self._pm.file_of
+
+    @property
+    def file_starts(self) -> list[int]:
+        return self._pm.file_starts
+
+    def _load(self) -> None:
+        st = self.store
+        self.done = {int(r[0]) for r in st._q("SELECT idx FROM pieces WHERE download_id=?", (self.id,))}
+        self.complete_files = {int(r[0]) for r in st._q("SELECT file_index FROM files WHERE download_id=? AND complete=1", (self.id,))}
+        for fi in list(self.complete_files):
+            f = self.manifest.files[fi]
+            final = self.out_dir / f.path
+            try:
+                ok = final.stat().st_size == f.size
+            except OSError:
+                ok = False
+            if not ok:  # the user deleted or truncated the finished file: fetch it again
+                r = self._pm.file_range(fi)
+                st._tx([("DELETE FROM pieces WHERE download_id=? AND idx>=? AND idx<?", (self.id, r.start, r.stop)),
+                        ("DELETE FROM files WHERE download_id=? AND file_index=?", (self.id, fi))])
+                self.complete_files.discard(fi)
+                self.done -= set(r)
+        for fi in self.wanted_files:
+            if fi in self.complete_files:
+                continue
+            staged = self.staging / f"{fi}.part"
+            final = self.out_dir / self.manifest.files[fi].path
+            if not staged.exists() and any(i in self.done for i in self._pm.file_range(fi)):
+                # Killed between rename and the row update, or staging removed: trust only what re-verifies.
+                r = self._pm.file_range(fi)
+                st._tx([("DELETE FROM pieces WHERE download_id=? AND idx>=? AND idx<?", (self.id, r.start, r.stop))])
+                self.done -= set(r)
+                if final.exists() and final.stat().st_size == self.manifest.files[fi].size:
+                    self._adopt_final(fi, final)
+
+    def _adopt_final(self, fi: int, final: Path) -> None:
+        good = []
+        for i in self._pm.file_range(fi):
+            loc = PieceLocation(final, self._pm.pieces[i].offset, self._pm.pieces[i].length, self._pm.pieces[i].hash)
+            if blake3.blake3(_pread(loc)).digest() == loc.hash:
+                good.append(i)
+        if len(good) == len(self._pm.file_range(fi)):
+            self.store._tx([("INSERT OR IGNORE INTO pieces VALUES (?,?,?)", (self.id, i, self._pm.pieces[i].hash)) for i in good]
+                           + [("INSERT OR REPLACE INTO files VALUES (?,?,1)", (self.id, fi))])
+            self.done |= set(good)
+            self.complete_files.add(fi)
+
+    # -- state ---------------------------------------------------------------
+    def missing(self) -> list[int]:
+        return [i for i in self.wanted if i not in self.done]
+
+    def missing_bytes(self) -> int:
+        return sum(self._pm.pieces[i].length for i in self.missing())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self._pm.pieces[i].length for i in self.wanted)
+
+    def is_complete(self) -> bool:
+        return all(fi in self.complete_files for fi in self.wanted_files)
+
+    # -- writing -------------------------------------------------------------
+    def _fd(self, fi: int) -> int:
+        with self._fd_lock:
+            fd = self._fds.get(fi)
+            if fd is not None:
+                return fd
+            try:
+                self.staging.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.staging / f"{fi}.part", os.O_RDWR | os.O_CREAT, 0o644)
+                size = self.manifest.files[fi].size
+                if os.fstat(fd).st_size != size:
+                    os.ftruncate(fd, size)  # sparse: holes read as zeros and SEEK_DATA skips them
+            except OSError as exc:
+                _raise_os(exc, f"creating the staging file in {self.staging}")
+            self._fds[fi] = fd
+            return fd
+
+    def write(self, index: int, offset_in_piece: int, data: bytes | bytearray | memoryview) -> None:
+        """pwrite bytes of piece ``index`` at ``offset_in_piece`` (no hashing here)."""
+        fi = self._pm.file_of[index]
+        fd = self._fd(fi)
+        pos = self._pm.pieces[index].offset + offset_in_piece
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(fd, view, pos)
+                view = view[n:]
+                pos += n
+        except OSError as exc:
+            _raise_os(exc, f"writing {self.manifest.files[fi].path}")
+        with self._fd_lock:
+            self._dirty.add(fi)
+
+    def read(self, index: int) -> bytes:
+        p = self._pm.pieces[index]
+        fi = self._pm.file_of[index]
+        path = self.out_dir / self.manifest.files[fi].path if fi in self.complete_files else self.staging / f"{fi}.part"
+        return _pread(PieceLocation(path, p.offset, p.length, p.hash))
+
+    def commit(self, indices: Iterable[int]) -> list[int]:
+        """Make the pieces durable (fdatasync), record them, finish complete files.
+
+        Returns the file indices that were completed and moved into place.
+        """
+        idx = [i for i in indices if i not in self.done]
+        with self._fd_lock:
+            dirty, self._dirty = self._dirty, set()
+            fds = [self._fds[fi] for fi in dirty if fi in self._fds]
+        for fd in fds:
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                with self._fd_lock:
+                    self._dirty |= dirty
+                _raise_os(exc, "syncing the staging file")
+        if idx:
+            self.store._tx([("INSERT OR IGNORE INTO pieces VALUES (?,?,?)", (self.id, i, self._pm.pieces[i].hash)) for i in idx])
+            self.done.update(idx)
+        finished = []
+        for fi in sorted({self._pm.file_of[i] for i in idx}):
+            if all(i in self.done for i in self._pm.file_range(fi)):
+                self._finish_file(fi)
+                finished.append(fi)
+        if self.is_complete():
+            self._mark_complete()
+        return finished
+
+    def lock(self) -> None:
+        """Take the per-download lock (a flock, released by the kernel even on kill -9).
+
+        Two processes writing the same staging files could let one's unverified
+        bytes land on the other's verified ones.
+        """
+        if self._lock_fd is not None:
+            return
+        try:
+            self.staging.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.staging / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            _raise_os(exc, f"creating {self.staging}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StorageError(
+                f"another fetch of {self.manifest.name} {self.manifest.version} into {self.out_dir} is running; "
+                "wait for it or stop it first"
+            ) from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _mark_complete(self) -> None:
+        self.store._q("UPDATE downloads SET completed=? WHERE id=?", (time.time(), self.id))
+        if self._lock_fd is not None:
+            try:
+                (self.staging / ".lock").unlink()
+            except OSError:
+                pass
+        for d in (self.staging, self.staging.parent):
+            try:
+                d.rmdir()  # only when empty: other downloads may share the parent
+            except OSError:
+                pass
+
+    def _finish_file(self, fi: int) -> None:
+        f = self.manifest.files[fi]
+        final = self.out_dir / f.path
+        staged = self.staging / f"{fi}.part"
+        with self._fd_lock:
+            fd = self._fds.pop(fi, None)
+        try:
+            if fd is None:  # a file with no pieces (empty file), or opened earlier by another process
+                self._fd(fi)
+                with self._fd_lock:
+                    fd = self._fds.pop(fi)
+            os.fsync(fd)
+            sha_ok = not self.check_sha256 or _sha256_fd(fd, f.size) == f.sha256
+            os.close(fd)
+            if not sha_ok:
+                r = self._pm.file_range(fi)
+                self.store._tx([("DELETE FROM pieces WHERE download_id=? AND idx>=? AND idx<?", (self.id, r.start, r.stop))])
+                self.done -= set(r)
+                raise IntegrityError(f"{f.path}: every piece matched but the file's SHA-256 does not; the manifest is inconsistent")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            _raise_os(exc, f"moving {f.path} into {self.out_dir}")
+        self.store._q("INSERT OR REPLACE INTO files VALUES (?,?,1)", (self.id, fi))
+        self.complete_files.add(fi)
+
+    def finish_empty_files(self) -> list[int]:
+        """Files with no pieces (size 0) are complete as soon as the fetch starts."""
+        out = []
+        for fi in self.wanted_files:
+            if fi not in self.complete_files and not self.manifest.files[fi].pieces:
+                self._finish_file(fi)
+                out.append(fi)
+        if self.is_complete():
+            self._mark_complete()
+        return out
+
+    def recover(self) -> list[int]:
+        """Re-hash staged pieces that hold data but were never recorded (a crash before commit).
+
+        Holes are skipped with SEEK_DATA, so a fresh sparse file costs nothing.
+        """
+        found = []
+        for fi in self.wanted_files:
+            if fi in self.complete_files:
+                continue
+            path = self.staging / f"{fi}.part"
+            if not path.exists():
+                continue
+            fd = self._fd(fi)
+            for i in self._pm.file_range(fi):
+                if i in self.done:
+                    continue
+                p = self._pm.pieces[i]
+                try:
+                    has_data = os.lseek(fd, p.offset, os.SEEK_DATA) < p.end
+                except OSError:
+                    has_data = False  # ENXIO: no data after offset
+                if has_data and blake3.blake3(os.pread(fd, p.length, p.offset)).digest() == p.hash:
+                    found.append(i)
+                    self._dirty.add(fi)
+                elif has_data:
+                    prefix = _data_prefix(fd, p.offset, p.length)
+                    if prefix >= MIN_RESUME:
+                        self.partial[i] = prefix
+        return found
+
+    def read_range(self, index: int, start: int, length: int) -> bytes:
+        """Bytes ``start:start+length`` of piece ``index`` from the staging file (unverified)."""
+        p = self._pm.pieces[index]
+        try:
+            return os.pread(self._fd(self._pm.file_of[index]), length, p.offset + start)
+        except OSError as exc:
+            _raise_os(exc, "reading the staging file")
+
+    def close(self) -> None:
+        with self._fd_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+        self._unlock()
+
+
+def preflight(download: Download, margin: int | None = None) -> None:
+    """Refuse to start when the output or data directory is not writable or the disk is too small.
+
+    Each refusal is one sentence that says what to do.
+    """
+    for d, flag in ((download.out_dir, "--out"), (download.store.data_dir, "--data-dir")):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {d} ({exc.strerror}); choose another {flag} or fix its permissions") from exc
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise StorageError(f"cannot write to {d}; choose another {flag} or fix its permissions")
+    need = download.missing_bytes()
+    # Bytes already allocated in sparse staging files are not yet counted as used... they are, by
+    # st_blocks; subtract them so a resume does not ask for space it already has.
+    allocated = 0
+    for fi in download.wanted_files:
+        try:
+            allocated += (download.staging / f"{fi}.part").stat().st_blocks * 512
+        except OSError:
+            pass
+    if margin is None:
+        margin = max(64 << 20, need // 100)
+    st = os.statvfs(download.out_dir)
+    free = st.f_bavail * st.f_frsize
+    required = max(0, need - allocated) + margin
+    if need and free < required:
+        raise DiskFullError(
+            f"not enough free space in {download.out_dir}: {_mib(required)} needed ({_mib(need)} still to fetch "
+            f"plus a {_mib(margin)} margin) but {_mib(free)} free; free some space or choose another --out"
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"

@@ -1,0 +1,774 @@
+"""The swarm service: peer sessions, serving, choking, bans, and peers as fetch sources.
+
+Theory of operation
+-------------------
+One :class:`Swarm` runs per node. It owns the libp2p adapter (``_p2p``), the
+peerwire server and one :class:`_Session` per connected peer. A session is
+one control stream (``/autoglm/swarm/1``) driven by the sans-IO
+:class:`ControlConnection` in a pump loop, plus at most one peerwire client
+connection to that peer, opened on first use with the one-time token from
+the peer's Hello (a fresh one comes from TokenRequest/Token after a break).
+
+Downloading: a fetch registers itself with :meth:`Swarm.attach` (a
+:class:`FetchHandle`, the engine's view). For every session whose peer holds
+that manifest the swarm adds a :class:`PeerSource` to the fetch and forwards
+the peer's Have messages as availability changes. Pieces that the local node
+verifies are announced to every session with Have.
+
+Uploading: peers that say Interested compete for ``upload_slots``;
+:func:`choose_unchoked` keeps the least-served of them unchoked (max-min
+fairness over bytes served), re-evaluated every ``rechoke_interval`` and on
+every change of interest. Peerwire requests from a choked or banned peer are
+refused. Global up and down rate limits apply to all peerwire traffic.
+
+Failures: a peer whose piece fails the hash is banned for that manifest
+(never asked again, never served again) and reported. A peer that rejects a
+piece it advertised loses it from its bitfield at once, so the picker turns
+to others within one request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from autoglm.node._p2p import ControlStream, P2PNode, PeerAddr
+from autoglm.node._peerwire import (
+    PeerRejected,
+    PeerwireConnection,
+    PieceLocation,
+    connect_peerwire,
+    new_token,
+    serve_peerwire,
+)
+from autoglm.node._ratelimit import RateLimiter
+from autoglm.node._sources import FetchRequest, PieceSink, SourceKind
+from autoglm.node.errors import (
+    AutoglmError,
+    IntegrityError,
+    ProtocolError,
+    RemoteProtocolError,
+    SourceError,
+    StorageError,
+)
+from autoglm.protocol import decode_signed_manifest
+from autoglm.protocol._bitfield import Bitfield
+from autoglm.protocol._control import (
+    MAX_ENVELOPE,
+    Announce,
+    Choke,
+    Close,
+    ControlConnection,
+    ControlMessage,
+    Endpoint,
+    GetManifest,
+    Have,
+    Hello,
+    Interested,
+    ManifestData,
+    ManifestState,
+    NotInterested,
+    Phase,
+    Token,
+    TokenRequest,
+    Unchoke,
+)
+from autoglm.protocol._frames import NEED_DATA
+from autoglm.protocol._peerwire import RejectReason
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+__all__ = ["FetchHandle", "PeerSource", "Swarm", "SwarmConfig", "SwarmStats", "choose_unchoked"]
+
+log = logging.getLogger(__name__)
+
+#: Test hook: a node started with this set claims every piece of every manifest it holds.
+LIE_ENV = "AUTOGLM_TEST_LIE_BITFIELD"
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmConfig:
+    upload_slots: int = 8
+    rechoke_interval: float = 5.0
+    up_rate: float | None = None  # bytes/s, None: unlimited
+    down_rate: float | None = None
+    pipeline: int = 8  # requests in flight per peer
+    peerwire_host: str = "127.0.0.1"
+    peerwire_port: int = 0
+    discover_interval: float = 3.0
+    reprovide_interval: float = 600.0
+    keepalive_interval: float = 15.0
+    idle_timeout: float = 45.0
+    swarm_key: bytes | None = None  # private swarm: peerwire bytes sealed with ChaCha20-Poly1305
+
+
+def choose_unchoked(interested: Iterable[str], served: dict[str, int], slots: int) -> set[str]:
+    """Which interested peers to unchoke: the ``slots`` least served so far (ties by id)."""
+    ranked = sorted(interested, key=lambda p: (served.get(p, 0), p))
+    return set(ranked[: max(slots, 0)])
+
+
+class FetchHandle(Protocol):
+    """What the swarm needs from a running fetch (the engine's ``Fetch``)."""
+
+    def add_source(self, source: PeerSource) -> None: ...
+
+    def remove_source(self, source_id: str) -> None: ...
+
+    def source_have(self, source_id: str, index: int) -> None: ...
+
+    def source_bitfield(self, source_id: str, indices: Iterable[int]) -> None: ...
+
+
+class PieceStore(Protocol):
+    """The slice of node/_store.Store the swarm uses."""
+
+    def manifest_ids(self) -> list[bytes]: ...
+
+    def bitfield(self, manifest_id: bytes) -> bytes: ...
+
+    def piece_location(self, manifest_id: bytes, index: int) -> object: ...
+
+
+@dataclass(slots=True)
+class SwarmStats:
+    up_bytes: int = 0
+    down_bytes: int = 0
+    bad_pieces: int = 0
+    banned: list[tuple[str, str]] = field(default_factory=list)  # (peer id, manifest id hex)
+    lost_claims: int = 0
+
+
+@dataclass(slots=True)
+class _Held:
+    """A manifest this node holds (fully or partly): what Hello and Announce say."""
+
+    piece_count: int
+    have: Bitfield
+
+
+class _Grant:
+    def __init__(self, swarm: Swarm, peer_id: str) -> None:
+        self._swarm = swarm
+        self.peer_id = peer_id
+
+    def check(self, manifest_id: bytes, index: int) -> RejectReason | None:
+        sw = self._swarm
+        if self.peer_id in sw._banned.get(manifest_id, ()):
+            return RejectReason.BANNED
+        sess = sw._sessions.get(self.peer_id)
+        if sess is None or not sess.unchoking:
+            return RejectReason.CHOKED
+        held = sw._held.get(manifest_id)
+        if held is None:
+            return RejectReason.UNKNOWN_MANIFEST
+        if index not in held.have:
+            return RejectReason.NOT_HAVE
+        return None
+
+    def served(self, manifest_id: bytes, index: int, nbytes: int) -> None:
+        sw = self._swarm
+        sw.stats.up_bytes += nbytes
+        sw._served[self.peer_id] = sw._served.get(self.peer_id, 0) + nbytes
+
+
+class PeerSource:
+    """One peer as a source of one manifest's pieces (the Source protocol of node/_sources.py)."""
+
+    def __init__(self, session: _Session, manifest_id: bytes) -> None:
+        self._session = session
+        self.manifest_id = manifest_id
+        self._ready_at = 0.0
+        self.bytes_received = 0
+
+    @property
+    def id(self) -> str:
+        return f"peer:{self._session.peer_id}"
+
+    @property
+    def kind(self) -> SourceKind:
+        return SourceKind.PEER
+
+    def availability(self) -> Collection[int] | None:
+        bf = self._session.conn.theirs.manifests.get(self.manifest_id)
+        return set(bf) if bf is not None else set()
+
+    def max_requests(self) -> int:
+        s = self._session
+        if s.closed or s.conn.theirs.phase is not Phase.UNCHOKING or self._banned():
+            return 0
+        return s.swarm.config.pipeline
+
+    def max_request_bytes(self) -> int:
+        return 1  # one piece per request: pipelining comes from concurrent requests
+
+    def ready_at(self) -> float:
+        return self._ready_at
+
+    def _banned(self) -> bool:
+        return self._session.peer_id in self._session.swarm._banned.get(self.manifest_id, ())
+
+    async def fetch(self, request: FetchRequest, sink: PieceSink) -> None:
+        s = self._session
+        if self._banned():
+            raise SourceError(f"peer {s.peer_id} is banned for this manifest")
+        for ref in request.pieces:
+            try:
+                conn = await s.peerwire()
+                data = await conn.fetch(self.manifest_id, ref.index, ref.length)
+            except PeerRejected as exc:
+                if exc.reason is RejectReason.NOT_HAVE:
+                    s.lost_claim(self.manifest_id, ref.index)
+                self._ready_at = trio.current_time() + 1.0
+                raise
+            except SourceError:
+                self._ready_at = trio.current_time() + 2.0
+                raise
+            self.bytes_received += len(data)
+            s.swarm.stats.down_bytes += len(data)
+            try:
+                await sink.put(ref.index, data)
+            except IntegrityError:
+                s.swarm.ban(s.peer_id, self.manifest_id, f"piece {ref.index} failed its hash")
+                raise
+
+    async def aclose(self) -> None:
+        pass
+
+
+class _Session:
+    """One peer: its control stream, state machine, outbox and peerwire connection."""
+
+    def __init__(self, swarm: Swarm, stream: ControlStream, initiator: str) -> None:
+        self.swarm = swarm
+        self.stream = stream
+        self.peer_id = stream.peer_id
+        self.initiator = initiator
+        cfg = swarm.config
+        self.conn = ControlConnection(
+            trio.current_time(), keepalive_interval=cfg.keepalive_interval, idle_timeout=cfg.idle_timeout
+        )
+        self.outbox_send, self.outbox_recv = trio.open_memory_channel[ControlMessage](1024)
+        self.unchoking = False
+        self.closed = False
+        self.sources: dict[bytes, PeerSource] = {}
+        self._pw: PeerwireConnection | None = None
+        self._pw_lock = trio.Lock()
+        self._token_ready = trio.Event()
+        self.cancel_scope = trio.CancelScope()
+
+    def post(self, msg: ControlMessage) -> None:
+        """Queue a message for the writer. A peer this far behind is dropped."""
+        if self.closed:
+            return
+        try:
+            self.outbox_send.send_nowait(msg)
+        except trio.WouldBlock:
+            log.warning("peer %s is not reading its control stream; dropping it", self.peer_id)
+            self.cancel_scope.cancel()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def set_unchoked(self, on: bool) -> None:
+        if on != self.unchoking:
+            self.unchoking = on
+            self.post(Unchoke() if on else Choke())
+
+    def lost_claim(self, manifest_id: bytes, index: int) -> None:
+        """The peer refused a piece it advertised: forget that it has it."""
+        bf = self.conn.theirs.manifests.get(manifest_id)
+        if bf is not None and index < bf.size and bf.discard(index):
+            self.swarm.stats.lost_claims += 1
+            log.info("peer %s advertised piece %d but cannot serve it", self.peer_id, index)
+            src, fetch = self.sources.get(manifest_id), self.swarm._fetches.get(manifest_id)
+            if src is not None and fetch is not None:
+                fetch.source_bitfield(src.id, bf)
+
+    async def peerwire(self) -> PeerwireConnection:
+        async with self._pw_lock:
+            if self._pw is not None and not self._pw.broken:
+                return self._pw
+            if self._pw is not None:
+                await self._pw.aclose()
+                self._pw = None
+            theirs = self.conn.theirs
+            if theirs.endpoint is None:
+                raise SourceError(f"peer {self.peer_id} serves no pieces")
+            if theirs.token is None:
+                self._token_ready = trio.Event()
+                self.post(TokenRequest())
+                with trio.move_on_after(10):
+                    await self._token_ready.wait()
+                if theirs.token is None:
+                    raise SourceError(f"peer {self.peer_id} sent no peerwire token")
+            token, theirs.token = theirs.token, None  # one time only
+            ep = theirs.endpoint
+            self._pw = await connect_peerwire(ep.host, ep.port, token, self.swarm.down, self.swarm.config.swarm_key)
+            return self._pw
+
+    async def writer(self) -> None:
+        """The only task that writes the stream: queued messages, and keepalives when due."""
+        while True:
+            deadline = self.conn.next_deadline()
+            msg: ControlMessage | None = None
+            with trio.move_on_at(deadline if deadline is not None else float("inf")):
+                try:
+                    msg = await self.outbox_recv.receive()
+                except trio.EndOfChannel:
+                    return
+            now = trio.current_time()
+            # handle_timer raises when the peer went silent.
+            data = self.conn.handle_timer(now) if msg is None else self.conn.send(msg, now)
+            if data:
+                await self.stream.send_all(data)
+
+    async def reader(self) -> None:
+        while True:
+            ev = self.conn.next_event()
+            if ev is NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(), trio.current_time())
+                continue
+            if isinstance(ev, Close):
+                return
+            self.swarm._on_message(self, ev)  # type: ignore[arg-type]
+
+    def on_token(self) -> None:
+        self._token_ready.set()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        self.outbox_send.close()
+        if self._pw is not None:
+            await self._pw.aclose()
+        await self.stream.aclose()
+
+
+class Swarm:
+    """Serve, announce and fetch with peers. Start with ``await nursery.start(swarm.run)``."""
+
+    def __init__(self, p2p: P2PNode, store: PieceStore, config: SwarmConfig | None = None) -> None:
+        self.p2p = p2p
+        self.store = store
+        self.config = config or SwarmConfig()
+        self.stats = SwarmStats()
+        self.up = RateLimiter(self.config.up_rate)
+        self.down = RateLimiter(self.config.down_rate)
+        self.endpoint: Endpoint | None = None
+        self._sessions: dict[str, _Session] = {}
+        self._tokens: dict[bytes, str] = {}
+        self._held: dict[bytes, _Held] = {}
+        self._fetches: dict[bytes, FetchHandle] = {}
+        self._banned: dict[bytes, set[str]] = {}
+        self._served: dict[str, int] = {}
+        self._nursery: trio.Nursery | None = None
+        self._rechoke_now = trio.Event()
+        self._wanted_changed = trio.Event()
+        self._held_changed = trio.Event()
+        # Set and replaced whenever a peer says Hello, Announce or sends a manifest;
+        # waiters take the current event first, then check their condition.
+        self._peers_changed = trio.Event()
+        self._envelopes: dict[bytes, bytes] = {}
+        self._provided: dict[bytes, tuple[float, int]] = {}
+        self._lie = os.environ.get(LIE_ENV) == "1"
+
+    # -- lifecycle -------------------------------------------------------
+    async def run(self, *, task_status: TaskStatus[Swarm] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._load_held()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            host, port = await nursery.start(
+                lambda task_status: serve_peerwire(
+                    _StoreLocator(self),
+                    self._redeem,
+                    host=self.config.peerwire_host,
+                    port=self.config.peerwire_port,
+                    up=self.up,
+                    psk=self.config.swarm_key,
+                    task_status=task_status,
+                )
+            )
+            self.endpoint = Endpoint(host, port)
+            self.p2p.set_control_handler(self._accept_stream)
+            nursery.start_soon(self._rechoker)
+            nursery.start_soon(self._discoverer)
+            nursery.start_soon(self._provider)
+            task_status.started(self)
+
+    async def _load_held(self) -> None:
+        for mid in await trio.to_thread.run_sync(self.store.manifest_ids):
+            await self.refresh_held(mid)
+
+    async def refresh_held(self, mid: bytes) -> None:
+        """Re-read a manifest's verified pieces from the store."""
+        try:
+            bits = await trio.to_thread.run_sync(self.store.bitfield, mid)
+        except AutoglmError as exc:
+            log.warning("cannot read the bitfield of %s: %s", mid.hex()[:16], exc)
+            return
+        n = _piece_count_of(self.store, mid, len(bits))
+        self._held[mid] = _Held(n, Bitfield.from_bytes(bits, n))
+
+    # -- what we hold ----------------------------------------------------
+    def hold(self, manifest_id: bytes, piece_count: int, have: Iterable[int] = (), envelope: bytes | None = None) -> None:
+        """Start holding a manifest (a fetch began): announce it to peers and the DHT.
+
+        ``envelope`` (the signed manifest) is what peers get when they ask for it by id.
+        """
+        if envelope is not None and len(envelope) <= MAX_ENVELOPE:
+            self._envelopes[manifest_id] = envelope
+        if manifest_id not in self._held:
+            self._held[manifest_id] = _Held(piece_count, Bitfield(piece_count, have))
+            state = self._state(manifest_id)
+            for s in list(self._sessions.values()):
+                s.post(Announce(state))
+            self._held_changed.set()
+
+    def piece_verified(self, manifest_id: bytes, index: int) -> None:
+        """A piece is durable and verified here: tell every peer."""
+        held = self._held.get(manifest_id)
+        if held is None or not held.have.add(index):
+            return
+        for s in list(self._sessions.values()):
+            if manifest_id in s.conn.ours.manifests:
+                s.post(Have(manifest_id, index))
+
+    def _state(self, mid: bytes) -> ManifestState:
+        h = self._held[mid]
+        have = Bitfield.full(h.piece_count) if self._lie else h.have
+        return ManifestState(mid, h.piece_count, have.to_bytes())
+
+    # -- fetching --------------------------------------------------------
+    def attach(self, manifest_id: bytes, fetch: FetchHandle) -> None:
+        """Make peers that hold ``manifest_id`` sources of ``fetch`` (now and as they appear)."""
+        self._fetches[manifest_id] = fetch
+        for s in list(self._sessions.values()):
+            self._maybe_add_source(s, manifest_id)
+        self._wanted_changed.set()
+
+    def detach(self, manifest_id: bytes) -> None:
+        self._fetches.pop(manifest_id, None)
+        for s in list(self._sessions.values()):
+            if s.sources.pop(manifest_id, None) is not None:
+                s.post(NotInterested(manifest_id))
+
+    def _maybe_add_source(self, s: _Session, mid: bytes) -> None:
+        fetch = self._fetches.get(mid)
+        if fetch is None or mid in s.sources or mid not in s.conn.theirs.manifests:
+            return
+        if s.peer_id in self._banned.get(mid, ()):
+            return
+        src = s.sources[mid] = PeerSource(s, mid)
+        log.info("peer %s is a source of %s", s.peer_id, mid.hex()[:16])
+        fetch.add_source(src)
+        s.post(Interested(mid))
+
+    def ban(self, peer_id: str, manifest_id: bytes, why: str) -> None:
+        """Never use nor serve ``peer_id`` for ``manifest_id`` again (this process)."""
+        banned = self._banned.setdefault(manifest_id, set())
+        if peer_id in banned:
+            return
+        banned.add(peer_id)
+        self.stats.bad_pieces += 1
+        self.stats.banned.append((peer_id, manifest_id.hex()))
+        log.warning("banned peer %s for manifest %s: %s", peer_id, manifest_id.hex()[:16], why)
+        s = self._sessions.get(peer_id)
+        if s is not None:
+            src = s.sources.pop(manifest_id, None)
+            fetch = self._fetches.get(manifest_id)
+            if src is not None and fetch is not None and self._nursery is not None:
+                # Removed from the next task step, so the engine first records
+                # the failure and reports it (SourceFailed, integrity=True).
+                self._nursery.start_soon(_remove_source, fetch, src.id)
+
+    # -- sessions --------------------------------------------------------
+    def _redeem(self, token: bytes) -> _Grant | None:
+        peer = self._tokens.pop(token, None)
+        return None if peer is None else _Grant(self, peer)
+
+    def _issue_token(self, peer_id: str) -> bytes:
+        tok = new_token()
+        self._tokens[tok] = peer_id
+        return tok
+
+    async def _accept_stream(self, stream: ControlStream) -> None:
+        await self._run_session(stream, initiator=stream.peer_id)
+
+    async def connect_peer(self, peer: PeerAddr | str) -> None:
+        """Open a session with a peer unless one exists. SourceError if unreachable."""
+        pid = peer.peer_id if isinstance(peer, PeerAddr) else peer
+        if pid in self._sessions or pid == self.p2p.peer_id:
+            return
+        stream = await self.p2p.open_control(peer)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_session, stream, self.p2p.peer_id)
+
+    def _register(self, s: _Session) -> bool:
+        old = self._sessions.get(s.peer_id)
+        if old is not None:
+            # Both sides dialled at once: both keep the stream the smaller peer id opened.
+            if old.initiator <= s.initiator:
+                return False
+            old.cancel_scope.cancel()
+        self._sessions[s.peer_id] = s
+        return True
+
+    async def _run_session(self, stream: ControlStream, initiator: str) -> None:
+        s = _Session(self, stream, initiator)
+        if not self._register(s):
+            await stream.aclose()
+            return
+        log.info("session with %s started", s.peer_id)
+        try:
+            with s.cancel_scope:
+                hello = Hello(
+                    tuple(self._state(m) for m in list(self._held)[:64]),
+                    self.endpoint,
+                    self._issue_token(s.peer_id),
+                )
+                s.post(hello)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(s.writer)
+                    await s.reader()
+                    nursery.cancel_scope.cancel()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError) as eg:
+            log.info("session with %s ended: %s", s.peer_id, eg.exceptions[0])
+        except* Exception:  # the per-peer supervisor: one peer's bug must not stop the node
+            log.exception("session with %s failed", s.peer_id)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._end_session(s)
+
+    async def _end_session(self, s: _Session) -> None:
+        if self._sessions.get(s.peer_id) is s:
+            del self._sessions[s.peer_id]
+            # Tokens this peer never redeemed die with its session.
+            for tok in [t for t, p in self._tokens.items() if p == s.peer_id]:
+                del self._tokens[tok]
+        for mid, src in s.sources.items():
+            fetch = self._fetches.get(mid)
+            if fetch is not None:
+                fetch.remove_source(src.id)
+        s.sources.clear()
+        self._rechoke_now.set()
+        self._notify_peers_changed()
+        await s.aclose()
+
+    def _on_message(self, s: _Session, msg: ControlMessage) -> None:
+        if isinstance(msg, Hello | Announce):
+            self._notify_peers_changed()
+        match msg:
+            case Hello() | Announce():
+                states = msg.manifests if isinstance(msg, Hello) else (msg.state,)
+                for st in states:
+                    src = s.sources.get(st.manifest_id)
+                    if src is not None:  # a re-announce replaces the bitfield
+                        fetch = self._fetches.get(st.manifest_id)
+                        if fetch is not None:
+                            for i in s.conn.theirs.manifests[st.manifest_id]:
+                                fetch.source_have(src.id, i)
+                    else:
+                        self._maybe_add_source(s, st.manifest_id)
+            case Have():
+                src = s.sources.get(msg.manifest_id)
+                fetch = self._fetches.get(msg.manifest_id)
+                if src is not None and fetch is not None:
+                    fetch.source_have(src.id, msg.index)
+            case Interested() | NotInterested():
+                self._rechoke_now.set()
+            case TokenRequest():
+                s.post(Token(self._issue_token(s.peer_id)))
+            case GetManifest():
+                s.post(ManifestData(msg.manifest_id, self._envelopes.get(msg.manifest_id, b"")))
+            case ManifestData():
+                self._on_manifest_data(s, msg)
+            case Token():
+                s.on_token()
+            case Unchoke():
+                # Wake the engine: max_requests() of this peer's sources just went up.
+                for mid, src in s.sources.items():
+                    fetch = self._fetches.get(mid)
+                    if fetch is not None:
+                        fetch.source_bitfield(src.id, src.availability() or ())
+            case _:
+                pass
+
+    # -- manifests by id (for name records) ------------------------------
+    def _on_manifest_data(self, s: _Session, msg: ManifestData) -> None:
+        if not msg.envelope or msg.manifest_id in self._envelopes:
+            return
+        try:
+            ok = decode_signed_manifest(msg.envelope).id == msg.manifest_id
+        except RemoteProtocolError:
+            ok = False
+        if not ok:
+            log.warning("peer %s sent a manifest that is not %s", s.peer_id, msg.manifest_id.hex()[:16])
+            return
+        # Only the id was checked here; signature and trust are the caller's check.
+        self._envelopes[msg.manifest_id] = msg.envelope
+        self._notify_peers_changed()
+
+    def _notify_peers_changed(self) -> None:
+        self._peers_changed.set()
+        self._peers_changed = trio.Event()
+
+    async def fetch_manifest(self, manifest_id: bytes) -> bytes:
+        """The signed envelope of ``manifest_id`` from any peer that holds it (callers bound the wait)."""
+        asked: set[str] = set()
+        while manifest_id not in self._envelopes:
+            changed = self._peers_changed
+            await self._discover(manifest_id)
+            for p, s in list(self._sessions.items()):
+                if manifest_id in s.conn.theirs.manifests and p not in asked:
+                    asked.add(p)
+                    s.post(GetManifest(manifest_id))
+            if manifest_id not in self._envelopes:
+                with trio.move_on_after(self.config.discover_interval):
+                    await changed.wait()
+        return self._envelopes[manifest_id]
+
+    # -- background loops ------------------------------------------------
+    def rechoke(self) -> None:
+        interested = [p for p, s in self._sessions.items() if s.conn.theirs.interested and not s.closed]
+        keep = choose_unchoked(interested, self._served, self.config.upload_slots)
+        for p, s in self._sessions.items():
+            s.set_unchoked(p in keep)
+
+    async def _rechoker(self) -> None:
+        while True:
+            self.rechoke()
+            with trio.move_on_after(self.config.rechoke_interval):
+                await self._rechoke_now.wait()
+            self._rechoke_now = trio.Event()
+
+    async def _discover(self, mid: bytes) -> None:
+        # Peers we are already connected to over libp2p (bootstrap peers, DHT
+        # neighbours) get a session when nobody holding the manifest is known
+        # yet: a Hello costs one round trip, a DHT lookup several.
+        candidates: list[PeerAddr | str] = []
+        if not any(mid in s.conn.theirs.manifests for s in self._sessions.values()):
+            candidates += self.p2p.connected_peers()
+        candidates += await self.p2p.find_manifest_providers(mid)
+        for peer in candidates:
+            try:
+                await self.connect_peer(peer)
+            except SourceError as exc:
+                log.info("peer %s unreachable: %s", peer, exc)
+
+    async def discover_first(self, mid: bytes) -> None:
+        """Before a fetch starts: find peers holding ``mid`` and wait for their Hellos.
+
+        Peers known before the first request keep mirrors to the pieces no
+        peer has. Callers bound it in time (a lone first node finds nobody).
+        """
+        await self._discover(mid)
+        while True:
+            changed = self._peers_changed
+            if not any(s.conn.theirs.phase is Phase.IDLE for s in self._sessions.values()):
+                return
+            await changed.wait()
+
+    async def _discoverer(self) -> None:
+        """While fetching, keep finding providers of each wanted manifest and open sessions."""
+        while True:
+            for mid in list(self._fetches):
+                await self._discover(mid)
+            with trio.move_on_after(self.config.discover_interval):
+                await self._wanted_changed.wait()
+            self._wanted_changed = trio.Event()
+
+    def _needs_provide(self, mid: bytes, now: float) -> bool:
+        # Announce when never announced, when the record is due for refresh, and
+        # when the routing table has grown a lot since (we joined more of the
+        # network, so the record belongs on other nodes too).
+        last = self._provided.get(mid)
+        if last is None:
+            return True
+        t, size = last
+        return now - t >= self.config.reprovide_interval or self.p2p.dht_size() >= 2 * size + 1
+
+    async def _provider(self) -> None:
+        """Announce every held manifest (and its files) in the DHT, per manifest, never per piece."""
+        while True:
+            now = trio.current_time()
+            for mid in [m for m in list(self._held) if self._needs_provide(m, now)]:
+                size = self.p2p.dht_size()
+                if await self.p2p.provide_manifest(mid):
+                    self._provided[mid] = (trio.current_time(), size)
+                    for sha in _file_hashes_of(self.store, mid):
+                        await self.p2p.provide_file(sha)
+            with trio.move_on_after(5.0):
+                await self._held_changed.wait()
+            self._held_changed = trio.Event()
+
+    def status(self) -> dict[str, object]:
+        """A JSON-ready snapshot for `autoglm-node status`."""
+        return {
+            "peer_id": self.p2p.peer_id,
+            "addrs": self.p2p.addrs(),
+            "peerwire": None if self.endpoint is None else f"{self.endpoint.host}:{self.endpoint.port}",
+            "dht_size": self.p2p.dht_size(),
+            "peers": [
+                {
+                    "peer_id": p,
+                    "unchoked_by_us": s.unchoking,
+                    "unchoking_us": s.conn.theirs.phase is Phase.UNCHOKING,
+                    "manifests": {m.hex(): len(bf) for m, bf in s.conn.theirs.manifests.items()},
+                    "served_bytes": self._served.get(p, 0),
+                }
+                for p, s in self._sessions.items()
+            ],
+            "held": {m.hex(): {"have": len(h.have), "pieces": h.piece_count} for m, h in self._held.items()},
+            "up_bytes": self.stats.up_bytes,
+            "down_bytes": self.stats.down_bytes,
+            "banned": [list(b) for b in self.stats.banned],
+            "lost_claims": self.stats.lost_claims,
+        }
+
+
+async def _remove_source(fetch: FetchHandle, source_id: str) -> None:
+    fetch.remove_source(source_id)
+
+
+class _StoreLocator:
+    """Serve only what this node has verified: the held bitfield, then the store's location."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        self._swarm = swarm
+
+    def locate(self, manifest_id: bytes, index: int) -> PieceLocation | None:
+        held = self._swarm._held.get(manifest_id)
+        if held is None or index not in held.have:
+            return None
+        try:
+            loc = self._swarm.store.piece_location(manifest_id, index)
+        except (StorageError, KeyError, IndexError):
+            return None
+        return PieceLocation(os.fspath(loc.path), loc.offset, loc.length, loc.hash)  # type: ignore[attr-defined]
+
+
+def _manifest_of(store: PieceStore, mid: bytes) -> object | None:
+    get_map = getattr(store, "_map", None)
+    if get_map is None:
+        return None
+    try:
+        manifest: object = get_map(mid).manifest
+    except (AutoglmError, KeyError):
+        return None
+    return manifest
+
+
+def _piece_count_of(store: PieceStore, mid: bytes, nbytes: int) -> int:
+    m = _manifest_of(store, mid)
+    return int(m.piece_count) if m is not None else nbytes * 8  # type: ignore[attr-defined]
+
+
+def _file_hashes_of(store: PieceStore, mid: bytes) -> Sequence[bytes]:
+    m = _manifest_of(store, mid)
+    return [f.sha256 for f in m.files] if m is not None else []  # type: ignore[attr-defined]
+

@@ -1,0 +1,211 @@
+"""A long-lived swarm node: store + libp2p + swarm + local control API, and fetches that use peers.
+
+``async with open_swarm_node(config) as node:`` starts everything and stops
+it all by cancellation on exit; ``await node.hold(manifest, ...)`` fetches a
+manifest from peers (mirrors only for pieces no peer has) and keeps serving
+it afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from autoglm.node._engine import Fetch, FetchOptions, FetchResult, _collapse
+from autoglm.node._p2p import DEFAULT_LISTEN, P2PNode, open_p2p
+from autoglm.node._progress import Event, FetchDone, PieceVerified, ProgressSnapshot
+from autoglm.node._swarm import Swarm, SwarmConfig
+from autoglm.node.api import Node, NodeConfig, load_manifest, open_node
+from autoglm.node.errors import ConfigError, IntegrityError, NoSourceError
+from autoglm.protocol import SignedManifest, TrustPolicy, decode_signed_manifest, key_id
+from autoglm.protocol._namerecord import NameRecord, sign_name_record
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+__all__ = ["JoinConfig", "SwarmNode", "open_swarm_node"]
+
+log = logging.getLogger(__name__)
+
+_RESOLVE_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class JoinConfig:
+    data_dir: Path
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    bootstrap: tuple[str, ...] = ()
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    control_api: bool = True
+
+
+@dataclass(slots=True)
+class _Progress:
+    name: str
+    version: str
+    out_dir: str
+    bytes_done: int = 0
+    bytes_total: int = 0
+    rate: float = 0.0
+    by_source: dict[str, int] = field(default_factory=dict)
+    complete: bool = False
+
+
+class SwarmNode:
+    def __init__(self, config: JoinConfig, node: Node, p2p: P2PNode, swarm: Swarm) -> None:
+        self.config = config
+        self.node = node
+        self.p2p = p2p
+        self.swarm = swarm
+        self.progress: dict[bytes, _Progress] = {}
+
+    async def hold(
+        self,
+        manifest: SignedManifest | str | os.PathLike[str],
+        *,
+        out: str | os.PathLike[str],
+        trust: TrustPolicy,
+        mirrors: Sequence[str] = (),
+        files: Sequence[str] | None = None,
+        events: trio.MemorySendChannel[Event] | None = None,
+    ) -> FetchResult:
+        """Fetch what is missing (peers first, mirrors for the rest), then keep serving it.
+
+        ``files`` limits the fetch to those paths (a variant); ``events`` gets
+        the engine's progress events and is closed at the end.
+        """
+        signed, m = await load_manifest(manifest, trust)
+        mid = signed.id
+        out_dir = await trio.to_thread.run_sync(lambda: Path(out).expanduser().resolve())
+        store = self.node.store
+        download = await trio.to_thread.run_sync(store.open_download, signed, out_dir, files)
+        self.swarm.hold(mid, m.piece_count, download.done, signed.encode())
+        prog = self.progress[mid] = _Progress(m.name, m.version, str(out_dir), bytes_total=download.total_bytes)
+        options = FetchOptions(mirror_overlap_budget=0, wait_for_sources=True)
+        send, recv = trio.open_memory_channel[Event](256)
+        fetch = Fetch(store, download, self.node.mirror_sources(mirrors), send, options)
+        box: list[FetchResult] = []
+
+        async def runner(task_status: TaskStatus[Fetch] = trio.TASK_STATUS_IGNORED) -> None:
+            async with send:
+                box.append(await fetch.run(task_status=task_status))
+
+        try:
+            # Peers first: sources known before the first request keep the
+            # mirrors to pieces that no peer has.
+            self.swarm.attach(mid, fetch)
+            with trio.move_on_after(3.0):
+                await self.swarm.discover_first(mid)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, recv, mid, prog, events)
+                await nursery.start(runner)
+        except BaseExceptionGroup as eg:
+            raise _collapse(eg) from None
+        finally:
+            self.swarm.detach(mid)
+            if events is not None:
+                await events.aclose()
+        prog.complete = True
+        prog.bytes_done = prog.bytes_total
+        await self.swarm.refresh_held(mid)
+        return box[0]
+
+    async def _pump(
+        self,
+        recv: trio.MemoryReceiveChannel[Event],
+        mid: bytes,
+        prog: _Progress,
+        out: trio.MemorySendChannel[Event] | None,
+    ) -> None:
+        async with recv:
+            async for ev in recv:
+                if isinstance(ev, PieceVerified):
+                    self.swarm.piece_verified(mid, ev.index)
+                    prog.bytes_done += ev.nbytes
+                elif isinstance(ev, ProgressSnapshot):
+                    prog.bytes_done, prog.rate, prog.by_source = ev.bytes_done, ev.rate, dict(ev.by_source)
+                elif isinstance(ev, FetchDone):
+                    prog.by_source = dict(ev.bytes_by_source)
+                if out is not None:
+                    try:
+                        out.send_nowait(ev)
+                    except trio.WouldBlock:
+                        if not isinstance(ev, ProgressSnapshot):
+                            await out.send(ev)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        out = None
+
+    async def publish_name(self, key: Ed25519PrivateKey, signed: SignedManifest, seq: int | None = None) -> NameRecord:
+        """Point NAME (the manifest's name) at this manifest in the DHT, signed by the publisher key.
+
+        ``seq`` defaults to the manifest's ``created_at``, so a later publish wins.
+        """
+        m = signed.manifest
+        rec = sign_name_record(key, m.name, signed.id, m.version, m.created_at if seq is None else seq)
+        if rec.public_key != signed.public_key:
+            raise ConfigError("the name record key must be the key that signed the manifest")
+        self.swarm.hold(signed.id, m.piece_count, (), signed.encode())
+        await self.p2p.put_name_record(rec)
+        return rec
+
+    async def resolve_name(self, name: str, trust: TrustPolicy) -> SignedManifest:
+        """The latest manifest named NAME by a trusted publisher key, fetched from peers.
+
+        Raises NoSourceError when no trusted record or no peer with the manifest is found.
+        """
+        best: NameRecord | None = None
+        for pub in sorted(trust.keys):
+            rec = await self.p2p.get_name_record(key_id(pub), name)
+            if rec is not None and (best is None or rec.seq > best.seq):
+                best = rec
+        if best is None:
+            raise NoSourceError(f"no name record for {name!r} by a trusted publisher key in the DHT")
+        with trio.move_on_after(_RESOLVE_TIMEOUT):
+            envelope = await self.swarm.fetch_manifest(best.manifest_id)
+            signed = decode_signed_manifest(envelope)
+            if signed.id != best.manifest_id:
+                raise IntegrityError("a peer sent a manifest that does not match the name record")
+            return signed
+        raise NoSourceError(f"{name!r} resolves to manifest {best.manifest_id.hex()[:16]} but no peer sent it")
+
+    def status(self) -> dict[str, Any]:
+        st = self.swarm.status()
+        st["models"] = {
+            mid.hex(): {
+                "name": p.name,
+                "version": p.version,
+                "out_dir": p.out_dir,
+                "bytes_done": p.bytes_done,
+                "bytes_total": p.bytes_total,
+                "rate": round(p.rate, 1),
+                "bytes_by_source": p.by_source,
+                "complete": p.complete,
+            }
+            for mid, p in self.progress.items()
+        }
+        return st
+
+
+@asynccontextmanager
+async def open_swarm_node(config: JoinConfig) -> AsyncIterator[SwarmNode]:
+    """Start the store, the libp2p host, the swarm and the control API; stop them on exit."""
+    from autoglm.node._control_api import serve_control_api
+
+    async with open_node(NodeConfig(config.data_dir)) as node:
+        async with open_p2p(config.data_dir, config.listen, config.bootstrap) as p2p:
+            swarm = Swarm(p2p, node.store, config.swarm)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(swarm.run)
+                sn = SwarmNode(config, node, p2p, swarm)
+                if config.control_api:
+                    await nursery.start(serve_control_api, sn, config.data_dir)
+                yield sn
+                nursery.cancel_scope.cancel()

@@ -1,0 +1,163 @@
+"""Public API of the node: ``async with open_node(config) as node: await node.fetch(...)``.
+
+``fetch(...)`` (module level) is the synchronous wrapper for scripts.
+Progress flows as :mod:`autoglm.node._progress` events over a trio memory
+channel that the caller passes in (and consumes).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from autoglm.node._config import resolve_data_dir
+from autoglm.node._engine import Fetch, FetchOptions, FetchResult
+from autoglm.node._http import open_connection, parse_url, request_target
+from autoglm.node._manifests import check_manifest, load_signed_manifest
+from autoglm.node._mirrors import USER_AGENT, MirrorConfig, MirrorSource
+from autoglm.node._progress import Event
+from autoglm.node._sources import Source
+from autoglm.node._store import Store
+from autoglm.node.errors import ConfigError, MirrorError, RemoteProtocolError
+from autoglm.protocol import Manifest, SignedManifest, TrustPolicy, decode_signed_manifest
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+__all__ = ["FetchOptions", "FetchResult", "Node", "NodeConfig", "fetch", "load_manifest", "open_node"]
+
+MAX_MANIFEST = 128 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Where the node keeps its state. ``data_dir=None``: $AUTOGLM_NODE_HOME or the platform default."""
+
+    data_dir: Path | None = None
+    mirror: MirrorConfig = field(default_factory=MirrorConfig)
+
+
+async def _get_url(url: str, headers: Mapping[str, str] | None = None) -> bytes:
+    u = parse_url(url)
+    conn = await open_connection(u)
+    try:
+        with trio.fail_after(60):
+            resp = await conn.request("GET", request_target(conn, u), {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **(headers or {})})
+            if resp.status != 200:
+                raise MirrorError(f"{url}: HTTP {resp.status} {resp.reason}")
+            if resp.content_length is not None and resp.content_length > MAX_MANIFEST:
+                raise MirrorError(f"{url}: manifest over {MAX_MANIFEST} bytes")
+            body = await conn.read_all(MAX_MANIFEST)
+            if resp.headers.get("content-type", "").lower().startswith("text/html") or body.lstrip()[:1] == b"<":
+                raise RemoteProtocolError(f"{url} answered an HTML page, not a manifest; check the URL")
+            return body
+    except trio.TooSlowError as exc:
+        raise MirrorError(f"{url}: timed out fetching the manifest") from exc
+    finally:
+        await conn.aclose()
+
+
+async def load_manifest(
+    manifest: SignedManifest | str | os.PathLike[str], trust: TrustPolicy, headers: Mapping[str, str] | None = None
+) -> tuple[SignedManifest, Manifest]:
+    """Read a manifest (object, path or http(s) URL) and check signature and trust. Raises on failure."""
+    if isinstance(manifest, SignedManifest):
+        signed = manifest
+    elif isinstance(manifest, str) and manifest.startswith(("http://", "https://")):
+        data = await _get_url(manifest, headers)
+        try:
+            signed = decode_signed_manifest(data)
+        except RemoteProtocolError as exc:
+            raise RemoteProtocolError(f"{manifest} is not a valid manifest: {exc}") from exc
+    else:
+        signed = await trio.to_thread.run_sync(load_signed_manifest, Path(manifest))
+    return signed, check_manifest(signed, trust)
+
+
+class Node:
+    """A running node. Create with :func:`open_node`."""
+
+    def __init__(self, store: Store, config: NodeConfig) -> None:
+        self.store = store
+        self.config = config
+
+    def mirror_sources(self, mirrors: Sequence[str], headers: Mapping[str, Mapping[str, str]] | None = None) -> list[MirrorSource]:
+        group: list[MirrorSource] = []
+        for url in mirrors:
+            h = (headers or {}).get(url) or (headers or {}).get(url.rstrip("/")) or {}
+            MirrorSource(url, headers=h, config=self.config.mirror, peers=group)
+        return group
+
+    async def run_fetch(
+        self,
+        manifest: SignedManifest | str | os.PathLike[str],
+        *,
+        out: str | os.PathLike[str],
+        trust: TrustPolicy,
+        mirrors: Sequence[str] = (),
+        mirror_headers: Mapping[str, Mapping[str, str]] | None = None,
+        files: Iterable[str] | None = None,
+        sources: Iterable[Source] = (),
+        events: trio.MemorySendChannel[Event] | None = None,
+        options: FetchOptions | None = None,
+        task_status: TaskStatus[Fetch] = trio.TASK_STATUS_IGNORED,
+    ) -> FetchResult:
+        """Verify the manifest, then fetch its files (or ``files``) into ``out``.
+
+        ``task_status.started`` hands over the running :class:`Fetch` (to add
+        peer sources while it runs). ``events`` is closed at the end.
+        """
+        try:
+            signed, _ = await load_manifest(manifest, trust)
+            out_dir = await trio.to_thread.run_sync(lambda: Path(out).expanduser().resolve())
+            download = await trio.to_thread.run_sync(self.store.open_download, signed, out_dir, files)
+            srcs: list[Source] = list(self.mirror_sources(mirrors, mirror_headers))
+            srcs += list(sources)
+            fetch = Fetch(self.store, download, srcs, events, options)
+            return await fetch.run(task_status=task_status)
+        finally:
+            if events is not None:
+                await events.aclose()
+
+    async def fetch(self, manifest: SignedManifest | str | os.PathLike[str], **kwargs: object) -> FetchResult:
+        """Same as :meth:`run_fetch`, for callers that do not need the running handle."""
+        return await self.run_fetch(manifest, **kwargs)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def open_node(config: NodeConfig | None = None) -> AsyncIterator[Node]:
+    """Open the store under the data directory; yields a :class:`Node`."""
+    config = config or NodeConfig()
+    data_dir = resolve_data_dir(config.data_dir)
+    store = await trio.to_thread.run_sync(Store, data_dir)
+    try:
+        yield Node(store, config)
+    finally:
+        store.close()
+
+
+def fetch(
+    manifest: str | os.PathLike[str],
+    *,
+    out: str | os.PathLike[str],
+    trust: TrustPolicy,
+    mirrors: Sequence[str] = (),
+    data_dir: str | os.PathLike[str] | None = None,
+    files: Iterable[str] | None = None,
+    options: FetchOptions | None = None,
+) -> FetchResult:
+    """Synchronous wrapper for scripts: fetch and return the summary (no progress display)."""
+    if not mirrors:
+        raise ConfigError("give at least one mirror URL")
+
+    async def main() -> FetchResult:
+        async with open_node(NodeConfig(Path(data_dir) if data_dir else None)) as node:
+            return await node.run_fetch(manifest, out=out, trust=trust, mirrors=mirrors, files=files, options=options)
+
+    return trio.run(main)

@@ -1,0 +1,254 @@
+"""fetch, ls, gc."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from autoglm.node._engine import FetchOptions, collapse_group
+from autoglm.node._mirrors import MirrorConfig
+from autoglm.node._progress import (
+    Event,
+    FetchDone,
+    FetchStarted,
+    FileDone,
+    ProgressSnapshot,
+    SourceFailed,
+    to_json,
+)
+from autoglm.node._store import Store
+from autoglm.node.api import NodeConfig, load_manifest, open_node
+from autoglm.node.errors import ConfigError
+
+from ._common import console, err_console, human_bytes, print_json
+from ._manifest_cmds import add_trust_args, trust_from_args
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("fetch", help="fetch a model: verified, resumable, from HTTP mirrors")
+    p.add_argument("manifest", metavar="MANIFEST", help="manifest file or http(s) URL")
+    p.add_argument("--mirror", action="append", default=[], metavar="URL", help="mirror base URL (repeatable)")
+    p.add_argument(
+        "--mirror-header", action="append", default=[], metavar="URL=NAME: VALUE",
+        help="extra header for one mirror, e.g. 'https://m/=Authorization: Bearer X' (repeatable)",
+    )
+    p.add_argument("--header", action="append", default=[], metavar="NAME: VALUE", help="extra header for every mirror and the manifest URL")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the model files go")
+    add_trust_args(p)
+    p.add_argument("--variant", metavar="auto|all|NAME", help="fetch only one variant's files (default: all files)")
+    p.add_argument("--connections", type=int, default=4, metavar="N", help="initial connections per mirror (adapts up to --max-connections)")
+    p.add_argument("--max-connections", type=int, default=16, metavar="N")
+    p.add_argument("--stall-timeout", type=float, default=20.0, metavar="SECONDS", help="give up on a request with no progress for this long")
+    p.add_argument("--check-sha256", action="store_true", help="also re-read each finished file and check its SHA-256")
+    p.add_argument("--no-space-check", action="store_true", help="skip the free-space preflight (not recommended)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line: progress, then a final 'done' summary")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("ls", help="list models in the local store and their state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("gc", help="remove stale staging files and forget data that is gone")
+    p.add_argument("--incomplete", action="store_true", help="also drop unfinished downloads (their partial data)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_gc)
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise ConfigError(f"not a header: {text!r} (use 'Name: value')")
+    return name.strip(), value.strip()
+
+
+def _mirror_headers(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    common = dict(_header(h) for h in args.header)
+    out = {m: dict(common) for m in args.mirror}
+    for spec in args.mirror_header:
+        url, sep, header = spec.partition("=")
+        if not sep:
+            raise ConfigError(f"--mirror-header needs URL=NAME: VALUE, got {spec!r}")
+        match = [m for m in args.mirror if m.rstrip("/") == url.rstrip("/")]
+        if not match:
+            raise ConfigError(f"--mirror-header names {url}, which is not one of the --mirror URLs")
+        k, v = _header(header)
+        for m in match:
+            out[m][k] = v
+    return out
+
+
+def _files_for_variant(args: argparse.Namespace, manifest: Any) -> list[str] | None:
+    if not args.variant or args.variant == "all":
+        return None
+    try:
+        from autoglm.node._variants import resolve_variant
+    except ImportError as exc:  # pragma: no cover
+        raise ConfigError("--variant is not available in this build") from exc
+    variant, warnings = resolve_variant(manifest, args.variant)
+    for w in warnings:
+        err_console.print(f"[yellow]warning:[/] {w}")
+    return None if variant is None else list(variant.files)
+
+
+class _Renderer:
+    def __init__(self, json_mode: bool) -> None:
+        self.json = json_mode
+        self.progress: Progress | None = None
+        self.total: TaskID | None = None
+        self.files: dict[str, TaskID] = {}
+        self.done: FetchDone | None = None
+
+    def handle(self, ev: Event) -> None:
+        if self.json:
+            if not isinstance(ev, FetchDone):
+                print_json(to_json(ev))
+            return
+        if isinstance(ev, FetchStarted):
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                TimeRemainingColumn(), console=console, transient=False,
+            )
+            self.progress.start()
+            console.print(f"fetching [bold]{ev.name}[/] {ev.version} into {ev.out_dir} ({human_bytes(ev.bytes_total)})")
+            self.total = self.progress.add_task("[bold]total", total=ev.bytes_total, completed=ev.bytes_present)
+            for path, size in ev.files:
+                self.files[path] = self.progress.add_task(path if len(path) < 40 else "…" + path[-39:], total=size)
+        elif isinstance(ev, ProgressSnapshot) and self.progress is not None and self.total is not None:
+            self.progress.update(self.total, completed=ev.bytes_done)
+            for path, n in ev.by_file.items():
+                if path in self.files:
+                    self.progress.update(self.files[path], completed=n)
+            srcs = ", ".join(f"{k.split(':', 1)[-1]} {human_bytes(v)}" for k, v in ev.by_source.items())
+            self.progress.update(self.total, description=f"[bold]total[/] ({srcs})" if srcs else "[bold]total")
+        elif isinstance(ev, FileDone) and self.progress is not None and ev.path in self.files:
+            self.progress.update(self.files[ev.path], completed=ev.size)
+        elif isinstance(ev, SourceFailed):
+            what = "[red]bad data[/]" if ev.integrity else "[yellow]error[/]"
+            (self.progress.console if self.progress else err_console).print(f"{what} from {ev.source_id}: {ev.message}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            if self.total is not None:
+                t = self.progress.tasks[self.total]
+                if t.total is not None and t.completed < t.total and self.done is not None:
+                    self.progress.update(self.total, completed=t.total)
+            self.progress.stop()
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    if not args.mirror:
+        raise ConfigError("give at least one --mirror URL (peers are not used by a standalone fetch yet)")
+    headers = _mirror_headers(args)
+    trust = trust_from_args(args)
+    mirror_cfg = MirrorConfig(
+        initial_connections=args.connections, max_connections=max(args.connections, args.max_connections),
+        stall_timeout=args.stall_timeout,
+    )
+    options = FetchOptions(check_space=not args.no_space_check, check_sha256=args.check_sha256)
+    renderer = _Renderer(args.json)
+    t0 = time.perf_counter()
+
+    async def main() -> Any:
+        common = dict(_header(h) for h in args.header)
+        signed, manifest = await load_manifest(args.manifest, trust, common)
+        files = _files_for_variant(args, manifest)
+        send, recv = trio.open_memory_channel[Event](256)
+        async with open_node(NodeConfig(args.data_dir, mirror_cfg)) as node, trio.open_nursery() as nursery:
+
+            async def consume() -> None:
+                async with recv:
+                    async for ev in recv:
+                        if isinstance(ev, FetchDone):
+                            renderer.done = ev
+                        renderer.handle(ev)
+
+            nursery.start_soon(consume)
+            return await node.run_fetch(
+                signed, out=args.out, trust=trust, mirrors=args.mirror, mirror_headers=headers,
+                files=files, events=send, options=options,
+            )
+
+    try:
+        result = trio.run(main)
+    except BaseExceptionGroup as eg:
+        raise collapse_group(eg) from None
+    finally:
+        renderer.close()
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print_json({
+            "event": "done",
+            "bytes_total": result.bytes_total,
+            "bytes_by_source": result.bytes_by_source,
+            "seconds": round(seconds, 3),
+            "refetched_bytes": result.refetched_bytes,
+            "out": result.out_dir,
+        })
+    else:
+        fetched = sum(result.bytes_by_source.values())
+        rate = fetched / seconds if seconds > 0 else 0.0
+        console.print(
+            f"[green]done[/]: {human_bytes(result.bytes_total)} in {result.out_dir} "
+            f"({human_bytes(fetched)} fetched in {seconds:.1f}s, {human_bytes(rate)}/s)"
+        )
+        for sid, n in sorted(result.bytes_by_source.items()):
+            console.print(f"  {sid}: {human_bytes(n)}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    store = Store(args.data_dir)
+    try:
+        rows = store.downloads()
+    finally:
+        store.close()
+    if args.json:
+        for r in rows:
+            print_json({
+                "name": r.name, "version": r.version, "id": r.manifest_id.hex(), "out": str(r.out_dir),
+                "pieces_done": r.pieces_done, "pieces_total": r.pieces_total,
+                "bytes_done": r.bytes_done, "bytes_total": r.bytes_total, "complete": r.completed,
+            })
+        return 0
+    if not rows:
+        console.print("the store is empty")
+        return 0
+    table = Table(show_edge=False)
+    for col in ("model", "version", "id", "state", "size", "location"):
+        table.add_column(col)
+    for r in rows:
+        state = "[green]complete[/]" if r.completed else f"[yellow]{100 * r.bytes_done / max(r.bytes_total, 1):.0f}%[/] ({r.pieces_done}/{r.pieces_total} pieces)"
+        table.add_row(r.name, r.version, r.manifest_id.hex()[:12], state, human_bytes(r.bytes_total), str(r.out_dir))
+    console.print(table)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    store = Store(args.data_dir)
+    try:
+        actions = store.gc(drop_incomplete=args.incomplete)
+    finally:
+        store.close()
+    if args.json:
+        print_json({"actions": actions})
+    else:
+        for a in actions:
+            console.print(a)
+        console.print(f"gc: {len(actions)} action(s)")
+    return 0

@@ -1,0 +1,193 @@
+"""join (run a long-lived swarm node) and status (ask a running one)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from autoglm.node._control_api import control_request
+from autoglm.node._p2p import DEFAULT_LISTEN
+from autoglm.node._progress import FetchStarted, ProgressSnapshot, SourceFailed
+from autoglm.node._swarm import SwarmConfig
+from autoglm.node._swarm_node import JoinConfig, SwarmNode, open_swarm_node
+from autoglm.node.errors import AutoglmError, ConfigError
+
+from ._common import console, err_console, human_bytes, print_json
+from ._manifest_cmds import add_trust_args, parse_size, trust_from_args
+
+__all__ = ["register"]
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "join",
+        help="run a swarm node: join the DHT, serve verified pieces, fetch what --seed asks for",
+        description="With no --bootstrap this is the first node of a new network; the first line "
+        "printed is the multiaddr others join with. Stop with Ctrl-C or SIGTERM.",
+    )
+    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a peer to join through (repeatable)")
+    p.add_argument("--mirror", action="append", default=[], metavar="URL", help="HTTP mirror for pieces no peer has (repeatable)")
+    p.add_argument("--seed", action="append", default=[], metavar="MANIFEST",
+                   help="hold this manifest (path or URL): fetch what is missing, then serve it (repeatable)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="where --seed models go (default DATA_DIR/models); with several seeds, DIR/NAME@VERSION")
+    p.add_argument("--listen", action="append", default=[], metavar="MULTIADDR", help=f"libp2p listen address (default {DEFAULT_LISTEN})")
+    p.add_argument("--peerwire", default="127.0.0.1:0", metavar="HOST:PORT", help="bulk piece transport address (default 127.0.0.1:0)")
+    p.add_argument("--upload-slots", type=int, default=8, metavar="N", help="peers served at once (default 8)")
+    p.add_argument("--up-rate", type=parse_size, metavar="BYTES/S", help="global upload limit, e.g. 50MiB")
+    p.add_argument("--down-rate", type=parse_size, metavar="BYTES/S", help="global download limit from peers")
+    p.add_argument("--swarm-key", type=Path, metavar="FILE",
+                   help="private swarm: a file with 64 hex characters (openssl rand -hex 32); "
+                   "piece transfers are then sealed with ChaCha20-Poly1305 and need the same key")
+    p.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    add_trust_args(p)
+    p.set_defaults(func=cmd_join)
+
+    p = sub.add_parser("status", help="show a running node's peers, DHT size, models, rates and bytes by source")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("name-publish", help="point the manifest's NAME at it in the DHT (signed name record), via a running node")
+    p.add_argument("manifest", type=Path, metavar="MANIFEST")
+    p.add_argument("--key", type=Path, required=True, metavar="KEYFILE", help="the publisher key that signed MANIFEST")
+    p.add_argument("--seq", type=int, metavar="N", help="sequence number (default: the manifest's created_at)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_name_publish)
+
+
+def _out_for(args: argparse.Namespace, index: int) -> Path:
+    base: Path = args.out or args.data_dir / "models"
+    return base if len(args.seed) == 1 else base / f"seed-{index}"
+
+
+def _say(args: argparse.Namespace, event: str, text: str, **fields: Any) -> None:
+    if args.json:
+        print_json({"event": event, **fields})
+    else:
+        console.print(text, soft_wrap=True)
+
+
+async def _seed(node: SwarmNode, args: argparse.Namespace, index: int, manifest: str) -> None:
+    send, recv = trio.open_memory_channel[Any](64)
+    async with trio.open_nursery() as nursery:
+
+        async def show() -> None:
+            async with recv:
+                async for ev in recv:
+                    if isinstance(ev, FetchStarted):
+                        _say(args, "fetch-started", f"fetching {ev.name} {ev.version} into {ev.out_dir}",
+                             manifest_id=ev.manifest_id, out_dir=ev.out_dir, bytes_total=ev.bytes_total)
+                    elif isinstance(ev, ProgressSnapshot) and args.json:
+                        print_json({"event": "progress", "seed": index, "bytes_done": ev.bytes_done,
+                                    "bytes_total": ev.bytes_total, "rate": round(ev.rate)})
+                    elif isinstance(ev, SourceFailed) and ev.integrity:
+                        _say(args, "bad-piece", f"[red]{ev.source_id} sent a bad piece[/]", source_id=ev.source_id)
+
+        nursery.start_soon(show)
+        try:
+            result = await node.hold(manifest, out=_out_for(args, index), trust=trust_from_args(args),
+                                     mirrors=args.mirror, events=send)
+        except AutoglmError as exc:
+            _say(args, "seed-failed", f"[red]cannot hold {manifest}:[/] {exc}", manifest=manifest, message=str(exc))
+            return
+        except Exception as exc:  # the per-seed supervisor: the node keeps serving the others
+            log.exception("holding %s failed", manifest)
+            _say(args, "seed-failed", f"[red]cannot hold {manifest}:[/] {exc!r}", manifest=manifest, message=repr(exc))
+            return
+    _say(args, "complete", f"verified {result.out_dir} ({human_bytes(result.bytes_total)} in {result.seconds:.1f}s); serving it",
+         manifest_id=result.manifest_id.hex(), out_dir=result.out_dir, bytes_total=result.bytes_total,
+         bytes_by_source=result.bytes_by_source, seconds=round(result.seconds, 3))
+
+
+def _swarm_key(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        key = bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--swarm-key {path}: not a readable file of 64 hex characters ({exc})") from exc
+    if len(key) != 32:
+        raise ConfigError(f"--swarm-key {path}: need 64 hex characters (32 bytes), got {len(key)} bytes")
+    return key
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    host, _, port = args.peerwire.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--peerwire {args.peerwire!r} is not HOST:PORT")
+    config = JoinConfig(
+        data_dir=args.data_dir,
+        listen=tuple(args.listen or [DEFAULT_LISTEN]),
+        bootstrap=tuple(args.bootstrap),
+        swarm=SwarmConfig(upload_slots=args.upload_slots, up_rate=args.up_rate, down_rate=args.down_rate,
+                          peerwire_host=host, peerwire_port=int(port), swarm_key=_swarm_key(args.swarm_key)),
+    )
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with open_swarm_node(config) as node, trio.open_nursery() as nursery:
+                addrs = node.p2p.addrs()
+                # The first line is the readiness signal and what others join with.
+                _say(args, "ready", addrs[0] if addrs else "(no listen address)", addrs=addrs,
+                     peer_id=node.p2p.peer_id, peerwire=node.swarm.status()["peerwire"])
+                for i, m in enumerate(args.seed):
+                    nursery.start_soon(_seed, node, args, i, m)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+        _say(args, "stopped", "stopped")
+
+    trio.run(run)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def run() -> dict[str, Any]:
+        with trio.fail_after(10):
+            async with control_request(args.data_dir, {"op": "status"}) as lines:
+                async for line in lines:
+                    return line
+        raise ConfigError("the node sent no status")
+
+    st = trio.run(run)
+    if args.json:
+        print_json(st)
+        return 0
+    console.print(f"peer [bold]{st['peer_id']}[/]  dht {st['dht_size']}  peerwire {st['peerwire']}")
+    for a in st["addrs"]:
+        console.print(f"  join with {a}")
+    console.print(f"peers {len(st['peers'])}  up {human_bytes(st['up_bytes'])}  down from peers {human_bytes(st['down_bytes'])}")
+    for mid, m in st.get("models", {}).items():
+        pct = 100.0 * m["bytes_done"] / m["bytes_total"] if m["bytes_total"] else 100.0
+        by = ", ".join(f"{k.split(':', 1)[0]} {human_bytes(v)}" for k, v in m["bytes_by_source"].items())
+        console.print(f"  {m['name']} {m['version']} {pct:.0f}% {human_bytes(m['rate'])}/s ({by}) {mid[:16]}")
+    if st["banned"]:
+        err_console.print(f"banned: {st['banned']}")
+    return 0
+
+
+def cmd_name_publish(args: argparse.Namespace) -> int:
+    req = {"op": "name_publish", "key": str(args.key.resolve()), "manifest": str(args.manifest.resolve()), "seq": args.seq}
+
+    async def run() -> dict[str, Any]:
+        with trio.fail_after(60):
+            async with control_request(args.data_dir, req) as lines:
+                async for line in lines:
+                    return line
+        raise ConfigError("the node sent no answer")
+
+    reply = trio.run(run)
+    if reply.get("event") == "error":
+        raise ConfigError(f"name-publish: {reply['message']}")
+    if args.json:
+        print_json(reply)
+    else:
+        console.print(f"{reply['key']} -> {reply['manifest_id'][:16]} (version {reply['version']}, seq {reply['seq']})")
+    return 0

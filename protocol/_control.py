@@ -1,0 +1,492 @@
+"""The swarm control protocol ``/autoglm/swarm/1``, sans-IO.
+
+Theory of operation
+-------------------
+Two nodes open one control stream over a Noise-authenticated libp2p
+connection. Each side first sends ``Hello``: the manifests it holds with a
+bitfield each, the TCP endpoint of its bulk piece transport (peerwire) and a
+one-time token the other side presents when it opens a peerwire connection.
+After that either side may send, in any order: ``Announce`` (a manifest
+started after the handshake), ``Have`` (one more verified piece),
+``Interested``/``NotInterested``, ``Choke``/``Unchoke`` (whether the sender
+will serve the receiver's peerwire requests), ``TokenRequest``/``Token`` (a
+fresh one-time token after a peerwire connection broke),
+``GetManifest``/``ManifestData`` (the signed manifest envelope for an id, so
+a node that resolved a name record can fetch the manifest from peers),
+``Keepalive`` and finally ``Close``.
+
+Each direction has a phase: IDLE until its Hello, then CHOKING or UNCHOKING
+(what the sender last said about serving the other side), then CLOSED. Every
+allowed (phase, message) pair is in :data:`TRANSITIONS`; a missing pair is a
+protocol error, local when we try to send it and remote when we receive it.
+
+Time is a parameter: callers pass ``now`` in, ask :meth:`ControlConnection.next_deadline`
+and call :meth:`ControlConnection.handle_timer` when it passes. The side that
+has been silent for ``keepalive_interval`` sends a Keepalive; a peer silent for
+``idle_timeout`` (or with no Hello after ``handshake_timeout``) is an error.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from ._bitfield import Bitfield
+from ._codec import Limits, decode_frame_payload, encode_frame_payload
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._frames import NEED_DATA, FrameDecoder, NeedData, encode_frame
+
+__all__ = [
+    "CONTROL_PROTOCOL_ID",
+    "CONTROL_VERSION",
+    "TRANSITIONS",
+    "Announce",
+    "Choke",
+    "Close",
+    "ControlConnection",
+    "ControlMessage",
+    "Endpoint",
+    "GetManifest",
+    "Have",
+    "Hello",
+    "Interested",
+    "Keepalive",
+    "ManifestData",
+    "ManifestState",
+    "NotInterested",
+    "Phase",
+    "Token",
+    "TokenRequest",
+    "Unchoke",
+    "decode_control",
+    "encode_control",
+]
+
+CONTROL_PROTOCOL_ID: Final = "/autoglm/swarm/1"
+CONTROL_VERSION: Final = 1
+MAX_CONTROL_FRAME: Final = 4 * 1024 * 1024
+MAX_MANIFESTS: Final = 64
+MAX_PIECES: Final = 2_000_000
+TOKEN_MIN, TOKEN_MAX = 16, 64
+ID_LEN: Final = 32
+MAX_ENVELOPE: Final = MAX_CONTROL_FRAME - 64
+_LIMITS: Final = Limits(
+    max_bytes=MAX_CONTROL_FRAME,
+    max_str_len=1024,
+    max_bin_len=MAX_ENVELOPE,
+    max_array_len=MAX_MANIFESTS,
+    max_map_len=0,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a node's peerwire server listens."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestState:
+    """A manifest a node holds (or is fetching) and which of its pieces it has."""
+
+    manifest_id: bytes
+    piece_count: int
+    bitfield: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    manifests: tuple[ManifestState, ...]
+    endpoint: Endpoint | None
+    token: bytes
+    version: int = CONTROL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    state: ManifestState
+
+
+@dataclass(frozen=True, slots=True)
+class Have:
+    manifest_id: bytes
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Interested:
+    manifest_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NotInterested:
+    manifest_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Choke:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Unchoke:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GetManifest:
+    manifest_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestData:
+    """The signed envelope of ``manifest_id``; empty when the sender does not have it."""
+
+    manifest_id: bytes
+    envelope: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    reason: str = ""
+
+
+ControlMessage = (
+    Hello
+    | Announce
+    | Have
+    | Interested
+    | NotInterested
+    | Choke
+    | Unchoke
+    | Keepalive
+    | TokenRequest
+    | Token
+    | GetManifest
+    | ManifestData
+    | Close
+)
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    CHOKING = "choking"
+    UNCHOKING = "unchoking"
+    CLOSED = "closed"
+
+
+_OPEN = (Phase.CHOKING, Phase.UNCHOKING)
+_SELF_LOOPS = (Announce, Have, Interested, NotInterested, Keepalive, TokenRequest, Token, GetManifest, ManifestData)
+
+#: (phase of the sending direction, message type) -> next phase of that direction.
+TRANSITIONS: Final[dict[tuple[Phase, type], Phase]] = {
+    (Phase.IDLE, Hello): Phase.CHOKING,
+    (Phase.IDLE, Close): Phase.CLOSED,
+    **{(p, t): p for p in _OPEN for t in _SELF_LOOPS},
+    **{(p, Choke): Phase.CHOKING for p in _OPEN},
+    **{(p, Unchoke): Phase.UNCHOKING for p in _OPEN},
+    **{(p, Close): Phase.CLOSED for p in _OPEN},
+}
+
+# Wire codes; never reuse a number.
+_CODES: Final[dict[type, int]] = {
+    Hello: 1,
+    Announce: 2,
+    Have: 3,
+    Interested: 4,
+    NotInterested: 5,
+    Choke: 6,
+    Unchoke: 7,
+    Keepalive: 8,
+    TokenRequest: 9,
+    Token: 10,
+    Close: 11,
+    GetManifest: 12,
+    ManifestData: 13,
+}
+
+
+def _state_value(s: ManifestState) -> list[Any]:
+    return [s.manifest_id, s.piece_count, s.bitfield]
+
+
+def _to_value(msg: ControlMessage) -> list[Any]:
+    code = _CODES[type(msg)]
+    match msg:
+        case Hello():
+            ep = None if msg.endpoint is None else [msg.endpoint.host, msg.endpoint.port]
+            return [code, msg.version, [_state_value(s) for s in msg.manifests], ep, msg.token]
+        case Announce():
+            return [code, _state_value(msg.state)]
+        case Have():
+            return [code, msg.manifest_id, msg.index]
+        case Interested() | NotInterested():
+            return [code, msg.manifest_id]
+        case Token():
+            return [code, msg.token]
+        case GetManifest():
+            return [code, msg.manifest_id]
+        case ManifestData():
+            return [code, msg.manifest_id, msg.envelope]
+        case Close():
+            return [code, msg.reason]
+        case _:
+            return [code]
+
+
+def encode_control(msg: ControlMessage) -> bytes:
+    """One framed control message."""
+    return encode_frame(encode_frame_payload(_to_value(msg)), MAX_CONTROL_FRAME)
+
+
+def _int(v: Any, lo: int, hi: int, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise RemoteProtocolError(f"{what} must be an integer in {lo}..{hi}")
+    return v
+
+
+def _bin(v: Any, lo: int, hi: int, what: str) -> bytes:
+    if not isinstance(v, bytes) or not lo <= len(v) <= hi:
+        raise RemoteProtocolError(f"{what} must be {lo}..{hi} bytes")
+    return v
+
+
+def _mid(v: Any) -> bytes:
+    return _bin(v, ID_LEN, ID_LEN, "manifest id")
+
+
+def _state(v: Any) -> ManifestState:
+    if not isinstance(v, list) or len(v) != 3:
+        raise RemoteProtocolError("manifest state must be [id, piece_count, bitfield]")
+    mid, n = _mid(v[0]), _int(v[1], 0, MAX_PIECES, "piece count")
+    Bitfield.from_bytes(_bin(v[2], 0, (MAX_PIECES + 7) // 8, "bitfield"), n)
+    return ManifestState(mid, n, v[2])
+
+
+def _endpoint(v: Any) -> Endpoint | None:
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) != 2 or not isinstance(v[0], str) or not v[0]:
+        raise RemoteProtocolError("endpoint must be [host, port]")
+    return Endpoint(v[0], _int(v[1], 1, 65535, "port"))
+
+
+def _from_value(v: Any) -> ControlMessage:
+    if not isinstance(v, list) or not v:
+        raise RemoteProtocolError("control message must be a non-empty array")
+    code, args = v[0], v[1:]
+    arity = {1: 4, 2: 1, 3: 2, 4: 1, 5: 1, 6: 0, 7: 0, 8: 0, 9: 0, 10: 1, 11: 1, 12: 1, 13: 2}
+    if not isinstance(code, int) or isinstance(code, bool) or code not in arity:
+        raise RemoteProtocolError(f"unknown control message type {code!r}")
+    if len(args) != arity[code]:
+        raise RemoteProtocolError(f"control message {code} has {len(args)} fields, not {arity[code]}")
+    match code:
+        case 1:
+            if not isinstance(args[1], list):
+                raise RemoteProtocolError("hello manifests must be an array")
+            states = tuple(_state(s) for s in args[1])
+            if len({s.manifest_id for s in states}) != len(states):
+                raise RemoteProtocolError("hello lists a manifest twice")
+            return Hello(states, _endpoint(args[2]), _bin(args[3], TOKEN_MIN, TOKEN_MAX, "token"), _int(args[0], 0, 2**32, "version"))
+        case 2:
+            return Announce(_state(args[0]))
+        case 3:
+            return Have(_mid(args[0]), _int(args[1], 0, MAX_PIECES - 1, "piece index"))
+        case 4:
+            return Interested(_mid(args[0]))
+        case 5:
+            return NotInterested(_mid(args[0]))
+        case 6:
+            return Choke()
+        case 7:
+            return Unchoke()
+        case 8:
+            return Keepalive()
+        case 9:
+            return TokenRequest()
+        case 10:
+            return Token(_bin(args[0], TOKEN_MIN, TOKEN_MAX, "token"))
+        case 12:
+            return GetManifest(_mid(args[0]))
+        case 13:
+            return ManifestData(_mid(args[0]), _bin(args[1], 0, MAX_ENVELOPE, "manifest envelope"))
+        case _:
+            if not isinstance(args[0], str):
+                raise RemoteProtocolError("close reason must be text")
+            return Close(args[0][:200])
+
+
+def decode_control(payload: bytes) -> ControlMessage:
+    """Parse one frame's payload; RemoteProtocolError for anything malformed."""
+    return _from_value(decode_frame_payload(payload, _LIMITS))
+
+
+@dataclass(slots=True)
+class _Side:
+    phase: Phase = Phase.IDLE
+    manifests: dict[bytes, Bitfield] = field(default_factory=dict)
+    interested: set[bytes] = field(default_factory=set)
+    endpoint: Endpoint | None = None
+    token: bytes | None = None
+
+
+class ControlConnection:
+    """One end of a control stream: bytes and ``now`` in, messages and bytes out.
+
+    ``ours`` mirrors what we told the peer; ``theirs`` what the peer told us,
+    including its bitfields, kept current by every Announce and Have.
+    """
+
+    def __init__(
+        self,
+        now: float,
+        *,
+        keepalive_interval: float = 15.0,
+        idle_timeout: float = 45.0,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        self.ours = _Side()
+        self.theirs = _Side()
+        self.keepalive_interval = keepalive_interval
+        self.idle_timeout = idle_timeout
+        self._started = now
+        self._handshake_timeout = handshake_timeout
+        self._last_sent = now
+        self._last_recv = now
+        self._decoder = FrameDecoder(MAX_CONTROL_FRAME)
+
+    # -- sending ---------------------------------------------------------
+    def send(self, msg: ControlMessage, now: float) -> bytes:
+        """Bytes to write for ``msg``; LocalProtocolError if it is not allowed now."""
+        side = self.ours
+        nxt = TRANSITIONS.get((side.phase, type(msg)))
+        if nxt is None:
+            raise LocalProtocolError(f"cannot send {type(msg).__name__} in phase {side.phase.value}")
+        self._apply_ours(msg)
+        data = encode_control(msg)
+        side.phase = nxt
+        self._last_sent = now
+        return data
+
+    def _apply_ours(self, msg: ControlMessage) -> None:
+        side = self.ours
+        match msg:
+            case Hello():
+                for s in msg.manifests:
+                    side.manifests[s.manifest_id] = Bitfield.from_bytes(s.bitfield, s.piece_count)
+            case Announce():
+                s = msg.state
+                side.manifests[s.manifest_id] = Bitfield.from_bytes(s.bitfield, s.piece_count)
+            case Have():
+                bf = side.manifests.get(msg.manifest_id)
+                if bf is None or msg.index >= bf.size:
+                    raise LocalProtocolError("Have for a manifest or piece we never announced")
+                bf.add(msg.index)
+            case Interested():
+                if msg.manifest_id not in self.theirs.manifests:
+                    raise LocalProtocolError("interest in a manifest the peer never announced")
+                side.interested.add(msg.manifest_id)
+            case NotInterested():
+                side.interested.discard(msg.manifest_id)
+            case _:
+                pass
+
+    # -- receiving -------------------------------------------------------
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Feed bytes from the stream; ``b""`` means it ended."""
+        self._last_recv = now
+        self._decoder.receive_data(data)
+
+    def next_event(self) -> ControlMessage | NeedData:
+        """The next message from the peer, NEED_DATA, or RemoteProtocolError.
+
+        A stream that ends without Close yields ``Close("end of stream")``.
+        """
+        side = self.theirs
+        if side.phase is Phase.CLOSED:
+            if self._decoder.buffered:
+                raise RemoteProtocolError("peer sent data after Close")
+            return NEED_DATA
+        payload = self._decoder.next_frame()
+        if isinstance(payload, NeedData):
+            if self._decoder.eof:
+                side.phase = Phase.CLOSED
+                return Close("end of stream")
+            return payload
+        msg = decode_control(payload)
+        nxt = TRANSITIONS.get((side.phase, type(msg)))
+        if nxt is None:
+            raise RemoteProtocolError(f"peer sent {type(msg).__name__} in phase {side.phase.value}")
+        self._apply_theirs(msg)
+        side.phase = nxt
+        return msg
+
+    def _apply_theirs(self, msg: ControlMessage) -> None:
+        side = self.theirs
+        match msg:
+            case Hello():
+                if msg.version != CONTROL_VERSION:
+                    raise RemoteProtocolError(f"peer speaks control version {msg.version}, we speak {CONTROL_VERSION}")
+                side.endpoint, side.token = msg.endpoint, msg.token
+                for s in msg.manifests:
+                    side.manifests[s.manifest_id] = Bitfield.from_bytes(s.bitfield, s.piece_count)
+            case Announce():
+                s = msg.state
+                side.manifests[s.manifest_id] = Bitfield.from_bytes(s.bitfield, s.piece_count)
+            case Have():
+                bf = side.manifests.get(msg.manifest_id)
+                if bf is None or msg.index >= bf.size:
+                    raise RemoteProtocolError("peer sent Have for a manifest or piece it never announced")
+                bf.add(msg.index)
+            case Interested():
+                if msg.manifest_id not in self.ours.manifests:
+                    raise RemoteProtocolError("peer is interested in a manifest we never announced")
+                side.interested.add(msg.manifest_id)
+            case NotInterested():
+                side.interested.discard(msg.manifest_id)
+            case Token():
+                side.token = msg.token
+            case _:
+                pass
+
+    # -- time ------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` next has work, or None once closed."""
+        if self.ours.phase is Phase.CLOSED or self.theirs.phase is Phase.CLOSED:
+            return None
+        t = self._last_recv + self.idle_timeout
+        if self.theirs.phase is Phase.IDLE:
+            t = min(t, self._started + self._handshake_timeout)
+        if self.ours.phase in _OPEN:
+            t = min(t, self._last_sent + self.keepalive_interval)
+        return t
+
+    def handle_timer(self, now: float) -> bytes:
+        """Bytes to send (a Keepalive) or b""; RemoteProtocolError if the peer went silent."""
+        if self.next_deadline() is None:
+            return b""
+        if self.theirs.phase is Phase.IDLE and now >= self._started + self._handshake_timeout:
+            raise RemoteProtocolError("peer sent no Hello in time")
+        if now >= self._last_recv + self.idle_timeout:
+            raise RemoteProtocolError(f"peer silent for {now - self._last_recv:.0f} s")
+        if self.ours.phase in _OPEN and now >= self._last_sent + self.keepalive_interval:
+            return self.send(Keepalive(), now)
+        return b""

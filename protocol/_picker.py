@@ -1,0 +1,382 @@
+"""The piece picker: which piece to ask which source for. Pure: no IO, no clock.
+
+Theory of operation (after libtorrent's ``piece_picker``)
+--------------------------------------------------------
+Every wanted piece is in one state:
+
+    NONE --pick--> REQUESTED --written--> WRITING --committed--> DONE
+      ^                |                     |
+      +--- failed / cancelled (no requester left) / lost ----+
+
+WRITING means "hash matched, bytes handed to the store, not yet durable".
+Only DONE counts as verified; a WRITING piece whose commit fails goes back to
+NONE via :meth:`PiecePicker.piece_lost`.
+
+Sources are either peers (a set of pieces that changes with HAVE messages),
+mirrors (every piece) or local copies (a fixed set). The rules, in order:
+
+1. A source is never asked for a piece whose bytes it already got wrong
+   (integrity failure): that is permanent for the (source, piece) pair.
+2. Peers pick rarest first: fewest peers holding the piece, ties by index.
+3. Mirrors only take pieces no known peer holds (back to source), except that
+   ``mirror_overlap_budget`` pieces held by some peer may still come from a
+   mirror (``None``: unlimited; the swarm uses 0 to keep origin egress low).
+   Mirrors get one contiguous run inside one file, so a single Range request
+   covers it (libtorrent's web-seed preference).
+4. Endgame: once no wanted piece is NONE, a source may duplicate a piece that
+   is REQUESTED (not WRITING) by others, oldest request first, up to
+   ``endgame_copies`` concurrent requesters per piece.
+5. A per-source cap on pieces in flight (``max_in_flight``) is enforced here.
+
+Time is a parameter: ``pick(..., now)`` records the request time so endgame
+duplicates the piece that has waited longest.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["PEER", "MIRROR", "LOCAL", "PieceState", "PiecePicker"]
+
+PEER = "peer"
+MIRROR = "mirror"
+LOCAL = "local"
+_KINDS = (PEER, MIRROR, LOCAL)
+
+
+class PieceState(enum.IntEnum):
+    NONE = 0
+    REQUESTED = 1
+    WRITING = 2
+    DONE = 3
+
+
+@dataclass(slots=True)
+class _Source:
+    kind: str
+    have: set[int] | None  # None: every piece
+    max_in_flight: int | None
+    failed: set[int] = field(default_factory=set)
+    in_flight: set[int] = field(default_factory=set)
+
+    def has(self, index: int) -> bool:
+        return self.have is None or index in self.have
+
+
+class PiecePicker:
+    """Piece states, availability and in-flight bookkeeping for one fetch."""
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        file_starts: Iterable[int] = (0,),
+        *,
+        have: Iterable[int] = (),
+        wanted: Iterable[int] | None = None,
+        endgame_copies: int = 2,
+        mirror_overlap_budget: int | None = None,
+    ) -> None:
+        self._sizes = list(sizes)
+        n = len(self._sizes)
+        self._file_starts = set(file_starts)
+        self._state = [PieceState.NONE] * n
+        self._wanted = [True] * n if wanted is None else [False] * n
+        if wanted is not None:
+            for i in wanted:
+                self._wanted[i] = True
+        for i in have:
+            self._state[i] = PieceState.DONE
+        self._peer_count = [0] * n
+        self._requested_by: dict[int, set[str]] = {}
+        self._requested_at: dict[int, float] = {}
+        self._sources: dict[str, _Source] = {}
+        self._endgame_copies = endgame_copies
+        self._overlap_budget = mirror_overlap_budget
+        self._remaining = sum(1 for i in range(n) if self._wanted[i] and self._state[i] != PieceState.DONE)
+
+    # -- queries ---------------------------------------------------------
+    @property
+    def piece_count(self) -> int:
+        return len(self._sizes)
+
+    @property
+    def remaining(self) -> int:
+        """Wanted pieces not yet DONE."""
+        return self._remaining
+
+    @property
+    def is_complete(self) -> bool:
+        return self._remaining == 0
+
+    def state(self, index: int) -> PieceState:
+        return self._state[index]
+
+    def requesters(self, index: int) -> frozenset[str]:
+        return frozenset(self._requested_by.get(index, ()))
+
+    def peer_count(self, index: int) -> int:
+        return self._peer_count[index]
+
+    def in_flight(self, source_id: str) -> frozenset[int]:
+        return frozenset(self._sources[source_id].in_flight)
+
+    def has_source(self, source_id: str) -> bool:
+        return source_id in self._sources
+
+    def failed_pieces(self, source_id: str) -> frozenset[int]:
+        return frozenset(self._sources[source_id].failed)
+
+    def can_serve_missing(self) -> bool:
+        """Whether some source could still provide every piece that is not DONE.
+
+        False means the fetch cannot complete with the current sources.
+        """
+        for i, st in enumerate(self._state):
+            if not self._wanted[i] or st == PieceState.DONE:
+                continue
+            if not any(s.has(i) and i not in s.failed for s in self._sources.values()):
+                return False
+        return True
+
+    def break_runs_at(self, indices: Iterable[int]) -> None:
+        """Mirror runs never continue into these pieces (a piece resumed mid-way starts its own run)."""
+        self._file_starts.update(indices)
+
+    # -- sources ---------------------------------------------------------
+    def add_source(
+        self, source_id: str, kind: str, have: Iterable[int] | None = None, max_in_flight: int | None = None
+    ) -> None:
+        if kind not in _KINDS:
+            raise ValueError(f"unknown source kind {kind!r}")
+        if source_id in self._sources:
+            raise ValueError(f"source {source_id!r} already added")
+        src = _Source(kind, None if have is None else set(have), max_in_flight)
+        self._sources[source_id] = src
+        if kind == PEER and src.have is not None:
+            for i in src.have:
+                self._peer_count[i] += 1
+
+    def remove_source(self, source_id: str) -> list[int]:
+        """Forget a source; returns the pieces it had in flight (released)."""
+        src = self._sources[source_id]
+        released = sorted(src.in_flight)
+        for i in released:
+            self._release(source_id, i)
+        if src.kind == PEER and src.have is not None:
+            for i in src.have:
+                self._peer_count[i] -= 1
+        del self._sources[source_id]
+        return released
+
+    def source_have(self, source_id: str, index: int) -> None:
+        """A peer announced one more piece (HAVE)."""
+        src = self._sources[source_id]
+        if src.have is None or index in src.have:
+            return
+        src.have.add(index)
+        if src.kind == PEER:
+            self._peer_count[index] += 1
+
+    def source_bitfield(self, source_id: str, indices: Iterable[int]) -> None:
+        """Replace a peer's whole availability (handshake bitfield, or a peer that lost pieces)."""
+        src = self._sources[source_id]
+        new = set(indices)
+        if src.kind == PEER:
+            old = src.have or set()
+            for i in old - new:
+                self._peer_count[i] -= 1
+            for i in new - old:
+                self._peer_count[i] += 1
+        src.have = new
+
+    # -- picking ---------------------------------------------------------
+    def pick(self, source_id: str, max_bytes: int, now: float) -> list[int]:
+        """Choose pieces to request from ``source_id`` and mark them REQUESTED.
+
+        Returns at least one piece when anything is pickable (even if it is
+        larger than ``max_bytes``), or an empty list.
+        """
+        src = self._sources[source_id]
+        room = None if src.max_in_flight is None else src.max_in_flight - len(src.in_flight)
+        if room is not None and room <= 0:
+            return []
+        if src.kind == MIRROR:
+            picked = self._pick_run(source_id, src, max_bytes)
+        else:
+            picked = self._pick_rarest(src, max_bytes)
+        if not picked and self._in_endgame():
+            picked = self._pick_endgame(source_id, src)
+        if room is not None:
+            picked = picked[:room]
+        for i in picked:
+            self._mark_requested(source_id, src, i, now)
+        return picked
+
+    def claim(self, source_id: str, index: int, now: float) -> bool:
+        """Mark one NONE piece REQUESTED by ``source_id`` outside :meth:`pick`.
+
+        For a source that receives bytes it was not asked for (a mirror that
+        ignores Range sends the whole file). False when the piece is not needed
+        or not free.
+        """
+        src = self._sources[source_id]
+        if not self._pickable(src, index):
+            return False
+        self._mark_requested(source_id, src, index, now)
+        return True
+
+    def _pickable(self, src: _Source, i: int) -> bool:
+        return self._wanted[i] and self._state[i] == PieceState.NONE and src.has(i) and i not in src.failed
+
+    def _pick_rarest(self, src: _Source, max_bytes: int) -> list[int]:
+        pool = range(len(self._sizes)) if src.have is None else src.have
+        cands = sorted((self._peer_count[i], i) for i in pool if self._pickable(src, i))
+        return self._take_upto((i for _, i in cands), max_bytes)
+
+    def _take_upto(self, order: Iterable[int], max_bytes: int) -> list[int]:
+        out: list[int] = []
+        total = 0
+        for i in order:
+            if out and total + self._sizes[i] > max_bytes:
+                break
+            out.append(i)
+            total += self._sizes[i]
+        return out
+
+    def _pick_run(self, source_id: str, src: _Source, max_bytes: int) -> list[int]:
+        n = len(self._sizes)
+        start = next((i for i in range(n) if self._pickable(src, i) and self._peer_count[i] == 0), None)
+        overlap = False
+        if start is None and (self._overlap_budget is None or self._overlap_budget > 0):
+            start = next((i for i in range(n) if self._pickable(src, i)), None)
+            overlap = True
+        if start is None:
+            return []
+        run = [start]
+        total = self._sizes[start]
+        i = start + 1
+        while i < n and i not in self._file_starts and self._pickable(src, i):
+            if not overlap and self._peer_count[i] > 0:
+                break
+            if total + self._sizes[i] > max_bytes:
+                break
+            run.append(i)
+            total += self._sizes[i]
+            i += 1
+        if overlap and self._overlap_budget is not None:
+            run = run[: self._overlap_budget]
+            self._overlap_budget -= len(run)
+        return run
+
+    def _in_endgame(self) -> bool:
+        return all(not self._wanted[i] or s != PieceState.NONE for i, s in enumerate(self._state))
+
+    def _pick_endgame(self, source_id: str, src: _Source) -> list[int]:
+        cands = [
+            (self._requested_at.get(i, 0.0), i)
+            for i, s in enumerate(self._state)
+            if s == PieceState.REQUESTED
+            and self._wanted[i]
+            and src.has(i)
+            and i not in src.failed
+            and source_id not in self._requested_by.get(i, ())
+            and len(self._requested_by.get(i, ())) < self._endgame_copies
+        ]
+        if src.kind == MIRROR and self._overlap_budget is not None:
+            cands = [c for c in cands if self._peer_count[c[1]] == 0]
+        return [min(cands)[1]] if cands else []
+
+    def _mark_requested(self, source_id: str, src: _Source, i: int, now: float) -> None:
+        by = self._requested_by.setdefault(i, set())
+        if not by:
+            self._requested_at[i] = now
+        by.add(source_id)
+        src.in_flight.add(i)
+        self._state[i] = PieceState.REQUESTED
+
+    # -- outcomes --------------------------------------------------------
+    def piece_written(self, source_id: str, index: int) -> frozenset[str]:
+        """The hash matched and the bytes went to the store (not yet durable).
+
+        Returns the other sources that still have this piece requested
+        (endgame duplicates); the caller may cancel those requests.
+        """
+        others = frozenset(self._requested_by.get(index, set()) - {source_id})
+        for sid in list(self._requested_by.get(index, ())):
+            self._sources[sid].in_flight.discard(index)
+        self._requested_by.pop(index, None)
+        self._requested_at.pop(index, None)
+        if self._state[index] != PieceState.DONE:
+            self._state[index] = PieceState.WRITING
+        return others
+
+    def piece_done(self, index: int) -> None:
+        """The piece is durable and recorded: it counts as verified."""
+        if self._state[index] == PieceState.DONE:
+            return
+        for sid in list(self._requested_by.get(index, ())):
+            self._sources[sid].in_flight.discard(index)
+        self._requested_by.pop(index, None)
+        self._requested_at.pop(index, None)
+        self._state[index] = PieceState.DONE
+        if self._wanted[index]:
+            self._remaining -= 1
+
+    def piece_lost(self, index: int) -> None:
+        """A WRITING piece whose commit failed, or a DONE piece that no longer verifies."""
+        if self._state[index] == PieceState.DONE and self._wanted[index]:
+            self._remaining += 1
+        if self._state[index] in (PieceState.DONE, PieceState.WRITING):
+            self._state[index] = PieceState.NONE
+
+    def piece_failed(self, source_id: str, index: int, *, integrity: bool) -> None:
+        """A request for ``index`` from ``source_id`` ended without the piece.
+
+        ``integrity=True`` (the bytes failed the hash) bars this source from
+        this piece for good. Otherwise the piece may be retried anywhere.
+        """
+        if integrity:
+            self._sources[source_id].failed.add(index)
+        self._release(source_id, index)
+
+    def cancel(self, source_id: str, indices: Iterable[int]) -> None:
+        """Requests withdrawn without blame (endgame duplicates, shutdown)."""
+        for i in indices:
+            self._release(source_id, i)
+
+    def _release(self, source_id: str, index: int) -> None:
+        src = self._sources[source_id]
+        src.in_flight.discard(index)
+        by = self._requested_by.get(index)
+        if by is not None:
+            by.discard(source_id)
+            if not by:
+                del self._requested_by[index]
+                self._requested_at.pop(index, None)
+                if self._state[index] == PieceState.REQUESTED:
+                    self._state[index] = PieceState.NONE
+
+    # -- invariant -------------------------------------------------------
+    def check_invariant(self) -> None:
+        """Raise AssertionError when the bookkeeping disagrees with itself (tests call this)."""
+        n = len(self._sizes)
+        counts = [0] * n
+        for sid, src in self._sources.items():
+            if src.kind == PEER and src.have is not None:
+                for i in src.have:
+                    counts[i] += 1
+            for i in src.in_flight:
+                assert sid in self._requested_by.get(i, ()), (sid, i)
+        assert counts == self._peer_count, "peer counts drifted"
+        for i, by in self._requested_by.items():
+            assert by, i
+            assert self._state[i] == PieceState.REQUESTED, (i, self._state[i])
+            for sid in by:
+                assert i in self._sources[sid].in_flight, (sid, i)
+        for i, st in enumerate(self._state):
+            if st == PieceState.REQUESTED:
+                assert self._requested_by.get(i), i
+        remaining = sum(1 for i in range(n) if self._wanted[i] and self._state[i] != PieceState.DONE)
+        assert remaining == self._remaining, (remaining, self._remaining)

@@ -1,0 +1,267 @@
+"""Table-driven tests for the pure piece picker (libtorrent setup_picker style).
+
+``availability`` strings give, per piece, how many peers hold it ("2223333":
+peer p0 and p1 hold every piece, p2 holds pieces 3-6). ``have`` strings mark
+pieces already DONE with "1".
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autoglm.protocol._picker import LOCAL, MIRROR, PEER, PiecePicker, PieceState
+
+SIZE = 100
+
+
+def setup_picker(
+    availability: str,
+    have: str = "",
+    *,
+    file_starts: tuple[int, ...] = (0,),
+    budget: int | None = None,
+    peer_in_flight: int | None = None,
+) -> PiecePicker:
+    n = len(availability)
+    have = have or "0" * n
+    pp = PiecePicker(
+        [SIZE] * n,
+        file_starts,
+        have=[i for i, c in enumerate(have) if c == "1"],
+        mirror_overlap_budget=budget,
+    )
+    peers = max((int(c) for c in availability), default=0)
+    for p in range(peers):
+        pp.add_source(f"p{p}", PEER, [i for i, c in enumerate(availability) if int(c) > p], max_in_flight=peer_in_flight)
+    pp.check_invariant()
+    return pp
+
+
+def states(pp: PiecePicker) -> str:
+    return "".join("nrwd"[pp.state(i)] for i in range(pp.piece_count))
+
+
+@pytest.mark.parametrize(
+    ("availability", "have", "expected"),
+    [
+        ("2223333", "", [0, 1, 2, 3, 4, 5, 6]),  # rarest first, ties by index
+        ("3332111", "", [4, 5, 6, 3, 0, 1, 2]),
+        ("3332111", "0000100", [5, 6, 3, 0, 1, 2]),  # pieces we have are skipped
+        ("1111111", "1111111", []),
+    ],
+)
+def test_rarest_first_order(availability: str, have: str, expected: list[int]) -> None:
+    pp = setup_picker(availability, have)
+    pp.add_source("new", PEER, range(len(availability)))
+    got = []
+    while True:
+        picked = pp.pick("new", SIZE, now=0.0)
+        if not picked:
+            break
+        got += picked
+        pp.check_invariant()
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("availability", "file_starts", "max_bytes", "runs"),
+    [
+        ("0000000", (0,), 300, [[0, 1, 2], [3, 4, 5], [6]]),
+        ("0000000", (0, 2, 5), 1000, [[0, 1], [2, 3, 4], [5, 6]]),  # runs never cross files
+        ("0010100", (0,), 1000, [[0, 1], [3], [5, 6]]),  # pieces peers hold are skipped
+        ("1111111", (0,), 1000, []),  # budget 0: everything comes from peers
+        ("0000000", (0,), 50, [[0], [1], [2], [3], [4], [5], [6]]),  # at least one piece
+    ],
+)
+def test_mirror_runs(availability: str, file_starts: tuple[int, ...], max_bytes: int, runs: list[list[int]]) -> None:
+    pp = setup_picker(availability, file_starts=file_starts, budget=0)
+    pp.add_source("m", MIRROR)
+    got = []
+    for _ in range(20):
+        run = pp.pick("m", max_bytes, now=0.0)
+        if not run:
+            break
+        got.append(run)
+        pp.check_invariant()
+    # Once no free piece is left, endgame may duplicate pieces peers do not hold.
+    assert got[: len(runs)] == runs
+
+
+def test_mirror_overlap_budget() -> None:
+    pp = setup_picker("1111", budget=2)
+    pp.add_source("m", MIRROR)
+    assert pp.pick("m", 1000, 0.0) == [0, 1]
+    assert pp.pick("m", 1000, 0.0) == []
+    pp.check_invariant()
+
+
+def test_peers_before_mirror_unlimited_budget() -> None:
+    pp = setup_picker("1100")
+    pp.add_source("m", MIRROR)
+    assert pp.pick("m", 1000, 0.0) == [2, 3]  # first what no peer has
+    assert pp.pick("m", 1000, 0.0) == [0, 1]  # then, with no budget limit, the rest
+
+
+@pytest.mark.parametrize(
+    ("ops", "expected_states"),
+    [
+        ("pick p0; written p0 0", "wnnn"),
+        ("pick p0; written p0 0; done 0", "dnnn"),
+        ("pick p0; fail p0 0", "nnnn"),
+        ("pick p0; written p0 0; lost 0", "nnnn"),
+        ("pick p0; pick p0; done 0; done 1; lost 1", "dnnn"),
+    ],
+)
+def test_state_transitions(ops: str, expected_states: str) -> None:
+    pp = setup_picker("1111")
+    for op in ops.split("; "):
+        verb, *args = op.split()
+        if verb == "pick":
+            pp.pick(args[0], SIZE, 0.0)
+        elif verb == "written":
+            pp.piece_written(args[0], int(args[1]))
+        elif verb == "done":
+            pp.piece_done(int(args[0]))
+        elif verb == "fail":
+            pp.piece_failed(args[0], int(args[1]), integrity=False)
+        elif verb == "lost":
+            pp.piece_lost(int(args[0]))
+        pp.check_invariant()
+    assert states(pp) == expected_states
+
+
+def test_integrity_failure_never_asks_same_source_again() -> None:
+    pp = setup_picker("0")
+    pp.add_source("m1", MIRROR)
+    pp.add_source("m2", MIRROR)
+    assert pp.pick("m1", SIZE, 0.0) == [0]
+    pp.piece_failed("m1", 0, integrity=True)
+    assert pp.pick("m1", SIZE, 1.0) == []
+    assert pp.pick("m2", SIZE, 1.0) == [0]
+    pp.piece_failed("m2", 0, integrity=False)
+    assert pp.pick("m1", SIZE, 2.0) == []
+    assert pp.pick("m2", SIZE, 2.0) == [0]
+    assert pp.can_serve_missing()
+    pp.check_invariant()
+
+
+def test_no_source_left() -> None:
+    pp = setup_picker("0")
+    pp.add_source("m", MIRROR)
+    pp.pick("m", SIZE, 0.0)
+    pp.piece_failed("m", 0, integrity=True)
+    assert not pp.can_serve_missing()
+
+
+def test_endgame_duplicates_oldest_request_once() -> None:
+    pp = setup_picker("000")
+    pp.add_source("a", MIRROR)
+    pp.add_source("b", MIRROR)
+    pp.add_source("c", MIRROR)
+    assert pp.pick("a", SIZE, now=1.0) == [0]
+    assert pp.pick("a", 2 * SIZE, now=2.0) == [1, 2]
+    # Nothing free: b duplicates the oldest request, c the next oldest, then
+    # every piece has reached two requesters.
+    assert pp.pick("b", SIZE, now=3.0) == [0]
+    assert pp.pick("c", SIZE, now=3.0) == [1]
+    assert pp.pick("c", SIZE, now=3.0) == [2]
+    pp.add_source("d", MIRROR)
+    assert pp.pick("d", SIZE, now=3.0) == []
+    assert pp.piece_written("b", 0) == frozenset({"a"})
+    assert pp.state(0) == PieceState.WRITING
+    pp.check_invariant()
+
+
+def test_per_source_in_flight_limit() -> None:
+    pp = setup_picker("11111", peer_in_flight=2)
+    assert pp.pick("p0", 10 * SIZE, 0.0) == [0, 1]
+    assert pp.pick("p0", 10 * SIZE, 0.0) == []
+    pp.piece_written("p0", 0)
+    assert pp.pick("p0", 10 * SIZE, 0.0) == [2]
+
+
+def test_have_and_bitfield_update_counts() -> None:
+    pp = setup_picker("1000")
+    pp.source_have("p0", 3)
+    assert pp.peer_count(3) == 1
+    pp.source_bitfield("p0", [1, 2])
+    assert [pp.peer_count(i) for i in range(4)] == [0, 1, 1, 0]
+    pp.check_invariant()
+
+
+def test_remove_source_releases_pieces() -> None:
+    pp = setup_picker("22")
+    pp.pick("p0", SIZE, 0.0)
+    assert pp.remove_source("p0") == [0]
+    assert states(pp) == "nn"
+    assert pp.peer_count(0) == 1
+    pp.check_invariant()
+
+
+def test_wanted_subset_and_local() -> None:
+    pp = PiecePicker([SIZE] * 4, wanted=[1, 2])
+    pp.add_source("disk", LOCAL, [0, 1])
+    assert pp.remaining == 2
+    assert pp.pick("disk", 10 * SIZE, 0.0) == [1]
+    pp.piece_written("disk", 1)
+    pp.piece_done(1)
+    assert pp.remaining == 1
+    pp.check_invariant()
+
+
+# -- random operation sequences keep the bookkeeping consistent ----------------
+
+_SOURCES = ["m0", "m1", "p0", "p1"]
+_op = st.tuples(
+    st.sampled_from(["pick", "written", "done", "fail", "bad", "lost", "have", "bitfield", "remove", "add", "claim"]),
+    st.sampled_from(_SOURCES),
+    st.integers(0, 7),
+    st.integers(1, 400),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_op, max_size=60))
+def test_random_operations_keep_invariant(ops: list[tuple[str, str, int, int]]) -> None:
+    pp = PiecePicker([SIZE] * 8, (0, 5), mirror_overlap_budget=3)
+    present: set[str] = set()
+
+    def add(sid: str) -> None:
+        pp.add_source(sid, MIRROR if sid.startswith("m") else PEER, None if sid.startswith("m") else {0, 1, 2})
+        present.add(sid)
+
+    for sid in _SOURCES:
+        add(sid)
+    t = 0.0
+    for verb, sid, i, nbytes in ops:
+        t += 1.0
+        if verb == "add":
+            if sid not in present:
+                add(sid)
+            continue
+        if sid not in present:
+            continue
+        if verb == "pick":
+            got = pp.pick(sid, nbytes, t)
+            assert all(pp.state(j) == PieceState.REQUESTED for j in got)
+            assert all(j not in pp.failed_pieces(sid) for j in got)
+        elif verb == "written" and i in pp.in_flight(sid):
+            pp.piece_written(sid, i)
+        elif verb == "done" and pp.state(i) == PieceState.WRITING:
+            pp.piece_done(i)
+        elif verb in ("fail", "bad") and i in pp.in_flight(sid):
+            pp.piece_failed(sid, i, integrity=verb == "bad")
+        elif verb == "lost":
+            pp.piece_lost(i)
+        elif verb == "have":
+            pp.source_have(sid, i)
+        elif verb == "bitfield" and sid.startswith("p"):
+            pp.source_bitfield(sid, range(i))
+        elif verb == "remove":
+            pp.remove_source(sid)
+            present.discard(sid)
+        elif verb == "claim":
+            pp.claim(sid, i, t)
+        pp.check_invariant()

@@ -1,0 +1,170 @@
+"""node/_peerwire over real 127.0.0.1 sockets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+import pytest
+import trio
+
+from autoglm.node._peerwire import (
+    CORRUPT_ENV,
+    PeerRejected,
+    PieceLocation,
+    open_peerwire_connection,
+    serve_peerwire,
+)
+from autoglm.node.errors import IntegrityError, SourceError
+from autoglm.protocol._peerwire import RejectReason, verify_piece
+
+MID = b"M" * 32
+PIECE = 256 * 1024
+
+
+@dataclass
+class DirLocator:
+    """A real on-disk piece table: one file cut into fixed pieces."""
+
+    path: Path
+    hashes: list[bytes]
+
+    def locate(self, manifest_id: bytes, index: int) -> PieceLocation | None:
+        if manifest_id != MID or not 0 <= index < len(self.hashes):
+            return None
+        return PieceLocation(str(self.path), index * PIECE, PIECE, self.hashes[index])
+
+
+@dataclass
+class Grant:
+    peer_id: str
+    sent: list[int] = field(default_factory=list)
+
+    def check(self, manifest_id: bytes, index: int) -> RejectReason | None:
+        return None
+
+    def served(self, manifest_id: bytes, index: int, nbytes: int) -> None:
+        self.sent.append(index)
+
+
+class Tokens:
+    def __init__(self) -> None:
+        self.live: dict[bytes, Grant] = {}
+
+    def issue(self, peer: str) -> bytes:
+        tok = bytes([len(self.live)]) * 32
+        self.live[tok] = Grant(peer)
+        return tok
+
+    def redeem(self, token: bytes) -> Grant | None:
+        return self.live.pop(token, None)
+
+
+def _model(tmp_path: Path, n: int = 8) -> DirLocator:
+    data = blake3.blake3(b"seed").digest(length=n * PIECE)
+    # Half the pieces are compressible, so both codecs travel.
+    data = b"".join(data[i * PIECE : (i + 1) * PIECE] if i % 2 else b"\x07" * PIECE for i in range(n))
+    path = tmp_path / "w.bin"
+    path.write_bytes(data)
+    return DirLocator(path, [blake3.blake3(data[i * PIECE : (i + 1) * PIECE]).digest() for i in range(n)])
+
+
+async def test_pipelined_verified_transfer(tmp_path: Path) -> None:
+    loc, tokens = _model(tmp_path), Tokens()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(serve_peerwire, loc, tokens.redeem)
+            assert host == "127.0.0.1"
+            got: dict[int, bytes] = {}
+            async with open_peerwire_connection(host, port, tokens.issue("a")) as conn:
+
+                async def one(i: int) -> None:
+                    got[i] = await conn.fetch(MID, i, PIECE)
+
+                for _round in range(2):  # the second round is served with sendfile
+                    async with trio.open_nursery() as inner:
+                        for i in range(8):
+                            inner.start_soon(one, i)
+                    for i in range(8):
+                        verify_piece(got[i], loc.hashes[i])
+                assert conn.bytes_received < 2 * 8 * PIECE  # zstd shrank the runs of 0x07
+                with pytest.raises(PeerRejected) as exc:
+                    await conn.fetch(MID, 99, PIECE)
+                assert exc.value.reason is RejectReason.NOT_HAVE
+            nursery.cancel_scope.cancel()
+
+
+async def test_bad_and_reused_token_refused(tmp_path: Path) -> None:
+    loc, tokens = _model(tmp_path, 1), Tokens()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(serve_peerwire, loc, tokens.redeem)
+            with pytest.raises(PeerRejected):
+                async with open_peerwire_connection(host, port, b"x" * 32):
+                    pass
+            tok = tokens.issue("a")
+            async with open_peerwire_connection(host, port, tok) as conn:
+                await conn.fetch(MID, 0, PIECE)
+            with pytest.raises(PeerRejected):
+                async with open_peerwire_connection(host, port, tok):
+                    pass
+            nursery.cancel_scope.cancel()
+
+
+async def test_rotted_piece_on_disk_is_not_served(tmp_path: Path) -> None:
+    loc, tokens = _model(tmp_path, 2), Tokens()
+    data = bytearray(loc.path.read_bytes())
+    data[PIECE + 10 : PIECE + 12] = b"\xff\xfe"
+    loc.path.write_bytes(bytes(data))
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(serve_peerwire, loc, tokens.redeem)
+            async with open_peerwire_connection(host, port, tokens.issue("a")) as conn:
+                await conn.fetch(MID, 0, PIECE)
+                with pytest.raises(PeerRejected):
+                    await conn.fetch(MID, 1, PIECE)
+            nursery.cancel_scope.cancel()
+
+
+async def test_corrupting_server_is_caught_by_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CORRUPT_ENV, "1")
+    loc, tokens = _model(tmp_path, 2), Tokens()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(serve_peerwire, loc, tokens.redeem)
+            async with open_peerwire_connection(host, port, tokens.issue("a")) as conn:
+                for i in range(2):
+                    data = await conn.fetch(MID, i, PIECE)
+                    with pytest.raises(IntegrityError):
+                        verify_piece(data, loc.hashes[i])
+            nursery.cancel_scope.cancel()
+
+
+async def test_connect_refused_is_source_error() -> None:
+    with trio.fail_after(10):
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = listener.socket.getsockname()[1]
+        await listener.aclose()
+        with pytest.raises(SourceError):
+            async with open_peerwire_connection("127.0.0.1", port, b"t" * 32):
+                pass
+
+
+@pytest.mark.parametrize("client_psk", [b"k" * 32, b"x" * 32, None], ids=["same-key", "wrong-key", "no-key"])
+async def test_private_swarm_aead(tmp_path: Path, client_psk: bytes | None) -> None:
+    loc, tokens = _model(tmp_path, 4), Tokens()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(lambda task_status: serve_peerwire(
+                loc, tokens.redeem, psk=b"k" * 32, task_status=task_status))
+            if client_psk != b"k" * 32:
+                with pytest.raises(SourceError):
+                    async with open_peerwire_connection(host, port, tokens.issue("a"), psk=client_psk) as conn:
+                        await conn.fetch(MID, 0, PIECE)
+            else:
+                async with open_peerwire_connection(host, port, tokens.issue("a"), psk=client_psk) as conn:
+                    for _round in range(2):  # sealed serves never take the sendfile path
+                        for i in range(4):
+                            verify_piece(await conn.fetch(MID, i, PIECE), loc.hashes[i])
+            nursery.cancel_scope.cancel()

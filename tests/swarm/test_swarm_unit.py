@@ -1,0 +1,107 @@
+"""node/_swarm pieces without processes: the choke policy and a session's timers (MockClock)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from autoglm.node._store import Store
+from autoglm.node._swarm import Swarm, SwarmConfig, choose_unchoked
+from autoglm.protocol._control import (
+    ControlConnection,
+    Hello,
+    Interested,
+    Keepalive,
+    ManifestState,
+    Unchoke,
+)
+from autoglm.protocol._frames import NEED_DATA
+
+
+@pytest.mark.parametrize(
+    "interested, served, slots, expected",
+    [
+        ("abc", {}, 8, "abc"),
+        ("abc", {}, 2, "ab"),  # ties by id
+        ("abc", {"a": 10, "b": 5}, 2, "bc"),  # least served first
+        ("abcd", {"a": 1, "b": 1, "c": 0, "d": 9}, 3, "abc"),
+        ("", {}, 4, ""),
+        ("ab", {}, 0, ""),
+    ],
+)
+def test_choose_unchoked_table(interested: str, served: dict[str, int], slots: int, expected: str) -> None:
+    assert choose_unchoked(list(interested), served, slots) == set(expected)
+
+
+class MemControlStream:
+    """A control stream over trio's in-memory streams, with the peer id Noise would give."""
+
+    def __init__(self, stream: Any, peer_id: str) -> None:
+        self._s = stream
+        self.peer_id = peer_id
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        try:
+            data: bytes = await self._s.receive_some(max_bytes)
+        except trio.ClosedResourceError:
+            return b""
+        return data
+
+    async def send_all(self, data: bytes) -> None:
+        await self._s.send_all(data)
+
+    async def aclose(self) -> None:
+        await self._s.aclose()
+
+
+async def _next(conn: ControlConnection, stream: MemControlStream) -> object:
+    while (ev := conn.next_event()) is NEED_DATA:
+        conn.receive_data(await stream.receive_some(), trio.current_time())
+    return ev
+
+
+@pytest.fixture
+def swarm(tmp_path: Path) -> Swarm:
+    store = Store(tmp_path)
+    return Swarm(None, store, SwarmConfig(keepalive_interval=15, idle_timeout=45))  # type: ignore[arg-type]
+
+
+async def test_session_keepalive_idle_timeout_and_unchoke(swarm: Swarm, autojump_clock: trio.testing.MockClock) -> None:
+    mid = b"\x05" * 32
+    swarm.hold(mid, 4, [0, 1])
+    a, b = trio.testing.memory_stream_pair()
+    ours, theirs = MemControlStream(a, "peerB"), MemControlStream(b, "peerA")
+    peer = ControlConnection(trio.current_time())
+    async with trio.open_nursery() as nursery:
+        t0 = trio.current_time()
+        nursery.start_soon(swarm._run_session, ours, "peerB")
+        hello = await _next(peer, theirs)
+        assert isinstance(hello, Hello)
+        assert hello.manifests == (ManifestState(mid, 4, b"\xc0"),)
+        assert swarm._redeem(hello.token) is not None and swarm._redeem(hello.token) is None  # one time
+        await theirs.send_all(peer.send(Hello((), None, b"t" * 16), trio.current_time()))
+        await theirs.send_all(peer.send(Interested(mid), trio.current_time()))
+        await trio.testing.wait_all_tasks_blocked()
+        swarm.rechoke()
+        assert await _next(peer, theirs) == Unchoke()
+        assert "peerB" in swarm._sessions and swarm._sessions["peerB"].unchoking
+        # We said nothing for 15 s: a Keepalive goes out, exactly then.
+        assert await _next(peer, theirs) == Keepalive()
+        assert trio.current_time() - t0 == pytest.approx(15.0)
+        # The peer stays silent: the session ends 45 s after its last message.
+        with trio.fail_after(100):
+            while True:
+                data = await theirs.receive_some()
+                if not data:
+                    break
+        assert trio.current_time() - t0 == pytest.approx(45.0)
+        assert "peerB" not in swarm._sessions
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
