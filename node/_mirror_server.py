@@ -14,9 +14,14 @@ import urllib.parse
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h11
 import trio
+
+if TYPE_CHECKING:
+    # trio-typing (pulled in by libp2p) ships stubs that shadow trio's own types.
+    from trio_typing import TaskStatus
 
 __all__ = ["MirrorStats", "serve_mirror"]
 
@@ -155,7 +160,7 @@ async def serve_mirror(
     port: int = 0,
     stats: MirrorStats | None = None,
     *,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``root`` until cancelled; reports (host, port) through task_status."""
     root = root.resolve()  # noqa: ASYNC240 (once, at start-up)
