@@ -77,6 +77,7 @@ class FetchOptions:
     wait_for_sources: bool = False  # True: keep waiting when no source can serve (the swarm)
     progress_interval: float = 0.5
     check_sha256: bool = False  # re-read each finished file and check its SHA-256 too
+    commit_interval: float = 0.05  # at most one group commit (fdatasync + one transaction) per interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +173,9 @@ class _Writer:
                 # The bytes kept from before the crash may be the bad part: fetch it whole, blame no one.
                 f.download.partial.pop(self.index, None)
                 raise SourceError(f"piece {self.index} did not verify after resuming mid-piece; fetching it whole")
-            raise IntegrityError(f"piece {self.index} ({f._path(self.index)} at byte {p.offset}) from {self._sid} failed its hash check")
+            err = IntegrityError(f"piece {self.index} ({f._path(self.index)} at byte {p.offset}) from {self._sid} failed its hash check")
+            err.piece_index = self.index  # type: ignore[attr-defined]
+            raise err
         if f.picker.state(self.index) in (PieceState.WRITING, PieceState.DONE):
             f._discarded += self._off
             return
@@ -208,6 +211,7 @@ class _Sink:
     def __init__(self, fetch: Fetch, source_id: str) -> None:
         self._f = fetch
         self._sid = source_id
+        self.claimed: list[int] = []  # pieces taken on beyond the request (whole-file bodies)
 
     def open_piece(self, index: int, skip: int = 0) -> _Writer | _NullWriter:
         f = self._f
@@ -231,10 +235,16 @@ class _Sink:
         f = self._f
         if not f.picker.has_source(self._sid):
             return False
-        return f.picker.claim(self._sid, index, trio.current_time())
+        if f.picker.claim(self._sid, index, trio.current_time()):
+            self.claimed.append(index)
+            return True
+        return False
 
     def file_pieces(self, path: str) -> Sequence[PieceRef]:
         return self._f._file_refs[path]
+
+    def wake(self) -> None:
+        self._f._wake()
 
 
 @dataclass(slots=True)
@@ -404,12 +414,13 @@ class Fetch:
         request = FetchRequest(self.download.manifest_id, tuple(self._refs[i] for i in req.indices), skip)
         failed_integrity: int | None = None
         error: AutoglmError | None = None
+        sink = _Sink(self, src.id)
         try:
             with req.scope:
-                await src.fetch(request, _Sink(self, src.id))
+                await src.fetch(request, sink)
         except IntegrityError as exc:
             error = exc
-            failed_integrity = next((i for i in req.indices if self.picker.state(i) == PieceState.REQUESTED and src.id in self.picker.requesters(i)), None)
+            failed_integrity = getattr(exc, "piece_index", None)
         except SourceError as exc:
             error = exc
         except StorageError:
@@ -420,8 +431,8 @@ class Fetch:
         if src.id not in self._sources:
             return
         permanent = isinstance(error, PermanentMirrorError)
-        undelivered = [i for i in req.indices if src.id in self.picker.requesters(i)]
-        if error is None and len(undelivered) == len(req.indices):
+        undelivered = [i for i in req.indices + sink.claimed if src.id in self.picker.requesters(i)]
+        if error is None and len(undelivered) == len(req.indices) + len(sink.claimed):
             # Returned without delivering anything: a peer that advertised what it
             # cannot serve. Count it as a failure so it cannot spin the loop.
             error = SourceError(f"{src.id} returned without delivering any of {len(req.indices)} requested pieces")
@@ -440,8 +451,15 @@ class Fetch:
             self.remove_source(src.id)
 
     async def _committer(self) -> None:
+        last = -float("inf")
         while True:
             await self._commit_ev.wait()
+            # Group commit: at most one fdatasync per commit_interval, so the disk
+            # writes big batches. Kill safety does not depend on it: recover()
+            # re-hashes pieces that were written but not yet recorded.
+            if self._pending and not self.picker.remaining <= len(self._pending):
+                await trio.sleep_until(last + self.options.commit_interval)
+            last = trio.current_time()
             self._commit_ev = trio.Event()
             batch, self._pending = self._pending, {}
             if not batch:

@@ -43,6 +43,10 @@ class HostNotFound(PermanentMirrorError):
     whole_source = True
 
 
+class CertificateRefused(PermanentMirrorError):
+    whole_source = True
+
+
 @dataclass(frozen=True, slots=True)
 class Url:
     scheme: str
@@ -110,6 +114,7 @@ class HttpConnection:
         self.remaining: int | None = 0
         self.reusable = False
         self.proxy_headers: dict[str, str] = {}
+        self.head_bytes = 0  # response bytes seen for the current request
 
     async def _recv_into(self, view: memoryview) -> int:
         if self._sock is not None:
@@ -141,6 +146,7 @@ class HttpConnection:
     async def request(self, method: str, target: str, headers: dict[str, str]) -> Response:
         """Send a request (no body) and read the response head."""
         self.reusable = False
+        self.head_bytes = 0
         host = headers.pop("Host", None) or self.url.origin.split("://", 1)[1]
         lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
         lines += [f"{k}: {v}" for k, v in {**self.proxy_headers, **headers}.items()]
@@ -157,6 +163,7 @@ class HttpConnection:
             if filled == len(buf):
                 raise MirrorError(f"{self.url.origin}: response head over {MAX_HEAD} bytes")
             n = await self._recv_into(memoryview(buf)[filled:])
+            self.head_bytes += n
             if n == 0:
                 raise MirrorError(f"{self.url.origin}: connection closed before a response" if filled == 0 else f"{self.url.origin}: truncated response head")
             filled += n
@@ -284,6 +291,11 @@ async def _tls(sock: trio.socket.SocketType, url: Url, ctx: ssl.SSLContext | Non
     try:
         await stream.do_handshake()
     except trio.BrokenResourceError as exc:
+        if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+            raise CertificateRefused(
+                f"TLS certificate of {url.origin} refused: {exc.__cause__.verify_message}; "
+                "add its CA with SSL_CERT_FILE if you trust it"
+            ) from exc
         raise MirrorError(f"TLS handshake with {url.origin} failed: {exc.__cause__ or exc}") from exc
     return stream
 

@@ -56,6 +56,8 @@ from autoglm.node.errors import IntegrityError, MirrorError
 __all__ = ["FileNotOnMirror", "MirrorConfig", "MirrorScore", "MirrorSource", "RetryLater", "file_url"]
 
 USER_AGENT = "autoglm-node/0.1"
+RATE_PROBE = 0.25  # seconds into a request before its own rate is judged
+FIRST_REQUEST_BYTES = 16 << 20  # request size cap until a connection's rate is known
 
 
 class FileNotOnMirror(PermanentMirrorError):
@@ -129,6 +131,18 @@ class MirrorScore:
             self.throughput = rate if self.throughput is None else 0.7 * self.throughput + 0.3 * rate
             if rate < self.config.per_connection_floor and seconds > 0.05:
                 self.connections = min(self.config.max_connections, self.connections + 1)
+
+    def on_slow_connection(self, rate: float) -> bool:
+        """Mid-request: this connection alone runs under the floor (a per-connection limit).
+
+        Returns True when concurrency grew, so the caller can let the engine add a request.
+        """
+        self.throughput = rate if self.throughput is None else 0.7 * self.throughput + 0.3 * rate
+        if rate < self.config.per_connection_floor and self.connections < self.config.max_connections and not self.degraded:
+            # Multiplicative: a rate-limited mirror reaches full width in a few probes.
+            self.connections = min(self.config.max_connections, self.connections + max(1, self.connections // 2))
+            return True
+        return False
 
     def on_failure(self, now: float, rng: random.Random, retry_after: float | None = None) -> None:
         """Count an error and back off: ``base * 2**failures`` with jitter, or Retry-After."""
@@ -224,7 +238,12 @@ class MirrorSource:
         return self.score.allowed_requests(others)
 
     def max_request_bytes(self) -> int:
-        return self.config.max_request_bytes
+        # About two seconds of one connection's measured rate: long enough to amortise
+        # the request, short enough that a rate-limited mirror does not end on a long tail.
+        tput = self.score.throughput
+        if tput is None:
+            return min(self.config.max_request_bytes, FIRST_REQUEST_BYTES)
+        return int(min(self.config.max_request_bytes, max(FIRST_REQUEST_BYTES // 4, 2.0 * tput)))
 
     def ready_at(self) -> float:
         return self.score.ready_at
@@ -235,8 +254,8 @@ class MirrorSource:
             await c.aclose()
 
     # -- fetching ------------------------------------------------------------
-    async def _connection(self, url: Url) -> HttpConnection:
-        while self._idle:
+    async def _connection(self, url: Url, reuse: bool = True) -> HttpConnection:
+        while reuse and self._idle:
             conn = self._idle.pop()
             if conn.url.origin == url.origin:
                 return conn
@@ -246,6 +265,29 @@ class MirrorSource:
         assert cs.cancelled_caught
         raise MirrorError(f"{url.origin}: connect timed out after {self.config.connect_timeout:.0f}s")
 
+    async def _request(self, url: Url, headers: dict[str, str]) -> tuple[HttpConnection, Response, float]:
+        """Send the request; returns the connection, the response head and the RTT.
+
+        A kept-alive connection the server closed while idle fails before any
+        response byte: that is retried once on a fresh connection, without blame.
+        """
+        reused = bool(self._idle)
+        conn = await self._connection(url)
+        for attempt in (0, 1):
+            t0 = trio.current_time()
+            try:
+                with trio.move_on_after(self.config.stall_timeout) as cs:
+                    resp = await conn.request("GET", request_target(conn, url), dict(headers))
+                if cs.cancelled_caught:
+                    raise MirrorError(f"{url}: no response within {self.config.stall_timeout:.0f}s")
+                return conn, resp, trio.current_time() - t0
+            except MirrorError:
+                await conn.aclose()
+                if attempt or not reused or conn.head_bytes:
+                    raise
+                conn = await self._connection(url, reuse=False)
+        raise AssertionError("unreachable")
+
     async def fetch(self, request: FetchRequest, sink: PieceSink) -> None:
         first, last = request.pieces[0], request.pieces[-1]
         if first.path in self._missing_files:
@@ -254,7 +296,6 @@ class MirrorSource:
         t0 = trio.current_time()
         conn: HttpConnection | None = None
         try:
-            conn = await self._connection(url)
             headers = {
                 "User-Agent": USER_AGENT,
                 "Accept-Encoding": "identity",
@@ -264,11 +305,8 @@ class MirrorSource:
             etag = self._etags.get(first.path)
             if etag:
                 headers["If-Range"] = etag
-            with trio.move_on_after(self.config.stall_timeout) as cs:
-                resp = await conn.request("GET", request_target(conn, url), headers)
-            if cs.cancelled_caught:
-                raise MirrorError(f"{url}: no response within {self.config.stall_timeout:.0f}s")
-            self.score.on_response(trio.current_time() - t0)
+            conn, resp, rtt = await self._request(url, headers)
+            self.score.on_response(rtt)
             whole_file = self._check_response(resp, url, first.offset + request.skip, first, last, sent_if_range=bool(etag))
             nbytes = await self._stream(conn, whole_file, request, sink)
             if conn.reusable and conn.remaining == 0:
@@ -357,7 +395,9 @@ class MirrorSource:
         writer: PieceWriter | None = None
         wrote = skip  # bytes of ``cur`` consumed (a resumed first piece starts part-way)
         progress_mark = 0
-        scope = trio.CancelScope(deadline=trio.current_time() + stall)
+        judged = False
+        t_start = trio.current_time()
+        scope = trio.CancelScope(deadline=t_start + stall)
         try:
             with scope:
                 while cur is not None:
@@ -382,7 +422,14 @@ class MirrorSource:
                         self.bytes_received += n
                         if received - progress_mark >= self.config.stall_bytes:
                             progress_mark = received
-                            scope.deadline = trio.current_time() + stall
+                            now = trio.current_time()
+                            scope.deadline = now + stall
+                            if not judged and now - t_start >= RATE_PROBE:
+                                # One look per request: grow concurrency early on a rate-limited
+                                # mirror instead of waiting for 64 MiB requests to finish.
+                                judged = True
+                                if self.score.on_slow_connection(received / (now - t_start)):
+                                    sink.wake()
                     if pos < cur.offset:
                         pos += filled
                         continue

@@ -136,6 +136,9 @@ class PieceSink(Protocol):
     def file_pieces(self, path: str) -> Sequence[PieceRef]:
         """Every piece of a file of the manifest, in order (to map a whole-file body to pieces)."""
 
+    def wake(self) -> None:
+        """Ask the engine to look again at ``max_requests()`` now (the source's capacity grew)."""
+
 
 @runtime_checkable
 class Source(Protocol):

@@ -311,6 +311,10 @@ class Store:
             pm = self._map(mid)
             complete_files = {int(r[0]) for r in self._q("SELECT file_index FROM files WHERE download_id=? AND complete=1", (did,))}
             gone = [fi for fi in complete_files if not (od / pm.manifest.files[fi].path).exists()]
+            if _in_use(staging):
+                known.add(staging)
+                done.append(f"skipped {pm.manifest.name} {pm.manifest.version} in {od}: a fetch is running")
+                continue
             if not od.exists() or (completed is None and drop_incomplete) or (gone and len(gone) == len(complete_files) and completed is not None):
                 self._tx([("DELETE FROM pieces WHERE download_id=?", (did,)), ("DELETE FROM files WHERE download_id=?", (did,)),
                           ("DELETE FROM downloads WHERE id=?", (did,))])
@@ -329,12 +333,27 @@ class Store:
             if not part.is_dir():
                 continue
             for d in part.iterdir():
-                if d not in known:
+                if d not in known and not _in_use(d):
                     shutil.rmtree(d, ignore_errors=True)
                     done.append(f"removed stale staging {d}")
             if not any(part.iterdir()):
                 part.rmdir()
         return done
+
+
+def _in_use(staging: Path) -> bool:
+    """Whether a running fetch holds this staging directory's lock."""
+    try:
+        fd = os.open(staging / ".lock", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _staging_dir(out_dir: Path, manifest_id: bytes) -> Path:

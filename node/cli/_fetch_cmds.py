@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,14 @@ from autoglm.node._progress import (
 )
 from autoglm.node._store import Store
 from autoglm.node.api import NodeConfig, load_manifest, open_node
-from autoglm.node.errors import ConfigError
+from autoglm.node.errors import AutoglmError, ConfigError
 
 from ._common import console, err_console, human_bytes, print_json
 from ._manifest_cmds import add_trust_args, trust_from_args
 
 __all__ = ["register"]
+
+_MIRROR_HEADER = re.compile(r"^(https?://\S+?)=([A-Za-z0-9!#$%&'*+.^_`|~-]+):(.*)$")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -81,13 +84,15 @@ def _mirror_headers(args: argparse.Namespace) -> dict[str, dict[str, str]]:
     common = dict(_header(h) for h in args.header)
     out = {m: dict(common) for m in args.mirror}
     for spec in args.mirror_header:
-        url, sep, header = spec.partition("=")
-        if not sep:
+        # The URL may hold '=' (a query) and the value too (base64 tokens): the split
+        # is the '=' that is followed by a header name and a colon.
+        found = _MIRROR_HEADER.match(spec)
+        if not found:
             raise ConfigError(f"--mirror-header needs URL=NAME: VALUE, got {spec!r}")
+        url, k, v = found.group(1), found.group(2), found.group(3).strip()
         match = [m for m in args.mirror if m.rstrip("/") == url.rstrip("/")]
         if not match:
             raise ConfigError(f"--mirror-header names {url}, which is not one of the --mirror URLs")
-        k, v = _header(header)
         for m in match:
             out[m][k] = v
     return out
@@ -185,9 +190,14 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             )
 
     try:
-        result = trio.run(main)
-    except BaseExceptionGroup as eg:
-        raise collapse_group(eg) from None
+        try:
+            result = trio.run(main)
+        except BaseExceptionGroup as eg:
+            raise collapse_group(eg) from None
+    except AutoglmError as exc:
+        if args.json:
+            print_json({"event": "error", "error": type(exc).__name__, "message": str(exc)})
+        raise
     finally:
         renderer.close()
     seconds = time.perf_counter() - t0

@@ -9,7 +9,9 @@ keep-alive. Faults are rules consumed in order: each applies to the next
 body bytes though Content-Length promised more), ``trickle`` (``chunk`` bytes
 every ``interval`` s), ``stall`` (head, then silence), ``norange`` (200 with the
 whole body), ``change`` (from now on the file has other bytes and a new ETag),
-``wrong`` (one byte of the body flipped), ``html`` (a 200 text/html page), ``404``.
+``wrong`` (one byte of the body flipped), ``html`` (a 200 text/html page), ``404``;
+``drop`` (close without answering; with ``only_reused`` it is a server closing an
+idle keep-alive connection); ``norange+wrong`` combines two.
 
 ``stats`` counts requests and body bytes actually sent, per path.
 """
@@ -17,6 +19,7 @@ whole body), ``change`` (from now on the file has other bytes and a new ETag),
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ class Fault:
     chunk: int = 1024
     interval: float = 0.01
     only_range: bool = False  # only requests carrying a Range header
+    only_reused: bool = False  # only the 2nd+ request of a kept-alive connection
 
 
 @dataclass
@@ -57,19 +61,22 @@ class FaultServer:
         self.changed: dict[str, bytes] = {}
         self.port = 0
         self.on_request: Callable[[str], None] | None = None
+        self.delay = 0.0
+        self.ssl_context: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.prefix}"
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{self.prefix}"
 
     def add(self, kind: str, **kw: object) -> Fault:
         f = Fault(kind, **kw)  # type: ignore[arg-type]
         self.faults.append(f)
         return f
 
-    def _fault_for(self, rel: str, has_range: bool) -> Fault | None:
+    def _fault_for(self, rel: str, has_range: bool, reused: bool) -> Fault | None:
         for f in self.faults:
-            if f.count > 0 and (f.path is None or f.path == rel) and (not f.only_range or has_range):
+            if f.count > 0 and (f.path is None or f.path == rel) and (not f.only_range or has_range) and (not f.only_reused or reused):
                 f.count -= 1
                 return f
         return None
@@ -77,12 +84,23 @@ class FaultServer:
     async def serve(self, *, task_status: trio.TaskStatus[FaultServer] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
+        handler = self._handle if self.ssl_context is None else self._handle_tls
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, self._handle, listeners)
+            nursery.start_soon(trio.serve_listeners, handler, listeners)
             task_status.started(self)
+
+    async def _handle_tls(self, stream: trio.SocketStream) -> None:
+        assert self.ssl_context is not None
+        tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError:
+            return
+        await self._handle(tls)  # type: ignore[arg-type]
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         buf = b""
+        served = 0
         try:
             while True:
                 while b"\r\n\r\n" not in buf:
@@ -97,7 +115,8 @@ class FaultServer:
                 for ln in lines[1:]:
                     k, _, v = ln.partition(":")
                     headers[k.strip().lower()] = v.strip()
-                keep = await self._respond(stream, method, target, headers)
+                keep = await self._respond(stream, method, target, headers, served > 0)
+                served += 1
                 if not keep:
                     return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -118,7 +137,7 @@ class FaultServer:
             f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
         )
 
-    async def _respond(self, stream: trio.SocketStream, method: str, target: str, headers: dict[str, str]) -> bool:
+    async def _respond(self, stream: trio.SocketStream, method: str, target: str, headers: dict[str, str], reused: bool = False) -> bool:
         self.stats.requests += 1
         self.stats.headers.append(headers)
         if target.startswith("http://"):
@@ -127,10 +146,14 @@ class FaultServer:
         path = unquote(target.split("?", 1)[0])
         rel = path[len(self.prefix):] if path.startswith(self.prefix) else path.lstrip("/")
         rng = headers.get("range")
-        fault = self._fault_for(rel, rng is not None)
+        fault = self._fault_for(rel, rng is not None, reused)
         kind = fault.kind if fault else None
+        if kind == "drop":  # an idle keep-alive connection the server closed: no answer at all
+            return False
         if self.on_request is not None:
             self.on_request(rel)
+        if self.delay:
+            await trio.sleep(self.delay)  # a far-away mirror: every answer comes late
         if kind == "html":
             page = b"<!doctype html><html><body>Welcome to nginx!</body></html>"
             self.stats.log.append((rel, 200, rng))
@@ -154,7 +177,8 @@ class FaultServer:
             self.changed[rel] = body
         etag = f'"{hash(body) & 0xFFFFFFFF:08x}-{len(body)}"'
         start, end, status = 0, len(body), "200 OK"
-        if rng and kind != "norange" and (headers.get("if-range") in (None, etag)):
+        kinds = set((kind or "").split("+"))  # "norange+wrong": both at once
+        if rng and "norange" not in kinds and (headers.get("if-range") in (None, etag)):
             spec = rng.removeprefix("bytes=")
             a, _, b = spec.partition("-")
             if a == "":
@@ -167,7 +191,7 @@ class FaultServer:
                 return True
             status = "206 Partial Content"
         payload = body[start:end]
-        if kind == "wrong" and payload:
+        if "wrong" in kinds and payload:
             i = len(payload) // 2
             payload = payload[:i] + bytes([payload[i] ^ 0xFF]) + payload[i + 1:]
         hdr = f"HTTP/1.1 {status}\r\nContent-Type: application/octet-stream\r\nContent-Length: {len(payload)}\r\nETag: {etag}\r\nAccept-Ranges: bytes\r\n"
@@ -180,7 +204,7 @@ class FaultServer:
         if kind in ("reset", "truncate"):
             part = payload[: fault.after]  # type: ignore[union-attr]
             await self._send_body(stream, rel, part)
-            if kind == "reset":
+            if kind == "reset" and isinstance(stream, trio.SocketStream):
                 stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return False
         if kind == "stall":

@@ -95,6 +95,8 @@ async def test_unknown_host(published: Published, tmp_path: Path) -> None:
     p = await run_cli(*fetch_args(published, tmp_path, "http://nonexistent.invalid/models/"))
     assert p.returncode == 6, p.stderr.decode()
     assert "cannot resolve host 'nonexistent.invalid'" in " ".join(p.stderr.decode().split())
+    last = json.loads(p.stdout.decode().splitlines()[-1])
+    assert last["event"] == "error" and last["error"] == "NoSourceError"
 
 
 async def test_manifest_url_answering_html(published: Published, server: FaultServer, tmp_path: Path) -> None:
@@ -135,3 +137,24 @@ async def test_variant_fetches_only_its_files(tmp_path: Path) -> None:
     got = sorted(x.name for x in (tmp_path / "out").iterdir())
     assert got == sorted(f.path for f in m.files if f.path.endswith(".json"))
     assert "model.safetensors" not in srv.stats.by_path
+
+
+def test_mirror_header_parsing() -> None:
+    import argparse
+
+    import pytest
+
+    from autoglm.node.cli._fetch_cmds import _mirror_headers
+    from autoglm.node.errors import ConfigError
+
+    ns = argparse.Namespace(
+        mirror=["https://a.example/m/", "https://b.example/x?sig=1"],
+        header=["X-Common: 1"],
+        mirror_header=["https://a.example/m=Authorization: Bearer abc==", "https://b.example/x?sig=1=X-Key: k=v"],
+    )
+    h = _mirror_headers(ns)
+    assert h["https://a.example/m/"] == {"X-Common": "1", "Authorization": "Bearer abc=="}
+    assert h["https://b.example/x?sig=1"] == {"X-Common": "1", "X-Key": "k=v"}
+    ns.mirror_header = ["https://c.example/=A: b"]
+    with pytest.raises(ConfigError, match="not one of the --mirror URLs"):
+        _mirror_headers(ns)

@@ -84,3 +84,29 @@ async def test_bad_bytes_demote_mirror(kind: str, published: Published, server: 
 async def test_unreachable_second_mirror_is_dropped(published: Published, server: FaultServer, tmp_path: Path) -> None:
     res, events = await fetch_collect(published, tmp_path, [server.url, "http://nonexistent.invalid/m/"])
     assert any(isinstance(e, SourceFailed) and "nonexistent.invalid" in e.source_id for e in events) or res
+
+
+async def test_range_ignored_with_bad_bytes_does_not_stall(published: Published, server: FaultServer, server2: FaultServer, tmp_path: Path) -> None:
+    # A whole-file body whose middle is corrupt: the bad piece was claimed, not requested.
+    # It must go back to the picker (and to the other mirror), not hang as "requested".
+    server.add("norange+wrong", count=10_000, path=MODEL)
+    server2.delay = 0.3  # slow, so the bad mirror's stream usually reaches the corrupt piece first
+    await fetch_collect(published, tmp_path, [server.url, server2.url])  # completes, byte-identical
+
+
+async def test_closed_keepalive_connection_is_retried_without_blame(published: Published, server: FaultServer, tmp_path: Path) -> None:
+    drop = server.add("drop", count=3, only_reused=True)
+    res, events = await fetch_collect(published, tmp_path, [server.url])
+    assert drop.count == 0  # all three happened
+    assert not any(isinstance(e, SourceFailed) for e in events)
+
+
+async def test_endgame_duplicates_rescue_a_trickling_mirror(published: Published, server: FaultServer, server2: FaultServer, tmp_path: Path) -> None:
+    # Mirror 1 sends 1 KiB every 50 ms on every request (its pieces would take minutes);
+    # mirror 2 is fast. Endgame duplicates mirror 1's outstanding pieces on mirror 2,
+    # and mirror 1's requests are cancelled once their pieces are in.
+    server.add("trickle", count=1_000_000, chunk=1024, interval=0.05)
+    res, _ = await fetch_collect(published, tmp_path, [server.url, server2.url])
+    by = res.bytes_by_source  # type: ignore[attr-defined]
+    assert by.get(f"mirror:{server2.url}", 0) > by.get(f"mirror:{server.url}", 0)
+    assert server.stats.body_bytes < published.signed.manifest.total_size // 4

@@ -72,3 +72,15 @@ async def test_resume_mid_piece_with_bad_prefix(published: Published, server: Fa
     res = await _fetch(published, tmp_path / "data", tmp_path / "out", [server.url])
     published.assert_identical(tmp_path / "out")
     assert sum(res.bytes_by_source.values()) == res.bytes_total
+
+
+async def test_sync_wrapper(published: Published, server: FaultServer, tmp_path: Path) -> None:
+    from autoglm.node.api import fetch
+
+    # The wrapper runs its own trio loop; here it runs in a worker thread while this loop serves.
+    res = await trio.to_thread.run_sync(
+        lambda: fetch(published.manifest_path, out=tmp_path / "out", trust=published.trust, mirrors=[server.url],
+                      data_dir=tmp_path / "data", options=FetchOptions(space_margin=0))
+    )
+    published.assert_identical(tmp_path / "out")
+    assert res.bytes_total == published.signed.manifest.total_size

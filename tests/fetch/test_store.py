@@ -147,3 +147,15 @@ def test_second_writer_of_the_same_download_is_refused(store: Store, published: 
     dl.close()
     other.lock()  # released with the first one
     other.close()
+
+
+def test_gc_leaves_a_running_fetch_alone(store: Store, published: Published, tmp_path: Path) -> None:
+    dl = _open(store, published, tmp_path / "out")
+    dl.lock()
+    _fill(dl, [0])
+    actions = store.gc(drop_incomplete=True)
+    assert any("a fetch is running" in a for a in actions)
+    assert (dl.staging / "0.part").exists() or dl.staging.exists()
+    assert store.downloads()
+    dl.close()
+    assert any("forgot" in a for a in store.gc(drop_incomplete=True))
