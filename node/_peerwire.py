@@ -66,6 +66,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _RECV = 1 << 20
+#: With requests in flight and no byte for this long, the connection counts as broken.
+STALL_TIMEOUT = 15.0
 #: Test hook: a node started with this set flips one byte of every piece it serves.
 CORRUPT_ENV = "AUTOGLM_TEST_CORRUPT_SERVE"
 
@@ -427,7 +429,11 @@ class PeerwireConnection:
                     if done is not None:
                         done.result = ev
                     continue
-                data = await self._stream.receive_some(_RECV)
+                with trio.move_on_after(STALL_TIMEOUT) as stalled:
+                    data = await self._stream.receive_some(_RECV)
+                if stalled.cancelled_caught:
+                    # A peer that takes requests and never answers must not hold pieces hostage.
+                    raise SourceError(f"peer sent nothing for {STALL_TIMEOUT:.0f} s with requests in flight")
                 self._proto.receive_data(data)
                 if data:
                     await self._down.acquire(len(data))
@@ -455,6 +461,9 @@ class PeerwireConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, RemoteProtocolError, OSError) as exc:
             self._broken = exc
             raise SourceError(f"peerwire connection broke: {exc!r}") from exc
+        except SourceError as exc:
+            self._broken = exc
+            raise
         res = slot.result
         if res is None:
             raise SourceError(f"peerwire connection broke: {self._broken!r}")

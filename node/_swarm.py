@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -60,6 +60,7 @@ from autoglm.protocol import decode_signed_manifest
 from autoglm.protocol._bitfield import Bitfield
 from autoglm.protocol._control import (
     MAX_ENVELOPE,
+    MAX_MANIFESTS,
     Announce,
     Choke,
     Close,
@@ -78,15 +79,28 @@ from autoglm.protocol._control import (
     TokenRequest,
     Unchoke,
 )
-from autoglm.protocol._frames import NEED_DATA
+from autoglm.protocol._frames import NeedData
 from autoglm.protocol._peerwire import RejectReason
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-__all__ = ["FetchHandle", "PeerSource", "Swarm", "SwarmConfig", "SwarmStats", "choose_unchoked"]
+__all__ = [
+    "Announced",
+    "FetchHandle",
+    "PeerBanned",
+    "PeerSource",
+    "Swarm",
+    "SwarmConfig",
+    "SwarmEvent",
+    "SwarmStats",
+    "choose_unchoked",
+]
 
 log = logging.getLogger(__name__)
+
+_PROVIDE_WINDOW, _PROVIDE_MAX = 10.0, 8
+_HELLO_BUDGET = 3 * 1024 * 1024  # bytes of bitfields in one Hello (frames stop at 4 MiB)
 
 #: Test hook: a node started with this set claims every piece of every manifest it holds.
 LIE_ENV = "AUTOGLM_TEST_LIE_BITFIELD"
@@ -106,6 +120,24 @@ class SwarmConfig:
     keepalive_interval: float = 15.0
     idle_timeout: float = 45.0
     swarm_key: bytes | None = None  # private swarm: peerwire bytes sealed with ChaCha20-Poly1305
+
+
+@dataclass(frozen=True, slots=True)
+class Announced:
+    """A provider record went into the DHT: ``kind`` is "manifest" or "file" (by SHA-256)."""
+
+    kind: str
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerBanned:
+    peer_id: str
+    manifest_id: bytes
+    reason: str
+
+
+SwarmEvent = Announced | PeerBanned
 
 
 def choose_unchoked(interested: Iterable[str], served: dict[str, int], slots: int) -> set[str]:
@@ -181,11 +213,35 @@ class _Grant:
 class PeerSource:
     """One peer as a source of one manifest's pieces (the Source protocol of node/_sources.py)."""
 
+    #: Keep about this many seconds of this peer's measured throughput in flight.
+    QUEUE_TIME = 1.0
+    MIN_DEPTH, MAX_DEPTH = 2, 32
+
     def __init__(self, session: _Session, manifest_id: bytes) -> None:
         self._session = session
         self.manifest_id = manifest_id
         self._ready_at = 0.0
         self.bytes_received = 0
+        # In the fetch only while the peer unchokes us: a peer that holds pieces
+        # but never serves them must not keep the mirror from fetching them.
+        self.attached = False
+        self._rate = 0.0  # bytes/s, EWMA over piece inter-arrival times
+        self._last: float | None = None
+        self._piece_len = 0
+
+    def _measure(self, nbytes: int, now: float) -> None:
+        if self._last is not None:
+            inst = nbytes / max(now - self._last, 1e-3)
+            self._rate = inst if self._rate == 0.0 else 0.8 * self._rate + 0.2 * inst
+        self._last = now
+        self._piece_len = nbytes
+
+    def pipeline_depth(self) -> int:
+        """Requests to keep in flight: QUEUE_TIME seconds of measured throughput (libtorrent's rule)."""
+        if self._rate == 0.0 or not self._piece_len:
+            return self._session.swarm.config.pipeline
+        depth = int(self._rate * self.QUEUE_TIME / self._piece_len) + 1
+        return max(self.MIN_DEPTH, min(self.MAX_DEPTH, depth))
 
     @property
     def id(self) -> str:
@@ -203,7 +259,7 @@ class PeerSource:
         s = self._session
         if s.closed or s.conn.theirs.phase is not Phase.UNCHOKING or self._banned():
             return 0
-        return s.swarm.config.pipeline
+        return self.pipeline_depth()
 
     def max_request_bytes(self) -> int:
         return 1  # one piece per request: pipelining comes from concurrent requests
@@ -232,6 +288,7 @@ class PeerSource:
                 raise
             self.bytes_received += len(data)
             s.swarm.stats.down_bytes += len(data)
+            self._measure(len(data), trio.current_time())
             try:
                 await sink.put(ref.index, data)
             except IntegrityError:
@@ -258,6 +315,9 @@ class _Session:
         self.unchoking = False
         self.closed = False
         self.sources: dict[bytes, PeerSource] = {}
+        # Manifests posted to this peer in Hello or Announce (sent or still queued):
+        # a Have for one of them may follow in the queue.
+        self.announced: set[bytes] = set()
         self._pw: PeerwireConnection | None = None
         self._pw_lock = trio.Lock()
         self._token_ready = trio.Event()
@@ -287,7 +347,7 @@ class _Session:
             self.swarm.stats.lost_claims += 1
             log.info("peer %s advertised piece %d but cannot serve it", self.peer_id, index)
             src, fetch = self.sources.get(manifest_id), self.swarm._fetches.get(manifest_id)
-            if src is not None and fetch is not None:
+            if src is not None and src.attached and fetch is not None:
                 fetch.source_bitfield(src.id, bf)
 
     async def peerwire(self) -> PeerwireConnection:
@@ -331,12 +391,12 @@ class _Session:
     async def reader(self) -> None:
         while True:
             ev = self.conn.next_event()
-            if ev is NEED_DATA:
+            if isinstance(ev, NeedData):
                 self.conn.receive_data(await self.stream.receive_some(), trio.current_time())
                 continue
             if isinstance(ev, Close):
                 return
-            self.swarm._on_message(self, ev)  # type: ignore[arg-type]
+            self.swarm._on_message(self, ev)
 
     def on_token(self) -> None:
         self._token_ready.set()
@@ -352,8 +412,15 @@ class _Session:
 class Swarm:
     """Serve, announce and fetch with peers. Start with ``await nursery.start(swarm.run)``."""
 
-    def __init__(self, p2p: P2PNode, store: PieceStore, config: SwarmConfig | None = None) -> None:
+    def __init__(
+        self,
+        p2p: P2PNode,
+        store: PieceStore,
+        config: SwarmConfig | None = None,
+        events: trio.MemorySendChannel[SwarmEvent] | None = None,
+    ) -> None:
         self.p2p = p2p
+        self._events = events
         self.store = store
         self.config = config or SwarmConfig()
         self.stats = SwarmStats()
@@ -375,6 +442,9 @@ class Swarm:
         self._peers_changed = trio.Event()
         self._envelopes: dict[bytes, bytes] = {}
         self._provided: dict[bytes, tuple[float, int]] = {}
+        self._dial_backoff: dict[str, float] = {}
+        self._provided_files: set[bytes] = set()
+        self._provide_times: list[float] = []
         self._lie = os.environ.get(LIE_ENV) == "1"
 
     # -- lifecycle -------------------------------------------------------
@@ -413,6 +483,7 @@ class Swarm:
             return
         n = _piece_count_of(self.store, mid, len(bits))
         self._held[mid] = _Held(n, Bitfield.from_bytes(bits, n))
+        self._held_changed.set()
 
     # -- what we hold ----------------------------------------------------
     def hold(self, manifest_id: bytes, piece_count: int, have: Iterable[int] = (), envelope: bytes | None = None) -> None:
@@ -426,6 +497,7 @@ class Swarm:
             self._held[manifest_id] = _Held(piece_count, Bitfield(piece_count, have))
             state = self._state(manifest_id)
             for s in list(self._sessions.values()):
+                s.announced.add(manifest_id)
                 s.post(Announce(state))
             self._held_changed.set()
 
@@ -435,7 +507,7 @@ class Swarm:
         if held is None or not held.have.add(index):
             return
         for s in list(self._sessions.values()):
-            if manifest_id in s.conn.ours.manifests:
+            if manifest_id in s.announced:
                 s.post(Have(manifest_id, index))
 
     def _state(self, mid: bytes) -> ManifestState:
@@ -451,10 +523,15 @@ class Swarm:
             self._maybe_add_source(s, manifest_id)
         self._wanted_changed.set()
 
+    def fetching(self, manifest_id: bytes) -> bool:
+        return manifest_id in self._fetches
+
     def detach(self, manifest_id: bytes) -> None:
         self._fetches.pop(manifest_id, None)
         for s in list(self._sessions.values()):
-            if s.sources.pop(manifest_id, None) is not None:
+            src = s.sources.pop(manifest_id, None)
+            if src is not None:
+                src.attached = False
                 s.post(NotInterested(manifest_id))
 
     def _maybe_add_source(self, s: _Session, mid: bytes) -> None:
@@ -464,9 +541,24 @@ class Swarm:
         if s.peer_id in self._banned.get(mid, ()):
             return
         src = s.sources[mid] = PeerSource(s, mid)
-        log.info("peer %s is a source of %s", s.peer_id, mid.hex()[:16])
-        fetch.add_source(src)
+        log.info("peer %s holds %s", s.peer_id, mid.hex()[:16])
         s.post(Interested(mid))
+        self._attach_source(s, src)
+
+    def _attach_source(self, s: _Session, src: PeerSource) -> None:
+        fetch = self._fetches.get(src.manifest_id)
+        if fetch is None or src.attached or s.conn.theirs.phase is not Phase.UNCHOKING:
+            return
+        if s.peer_id in self._banned.get(src.manifest_id, ()):
+            return
+        src.attached = True
+        fetch.add_source(src)
+
+    def _detach_source(self, src: PeerSource) -> None:
+        fetch = self._fetches.get(src.manifest_id)
+        if src.attached and fetch is not None:
+            fetch.remove_source(src.id)
+        src.attached = False
 
     def ban(self, peer_id: str, manifest_id: bytes, why: str) -> None:
         """Never use nor serve ``peer_id`` for ``manifest_id`` again (this process)."""
@@ -477,11 +569,12 @@ class Swarm:
         self.stats.bad_pieces += 1
         self.stats.banned.append((peer_id, manifest_id.hex()))
         log.warning("banned peer %s for manifest %s: %s", peer_id, manifest_id.hex()[:16], why)
+        self._emit(PeerBanned(peer_id, manifest_id, why))
         s = self._sessions.get(peer_id)
         if s is not None:
             src = s.sources.pop(manifest_id, None)
             fetch = self._fetches.get(manifest_id)
-            if src is not None and fetch is not None and self._nursery is not None:
+            if src is not None and src.attached and fetch is not None and self._nursery is not None:
                 # Removed from the next task step, so the engine first records
                 # the failure and reports it (SourceFailed, integrity=True).
                 self._nursery.start_soon(_remove_source, fetch, src.id)
@@ -526,12 +619,16 @@ class Swarm:
         log.info("session with %s started", s.peer_id)
         try:
             with s.cancel_scope:
-                hello = Hello(
-                    tuple(self._state(m) for m in list(self._held)[:64]),
-                    self.endpoint,
-                    self._issue_token(s.peer_id),
-                )
-                s.post(hello)
+                # Hello carries what fits in one frame; the rest follows as Announce.
+                states = [self._state(m) for m in self._held]
+                first, size = 0, 0
+                while first < min(len(states), MAX_MANIFESTS) and size + len(states[first].bitfield) < _HELLO_BUDGET:
+                    size += len(states[first].bitfield) + 64
+                    first += 1
+                s.post(Hello(tuple(states[:first]), self.endpoint, self._issue_token(s.peer_id)))
+                for st in states[first:]:
+                    s.post(Announce(st))
+                s.announced.update(st.manifest_id for st in states)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(s.writer)
                     await s.reader()
@@ -550,10 +647,8 @@ class Swarm:
             # Tokens this peer never redeemed die with its session.
             for tok in [t for t, p in self._tokens.items() if p == s.peer_id]:
                 del self._tokens[tok]
-        for mid, src in s.sources.items():
-            fetch = self._fetches.get(mid)
-            if fetch is not None:
-                fetch.remove_source(src.id)
+        for src in s.sources.values():
+            self._detach_source(src)
         s.sources.clear()
         self._rechoke_now.set()
         self._notify_peers_changed()
@@ -567,17 +662,15 @@ class Swarm:
                 states = msg.manifests if isinstance(msg, Hello) else (msg.state,)
                 for st in states:
                     src = s.sources.get(st.manifest_id)
-                    if src is not None:  # a re-announce replaces the bitfield
-                        fetch = self._fetches.get(st.manifest_id)
-                        if fetch is not None:
-                            for i in s.conn.theirs.manifests[st.manifest_id]:
-                                fetch.source_have(src.id, i)
-                    else:
+                    fetch = self._fetches.get(st.manifest_id)
+                    if src is None:
                         self._maybe_add_source(s, st.manifest_id)
+                    elif src.attached and fetch is not None:  # a re-announce replaces the bitfield
+                        fetch.source_bitfield(src.id, s.conn.theirs.manifests[st.manifest_id])
             case Have():
                 src = s.sources.get(msg.manifest_id)
                 fetch = self._fetches.get(msg.manifest_id)
-                if src is not None and fetch is not None:
+                if src is not None and src.attached and fetch is not None:
                     fetch.source_have(src.id, msg.index)
             case Interested() | NotInterested():
                 self._rechoke_now.set()
@@ -590,11 +683,11 @@ class Swarm:
             case Token():
                 s.on_token()
             case Unchoke():
-                # Wake the engine: max_requests() of this peer's sources just went up.
-                for mid, src in s.sources.items():
-                    fetch = self._fetches.get(mid)
-                    if fetch is not None:
-                        fetch.source_bitfield(src.id, src.availability() or ())
+                for src in list(s.sources.values()):
+                    self._attach_source(s, src)
+            case Choke():
+                for src in list(s.sources.values()):
+                    self._detach_source(src)
             case _:
                 pass
 
@@ -612,6 +705,17 @@ class Swarm:
         # Only the id was checked here; signature and trust are the caller's check.
         self._envelopes[msg.manifest_id] = msg.envelope
         self._notify_peers_changed()
+
+    def _emit(self, ev: SwarmEvent) -> None:
+        """Report to whoever consumes the swarm's events (the CLI); never blocks the swarm."""
+        if self._events is None:
+            return
+        try:
+            self._events.send_nowait(ev)
+        except trio.WouldBlock:
+            log.debug("swarm event dropped: %r", ev)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._events = None
 
     def _notify_peers_changed(self) -> None:
         self._peers_changed.set()
@@ -654,11 +758,17 @@ class Swarm:
         if not any(mid in s.conn.theirs.manifests for s in self._sessions.values()):
             candidates += self.p2p.connected_peers()
         candidates += await self.p2p.find_manifest_providers(mid)
+        now = trio.current_time()
         for peer in candidates:
+            pid = peer.peer_id if isinstance(peer, PeerAddr) else peer
+            if now < self._dial_backoff.get(pid, 0.0):
+                continue
             try:
                 await self.connect_peer(peer)
             except SourceError as exc:
-                log.info("peer %s unreachable: %s", peer, exc)
+                # An unreachable provider is not dialled again on every round.
+                self._dial_backoff[pid] = trio.current_time() + 5.0
+                log.info("peer %s unreachable: %s", pid, exc)
 
     async def discover_first(self, mid: bytes) -> None:
         """Before a fetch starts: find peers holding ``mid`` and wait for their Hellos.
@@ -692,16 +802,32 @@ class Swarm:
         t, size = last
         return now - t >= self.config.reprovide_interval or self.p2p.dht_size() >= 2 * size + 1
 
+    async def _provide_paced(self, provide: Callable[[bytes], Awaitable[bool]], key: bytes) -> bool:
+        # Receivers drop ADD_PROVIDER beyond 10 per 10 s per peer, silently:
+        # stay under that by spacing our announcements.
+        now = trio.current_time()
+        self._provide_times = [t for t in self._provide_times if now - t < _PROVIDE_WINDOW]
+        if len(self._provide_times) >= _PROVIDE_MAX:
+            await trio.sleep_until(self._provide_times[0] + _PROVIDE_WINDOW)
+        self._provide_times.append(trio.current_time())
+        return await provide(key)
+
     async def _provider(self) -> None:
-        """Announce every held manifest (and its files) in the DHT, per manifest, never per piece."""
+        """Announce held manifests, and files held whole, in the DHT: never per piece."""
         while True:
             now = trio.current_time()
-            for mid in [m for m in list(self._held) if self._needs_provide(m, now)]:
-                size = self.p2p.dht_size()
-                if await self.p2p.provide_manifest(mid):
-                    self._provided[mid] = (trio.current_time(), size)
-                    for sha in _file_hashes_of(self.store, mid):
-                        await self.p2p.provide_file(sha)
+            for mid in list(self._held):
+                if self._needs_provide(mid, now):
+                    size = self.p2p.dht_size()
+                    if await self._provide_paced(self.p2p.provide_manifest, mid):
+                        self._provided[mid] = (trio.current_time(), size)
+                        self._emit(Announced("manifest", mid))
+                        self._provided_files.difference_update(_file_hashes_of(self.store, mid))
+                held = self._held.get(mid)
+                for sha in _complete_file_hashes(self.store, mid, held.have) if held else ():
+                    if sha not in self._provided_files and await self._provide_paced(self.p2p.provide_file, sha):
+                        self._provided_files.add(sha)
+                        self._emit(Announced("file", sha))
             with trio.move_on_after(5.0):
                 await self._held_changed.wait()
             self._held_changed = trio.Event()
@@ -772,3 +898,17 @@ def _file_hashes_of(store: PieceStore, mid: bytes) -> Sequence[bytes]:
     m = _manifest_of(store, mid)
     return [f.sha256 for f in m.files] if m is not None else []  # type: ignore[attr-defined]
 
+
+
+def _complete_file_hashes(store: PieceStore, mid: bytes, have: Bitfield) -> list[bytes]:
+    """SHA-256 of each file of ``mid`` whose every piece is held."""
+    m = _manifest_of(store, mid)
+    if m is None:
+        return []
+    out, start = [], 0
+    for f in m.files:  # type: ignore[attr-defined]
+        n = len(f.pieces)
+        if all(i in have for i in range(start, start + n)):
+            out.append(f.sha256)
+        start += n
+    return out

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from autoglm.node._engine import Fetch, FetchOptions, FetchResult, _collapse
 from autoglm.node._p2p import DEFAULT_LISTEN, P2PNode, open_p2p
 from autoglm.node._progress import Event, FetchDone, PieceVerified, ProgressSnapshot
-from autoglm.node._swarm import Swarm, SwarmConfig
+from autoglm.node._swarm import Swarm, SwarmConfig, SwarmEvent
 from autoglm.node.api import Node, NodeConfig, load_manifest, open_node
 from autoglm.node.errors import ConfigError, IntegrityError, NoSourceError
 from autoglm.protocol import SignedManifest, TrustPolicy, decode_signed_manifest, key_id
@@ -31,7 +31,7 @@ from autoglm.protocol._namerecord import NameRecord, sign_name_record
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-__all__ = ["JoinConfig", "SwarmNode", "open_swarm_node"]
+__all__ = ["JoinConfig", "SwarmNode", "fetch_with_peers", "open_swarm_node"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,10 @@ class SwarmNode:
         out_dir = await trio.to_thread.run_sync(lambda: Path(out).expanduser().resolve())
         store = self.node.store
         download = await trio.to_thread.run_sync(store.open_download, signed, out_dir, files)
+        if self.swarm.fetching(mid):
+            # One fetch per manifest at a time: peers are sources of exactly one fetch.
+            await trio.to_thread.run_sync(download.close)
+            raise ConfigError(f"this node is already fetching {m.name} {m.version}; wait for it to finish")
         self.swarm.hold(mid, m.piece_count, download.done, signed.encode())
         prog = self.progress[mid] = _Progress(m.name, m.version, str(out_dir), bytes_total=download.total_bytes)
         options = FetchOptions(mirror_overlap_budget=0, wait_for_sources=True)
@@ -195,13 +199,20 @@ class SwarmNode:
 
 
 @asynccontextmanager
-async def open_swarm_node(config: JoinConfig) -> AsyncIterator[SwarmNode]:
-    """Start the store, the libp2p host, the swarm and the control API; stop them on exit."""
-    from autoglm.node._control_api import serve_control_api
+async def open_swarm_node(
+    config: JoinConfig, events: trio.MemorySendChannel[SwarmEvent] | None = None
+) -> AsyncIterator[SwarmNode]:
+    """Start the store, the libp2p host, the swarm and the control API; stop them on exit.
 
+    ``events`` receives the swarm's own events (DHT announcements, bans).
+    """
+    from autoglm.node._control_api import node_is_running, serve_control_api
+
+    if config.control_api and await node_is_running(config.data_dir):
+        raise ConfigError(f"a node is already running with data directory {config.data_dir}; use another --data-dir")
     async with open_node(NodeConfig(config.data_dir)) as node:
         async with open_p2p(config.data_dir, config.listen, config.bootstrap) as p2p:
-            swarm = Swarm(p2p, node.store, config.swarm)
+            swarm = Swarm(p2p, node.store, config.swarm, events)
             async with trio.open_nursery() as nursery:
                 await nursery.start(swarm.run)
                 sn = SwarmNode(config, node, p2p, swarm)
@@ -209,3 +220,25 @@ async def open_swarm_node(config: JoinConfig) -> AsyncIterator[SwarmNode]:
                     await nursery.start(serve_control_api, sn, config.data_dir)
                 yield sn
                 nursery.cancel_scope.cancel()
+
+
+async def fetch_with_peers(
+    config: JoinConfig,
+    manifest: SignedManifest | str | os.PathLike[str],
+    *,
+    out: str | os.PathLike[str],
+    trust: TrustPolicy,
+    mirrors: Sequence[str] = (),
+    files: Sequence[str] | None = None,
+    events: trio.MemorySendChannel[Event] | None = None,
+) -> FetchResult:
+    """An ephemeral node for one fetch: joins through ``config.bootstrap``, uses peers
+    and mirrors, serves while it runs, and stops when the fetch is done.
+
+    For ``autoglm-node fetch`` when no ``join`` node runs on this data directory
+    (with one running, send the control API's ``fetch`` op instead).
+    """
+    async with open_swarm_node(
+        JoinConfig(config.data_dir, config.listen, config.bootstrap, config.swarm, control_api=False)
+    ) as node:
+        return await node.hold(manifest, out=out, trust=trust, mirrors=mirrors, files=files, events=events)

@@ -11,9 +11,10 @@ from typing import Any
 import trio
 
 from autoglm.node._control_api import control_request
+from autoglm.node._engine import _collapse
 from autoglm.node._p2p import DEFAULT_LISTEN
 from autoglm.node._progress import FetchStarted, ProgressSnapshot, SourceFailed
-from autoglm.node._swarm import SwarmConfig
+from autoglm.node._swarm import Announced, PeerBanned, SwarmConfig, SwarmEvent
 from autoglm.node._swarm_node import JoinConfig, SwarmNode, open_swarm_node
 from autoglm.node.errors import AutoglmError, ConfigError
 
@@ -130,9 +131,20 @@ def cmd_join(args: argparse.Namespace) -> int:
                           peerwire_host=host, peerwire_port=int(port), swarm_key=_swarm_key(args.swarm_key)),
     )
 
+    async def show_swarm_events(recv: trio.MemoryReceiveChannel[SwarmEvent]) -> None:
+        async with recv:
+            async for ev in recv:
+                if isinstance(ev, Announced) and args.json:
+                    print_json({"event": "announced", "kind": ev.kind, "key": ev.key.hex()})
+                elif isinstance(ev, PeerBanned):
+                    _say(args, "banned", f"[red]banned peer {ev.peer_id}[/]: {ev.reason}",
+                         peer_id=ev.peer_id, manifest_id=ev.manifest_id.hex(), reason=ev.reason)
+
     async def run() -> None:
+        send, recv = trio.open_memory_channel[SwarmEvent](256)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with open_swarm_node(config) as node, trio.open_nursery() as nursery:
+            async with open_swarm_node(config, send) as node, trio.open_nursery() as nursery:
+                nursery.start_soon(show_swarm_events, recv)
                 addrs = node.p2p.addrs()
                 # The first line is the readiness signal and what others join with.
                 _say(args, "ready", addrs[0] if addrs else "(no listen address)", addrs=addrs,
@@ -144,7 +156,10 @@ def cmd_join(args: argparse.Namespace) -> int:
                     break
         _say(args, "stopped", "stopped")
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    except BaseExceptionGroup as eg:
+        raise _collapse(eg) from None
     return 0
 
 
@@ -160,14 +175,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print_json(st)
         return 0
-    console.print(f"peer [bold]{st['peer_id']}[/]  dht {st['dht_size']}  peerwire {st['peerwire']}")
+    console.print(f"peer [bold]{st['peer_id']}[/]  dht {st['dht_size']}  peerwire {st['peerwire']}", soft_wrap=True)
     for a in st["addrs"]:
-        console.print(f"  join with {a}")
+        console.print(f"  join with {a}", soft_wrap=True)
     console.print(f"peers {len(st['peers'])}  up {human_bytes(st['up_bytes'])}  down from peers {human_bytes(st['down_bytes'])}")
     for mid, m in st.get("models", {}).items():
         pct = 100.0 * m["bytes_done"] / m["bytes_total"] if m["bytes_total"] else 100.0
-        by = ", ".join(f"{k.split(':', 1)[0]} {human_bytes(v)}" for k, v in m["bytes_by_source"].items())
-        console.print(f"  {m['name']} {m['version']} {pct:.0f}% {human_bytes(m['rate'])}/s ({by}) {mid[:16]}")
+        kinds: dict[str, int] = {}
+        for k, v in m["bytes_by_source"].items():
+            kinds[k.split(":", 1)[0]] = kinds.get(k.split(":", 1)[0], 0) + v
+        by = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(kinds.items()))
+        console.print(f"  {m['name']} {m['version']} {pct:.0f}% {human_bytes(m['rate'])}/s ({by}) {mid[:16]}", soft_wrap=True)
     if st["banned"]:
         err_console.print(f"banned: {st['banned']}")
     return 0

@@ -168,3 +168,34 @@ async def test_private_swarm_aead(tmp_path: Path, client_psk: bytes | None) -> N
                         for i in range(4):
                             verify_piece(await conn.fetch(MID, i, PIECE), loc.hashes[i])
             nursery.cancel_scope.cancel()
+
+
+async def test_peer_that_never_answers_is_a_source_error_after_the_stall_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from trio.testing import memory_stream_pair
+
+    from autoglm.node._peerwire import STALL_TIMEOUT, PeerwireConnection
+    from autoglm.node._ratelimit import RateLimiter
+    from autoglm.protocol._peerwire import PeerwireServer
+
+    ours, theirs = memory_stream_pair()
+    conn = PeerwireConnection(ours, RateLimiter(None))  # type: ignore[arg-type]
+    srv = PeerwireServer()
+
+    async def silent_peer() -> None:
+        srv.receive_data(await theirs.receive_some())
+        srv.next_event()
+        await theirs.send_all(srv.accept())
+        while await theirs.receive_some():  # takes requests, answers none
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(silent_peer)
+        await conn._handshake(b"t" * 32, None)
+        t0 = trio.current_time()
+        with pytest.raises(SourceError, match="sent nothing"):
+            await conn.fetch(MID, 0, PIECE)
+        assert trio.current_time() - t0 == pytest.approx(STALL_TIMEOUT)
+        assert conn.broken
+        nursery.cancel_scope.cancel()

@@ -105,3 +105,63 @@ async def test_session_keepalive_idle_timeout_and_unchoke(swarm: Swarm, autojump
 @pytest.fixture
 def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
+
+
+def test_pipeline_depth_follows_measured_throughput(swarm: Swarm) -> None:
+    from autoglm.node._swarm import PeerSource
+
+    class _S:  # the two attributes PeerSource reads from its session
+        pass
+
+    sess = _S()
+    sess.swarm = swarm  # type: ignore[attr-defined]
+    src = PeerSource(sess, b"\x00" * 32)  # type: ignore[arg-type]
+    assert src.pipeline_depth() == swarm.config.pipeline  # nothing measured yet
+    t = 0.0
+    for _ in range(50):  # 8 MiB pieces every 0.1 s: 80 MiB/s -> 1 s of queue = 10 + 1
+        src._measure(8 << 20, t)
+        t += 0.1
+    assert src.pipeline_depth() == 11
+    for _ in range(50):  # a slow peer: one piece every 2 s
+        src._measure(8 << 20, t)
+        t += 2.0
+    assert src.pipeline_depth() == PeerSource.MIN_DEPTH
+    for _ in range(80):  # very fast: capped
+        src._measure(8 << 20, t)
+        t += 0.001
+    assert src.pipeline_depth() == PeerSource.MAX_DEPTH
+
+
+async def test_rate_limiter_paces_exactly(autojump_clock: trio.testing.MockClock) -> None:
+    from autoglm.node._ratelimit import RateLimiter
+
+    lim = RateLimiter(1_000_000, burst=100_000)
+    t0 = trio.current_time()
+    for _ in range(10):
+        await lim.acquire(200_000)
+    # 2 MB at 1 MB/s with a 0.1 MB burst: the last byte may go at 1.9 s.
+    assert trio.current_time() - t0 == pytest.approx(1.9)
+    unlimited = RateLimiter(None)
+    t1 = trio.current_time()
+    await unlimited.acquire(10**12)
+    assert trio.current_time() == t1
+
+
+async def test_hello_carries_64_manifests_and_the_rest_follow_as_announce(swarm: Swarm) -> None:
+    from autoglm.protocol._control import Announce
+
+    mids = [i.to_bytes(32, "big") for i in range(70)]
+    for m in mids:
+        swarm.hold(m, 9, [1])
+    a, b = trio.testing.memory_stream_pair()
+    ours, theirs = MemControlStream(a, "peerB"), MemControlStream(b, "peerA")
+    peer = ControlConnection(trio.current_time())
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(swarm._run_session, ours, "peerB")
+            hello = await _next(peer, theirs)
+            assert isinstance(hello, Hello) and [st.manifest_id for st in hello.manifests] == mids[:64]
+            rest = [await _next(peer, theirs) for _ in range(6)]
+            assert rest == [Announce(ManifestState(m, 9, b"\x40\x00")) for m in mids[64:]]
+            assert set(peer.theirs.manifests) == set(mids)
+            nursery.cancel_scope.cancel()
