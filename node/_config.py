@@ -7,7 +7,7 @@ from pathlib import Path
 
 import platformdirs
 
-__all__ = ["default_data_dir", "resolve_data_dir", "trust_dir"]
+__all__ = ["configured_bootstrap", "default_data_dir", "resolve_data_dir", "trust_dir"]
 
 ENV_HOME = "AUTOGLM_NODE_HOME"
 
@@ -27,3 +27,13 @@ def resolve_data_dir(value: str | os.PathLike[str] | None) -> Path:
 def trust_dir(data_dir: Path) -> Path:
     """Directory of trusted publisher keys (``*.pub``) and root CAs (``roots/*.pem``)."""
     return data_dir / "trust"
+
+
+def configured_bootstrap(data_dir: Path) -> list[str]:
+    """Bootstrap multiaddrs from DATA_DIR/bootstrap: one per line, ``#`` comments."""
+    path = data_dir / "bootstrap"
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]

@@ -17,6 +17,7 @@ __all__ = [
     "PieceVerified",
     "ProgressSnapshot",
     "SourceFailed",
+    "from_json",
     "to_json",
 ]
 
@@ -99,3 +100,23 @@ def to_json(ev: Event) -> dict[str, Any]:
             if k in d:
                 d[k] = round(d[k], 3)
     return {"event": _NAMES[type(ev)], **d}
+
+
+_TYPES = {name: cls for cls, name in _NAMES.items()}
+
+
+def from_json(d: dict[str, Any]) -> Event | None:
+    """Inverse of :func:`to_json` (for events relayed by a running node); None if unknown."""
+    cls = _TYPES.get(str(d.get("event")))
+    if cls is None:
+        return None
+    fields = {k: v for k, v in d.items() if k != "event"}
+    try:
+        if cls is FetchStarted:
+            fields["files"] = tuple((str(p), int(n)) for p, n in fields["files"])
+            fields["sources"] = tuple(fields["sources"])
+        elif cls is PieceVerified:
+            fields["manifest_id"] = bytes.fromhex(fields["manifest_id"])
+        return cls(**fields)  # type: ignore[no-any-return]
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -20,7 +20,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from autoglm.node._engine import FetchOptions, collapse_group
+from autoglm.node._config import configured_bootstrap
+from autoglm.node._engine import FetchOptions, FetchResult, collapse_group
 from autoglm.node._mirrors import MirrorConfig
 from autoglm.node._progress import (
     Event,
@@ -29,11 +30,12 @@ from autoglm.node._progress import (
     FileDone,
     ProgressSnapshot,
     SourceFailed,
+    from_json,
     to_json,
 )
 from autoglm.node._store import Store
 from autoglm.node.api import NodeConfig, load_manifest, open_node
-from autoglm.node.errors import AutoglmError, ConfigError
+from autoglm.node.errors import AutoglmError, ConfigError, SourceError
 
 from ._common import console, err_console, human_bytes, print_json
 from ._manifest_cmds import add_trust_args, trust_from_args
@@ -44,7 +46,13 @@ _MIRROR_HEADER = re.compile(r"^(https?://\S+?)=([A-Za-z0-9!#$%&'*+.^_`|~-]+):(.*
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("fetch", help="fetch a model: verified, resumable, from HTTP mirrors")
+    p = sub.add_parser(
+        "fetch", help="fetch a model: verified, resumable, from peers and HTTP mirrors",
+        description="With a `join` node running on this data directory, the fetch is handed to it "
+        "(it uses its peers and keeps serving the model afterwards). Otherwise, with bootstrap "
+        "peers (--bootstrap or DATA_DIR/bootstrap), an ephemeral node joins the swarm for this "
+        "fetch; with none, the fetch uses the mirrors alone.",
+    )
     p.add_argument("manifest", metavar="MANIFEST", help="manifest file or http(s) URL")
     p.add_argument("--mirror", action="append", default=[], metavar="URL", help="mirror base URL (repeatable)")
     p.add_argument(
@@ -60,6 +68,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--stall-timeout", type=float, default=20.0, metavar="SECONDS", help="give up on a request with no progress for this long")
     p.add_argument("--check-sha256", action="store_true", help="also re-read each finished file and check its SHA-256")
     p.add_argument("--no-space-check", action="store_true", help="skip the free-space preflight (not recommended)")
+    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                   help="join the swarm through this peer for this fetch (repeatable; also DATA_DIR/bootstrap)")
+    p.add_argument("--standalone", action="store_true", help="do not hand the fetch to a running node or use peers")
     p.add_argument("--json", action="store_true", help="one JSON object per line: progress, then a final 'done' summary")
     p.set_defaults(func=cmd_fetch)
 
@@ -156,9 +167,36 @@ class _Renderer:
             self.progress.stop()
 
 
+def _absolute(manifest: str) -> str:
+    return manifest if manifest.startswith(("http://", "https://")) else str(Path(manifest).resolve())
+
+
+async def _delegate(args: argparse.Namespace, files: list[str] | None, send: trio.MemorySendChannel[Event]) -> FetchResult:
+    """Hand the fetch to the `join` node running on this data directory; relay its events."""
+    from autoglm.node._control_api import control_request
+
+    if args.header or args.mirror_header:
+        err_console.print("[yellow]warning:[/] the running node fetches without --header/--mirror-header")
+    request = {
+        "op": "fetch", "manifest": _absolute(args.manifest), "out": str(args.out.resolve()),
+        "mirrors": args.mirror, "trust": [str(p.resolve()) for p in args.trust], "files": files,
+    }
+    async with send, control_request(args.data_dir, request) as lines:
+        async for line in lines:
+            kind = line.get("event")
+            if kind == "result":
+                return FetchResult(bytes.fromhex(line["manifest_id"]), line["out_dir"], line["bytes_total"],
+                                   line["bytes_by_source"], line["seconds"], 0)
+            if kind == "error":
+                raise SourceError(f"the running node could not fetch: {line.get('message')}")
+            ev = from_json(line)
+            if ev is not None:
+                await send.send(ev)
+    raise SourceError("the running node closed the connection before the fetch finished")
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
-    if not args.mirror:
-        raise ConfigError("give at least one --mirror URL (peers are not used by a standalone fetch yet)")
+    bootstrap = [*args.bootstrap, *configured_bootstrap(args.data_dir)]
     headers = _mirror_headers(args)
     trust = trust_from_args(args)
     mirror_cfg = MirrorConfig(
@@ -174,20 +212,35 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         signed, manifest = await load_manifest(args.manifest, trust, common)
         files = _files_for_variant(args, manifest)
         send, recv = trio.open_memory_channel[Event](256)
-        async with open_node(NodeConfig(args.data_dir, mirror_cfg)) as node, trio.open_nursery() as nursery:
 
-            async def consume() -> None:
-                async with recv:
-                    async for ev in recv:
-                        if isinstance(ev, FetchDone):
-                            renderer.done = ev
-                        renderer.handle(ev)
+        async def consume() -> None:
+            async with recv:
+                async for ev in recv:
+                    if isinstance(ev, FetchDone):
+                        renderer.done = ev
+                    renderer.handle(ev)
 
+        async with trio.open_nursery() as nursery:
             nursery.start_soon(consume)
-            return await node.run_fetch(
-                signed, out=args.out, trust=trust, mirrors=args.mirror, mirror_headers=headers,
-                files=files, events=send, options=options,
-            )
+            if not args.standalone:
+                from autoglm.node._control_api import node_is_running
+
+                if await node_is_running(args.data_dir):
+                    return await _delegate(args, files, send)
+                if bootstrap:
+                    from autoglm.node._swarm_node import JoinConfig, fetch_with_peers
+
+                    return await fetch_with_peers(
+                        JoinConfig(args.data_dir, bootstrap=tuple(bootstrap)), signed, out=args.out,
+                        trust=trust, mirrors=args.mirror, files=files, events=send,
+                    )
+            if not args.mirror:
+                raise ConfigError("give a --mirror URL, --bootstrap peers, or start `autoglm-node join` first")
+            async with open_node(NodeConfig(args.data_dir, mirror_cfg)) as node:
+                return await node.run_fetch(
+                    signed, out=args.out, trust=trust, mirrors=args.mirror, mirror_headers=headers,
+                    files=files, events=send, options=options,
+                )
 
     try:
         try:

@@ -6,22 +6,27 @@ import argparse
 import logging
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from autoglm.node._config import configured_bootstrap
 from autoglm.node._control_api import control_request
-from autoglm.node._engine import _collapse
-from autoglm.node._p2p import DEFAULT_LISTEN
 from autoglm.node._progress import FetchStarted, ProgressSnapshot, SourceFailed
-from autoglm.node._swarm import Announced, PeerBanned, SwarmConfig, SwarmEvent
-from autoglm.node._swarm_node import JoinConfig, SwarmNode, open_swarm_node
 from autoglm.node.errors import AutoglmError, ConfigError
 
 from ._common import console, err_console, human_bytes, print_json
 from ._manifest_cmds import add_trust_args, parse_size, trust_from_args
 
 __all__ = ["register"]
+
+if TYPE_CHECKING:
+    from autoglm.node._swarm import SwarmEvent
+    from autoglm.node._swarm_node import SwarmNode
+
+# libp2p takes about half a second to import: the swarm modules load only
+# when `join` runs, so every other command starts fast.
+DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +125,17 @@ def _swarm_key(path: Path | None) -> bytes | None:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    from autoglm.node._engine import collapse_group
+    from autoglm.node._swarm import Announced, PeerBanned, SwarmConfig, SwarmEvent
+    from autoglm.node._swarm_node import JoinConfig, open_swarm_node
+
     host, _, port = args.peerwire.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--peerwire {args.peerwire!r} is not HOST:PORT")
     config = JoinConfig(
         data_dir=args.data_dir,
         listen=tuple(args.listen or [DEFAULT_LISTEN]),
-        bootstrap=tuple(args.bootstrap),
+        bootstrap=(*args.bootstrap, *configured_bootstrap(args.data_dir)),
         swarm=SwarmConfig(upload_slots=args.upload_slots, up_rate=args.up_rate, down_rate=args.down_rate,
                           peerwire_host=host, peerwire_port=int(port), swarm_key=_swarm_key(args.swarm_key)),
     )
@@ -159,7 +168,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     try:
         trio.run(run)
     except BaseExceptionGroup as eg:
-        raise _collapse(eg) from None
+        raise collapse_group(eg) from None
     return 0
 
 
