@@ -159,6 +159,7 @@ def main() -> int:
     )
     tools.append(Tool("build_manifest only", [sys.executable, "-c", pipeline, str(model),
                                               str(parse_size(args.max_piece))]))
+    load_before = os.getloadavg()[0]
     for t in tools:  # one untimed run each: page cache, interpreter .pyc files
         run_once(t.argv, env, args.workdir)
     for _ in range(args.reps):
@@ -170,7 +171,8 @@ def main() -> int:
     print(f"\npublish benchmark: {weights.stat().st_size / GiB:.2f} GiB safetensors file "
           f"(model dir {nbytes / GiB:.2f} GiB), page cache warm, {args.reps} alternating rounds, medians")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, {platform.system()} {platform.release()}\n")
+          f"Python {platform.python_version()}, {platform.system()} {platform.release()}, "
+          f"load average {load_before:.2f} before / {os.getloadavg()[0]:.2f} after\n")
     header = f"{'command':<22} {'wall s':>8} {'min s':>7} {'max s':>7} {'GiB/s':>7} {'CPU s':>7} {'peak RSS':>10}"
     print(header)
     print("-" * len(header))
