@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -194,7 +195,7 @@ def throughput_rows(case: str, results: dict[str, list[dict[str, Any]]], unavail
             continue
         ident = all(x.get("identical") for x in good)
         rows.append([
-            case, tool, fmt_rate(1, 1 / median([x["rate"] for x in good])),
+            case, tool, fmt_rate(statistics.median(x["rate"] for x in good), 1.0),
             " ".join(fmt_rate(x["bytes"], x["wall"]) for x in good),
             fmt_num(median([x["wall"] for x in good]), ".2f", " s"),
             fmt_num(median([x["cpu"] for x in good]), ".2f", " s"),
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big", action="store_true", help="also (d): peak RSS of autoglm fetching a 10 GiB model")
     ap.add_argument("--big-size", default="10GiB")
     ap.add_argument("--json", type=Path, metavar="FILE", help="write every measurement as JSON")
-    ap.add_argument("--keep", action="store_true", help="keep the generated models in the workdir")
+    ap.add_argument("--keep", action="store_true", help="keep the generated model in WORKDIR/fetch-models and reuse it next time")
     args = ap.parse_args(argv)
 
     tools = check_tools(["nginx", "curl", "aria2c", "ss", "cmp"])
@@ -228,13 +229,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     run_dir = args.workdir / f"fetch-run-{os.getpid()}"
-    models = args.workdir / "fetch-models"
+    # a private model dir unless --keep: a concurrent run's cleanup must never delete our model
+    models = args.workdir / "fetch-models" if args.keep else run_dir / "models"
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "argv": sys.argv, "cases": {}}
     with guarded():
         on_cleanup(lambda: shutil.rmtree(run_dir, ignore_errors=True))
-        if not args.keep:
-            on_cleanup(lambda: shutil.rmtree(models, ignore_errors=True))
         model = make_model(models, args.size)
         log(f"model {model.dir}: {fmt_bytes(model.total_size)}; big file {model.big_file.name} "
             f"{fmt_bytes(model.big_size)}; autoglm: {model.error or 'manifest ok'}")

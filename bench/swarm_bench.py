@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,7 @@ class Bench:
     def run_libtorrent(self, n: int, web_seed_peers: str) -> dict[str, Any]:
         key = "libtorrent"
         if key in self.unavailable:
-            return {"error": self.unavailable[key]}
+            return {"error": f"skipped, failed before: {self.unavailable[key]}"}
         out = self.out(f"lt-{web_seed_peers}-{n}")
         mark = self.mirror.mark()
         r = measure([LT_PYTHON, str(HERE / "_lt_node.py"), "run", "--torrent", str(self.torrent), "--n", str(n),
@@ -191,7 +192,7 @@ class Bench:
         if self.model.error:
             self.unavailable.setdefault(key, self.model.error)
         if key in self.unavailable:
-            return {"error": self.unavailable[key]}
+            return {"error": f"skipped, failed before: {self.unavailable[key]}"}
         assert self.model.manifest is not None and self.model.pub is not None
         out = self.out(f"autoglm-{n}")
         mirror_url = f"http://{MIRROR_IP}:{self.mirror.port}/"
@@ -238,51 +239,13 @@ class Bench:
                 PROCS.stop(proc, grace=10)
             shutil.rmtree(out, ignore_errors=True)
 
-
-class JsonNode:
-    """A long-lived `autoglm-node join --json` process; records when each event first appears."""
-
-    def __init__(self, argv: list[str], netns: str) -> None:
-        self.proc = PROCS.start(netns_prefix(netns) + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, errors="replace")
-        self.t0 = time.perf_counter()
-        self.events: dict[str, tuple[float, dict[str, Any]]] = {}
-        self.lines: list[str] = []
-        self.changed = threading.Event()
-        self.peak_rss = 0
-        threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr,), daemon=True).start()
-
-    def _pump(self, stream: Any) -> None:
-        for line in stream:
-            self.lines.append(line)
-            if len(self.lines) > 2000:
-                del self.lines[:500]
-            for ev in parse_json_lines(line):
-                name = str(ev.get("event"))
-                self.events.setdefault(name, (time.perf_counter(), ev))
-            self.changed.set()
-        self.changed.set()
-
-    def addr(self) -> str | None:
-        ev = self.events.get("ready")
-        if ev:
-            addrs = ev[1].get("addrs") or []
-            return str(addrs[0]) if addrs else None
-        m = MULTIADDR_RE.search("".join(self.lines))
-        return m.group(0) if m else None
-
-    def last_line(self) -> str:
-        text = [ln.strip() for ln in self.lines if ln.strip()]
-        return text[-1].split(" (choose from")[0][:160] if text else ""
-
     def run_autoglm_seed(self, n: int) -> dict[str, Any]:
         """A bootstrap node holding nothing, then N `join --seed M.agm` nodes started together."""
         key = "autoglm-seed"
         if self.model.error:
             self.unavailable.setdefault(key, self.model.error)
         if key in self.unavailable:
-            return {"error": self.unavailable[key]}
+            return {"error": f"skipped, failed before: {self.unavailable[key]}"}
         assert self.model.manifest is not None and self.model.pub is not None
         out = self.out(f"autoglm-seed-{n}")
         mirror_url = f"http://{MIRROR_IP}:{self.mirror.port}/"
@@ -321,7 +284,8 @@ class JsonNode:
             served = self.mirror.settle(mark)
             done = [x.events["complete"][0] - t0 if "complete" in x.events else None for x in seeds]
             row: dict[str, Any] = {
-                "time": max(done) if None not in done else None, "egress": served / self.model.total_size,
+                "time": max(t for t in done if t is not None) if None not in done else None,
+                "egress": served / self.model.total_size,
                 "served": served, "cpu_per_node": cpu / n, "peak_rss": max(x.peak_rss for x in seeds),
                 "per_node": [round(t, 2) if t is not None else None for t in done],
                 "note": "N join --seed + 1 empty bootstrap node; CPU = whole daemon",
@@ -342,6 +306,43 @@ class JsonNode:
                 PROCS.stop(x.proc, grace=10)
             shutil.rmtree(out, ignore_errors=True)
 
+
+class JsonNode:
+    """A long-lived `autoglm-node join --json` process; records when each event first appears."""
+
+    def __init__(self, argv: list[str], netns: str) -> None:
+        self.proc = PROCS.start(netns_prefix(netns) + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, errors="replace")
+        self.t0 = time.perf_counter()
+        self.events: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.lines: list[str] = []
+        self.changed = threading.Event()
+        self.peak_rss = 0
+        threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr,), daemon=True).start()
+
+    def _pump(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line)
+            if len(self.lines) > 2000:
+                del self.lines[:500]
+            for ev in parse_json_lines(line):
+                name = str(ev.get("event"))
+                self.events.setdefault(name, (time.perf_counter(), ev))
+            self.changed.set()
+        self.changed.set()
+
+    def addr(self) -> str | None:
+        ev = self.events.get("ready")
+        if ev:
+            addrs = ev[1].get("addrs") or []
+            return str(addrs[0]) if addrs else None
+        m = MULTIADDR_RE.search("".join(self.lines))
+        return m.group(0) if m else None
+
+    def last_line(self) -> str:
+        text = [ln.strip() for ln in self.lines if ln.strip()]
+        return text[-1].split(" (choose from")[0][:160] if text else ""
 
 def proc_cpu(pid: int) -> float:
     try:
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tools", default="lt,lt1,aria2c,autoglm,autoglm-seed",
                     help="rows to run (default lt,lt1,aria2c,autoglm,autoglm-seed; lt1 = one web-seed peer)")
     ap.add_argument("--json", type=Path, metavar="FILE")
-    ap.add_argument("--keep", action="store_true", help="keep the generated model in the workdir")
+    ap.add_argument("--keep", action="store_true", help="keep the generated model in WORKDIR/swarm-models and reuse it next time")
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.n = "256MiB", [4]
@@ -406,14 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.tools.split(","))
     args.workdir.mkdir(parents=True, exist_ok=True)
     run_dir = args.workdir / f"swarm-run-{os.getpid()}"
-    models = args.workdir / "swarm-models"
+    # a private model dir unless --keep: a concurrent run's cleanup must never delete our model
+    models = args.workdir / "swarm-models" if args.keep else run_dir / "models"
     cap = int(args.cap_mib * MiB)
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
                               "cap_bytes_per_s": cap, "runs": {}}
     with guarded():
         on_cleanup(lambda: shutil.rmtree(run_dir, ignore_errors=True))
-        if not args.keep:
-            on_cleanup(lambda: shutil.rmtree(models, ignore_errors=True))
         run_dir.mkdir(parents=True)
         model = make_model(models, args.size)
         net = Network(cap, f"{os.getpid() % 1_000_000}").up()
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             if err:
                 bench.unavailable["libtorrent"] = f"creating the torrent failed: {err}"
         rows: list[list[str]] = []
-        plan = [("lt", "libtorrent, web seed on every peer", lambda n: bench.run_libtorrent(n, "all")),
+        plan: list[tuple[str, str, Callable[[int], dict[str, Any]]]] = [("lt", "libtorrent, web seed on every peer", lambda n: bench.run_libtorrent(n, "all")),
                 ("lt1", "libtorrent, web seed on one peer", lambda n: bench.run_libtorrent(n, "one")),
                 ("aria2c", "N × aria2c -x16 -s16", bench.run_aria2c),
                 ("autoglm", "autoglm join + fetch", bench.run_autoglm),
