@@ -1,7 +1,9 @@
 """Fetch-engine benchmark (issue #3): curl, aria2c and `autoglm-node fetch` side by side.
 
 Cases, all in one run against nginx on 127.0.0.1 with its own config:
-  (a) unlimited mirror: curl (one stream), aria2c -x16 -s16, autoglm fetch
+  (a) unlimited mirror: curl (one stream), curl + sync (curl, then fsync of the file,
+      timed together: autoglm's fetch is durable, curl's alone is not), aria2c -x16 -s16,
+      autoglm fetch
   (b) nginx `limit_rate 20m` per connection: aria2c -x16 -s16, autoglm fetch
   (c) SIGKILL at 50% of the file served, then the same command again:
       re-fetched bytes = bytes nginx served in both runs - file size (access log)
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -77,6 +80,10 @@ class Runner:
             if resume:
                 cmd[1:1] = ["-C", "-"]
             return cmd, dest, m.big_size
+        if tool == "curl+sync":
+            cmd, dest, nbytes = self.argv("curl", mirror, out, resume=resume)
+            # `sync FILE` is fsync(2) on the file: the bytes are on the disk when it returns.
+            return ["sh", "-c", f"{shlex.join(cmd)} && sync {shlex.quote(str(dest))}"], dest, nbytes
         if tool == "aria2c":
             dest = out / m.big_file.name
             return ["aria2c", "-x16", "-s16", "-c", "-d", str(out), "-o", m.big_file.name,
@@ -179,7 +186,9 @@ def summarize(r: Result, nbytes: int, served: int) -> dict[str, Any]:
 def autoglm_done(r: Result) -> dict[str, Any]:
     events = parse_json_lines(r.stdout)
     done = next((e for e in reversed(events) if e.get("event") == "done"), None)
-    return {"bytes_by_source": done.get("bytes_by_source") if done else None, "done_event": done is not None}
+    return {"bytes_by_source": done.get("bytes_by_source") if done else None,
+            "received_by_source": done.get("received_by_source") if done else None,
+            "done_event": done is not None}
 
 
 # --------------------------------------------------------------------------- report
@@ -244,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"nginx unlimited {free.url()}  limited ({args.limit_rate}/connection) {limited.url()}")
 
         table: list[list[str]] = []
-        for case, mirror, case_tools in (("a", free, ["curl", "aria2c", "autoglm"]),
+        for case, mirror, case_tools in (("a", free, ["curl", "curl+sync", "aria2c", "autoglm"]),
                                          ("b", limited, ["aria2c", "autoglm"])):
             if case not in args.cases:
                 continue
@@ -265,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                         ["case", "tool", "median", "runs", "wall", "CPU", "peak RSS", "max conns", "requests", "notes"],
                         table,
                         note="egress = bytes nginx sent ÷ bytes needed. CPU = user+sys of the process (wait4). "
+                             "curl+sync = curl, then `sync FILE` (fsync), timed together. "
                              "max conns = most open connections to nginx seen (sampled every 0.25 s); "
                              "requests = median count in the access log.")
 

@@ -114,6 +114,7 @@ async def _fetch(stream: trio.SocketStream, node: SwarmNode, req: dict[str, Any]
                 "out_dir": result.out_dir,
                 "bytes_total": result.bytes_total,
                 "bytes_by_source": result.bytes_by_source,
+                "received_by_source": result.received_by_source,
                 "seconds": round(result.seconds, 3),
             },
         )

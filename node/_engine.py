@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import blake3
@@ -78,6 +78,8 @@ class FetchOptions:
     progress_interval: float = 0.5
     check_sha256: bool = False  # re-read each finished file and check its SHA-256 too
     commit_interval: float = 0.05  # at most one group commit (fdatasync + one transaction) per interval
+    swarm_id: str | None = None  # this node's peer id: spread the first copy over the swarm (picker rule 6)
+    owner_timeout: float = 20.0  # a piece's owner silent this long: its pieces may come from a mirror here
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,9 @@ class FetchResult:
     bytes_by_source: dict[str, int]
     seconds: float
     refetched_bytes: int
+    # Body bytes each source actually sent us, used or not (endgame duplicates,
+    # cancelled runs, failed hashes): what the source's own log shows.
+    received_by_source: dict[str, int] = field(default_factory=dict)
 
 
 class _NullWriter:
@@ -252,6 +257,7 @@ class _Req:
     source_id: str
     indices: list[int]
     scope: trio.CancelScope
+    withdrawn: bool = False  # cancelled because the pieces are another node's to bring in
 
 
 class Fetch:
@@ -282,6 +288,8 @@ class Fetch:
             wanted=d.wanted,
             endgame_copies=self.options.endgame_copies,
             mirror_overlap_budget=self.options.mirror_overlap_budget,
+            me=self.options.swarm_id,
+            owner_timeout=self.options.owner_timeout,
         )
         self._refs: list[PieceRef] = []
         self._file_refs: dict[str, list[PieceRef]] = {}
@@ -304,6 +312,8 @@ class Fetch:
         self._received = 0
         self._discarded = 0
         self.bytes_by_source: dict[str, int] = {}
+        self.received_by_source: dict[str, int] = {}
+        self._rx_base: dict[str, int] = {}
         self._bytes_done = 0
         self._by_file: dict[str, int] = {}
         for s in sources:
@@ -315,6 +325,7 @@ class Fetch:
             return
         avail = source.availability()
         self._sources[source.id] = source
+        self._rx_base[source.id] = _rx_count(source)
         self.picker.add_source(source.id, source.kind.value, None if avail is None else set(avail))
         self._wake()
 
@@ -326,6 +337,7 @@ class Fetch:
                 req.scope.cancel()
         self.picker.remove_source(source_id)
         src = self._sources.pop(source_id)
+        self._settle_received(src)
         if self._nursery is not None:
             self._nursery.start_soon(src.aclose)
         self._wake()
@@ -340,7 +352,33 @@ class Fetch:
             self.picker.source_bitfield(source_id, indices)
             self._wake()
 
+    def set_swarm(self, peers: Iterable[str], complete: Iterable[str] = ()) -> None:
+        """The peers fetching this manifest too: re-share the first copy among them.
+
+        Mirror requests for pieces that now belong to another node are
+        withdrawn (its owner fetches them; we get them from it), so a peer
+        found late costs at most the bytes already in flight.
+        """
+        if not self.picker.set_swarm(peers, trio.current_time(), complete):
+            return
+        now = trio.current_time()
+        for req in self._requests.values():
+            src = self._sources.get(req.source_id)
+            if src is not None and src.kind is SourceKind.MIRROR and not req.withdrawn:
+                if not any(self.picker.mirror_may_take(i, now) for i in req.indices):
+                    req.withdrawn = True
+                    req.scope.cancel()
+        self._wake()
+
+    def peer_progress(self, peer: str) -> None:
+        self.picker.peer_progress(peer, trio.current_time())
+
     # -- internals -------------------------------------------------------------
+    def _settle_received(self, src: Source) -> None:
+        n = _rx_count(src) - self._rx_base.pop(src.id, 0)
+        if n > 0:
+            self.received_by_source[src.id] = self.received_by_source.get(src.id, 0) + n
+
     def _wake(self) -> None:
         self._wake_ev.set()
 
@@ -429,6 +467,9 @@ class Fetch:
             del self._requests[rid]
             self._wake()
         if src.id not in self._sources:
+            return
+        if req.withdrawn and error is None:
+            self.picker.cancel(src.id, [i for i in req.indices + sink.claimed if src.id in self.picker.requesters(i)])
             return
         permanent = isinstance(error, PermanentMirrorError)
         undelivered = [i for i in req.indices + sink.claimed if src.id in self.picker.requesters(i)]
@@ -565,6 +606,9 @@ class Fetch:
                     # Wake when a backed-off source becomes usable again, even while others are busy.
                     now = trio.current_time()
                     deadline = min((t for s in self._sources.values() if (t := s.ready_at()) > now), default=float("inf"))
+                    owner_due = self.picker.next_deadline()
+                    if owner_due is not None and owner_due > now:
+                        deadline = min(deadline, owner_due)
                     with trio.move_on_at(deadline):
                         await self._wake_ev.wait()
                 nursery.cancel_scope.cancel()
@@ -578,9 +622,19 @@ class Fetch:
             await trio.to_thread.run_sync(d.close)
         seconds = trio.current_time() - t0
         refetched = self._discarded
-        result = FetchResult(d.manifest_id, str(d.out_dir), total, dict(self.bytes_by_source), seconds, refetched)
-        await self._send(FetchDone(total, dict(self.bytes_by_source), seconds, refetched, str(d.out_dir)))
+        for src in self._sources.values():
+            self._settle_received(src)
+            self._rx_base[src.id] = _rx_count(src)
+        rx = dict(self.received_by_source)
+        result = FetchResult(d.manifest_id, str(d.out_dir), total, dict(self.bytes_by_source), seconds, refetched, rx)
+        await self._send(FetchDone(total, dict(self.bytes_by_source), seconds, refetched, str(d.out_dir), dict(rx)))
         return result
+
+
+def _rx_count(src: Source) -> int:
+    """Bytes the source has received so far, where it counts them (mirrors, peers)."""
+    n = getattr(src, "bytes_received", 0)
+    return n if isinstance(n, int) else 0
 
 
 def _copy_local(d: Download, locs: dict[int, PieceLocation]) -> tuple[list[int], list[int]]:

@@ -145,6 +145,11 @@ class HttpConnection:
 
     async def request(self, method: str, target: str, headers: dict[str, str]) -> Response:
         """Send a request (no body) and read the response head."""
+        if self.remaining != 0 or self._pending:
+            # The previous body was not read to its end (a cancelled or abandoned request):
+            # its remaining bytes would be parsed as this response. Never reuse such a connection.
+            self.reusable = False
+            raise MirrorError(f"{self.url.origin}: connection reused with a previous response body unread")
         self.reusable = False
         self.head_bytes = 0
         host = headers.pop("Host", None) or self.url.origin.split("://", 1)[1]

@@ -18,7 +18,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import trio
 from cryptography.exceptions import InvalidTag
@@ -70,6 +70,15 @@ _RECV = 1 << 20
 STALL_TIMEOUT = 15.0
 #: Test hook: a node started with this set flips one byte of every piece it serves.
 CORRUPT_ENV = "AUTOGLM_TEST_CORRUPT_SERVE"
+
+
+#: Payloads at least this large still owed are read with recv_into (see _receive_body_direct).
+_DIRECT_MIN = 64 * 1024
+
+
+def _stalled() -> NoReturn:
+    # A peer that takes requests and never answers must not hold pieces hostage.
+    raise SourceError(f"peer sent nothing for {STALL_TIMEOUT:.0f} s with requests in flight")
 
 
 class PeerRejected(SourceError):
@@ -369,6 +378,14 @@ async def serve_peerwire(
 
 
 @dataclass(slots=True)
+class _Direct:
+    """A raw payload being read with recv_into: its buffer and how much of it is filled."""
+
+    buf: bytearray
+    pos: int
+
+
+@dataclass(slots=True)
 class _Slot:
     result: PieceReceived | Rejected | None = None
 
@@ -391,6 +408,7 @@ class PeerwireConnection:
         self._recv_lock = trio.Lock()
         self._down = down
         self._broken: BaseException | None = None
+        self._direct: _Direct | None = None
         self.bytes_received = 0
 
     @property
@@ -423,22 +441,52 @@ class PeerwireConnection:
     async def _pump_until(self, slot: _Slot) -> None:
         async with self._recv_lock:
             while slot.result is None and self._broken is None:
-                ev = self._proto.next_event()
+                # A payload whose reader was cancelled mid-way is finished first.
+                ev = self._proto.next_event() if self._direct is None else NEED_DATA
                 if isinstance(ev, (PieceReceived, Rejected)):
                     done = self._slots.pop(ev.req_id, None)
                     if done is not None:
                         done.result = ev
                     continue
+                stream = self._stream
+                if self._direct is None and isinstance(stream, trio.SocketStream) and self._proto.body_remaining >= _DIRECT_MIN:
+                    started = self._proto.start_body_into()  # None for a compressed payload
+                    if started is not None:
+                        self._direct = _Direct(*started)
+                if self._direct is not None and isinstance(stream, trio.SocketStream):
+                    got = await self._receive_body_direct(stream.socket, self._direct)
+                    done = self._slots.pop(got.req_id, None)
+                    if done is not None:
+                        done.result = got
+                    continue
                 with trio.move_on_after(STALL_TIMEOUT) as stalled:
                     data = await self._stream.receive_some(_RECV)
                 if stalled.cancelled_caught:
-                    # A peer that takes requests and never answers must not hold pieces hostage.
-                    raise SourceError(f"peer sent nothing for {STALL_TIMEOUT:.0f} s with requests in flight")
+                    _stalled()
                 self._proto.receive_data(data)
                 if data:
                     await self._down.acquire(len(data))
 
-    async def fetch(self, manifest_id: bytes, index: int, length: int) -> bytes:
+    async def _receive_body_direct(self, sock: trio.socket.SocketType, d: _Direct) -> PieceReceived:
+        """A raw payload read straight into its own buffer: no per-chunk bytes, no joins, no slicing.
+
+        Cancellation-safe: progress lives in ``d`` (the connection's), so the
+        next task to hold the receive lock carries on where this one stopped.
+        """
+        view = memoryview(d.buf)
+        while d.pos < len(d.buf):
+            with trio.move_on_after(STALL_TIMEOUT) as stalled:
+                n = await sock.recv_into(view[d.pos :])
+            if stalled.cancelled_caught:
+                _stalled()
+            if n == 0:
+                raise RemoteProtocolError(f"peer closed {len(d.buf) - d.pos} bytes short of a payload")
+            d.pos += n
+            await self._down.acquire(n)
+        self._direct = None
+        return self._proto.body_filled()
+
+    async def fetch(self, manifest_id: bytes, index: int, length: int) -> bytes | bytearray:
         """One whole piece (hash not checked here). PeerRejected or SourceError on failure."""
         if self._broken is not None:
             raise SourceError(f"peerwire connection is broken: {self._broken!r}")

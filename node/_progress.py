@@ -76,6 +76,7 @@ class FetchDone:
     seconds: float
     refetched_bytes: int
     out_dir: str
+    received_by_source: dict[str, int] = field(default_factory=dict)  # every body byte each source sent
 
 
 Event = FetchStarted | PieceVerified | FileDone | SourceFailed | ProgressSnapshot | FetchDone

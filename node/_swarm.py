@@ -116,6 +116,8 @@ class SwarmConfig:
     peerwire_host: str = "127.0.0.1"
     peerwire_port: int = 0
     discover_interval: float = 3.0
+    discover_fast: float = 0.25  # the discovery interval in a fetch's first discover_fast_for seconds
+    discover_fast_for: float = 10.0
     reprovide_interval: float = 600.0
     keepalive_interval: float = 15.0
     idle_timeout: float = 45.0
@@ -156,6 +158,14 @@ class FetchHandle(Protocol):
     def source_have(self, source_id: str, index: int) -> None: ...
 
     def source_bitfield(self, source_id: str, indices: Iterable[int]) -> None: ...
+
+    def set_swarm(self, peers: Iterable[str], complete: Iterable[str] = ()) -> None:
+        """The peers fetching this manifest, and those that hold all of it (first-copy spreading)."""
+        ...
+
+    def peer_progress(self, peer: str) -> None:
+        """``peer`` announced a new piece of this manifest."""
+        ...
 
 
 class PieceStore(Protocol):
@@ -431,6 +441,7 @@ class Swarm:
         self._tokens: dict[bytes, str] = {}
         self._held: dict[bytes, _Held] = {}
         self._fetches: dict[bytes, FetchHandle] = {}
+        self._attached_at: dict[bytes, float] = {}
         self._banned: dict[bytes, set[str]] = {}
         self._served: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
@@ -519,15 +530,31 @@ class Swarm:
     def attach(self, manifest_id: bytes, fetch: FetchHandle) -> None:
         """Make peers that hold ``manifest_id`` sources of ``fetch`` (now and as they appear)."""
         self._fetches[manifest_id] = fetch
+        self._attached_at[manifest_id] = trio.current_time()
         for s in list(self._sessions.values()):
             self._maybe_add_source(s, manifest_id)
+        self._update_swarm(manifest_id)
         self._wanted_changed.set()
+
+    def _update_swarm(self, mid: bytes) -> None:
+        """Tell the fetch of ``mid`` which peers hold it too: fetching peers share the first copy."""
+        fetch = self._fetches.get(mid)
+        if fetch is None:
+            return
+        peers: list[str] = []
+        complete: list[str] = []
+        for p, s in self._sessions.items():
+            bf = s.conn.theirs.manifests.get(mid)
+            if bf is not None and not s.closed and p not in self._banned.get(mid, ()):
+                (complete if bf.complete else peers).append(p)
+        fetch.set_swarm(peers, complete)
 
     def fetching(self, manifest_id: bytes) -> bool:
         return manifest_id in self._fetches
 
     def detach(self, manifest_id: bytes) -> None:
         self._fetches.pop(manifest_id, None)
+        self._attached_at.pop(manifest_id, None)
         for s in list(self._sessions.values()):
             src = s.sources.pop(manifest_id, None)
             if src is not None:
@@ -578,6 +605,7 @@ class Swarm:
                 # Removed from the next task step, so the engine first records
                 # the failure and reports it (SourceFailed, integrity=True).
                 self._nursery.start_soon(_remove_source, fetch, src.id)
+        self._update_swarm(manifest_id)
 
     # -- sessions --------------------------------------------------------
     def _redeem(self, token: bytes) -> _Grant | None:
@@ -650,6 +678,9 @@ class Swarm:
         for src in s.sources.values():
             self._detach_source(src)
         s.sources.clear()
+        s.closed = True
+        for mid in list(self._fetches):
+            self._update_swarm(mid)
         self._rechoke_now.set()
         self._notify_peers_changed()
         await s.aclose()
@@ -667,11 +698,20 @@ class Swarm:
                         self._maybe_add_source(s, st.manifest_id)
                     elif src.attached and fetch is not None:  # a re-announce replaces the bitfield
                         fetch.source_bitfield(src.id, s.conn.theirs.manifests[st.manifest_id])
+                    self._update_swarm(st.manifest_id)
             case Have():
                 src = s.sources.get(msg.manifest_id)
                 fetch = self._fetches.get(msg.manifest_id)
                 if src is not None and src.attached and fetch is not None:
                     fetch.source_have(src.id, msg.index)
+                bf = s.conn.theirs.manifests.get(msg.manifest_id)
+                if fetch is not None and bf is not None:
+                    if not bf.complete:
+                        fetch.peer_progress(s.peer_id)
+                    else:
+                        # Complete now, or claimed complete from the start: a Have from a
+                        # peer that already "had" everything is no progress (a liar goes stale).
+                        self._update_swarm(msg.manifest_id)
             case Interested() | NotInterested():
                 self._rechoke_now.set()
             case TokenRequest():
@@ -770,25 +810,48 @@ class Swarm:
                 self._dial_backoff[pid] = trio.current_time() + 5.0
                 log.info("peer %s unreachable: %s", pid, exc)
 
-    async def discover_first(self, mid: bytes) -> None:
+    async def discover_first(self, mid: bytes, settle: float = 1.5) -> None:
         """Before a fetch starts: find peers holding ``mid`` and wait for their Hellos.
 
         Peers known before the first request keep mirrors to the pieces no
-        peer has. Callers bound it in time (a lone first node finds nobody).
+        peer has, and share the first copy (picker rule 6). Nodes started
+        together find each other over a second or so, as their provider
+        records land; so discovery repeats (every ``discover_fast``) until a
+        round finds no new holder, for at most ``settle`` seconds. A mirror
+        request withdrawn later, because its piece turned out to be another
+        node's, is origin egress thrown away. Callers bound the whole wait.
         """
-        await self._discover(mid)
+        deadline = trio.current_time() + settle
+        known: set[str] = set()
         while True:
-            changed = self._peers_changed
-            if not any(s.conn.theirs.phase is Phase.IDLE for s in self._sessions.values()):
+            await self._discover(mid)
+            while True:
+                changed = self._peers_changed
+                if not any(s.conn.theirs.phase is Phase.IDLE for s in self._sessions.values()):
+                    break
+                await changed.wait()
+            holders = {p for p, s in self._sessions.items() if mid in s.conn.theirs.manifests}
+            if (holders and holders <= known) or trio.current_time() >= deadline:
                 return
-            await changed.wait()
+            known |= holders
+            with trio.move_on_at(min(deadline, trio.current_time() + self.config.discover_fast)):
+                await self._peers_changed.wait()
 
     async def _discoverer(self) -> None:
-        """While fetching, keep finding providers of each wanted manifest and open sessions."""
+        """While fetching, keep finding providers of each wanted manifest and open sessions.
+
+        Strategy: nodes started together publish their provider records
+        moments after each other, so the first seconds of a fetch look often
+        (``discover_fast``): every peer found early takes its share of the
+        first copy instead of this node pulling it from the mirror too.
+        """
         while True:
             for mid in list(self._fetches):
                 await self._discover(mid)
-            with trio.move_on_after(self.config.discover_interval):
+            now = trio.current_time()
+            young = any(now - t < self.config.discover_fast_for for t in self._attached_at.values())
+            interval = min(self.config.discover_interval, self.config.discover_fast) if young else self.config.discover_interval
+            with trio.move_on_after(interval):
                 await self._wanted_changed.wait()
             self._wanted_changed = trio.Event()
 

@@ -93,7 +93,7 @@ class SwarmNode:
             raise ConfigError(f"this node is already fetching {m.name} {m.version}; wait for it to finish")
         self.swarm.hold(mid, m.piece_count, download.done, signed.encode())
         prog = self.progress[mid] = _Progress(m.name, m.version, str(out_dir), bytes_total=download.total_bytes)
-        options = FetchOptions(mirror_overlap_budget=0, wait_for_sources=True)
+        options = FetchOptions(mirror_overlap_budget=0, wait_for_sources=True, swarm_id=self.p2p.peer_id)
         send, recv = trio.open_memory_channel[Event](256)
         fetch = Fetch(store, download, self.node.mirror_sources(mirrors), send, options)
         box: list[FetchResult] = []
@@ -106,8 +106,9 @@ class SwarmNode:
             # Peers first: sources known before the first request keep the
             # mirrors to pieces that no peer has.
             self.swarm.attach(mid, fetch)
-            with trio.move_on_after(3.0):
-                await self.swarm.discover_first(mid)
+            if download.missing():
+                with trio.move_on_after(3.0):
+                    await self.swarm.discover_first(mid)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump, recv, mid, prog, events)
                 await nursery.start(runner)

@@ -92,6 +92,12 @@ class FrameDecoder:
             raise RemoteProtocolError("stream ended in the middle of a frame")
         return NEED_DATA
 
+    def take_buffered(self, n: int) -> bytes:
+        """Up to ``n`` buffered bytes, removed from the buffer (for a caller that reads the rest itself)."""
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
     def next_raw(self, n: int) -> bytes | NeedData:
         """Exactly ``n`` unframed bytes, or NEED_DATA."""
         if len(self._buf) >= n:

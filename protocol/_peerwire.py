@@ -119,7 +119,7 @@ class PieceReceived:
     req_id: int
     manifest_id: bytes
     index: int
-    data: bytes
+    data: bytes | bytearray
     wire_bytes: int
 
 
@@ -182,6 +182,7 @@ class PeerwireClient:
         self._body: tuple[PieceHeader, _Pending] | None = None
         self._authed = False
         self._sent_auth = False
+        self._into: bytearray | None = None
 
     @property
     def in_flight(self) -> int:
@@ -211,6 +212,8 @@ class PeerwireClient:
         self._decoder.receive_data(data)
 
     def next_event(self) -> Welcome | PieceReceived | Rejected | NeedData:
+        if self._into is not None:
+            raise LocalProtocolError("a payload is being received with start_body_into()")
         if self._body is not None:
             return self._finish_body()
         payload = self._decoder.next_frame()
@@ -267,6 +270,30 @@ class PeerwireClient:
                 raise RemoteProtocolError(f"bad zstd payload: {exc}") from exc
             if len(data) != p.length:
                 raise RemoteProtocolError("decompressed piece has the wrong length")
+        return PieceReceived(hdr.req_id, p.manifest_id, p.index, data, hdr.length)
+
+    def start_body_into(self) -> tuple[bytearray, int] | None:
+        """Zero-copy receive of a raw payload: the buffer to fill and how much of it is filled.
+
+        Only while a raw (uncompressed) payload is owed. The caller fills the
+        rest of the buffer straight from the socket (``recv_into``) and then
+        calls :meth:`body_filled`; no other bytes may be fed in between.
+        """
+        if self._body is None or self._body[0].codec is not Codec.RAW:
+            return None
+        hdr = self._body[0]
+        buf = bytearray(hdr.length)
+        have = self._decoder.take_buffered(hdr.length)
+        buf[: len(have)] = have
+        self._into = buf
+        return buf, len(have)
+
+    def body_filled(self) -> PieceReceived:
+        """The buffer from :meth:`start_body_into` is full: the piece (hash not yet checked)."""
+        if self._body is None or self._into is None:
+            raise LocalProtocolError("body_filled() without start_body_into()")
+        hdr, p = self._body
+        data, self._body, self._into = self._into, None, None
         return PieceReceived(hdr.req_id, p.manifest_id, p.index, data, hdr.length)
 
     @property

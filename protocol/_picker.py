@@ -27,6 +27,17 @@ mirrors (every piece) or local copies (a fixed set). The rules, in order:
    is REQUESTED (not WRITING) by others, oldest request first, up to
    ``endgame_copies`` concurrent requesters per piece.
 5. A per-source cap on pieces in flight (``max_in_flight``) is enforced here.
+6. First-copy spreading (swarm fetches, ``me`` set): every piece has an
+   *owner* among this node and the peers that fetch the same manifest,
+   chosen by rendezvous hashing with bounded loads (the id with the highest
+   ``blake2b(id, index)`` among those that own fewer than
+   ``ceil(pieces / nodes)`` of the lower-indexed pieces). A mirror takes a piece no peer holds only when
+   this node owns it, or when its owner has sent no HAVE for
+   ``owner_timeout`` (slow or stuck: back to source). So N nodes started
+   together each pull about 1/N of the model from the mirror and trade the
+   rest. Rendezvous hashing keeps ownership mostly stable: a peer that leaves
+   or joins moves little more than its own share. :meth:`next_deadline` says when a stale
+   owner's pieces become pickable, so the caller knows when to pick again.
 
 Time is a parameter: ``pick(..., now)`` records the request time so endgame
 duplicates the piece that has waited longest.
@@ -35,6 +46,7 @@ duplicates the piece that has waited longest.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -77,6 +89,8 @@ class PiecePicker:
         wanted: Iterable[int] | None = None,
         endgame_copies: int = 2,
         mirror_overlap_budget: int | None = None,
+        me: str | None = None,
+        owner_timeout: float = 20.0,
     ) -> None:
         self._sizes = list(sizes)
         n = len(self._sizes)
@@ -95,6 +109,12 @@ class PiecePicker:
         self._endgame_copies = endgame_copies
         self._overlap_budget = mirror_overlap_budget
         self._remaining = sum(1 for i in range(n) if self._wanted[i] and self._state[i] != PieceState.DONE)
+        # First-copy spreading: None means every piece is ours to fetch.
+        self._me = me
+        self._owner_timeout = owner_timeout
+        self._owner: list[str] | None = None if me is None else [me] * n
+        self._seen: dict[str, float] = {}  # swarm peer -> time of its last sign of progress
+        self._ranks: dict[str, list[int]] = {} if me is None else {me: _ranks(me, n)}
 
     # -- queries ---------------------------------------------------------
     @property
@@ -143,6 +163,71 @@ class PiecePicker:
     def break_runs_at(self, indices: Iterable[int]) -> None:
         """Mirror runs never continue into these pieces (a piece resumed mid-way starts its own run)."""
         self._file_starts.update(indices)
+
+    # -- first-copy spreading ----------------------------------------------
+    def owner(self, index: int) -> str | None:
+        """Which node should bring ``index`` into the swarm from a mirror (None: no spreading)."""
+        return None if self._owner is None else self._owner[index]
+
+    def set_swarm(self, peers: Iterable[str], now: float, complete: Iterable[str] = ()) -> bool:
+        """The other nodes holding this manifest now (swarm peer ids, not source ids).
+
+        ``complete`` peers hold every piece and keep their share: it comes
+        from them (or whoever they served) once they unchoke us; a complete
+        peer that chokes us for ``owner_timeout`` goes stale like any other
+        owner (it sends no Have), so a peer that claims everything and serves
+        nothing cannot keep the mirror from its share. Recomputes ownership; returns True when some
+        piece changed owner. A newly seen peer counts as making progress
+        from ``now``.
+        """
+        if self._me is None or self._owner is None:
+            return False
+        members = (set(peers) | set(complete)) - {self._me}
+        n = len(self._sizes)
+        for p in members:
+            if p not in self._ranks:
+                self._ranks[p] = _ranks(p, n)
+            self._seen.setdefault(p, now)
+        for p in [p for p in self._ranks if p != self._me and p not in members]:
+            del self._ranks[p]
+            self._seen.pop(p, None)
+        # Bounded loads: each node owns at most ceil(n / members) pieces, so
+        # the shares come out even (plain rendezvous leaves some nodes with
+        # twice the mean and the last of them alone on the mirror).
+        cols = list(self._ranks.items())
+        cap = -(-n // len(cols))
+        load = dict.fromkeys(self._ranks, 0)
+        owner = []
+        for i in range(n):
+            o = max((c for c in cols if load[c[0]] < cap), key=lambda c: (c[1][i], c[0]))[0]
+            load[o] += 1
+            owner.append(o)
+        changed = owner != self._owner
+        self._owner = owner
+        return changed
+
+    def peer_progress(self, peer: str, now: float) -> None:
+        """A swarm peer showed progress (a HAVE): its pieces stay its own a while longer."""
+        if peer in self._seen:
+            self._seen[peer] = now
+
+    def mirror_may_take(self, index: int, now: float) -> bool:
+        """Whether the first-copy rule lets a mirror fetch ``index`` now (peer holdings aside)."""
+        if self._owner is None:
+            return True
+        o = self._owner[index]
+        if o == self._me:
+            return True
+        seen = self._seen.get(o)
+        return seen is None or now - seen >= self._owner_timeout
+
+    def next_deadline(self) -> float | None:
+        """When a piece that is not ours next becomes pickable by a mirror (a stale owner), or None."""
+        if self._owner is None:
+            return None
+        owners = {self._owner[i] for i in range(len(self._sizes)) if self._wanted[i] and self._state[i] == PieceState.NONE}
+        times = [self._seen[o] + self._owner_timeout for o in owners if o in self._seen]
+        return min(times, default=None)
 
     # -- sources ---------------------------------------------------------
     def add_source(
@@ -203,11 +288,11 @@ class PiecePicker:
         if room is not None and room <= 0:
             return []
         if src.kind == MIRROR:
-            picked = self._pick_run(source_id, src, max_bytes)
+            picked = self._pick_run(src, max_bytes, now)
         else:
             picked = self._pick_rarest(src, max_bytes)
         if not picked and self._in_endgame():
-            picked = self._pick_endgame(source_id, src)
+            picked = self._pick_endgame(source_id, src, now)
         if room is not None:
             picked = picked[:room]
         for i in picked:
@@ -245,19 +330,23 @@ class PiecePicker:
             total += self._sizes[i]
         return out
 
-    def _pick_run(self, source_id: str, src: _Source, max_bytes: int) -> list[int]:
+    def _pick_run(self, src: _Source, max_bytes: int, now: float) -> list[int]:
         n = len(self._sizes)
-        start = next((i for i in range(n) if self._pickable(src, i) and self._peer_count[i] == 0), None)
+
+        def fresh(i: int) -> bool:
+            return self._pickable(src, i) and self._peer_count[i] == 0 and self.mirror_may_take(i, now)
+
+        start = next((i for i in range(n) if fresh(i)), None)
         overlap = False
         if start is None and (self._overlap_budget is None or self._overlap_budget > 0):
-            start = next((i for i in range(n) if self._pickable(src, i)), None)
+            start = next((i for i in range(n) if self._pickable(src, i) and self.mirror_may_take(i, now)), None)
             overlap = True
         if start is None:
             return []
         run = [start]
         total = self._sizes[start]
         i = start + 1
-        while i < n and i not in self._file_starts and self._pickable(src, i):
+        while i < n and i not in self._file_starts and self._pickable(src, i) and self.mirror_may_take(i, now):
             if not overlap and self._peer_count[i] > 0:
                 break
             if total + self._sizes[i] > max_bytes:
@@ -273,7 +362,7 @@ class PiecePicker:
     def _in_endgame(self) -> bool:
         return all(not self._wanted[i] or s != PieceState.NONE for i, s in enumerate(self._state))
 
-    def _pick_endgame(self, source_id: str, src: _Source) -> list[int]:
+    def _pick_endgame(self, source_id: str, src: _Source, now: float) -> list[int]:
         cands = [
             (self._requested_at.get(i, 0.0), i)
             for i, s in enumerate(self._state)
@@ -286,6 +375,8 @@ class PiecePicker:
         ]
         if src.kind == MIRROR and self._overlap_budget is not None:
             cands = [c for c in cands if self._peer_count[c[1]] == 0]
+        if src.kind == MIRROR:
+            cands = [c for c in cands if self.mirror_may_take(c[1], now)]
         return [min(cands)[1]] if cands else []
 
     def _mark_requested(self, source_id: str, src: _Source, i: int, now: float) -> None:
@@ -380,3 +471,12 @@ class PiecePicker:
                 assert self._requested_by.get(i), i
         remaining = sum(1 for i in range(n) if self._wanted[i] and self._state[i] != PieceState.DONE)
         assert remaining == self._remaining, (remaining, self._remaining)
+
+
+def _ranks(peer: str, n: int) -> list[int]:
+    """Rendezvous weights of ``peer`` for pieces 0..n-1 (highest weight owns the piece)."""
+    key = peer.encode()
+    return [
+        int.from_bytes(hashlib.blake2b(i.to_bytes(8, "big"), digest_size=8, key=key[:64]).digest(), "big")
+        for i in range(n)
+    ]

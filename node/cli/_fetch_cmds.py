@@ -186,7 +186,8 @@ async def _delegate(args: argparse.Namespace, files: list[str] | None, send: tri
             kind = line.get("event")
             if kind == "result":
                 return FetchResult(bytes.fromhex(line["manifest_id"]), line["out_dir"], line["bytes_total"],
-                                   line["bytes_by_source"], line["seconds"], 0)
+                                   line["bytes_by_source"], line["seconds"], 0,
+                                   line.get("received_by_source") or {})
             if kind == "error":
                 raise SourceError(f"the running node could not fetch: {line.get('message')}")
             ev = from_json(line)
@@ -261,6 +262,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             "bytes_by_source": result.bytes_by_source,
             "seconds": round(seconds, 3),
             "refetched_bytes": result.refetched_bytes,
+            "received_by_source": result.received_by_source,
             "out": result.out_dir,
         })
     else:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import trio
 
-from autoglm.node._mirror_server import MirrorStats, serve_mirror
 from autoglm.protocol import ConfigError
 
 from ._common import err_console
@@ -26,6 +25,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_serve_mirror(args: argparse.Namespace) -> int:
+    from autoglm.node._mirror_server import MirrorStats, serve_mirror  # only this command needs it
+
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--listen {args.listen!r} is not HOST:PORT")

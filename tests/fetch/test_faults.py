@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from autoglm.node._http import open_connection, parse_url
 from autoglm.node._mirrors import MirrorConfig
-from autoglm.node._progress import Event, SourceFailed
+from autoglm.node._progress import Event, FetchDone, SourceFailed
 from autoglm.node.api import FetchOptions, NodeConfig, open_node
+from autoglm.node.errors import MirrorError
 
 from .conftest import Published
 from .faultserver import FaultServer
@@ -110,3 +112,45 @@ async def test_endgame_duplicates_rescue_a_trickling_mirror(published: Published
     by = res.bytes_by_source  # type: ignore[attr-defined]
     assert by.get(f"mirror:{server2.url}", 0) > by.get(f"mirror:{server.url}", 0)
     assert server.stats.body_bytes < published.signed.manifest.total_size // 4
+
+
+async def test_received_bytes_reconcile_with_the_server_log(published: Published, server: FaultServer, tmp_path: Path) -> None:
+    # Two bodies cut off after 10,000 bytes: those bytes were sent and read, but no piece
+    # came of them. bytes_by_source counts the pieces; received_by_source every body byte.
+    server.add("truncate", count=2, after=10_000, path=MODEL)
+    res, events = await fetch_collect(published, tmp_path, [server.url])
+    sid = f"mirror:{server.url}"
+    rx = res.received_by_source  # type: ignore[attr-defined]
+    assert rx == {sid: server.stats.body_bytes}
+    assert rx[sid] > res.bytes_by_source[sid]  # type: ignore[attr-defined]
+    done = [e for e in events if isinstance(e, FetchDone)]
+    assert done and done[-1].received_by_source == rx
+
+
+async def test_cancelled_duplicates_are_counted_as_received(published: Published, server: FaultServer, server2: FaultServer, tmp_path: Path) -> None:
+    server.add("trickle", count=1_000_000, chunk=1024, interval=0.05)
+    res, _ = await fetch_collect(published, tmp_path, [server.url, server2.url])
+    slow = f"mirror:{server.url}"
+    rx = res.received_by_source  # type: ignore[attr-defined]
+    assert rx.get(slow, 0) > res.bytes_by_source.get(slow, 0)  # type: ignore[attr-defined]
+    assert rx[slow] <= server.stats.body_bytes  # bytes still in flight when we hung up were not received
+
+
+async def test_connection_with_an_unread_body_is_never_reused(published: Published, server: FaultServer) -> None:
+    # A request cancelled mid-body leaves the rest of the body on the socket; the next
+    # request on that connection would read those bytes as its response head.
+    url = parse_url(server.url + MODEL)
+    conn = await open_connection(url)
+    try:
+        resp = await conn.request("GET", url.path, {"Range": "bytes=0-1048575"})
+        assert resp.status == 206
+        buf = memoryview(bytearray(4096))
+        with trio.CancelScope() as cs:
+            cs.cancel()
+            await conn.read_into(buf)  # cancelled: nothing or a little read
+        assert await conn.read_into(buf) > 0  # part-way through the body
+        with pytest.raises(MirrorError, match="unread"):
+            await conn.request("GET", url.path, {})
+        assert not conn.reusable
+    finally:
+        await conn.aclose()

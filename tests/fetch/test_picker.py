@@ -265,3 +265,101 @@ def test_random_operations_keep_invariant(ops: list[tuple[str, str, int, int]]) 
         elif verb == "claim":
             pp.claim(sid, i, t)
         pp.check_invariant()
+
+
+# -- first-copy spreading (rule 6) ------------------------------------------
+
+
+def spread_picker(n: int, me: str = "me", peers: tuple[str, ...] = ("a", "b", "c"), timeout: float = 10.0) -> PiecePicker:
+    pp = PiecePicker([SIZE] * n, mirror_overlap_budget=0, me=me, owner_timeout=timeout)
+    assert pp.set_swarm(peers, now=0.0) == bool(peers)
+    pp.add_source("m", MIRROR)
+    return pp
+
+
+def drain_mirror(pp: PiecePicker, now: float) -> list[int]:
+    got: list[int] = []
+    while picked := pp.pick("m", SIZE, now):
+        got += picked
+        pp.check_invariant()
+    return got
+
+
+def test_rendezvous_partitions_the_first_copy() -> None:
+    """Four nodes that see the same swarm agree on one owner per piece and split the mirror work."""
+    nodes = ("n0", "n1", "n2", "n3")
+    taken: list[int] = []
+    for me in nodes:
+        pp = spread_picker(64, me, tuple(p for p in nodes if p != me))
+        got = drain_mirror(pp, now=0.0)
+        assert got == [i for i in range(64) if pp.owner(i) == me]
+        assert len(got) == 64 // 4  # bounded loads: an even share each
+        taken += got
+    assert sorted(taken) == list(range(64))  # every piece exactly once: one copy through the mirror
+
+
+@pytest.mark.parametrize(
+    ("availability", "expected"),
+    [
+        ("0000000000000000", "owned"),  # nobody has anything: only our own share
+        ("1111111111111111", ""),  # peers have it all: the mirror takes nothing
+    ],
+)
+def test_spreading_still_prefers_peers(availability: str, expected: str) -> None:
+    pp = spread_picker(len(availability))
+    pp.add_source("p0", PEER, [i for i, c in enumerate(availability) if c == "1"])
+    got = drain_mirror(pp, now=0.0)
+    assert got == ([i for i in range(len(availability)) if pp.owner(i) == "me"] if expected else [])
+
+
+def test_stale_owner_goes_back_to_source() -> None:
+    pp = spread_picker(32, timeout=10.0)
+    mine = drain_mirror(pp, now=0.0)
+    assert pp.next_deadline() == 10.0
+    assert drain_mirror(pp, now=9.9) == []  # owners still in time: wait for them
+    pp.peer_progress("a", 9.0)  # a HAVE from a keeps a's pieces a's
+    late = drain_mirror(pp, now=10.0)
+    assert late and all(pp.owner(i) in ("b", "c") for i in late)
+    assert not set(late) & set(mine)
+    assert pp.next_deadline() == 19.0
+    assert {pp.owner(i) for i in drain_mirror(pp, now=19.0)} == {"a"}
+
+
+def test_departed_owner_share_moves_mostly_only_its_share() -> None:
+    pp = spread_picker(48)
+    before = [pp.owner(i) for i in range(48)]
+    assert pp.set_swarm(("a", "b"), now=1.0)  # c left
+    after = [pp.owner(i) for i in range(48)]
+    moved = sum(x != y for x, y in zip(before, after, strict=True) if x != "c")
+    assert moved <= 48 // 4  # stable enough that in-flight work mostly stays put
+    assert "c" not in after and {after.count(p) for p in ("me", "a", "b")} == {16}
+    assert not pp.set_swarm(("a", "b"), now=2.0)
+
+
+def test_lone_node_owns_everything() -> None:
+    pp = spread_picker(5, peers=())
+    assert drain_mirror(pp, now=0.0) == [0, 1, 2, 3, 4]
+    assert pp.next_deadline() is None
+
+
+def test_endgame_mirror_duplicates_only_pickable_pieces() -> None:
+    pp = spread_picker(8)
+    mine = drain_mirror(pp, now=0.0)
+    pp.add_source("m2", MIRROR)
+    dup = pp.pick("m2", SIZE, now=0.0)
+    # Not endgame (others' pieces are still NONE): a second mirror takes nothing it may not take.
+    assert dup == [] or pp.owner(dup[0]) == "me"
+    assert set(dup) <= set(mine) or not dup
+
+
+def test_complete_peer_keeps_its_share_until_it_goes_stale() -> None:
+    """A peer that holds everything keeps its share (it comes from peers), unless it never serves us."""
+    pp = spread_picker(32, timeout=10.0)
+    mine = drain_mirror(pp, now=0.0)
+    assert not pp.set_swarm(("a", "b"), now=1.0, complete=("c",))  # c finished: same owners
+    assert drain_mirror(pp, now=9.0) == []
+    for p in ("a", "b"):
+        pp.peer_progress(p, 50.0)
+    late = drain_mirror(pp, now=55.0)  # c sent no Have and did not unchoke us (no source): stale
+    assert late and {pp.owner(i) for i in late} == {"c"}
+    assert not set(late) & set(mine)

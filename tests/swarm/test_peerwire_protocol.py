@@ -167,3 +167,47 @@ def test_fuzz_client(data: bytes) -> None:
                 break
     except RemoteProtocolError:
         pass
+
+
+@pytest.mark.parametrize("split", [0, 1, 4, 17, 999])
+def test_body_into_caller_buffer(split: int) -> None:
+    """The zero-copy path: the caller reads the raw payload into the client's buffer itself."""
+    cli, srv = PeerwireClient(), PeerwireServer()
+    srv.receive_data(cli.auth(b"k" * 32) + cli.request(1, MID, 0, len(PIECES[0]), accept_zstd=False))
+    _all(srv)
+    cli.receive_data(srv.accept())
+    assert _all(cli) == [Welcome()]
+    (req,) = _all(srv)
+    assert isinstance(req, Request)
+    wire = srv.piece_header(1, Codec.RAW, len(PIECES[0])) + PIECES[0]
+    head = len(wire) - len(PIECES[0])
+    cli.receive_data(wire[: head + split])  # the header and the first `split` payload bytes
+    assert cli.next_event() is NEED_DATA
+    assert cli.body_remaining == len(PIECES[0]) - split
+    started = cli.start_body_into()
+    assert started is not None
+    buf, filled = started
+    assert filled == split and len(buf) == len(PIECES[0])
+    with pytest.raises(LocalProtocolError):
+        cli.next_event()  # the caller owns the payload until body_filled()
+    buf[filled:] = wire[head + split :]
+    got = cli.body_filled()
+    assert got == PieceReceived(1, MID, 0, bytearray(PIECES[0]), len(PIECES[0]))
+    assert cli.in_flight == 0 and cli.next_event() is NEED_DATA
+
+
+def test_body_into_refuses_compressed_and_idle() -> None:
+    cli = PeerwireClient()
+    assert cli.start_body_into() is None
+    with pytest.raises(LocalProtocolError):
+        cli.body_filled()
+    srv = PeerwireServer()
+    srv.receive_data(cli.auth(b"k" * 32) + cli.request(1, MID, 1, len(PIECES[1])))
+    _all(srv)
+    cli.receive_data(srv.accept())
+    _all(cli)
+    codec, body = maybe_compress(PIECES[1])
+    assert codec is Codec.ZSTD
+    cli.receive_data(srv.piece_header(1, codec, len(body)))
+    assert cli.next_event() is NEED_DATA
+    assert cli.start_body_into() is None  # compressed payloads take the buffered path

@@ -13,6 +13,7 @@ from autoglm.node._peerwire import (
     CORRUPT_ENV,
     PeerRejected,
     PieceLocation,
+    connect_peerwire,
     open_peerwire_connection,
     serve_peerwire,
 )
@@ -199,3 +200,52 @@ async def test_peer_that_never_answers_is_a_source_error_after_the_stall_timeout
         assert trio.current_time() - t0 == pytest.approx(STALL_TIMEOUT)
         assert conn.broken
         nursery.cancel_scope.cancel()
+
+
+class StallOnce:
+    """A download limiter that blocks its second caller until cancelled (mid-payload), then lets all through."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.blocked = trio.Event()
+
+    async def acquire(self, n: int) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.blocked.set()
+            await trio.sleep_forever()
+
+
+async def test_fetch_cancelled_mid_payload_leaves_the_connection_usable(tmp_path: Path) -> None:
+    """A payload read with recv_into keeps its progress when its reader is cancelled (endgame, withdrawal)."""
+    big = 4 * 1024 * 1024  # larger than one receive_some: the rest goes through recv_into
+    data = blake3.blake3(b"big").digest(length=2 * big)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    hashes = [blake3.blake3(data[i * big : (i + 1) * big]).digest() for i in range(2)]
+
+    class BigLocator:
+        def locate(self, manifest_id: bytes, index: int) -> PieceLocation | None:
+            return PieceLocation(str(path), index * big, big, hashes[index]) if index < 2 else None
+
+    tokens, limiter = Tokens(), StallOnce()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(serve_peerwire, BigLocator(), tokens.redeem)
+            conn = await connect_peerwire(host, port, tokens.issue("a"), limiter)  # type: ignore[arg-type]
+            try:
+                async with trio.open_nursery() as inner:
+                    cancelled = trio.CancelScope()
+
+                    async def first() -> None:
+                        with cancelled:
+                            await conn.fetch(MID, 0, big)
+
+                    inner.start_soon(first)
+                    await limiter.blocked.wait()
+                    cancelled.cancel()
+                verify_piece(await conn.fetch(MID, 1, big), hashes[1])
+                assert not conn.broken
+            finally:
+                await conn.aclose()
+            nursery.cancel_scope.cancel()

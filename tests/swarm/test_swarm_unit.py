@@ -165,3 +165,61 @@ async def test_hello_carries_64_manifests_and_the_rest_follow_as_announce(swarm:
             assert rest == [Announce(ManifestState(m, 9, b"\x40\x00")) for m in mids[64:]]
             assert set(peer.theirs.manifests) == set(mids)
             nursery.cancel_scope.cancel()
+
+
+class RecordingFetch:
+    """A FetchHandle that records what the swarm tells it about the other fetchers."""
+
+    def __init__(self) -> None:
+        self.swarms: list[set[str]] = []
+        self.complete: list[set[str]] = []
+        self.progress: list[str] = []
+
+    def add_source(self, source: object) -> None:
+        pass
+
+    def remove_source(self, source_id: str) -> None:
+        pass
+
+    def source_have(self, source_id: str, index: int) -> None:
+        pass
+
+    def source_bitfield(self, source_id: str, indices: object) -> None:
+        pass
+
+    def set_swarm(self, peers: Any, complete: Any = ()) -> None:
+        self.swarms.append(set(peers))
+        self.complete.append(set(complete))
+
+    def peer_progress(self, peer: str) -> None:
+        self.progress.append(peer)
+
+
+async def test_fetchers_share_the_first_copy(swarm: Swarm) -> None:
+    """A peer fetching the same manifest joins the fetch's swarm; Have is progress; done, it is complete; gone, it leaves."""
+    from autoglm.protocol._control import Have
+
+    mid = b"\x07" * 32
+    swarm.hold(mid, 2)
+    fetch = RecordingFetch()
+    swarm.attach(mid, fetch)
+    assert fetch.swarms == [set()]
+    a, b = trio.testing.memory_stream_pair()
+    ours, theirs = MemControlStream(a, "peerB"), MemControlStream(b, "peerA")
+    peer = ControlConnection(trio.current_time())
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(swarm._run_session, ours, "peerB")
+            assert isinstance(await _next(peer, theirs), Hello)
+            await theirs.send_all(peer.send(Hello((ManifestState(mid, 2, b"\x00"),), None, b"t" * 16), trio.current_time()))
+            await trio.testing.wait_all_tasks_blocked()
+            assert fetch.swarms[-1] == {"peerB"}
+            await theirs.send_all(peer.send(Have(mid, 0), trio.current_time()))
+            await trio.testing.wait_all_tasks_blocked()
+            assert fetch.progress == ["peerB"] and fetch.swarms[-1] == {"peerB"}
+            await theirs.send_all(peer.send(Have(mid, 1), trio.current_time()))  # now complete
+            await trio.testing.wait_all_tasks_blocked()
+            assert fetch.swarms[-1] == set() and fetch.complete[-1] == {"peerB"}
+            await theirs.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            assert "peerB" not in swarm._sessions and fetch.swarms[-1] == set() and fetch.complete[-1] == set()
