@@ -34,7 +34,6 @@ from autoglm.protocol import (
     SignatureError,
     SignedManifest,
     key_id,
-    parse_public_key,
     sign_manifest,
     verify_signature,
 )
@@ -277,4 +276,3 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-_ = parse_public_key  # re-exported for other command modules
