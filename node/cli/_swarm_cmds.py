@@ -172,15 +172,21 @@ def cmd_join(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _ask(data_dir: Path, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One request to the running node's control API; its first reply line."""
+
     async def run() -> dict[str, Any]:
-        with trio.fail_after(10):
-            async with control_request(args.data_dir, {"op": "status"}) as lines:
+        with trio.fail_after(timeout):
+            async with control_request(data_dir, request) as lines:
                 async for line in lines:
                     return line
-        raise ConfigError("the node sent no status")
+        raise ConfigError(f"the node sent no answer to {request['op']!r}")
 
-    st = trio.run(run)
+    return trio.run(run)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _ask(args.data_dir, {"op": "status"}, 10)
     if args.json:
         print_json(st)
         return 0
@@ -203,14 +209,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_name_publish(args: argparse.Namespace) -> int:
     req = {"op": "name_publish", "key": str(args.key.resolve()), "manifest": str(args.manifest.resolve()), "seq": args.seq}
 
-    async def run() -> dict[str, Any]:
-        with trio.fail_after(60):
-            async with control_request(args.data_dir, req) as lines:
-                async for line in lines:
-                    return line
-        raise ConfigError("the node sent no answer")
-
-    reply = trio.run(run)
+    reply = _ask(args.data_dir, req, 60)
     if reply.get("event") == "error":
         raise ConfigError(f"name-publish: {reply['message']}")
     if args.json:
