@@ -80,6 +80,11 @@ class FetchOptions:
     commit_interval: float = 0.05  # at most one group commit (fdatasync + one transaction) per interval
     swarm_id: str | None = None  # this node's peer id: spread the first copy over the swarm (picker rule 6)
     owner_timeout: float = 20.0  # a piece's owner silent this long: its pieces may come from a mirror here
+    # Mirror connections the whole swarm should hold: each of n fetching nodes
+    # opens at most max(2, ceil(this / n)) per mirror. Extra connections only
+    # help against a per-connection limit; against an aggregate cap they just
+    # split it finer, into more, smaller socket reads on every node.
+    swarm_mirror_connections: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +307,7 @@ class Fetch:
         self._failures: dict[str, int] = {}
         self._last_error: dict[str, str] = {}
         self._requests: dict[int, _Req] = {}
+        self._fetchers = 1  # nodes fetching this manifest, this one included (set_swarm)
         self._next_req = 0
         self._writers: dict[int, list[_Writer]] = {}
         self._finalizing: set[int] = set()
@@ -359,6 +365,8 @@ class Fetch:
         withdrawn (its owner fetches them; we get them from it), so a peer
         found late costs at most the bytes already in flight.
         """
+        peers = list(peers)
+        self._fetchers = 1 + len(peers)
         if not self.picker.set_swarm(peers, trio.current_time(), complete):
             return
         now = trio.current_time()
@@ -408,10 +416,16 @@ class Fetch:
             if req.source_id in others and all(self.picker.state(i) >= PieceState.WRITING for i in req.indices):
                 req.scope.cancel()
 
+    def _max_requests(self, src: Source) -> int:
+        n = src.max_requests()
+        if src.kind is SourceKind.MIRROR and self._fetchers > 1:
+            n = min(n, max(2, -(-self.options.swarm_mirror_connections // self._fetchers)))
+        return n
+
     def _request_bytes(self, src: Source) -> int:
         limit = src.max_request_bytes()
         if src.kind is SourceKind.MIRROR:
-            conns = sum(s.max_requests() for s in self._sources.values() if s.kind is SourceKind.MIRROR) or 1
+            conns = sum(self._max_requests(s) for s in self._sources.values() if s.kind is SourceKind.MIRROR) or 1
             missing = sum(self._refs[i].length for i in range(len(self._refs)) if self.picker.state(i) == PieceState.NONE)
             limit = min(limit, max(missing // conns, 1))
         return limit
@@ -434,7 +448,7 @@ class Fetch:
         while progress:
             progress = False
             for src in self._order():
-                if active.get(src.id, 0) >= src.max_requests() or src.ready_at() > now:
+                if active.get(src.id, 0) >= self._max_requests(src) or src.ready_at() > now:
                     continue
                 picked = self.picker.pick(src.id, self._request_bytes(src), now)
                 if not picked:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from autoglm.node._lowat import LowWater
 from autoglm.node.errors import MirrorError
 
 __all__ = ["HttpConnection", "PermanentMirrorError", "Response", "Url", "open_connection", "parse_url", "request_target"]
@@ -115,6 +116,7 @@ class HttpConnection:
         self.reusable = False
         self.proxy_headers: dict[str, str] = {}
         self.head_bytes = 0  # response bytes seen for the current request
+        self._lowat = LowWater()
 
     async def _recv_into(self, view: memoryview) -> int:
         if self._sock is not None:
@@ -216,16 +218,23 @@ class HttpConnection:
             n = min(want, len(self._pending))
             view[:n] = self._pending[:n]
             self._pending = self._pending[n:]
+        elif self._sock is not None:
+            try:
+                n = await self._lowat.recv_into(self._sock, view[:want], self.remaining or 0)
+            except OSError as exc:
+                raise MirrorError(f"{self.url.origin}: connection failed: {exc.strerror or exc}") from exc
         else:
             n = await self._recv_into(view[:want])
-            if n == 0:
-                if self.remaining is None:
-                    self.remaining = 0
-                    self.reusable = False
-                    return 0
-                raise MirrorError(f"{self.url.origin}: body truncated ({self.remaining} bytes missing)")
+        if n == 0:
+            if self.remaining is None:
+                self.remaining = 0
+                self.reusable = False
+                return 0
+            raise MirrorError(f"{self.url.origin}: body truncated ({self.remaining} bytes missing)")
         if self.remaining is not None:
             self.remaining -= n
+            if self.remaining == 0 and self._sock is not None:
+                self._lowat.done(self._sock)
         return n
 
     async def read_all(self, limit: int) -> bytes:

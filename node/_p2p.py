@@ -164,6 +164,14 @@ class P2PNode:
     def connected_peers(self) -> list[str]:
         return [str(p) for p in self._host.get_connected_peers()]
 
+    def peer_addrs(self, peer_id: str, limit: int = 8) -> tuple[str, ...]:
+        """The listen multiaddrs the peerstore holds for a peer (learned by identify or the DHT)."""
+        try:
+            addrs = self._host.get_peerstore().addrs(ID.from_base58(peer_id))
+        except (BaseLibp2pError, ValueError, KeyError):
+            return ()
+        return tuple(str(a) for a in addrs[:limit])
+
     def dht_size(self) -> int:
         return int(self._dht.get_routing_table_size())
 

@@ -3,10 +3,12 @@
 The server listens on 127.0.0.1 by default. A connection is served only
 after it presents a one-time token that the swarm issued over the
 Noise-authenticated control stream; the token binds the connection to that
-peer, so choking, bans and fair sharing apply per peer. Every piece is read
-from the store and its BLAKE3 hash checked before its first serve in this
-process; later serves of the unchanged file region go out with
-``os.sendfile``. The client pipelines requests on one connection and returns
+peer, so choking, bans and fair sharing apply per peer. A piece this process
+hash-checked and wrote itself goes out with ``os.sendfile``; any other piece
+(a file that was on disk before) is read and its BLAKE3 hash checked before
+its first serve, and later serves of the unchanged file region use
+``os.sendfile`` too. Served ranges leave the page cache at once (drop-behind,
+node/_store.py). The client pipelines requests on one connection and returns
 whole, length-checked pieces; the caller verifies the hash (the sink does).
 """
 
@@ -26,7 +28,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from autoglm.node._lowat import LowWater
 from autoglm.node._ratelimit import RateLimiter
+from autoglm.node._store import drop_cache
 from autoglm.node.errors import AutoglmError, IntegrityError, RemoteProtocolError, SourceError
 from autoglm.protocol._frames import NEED_DATA
 from autoglm.protocol._peerwire import (
@@ -97,6 +101,8 @@ class PieceLocation:
     offset: int
     length: int
     hash: bytes
+    #: verified, written and synced by this process: upload without a fresh hash check
+    trusted: bool = False
 
 
 class PieceLocator(Protocol):
@@ -236,9 +242,10 @@ def _locate_and_read(st: _ServeState, manifest_id: bytes, index: int) -> tuple[P
     try:
         s = os.fstat(fd)
         stamp = (s.st_ino, s.st_mtime_ns, s.st_size)
-        if st.verified.get(key) == stamp and not st.corrupt and st.psk is None:
+        if (loc.trusted or st.verified.get(key) == stamp) and not st.corrupt and st.psk is None:
             return loc, None
         data = os.pread(fd, loc.length, loc.offset)
+        drop_cache(fd, loc.offset, loc.length)
     finally:
         os.close(fd)
     if len(data) != loc.length:
@@ -279,6 +286,7 @@ async def _serve_one(stream: trio.SocketStream | AeadStream, proto: PeerwireServ
     fd = os.open(loc.path, os.O_RDONLY)
     try:
         await _sendfile(stream.socket, fd, loc.offset, loc.length)
+        drop_cache(fd, loc.offset, loc.length)
     finally:
         os.close(fd)
     grant.served(req.manifest_id, req.index, loc.length)
@@ -409,6 +417,7 @@ class PeerwireConnection:
         self._down = down
         self._broken: BaseException | None = None
         self._direct: _Direct | None = None
+        self._lowat = LowWater()
         self.bytes_received = 0
 
     @property
@@ -476,13 +485,14 @@ class PeerwireConnection:
         view = memoryview(d.buf)
         while d.pos < len(d.buf):
             with trio.move_on_after(STALL_TIMEOUT) as stalled:
-                n = await sock.recv_into(view[d.pos :])
+                n = await self._lowat.recv_into(sock, view[d.pos :], len(d.buf) - d.pos)
             if stalled.cancelled_caught:
                 _stalled()
             if n == 0:
                 raise RemoteProtocolError(f"peer closed {len(d.buf) - d.pos} bytes short of a payload")
             d.pos += n
             await self._down.acquire(n)
+        self._lowat.done(sock)  # frame headers follow: small reads must wake again
         self._direct = None
         return self._proto.body_filled()
 

@@ -61,6 +61,8 @@ from autoglm.protocol._bitfield import Bitfield
 from autoglm.protocol._control import (
     MAX_ENVELOPE,
     MAX_MANIFESTS,
+    MAX_PEX_ADDRS,
+    MAX_PEX_PEERS,
     Announce,
     Choke,
     Close,
@@ -74,6 +76,8 @@ from autoglm.protocol._control import (
     ManifestData,
     ManifestState,
     NotInterested,
+    PeerInfo,
+    Peers,
     Phase,
     Token,
     TokenRequest,
@@ -176,6 +180,8 @@ class PieceStore(Protocol):
     def bitfield(self, manifest_id: bytes) -> bytes: ...
 
     def piece_location(self, manifest_id: bytes, index: int) -> object: ...
+
+    def written_here(self, manifest_id: bytes, index: int) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -328,6 +334,8 @@ class _Session:
         # Manifests posted to this peer in Hello or Announce (sent or still queued):
         # a Have for one of them may follow in the queue.
         self.announced: set[bytes] = set()
+        # Manifests this peer has been introduced for (peer exchange runs once per manifest).
+        self.introduced: set[bytes] = set()
         self._pw: PeerwireConnection | None = None
         self._pw_lock = trio.Lock()
         self._token_ready = trio.Event()
@@ -454,6 +462,8 @@ class Swarm:
         self._envelopes: dict[bytes, bytes] = {}
         self._provided: dict[bytes, tuple[float, int]] = {}
         self._dial_backoff: dict[str, float] = {}
+        self._dialing: set[str] = set()  # peers being dialled after an introduction
+        self._dial_limit = trio.CapacityLimiter(8)
         self._provided_files: set[bytes] = set()
         self._provide_times: list[float] = []
         self._lie = os.environ.get(LIE_ENV) == "1"
@@ -699,6 +709,11 @@ class Swarm:
                     elif src.attached and fetch is not None:  # a re-announce replaces the bitfield
                         fetch.source_bitfield(src.id, s.conn.theirs.manifests[st.manifest_id])
                     self._update_swarm(st.manifest_id)
+                    if st.manifest_id not in s.introduced:
+                        s.introduced.add(st.manifest_id)
+                        self._exchange_peers(s, st.manifest_id)
+            case Peers():
+                self._on_peers(s, msg)
             case Have():
                 src = s.sources.get(msg.manifest_id)
                 fetch = self._fetches.get(msg.manifest_id)
@@ -730,6 +745,56 @@ class Swarm:
                     self._detach_source(src)
             case _:
                 pass
+
+    # -- peer exchange ----------------------------------------------------
+    def _peer_info(self, peer_id: str) -> PeerInfo | None:
+        addrs = self.p2p.peer_addrs(peer_id, MAX_PEX_ADDRS)
+        return PeerInfo(peer_id, addrs) if addrs else None
+
+    def _exchange_peers(self, s: _Session, mid: bytes) -> None:
+        """``s`` said it holds or fetches ``mid``: introduce it and the other holders to each other.
+
+        Every node dials its bootstrap peers first, so a bootstrap node acts
+        as a tracker: nodes started together learn of each other within one
+        round trip of their Hello, not after several DHT rounds (the first
+        copy can only be spread among nodes that know each other).
+        """
+        others = [o for p, o in self._sessions.items() if p != s.peer_id and not o.closed and mid in o.conn.theirs.manifests]
+        if not others:
+            return
+        me = self._peer_info(s.peer_id)
+        infos = []
+        for o in others:
+            if me is not None:
+                o.post(Peers(mid, (me,)))
+            info = self._peer_info(o.peer_id)
+            if info is not None:
+                infos.append(info)
+        for i in range(0, len(infos), MAX_PEX_PEERS):
+            s.post(Peers(mid, tuple(infos[i : i + MAX_PEX_PEERS])))
+
+    def _on_peers(self, s: _Session, msg: Peers) -> None:
+        # Advice from a peer: dialled only while fetching that manifest, each
+        # at most once per backoff period; Noise checks every peer id.
+        if msg.manifest_id not in self._fetches or self._nursery is None:
+            return
+        now = trio.current_time()
+        for info in msg.peers:
+            pid = info.peer_id
+            if pid == self.p2p.peer_id or pid in self._sessions or pid in self._dialing or now < self._dial_backoff.get(pid, 0.0):
+                continue
+            self._dialing.add(pid)
+            self._nursery.start_soon(self._dial_introduced, PeerAddr(pid, info.addrs), s.peer_id)
+
+    async def _dial_introduced(self, peer: PeerAddr, via: str) -> None:
+        try:
+            async with self._dial_limit:
+                await self.connect_peer(peer)
+        except AutoglmError as exc:
+            self._dial_backoff[peer.peer_id] = trio.current_time() + 5.0
+            log.info("peer %s (introduced by %s) unreachable: %s", peer.peer_id, via, exc)
+        finally:
+            self._dialing.discard(peer.peer_id)
 
     # -- manifests by id (for name records) ------------------------------
     def _on_manifest_data(self, s: _Session, msg: ManifestData) -> None:
@@ -938,7 +1003,8 @@ class _StoreLocator:
             loc = self._swarm.store.piece_location(manifest_id, index)
         except (StorageError, KeyError, IndexError):
             return None
-        return PieceLocation(os.fspath(loc.path), loc.offset, loc.length, loc.hash)  # type: ignore[attr-defined]
+        trusted = self._swarm.store.written_here(manifest_id, index)
+        return PieceLocation(os.fspath(loc.path), loc.offset, loc.length, loc.hash, trusted)  # type: ignore[attr-defined]
 
 
 def _manifest_of(store: PieceStore, mid: bytes) -> object | None:

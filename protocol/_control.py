@@ -13,7 +13,9 @@ will serve the receiver's peerwire requests), ``TokenRequest``/``Token`` (a
 fresh one-time token after a peerwire connection broke),
 ``GetManifest``/``ManifestData`` (the signed manifest envelope for an id, so
 a node that resolved a name record can fetch the manifest from peers),
-``Keepalive`` and finally ``Close``.
+``Peers`` (peer exchange: other nodes the sender has a session with that hold
+or fetch a manifest, with their libp2p addresses), ``Keepalive`` and finally
+``Close``.
 
 Each direction has a phase: IDLE until its Hello, then CHOKING or UNCHOKING
 (what the sender last said about serving the other side), then CLOSED. Every
@@ -55,6 +57,8 @@ __all__ = [
     "ManifestData",
     "ManifestState",
     "NotInterested",
+    "PeerInfo",
+    "Peers",
     "Phase",
     "Token",
     "TokenRequest",
@@ -71,6 +75,10 @@ MAX_PIECES: Final = 2_000_000
 TOKEN_MIN, TOKEN_MAX = 16, 64
 ID_LEN: Final = 32
 MAX_ENVELOPE: Final = MAX_CONTROL_FRAME - 64
+MAX_PEX_PEERS: Final = 50  # peers in one Peers message
+MAX_PEX_ADDRS: Final = 8  # multiaddrs per peer
+MAX_PEER_ID: Final = 128  # characters of a base58 peer id
+MAX_ADDR: Final = 256  # characters of one multiaddr
 _LIMITS: Final = Limits(
     max_bytes=MAX_CONTROL_FRAME,
     max_str_len=1024,
@@ -165,6 +173,26 @@ class ManifestData:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """A libp2p peer id and the multiaddrs it can be dialled on (text, as libp2p writes them)."""
+
+    peer_id: str
+    addrs: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Peers:
+    """Peer exchange: nodes the sender is in session with that hold or fetch ``manifest_id``.
+
+    Advice only: the receiver dials them (Noise checks each peer id) and
+    learns their pieces from their own Hello, never from this message.
+    """
+
+    manifest_id: bytes
+    peers: tuple[PeerInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     reason: str = ""
 
@@ -182,6 +210,7 @@ ControlMessage = (
     | Token
     | GetManifest
     | ManifestData
+    | Peers
     | Close
 )
 
@@ -194,7 +223,7 @@ class Phase(enum.Enum):
 
 
 _OPEN = (Phase.CHOKING, Phase.UNCHOKING)
-_SELF_LOOPS = (Announce, Have, Interested, NotInterested, Keepalive, TokenRequest, Token, GetManifest, ManifestData)
+_SELF_LOOPS = (Announce, Have, Interested, NotInterested, Keepalive, TokenRequest, Token, GetManifest, ManifestData, Peers)
 
 #: (phase of the sending direction, message type) -> next phase of that direction.
 TRANSITIONS: Final[dict[tuple[Phase, type], Phase]] = {
@@ -221,6 +250,7 @@ _CODES: Final[dict[type, int]] = {
     Close: 11,
     GetManifest: 12,
     ManifestData: 13,
+    Peers: 14,
 }
 
 
@@ -246,6 +276,8 @@ def _to_value(msg: ControlMessage) -> list[Any]:
             return [code, msg.manifest_id]
         case ManifestData():
             return [code, msg.manifest_id, msg.envelope]
+        case Peers():
+            return [code, msg.manifest_id, [[p.peer_id, list(p.addrs)] for p in msg.peers]]
         case Close():
             return [code, msg.reason]
         case _:
@@ -289,11 +321,25 @@ def _endpoint(v: Any) -> Endpoint | None:
     return Endpoint(v[0], _int(v[1], 1, 65535, "port"))
 
 
+def _text(v: Any, hi: int, what: str) -> str:
+    if not isinstance(v, str) or not 1 <= len(v) <= hi:
+        raise RemoteProtocolError(f"{what} must be text of 1..{hi} characters")
+    return v
+
+
+def _peer_info(v: Any) -> PeerInfo:
+    if not isinstance(v, list) or len(v) != 2 or not isinstance(v[1], list):
+        raise RemoteProtocolError("peer must be [peer id, [multiaddr, ...]]")
+    if len(v[1]) > MAX_PEX_ADDRS:
+        raise RemoteProtocolError(f"a peer may list at most {MAX_PEX_ADDRS} addresses")
+    return PeerInfo(_text(v[0], MAX_PEER_ID, "peer id"), tuple(_text(a, MAX_ADDR, "multiaddr") for a in v[1]))
+
+
 def _from_value(v: Any) -> ControlMessage:
     if not isinstance(v, list) or not v:
         raise RemoteProtocolError("control message must be a non-empty array")
     code, args = v[0], v[1:]
-    arity = {1: 4, 2: 1, 3: 2, 4: 1, 5: 1, 6: 0, 7: 0, 8: 0, 9: 0, 10: 1, 11: 1, 12: 1, 13: 2}
+    arity = {1: 4, 2: 1, 3: 2, 4: 1, 5: 1, 6: 0, 7: 0, 8: 0, 9: 0, 10: 1, 11: 1, 12: 1, 13: 2, 14: 2}
     if not isinstance(code, int) or isinstance(code, bool) or code not in arity:
         raise RemoteProtocolError(f"unknown control message type {code!r}")
     if len(args) != arity[code]:
@@ -328,6 +374,10 @@ def _from_value(v: Any) -> ControlMessage:
             return GetManifest(_mid(args[0]))
         case 13:
             return ManifestData(_mid(args[0]), _bin(args[1], 0, MAX_ENVELOPE, "manifest envelope"))
+        case 14:
+            if not isinstance(args[1], list) or len(args[1]) > MAX_PEX_PEERS:
+                raise RemoteProtocolError(f"peers must be an array of at most {MAX_PEX_PEERS}")
+            return Peers(_mid(args[0]), tuple(_peer_info(p) for p in args[1]))
         case _:
             if not isinstance(args[0], str):
                 raise RemoteProtocolError("close reason must be text")

@@ -73,4 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _entry() -> None:  # pragma: no cover
+    from autoglm.node._malloc import tune
+
+    tune()
     sys.exit(main())

@@ -109,3 +109,22 @@ async def test_engine_waits_exactly_retry_after(published: Published, tmp_path: 
     store.close()
     published.assert_identical(tmp_path / "out")
     assert src.starts[1] - src.starts[0] == 30.0
+
+
+def test_mirror_connections_are_shared_out_across_the_swarm(published: Published, tmp_path: Path) -> None:
+    """Alone, a node may use all of a mirror's connections; among n fetchers, about 16 / n each (at least 2)."""
+    store = Store(tmp_path / "data")
+    dl = store.open_download(published.signed, tmp_path / "out")
+    src = FlakySource(published.root)
+    src.max_requests = lambda: 16  # type: ignore[method-assign]
+    fetch = Fetch(store, dl, [src], options=FetchOptions(check_space=False))
+
+    async def main() -> list[int]:
+        got = [fetch._max_requests(src)]
+        for n in (1, 3, 7, 15, 40):
+            fetch.set_swarm([f"peer{i}" for i in range(n)])
+            got.append(fetch._max_requests(src))
+        return got
+
+    assert trio.run(main) == [16, 8, 4, 2, 2, 2]
+    store.close()

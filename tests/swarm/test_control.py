@@ -24,6 +24,8 @@ from autoglm.protocol._control import (
     ManifestData,
     ManifestState,
     NotInterested,
+    PeerInfo,
+    Peers,
     Phase,
     Token,
     TokenRequest,
@@ -51,6 +53,7 @@ ALL: list[ControlMessage] = [
     Token(TOKEN),
     GetManifest(MID),
     ManifestData(MID, b"envelope"),
+    Peers(MID, (PeerInfo("12D3KooWPeer", ("/ip4/127.0.0.1/tcp/4001",)), PeerInfo("12D3KooWNoAddr", ()))),
     Close("bye"),
 ]
 
@@ -82,6 +85,7 @@ SESSION: list[ControlMessage] = [
     Choke(),
     TokenRequest(),
     Token(b"u" * 16),
+    Peers(MID2, (PeerInfo("12D3KooWPeer", ("/ip4/127.0.0.1/tcp/4001", "/ip4/10.0.0.2/tcp/4001")),)),
     Close("done"),
 ]
 
@@ -122,6 +126,27 @@ def test_remote_errors_table(before: list[ControlMessage], msg: ControlMessage) 
     c.receive_data(b"".join(encode_control(m) for m in before) + encode_control(msg), 0.0)
     with pytest.raises(RemoteProtocolError):
         _events(c)
+
+
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        ([14, MID, [["p", ["/ip4/1.2.3.4/tcp/1"]]] * 51], "at most 50"),
+        ([14, MID, [["p", ["/a"] * 9]]], "at most 8 addresses"),
+        ([14, MID, [["", []]]], "peer id"),
+        ([14, MID, [["x" * 129, []]]], "peer id"),
+        ([14, MID, [["p", [""]]]], "multiaddr"),
+        ([14, MID, [["p", [b"bytes"]]]], "multiaddr"),
+        ([14, MID, [["p"]]], "peer must be"),
+        ([14, MID, "not a list"], "array"),
+        ([14, b"short", []], "manifest id"),
+    ],
+)
+def test_peers_malformed(value: list[object], why: str) -> None:
+    from autoglm.protocol._codec import encode_frame_payload
+
+    with pytest.raises(RemoteProtocolError, match=why):
+        decode_control(encode_frame_payload(value))
 
 
 def test_local_errors() -> None:

@@ -223,3 +223,78 @@ async def test_fetchers_share_the_first_copy(swarm: Swarm) -> None:
             await theirs.aclose()
             await trio.testing.wait_all_tasks_blocked()
             assert "peerB" not in swarm._sessions and fetch.swarms[-1] == set() and fetch.complete[-1] == set()
+
+
+class IntroP2P:
+    """The slice of P2PNode that peer exchange uses: addresses from the peerstore, dials recorded."""
+
+    peer_id = "peerSelf"
+
+    def __init__(self) -> None:
+        self.dialled: list[Any] = []
+
+    def peer_addrs(self, peer_id: str, limit: int = 8) -> tuple[str, ...]:
+        return (f"/ip4/127.0.0.1/tcp/4001/p2p/{peer_id}",)[:limit]
+
+    async def open_control(self, peer: Any) -> Any:
+        from autoglm.node.errors import SourceError
+
+        self.dialled.append(peer)
+        raise SourceError("not reachable in this test")
+
+
+async def test_peer_exchange_introduces_holders_to_each_other(tmp_path: Path) -> None:
+    """An empty node (a bootstrap) tells each node fetching a manifest about the others."""
+    from autoglm.protocol._control import PeerInfo, Peers
+
+    swarm = Swarm(IntroP2P(), Store(tmp_path), SwarmConfig())  # type: ignore[arg-type]
+    mid, other = b"\x09" * 32, b"\x0a" * 32
+    peers: dict[str, tuple[MemControlStream, ControlConnection]] = {}
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            swarm._nursery = nursery
+            for name, held in (("peerB", mid), ("peerC", mid), ("peerD", other)):
+                a, b = trio.testing.memory_stream_pair()
+                conn = ControlConnection(trio.current_time())
+                peers[name] = (MemControlStream(b, "peerSelf"), conn)
+                nursery.start_soon(swarm._run_session, MemControlStream(a, name), name)
+                assert isinstance(await _next(conn, peers[name][0]), Hello)
+                await peers[name][0].send_all(conn.send(Hello((ManifestState(held, 2, b"\x00"),), None, b"t" * 16), 0.0))
+                await trio.testing.wait_all_tasks_blocked()
+            c_stream, c_conn = peers["peerC"]
+            assert await _next(c_conn, c_stream) == Peers(mid, (PeerInfo("peerB", ("/ip4/127.0.0.1/tcp/4001/p2p/peerB",)),))
+            b_stream, b_conn = peers["peerB"]
+            assert await _next(b_conn, b_stream) == Peers(mid, (PeerInfo("peerC", ("/ip4/127.0.0.1/tcp/4001/p2p/peerC",)),))
+            # peerD holds another manifest: nobody is introduced to it, it to nobody.
+            d_stream, d_conn = peers["peerD"]
+            await d_stream.send_all(d_conn.send(Keepalive(), 0.0))
+            await trio.testing.wait_all_tasks_blocked()
+            assert d_conn.next_event() is NEED_DATA
+            nursery.cancel_scope.cancel()
+
+
+async def test_introduced_peers_are_dialled_only_for_a_wanted_manifest(tmp_path: Path) -> None:
+    from autoglm.node._p2p import PeerAddr
+    from autoglm.protocol._control import PeerInfo, Peers
+
+    p2p = IntroP2P()
+    swarm = Swarm(p2p, Store(tmp_path), SwarmConfig())  # type: ignore[arg-type]
+    mid, unwanted = b"\x0b" * 32, b"\x0c" * 32
+    swarm.hold(mid, 2)
+    swarm.attach(mid, RecordingFetch())
+    a, b = trio.testing.memory_stream_pair()
+    theirs, peer = MemControlStream(b, "peerSelf"), ControlConnection(trio.current_time())
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            swarm._nursery = nursery
+            nursery.start_soon(swarm._run_session, MemControlStream(a, "peerB"), "peerB")
+            assert isinstance(await _next(peer, theirs), Hello)
+            await theirs.send_all(peer.send(Hello((), None, b"t" * 16), 0.0))
+            intro = (PeerInfo("peerSelf", ("/ip4/127.0.0.1/tcp/1",)), PeerInfo("peerE", ("/ip4/127.0.0.1/tcp/2",)))
+            await theirs.send_all(peer.send(Peers(unwanted, (PeerInfo("peerF", ("/ip4/127.0.0.1/tcp/3",)),)), 0.0))
+            await theirs.send_all(peer.send(Peers(mid, intro), 0.0))
+            await theirs.send_all(peer.send(Peers(mid, intro), 0.0))  # again: the failed dial backs off
+            await trio.testing.wait_all_tasks_blocked()
+            # Only peerE: not ourselves, not the peer of an unwanted manifest, and once.
+            assert p2p.dialled == [PeerAddr("peerE", ("/ip4/127.0.0.1/tcp/2",))]
+            nursery.cancel_scope.cancel()

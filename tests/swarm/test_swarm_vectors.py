@@ -25,6 +25,8 @@ from autoglm.protocol._control import (
     ManifestData,
     ManifestState,
     NotInterested,
+    PeerInfo,
+    Peers,
     Token,
     TokenRequest,
     Unchoke,
@@ -59,6 +61,7 @@ CONTROL: dict[str, ControlMessage] = {
     "token": Token(b"\xbb" * 16),
     "get_manifest": GetManifest(MID),
     "manifest_data": ManifestData(MID, b"envelope"),
+    "peers": Peers(MID, (PeerInfo("12D3KooWA", ("/ip4/127.0.0.1/tcp/4001",)),)),
     "close": Close("bye"),
 }
 
