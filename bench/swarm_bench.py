@@ -288,6 +288,10 @@ class Bench:
                 "egress": served / self.model.total_size,
                 "served": served, "cpu_per_node": cpu / n, "peak_rss": max(x.peak_rss for x in seeds),
                 "per_node": [round(t, 2) if t is not None else None for t in done],
+                # Start-up: median seconds from the common start to "ready" (libp2p up)
+                # and to "fetch-started" (peers discovered, first request about to go out).
+                "ready_median": _median_event(seeds, "ready", t0),
+                "fetch_started_median": _median_event(seeds, "fetch-started", t0),
                 "note": "N join --seed + 1 empty bootstrap node; CPU = whole daemon",
             }
             by_source: dict[str, int] = {}
@@ -343,6 +347,11 @@ class JsonNode:
     def last_line(self) -> str:
         text = [ln.strip() for ln in self.lines if ln.strip()]
         return text[-1].split(" (choose from")[0][:160] if text else ""
+
+def _median_event(nodes: list[JsonNode], name: str, t0: float) -> float | None:
+    ts = sorted(x.events[name][0] - t0 for x in nodes if name in x.events)
+    return round(ts[len(ts) // 2], 2) if ts else None
+
 
 def proc_cpu(pid: int) -> float:
     try:

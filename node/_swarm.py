@@ -104,6 +104,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PROVIDE_WINDOW, _PROVIDE_MAX = 10.0, 8
+_COALESCE_MAX = 256  # queued control messages joined into one write
 _HELLO_BUDGET = 3 * 1024 * 1024  # bytes of bitfields in one Hello (frames stop at 4 MiB)
 
 #: Test hook: a node started with this set claims every piece of every manifest it holds.
@@ -403,6 +404,17 @@ class _Session:
             now = trio.current_time()
             # handle_timer raises when the peer went silent.
             data = self.conn.handle_timer(now) if msg is None else self.conn.send(msg, now)
+            if msg is not None:
+                # Whatever else is queued goes out in the same write: one yamux
+                # frame and one Noise record instead of one per Have.
+                parts = [data]
+                for _ in range(_COALESCE_MAX):
+                    try:
+                        more = self.outbox_recv.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    parts.append(self.conn.send(more, now))
+                data = b"".join(parts)
             if data:
                 await self.stream.send_all(data)
 
@@ -857,68 +869,93 @@ class Swarm:
 
     async def _discover(self, mid: bytes) -> None:
         # Peers we are already connected to over libp2p (bootstrap peers, DHT
-        # neighbours) get a session when nobody holding the manifest is known
-        # yet: a Hello costs one round trip, a DHT lookup several.
-        candidates: list[PeerAddr | str] = []
-        if not any(mid in s.conn.theirs.manifests for s in self._sessions.values()):
-            candidates += self.p2p.connected_peers()
-        candidates += await self.p2p.find_manifest_providers(mid)
-        now = trio.current_time()
-        for peer in candidates:
+        # neighbours) get a session first when nobody holding the manifest is
+        # known yet: a Hello costs one round trip (and a bootstrap node
+        # introduces the holders it knows), a DHT lookup several.
+        if not self._holders(mid):
+            await self._dial_all(self.p2p.connected_peers())
+        await self._dial_all(await self.p2p.find_manifest_providers(mid))
+
+    async def _dial_all(self, candidates: Sequence[PeerAddr | str]) -> None:
+        async def dial(peer: PeerAddr | str) -> None:
             pid = peer.peer_id if isinstance(peer, PeerAddr) else peer
-            if now < self._dial_backoff.get(pid, 0.0):
-                continue
             try:
-                await self.connect_peer(peer)
+                async with self._dial_limit:
+                    await self.connect_peer(peer)
             except SourceError as exc:
                 # An unreachable provider is not dialled again on every round.
                 self._dial_backoff[pid] = trio.current_time() + 5.0
                 log.info("peer %s unreachable: %s", pid, exc)
 
-    async def discover_first(self, mid: bytes, settle: float = 1.5) -> None:
+        now = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for peer in candidates:
+                pid = peer.peer_id if isinstance(peer, PeerAddr) else peer
+                if pid not in self._sessions and now >= self._dial_backoff.get(pid, 0.0):
+                    nursery.start_soon(dial, peer)
+
+    async def discover_first(self, mid: bytes, settle: float = 0.3) -> None:
         """Before a fetch starts: find peers holding ``mid`` and wait for their Hellos.
 
         Peers known before the first request keep mirrors to the pieces no
-        peer has, and share the first copy (picker rule 6). Nodes started
-        together find each other over a second or so, as their provider
-        records land; so discovery repeats (every ``discover_fast``) until a
-        round finds no new holder, for at most ``settle`` seconds. A mirror
-        request withdrawn later, because its piece turned out to be another
-        node's, is origin egress thrown away. Callers bound the whole wait.
+        peer has, and share the first copy (picker rule 6); a mirror request
+        withdrawn later, because its piece turned out to be another node's,
+        is origin egress thrown away. So: open sessions with the peers we are
+        already connected to (the bootstrap nodes, which introduce every
+        other holder they know with ``Peers``), look the manifest up in the
+        DHT in the background, and return once membership has been stable
+        for ``settle`` seconds: no session still waiting for its Hello, no
+        introduced peer still being dialled, no new holder. Callers bound the
+        whole wait.
         """
-        deadline = trio.current_time() + settle
-        known: set[str] = set()
-        while True:
+        looked_up = trio.Event()
+
+        async def lookup() -> None:
             await self._discover(mid)
+            looked_up.set()
+            self._notify_peers_changed()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lookup)
+            known: frozenset[str] = frozenset()
             while True:
                 changed = self._peers_changed
-                if not any(s.conn.theirs.phase is Phase.IDLE for s in self._sessions.values()):
+                with trio.move_on_after(settle) as quiet:
+                    await changed.wait()
+                busy = self._dialing or any(s.conn.theirs.phase is Phase.IDLE for s in self._sessions.values())
+                holders = frozenset(self._holders(mid))
+                # Nobody holds it (a new network): done once the DHT lookup came back empty.
+                if quiet.cancelled_caught and not busy and holders == known and (holders or looked_up.is_set()):
                     break
-                await changed.wait()
-            holders = {p for p, s in self._sessions.items() if mid in s.conn.theirs.manifests}
-            if (holders and holders <= known) or trio.current_time() >= deadline:
-                return
-            known |= holders
-            with trio.move_on_at(min(deadline, trio.current_time() + self.config.discover_fast)):
-                await self._peers_changed.wait()
+                known = holders
+            nursery.cancel_scope.cancel()
 
     async def _discoverer(self) -> None:
         """While fetching, keep finding providers of each wanted manifest and open sessions.
 
         Strategy: nodes started together publish their provider records
         moments after each other, so the first seconds of a fetch look often
-        (``discover_fast``): every peer found early takes its share of the
-        first copy instead of this node pulling it from the mirror too.
+        (``discover_fast``) until some peer holding the manifest is in
+        session; from then on peer exchange (``Peers``) introduces the rest
+        and the DHT is asked every ``discover_interval``.
         """
         while True:
             for mid in list(self._fetches):
                 await self._discover(mid)
             now = trio.current_time()
-            young = any(now - t < self.config.discover_fast_for for t in self._attached_at.values())
+            # Fast rounds only while a young fetch knows no other holder: once one
+            # session holds the manifest, peer exchange brings the rest (a DHT
+            # lookup costs every node on the path a stream and a query).
+            young = any(
+                now - t < self.config.discover_fast_for and not self._holders(mid) for mid, t in self._attached_at.items()
+            )
             interval = min(self.config.discover_interval, self.config.discover_fast) if young else self.config.discover_interval
             with trio.move_on_after(interval):
                 await self._wanted_changed.wait()
             self._wanted_changed = trio.Event()
+
+    def _holders(self, mid: bytes) -> list[str]:
+        return [p for p, s in self._sessions.items() if not s.closed and mid in s.conn.theirs.manifests]
 
     def _needs_provide(self, mid: bytes, now: float) -> bool:
         # Announce when never announced, when the record is due for refresh, and
