@@ -264,7 +264,8 @@ class Bench:
                 return {"error": self.unavailable[key]}
             mark = self.mirror.mark()
             t0 = time.perf_counter()
-            seeds = [JsonNode(cli + ["--data-dir", str(out / f"node{i}" / "data"), "join", "--json",
+            verbose = ["-v"] if os.environ.get("AUTOGLM_BENCH_VERBOSE") == "1" else []
+            seeds = [JsonNode(cli + verbose + ["--data-dir", str(out / f"node{i}" / "data"), "join", "--json",
                                      "--bootstrap", addr, "--mirror", mirror_url, "--seed", str(self.model.manifest),
                                      "--trust", str(self.model.pub), "--out", str(out / f"node{i}" / "files")],
                                 self.net.client_ns) for i in range(n)]
@@ -308,6 +309,11 @@ class Bench:
         finally:
             for x in nodes:
                 PROCS.stop(x.proc, grace=10)
+            logs = os.environ.get("AUTOGLM_BENCH_LOGS")
+            if logs:  # keep each node's output (run the nodes with AUTOGLM_BENCH_VERBOSE=1 for -v)
+                Path(logs).mkdir(parents=True, exist_ok=True)
+                for i, x in enumerate(nodes):
+                    (Path(logs) / f"seed-{n}-{'boot' if i == 0 else f'node{i - 1}'}.log").write_text("".join(x.lines))
             shutil.rmtree(out, ignore_errors=True)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ STALL_TIMEOUT = 15.0
 #: Test hook: a node started with this set flips one byte of every piece it serves.
 CORRUPT_ENV = "AUTOGLM_TEST_CORRUPT_SERVE"
 
+
+_RELOCATE_TRIES = 20  # x 10 ms: the rename-then-record window of a finishing file
 
 #: Payloads at least this large still owed are read with recv_into (see _receive_body_direct).
 _DIRECT_MIN = 64 * 1024
@@ -227,64 +230,87 @@ async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: i
         count -= n
 
 
-def _locate_and_read(st: _ServeState, manifest_id: bytes, index: int) -> tuple[PieceLocation | None, bytes | None]:
+def _open_located(st: _ServeState, manifest_id: bytes, index: int) -> tuple[PieceLocation, int] | None:
+    # A finished file is renamed from staging into place and then recorded:
+    # for a few milliseconds the store still names a path that is gone. Look
+    # again rather than refuse (a refusal makes the peer forget that we have
+    # the piece, which strands it when we are its only holder).
+    for attempt in range(_RELOCATE_TRIES):
+        loc = st.locator.locate(manifest_id, index)
+        if loc is None:
+            return None
+        try:
+            return loc, os.open(loc.path, os.O_RDONLY)
+        except FileNotFoundError:
+            if attempt == _RELOCATE_TRIES - 1:
+                raise
+            time.sleep(0.01)
+    return None
+
+
+def _locate_and_read(st: _ServeState, manifest_id: bytes, index: int) -> tuple[PieceLocation, int, bytes | None] | None:
     """Runs in a worker thread (the store is blocking).
 
-    Returns (location, bytes) after a fresh hash check, (location, None) when
-    this unchanged region verified before and can go out by sendfile, or
-    (None, None) when the piece is not here.
+    Returns None when the piece is not here, else (location, fd, data): an fd
+    open on the file (the caller closes it) and either the bytes after a
+    fresh hash check or None when the region can go out by sendfile as is
+    (written here, or verified before and unchanged since). Holding the fd
+    from here on keeps a file that is being moved into place (staging to
+    final, a rename) servable: the location is looked up again once if the
+    path vanished in between.
     """
-    loc = st.locator.locate(manifest_id, index)
-    if loc is None:
-        return None, None
-    key = (loc.path, loc.offset, loc.length)
-    fd = os.open(loc.path, os.O_RDONLY)
+    opened = _open_located(st, manifest_id, index)
+    if opened is None:
+        return None
+    loc, fd = opened
     try:
+        key = (loc.path, loc.offset, loc.length)
         s = os.fstat(fd)
         stamp = (s.st_ino, s.st_mtime_ns, s.st_size)
         if (loc.trusted or st.verified.get(key) == stamp) and not st.corrupt and st.psk is None:
-            return loc, None
+            return loc, fd, None
         data = os.pread(fd, loc.length, loc.offset)
         drop_cache(fd, loc.offset, loc.length)
-    finally:
+        if len(data) != loc.length:
+            raise IntegrityError(f"{loc.path} is shorter than the manifest says")
+        verify_piece(data, loc.hash)
+        st.verified[key] = stamp
+        return loc, fd, data
+    except BaseException:
         os.close(fd)
-    if len(data) != loc.length:
-        raise IntegrityError(f"{loc.path} is shorter than the manifest says")
-    verify_piece(data, loc.hash)
-    st.verified[key] = stamp
-    return loc, data
+        raise
 
 
 async def _serve_one(stream: trio.SocketStream | AeadStream, proto: PeerwireServer, st: _ServeState, grant: ServeGrant, req: Request) -> None:
     why = grant.check(req.manifest_id, req.index)
-    loc, data = None, None
+    found = None
     if why is None:
         try:
-            loc, data = await trio.to_thread.run_sync(_locate_and_read, st, req.manifest_id, req.index)
+            found = await trio.to_thread.run_sync(_locate_and_read, st, req.manifest_id, req.index)
         except (OSError, AutoglmError) as exc:
             # Gone or rotted on disk: refuse it rather than serve bad bytes.
             log.warning("cannot serve piece %d: %s", req.index, exc)
-    if loc is None:
+    if found is None:
         await stream.send_all(proto.reject(req.req_id, why or RejectReason.NOT_HAVE))
         return
-    await st.up.acquire(loc.length)
-    if data is not None:
-        if st.corrupt and data:
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
-        codec, body = (Codec.RAW, data)
-        if req.accept_zstd:
-            codec, body = await trio.to_thread.run_sync(maybe_compress, data)
-        if codec is Codec.ZSTD or st.corrupt or st.psk is not None:
-            # Two writes: joining header and an 8 MiB body would copy the body once more.
-            await stream.send_all(proto.piece_header(req.req_id, codec, len(body)))
-            await stream.send_all(body)
-            grant.served(req.manifest_id, req.index, len(body))
-            return
-    # Raw bytes that just verified, or verified before and unchanged since:
-    # zero copy from the page cache.
-    await stream.send_all(proto.piece_header(req.req_id, Codec.RAW, loc.length))
-    fd = os.open(loc.path, os.O_RDONLY)
+    loc, fd, data = found
     try:
+        await st.up.acquire(loc.length)
+        if data is not None:
+            if st.corrupt and data:
+                data = bytes([data[0] ^ 0xFF]) + data[1:]
+            codec, body = (Codec.RAW, data)
+            if req.accept_zstd:
+                codec, body = await trio.to_thread.run_sync(maybe_compress, data)
+            if codec is Codec.ZSTD or st.corrupt or st.psk is not None:
+                # Two writes: joining header and an 8 MiB body would copy the body once more.
+                await stream.send_all(proto.piece_header(req.req_id, codec, len(body)))
+                await stream.send_all(body)
+                grant.served(req.manifest_id, req.index, len(body))
+                return
+        # Raw bytes that just verified, or trusted / verified before and unchanged
+        # since: zero copy from the file.
+        await stream.send_all(proto.piece_header(req.req_id, Codec.RAW, loc.length))
         await _sendfile(stream.socket, fd, loc.offset, loc.length)
         drop_cache(fd, loc.offset, loc.length)
     finally:

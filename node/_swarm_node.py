@@ -35,6 +35,8 @@ __all__ = ["JoinConfig", "SwarmNode", "fetch_with_peers", "open_swarm_node"]
 
 log = logging.getLogger(__name__)
 
+DISCOVER_FIRST_BOUND = 6.0  # seconds a fetch may wait for swarm membership to settle
+
 _RESOLVE_TIMEOUT = 30.0
 
 
@@ -107,7 +109,9 @@ class SwarmNode:
             # mirrors to pieces that no peer has.
             self.swarm.attach(mid, fetch)
             if download.missing():
-                with trio.move_on_after(3.0):
+                # Until membership is quiet (docs/protocol.md); the bound only
+                # matters while many nodes start at once on a loaded host.
+                with trio.move_on_after(DISCOVER_FIRST_BOUND):
                     await self.swarm.discover_first(mid)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump, recv, mid, prog, events)

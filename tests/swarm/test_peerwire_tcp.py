@@ -129,6 +129,28 @@ async def test_rotted_piece_on_disk_is_not_served(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_piece_of_a_file_being_moved_into_place_is_still_served(tmp_path: Path) -> None:
+    """The store may name the staging path for a moment after the rename: look again, do not refuse."""
+    loc, tokens = _model(tmp_path, 2), Tokens()
+    calls: list[int] = []
+
+    class Moving:
+        def locate(self, manifest_id: bytes, index: int) -> PieceLocation | None:
+            calls.append(index)
+            real = loc.locate(manifest_id, index)
+            if real is None or len(calls) < 3:
+                return None if real is None else PieceLocation(str(tmp_path / "gone.part"), real.offset, real.length, real.hash)
+            return real
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(serve_peerwire, Moving(), tokens.redeem)
+            async with open_peerwire_connection(host, port, tokens.issue("a")) as conn:
+                verify_piece(await conn.fetch(MID, 1, PIECE), loc.hashes[1])
+            nursery.cancel_scope.cancel()
+    assert len(calls) == 3
+
+
 async def test_pieces_written_here_go_out_without_a_second_hash(tmp_path: Path) -> None:
     """A piece this process verified and wrote is sent by sendfile as it lies on disk.
 
