@@ -60,6 +60,9 @@ _IDENTITY_FILE = "p2p-identity.key"
 _DHT_TIMEOUT = 20.0
 
 
+_PROTECT_TAG = "autoglm-session"
+
+
 @dataclass(frozen=True, slots=True)
 class PeerAddr:
     """A peer as the DHT reports it: its id and the multiaddrs it advertised."""
@@ -163,6 +166,25 @@ class P2PNode:
 
     def connected_peers(self) -> list[str]:
         return [str(p) for p in self._host.get_connected_peers()]
+
+    def protect(self, peer_id: str, on: bool = True) -> None:
+        """Keep libp2p from trimming this peer's connection while a session runs on it.
+
+        With one connection allowed per peer, two nodes dialling each other at
+        once (the DHT does, on every lookup) end up with two connections and
+        each side trims one by its own rule, often not the same one: both
+        close, and every stream on them resets. A protected peer's
+        connections are never trimmed.
+        """
+        try:
+            pid = ID.from_base58(peer_id)
+            net = self._host.get_network()
+            if on:
+                net.protect(pid, _PROTECT_TAG)
+            else:
+                net.unprotect(pid, _PROTECT_TAG)
+        except (BaseLibp2pError, ValueError, AttributeError, KeyError):
+            pass
 
     def peer_addrs(self, peer_id: str, limit: int = 8) -> tuple[str, ...]:
         """The listen multiaddrs the peerstore holds for a peer (learned by identify or the DHT)."""

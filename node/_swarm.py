@@ -123,6 +123,13 @@ class SwarmConfig:
     discover_interval: float = 3.0
     discover_fast: float = 0.25  # the discovery interval in a fetch's first discover_fast_for seconds
     discover_fast_for: float = 10.0
+    # A holder whose session just ended stays in the first-copy membership this
+    # long: a control stream that resets and is dialled again must not move
+    # every piece's owner twice (each move costs mirror requests in flight).
+    member_grace: float = 5.0
+    # An introduced peer with a larger id waits this long for the smaller one
+    # to dial (both dialling at once costs one of the two connections).
+    intro_dial_delay: float = 1.0
     reprovide_interval: float = 600.0
     keepalive_interval: float = 15.0
     idle_timeout: float = 45.0
@@ -475,6 +482,8 @@ class Swarm:
         self._provided: dict[bytes, tuple[float, int]] = {}
         self._dial_backoff: dict[str, float] = {}
         self._dialing: set[str] = set()  # peers being dialled after an introduction
+        # manifest -> peer -> (when its session ended, whether it was complete): see member_grace
+        self._departed: dict[bytes, dict[str, tuple[float, bool]]] = {}
         self._dial_limit = trio.CapacityLimiter(8)
         self._provided_files: set[bytes] = set()
         self._provide_times: list[float] = []
@@ -569,6 +578,13 @@ class Swarm:
             bf = s.conn.theirs.manifests.get(mid)
             if bf is not None and not s.closed and p not in self._banned.get(mid, ()):
                 (complete if bf.complete else peers).append(p)
+        now = trio.current_time()
+        gone = self._departed.get(mid, {})
+        for p, (t, was_complete) in list(gone.items()):
+            if p in self._sessions or now - t >= self.config.member_grace or p in self._banned.get(mid, ()):
+                del gone[p]
+            else:
+                (complete if was_complete else peers).append(p)
         fetch.set_swarm(peers, complete)
 
     def fetching(self, manifest_id: bytes) -> bool:
@@ -659,6 +675,8 @@ class Swarm:
                 return False
             old.cancel_scope.cancel()
         self._sessions[s.peer_id] = s
+        if self.p2p is not None:
+            self.p2p.protect(s.peer_id)
         return True
 
     async def _run_session(self, stream: ControlStream, initiator: str) -> None:
@@ -694,6 +712,8 @@ class Swarm:
     async def _end_session(self, s: _Session) -> None:
         if self._sessions.get(s.peer_id) is s:
             del self._sessions[s.peer_id]
+            if self.p2p is not None:
+                self.p2p.protect(s.peer_id, on=False)
             # Tokens this peer never redeemed die with its session.
             for tok in [t for t, p in self._tokens.items() if p == s.peer_id]:
                 del self._tokens[tok]
@@ -701,11 +721,32 @@ class Swarm:
             self._detach_source(src)
         s.sources.clear()
         s.closed = True
+        now = trio.current_time()
+        redial = False
+        for mid, bf in s.conn.theirs.manifests.items():
+            if mid in self._fetches and s.peer_id not in self._sessions:
+                redial = True
+                self._departed.setdefault(mid, {})[s.peer_id] = (now, bf.complete)
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._forget_departed, mid)
+        if redial and self._nursery is not None and self.p2p is not None and s.peer_id not in self._dialing:
+            # A holder of what we fetch dropped out (a reset connection, often a
+            # loaded host): dial it again within the grace period rather than
+            # wait for the DHT. The smaller peer id goes first, as for introductions.
+            info = self._peer_info(s.peer_id)
+            if info is not None:
+                self._dialing.add(s.peer_id)
+                delay = 0.2 if self.p2p.peer_id < s.peer_id else 0.2 + self.config.intro_dial_delay
+                self._nursery.start_soon(self._dial_introduced, PeerAddr(s.peer_id, info.addrs), "reconnect", delay)
         for mid in list(self._fetches):
             self._update_swarm(mid)
         self._rechoke_now.set()
         self._notify_peers_changed()
         await s.aclose()
+
+    async def _forget_departed(self, mid: bytes) -> None:
+        await trio.sleep(self.config.member_grace)
+        self._update_swarm(mid)
 
     def _on_message(self, s: _Session, msg: ControlMessage) -> None:
         if isinstance(msg, Hello | Announce):
@@ -796,10 +837,17 @@ class Swarm:
             if pid == self.p2p.peer_id or pid in self._sessions or pid in self._dialing or now < self._dial_backoff.get(pid, 0.0):
                 continue
             self._dialing.add(pid)
-            self._nursery.start_soon(self._dial_introduced, PeerAddr(pid, info.addrs), s.peer_id)
+            # Both sides of an introduction hear of each other at once: the
+            # smaller peer id dials, the other only if no session came of it.
+            delay = 0.0 if self.p2p.peer_id < pid else self.config.intro_dial_delay
+            self._nursery.start_soon(self._dial_introduced, PeerAddr(pid, info.addrs), s.peer_id, delay)
 
-    async def _dial_introduced(self, peer: PeerAddr, via: str) -> None:
+    async def _dial_introduced(self, peer: PeerAddr, via: str, delay: float = 0.0) -> None:
         try:
+            if delay:
+                await trio.sleep(delay)
+                if peer.peer_id in self._sessions:
+                    return
             async with self._dial_limit:
                 await self.connect_peer(peer)
         except AutoglmError as exc:

@@ -139,3 +139,17 @@ async def test_dial_nobody_is_source_error(tmp_path: Path) -> None:
         async with open_p2p(tmp_path / "b") as b:
             with pytest.raises(SourceError):
                 await b.connect(f"/ip4/127.0.0.1/tcp/{port}/p2p/{pid}")
+
+
+async def test_session_peers_are_protected_from_connection_trimming(tmp_path: Path) -> None:
+    from libp2p.peer.id import ID
+
+    with trio.fail_after(30):
+        async with _nodes(tmp_path, 2) as (a, b):
+            store = a._host.get_network().tag_store
+            pid = ID.from_base58(b.peer_id)
+            assert not store.is_protected(pid)
+            a.protect(b.peer_id)
+            assert store.is_protected(pid)
+            a.protect(b.peer_id, on=False)
+            assert not store.is_protected(pid)

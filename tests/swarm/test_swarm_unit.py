@@ -67,7 +67,7 @@ async def _next(conn: ControlConnection, stream: MemControlStream) -> object:
 @pytest.fixture
 def swarm(tmp_path: Path) -> Swarm:
     store = Store(tmp_path)
-    return Swarm(None, store, SwarmConfig(keepalive_interval=15, idle_timeout=45))  # type: ignore[arg-type]
+    return Swarm(None, store, SwarmConfig(keepalive_interval=15, idle_timeout=45, member_grace=0.3))  # type: ignore[arg-type]
 
 
 async def test_session_keepalive_idle_timeout_and_unchoke(swarm: Swarm, autojump_clock: trio.testing.MockClock) -> None:
@@ -220,9 +220,15 @@ async def test_fetchers_share_the_first_copy(swarm: Swarm) -> None:
             await theirs.send_all(peer.send(Have(mid, 1), trio.current_time()))  # now complete
             await trio.testing.wait_all_tasks_blocked()
             assert fetch.swarms[-1] == set() and fetch.complete[-1] == {"peerB"}
+            swarm._nursery = nursery
             await theirs.aclose()
             await trio.testing.wait_all_tasks_blocked()
-            assert "peerB" not in swarm._sessions and fetch.swarms[-1] == set() and fetch.complete[-1] == set()
+            # Gone: it stays a member for member_grace (a reset stream dialled again
+            # must not move every owner twice), then leaves.
+            assert "peerB" not in swarm._sessions and fetch.complete[-1] == {"peerB"}
+            await trio.sleep(swarm.config.member_grace + 0.1)
+            assert fetch.swarms[-1] == set() and fetch.complete[-1] == set()
+            nursery.cancel_scope.cancel()
 
 
 class IntroP2P:
@@ -235,6 +241,9 @@ class IntroP2P:
 
     def peer_addrs(self, peer_id: str, limit: int = 8) -> tuple[str, ...]:
         return (f"/ip4/127.0.0.1/tcp/4001/p2p/{peer_id}",)[:limit]
+
+    def protect(self, peer_id: str, on: bool = True) -> None:
+        pass
 
     async def open_control(self, peer: Any) -> Any:
         from autoglm.node.errors import SourceError
@@ -278,7 +287,7 @@ async def test_introduced_peers_are_dialled_only_for_a_wanted_manifest(tmp_path:
     from autoglm.protocol._control import PeerInfo, Peers
 
     p2p = IntroP2P()
-    swarm = Swarm(p2p, Store(tmp_path), SwarmConfig())  # type: ignore[arg-type]
+    swarm = Swarm(p2p, Store(tmp_path), SwarmConfig(intro_dial_delay=0.3))  # type: ignore[arg-type]
     mid, unwanted = b"\x0b" * 32, b"\x0c" * 32
     swarm.hold(mid, 2)
     swarm.attach(mid, RecordingFetch())
@@ -290,11 +299,17 @@ async def test_introduced_peers_are_dialled_only_for_a_wanted_manifest(tmp_path:
             nursery.start_soon(swarm._run_session, MemControlStream(a, "peerB"), "peerB")
             assert isinstance(await _next(peer, theirs), Hello)
             await theirs.send_all(peer.send(Hello((), None, b"t" * 16), 0.0))
-            intro = (PeerInfo("peerSelf", ("/ip4/127.0.0.1/tcp/1",)), PeerInfo("peerE", ("/ip4/127.0.0.1/tcp/2",)))
+            intro = (PeerInfo("peerSelf", ("/ip4/127.0.0.1/tcp/1",)), PeerInfo("peerZ", ("/ip4/127.0.0.1/tcp/2",)))
             await theirs.send_all(peer.send(Peers(unwanted, (PeerInfo("peerF", ("/ip4/127.0.0.1/tcp/3",)),)), 0.0))
             await theirs.send_all(peer.send(Peers(mid, intro), 0.0))
             await theirs.send_all(peer.send(Peers(mid, intro), 0.0))  # again: the failed dial backs off
             await trio.testing.wait_all_tasks_blocked()
-            # Only peerE: not ourselves, not the peer of an unwanted manifest, and once.
-            assert p2p.dialled == [PeerAddr("peerE", ("/ip4/127.0.0.1/tcp/2",))]
+            # Only peerZ: not ourselves, not the peer of an unwanted manifest, and once.
+            assert p2p.dialled == [PeerAddr("peerZ", ("/ip4/127.0.0.1/tcp/2",))]
+            # A smaller peer id than ours is expected to dial us; we dial it only after a delay.
+            await theirs.send_all(peer.send(Peers(mid, (PeerInfo("peerA", ("/ip4/127.0.0.1/tcp/5",)),)), 0.0))
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(p2p.dialled) == 1
+            await trio.sleep(0.4)
+            assert p2p.dialled[1:] == [PeerAddr("peerA", ("/ip4/127.0.0.1/tcp/5",))]
             nursery.cancel_scope.cancel()
