@@ -118,10 +118,13 @@ class HttpConnection:
         self.head_bytes = 0  # response bytes seen for the current request
         self._lowat = LowWater()
 
-    async def _recv_into(self, view: memoryview) -> int:
+    async def _recv_into(self, view: memoryview, expect: int | None = None) -> int:
+        """Bytes into ``view``. ``expect``: body bytes still owed (raises the low-water mark, _lowat.py)."""
         if self._sock is not None:
             try:
-                return await self._sock.recv_into(view)
+                if expect is None:
+                    return await self._sock.recv_into(view)
+                return await self._lowat.recv_into(self._sock, view, expect)
             except OSError as exc:
                 raise MirrorError(f"{self.url.origin}: connection failed: {exc.strerror or exc}") from exc
         assert self._tls is not None
@@ -218,13 +221,8 @@ class HttpConnection:
             n = min(want, len(self._pending))
             view[:n] = self._pending[:n]
             self._pending = self._pending[n:]
-        elif self._sock is not None:
-            try:
-                n = await self._lowat.recv_into(self._sock, view[:want], self.remaining or 0)
-            except OSError as exc:
-                raise MirrorError(f"{self.url.origin}: connection failed: {exc.strerror or exc}") from exc
         else:
-            n = await self._recv_into(view[:want])
+            n = await self._recv_into(view[:want], self.remaining or 0)
         if n == 0:
             if self.remaining is None:
                 self.remaining = 0

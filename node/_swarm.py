@@ -105,6 +105,7 @@ log = logging.getLogger(__name__)
 
 _PROVIDE_WINDOW, _PROVIDE_MAX = 10.0, 8
 _COALESCE_MAX = 256  # queued control messages joined into one write
+_DIAL_BACKOFF = 5.0  # seconds before an unreachable peer is dialled again
 _HELLO_BUDGET = 3 * 1024 * 1024  # bytes of bitfields in one Hello (frames stop at 4 MiB)
 
 #: Test hook: a node started with this set claims every piece of every manifest it holds.
@@ -735,9 +736,7 @@ class Swarm:
             # wait for the DHT. The smaller peer id goes first, as for introductions.
             info = self._peer_info(s.peer_id)
             if info is not None:
-                self._dialing.add(s.peer_id)
-                delay = 0.2 if self.p2p.peer_id < s.peer_id else 0.2 + self.config.intro_dial_delay
-                self._nursery.start_soon(self._dial_introduced, PeerAddr(s.peer_id, info.addrs), "reconnect", delay)
+                self._dial_later(PeerAddr(s.peer_id, info.addrs), "reconnect", after=0.2)
         for mid in list(self._fetches):
             self._update_swarm(mid)
         self._rechoke_now.set()
@@ -812,7 +811,7 @@ class Swarm:
         round trip of their Hello, not after several DHT rounds (the first
         copy can only be spread among nodes that know each other).
         """
-        others = [o for p, o in self._sessions.items() if p != s.peer_id and not o.closed and mid in o.conn.theirs.manifests]
+        others = [self._sessions[p] for p in self._holders(mid) if p != s.peer_id]
         if not others:
             return
         me = self._peer_info(s.peer_id)
@@ -836,25 +835,39 @@ class Swarm:
             pid = info.peer_id
             if pid == self.p2p.peer_id or pid in self._sessions or pid in self._dialing or now < self._dial_backoff.get(pid, 0.0):
                 continue
-            self._dialing.add(pid)
-            # Both sides of an introduction hear of each other at once: the
-            # smaller peer id dials, the other only if no session came of it.
-            delay = 0.0 if self.p2p.peer_id < pid else self.config.intro_dial_delay
-            self._nursery.start_soon(self._dial_introduced, PeerAddr(pid, info.addrs), s.peer_id, delay)
+            self._dial_later(PeerAddr(pid, info.addrs), f"introduced by {s.peer_id}")
 
-    async def _dial_introduced(self, peer: PeerAddr, via: str, delay: float = 0.0) -> None:
+    def _dial_later(self, peer: PeerAddr, why: str, after: float = 0.0) -> None:
+        """Dial a peer we were told about (or lost) in the background, tracked in ``_dialing``.
+
+        Both ends of an introduction (or of a lost session) learn of it at
+        once: the smaller peer id dials, the other only if no session came
+        of it within ``intro_dial_delay``.
+        """
+        assert self._nursery is not None
+        self._dialing.add(peer.peer_id)
+        delay = after + (0.0 if self.p2p.peer_id < peer.peer_id else self.config.intro_dial_delay)
+        self._nursery.start_soon(self._dial_after, peer, why, delay)
+
+    async def _dial_after(self, peer: PeerAddr, why: str, delay: float) -> None:
         try:
             if delay:
                 await trio.sleep(delay)
                 if peer.peer_id in self._sessions:
                     return
+            await self._try_dial(peer, why)
+        finally:
+            self._dialing.discard(peer.peer_id)
+
+    async def _try_dial(self, peer: PeerAddr | str, why: str) -> None:
+        """Open a session (at most 8 dials at once); an unreachable peer is not dialled again for a while."""
+        pid = peer.peer_id if isinstance(peer, PeerAddr) else peer
+        try:
             async with self._dial_limit:
                 await self.connect_peer(peer)
         except AutoglmError as exc:
-            self._dial_backoff[peer.peer_id] = trio.current_time() + 5.0
-            log.info("peer %s (introduced by %s) unreachable: %s", peer.peer_id, via, exc)
-        finally:
-            self._dialing.discard(peer.peer_id)
+            self._dial_backoff[pid] = trio.current_time() + _DIAL_BACKOFF
+            log.info("peer %s (%s) unreachable: %s", pid, why, exc)
 
     # -- manifests by id (for name records) ------------------------------
     def _on_manifest_data(self, s: _Session, msg: ManifestData) -> None:
@@ -925,22 +938,12 @@ class Swarm:
         await self._dial_all(await self.p2p.find_manifest_providers(mid))
 
     async def _dial_all(self, candidates: Sequence[PeerAddr | str]) -> None:
-        async def dial(peer: PeerAddr | str) -> None:
-            pid = peer.peer_id if isinstance(peer, PeerAddr) else peer
-            try:
-                async with self._dial_limit:
-                    await self.connect_peer(peer)
-            except SourceError as exc:
-                # An unreachable provider is not dialled again on every round.
-                self._dial_backoff[pid] = trio.current_time() + 5.0
-                log.info("peer %s unreachable: %s", pid, exc)
-
         now = trio.current_time()
         async with trio.open_nursery() as nursery:
             for peer in candidates:
                 pid = peer.peer_id if isinstance(peer, PeerAddr) else peer
                 if pid not in self._sessions and now >= self._dial_backoff.get(pid, 0.0):
-                    nursery.start_soon(dial, peer)
+                    nursery.start_soon(self._try_dial, peer, "discovery")
 
     async def discover_first(self, mid: bytes, settle: float = 0.3) -> None:
         """Before a fetch starts: find peers holding ``mid`` and wait for their Hellos.
