@@ -198,10 +198,12 @@ class Bench:
         mirror_url = f"http://{MIRROR_IP}:{self.mirror.port}/"
         cli = autoglm_cmd()
         nodes: list[tuple[subprocess.Popen[str], list[str]]] = []
+        fetch_out: list[str] = []
         try:
             bootstrap: str | None = None
+            verbose = ["-v"] if os.environ.get("AUTOGLM_BENCH_VERBOSE") == "1" else []
             for i in range(n):
-                argv = cli + ["--data-dir", str(out / f"node{i}" / "data"), "join", "--mirror", mirror_url]
+                argv = cli + verbose + ["--data-dir", str(out / f"node{i}" / "data"), "join", "--mirror", mirror_url]
                 if bootstrap:
                     argv += ["--bootstrap", bootstrap]
                 proc, lines, addr = start_and_wait_multiaddr(argv, self.net.client_ns, timeout=60)
@@ -220,6 +222,7 @@ class Bench:
                             "--trust", str(self.model.pub), "--json"] for i in range(n)]
             mark = self.mirror.mark()
             rs = measure_many(argvs, timeout=self.timeout(n, per_copy=True), netns=self.net.client_ns)
+            fetch_out = [r.stdout for r in rs]
             join_cpu = sum(proc_cpu(p.pid) - c0 for (p, _), c0 in zip(nodes, cpu0, strict=True))
             served = self.mirror.settle(mark)
             row = self._many_row(rs, n, served, self.model.total_size, extra_cpu=join_cpu,
@@ -237,6 +240,13 @@ class Bench:
         finally:
             for proc, _ in nodes:
                 PROCS.stop(proc, grace=10)
+            logs = os.environ.get("AUTOGLM_BENCH_LOGS")
+            if logs:  # keep each daemon's output and each fetch's --json lines
+                Path(logs).mkdir(parents=True, exist_ok=True)
+                for i, (_, lines) in enumerate(nodes):
+                    (Path(logs) / f"join-{n}-node{i}.log").write_text("".join(lines))
+                for i, text in enumerate(fetch_out):
+                    (Path(logs) / f"fetch-{n}-node{i}.log").write_text(text or "")
             shutil.rmtree(out, ignore_errors=True)
 
     def run_autoglm_seed(self, n: int) -> dict[str, Any]:

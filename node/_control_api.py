@@ -6,7 +6,8 @@ connection:
 
 * ``{"op": "status"}`` -> one line, the node's status.
 * ``{"op": "fetch", "manifest": PATH|URL, "out": DIR, "mirrors": [...],
-  "trust": [KEY.pub paths], "files": [paths] or null}`` -> progress events, one per line (the
+  "trust": [KEY.pub paths], "roots": [CA.pem paths], "spiffe_ids": [...], "files": [paths] or null}``
+  -> progress events, one per line (the
   ``--json`` form of node/_progress.py), then ``{"event": "result", ...}`` or
   ``{"event": "error", "message": ..., "kind": ...}``. The running node keeps
   serving the model afterwards. With ``"name": NAME`` instead of
@@ -21,33 +22,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from autoglm.node._control_client import socket_path
 from autoglm.node._keys import load_private_key, load_trust_policy
 from autoglm.node._manifests import load_signed_manifest
 from autoglm.node._progress import Event, to_json
-from autoglm.node.errors import AutoglmError, ConfigError, SourceError
+from autoglm.node.errors import AutoglmError, ConfigError
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
     from autoglm.node._swarm_node import SwarmNode
 
-__all__ = ["SOCKET_NAME", "control_request", "node_is_running", "serve_control_api", "socket_path"]
+__all__ = ["serve_control_api"]
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "control.sock"
 _MAX_LINE = 64 * 1024
-
-
-def socket_path(data_dir: Path) -> Path:
-    return data_dir / SOCKET_NAME
 
 
 async def _send(stream: trio.abc.Stream, value: dict[str, Any]) -> None:
@@ -90,7 +85,10 @@ async def _handle(stream: trio.SocketStream, node: SwarmNode) -> None:
 async def _fetch(stream: trio.SocketStream, node: SwarmNode, req: dict[str, Any]) -> None:
     send, recv = trio.open_memory_channel[Event](64)
     try:
-        trust = load_trust_policy(node.config.data_dir, [Path(p) for p in req.get("trust", [])])
+        trust = load_trust_policy(
+            node.config.data_dir, [Path(p) for p in req.get("trust", [])], [Path(p) for p in req.get("roots", [])],
+            [str(x) for x in req.get("spiffe_ids", [])],
+        )
         async with trio.open_nursery() as nursery:
 
             async def forward() -> None:
@@ -169,43 +167,3 @@ async def serve_control_api(
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
-
-
-async def node_is_running(data_dir: Path) -> bool:
-    """True when a `join` node answers on DATA_DIR/control.sock (``fetch`` then delegates to it)."""
-    try:
-        stream = await trio.open_unix_socket(str(socket_path(data_dir)))
-    except OSError:
-        return False
-    await stream.aclose()
-    return True
-
-
-@asynccontextmanager
-async def control_request(data_dir: Path, request: dict[str, Any]) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
-    """Send one request to a running node; yields an iterator over its reply lines.
-
-    SourceError if no node is running with this data directory.
-    """
-    path = socket_path(data_dir)
-    try:
-        stream = await trio.open_unix_socket(str(path))
-    except OSError as exc:
-        raise SourceError(f"no running node at {path} (start one with `autoglm-node join`)") from exc
-
-    async def lines() -> AsyncIterator[dict[str, Any]]:
-        buf = b""
-        while True:
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                yield json.loads(line)
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                return
-            buf += chunk
-
-    try:
-        await _send(stream, request)
-        yield lines()
-    finally:
-        await stream.aclose()

@@ -40,6 +40,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
+from autoglm.node._logs import apply_libp2p_level
 from autoglm.node.errors import ConfigError, RemoteProtocolError, SignatureError, SourceError
 from autoglm.protocol._control import CONTROL_PROTOCOL_ID
 from autoglm.protocol._namerecord import (
@@ -54,6 +55,7 @@ from autoglm.protocol._namerecord import (
 __all__ = ["DEFAULT_LISTEN", "ControlStream", "P2PNode", "PeerAddr", "load_identity_seed", "open_p2p"]
 
 log = logging.getLogger(__name__)
+apply_libp2p_level()  # importing libp2p reset its logger
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 _IDENTITY_FILE = "p2p-identity.key"

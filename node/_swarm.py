@@ -811,7 +811,7 @@ class Swarm:
         round trip of their Hello, not after several DHT rounds (the first
         copy can only be spread among nodes that know each other).
         """
-        others = [self._sessions[p] for p in self._holders(mid) if p != s.peer_id]
+        others = [self._sessions[p] for p in self.holders(mid) if p != s.peer_id]
         if not others:
             return
         me = self._peer_info(s.peer_id)
@@ -933,7 +933,7 @@ class Swarm:
         # neighbours) get a session first when nobody holding the manifest is
         # known yet: a Hello costs one round trip (and a bootstrap node
         # introduces the holders it knows), a DHT lookup several.
-        if not self._holders(mid):
+        if not self.holders(mid):
             await self._dial_all(self.p2p.connected_peers())
         await self._dial_all(await self.p2p.find_manifest_providers(mid))
 
@@ -974,7 +974,7 @@ class Swarm:
                 with trio.move_on_after(settle) as quiet:
                     await changed.wait()
                 busy = self._dialing or any(s.conn.theirs.phase is Phase.IDLE for s in self._sessions.values())
-                holders = frozenset(self._holders(mid))
+                holders = frozenset(self.holders(mid))
                 # Nobody holds it (a new network): done once the DHT lookup came back empty.
                 if quiet.cancelled_caught and not busy and holders == known and (holders or looked_up.is_set()):
                     break
@@ -998,14 +998,15 @@ class Swarm:
             # session holds the manifest, peer exchange brings the rest (a DHT
             # lookup costs every node on the path a stream and a query).
             young = any(
-                now - t < self.config.discover_fast_for and not self._holders(mid) for mid, t in self._attached_at.items()
+                now - t < self.config.discover_fast_for and not self.holders(mid) for mid, t in self._attached_at.items()
             )
             interval = min(self.config.discover_interval, self.config.discover_fast) if young else self.config.discover_interval
             with trio.move_on_after(interval):
                 await self._wanted_changed.wait()
             self._wanted_changed = trio.Event()
 
-    def _holders(self, mid: bytes) -> list[str]:
+    def holders(self, mid: bytes) -> list[str]:
+        """Peers in session that hold (or are fetching) ``mid``."""
         return [p for p, s in self._sessions.items() if not s.closed and mid in s.conn.theirs.manifests]
 
     def _needs_provide(self, mid: bytes, now: float) -> bool:

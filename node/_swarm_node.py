@@ -84,8 +84,10 @@ class SwarmNode:
         ``files`` limits the fetch to those paths (a variant); ``events`` gets
         the engine's progress events and is closed at the end.
         """
+        t0 = trio.current_time()
         signed, m = await load_manifest(manifest, trust)
         mid = signed.id
+        log.info("fetch of %s %s (%s) requested", m.name, m.version, mid.hex()[:16])
         out_dir = await trio.to_thread.run_sync(lambda: Path(out).expanduser().resolve())
         store = self.node.store
         download = await trio.to_thread.run_sync(store.open_download, signed, out_dir, files)
@@ -113,6 +115,8 @@ class SwarmNode:
                 # matters while many nodes start at once on a loaded host.
                 with trio.move_on_after(DISCOVER_FIRST_BOUND):
                     await self.swarm.discover_first(mid)
+                log.info("%s: %d holder(s) known %.2f s after the request; fetching", mid.hex()[:16],
+                         len(self.swarm.holders(mid)), trio.current_time() - t0)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump, recv, mid, prog, events)
                 await nursery.start(runner)
@@ -124,6 +128,7 @@ class SwarmNode:
                 await events.aclose()
         prog.complete = True
         prog.bytes_done = prog.bytes_total
+        log.info("%s: complete %.2f s after the request", mid.hex()[:16], trio.current_time() - t0)
         await self.swarm.refresh_held(mid)
         return box[0]
 
@@ -211,9 +216,12 @@ async def open_swarm_node(
 
     ``events`` receives the swarm's own events (DHT announcements, bans).
     """
-    from autoglm.node._control_api import node_is_running, serve_control_api
+    from autoglm.node._control_api import serve_control_api
+    from autoglm.node._control_client import connect
 
-    if config.control_api and await node_is_running(config.data_dir):
+    running = connect(config.data_dir) if config.control_api else None  # a unix socket: answers at once
+    if running is not None:
+        running.close()
         raise ConfigError(f"a node is already running with data directory {config.data_dir}; use another --data-dir")
     async with open_node(NodeConfig(config.data_dir)) as node:
         async with open_p2p(config.data_dir, config.listen, config.bootstrap) as p2p:

@@ -2,9 +2,18 @@
 
 No networking, clocks or filesystem access happen in this package: callers
 pass bytes and the current time in, and get values, events and bytes out.
+
+Only the error tree loads with the package; every other name loads its
+module on first use (PEP 562), so a command that needs an error class and
+nothing else (``fetch`` handed to a running node) does not pay for msgpack,
+cryptography and blake3.
 """
 
-from ._codec import Limits, decode_canonical, encode_canonical
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from ._errors import (
     AutoglmError,
     ConfigError,
@@ -15,39 +24,76 @@ from ._errors import (
     SignatureError,
     TrustError,
 )
-from ._manifest import (
-    DEFAULT_MAX_PIECE_SIZE,
-    FORMAT_VERSION,
-    FileEntry,
-    Manifest,
-    ManifestLimits,
-    Piece,
-    Requirements,
-    Variant,
-    decode_manifest,
-)
-from ._paths import check_path, check_unique_paths
-from ._pieces import (
-    plan_fixed,
-    plan_safetensors,
-    safetensors_header_length,
-    safetensors_tensor_spans,
-)
-from ._signing import (
-    DOMAIN_MANIFEST,
-    MAGIC,
-    SignedManifest,
-    TrustPolicy,
-    decode_signed_manifest,
-    encode_public_key,
-    generate_private_key,
-    key_id,
-    parse_private_key,
-    parse_public_key,
-    sign_manifest,
-    verify_manifest,
-    verify_signature,
-)
+
+if TYPE_CHECKING:
+    from ._codec import Limits, decode_canonical, encode_canonical
+    from ._manifest import (
+        DEFAULT_MAX_PIECE_SIZE,
+        FORMAT_VERSION,
+        FileEntry,
+        Manifest,
+        ManifestLimits,
+        Piece,
+        Requirements,
+        Variant,
+        decode_manifest,
+    )
+    from ._paths import check_path, check_unique_paths
+    from ._pieces import (
+        plan_fixed,
+        plan_safetensors,
+        safetensors_header_length,
+        safetensors_tensor_spans,
+    )
+    from ._signing import (
+        DOMAIN_MANIFEST,
+        MAGIC,
+        SignedManifest,
+        TrustPolicy,
+        decode_signed_manifest,
+        encode_public_key,
+        generate_private_key,
+        key_id,
+        parse_private_key,
+        parse_public_key,
+        sign_manifest,
+        verify_manifest,
+        verify_signature,
+    )
+
+_LAZY = {
+    "DEFAULT_MAX_PIECE_SIZE": "._manifest",
+    "DOMAIN_MANIFEST": "._signing",
+    "FORMAT_VERSION": "._manifest",
+    "FileEntry": "._manifest",
+    "Limits": "._codec",
+    "MAGIC": "._signing",
+    "Manifest": "._manifest",
+    "ManifestLimits": "._manifest",
+    "Piece": "._manifest",
+    "Requirements": "._manifest",
+    "SignedManifest": "._signing",
+    "TrustPolicy": "._signing",
+    "Variant": "._manifest",
+    "check_path": "._paths",
+    "check_unique_paths": "._paths",
+    "decode_canonical": "._codec",
+    "decode_manifest": "._manifest",
+    "decode_signed_manifest": "._signing",
+    "encode_canonical": "._codec",
+    "encode_public_key": "._signing",
+    "generate_private_key": "._signing",
+    "key_id": "._signing",
+    "parse_private_key": "._signing",
+    "parse_public_key": "._signing",
+    "plan_fixed": "._pieces",
+    "plan_safetensors": "._pieces",
+    "safetensors_header_length": "._pieces",
+    "safetensors_tensor_spans": "._pieces",
+    "sign_manifest": "._signing",
+    "verify_manifest": "._signing",
+    "verify_signature": "._signing",
+}
 
 __all__ = [
     "DEFAULT_MAX_PIECE_SIZE",
@@ -90,3 +136,16 @@ __all__ = [
     "verify_manifest",
     "verify_signature",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import argparse
 import re
+import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import trio
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
-
-from autoglm.node._config import configured_bootstrap
-from autoglm.node._engine import FetchOptions, FetchResult, collapse_group
-from autoglm.node._mirrors import MirrorConfig
 from autoglm.node._progress import (
     Event,
     FetchDone,
@@ -31,14 +17,19 @@ from autoglm.node._progress import (
     ProgressSnapshot,
     SourceFailed,
     from_json,
-    to_json,
 )
-from autoglm.node._store import Store
-from autoglm.node.api import NodeConfig, load_manifest, open_node
 from autoglm.node.errors import AutoglmError, ConfigError, SourceError
 
 from ._common import console, err_console, human_bytes, print_json
 from ._manifest_cmds import add_trust_args, trust_from_args
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from autoglm.node._engine import FetchResult
+
+# Heavy modules load inside the commands (see _manifest_cmds.py): a fetch
+# handed to a running node needs only the standard library.
 
 __all__ = ["register"]
 
@@ -133,9 +124,20 @@ class _Renderer:
     def handle(self, ev: Event) -> None:
         if self.json:
             if not isinstance(ev, FetchDone):
+                from autoglm.node._progress import to_json
+
                 print_json(to_json(ev))
             return
         if isinstance(ev, FetchStarted):
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             self.progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                 TimeRemainingColumn(), console=console, transient=False,
@@ -171,33 +173,110 @@ def _absolute(manifest: str) -> str:
     return manifest if manifest.startswith(("http://", "https://")) else str(Path(manifest).resolve())
 
 
-async def _delegate(args: argparse.Namespace, files: list[str] | None, send: trio.MemorySendChannel[Event]) -> FetchResult:
-    """Hand the fetch to the `join` node running on this data directory; relay its events."""
-    from autoglm.node._control_api import control_request
+_ERROR_KINDS = ("ConfigError", "IntegrityError", "TrustError", "SignatureError", "ProtocolError",
+                "RemoteProtocolError", "SourceError", "MirrorError", "NoSourceError", "StorageError", "DiskFullError")
+
+
+def _remote_error(line: dict[str, Any]) -> AutoglmError:
+    """The running node's error, as the same class (so the exit code is the same as a local fetch's)."""
+    from autoglm.node import errors
+
+    kind = str(line.get("kind"))
+    cls = getattr(errors, kind) if kind in _ERROR_KINDS else SourceError
+    return cls(f"the running node could not fetch: {line.get('message')}")
+
+
+def _delegate(args: argparse.Namespace, sock: socket.socket, renderer: _Renderer) -> dict[str, Any]:
+    """Hand the fetch to the `join` node running on this data directory; relay its events.
+
+    Blocking and light: no event loop, engine or manifest parsing here (the
+    node checks the manifest and the trust itself).
+    """
+    from autoglm.node._control_client import request as control_request
 
     if args.header or args.mirror_header:
         err_console.print("[yellow]warning:[/] the running node fetches without --header/--mirror-header")
+    files = _files_for_variant(args, _load_manifest_here(args)[1]) if args.variant and args.variant != "all" else None
     request = {
         "op": "fetch", "manifest": _absolute(args.manifest), "out": str(args.out.resolve()),
-        "mirrors": args.mirror, "trust": [str(p.resolve()) for p in args.trust], "files": files,
+        "mirrors": args.mirror, "trust": [str(p.resolve()) for p in args.trust],
+        "roots": [str(p.resolve()) for p in args.root], "spiffe_ids": args.spiffe_id, "files": files,
     }
-    async with send, control_request(args.data_dir, request) as lines:
-        async for line in lines:
-            kind = line.get("event")
-            if kind == "result":
-                return FetchResult(bytes.fromhex(line["manifest_id"]), line["out_dir"], line["bytes_total"],
-                                   line["bytes_by_source"], line["seconds"], 0,
-                                   line.get("received_by_source") or {})
-            if kind == "error":
-                raise SourceError(f"the running node could not fetch: {line.get('message')}")
-            ev = from_json(line)
-            if ev is not None:
-                await send.send(ev)
+    for line in control_request(args.data_dir, request, sock=sock):
+        kind = line.get("event")
+        if kind == "result":
+            return line
+        if kind == "error":
+            raise _remote_error(line)
+        ev = from_json(line)
+        if ev is not None:
+            if isinstance(ev, FetchDone):
+                renderer.done = ev
+            renderer.handle(ev)
     raise SourceError("the running node closed the connection before the fetch finished")
 
 
+def _load_manifest_here(args: argparse.Namespace) -> Any:
+    import trio
+
+    from autoglm.node.api import load_manifest
+
+    common = dict(_header(h) for h in args.header)
+    trust = trust_from_args(args)
+    return trio.run(load_manifest, args.manifest, trust, common)
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
-    bootstrap = [*args.bootstrap, *configured_bootstrap(args.data_dir)]
+    renderer = _Renderer(args.json)
+    t0 = time.perf_counter()
+    try:
+        try:
+            sock = None
+            if not args.standalone:
+                from autoglm.node._control_client import connect
+
+                sock = connect(args.data_dir)
+            if sock is not None:
+                line = _delegate(args, sock, renderer)
+                result = {k: line.get(k) for k in ("bytes_total", "bytes_by_source", "received_by_source")}
+                result.update(out=line.get("out_dir"), refetched_bytes=0)
+            else:
+                res = _fetch_here(args, renderer)
+                result = {"bytes_total": res.bytes_total, "bytes_by_source": res.bytes_by_source,
+                          "received_by_source": res.received_by_source, "out": res.out_dir,
+                          "refetched_bytes": res.refetched_bytes}
+        finally:
+            renderer.close()
+    except AutoglmError as exc:
+        if args.json:
+            print_json({"event": "error", "error": type(exc).__name__, "message": str(exc)})
+        raise
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print_json({"event": "done", **result, "seconds": round(seconds, 3)})
+    else:
+        by_source: dict[str, int] = result["bytes_by_source"] or {}
+        fetched = sum(by_source.values())
+        rate = fetched / seconds if seconds > 0 else 0.0
+        console.print(
+            f"[green]done[/]: {human_bytes(result['bytes_total'] or 0)} in {result['out']} "
+            f"({human_bytes(fetched)} fetched in {seconds:.1f}s, {human_bytes(rate)}/s)"
+        )
+        for sid, n in sorted(by_source.items()):
+            console.print(f"  {sid}: {human_bytes(n)}")
+    return 0
+
+
+def _fetch_here(args: argparse.Namespace, renderer: _Renderer) -> FetchResult:
+    """No running node to hand the fetch to: an ephemeral swarm node (with bootstrap peers) or mirrors alone."""
+    import trio
+
+    from autoglm.node._config import configured_bootstrap
+    from autoglm.node._engine import FetchOptions, collapse_group
+    from autoglm.node._mirrors import MirrorConfig
+    from autoglm.node.api import NodeConfig, load_manifest, open_node
+
+    bootstrap = [] if args.standalone else [*args.bootstrap, *configured_bootstrap(args.data_dir)]
     headers = _mirror_headers(args)
     trust = trust_from_args(args)
     mirror_cfg = MirrorConfig(
@@ -205,10 +284,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         stall_timeout=args.stall_timeout,
     )
     options = FetchOptions(check_space=not args.no_space_check, check_sha256=args.check_sha256)
-    renderer = _Renderer(args.json)
-    t0 = time.perf_counter()
 
-    async def main() -> Any:
+    async def main() -> FetchResult:
         common = dict(_header(h) for h in args.header)
         signed, manifest = await load_manifest(args.manifest, trust, common)
         files = _files_for_variant(args, manifest)
@@ -223,18 +300,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(consume)
-            if not args.standalone:
-                from autoglm.node._control_api import node_is_running
+            if bootstrap:
+                from autoglm.node._swarm_node import JoinConfig, fetch_with_peers
 
-                if await node_is_running(args.data_dir):
-                    return await _delegate(args, files, send)
-                if bootstrap:
-                    from autoglm.node._swarm_node import JoinConfig, fetch_with_peers
-
-                    return await fetch_with_peers(
-                        JoinConfig(args.data_dir, bootstrap=tuple(bootstrap)), signed, out=args.out,
-                        trust=trust, mirrors=args.mirror, files=files, events=send,
-                    )
+                return await fetch_with_peers(
+                    JoinConfig(args.data_dir, bootstrap=tuple(bootstrap)), signed, out=args.out,
+                    trust=trust, mirrors=args.mirror, files=files, events=send,
+                )
             if not args.mirror:
                 raise ConfigError("give a --mirror URL, --bootstrap peers, or start `autoglm-node join` first")
             async with open_node(NodeConfig(args.data_dir, mirror_cfg)) as node:
@@ -244,40 +316,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                 )
 
     try:
-        try:
-            result = trio.run(main)
-        except BaseExceptionGroup as eg:
-            raise collapse_group(eg) from None
-    except AutoglmError as exc:
-        if args.json:
-            print_json({"event": "error", "error": type(exc).__name__, "message": str(exc)})
-        raise
-    finally:
-        renderer.close()
-    seconds = time.perf_counter() - t0
-    if args.json:
-        print_json({
-            "event": "done",
-            "bytes_total": result.bytes_total,
-            "bytes_by_source": result.bytes_by_source,
-            "seconds": round(seconds, 3),
-            "refetched_bytes": result.refetched_bytes,
-            "received_by_source": result.received_by_source,
-            "out": result.out_dir,
-        })
-    else:
-        fetched = sum(result.bytes_by_source.values())
-        rate = fetched / seconds if seconds > 0 else 0.0
-        console.print(
-            f"[green]done[/]: {human_bytes(result.bytes_total)} in {result.out_dir} "
-            f"({human_bytes(fetched)} fetched in {seconds:.1f}s, {human_bytes(rate)}/s)"
-        )
-        for sid, n in sorted(result.bytes_by_source.items()):
-            console.print(f"  {sid}: {human_bytes(n)}")
-    return 0
+        return trio.run(main)
+    except BaseExceptionGroup as eg:
+        raise collapse_group(eg) from None
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from autoglm.node._store import Store
+
     store = Store(args.data_dir)
     try:
         rows = store.downloads()
@@ -305,6 +353,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from autoglm.node._store import Store
+
     store = Store(args.data_dir)
     try:
         actions = store.gc(drop_incomplete=args.incomplete)

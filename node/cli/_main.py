@@ -8,9 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from rich.markup import escape
-
 from autoglm.node._config import resolve_data_dir
+from autoglm.node._logs import set_libp2p_level
 from autoglm.node.errors import AutoglmError
 
 from ._common import EXIT, err_console, exit_code_for
@@ -52,8 +51,7 @@ def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # py-libp2p logs a great deal at INFO; keep it quiet unless -vvv.
-    for noisy in ("libp2p", "multiaddr", "async_service"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 3 else logging.ERROR)
+    set_libp2p_level(logging.DEBUG if verbose >= 3 else logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         err_console.print("[yellow]interrupted[/]; run the same command again to resume")
         return EXIT["interrupted"]
     except AutoglmError as exc:
+        from rich.markup import escape
+
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return exit_code_for(exc)
     return rc

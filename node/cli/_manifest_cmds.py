@@ -6,40 +6,18 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
-
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
-
-from autoglm.node._keys import load_private_key, load_trust_policy, write_keypair
-from autoglm.node._manifests import (
-    check_manifest,
-    default_manifest_path,
-    load_signed_manifest,
-    write_signed_manifest,
-)
-from autoglm.node._publish import VariantSpec, build_manifest, list_model_files
-from autoglm.node._sample import write_sample_model
-from autoglm.protocol import (
-    DEFAULT_MAX_PIECE_SIZE,
-    ConfigError,
-    Requirements,
-    SignatureError,
-    SignedManifest,
-    key_id,
-    sign_manifest,
-    verify_signature,
-)
-from autoglm.protocol._signing import DOMAIN_MANIFEST
+from typing import TYPE_CHECKING, Any
 
 from ._common import console, human_bytes, print_json
+
+if TYPE_CHECKING:
+    from autoglm.node._publish import VariantSpec
+    from autoglm.protocol import SignedManifest, TrustPolicy
+
+# Command modules import only argparse and the standard library at the top:
+# every command pays for building the whole parser, and `fetch` handed to a
+# running node should start in tens of milliseconds, not hundreds (the engine,
+# the store, libp2p, cryptography and rich load inside the commands).
 
 __all__ = ["parse_size", "register"]
 
@@ -72,7 +50,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--version", required=True, metavar="VER")
     p.add_argument("--out", type=Path, metavar="MANIFEST", help="default: DATA_DIR/published/NAME@VER.agm")
-    p.add_argument("--max-piece", type=parse_size, default=DEFAULT_MAX_PIECE_SIZE, metavar="SIZE", help="default 8MiB")
+    p.add_argument("--max-piece", type=parse_size, default="8MiB", metavar="SIZE", help="default 8MiB")
     p.add_argument("--variants", type=Path, metavar="FILE.json", help="variant definitions (see docs/manifest.md)")
     p.add_argument("--parent", type=Path, metavar="MANIFEST", help="the previous version, for delta updates")
     p.add_argument("--cert-chain", type=Path, metavar="PEM", help="publisher X.509 chain, leaf first")
@@ -104,11 +82,15 @@ def add_trust_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spiffe-id", action="append", default=[], metavar="ID", help="allowed publisher SPIFFE ID; a trailing / allows a prefix")
 
 
-def trust_from_args(args: argparse.Namespace) -> Any:
+def trust_from_args(args: argparse.Namespace) -> TrustPolicy:
+    from autoglm.node._keys import load_trust_policy
+
     return load_trust_policy(args.data_dir, args.trust, args.root, args.spiffe_id)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    from autoglm.node._keys import write_keypair
+
     kid = write_keypair(args.out, force=args.force)
     if args.json:
         print_json({"key_id": kid, "private": str(args.out), "public": str(args.out) + ".pub"})
@@ -118,6 +100,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _load_variants(path: Path) -> list[VariantSpec]:
+    from autoglm.node._publish import VariantSpec
+    from autoglm.protocol import ConfigError, Requirements
+
     try:
         raw = json.loads(path.read_text())
         specs = []
@@ -141,8 +126,26 @@ def _load_variants(path: Path) -> list[VariantSpec]:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    key = load_private_key(args.key)
     from cryptography.hazmat.primitives import serialization
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from autoglm.node._keys import load_private_key
+    from autoglm.node._manifests import (
+        default_manifest_path,
+        load_signed_manifest,
+        write_signed_manifest,
+    )
+    from autoglm.node._publish import build_manifest, list_model_files
+    from autoglm.protocol import ConfigError, key_id, sign_manifest
+
+    key = load_private_key(args.key)
 
     raw_pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     out: Path = args.out or default_manifest_path(args.data_dir, args.name, args.version)
@@ -224,6 +227,12 @@ def manifest_json(signed: SignedManifest, signature_ok: bool | None = None) -> d
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from autoglm.node._manifests import load_signed_manifest
+    from autoglm.protocol import SignatureError, verify_signature
+    from autoglm.protocol._signing import DOMAIN_MANIFEST
+
     signed = load_signed_manifest(args.manifest)
     m = signed.manifest
     try:
@@ -260,6 +269,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_manifest(args: argparse.Namespace) -> int:
+    from autoglm.node._manifests import check_manifest, load_signed_manifest
+
     signed = load_signed_manifest(args.manifest)
     policy = trust_from_args(args)
     m = check_manifest(signed, policy)
@@ -271,6 +282,8 @@ def cmd_verify_manifest(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from autoglm.node._sample import write_sample_model
+
     write_sample_model(args.dir, size=args.size, seed=args.seed.encode())
     console.print(f"wrote sample model to {args.dir}")
     return 0

@@ -7,9 +7,7 @@ import json
 import signal
 from pathlib import Path
 
-import trio
-
-from autoglm.protocol import ConfigError
+from autoglm.node.errors import ConfigError
 
 from ._common import err_console
 
@@ -25,6 +23,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_serve_mirror(args: argparse.Namespace) -> int:
+    import trio
+
     from autoglm.node._mirror_server import MirrorStats, serve_mirror  # only this command needs it
 
     host, _, port = args.listen.rpartition(":")

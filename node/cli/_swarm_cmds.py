@@ -8,11 +8,7 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 from autoglm.node._config import configured_bootstrap
-from autoglm.node._control_api import control_request
-from autoglm.node._progress import FetchStarted, ProgressSnapshot, SourceFailed
 from autoglm.node.errors import AutoglmError, ConfigError
 
 from ._common import console, err_console, human_bytes, print_json
@@ -81,6 +77,10 @@ def _say(args: argparse.Namespace, event: str, text: str, **fields: Any) -> None
 
 
 async def _seed(node: SwarmNode, args: argparse.Namespace, index: int, manifest: str) -> None:
+    import trio
+
+    from autoglm.node._progress import FetchStarted, ProgressSnapshot, SourceFailed
+
     send, recv = trio.open_memory_channel[Any](64)
     async with trio.open_nursery() as nursery:
 
@@ -125,6 +125,8 @@ def _swarm_key(path: Path | None) -> bytes | None:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    import trio
+
     from autoglm.node._engine import collapse_group
     from autoglm.node._swarm import Announced, PeerBanned, SwarmConfig, SwarmEvent
     from autoglm.node._swarm_node import JoinConfig, open_swarm_node
@@ -174,15 +176,11 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 def _ask(data_dir: Path, request: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One request to the running node's control API; its first reply line."""
+    from autoglm.node._control_client import request as control_request
 
-    async def run() -> dict[str, Any]:
-        with trio.fail_after(timeout):
-            async with control_request(data_dir, request) as lines:
-                async for line in lines:
-                    return line
-        raise ConfigError(f"the node sent no answer to {request['op']!r}")
-
-    return trio.run(run)
+    for line in control_request(data_dir, request, timeout=timeout):
+        return line
+    raise ConfigError(f"the node sent no answer to {request['op']!r}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -6,10 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.markup import escape
-from rich.table import Table
-
-from autoglm.protocol import ConfigError
+from autoglm.node.errors import ConfigError
 
 from ._common import EXIT, console, human_bytes, print_json
 from ._manifest_cmds import add_trust_args, trust_from_args
@@ -18,8 +15,8 @@ if TYPE_CHECKING:
     from autoglm.node._device import DeviceInfo
     from autoglm.wasm_verify import Verdict
 
-# The verifier (wasmtime), device probe and doctor load when their command runs:
-# every other command (fetch above all) starts ~60 ms sooner without them.
+# The verifier (wasmtime), device probe, doctor and rich load when their
+# command runs (see _manifest_cmds.py).
 
 __all__ = ["register"]
 
@@ -98,6 +95,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _print_verdicts(root: Path, results: list[tuple[Path, Verdict]], tensor_bytes: int, fit: str | None, signer: str | None) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
     table = Table(box=None, pad_edge=False)
     for col in ("file", "kind", "verdict", "tensors", "params", "bytes", "reason"):
         table.add_column(col, justify="right" if col in ("tensors", "params", "bytes") else "left")
@@ -128,6 +128,8 @@ def _print_verdicts(root: Path, results: list[tuple[Path, Verdict]], tensor_byte
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
     from autoglm.node._device import probe_device
     from autoglm.node._doctor import run_checks
 

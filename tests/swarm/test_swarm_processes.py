@@ -124,21 +124,15 @@ def test_peer_lying_about_its_bitfield_does_not_stall_anyone(tmp_path: Path, pub
     print(f"victim took {res['seconds']} s; the liar lost {st['lost_claims']} claimed pieces")
 
 
-async def test_fetch_through_a_running_nodes_control_api_then_sigterm(tmp_path: Path, pub: dict[str, Path]) -> None:
-    import trio
-
-    from autoglm.node._control_api import control_request
+def test_fetch_through_a_running_nodes_control_api_then_sigterm(tmp_path: Path, pub: dict[str, Path]) -> None:
+    from autoglm.node._control_client import request
 
     with processes() as procs:
         url = start_mirror(procs, tmp_path, pub["model"])
         node = start_node(procs, tmp_path, "node", pub, seed=False)
         req = {"op": "fetch", "manifest": str(pub["manifest"]), "out": str(tmp_path / "via-api"),
                "mirrors": [url], "trust": [str(pub["key"])]}
-        events = []
-        with trio.fail_after(60):
-            async with control_request(tmp_path / "node", req) as lines:
-                async for line in lines:
-                    events.append(line)
+        events = list(request(tmp_path / "node", req, timeout=60))
         assert events[-1]["event"] == "result", events[-1]
         st = _status(tmp_path, "node")
         assert st["models"][events[-1]["manifest_id"]]["complete"]
@@ -176,27 +170,22 @@ def test_restarted_node_keeps_its_identity_and_serves_what_it_verified(tmp_path:
     assert same_tree(pub["model"], tmp_path / "node-out")
 
 
-async def test_fetch_by_name_resolves_a_signed_record_and_gets_the_manifest_from_peers(
+def test_fetch_by_name_resolves_a_signed_record_and_gets_the_manifest_from_peers(
     tmp_path: Path, pub: dict[str, Path]
 ) -> None:
-    import trio
-
-    from autoglm.node._control_api import control_request
+    from autoglm.node._control_client import request
 
     with processes() as procs:
         url = start_mirror(procs, tmp_path, pub["model"])
         seed = start_node(procs, tmp_path, "seed", pub, mirrors=[url])
         _complete(seed)
-        with trio.fail_after(60):
-            out = await trio.run_process([*CLI, "--data-dir", str(tmp_path / "seed"), "name-publish",
-                                          str(pub["manifest"]), "--key", str(pub["key"]).removesuffix(".pub"),
-                                          "--json"], capture_stdout=True)
+        out = subprocess.run([*CLI, "--data-dir", str(tmp_path / "seed"), "name-publish",
+                              str(pub["manifest"]), "--key", str(pub["key"]).removesuffix(".pub"), "--json"],
+                             capture_output=True, timeout=60, check=True)
         rec = json.loads(out.stdout)
         node = start_node(procs, tmp_path, "node", pub, seed=False, bootstrap=[seed.seen[0]["addrs"][0]])
         req = {"op": "fetch", "name": "demo/m", "out": str(tmp_path / "by-name"), "trust": [str(pub["key"])]}
-        with trio.fail_after(90):
-            async with control_request(tmp_path / "node", req) as lines:
-                events = [line async for line in lines]
+        events = list(request(tmp_path / "node", req, timeout=90))
         assert node.p.poll() is None
     assert events[-1]["event"] == "result", events[-1]
     assert events[-1]["manifest_id"] == rec["manifest_id"]
