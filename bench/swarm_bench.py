@@ -112,6 +112,46 @@ class Network:
                 log(f"could not delete netns {ns}: {exc}")
 
 
+def _verbose_flag() -> list[str]:
+    """AUTOGLM_BENCH_VERBOSE=1 runs the nodes with -v (INFO), =2 with -vv (DEBUG)."""
+    level = os.environ.get("AUTOGLM_BENCH_VERBOSE", "0")
+    return ["-" + "v" * int(level)] if level.isdigit() and int(level) > 0 else []
+
+
+class EgressTrace:
+    """Sample the mirror's veth tx_bytes every 50 ms (AUTOGLM_BENCH_LOGS only): when the cap filled, when it idled.
+
+    One small process in the mirror namespace prints ``monotonic-seconds bytes``
+    lines; CLOCK_MONOTONIC is the same clock in every namespace, so the lines
+    line up with the row's start (``time.perf_counter`` is that clock too).
+    """
+
+    _LOOP = ("import time,sys\n"
+             "f=open('/sys/class/net/'+sys.argv[1]+'/statistics/tx_bytes')\n"
+             "end=time.monotonic()+float(sys.argv[2])\n"
+             "while time.monotonic()<end:\n"
+             " f.seek(0); print(f'{time.monotonic():.3f} {f.read().strip()}', flush=True); time.sleep(0.05)\n")
+
+    def __init__(self, net: Network, limit: float) -> None:
+        self.lines: list[str] = []
+        self.proc = PROCS.start(netns_prefix(net.mirror_ns) + ["python3", "-c", self._LOOP, net.mirror_ns, str(limit)],
+                                stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout or ()), daemon=True).start()
+
+    def save(self, path: Path, t0: float) -> None:
+        PROCS.stop(self.proc, grace=2)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for ln in list(self.lines):
+            t, _, b = ln.partition(" ")
+            with contextlib.suppress(ValueError):
+                rows.append(f"{float(t) - t0:.3f}\t{int(b)}")
+        # the wall clock of the start too, to line the trace up with the nodes' log timestamps
+        wall0 = time.time() - (time.perf_counter() - t0)
+        path.write_text(f"# start {time.strftime('%H:%M:%S', time.localtime(wall0))}{wall0 % 1:.3f}".replace("0.", ",")
+                        + "\nseconds_from_start\ttx_bytes\n" + "\n".join(rows) + "\n")
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, model: Model, net: Network, mirror: Nginx, run_dir: Path) -> None:
         self.args = args
@@ -144,13 +184,17 @@ class Bench:
         if key in self.unavailable:
             return {"error": f"skipped, failed before: {self.unavailable[key]}"}
         out = self.out(f"lt-{web_seed_peers}-{n}")
+        trace = EgressTrace(self.net, self.timeout(n)) if os.environ.get("AUTOGLM_BENCH_LOGS") else None
         mark = self.mirror.mark()
+        t_start = time.perf_counter()
         r = measure([LT_PYTHON, str(HERE / "_lt_node.py"), "run", "--torrent", str(self.torrent), "--n", str(n),
                      # a directory URL: libtorrent treats v2 torrents as multi-file and appends the name
                      "--web-seed", f"http://{MIRROR_IP}:{self.mirror.port}/{Path(self.rel).parent.as_posix()}/".replace("/./", "/"),
                      "--web-seed-peers", web_seed_peers, "--out-dir", str(out), "--listen-ip", CLIENT_IP,
                      "--timeout", str(self.timeout(n))], timeout=self.timeout(n) + 60, netns=self.net.client_ns)
         served = self.mirror.settle(mark)
+        if trace is not None:
+            trace.save(Path(os.environ["AUTOGLM_BENCH_LOGS"]) / f"egress-{n}-lt-{web_seed_peers}.tsv", t_start)
         shutil.rmtree(out, ignore_errors=True)
         res = next(iter(parse_json_lines(r.stdout)), None)
         if res is None:
@@ -201,7 +245,7 @@ class Bench:
         fetch_out: list[str] = []
         try:
             bootstrap: str | None = None
-            verbose = ["-v"] if os.environ.get("AUTOGLM_BENCH_VERBOSE") == "1" else []
+            verbose = _verbose_flag()
             for i in range(n):
                 argv = cli + verbose + ["--data-dir", str(out / f"node{i}" / "data"), "join", "--mirror", mirror_url]
                 if bootstrap:
@@ -216,13 +260,21 @@ class Bench:
                     self.unavailable[key] = f"{why}: {last}".rstrip(": ")
                     return {"error": self.unavailable[key]}
                 bootstrap = bootstrap or addr
+            # A running fleet: each daemon has its idle sessions with the others
+            # before the fetches start (bounded; the wait is reported, not timed).
+            mesh_s = wait_for_mesh(cli, [out / f"node{i}" / "data" for i in range(n)], self.net.client_ns, n - 1, 20.0)
             cpu0 = [proc_cpu(p.pid) for p, _ in nodes]
             argvs = [cli + ["--data-dir", str(out / f"node{i}" / "data"), "fetch", str(self.model.manifest),
                             "--mirror", mirror_url, "--out", str(out / f"node{i}" / "files"),
                             "--trust", str(self.model.pub), "--json"] for i in range(n)]
+            trace = EgressTrace(self.net, self.timeout(n, per_copy=True)) if os.environ.get("AUTOGLM_BENCH_LOGS") else None
             mark = self.mirror.mark()
+            t_start = time.perf_counter()
             rs = measure_many(argvs, timeout=self.timeout(n, per_copy=True), netns=self.net.client_ns)
             fetch_out = [r.stdout for r in rs]
+            if trace is not None:
+                Path(os.environ["AUTOGLM_BENCH_LOGS"]).mkdir(parents=True, exist_ok=True)
+                trace.save(Path(os.environ["AUTOGLM_BENCH_LOGS"]) / f"egress-{n}-autoglm.tsv", t_start)
             join_cpu = sum(proc_cpu(p.pid) - c0 for (p, _), c0 in zip(nodes, cpu0, strict=True))
             served = self.mirror.settle(mark)
             row = self._many_row(rs, n, served, self.model.total_size, extra_cpu=join_cpu,
@@ -234,6 +286,7 @@ class Bench:
                     with contextlib.suppress(TypeError, ValueError):
                         by_source[k] = by_source.get(k, 0) + int(v)
             row["bytes_by_source"] = by_source
+            row["mesh_wait_s"] = mesh_s
             if row.get("error"):
                 self.unavailable[key] = row["error"]
             return row
@@ -274,7 +327,7 @@ class Bench:
                 return {"error": self.unavailable[key]}
             mark = self.mirror.mark()
             t0 = time.perf_counter()
-            verbose = ["-v"] if os.environ.get("AUTOGLM_BENCH_VERBOSE") == "1" else []
+            verbose = _verbose_flag()
             seeds = [JsonNode(cli + verbose + ["--data-dir", str(out / f"node{i}" / "data"), "join", "--json",
                                      "--bootstrap", addr, "--mirror", mirror_url, "--seed", str(self.model.manifest),
                                      "--trust", str(self.model.pub), "--out", str(out / f"node{i}" / "files")],
@@ -379,6 +432,22 @@ def proc_cpu(pid: int) -> float:
         return 0.0
 
 
+def wait_for_mesh(cli: list[str], data_dirs: list[Path], netns: str, peers: int, limit: float) -> float | None:
+    """Poll each `join` daemon's status until it has a session with ``peers`` others; seconds waited, None if not."""
+    t0 = time.monotonic()
+    pending = list(data_dirs)
+    while pending and time.monotonic() - t0 < limit:
+        for d in list(pending):
+            r = subprocess.run(netns_prefix(netns) + cli + ["--data-dir", str(d), "status", "--json"],
+                               capture_output=True, text=True, timeout=30, check=False)
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                if len(json.loads(r.stdout)["peers"]) >= peers:
+                    pending.remove(d)
+        if pending:
+            time.sleep(0.2)
+    return None if pending else round(time.monotonic() - t0, 2)
+
+
 def start_and_wait_multiaddr(argv: list[str], netns: str, timeout: float) -> tuple[subprocess.Popen[str], list[str], str | None]:
     """Start a long-lived node; return once it printed a multiaddr (or exited / timed out)."""
     proc = PROCS.start(netns_prefix(netns) + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -386,13 +455,14 @@ def start_and_wait_multiaddr(argv: list[str], netns: str, timeout: float) -> tup
     lines: list[str] = []
     found: list[str] = []
     ev = threading.Event()
+    keep = 5_000_000 if os.environ.get("AUTOGLM_BENCH_LOGS") else 2000  # kept logs are whole
 
     def pump() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if len(lines) > 2000:
-                del lines[:500]
+            if len(lines) > keep:
+                del lines[: keep // 4]
             m = MULTIADDR_RE.search(line)
             if m and not found:
                 found.append(m.group(0))

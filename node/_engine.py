@@ -27,7 +27,7 @@ own bytes, so unverified bytes never land on verified ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -270,7 +270,9 @@ class Fetch:
 
     Swarm hooks (synchronous, callable from any trio task while it runs):
     :meth:`add_source`, :meth:`remove_source`, :meth:`source_have`,
-    :meth:`source_bitfield`. ``PieceVerified`` events go to ``events``.
+    :meth:`source_bitfield`, :meth:`set_swarm`, :meth:`peer_claims`. ``PieceVerified``
+    events go to ``events``; :attr:`claim_listener` (set by the swarm) hears
+    which pieces each mirror request asks for.
     """
 
     def __init__(
@@ -285,6 +287,7 @@ class Fetch:
         self.download = download
         self.options = options or FetchOptions()
         self._events = events
+        self.claim_listener: Callable[[list[int]], None] | None = None
         d = download
         self.picker = PiecePicker(
             [p.length for p in d.pieces],
@@ -361,14 +364,32 @@ class Fetch:
     def set_swarm(self, peers: Iterable[str], complete: Iterable[str] = ()) -> None:
         """The peers fetching this manifest too: re-share the first copy among them.
 
-        Mirror requests for pieces that now belong to another node are
-        withdrawn (its owner fetches them; we get them from it), so a peer
-        found late costs at most the bytes already in flight.
+        Pieces already asked of a mirror stay ours (the swarm told every
+        member with a Claim, and tells a new member when it announces the
+        manifest); any other mirror request whose pieces now belong to another
+        node is withdrawn, so a peer found late costs at most the bytes in flight.
         """
         peers = list(peers)
         self._fetchers = 1 + len(peers)
         if not self.picker.set_swarm(peers, trio.current_time(), complete):
             return
+        self._withdraw_not_ours()
+        self._wake()
+
+    def peer_progress(self, peer: str) -> None:
+        self.picker.peer_progress(peer, trio.current_time())
+
+    def peer_claims(self, peer: str, indices: Iterable[int]) -> None:
+        """A swarm peer asked a mirror for these pieces: leave them to it (withdrawing ours if it wins the tie)."""
+        if self.picker.peer_claims(peer, indices):
+            self._withdraw_not_ours()
+            self._wake()
+
+    def mirror_claims(self) -> list[int]:
+        """Pieces this fetch has asked a mirror for and not finished (a new swarm member hears them)."""
+        return self.picker.my_claims()
+
+    def _withdraw_not_ours(self) -> None:
         now = trio.current_time()
         for req in self._requests.values():
             src = self._sources.get(req.source_id)
@@ -376,10 +397,6 @@ class Fetch:
                 if not any(self.picker.mirror_may_take(i, now) for i in req.indices):
                     req.withdrawn = True
                     req.scope.cancel()
-        self._wake()
-
-    def peer_progress(self, peer: str) -> None:
-        self.picker.peer_progress(peer, trio.current_time())
 
     # -- internals -------------------------------------------------------------
     def _settle_received(self, src: Source) -> None:
@@ -455,6 +472,10 @@ class Fetch:
                     continue
                 rid = self._next_req
                 self._next_req += 1
+                if rid == 0:
+                    log.debug("%s: first request: pieces %s from %s", self.download.manifest_id.hex()[:16], picked, src.id)
+                if src.kind is SourceKind.MIRROR and self.claim_listener is not None:
+                    self.claim_listener(picked)
                 req = _Req(src.id, picked, trio.CancelScope())
                 self._requests[rid] = req
                 active[src.id] = active.get(src.id, 0) + 1
@@ -525,6 +546,9 @@ class Fetch:
                 for i in batch:
                     self.picker.piece_lost(i)
                 raise
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("committed %d piece(s), %d left: %s", len(batch), self.picker.remaining - len(batch),
+                          ", ".join(f"{i} from {sid}" for i, sid in batch.items()))
             for i, sid in batch.items():
                 self.picker.piece_done(i)
                 n = self._refs[i].length
@@ -571,11 +595,12 @@ class Fetch:
         for i in d.done:
             self._by_file[self._refs[i].path] = self._by_file.get(self._refs[i].path, 0) + self._refs[i].length
         if self.options.local_copies:
-            locs: dict[int, PieceLocation] = {}
-            for i in d.missing():
-                loc = await trio.to_thread.run_sync(self.store.find_by_hash, d.pieces[i].hash, d.id)
-                if loc is not None:
-                    locs[i] = loc
+
+            def find_local() -> dict[int, PieceLocation]:  # one thread hop for every missing piece
+                found = ((i, self.store.find_by_hash(d.pieces[i].hash, d.id)) for i in d.missing())
+                return {i: loc for i, loc in found if loc is not None}
+
+            locs = await trio.to_thread.run_sync(find_local)
             if locs:
                 copied, finished = await trio.to_thread.run_sync(_copy_local, d, locs)
                 for i in copied:
@@ -588,8 +613,15 @@ class Fetch:
                     await self._send(FileDone(d.manifest.files[fi].path, d.manifest.files[fi].size))
         return present
 
-    async def run(self, *, task_status: TaskStatus[Fetch] = trio.TASK_STATUS_IGNORED) -> FetchResult:
-        """Fetch every wanted piece; returns a summary. Raises NoSourceError, StorageError, ..."""
+    async def run(
+        self, *, go: trio.Event | None = None, task_status: TaskStatus[Fetch] = trio.TASK_STATUS_IGNORED
+    ) -> FetchResult:
+        """Fetch every wanted piece; returns a summary. Raises NoSourceError, StorageError, ...
+
+        ``go``: the caller's go-ahead. Preparation (space check, crash
+        recovery, local copies) runs at once; the first request waits for
+        ``go`` (the swarm finds its peers meanwhile).
+        """
         t0 = trio.current_time()
         d = self.download
         if self.options.check_space:
@@ -597,6 +629,9 @@ class Fetch:
         d.check_sha256 = self.options.check_sha256
         await trio.to_thread.run_sync(d.lock)
         present = await self._prepare()
+        log.debug("%s: prepared in %.3f s", d.manifest_id.hex()[:16], trio.current_time() - t0)
+        if go is not None:
+            await go.wait()
         self._bytes_done = present
         total = d.total_bytes
         m = d.manifest

@@ -16,7 +16,7 @@ import os
 __all__ = ["apply_libp2p_level", "set_libp2p_level"]
 
 _NOISY = ("libp2p", "multiaddr", "async_service")
-_level = logging.ERROR
+_level = logging.CRITICAL
 
 
 def set_libp2p_level(level: int) -> None:
@@ -35,3 +35,7 @@ def apply_libp2p_level() -> None:
     lg = logging.getLogger("libp2p")
     lg.setLevel(_level)
     lg.propagate = True
+    # Some modules set their own level at import (network.auto_connector: INFO).
+    for name, child in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("libp2p.") and isinstance(child, logging.Logger) and child.level != logging.NOTSET:
+            child.setLevel(_level)

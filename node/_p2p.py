@@ -196,6 +196,14 @@ class P2PNode:
             return ()
         return tuple(str(a) for a in addrs[:limit])
 
+    def routing_peers(self) -> list[PeerAddr]:
+        """The peers in the DHT routing table, with the addresses it holds for them."""
+        try:
+            infos = self._dht.routing_table.get_peer_infos()
+        except (BaseLibp2pError, AttributeError):
+            return []
+        return [PeerAddr(str(i.peer_id), tuple(str(a) for a in i.addrs[:8])) for i in infos]
+
     def dht_size(self) -> int:
         return int(self._dht.get_routing_table_size())
 

@@ -59,12 +59,14 @@ from autoglm.node.errors import (
 from autoglm.protocol import decode_signed_manifest
 from autoglm.protocol._bitfield import Bitfield
 from autoglm.protocol._control import (
+    MAX_CLAIM,
     MAX_ENVELOPE,
     MAX_MANIFESTS,
     MAX_PEX_ADDRS,
     MAX_PEX_PEERS,
     Announce,
     Choke,
+    Claim,
     Close,
     ControlConnection,
     ControlMessage,
@@ -106,6 +108,7 @@ log = logging.getLogger(__name__)
 _PROVIDE_WINDOW, _PROVIDE_MAX = 10.0, 8
 _COALESCE_MAX = 256  # queued control messages joined into one write
 _DIAL_BACKOFF = 5.0  # seconds before an unreachable peer is dialled again
+_WARM_BACKOFF = 60.0  # ... and before a connected peer that refused a warm session is asked again
 _HELLO_BUDGET = 3 * 1024 * 1024  # bytes of bitfields in one Hello (frames stop at 4 MiB)
 
 #: Test hook: a node started with this set claims every piece of every manifest it holds.
@@ -131,6 +134,15 @@ class SwarmConfig:
     # An introduced peer with a larger id waits this long for the smaller one
     # to dial (both dialling at once costs one of the two connections).
     intro_dial_delay: float = 1.0
+    # Idle control sessions with up to this many connected peers, fetching or
+    # not (0: sessions only for wanted manifests). A node that starts a fetch
+    # then tells its peers with one Announce on streams that already exist,
+    # instead of opening a stream (multistream negotiation, both sides dialling
+    # at once) per peer while every node of the fleet does the same.
+    warm_sessions: int = 32
+    warm_interval: float = 1.0
+    # discover_first returns once membership has been stable this long.
+    discover_settle: float = 0.1
     reprovide_interval: float = 600.0
     keepalive_interval: float = 15.0
     idle_timeout: float = 45.0
@@ -179,6 +191,16 @@ class FetchHandle(Protocol):
     def peer_progress(self, peer: str) -> None:
         """``peer`` announced a new piece of this manifest."""
         ...
+
+    def peer_claims(self, peer: str, indices: Iterable[int]) -> None:
+        """``peer`` asked a mirror for these pieces (its Claim)."""
+        ...
+
+    def mirror_claims(self) -> list[int]:
+        """The pieces this fetch asked a mirror for and has not finished."""
+        ...
+
+    claim_listener: Callable[[list[int]], None] | None
 
 
 class PieceStore(Protocol):
@@ -483,6 +505,7 @@ class Swarm:
         self._provided: dict[bytes, tuple[float, int]] = {}
         self._dial_backoff: dict[str, float] = {}
         self._dialing: set[str] = set()  # peers being dialled after an introduction
+        self._opening: dict[str, trio.Event] = {}  # control streams being opened, by peer
         # manifest -> peer -> (when its session ended, whether it was complete): see member_grace
         self._departed: dict[bytes, dict[str, tuple[float, bool]]] = {}
         self._dial_limit = trio.CapacityLimiter(8)
@@ -511,6 +534,8 @@ class Swarm:
             nursery.start_soon(self._rechoker)
             nursery.start_soon(self._discoverer)
             nursery.start_soon(self._provider)
+            if self.config.warm_sessions > 0:
+                nursery.start_soon(self._warmer)
             task_status.started(self)
 
     async def _load_held(self) -> None:
@@ -563,6 +588,7 @@ class Swarm:
         """Make peers that hold ``manifest_id`` sources of ``fetch`` (now and as they appear)."""
         self._fetches[manifest_id] = fetch
         self._attached_at[manifest_id] = trio.current_time()
+        fetch.claim_listener = lambda indices: self._post_claims(manifest_id, indices)
         for s in list(self._sessions.values()):
             self._maybe_add_source(s, manifest_id)
         self._update_swarm(manifest_id)
@@ -592,7 +618,9 @@ class Swarm:
         return manifest_id in self._fetches
 
     def detach(self, manifest_id: bytes) -> None:
-        self._fetches.pop(manifest_id, None)
+        fetch = self._fetches.pop(manifest_id, None)
+        if fetch is not None:
+            fetch.claim_listener = None
         self._attached_at.pop(manifest_id, None)
         for s in list(self._sessions.values()):
             src = s.sources.pop(manifest_id, None)
@@ -660,13 +688,33 @@ class Swarm:
         await self._run_session(stream, initiator=stream.peer_id)
 
     async def connect_peer(self, peer: PeerAddr | str) -> None:
-        """Open a session with a peer unless one exists. SourceError if unreachable."""
+        """Open a session with a peer unless one exists. SourceError if unreachable.
+
+        One open per peer at a time: a second caller (a warm dial, a DHT
+        lookup and an introduction can all name the same peer at once) waits
+        for the first. Two streams from the same initiator would leave each
+        end keeping whichever registered first there, not always the same
+        one, and both sessions would die.
+        """
         pid = peer.peer_id if isinstance(peer, PeerAddr) else peer
         if pid in self._sessions or pid == self.p2p.peer_id:
             return
-        stream = await self.p2p.open_control(peer)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_session, stream, self.p2p.peer_id)
+        pending = self._opening.get(pid)
+        if pending is not None:
+            await pending.wait()
+            return
+        self._opening[pid] = done = trio.Event()
+        try:
+            stream = await self.p2p.open_control(peer)
+            assert self._nursery is not None
+            s = self._new_session(stream, self.p2p.peer_id)  # registered before anyone else can look
+            if s is None:
+                await stream.aclose()
+            else:
+                self._nursery.start_soon(self._drive_session, s)
+        finally:
+            del self._opening[pid]
+            done.set()
 
     def _register(self, s: _Session) -> bool:
         old = self._sessions.get(s.peer_id)
@@ -681,11 +729,20 @@ class Swarm:
         return True
 
     async def _run_session(self, stream: ControlStream, initiator: str) -> None:
-        s = _Session(self, stream, initiator)
-        if not self._register(s):
+        s = self._new_session(stream, initiator)
+        if s is None:
             await stream.aclose()
             return
+        await self._drive_session(s)
+
+    def _new_session(self, stream: ControlStream, initiator: str) -> _Session | None:
+        s = _Session(self, stream, initiator)
+        if not self._register(s):
+            return None
         log.info("session with %s started", s.peer_id)
+        return s
+
+    async def _drive_session(self, s: _Session) -> None:
         try:
             with s.cancel_scope:
                 # Hello carries what fits in one frame; the rest follows as Announce.
@@ -764,8 +821,14 @@ class Swarm:
                     if st.manifest_id not in s.introduced:
                         s.introduced.add(st.manifest_id)
                         self._exchange_peers(s, st.manifest_id)
+                        if fetch is not None:  # a new member hears what we already asked a mirror for
+                            self._post_claims(st.manifest_id, fetch.mirror_claims(), only=s)
             case Peers():
                 self._on_peers(s, msg)
+            case Claim():
+                fetch = self._fetches.get(msg.manifest_id)
+                if fetch is not None and s.peer_id not in self._banned.get(msg.manifest_id, ()):
+                    fetch.peer_claims(s.peer_id, msg.indices)
             case Have():
                 src = s.sources.get(msg.manifest_id)
                 fetch = self._fetches.get(msg.manifest_id)
@@ -797,6 +860,17 @@ class Swarm:
                     self._detach_source(src)
             case _:
                 pass
+
+    def _post_claims(self, mid: bytes, indices: Sequence[int], only: _Session | None = None) -> None:
+        """Tell the peers fetching ``mid`` which pieces we just asked a mirror for (see PiecePicker.peer_claims)."""
+        if not indices:
+            return
+        for s in [only] if only is not None else list(self._sessions.values()):
+            bf = s.conn.theirs.manifests.get(mid)
+            if bf is None or bf.complete or mid not in s.announced or s.closed:
+                continue
+            for k in range(0, len(indices), MAX_CLAIM):
+                s.post(Claim(mid, tuple(indices[k : k + MAX_CLAIM])))
 
     # -- peer exchange ----------------------------------------------------
     def _peer_info(self, peer_id: str) -> PeerInfo | None:
@@ -837,7 +911,32 @@ class Swarm:
                 continue
             self._dial_later(PeerAddr(pid, info.addrs), f"introduced by {s.peer_id}")
 
-    def _dial_later(self, peer: PeerAddr, why: str, after: float = 0.0) -> None:
+    async def _warmer(self) -> None:
+        """Keep idle sessions with connected peers (``warm_sessions``), checked every ``warm_interval``.
+
+        Peers libp2p is connected to come first (bootstrap, DHT traffic,
+        inbound: a stream on an existing connection), then the rest of the DHT
+        routing table, so a small fleet ends up fully meshed before anyone
+        fetches. Both ends learn of each other at about the same time, so the
+        smaller peer id dials and the other only if no session came of it.
+        """
+        while True:
+            room = self.config.warm_sessions - len(self._sessions) - len(self._dialing)
+            now = trio.current_time()
+            candidates = [PeerAddr(p, ()) for p in self.p2p.connected_peers()] + self.p2p.routing_peers()
+            for peer in candidates:
+                if room <= 0:
+                    break
+                pid = peer.peer_id
+                if pid == self.p2p.peer_id or pid in self._sessions or pid in self._dialing:
+                    continue
+                if now < self._dial_backoff.get(pid, 0.0):
+                    continue
+                self._dial_later(peer, "warm session", backoff=_WARM_BACKOFF)
+                room -= 1
+            await trio.sleep(self.config.warm_interval)
+
+    def _dial_later(self, peer: PeerAddr, why: str, after: float = 0.0, backoff: float = _DIAL_BACKOFF) -> None:
         """Dial a peer we were told about (or lost) in the background, tracked in ``_dialing``.
 
         Both ends of an introduction (or of a lost session) learn of it at
@@ -847,26 +946,26 @@ class Swarm:
         assert self._nursery is not None
         self._dialing.add(peer.peer_id)
         delay = after + (0.0 if self.p2p.peer_id < peer.peer_id else self.config.intro_dial_delay)
-        self._nursery.start_soon(self._dial_after, peer, why, delay)
+        self._nursery.start_soon(self._dial_after, peer, why, delay, backoff)
 
-    async def _dial_after(self, peer: PeerAddr, why: str, delay: float) -> None:
+    async def _dial_after(self, peer: PeerAddr, why: str, delay: float, backoff: float) -> None:
         try:
             if delay:
                 await trio.sleep(delay)
                 if peer.peer_id in self._sessions:
                     return
-            await self._try_dial(peer, why)
+            await self._try_dial(peer, why, backoff)
         finally:
             self._dialing.discard(peer.peer_id)
 
-    async def _try_dial(self, peer: PeerAddr | str, why: str) -> None:
-        """Open a session (at most 8 dials at once); an unreachable peer is not dialled again for a while."""
+    async def _try_dial(self, peer: PeerAddr | str, why: str, backoff: float = _DIAL_BACKOFF) -> None:
+        """Open a session (at most 8 dials at once); an unreachable peer is not dialled again for ``backoff`` s."""
         pid = peer.peer_id if isinstance(peer, PeerAddr) else peer
         try:
             async with self._dial_limit:
                 await self.connect_peer(peer)
         except AutoglmError as exc:
-            self._dial_backoff[pid] = trio.current_time() + _DIAL_BACKOFF
+            self._dial_backoff[pid] = trio.current_time() + backoff
             log.info("peer %s (%s) unreachable: %s", pid, why, exc)
 
     # -- manifests by id (for name records) ------------------------------
@@ -945,7 +1044,7 @@ class Swarm:
                 if pid not in self._sessions and now >= self._dial_backoff.get(pid, 0.0):
                     nursery.start_soon(self._try_dial, peer, "discovery")
 
-    async def discover_first(self, mid: bytes, settle: float = 0.3) -> None:
+    async def discover_first(self, mid: bytes) -> None:
         """Before a fetch starts: find peers holding ``mid`` and wait for their Hellos.
 
         Peers known before the first request keep mirrors to the pieces no
@@ -955,7 +1054,7 @@ class Swarm:
         already connected to (the bootstrap nodes, which introduce every
         other holder they know with ``Peers``), look the manifest up in the
         DHT in the background, and return once membership has been stable
-        for ``settle`` seconds: no session still waiting for its Hello, no
+        for ``discover_settle`` seconds: no session still waiting for its Hello, no
         introduced peer still being dialled, no new holder. Callers bound the
         whole wait.
         """
@@ -971,9 +1070,12 @@ class Swarm:
             known: frozenset[str] = frozenset()
             while True:
                 changed = self._peers_changed
-                with trio.move_on_after(settle) as quiet:
+                with trio.move_on_after(self.config.discover_settle) as quiet:
                     await changed.wait()
-                busy = self._dialing or any(s.conn.theirs.phase is Phase.IDLE for s in self._sessions.values())
+                # A delayed dial to a peer that meanwhile dialled us is not discovery in progress.
+                busy = any(p not in self._sessions for p in self._dialing) or any(
+                    s.conn.theirs.phase is Phase.IDLE for s in self._sessions.values()
+                )
                 holders = frozenset(self.holders(mid))
                 # Nobody holds it (a new network): done once the DHT lookup came back empty.
                 if quiet.cancelled_caught and not busy and holders == known and (holders or looked_up.is_set()):

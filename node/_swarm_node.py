@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -27,9 +27,6 @@ from autoglm.node.api import Node, NodeConfig, load_manifest, open_node
 from autoglm.node.errors import ConfigError, IntegrityError, NoSourceError
 from autoglm.protocol import SignedManifest, TrustPolicy, decode_signed_manifest, key_id
 from autoglm.protocol._namerecord import NameRecord, sign_name_record
-
-if TYPE_CHECKING:
-    from trio_typing import TaskStatus
 
 __all__ = ["JoinConfig", "SwarmNode", "fetch_with_peers", "open_swarm_node"]
 
@@ -102,24 +99,27 @@ class SwarmNode:
         fetch = Fetch(store, download, self.node.mirror_sources(mirrors), send, options)
         box: list[FetchResult] = []
 
-        async def runner(task_status: TaskStatus[Fetch] = trio.TASK_STATUS_IGNORED) -> None:
+        go = trio.Event()
+
+        async def runner() -> None:
             async with send:
-                box.append(await fetch.run(task_status=task_status))
+                box.append(await fetch.run(go=go))
 
         try:
             # Peers first: sources known before the first request keep the
             # mirrors to pieces that no peer has.
             self.swarm.attach(mid, fetch)
-            if download.missing():
-                # Until membership is quiet (docs/protocol.md); the bound only
-                # matters while many nodes start at once on a loaded host.
-                with trio.move_on_after(DISCOVER_FIRST_BOUND):
-                    await self.swarm.discover_first(mid)
-                log.info("%s: %d holder(s) known %.2f s after the request; fetching", mid.hex()[:16],
-                         len(self.swarm.holders(mid)), trio.current_time() - t0)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump, recv, mid, prog, events)
-                await nursery.start(runner)
+                nursery.start_soon(runner)  # prepares (recovery, local copies) while peers are found
+                if download.missing():
+                    # Until membership is quiet (docs/protocol.md); the bound only
+                    # matters while many nodes start at once on a loaded host.
+                    with trio.move_on_after(DISCOVER_FIRST_BOUND):
+                        await self.swarm.discover_first(mid)
+                    log.info("%s: %d holder(s) known %.2f s after the request; fetching", mid.hex()[:16],
+                             len(self.swarm.holders(mid)), trio.current_time() - t0)
+                go.set()
         except BaseExceptionGroup as eg:
             raise _collapse(eg) from None
         finally:

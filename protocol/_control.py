@@ -14,8 +14,9 @@ fresh one-time token after a peerwire connection broke),
 ``GetManifest``/``ManifestData`` (the signed manifest envelope for an id, so
 a node that resolved a name record can fetch the manifest from peers),
 ``Peers`` (peer exchange: other nodes the sender has a session with that hold
-or fetch a manifest, with their libp2p addresses), ``Keepalive`` and finally
-``Close``.
+or fetch a manifest, with their libp2p addresses), ``Claim`` (the sender is
+fetching these pieces of a manifest it announced from a mirror: the first
+copy of each comes from it), ``Keepalive`` and finally ``Close``.
 
 Each direction has a phase: IDLE until its Hello, then CHOKING or UNCHOKING
 (what the sender last said about serving the other side), then CLOSED. Every
@@ -47,6 +48,7 @@ __all__ = [
     "Choke",
     "Close",
     "ControlConnection",
+    "Claim",
     "ControlMessage",
     "Endpoint",
     "GetManifest",
@@ -78,6 +80,7 @@ MAX_ENVELOPE: Final = MAX_CONTROL_FRAME - 64
 MAX_PEX_PEERS: Final = 50  # peers in one Peers message
 MAX_PEX_ADDRS: Final = 8  # multiaddrs per peer
 MAX_PEER_ID: Final = 128  # characters of a base58 peer id
+MAX_CLAIM: Final = 64  # piece indices in one Claim message (the codec allows arrays of 64)
 MAX_ADDR: Final = 256  # characters of one multiaddr
 _LIMITS: Final = Limits(
     max_bytes=MAX_CONTROL_FRAME,
@@ -193,6 +196,20 @@ class Peers:
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    """The sender has just asked a mirror for these pieces of ``manifest_id``.
+
+    Nodes that fetch the same manifest leave them to the sender (the first
+    copy of a piece comes into the swarm once) until it goes stale, whoever
+    owned them by the rendezvous rule. Advice only: nothing is trusted from
+    it but the piece numbers, which must fit the manifest the sender announced.
+    """
+
+    manifest_id: bytes
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     reason: str = ""
 
@@ -211,6 +228,7 @@ ControlMessage = (
     | GetManifest
     | ManifestData
     | Peers
+    | Claim
     | Close
 )
 
@@ -223,7 +241,9 @@ class Phase(enum.Enum):
 
 
 _OPEN = (Phase.CHOKING, Phase.UNCHOKING)
-_SELF_LOOPS = (Announce, Have, Interested, NotInterested, Keepalive, TokenRequest, Token, GetManifest, ManifestData, Peers)
+_SELF_LOOPS = (
+    Announce, Have, Interested, NotInterested, Keepalive, TokenRequest, Token, GetManifest, ManifestData, Peers, Claim,
+)
 
 #: (phase of the sending direction, message type) -> next phase of that direction.
 TRANSITIONS: Final[dict[tuple[Phase, type], Phase]] = {
@@ -251,6 +271,7 @@ _CODES: Final[dict[type, int]] = {
     GetManifest: 12,
     ManifestData: 13,
     Peers: 14,
+    Claim: 15,
 }
 
 
@@ -278,6 +299,8 @@ def _to_value(msg: ControlMessage) -> list[Any]:
             return [code, msg.manifest_id, msg.envelope]
         case Peers():
             return [code, msg.manifest_id, [[p.peer_id, list(p.addrs)] for p in msg.peers]]
+        case Claim():
+            return [code, msg.manifest_id, list(msg.indices)]
         case Close():
             return [code, msg.reason]
         case _:
@@ -339,7 +362,7 @@ def _from_value(v: Any) -> ControlMessage:
     if not isinstance(v, list) or not v:
         raise RemoteProtocolError("control message must be a non-empty array")
     code, args = v[0], v[1:]
-    arity = {1: 4, 2: 1, 3: 2, 4: 1, 5: 1, 6: 0, 7: 0, 8: 0, 9: 0, 10: 1, 11: 1, 12: 1, 13: 2, 14: 2}
+    arity = {1: 4, 2: 1, 3: 2, 4: 1, 5: 1, 6: 0, 7: 0, 8: 0, 9: 0, 10: 1, 11: 1, 12: 1, 13: 2, 14: 2, 15: 2}
     if not isinstance(code, int) or isinstance(code, bool) or code not in arity:
         raise RemoteProtocolError(f"unknown control message type {code!r}")
     if len(args) != arity[code]:
@@ -378,6 +401,10 @@ def _from_value(v: Any) -> ControlMessage:
             if not isinstance(args[1], list) or len(args[1]) > MAX_PEX_PEERS:
                 raise RemoteProtocolError(f"peers must be an array of at most {MAX_PEX_PEERS}")
             return Peers(_mid(args[0]), tuple(_peer_info(p) for p in args[1]))
+        case 15:
+            if not isinstance(args[1], list) or not 1 <= len(args[1]) <= MAX_CLAIM:
+                raise RemoteProtocolError(f"claimed pieces must be an array of 1..{MAX_CLAIM}")
+            return Claim(_mid(args[0]), tuple(_int(i, 0, MAX_PIECES - 1, "piece index") for i in args[1]))
         case _:
             if not isinstance(args[0], str):
                 raise RemoteProtocolError("close reason must be text")
@@ -450,6 +477,12 @@ class ControlConnection:
                 if bf is None or msg.index >= bf.size:
                     raise LocalProtocolError("Have for a manifest or piece we never announced")
                 bf.add(msg.index)
+            case Claim():
+                if not 1 <= len(msg.indices) <= MAX_CLAIM:
+                    raise LocalProtocolError(f"a Claim names 1..{MAX_CLAIM} pieces")
+                bf = side.manifests.get(msg.manifest_id)
+                if bf is None or max(msg.indices) >= bf.size:
+                    raise LocalProtocolError("Claim for a manifest or piece we never announced")
             case Interested():
                 if msg.manifest_id not in self.theirs.manifests:
                     raise LocalProtocolError("interest in a manifest the peer never announced")
@@ -506,6 +539,10 @@ class ControlConnection:
                 if bf is None or msg.index >= bf.size:
                     raise RemoteProtocolError("peer sent Have for a manifest or piece it never announced")
                 bf.add(msg.index)
+            case Claim():
+                bf = side.manifests.get(msg.manifest_id)
+                if bf is None or max(msg.indices) >= bf.size:
+                    raise RemoteProtocolError("peer sent Claim for a manifest or piece it never announced")
             case Interested():
                 if msg.manifest_id not in self.ours.manifests:
                     raise RemoteProtocolError("peer is interested in a manifest we never announced")

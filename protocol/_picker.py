@@ -38,6 +38,12 @@ mirrors (every piece) or local copies (a fixed set). The rules, in order:
    rest. Rendezvous hashing keeps ownership mostly stable: a peer that leaves
    or joins moves little more than its own share. :meth:`next_deadline` says when a stale
    owner's pieces become pickable, so the caller knows when to pick again.
+   A peer that says it asked a mirror for a piece (:meth:`peer_claims`, the
+   swarm's ``Claim``) owns that piece from then on, whoever owned it by
+   hashing: nodes that started before they knew of each other do not both
+   bring the same first copy in. A claim lasts while its peer is a member
+   and not stale; only a Have counts as progress, so claims alone cannot
+   keep the mirror from a piece.
 
 Time is a parameter: ``pick(..., now)`` records the request time so endgame
 duplicates the piece that has waited longest.
@@ -114,6 +120,7 @@ class PiecePicker:
         self._owner_timeout = owner_timeout
         self._owner: list[str] | None = None if me is None else [me] * n
         self._seen: dict[str, float] = {}  # swarm peer -> time of its last sign of progress
+        self._claimed: dict[int, str] = {}  # piece -> swarm peer that asked a mirror for it
         self._ranks: dict[str, list[int]] = {} if me is None else {me: _ranks(me, n)}
 
     # -- queries ---------------------------------------------------------
@@ -167,7 +174,7 @@ class PiecePicker:
     # -- first-copy spreading ----------------------------------------------
     def owner(self, index: int) -> str | None:
         """Which node should bring ``index`` into the swarm from a mirror (None: no spreading)."""
-        return None if self._owner is None else self._owner[index]
+        return None if self._owner is None else self._claimed.get(index, self._owner[index])
 
     def set_swarm(self, peers: Iterable[str], now: float, complete: Iterable[str] = ()) -> bool:
         """The other nodes holding this manifest now (swarm peer ids, not source ids).
@@ -191,6 +198,7 @@ class PiecePicker:
         for p in [p for p in self._ranks if p != self._me and p not in members]:
             del self._ranks[p]
             self._seen.pop(p, None)
+        self._claimed = {i: p for i, p in self._claimed.items() if p in members}
         # Bounded loads: each node owns at most ceil(n / members) pieces, so
         # the shares come out even (plain rendezvous leaves some nodes with
         # twice the mean and the last of them alone on the mirror).
@@ -206,6 +214,32 @@ class PiecePicker:
         self._owner = owner
         return changed
 
+    def peer_claims(self, peer: str, indices: Iterable[int]) -> bool:
+        """A swarm peer asked a mirror for these pieces: each is its own from now on.
+
+        Ignored for non-members, for pieces out of range and for pieces that
+        are DONE here. Returns True when some piece changed owner.
+        """
+        me = self._me
+        if self._owner is None or me is None or peer == me or peer not in self._ranks:
+            return False
+        changed = False
+        for i in indices:
+            if not 0 <= i < len(self._sizes) or self._state[i] == PieceState.DONE:
+                continue
+            cur = self._claimed.get(i)
+            if cur == peer:
+                continue
+            if cur == me and self._state[i] != PieceState.NONE and me < peer:
+                continue  # both asked a mirror for it: the smaller id keeps it, on both sides
+            self._claimed[i] = peer
+            changed = True
+        return changed
+
+    def my_claims(self) -> list[int]:
+        """Pieces this node asked a mirror for and has not yet finished (what a new member must hear)."""
+        return sorted(i for i, p in self._claimed.items() if p == self._me and self._state[i] != PieceState.DONE)
+
     def peer_progress(self, peer: str, now: float) -> None:
         """A swarm peer showed progress (a HAVE): its pieces stay its own a while longer."""
         if peer in self._seen:
@@ -215,7 +249,7 @@ class PiecePicker:
         """Whether the first-copy rule lets a mirror fetch ``index`` now (peer holdings aside)."""
         if self._owner is None:
             return True
-        o = self._owner[index]
+        o = self._claimed.get(index, self._owner[index])
         if o == self._me:
             return True
         seen = self._seen.get(o)
@@ -225,7 +259,11 @@ class PiecePicker:
         """When a piece that is not ours next becomes pickable by a mirror (a stale owner), or None."""
         if self._owner is None:
             return None
-        owners = {self._owner[i] for i in range(len(self._sizes)) if self._wanted[i] and self._state[i] == PieceState.NONE}
+        owners = {
+            self._claimed.get(i, self._owner[i])
+            for i in range(len(self._sizes))
+            if self._wanted[i] and self._state[i] == PieceState.NONE
+        }
         times = [self._seen[o] + self._owner_timeout for o in owners if o in self._seen]
         return min(times, default=None)
 
@@ -297,6 +335,8 @@ class PiecePicker:
             picked = picked[:room]
         for i in picked:
             self._mark_requested(source_id, src, i, now)
+            if src.kind == MIRROR and self._me is not None:
+                self._claimed[i] = self._me  # ours now, whatever a later membership says
         return picked
 
     def claim(self, source_id: str, index: int, now: float) -> bool:
@@ -412,6 +452,7 @@ class PiecePicker:
         self._requested_by.pop(index, None)
         self._requested_at.pop(index, None)
         self._state[index] = PieceState.DONE
+        self._claimed.pop(index, None)
         if self._wanted[index]:
             self._remaining -= 1
 

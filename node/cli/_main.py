@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # py-libp2p logs a great deal at INFO; keep it quiet unless -vvv.
-    set_libp2p_level(logging.DEBUG if verbose >= 3 else logging.ERROR)
+    # py-libp2p logs a great deal, and logs ERROR for what is routine here (a
+    # peer that closed a stream); keep it quiet unless -vvv.
+    set_libp2p_level(logging.DEBUG if verbose >= 3 else logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

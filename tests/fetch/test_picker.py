@@ -318,11 +318,13 @@ def test_stale_owner_goes_back_to_source() -> None:
     assert pp.next_deadline() == 10.0
     assert drain_mirror(pp, now=9.9) == []  # owners still in time: wait for them
     pp.peer_progress("a", 9.0)  # a HAVE from a keeps a's pieces a's
+    owners = [pp.owner(i) for i in range(32)]  # asking a mirror for a piece makes it ours
     late = drain_mirror(pp, now=10.0)
-    assert late and all(pp.owner(i) in ("b", "c") for i in late)
+    assert late and all(owners[i] in ("b", "c") for i in late)
+    assert all(pp.owner(i) == "me" for i in late)
     assert not set(late) & set(mine)
     assert pp.next_deadline() == 19.0
-    assert {pp.owner(i) for i in drain_mirror(pp, now=19.0)} == {"a"}
+    assert {owners[i] for i in drain_mirror(pp, now=19.0)} == {"a"}
 
 
 def test_departed_owner_share_moves_mostly_only_its_share() -> None:
@@ -360,6 +362,51 @@ def test_complete_peer_keeps_its_share_until_it_goes_stale() -> None:
     assert drain_mirror(pp, now=9.0) == []
     for p in ("a", "b"):
         pp.peer_progress(p, 50.0)
+    owners = [pp.owner(i) for i in range(32)]
     late = drain_mirror(pp, now=55.0)  # c sent no Have and did not unchoke us (no source): stale
-    assert late and {pp.owner(i) for i in late} == {"c"}
+    assert late and {owners[i] for i in late} == {"c"}
     assert not set(late) & set(mine)
+
+
+# -- claims: a peer that asked a mirror for a piece owns it ------------------
+
+
+def test_a_claimed_piece_is_left_to_its_claimer() -> None:
+    pp = spread_picker(16)
+    ours = [i for i in range(16) if pp.owner(i) == "me"]
+    assert pp.peer_claims("a", ours[:2] + [99, -1])  # out of range: ignored
+    assert not pp.peer_claims("a", ours[:2])  # nothing new
+    assert not pp.peer_claims("stranger", ours[2:])  # not a member: ignored
+    got = drain_mirror(pp, now=0.0)
+    assert got == ours[2:] and pp.owner(ours[0]) == "a"
+    assert pp.my_claims() == ours[2:]  # what we asked a mirror for, for members that come later
+
+
+def test_claims_survive_a_new_member_and_leave_with_their_peer() -> None:
+    """A late member does not move what is already asked of a mirror; a departed claimer's pieces go back."""
+    pp = spread_picker(24, peers=("a", "b"))
+    mine = pp.pick("m", SIZE, now=0.0)
+    a_piece = next(i for i in range(24) if pp.owner(i) == "b")
+    pp.peer_claims("a", [a_piece])
+    assert pp.set_swarm(("a", "b", "late"), now=1.0)
+    assert pp.owner(mine[0]) == "me" and pp.owner(a_piece) == "a"
+    pp.set_swarm(("b", "late"), now=2.0)  # a left
+    assert pp.owner(a_piece) != "a"
+
+
+@pytest.mark.parametrize(("peer", "keeps"), [("zz", "me"), ("aa", "aa")])
+def test_both_asked_a_mirror_the_smaller_id_keeps_the_piece(peer: str, keeps: str) -> None:
+    pp = spread_picker(8, peers=("aa", "zz"))
+    [p] = pp.pick("m", SIZE, now=0.0)[:1]
+    pp.peer_claims(peer, [p])
+    assert pp.owner(p) == keeps  # the peer applies the same rule with the roles swapped
+
+
+def test_a_stale_claimer_loses_its_claims() -> None:
+    pp = spread_picker(16, timeout=10.0)
+    theirs = [i for i in range(16) if pp.owner(i) == "me"][:3]
+    pp.peer_claims("a", theirs)
+    pp.peer_progress("b", 10.0)
+    pp.peer_progress("c", 10.0)
+    assert not set(drain_mirror(pp, now=5.0)) & set(theirs)
+    assert set(theirs) <= set(drain_mirror(pp, now=10.0))  # a sent no Have for owner_timeout

@@ -12,6 +12,7 @@ from autoglm.protocol._control import (
     TRANSITIONS,
     Announce,
     Choke,
+    Claim,
     Close,
     ControlConnection,
     ControlMessage,
@@ -54,6 +55,7 @@ ALL: list[ControlMessage] = [
     GetManifest(MID),
     ManifestData(MID, b"envelope"),
     Peers(MID, (PeerInfo("12D3KooWPeer", ("/ip4/127.0.0.1/tcp/4001",)), PeerInfo("12D3KooWNoAddr", ()))),
+    Claim(MID, (0, 9)),
     Close("bye"),
 ]
 
@@ -86,6 +88,8 @@ SESSION: list[ControlMessage] = [
     TokenRequest(),
     Token(b"u" * 16),
     Peers(MID2, (PeerInfo("12D3KooWPeer", ("/ip4/127.0.0.1/tcp/4001", "/ip4/10.0.0.2/tcp/4001")),)),
+    Claim(MID, (3, 9)),
+    Claim(MID2, (0, 1, 2)),
     Close("done"),
 ]
 
@@ -119,6 +123,9 @@ def test_session_whole_and_byte_at_a_time() -> None:
         ([Hello((STATE,), None, TOKEN)], Have(MID, 10)),  # out of range
         ([Hello((), None, TOKEN), Close()], Keepalive()),
         ([Hello((), None, TOKEN)], Interested(MID)),  # we never announced MID
+        ([Hello((), None, TOKEN)], Claim(MID, (1,))),  # they never announced MID
+        ([Hello((STATE,), None, TOKEN)], Claim(MID, (2, 10))),  # out of range
+        ([], Claim(MID, (1,))),  # before Hello
     ],
 )
 def test_remote_errors_table(before: list[ControlMessage], msg: ControlMessage) -> None:
@@ -149,6 +156,26 @@ def test_peers_malformed(value: list[object], why: str) -> None:
         decode_control(encode_frame_payload(value))
 
 
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        ([15, MID, []], "1..64"),
+        ([15, MID, list(range(65))], "array"),
+        ([15, MID, [True]], "piece index"),
+        ([15, MID, [-1]], "piece index"),
+        ([15, MID, ["1"]], "piece index"),
+        ([15, MID, 3], "array"),
+        ([15, b"short", [1]], "manifest id"),
+        ([15, MID], "fields"),
+    ],
+)
+def test_claim_malformed(value: list[object], why: str) -> None:
+    from autoglm.protocol._codec import encode_frame_payload
+
+    with pytest.raises(RemoteProtocolError, match=why):
+        decode_control(encode_frame_payload(value))
+
+
 def test_local_errors() -> None:
     c = ControlConnection(0.0)
     with pytest.raises(LocalProtocolError):
@@ -158,6 +185,13 @@ def test_local_errors() -> None:
         c.send(Have(MID, 0), 0.0)
     with pytest.raises(LocalProtocolError):
         c.send(Interested(MID), 0.0)  # they never announced it
+    with pytest.raises(LocalProtocolError):
+        c.send(Claim(MID, (0,)), 0.0)  # we never announced it
+    c.send(Announce(ManifestState(MID, 4, b"\x00")), 0.0)
+    c.send(Claim(MID, (0, 3)), 0.0)
+    for bad in (Claim(MID, ()), Claim(MID, (4,)), Claim(MID, tuple(range(65)))):
+        with pytest.raises(LocalProtocolError):
+            c.send(bad, 0.0)
 
 
 def test_wrong_version_refused() -> None:

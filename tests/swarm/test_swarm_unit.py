@@ -174,6 +174,9 @@ class RecordingFetch:
         self.swarms: list[set[str]] = []
         self.complete: list[set[str]] = []
         self.progress: list[str] = []
+        self.claims: list[tuple[str, list[int]]] = []  # Claims the swarm passed on
+        self.mine: list[int] = []  # what mirror_claims reports
+        self.claim_listener: Any = None
 
     def add_source(self, source: object) -> None:
         pass
@@ -193,6 +196,48 @@ class RecordingFetch:
 
     def peer_progress(self, peer: str) -> None:
         self.progress.append(peer)
+
+    def peer_claims(self, peer: str, indices: Any) -> None:
+        self.claims.append((peer, list(indices)))
+
+    def mirror_claims(self) -> list[int]:
+        return list(self.mine)
+
+
+async def test_claims_reach_fetching_peers_both_ways(swarm: Swarm) -> None:
+    """What we already asked a mirror for goes to a peer when it announces; new claims follow; theirs reach the fetch."""
+    from autoglm.protocol._control import Claim
+
+    mid = b"\x07" * 32
+    swarm.hold(mid, 200)
+    fetch = RecordingFetch()
+    fetch.mine = list(range(70))  # more than one Claim holds
+    swarm.attach(mid, fetch)
+    assert fetch.claim_listener is not None
+    a, b = trio.testing.memory_stream_pair()
+    ours, theirs = MemControlStream(a, "peerB"), MemControlStream(b, "peerA")
+    peer = ControlConnection(trio.current_time())
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(swarm._run_session, ours, "peerB")
+            assert isinstance(await _next(peer, theirs), Hello)
+            await theirs.send_all(peer.send(Hello((ManifestState(mid, 200, bytes(25)),), None, b"t" * 16), trio.current_time()))
+            claims: list[Claim] = []  # Interested and Peers may come first
+            while sum(len(c.indices) for c in claims) < 70:
+                m = await _next(peer, theirs)
+                if isinstance(m, Claim):
+                    claims.append(m)
+            assert [i for c in claims for i in c.indices] == list(range(70)) and all(c.manifest_id == mid for c in claims)
+            fetch.claim_listener([150, 151])
+            while not isinstance(m := await _next(peer, theirs), Claim):
+                pass
+            assert m == Claim(mid, (150, 151))
+            await theirs.send_all(peer.send(Claim(mid, (3, 4)), trio.current_time()))
+            await trio.testing.wait_all_tasks_blocked()
+            assert fetch.claims == [("peerB", [3, 4])]
+            swarm.detach(mid)
+            assert fetch.claim_listener is None
+            nursery.cancel_scope.cancel()
 
 
 async def test_fetchers_share_the_first_copy(swarm: Swarm) -> None:

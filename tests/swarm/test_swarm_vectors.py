@@ -14,6 +14,7 @@ from autoglm.protocol._bitfield import Bitfield
 from autoglm.protocol._control import (
     Announce,
     Choke,
+    Claim,
     Close,
     ControlMessage,
     Endpoint,
@@ -62,6 +63,7 @@ CONTROL: dict[str, ControlMessage] = {
     "get_manifest": GetManifest(MID),
     "manifest_data": ManifestData(MID, b"envelope"),
     "peers": Peers(MID, (PeerInfo("12D3KooWA", ("/ip4/127.0.0.1/tcp/4001",)),)),
+    "claim": Claim(MID, (1, 9)),
     "close": Close("bye"),
 }
 
