@@ -62,6 +62,7 @@ PEER = "peer"
 MIRROR = "mirror"
 LOCAL = "local"
 _KINDS = (PEER, MIRROR, LOCAL)
+MAX_PEER_CLAIMS = 64  # outstanding claims honoured per swarm peer
 
 
 class PieceState(enum.IntEnum):
@@ -217,22 +218,29 @@ class PiecePicker:
     def peer_claims(self, peer: str, indices: Iterable[int]) -> bool:
         """A swarm peer asked a mirror for these pieces: each is its own from now on.
 
-        Ignored for non-members, for pieces out of range and for pieces that
-        are DONE here. Returns True when some piece changed owner.
+        Ignored for non-members, for pieces out of range, for pieces that
+        are DONE here and beyond ``MAX_PEER_CLAIMS`` outstanding claims per
+        peer (an honest node has a few mirror requests in flight; a liar
+        must not hold the whole model back). Returns True when some piece
+        changed owner.
         """
         me = self._me
         if self._owner is None or me is None or peer == me or peer not in self._ranks:
             return False
         changed = False
+        held = sum(1 for p in self._claimed.values() if p == peer)
         for i in indices:
             if not 0 <= i < len(self._sizes) or self._state[i] == PieceState.DONE:
                 continue
+            if held >= MAX_PEER_CLAIMS:
+                break
             cur = self._claimed.get(i)
             if cur == peer:
                 continue
             if cur == me and self._state[i] != PieceState.NONE and me < peer:
                 continue  # both asked a mirror for it: the smaller id keeps it, on both sides
             self._claimed[i] = peer
+            held += 1
             changed = True
         return changed
 

@@ -9,15 +9,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autoglm.node._progress import (
-    Event,
-    FetchDone,
-    FetchStarted,
-    FileDone,
-    ProgressSnapshot,
-    SourceFailed,
-    from_json,
-)
 from autoglm.node.errors import AutoglmError, ConfigError, SourceError
 
 from ._common import console, err_console, human_bytes, print_json
@@ -27,6 +18,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
     from autoglm.node._engine import FetchResult
+    from autoglm.node._progress import Event, FetchDone
 
 # Heavy modules load inside the commands (see _manifest_cmds.py): a fetch
 # handed to a running node needs only the standard library.
@@ -121,7 +113,29 @@ class _Renderer:
         self.files: dict[str, TaskID] = {}
         self.done: FetchDone | None = None
 
+    def handle_line(self, line: dict[str, Any]) -> None:
+        """One event line relayed by a running node: printed as it is in --json mode."""
+        if self.json:
+            if line.get("event") != "done":  # the summary comes last, from us
+                print_json(line)
+            return
+        from autoglm.node._progress import from_json
+
+        ev = from_json(line)
+        if ev is not None:
+            self.handle(ev)
+
     def handle(self, ev: Event) -> None:
+        from autoglm.node._progress import (
+            FetchDone,
+            FetchStarted,
+            FileDone,
+            ProgressSnapshot,
+            SourceFailed,
+        )
+
+        if isinstance(ev, FetchDone):
+            self.done = ev
         if self.json:
             if not isinstance(ev, FetchDone):
                 from autoglm.node._progress import to_json
@@ -208,11 +222,7 @@ def _delegate(args: argparse.Namespace, sock: socket.socket, renderer: _Renderer
             return line
         if kind == "error":
             raise _remote_error(line)
-        ev = from_json(line)
-        if ev is not None:
-            if isinstance(ev, FetchDone):
-                renderer.done = ev
-            renderer.handle(ev)
+        renderer.handle_line(line)
     raise SourceError("the running node closed the connection before the fetch finished")
 
 
@@ -294,8 +304,6 @@ def _fetch_here(args: argparse.Namespace, renderer: _Renderer) -> FetchResult:
         async def consume() -> None:
             async with recv:
                 async for ev in recv:
-                    if isinstance(ev, FetchDone):
-                        renderer.done = ev
                     renderer.handle(ev)
 
         async with trio.open_nursery() as nursery:

@@ -19,9 +19,30 @@ __all__ = ["build_parser", "main"]
 # Each module defines register(subparsers); a command's handler is
 # args.func(args) -> int. Order sets the order in --help.
 _COMMAND_MODULES = ["_manifest_cmds", "_fetch_cmds", "_swarm_cmds", "_verify_cmds", "_mirror_cmds"]
+# Which module registers each command: a command line that names one loads
+# only that module (tests/cli checks this table against the modules).
+COMMANDS = {
+    "keygen": "_manifest_cmds", "publish": "_manifest_cmds", "inspect": "_manifest_cmds",
+    "verify-manifest": "_manifest_cmds", "sample-model": "_manifest_cmds",
+    "fetch": "_fetch_cmds", "ls": "_fetch_cmds", "gc": "_fetch_cmds",
+    "join": "_swarm_cmds", "status": "_swarm_cmds", "name-publish": "_swarm_cmds",
+    "verify": "_verify_cmds", "doctor": "_verify_cmds", "serve-mirror": "_mirror_cmds",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The command named on a command line (skipping the global options), or None."""
+    it = iter(argv)
+    for word in it:
+        if word == "--data-dir":
+            next(it, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``command`` (a key of COMMANDS) only that command's module is loaded."""
     parser = argparse.ArgumentParser(
         prog="autoglm-node",
         description="Peer-to-peer distribution of model weights: signed manifests, verified "
@@ -36,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeat for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _COMMAND_MODULES:
+    for name in [COMMANDS[command]] if command in COMMANDS else _COMMAND_MODULES:
         try:
             mod = importlib.import_module(f"{__package__}.{name}")
         except ModuleNotFoundError as exc:
@@ -56,8 +77,9 @@ def _setup_logging(verbose: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_word(words))
+    args = parser.parse_args(words)
     _setup_logging(args.verbose)
     args.data_dir = resolve_data_dir(args.data_dir)
     try:

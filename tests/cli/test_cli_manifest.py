@@ -346,3 +346,20 @@ def test_x509_publisher_through_the_cli(cli: Cli, published: Published, tmp_path
             "--cert-chain", tmp_path / "junk.pem")
     assert r.returncode == EXIT["usage"]
     assert "cannot read the certificate chain" in r.stderr
+
+
+def test_command_table_names_every_command_and_its_module() -> None:
+    """main() loads only the module of the command named (fetch handed to a node starts fast)."""
+    import argparse
+
+    from autoglm.node.cli._main import COMMANDS, _command_word, build_parser
+
+    def commands(parser: argparse.ArgumentParser) -> set[str]:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return set(sub.choices)
+
+    assert commands(build_parser()) == set(COMMANDS)
+    for name in COMMANDS:
+        assert name in commands(build_parser(name))
+    assert _command_word(["--data-dir", "fetch", "-v", "status", "x"]) == "status"
+    assert _command_word(["-v", "--help"]) is None

@@ -410,3 +410,14 @@ def test_a_stale_claimer_loses_its_claims() -> None:
     pp.peer_progress("c", 10.0)
     assert not set(drain_mirror(pp, now=5.0)) & set(theirs)
     assert set(theirs) <= set(drain_mirror(pp, now=10.0))  # a sent no Have for owner_timeout
+
+
+def test_claims_per_peer_are_capped() -> None:
+    from autoglm.protocol._picker import MAX_PEER_CLAIMS
+
+    n = MAX_PEER_CLAIMS + 40
+    pp = spread_picker(n)
+    before = [pp.owner(i) for i in range(n)]
+    pp.peer_claims("a", range(n))
+    assert all(pp.owner(i) == "a" for i in range(MAX_PEER_CLAIMS))
+    assert [pp.owner(i) for i in range(MAX_PEER_CLAIMS, n)] == before[MAX_PEER_CLAIMS:]  # the rest ignored
