@@ -141,8 +141,10 @@ class SwarmConfig:
     # at once) per peer while every node of the fleet does the same.
     warm_sessions: int = 32
     warm_interval: float = 1.0
-    # discover_first returns once membership has been stable this long.
+    # discover_first returns once membership has been stable this long
+    # (discover_alone while no other holder is known).
     discover_settle: float = 0.1
+    discover_alone: float = 1.0
     reprovide_interval: float = 600.0
     keepalive_interval: float = 15.0
     idle_timeout: float = 45.0
@@ -1070,7 +1072,12 @@ class Swarm:
             known: frozenset[str] = frozenset()
             while True:
                 changed = self._peers_changed
-                with trio.move_on_after(self.config.discover_settle) as quiet:
+                # Alone so far: wait longer for news. Nodes started together (a fleet
+                # booting with `join --seed`) reach the bootstrap node, and hear of
+                # each other through it, within a second; a node that starts alone
+                # spends mirror connections on pieces another node may bring in too.
+                settle = self.config.discover_settle if known else self.config.discover_alone
+                with trio.move_on_after(settle) as quiet:
                     await changed.wait()
                 # A delayed dial to a peer that meanwhile dialled us is not discovery in progress.
                 busy = any(p not in self._sessions for p in self._dialing) or any(

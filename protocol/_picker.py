@@ -123,6 +123,11 @@ class PiecePicker:
         self._seen: dict[str, float] = {}  # swarm peer -> time of its last sign of progress
         self._claimed: dict[int, str] = {}  # piece -> swarm peer that asked a mirror for it
         self._ranks: dict[str, list[int]] = {} if me is None else {me: _ranks(me, n)}
+        # Where a mirror run starts: in index order, or, spreading, our own
+        # pieces by rank (highest first): nodes that start before they know of
+        # each other then begin with different pieces, the ones each is most
+        # likely to own once they do.
+        self._run_order = list(range(n)) if me is None else sorted(range(n), key=lambda i: -self._ranks[me][i])
 
     # -- queries ---------------------------------------------------------
     @property
@@ -384,10 +389,10 @@ class PiecePicker:
         def fresh(i: int) -> bool:
             return self._pickable(src, i) and self._peer_count[i] == 0 and self.mirror_may_take(i, now)
 
-        start = next((i for i in range(n) if fresh(i)), None)
+        start = next((i for i in self._run_order if fresh(i)), None)
         overlap = False
         if start is None and (self._overlap_budget is None or self._overlap_budget > 0):
-            start = next((i for i in range(n) if self._pickable(src, i) and self.mirror_may_take(i, now)), None)
+            start = next((i for i in self._run_order if self._pickable(src, i) and self.mirror_may_take(i, now)), None)
             overlap = True
         if start is None:
             return []

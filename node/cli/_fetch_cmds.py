@@ -284,6 +284,7 @@ def _fetch_here(args: argparse.Namespace, renderer: _Renderer) -> FetchResult:
     from autoglm.node._config import configured_bootstrap
     from autoglm.node._engine import FetchOptions, collapse_group
     from autoglm.node._mirrors import MirrorConfig
+    from autoglm.node._progress import Event
     from autoglm.node.api import NodeConfig, load_manifest, open_node
 
     bootstrap = [] if args.standalone else [*args.bootstrap, *configured_bootstrap(args.data_dir)]
