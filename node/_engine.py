@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class FetchOptions:
     endgame_copies: int = 2
+    endgame_delay: float = 0.0  # an endgame duplicate waits for the first request to be this old
     mirror_overlap_budget: int | None = None
     check_space: bool = True
     space_margin: int | None = None
@@ -295,6 +296,7 @@ class Fetch:
             have=d.done,
             wanted=d.wanted,
             endgame_copies=self.options.endgame_copies,
+            endgame_delay=self.options.endgame_delay,
             mirror_overlap_budget=self.options.mirror_overlap_budget,
             me=self.options.swarm_id,
             owner_timeout=self.options.owner_timeout,

@@ -143,7 +143,7 @@ class SwarmConfig:
     warm_interval: float = 1.0
     # discover_first returns once membership has been stable this long
     # (discover_alone while no other holder is known).
-    discover_settle: float = 0.1
+    discover_settle: float = 0.05
     discover_alone: float = 1.0
     reprovide_interval: float = 600.0
     keepalive_interval: float = 15.0
@@ -324,9 +324,12 @@ class PeerSource:
         if self._banned():
             raise SourceError(f"peer {s.peer_id} is banned for this manifest")
         for ref in request.pieces:
+            t0 = trio.current_time()
             try:
                 conn = await s.peerwire()
                 data = await conn.fetch(self.manifest_id, ref.index, ref.length)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("piece %d from %s in %.3f s", ref.index, s.peer_id[-6:], trio.current_time() - t0)
             except PeerRejected as exc:
                 if exc.reason is RejectReason.NOT_HAVE:
                     s.lost_claim(self.manifest_id, ref.index)
@@ -834,6 +837,8 @@ class Swarm:
             case Have():
                 src = s.sources.get(msg.manifest_id)
                 fetch = self._fetches.get(msg.manifest_id)
+                if fetch is not None and log.isEnabledFor(logging.DEBUG):
+                    log.debug("have %d from %s", msg.index, s.peer_id[-6:])
                 if src is not None and src.attached and fetch is not None:
                     fetch.source_have(src.id, msg.index)
                 bf = s.conn.theirs.manifests.get(msg.manifest_id)

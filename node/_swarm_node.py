@@ -94,7 +94,9 @@ class SwarmNode:
             raise ConfigError(f"this node is already fetching {m.name} {m.version}; wait for it to finish")
         self.swarm.hold(mid, m.piece_count, download.done, signed.encode())
         prog = self.progress[mid] = _Progress(m.name, m.version, str(out_dir), bytes_total=download.total_bytes)
-        options = FetchOptions(mirror_overlap_budget=0, wait_for_sources=True, swarm_id=self.p2p.peer_id)
+        # Peers on a LAN deliver a piece in tens of milliseconds: an endgame
+        # duplicate only for a request a second old (docs/protocol.md).
+        options = FetchOptions(mirror_overlap_budget=0, wait_for_sources=True, swarm_id=self.p2p.peer_id, endgame_delay=1.0)
         send, recv = trio.open_memory_channel[Event](256)
         fetch = Fetch(store, download, self.node.mirror_sources(mirrors), send, options)
         box: list[FetchResult] = []

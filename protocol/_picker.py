@@ -25,7 +25,10 @@ mirrors (every piece) or local copies (a fixed set). The rules, in order:
    covers it (libtorrent's web-seed preference).
 4. Endgame: once no wanted piece is NONE, a source may duplicate a piece that
    is REQUESTED (not WRITING) by others, oldest request first, up to
-   ``endgame_copies`` concurrent requesters per piece.
+   ``endgame_copies`` concurrent requesters per piece, once the first request
+   is ``endgame_delay`` old (a swarm on a LAN gets a piece from a peer in tens
+   of milliseconds; duplicating it at once only doubles the work of the last
+   pieces on every node).
 5. A per-source cap on pieces in flight (``max_in_flight``) is enforced here.
 6. First-copy spreading (swarm fetches, ``me`` set): every piece has an
    *owner* among this node and the peers that fetch the same manifest,
@@ -63,6 +66,7 @@ MIRROR = "mirror"
 LOCAL = "local"
 _KINDS = (PEER, MIRROR, LOCAL)
 MAX_PEER_CLAIMS = 64  # outstanding claims honoured per swarm peer
+_SMALL_PIECE = 1 << 20  # pieces below this go first in a swarm fetch's mirror order
 
 
 class PieceState(enum.IntEnum):
@@ -98,6 +102,7 @@ class PiecePicker:
         mirror_overlap_budget: int | None = None,
         me: str | None = None,
         owner_timeout: float = 20.0,
+        endgame_delay: float = 0.0,
     ) -> None:
         self._sizes = list(sizes)
         n = len(self._sizes)
@@ -114,6 +119,7 @@ class PiecePicker:
         self._requested_at: dict[int, float] = {}
         self._sources: dict[str, _Source] = {}
         self._endgame_copies = endgame_copies
+        self._endgame_delay = endgame_delay
         self._overlap_budget = mirror_overlap_budget
         self._remaining = sum(1 for i in range(n) if self._wanted[i] and self._state[i] != PieceState.DONE)
         # First-copy spreading: None means every piece is ours to fetch.
@@ -123,11 +129,15 @@ class PiecePicker:
         self._seen: dict[str, float] = {}  # swarm peer -> time of its last sign of progress
         self._claimed: dict[int, str] = {}  # piece -> swarm peer that asked a mirror for it
         self._ranks: dict[str, list[int]] = {} if me is None else {me: _ranks(me, n)}
-        # Where a mirror run starts: in index order, or, spreading, our own
-        # pieces by rank (highest first): nodes that start before they know of
-        # each other then begin with different pieces, the ones each is most
-        # likely to own once they do.
-        self._run_order = list(range(n)) if me is None else sorted(range(n), key=lambda i: -self._ranks[me][i])
+        # Where a mirror run starts: in index order, or, spreading, small pieces
+        # first (config and tokenizer files: one round trip each, which must
+        # not be left for the end) and then our own pieces by rank (highest
+        # first): nodes that start before they know of each other begin with
+        # different pieces, the ones each is most likely to own once they do.
+        ranks = self._ranks.get(me or "", [])
+        self._run_order = (
+            list(range(n)) if me is None else sorted(range(n), key=lambda i: (self._sizes[i] >= _SMALL_PIECE, -ranks[i]))
+        )
 
     # -- queries ---------------------------------------------------------
     @property
@@ -204,7 +214,7 @@ class PiecePicker:
         for p in [p for p in self._ranks if p != self._me and p not in members]:
             del self._ranks[p]
             self._seen.pop(p, None)
-        self._claimed = {i: p for i, p in self._claimed.items() if p in members}
+        self._claimed = {i: p for i, p in self._claimed.items() if p in members or p == self._me}
         # Bounded loads: each node owns at most ceil(n / members) pieces, so
         # the shares come out even (plain rendezvous leaves some nodes with
         # twice the mean and the last of them alone on the mirror).
@@ -269,15 +279,17 @@ class PiecePicker:
         return seen is None or now - seen >= self._owner_timeout
 
     def next_deadline(self) -> float | None:
-        """When a piece that is not ours next becomes pickable by a mirror (a stale owner), or None."""
-        if self._owner is None:
-            return None
-        owners = {
-            self._claimed.get(i, self._owner[i])
-            for i in range(len(self._sizes))
-            if self._wanted[i] and self._state[i] == PieceState.NONE
-        }
-        times = [self._seen[o] + self._owner_timeout for o in owners if o in self._seen]
+        """When picking again may give more: a stale owner's pieces free up, or an endgame duplicate is due."""
+        times: list[float] = []
+        if self._endgame_delay > 0 and self._in_endgame():
+            times += [t + self._endgame_delay for i, t in self._requested_at.items() if self._state[i] == PieceState.REQUESTED]
+        if self._owner is not None:
+            owners = {
+                self._claimed.get(i, self._owner[i])
+                for i in range(len(self._sizes))
+                if self._wanted[i] and self._state[i] == PieceState.NONE
+            }
+            times += [self._seen[o] + self._owner_timeout for o in owners if o in self._seen]
         return min(times, default=None)
 
     # -- sources ---------------------------------------------------------
@@ -425,6 +437,7 @@ class PiecePicker:
             and i not in src.failed
             and source_id not in self._requested_by.get(i, ())
             and len(self._requested_by.get(i, ())) < self._endgame_copies
+            and now - self._requested_at.get(i, 0.0) >= self._endgame_delay
         ]
         if src.kind == MIRROR and self._overlap_budget is not None:
             cands = [c for c in cands if self._peer_count[c[1]] == 0]

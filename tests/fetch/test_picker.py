@@ -433,3 +433,33 @@ def test_nodes_alone_start_on_different_pieces() -> None:
     assert len(set().union(*firsts)) >= 12  # of 16 requests (index order: all on pieces 0 and 1)
     together = spread_picker(128, "n0", tuple(nodes[1:]))
     assert sum(together.owner(i) == "n0" for i in firsts[0]) >= 1  # and mostly pieces n0 keeps
+
+
+def test_endgame_duplicate_waits_for_endgame_delay() -> None:
+    pp = PiecePicker([SIZE] * 2, endgame_delay=1.0)
+    for sid in ("a", "b"):
+        pp.add_source(sid, PEER, [0, 1])
+    assert pp.pick("a", 2 * SIZE, now=10.0) == [0, 1]
+    assert pp.pick("b", SIZE, now=10.5) == []  # too young to duplicate
+    assert pp.next_deadline() == 11.0  # the engine knows when to look again
+    assert pp.pick("b", SIZE, now=11.0) == [0]
+    pp.check_invariant()
+
+
+def test_small_pieces_go_first_when_spreading() -> None:
+    """Config and tokenizer files take one round trip each: never left for the end."""
+    sizes = [8 << 20] * 6 + [77, 58]
+    pp = PiecePicker(sizes, [0, 6, 7], mirror_overlap_budget=0, me="me")
+    pp.add_source("m", MIRROR)
+    first = pp.pick("m", 1, now=0.0) + pp.pick("m", 1, now=0.0)
+    assert sorted(first) == [6, 7]
+
+
+def test_our_claims_outlive_membership_changes() -> None:
+    """What we asked a mirror for stays ours when the swarm changes (the others were told it is)."""
+    pp = spread_picker(32)
+    mine = pp.pick("m", SIZE, now=0.0)
+    for peers in (("a", "b", "c", "d"), ("a",), ("a", "b", "c")):
+        pp.set_swarm(peers, now=1.0)
+        assert pp.owner(mine[0]) == "me"
+        assert mine[0] in pp.my_claims()

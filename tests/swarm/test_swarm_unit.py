@@ -358,3 +358,71 @@ async def test_introduced_peers_are_dialled_only_for_a_wanted_manifest(tmp_path:
             await trio.sleep(0.4)
             assert p2p.dialled[1:] == [PeerAddr("peerA", ("/ip4/127.0.0.1/tcp/5",))]
             nursery.cancel_scope.cancel()
+
+
+class WarmP2P(IntroP2P):
+    """Connected peers and a routing table; opens succeed slowly (a stream each) and are counted."""
+
+    peer_id = "peerM"
+
+    def __init__(self, connected: list[str], table: list[str]) -> None:
+        super().__init__()
+        self.connected, self.table = connected, table
+        self.streams: list[Any] = []
+
+    def connected_peers(self) -> list[str]:
+        return list(self.connected)
+
+    def routing_peers(self) -> list[Any]:
+        from autoglm.node._p2p import PeerAddr
+
+        return [PeerAddr(p, (f"/ip4/127.0.0.1/tcp/1/p2p/{p}",)) for p in self.table]
+
+    async def open_control(self, peer: Any) -> Any:
+        from autoglm.node.errors import SourceError
+
+        pid = getattr(peer, "peer_id", peer)
+        self.dialled.append(pid)
+        await trio.sleep(0.05)
+        if pid.startswith("peerX"):
+            raise SourceError("does not speak /autoglm/swarm/1")
+        a, b = trio.testing.memory_stream_pair()
+        self.streams.append(b)
+        return MemControlStream(a, pid)
+
+
+async def test_warm_sessions_connected_first_then_the_table_capped_smaller_id_first(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    p2p = WarmP2P(connected=["peerA", "peerZ", "peerX1"], table=["peerB", "peerC", "peerD"])
+    swarm = Swarm(p2p, Store(tmp_path), SwarmConfig(warm_sessions=4))  # type: ignore[arg-type]
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            swarm._nursery = nursery
+            nursery.start_soon(swarm._warmer)
+            await trio.sleep(0.5)
+            # Connected peers first; we (peerM) dial larger ids at once and leave the
+            # smaller ones (peerA, peerB) 1 s to dial us first.
+            assert sorted(p2p.dialled) == ["peerX1", "peerZ"]
+            await trio.sleep(1)
+            assert sorted(p2p.dialled) == ["peerA", "peerB", "peerX1", "peerZ"]
+            await trio.sleep(3)
+            assert set(swarm._sessions) == {"peerA", "peerB", "peerC", "peerZ"}  # the cap: 4
+            assert "peerD" not in p2p.dialled
+            n = p2p.dialled.count("peerX1")
+            await trio.sleep(10)
+            assert p2p.dialled.count("peerX1") == n  # a refusal is not asked again for a minute
+            nursery.cancel_scope.cancel()
+
+
+async def test_one_control_stream_open_per_peer_at_a_time(tmp_path: Path) -> None:
+    p2p = WarmP2P(connected=[], table=[])
+    swarm = Swarm(p2p, Store(tmp_path), SwarmConfig())  # type: ignore[arg-type]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            swarm._nursery = nursery
+            async with trio.open_nursery() as dials:
+                for _ in range(3):  # a warm dial, a DHT lookup and an introduction at once
+                    dials.start_soon(swarm.connect_peer, "peerB")
+            assert p2p.dialled == ["peerB"] and "peerB" in swarm._sessions
+            nursery.cancel_scope.cancel()
