@@ -387,6 +387,16 @@ class Fetch:
             self._withdraw_not_ours()
             self._wake()
 
+    def piece_keys(self) -> list[tuple[bytes, int]]:
+        """(BLAKE3 hash, length) of every piece, in index order (the swarm matches other manifests by them)."""
+        return [(p.hash, p.length) for p in self.download.pieces]
+
+    def file_sha256s(self) -> list[bytes]:
+        """The SHA-256 of each wanted file that still misses pieces (the DHT has providers per file)."""
+        d = self.download
+        files = {d.file_of[i] for i in d.missing()}
+        return [d.manifest.files[fi].sha256 for fi in d.wanted_files if fi in files]
+
     def mirror_claims(self) -> list[int]:
         """Pieces this fetch has asked a mirror for and not finished (a new swarm member hears them)."""
         return self.picker.my_claims()

@@ -109,6 +109,8 @@ _PROVIDE_WINDOW, _PROVIDE_MAX = 10.0, 8
 _COALESCE_MAX = 256  # queued control messages joined into one write
 _DIAL_BACKOFF = 5.0  # seconds before an unreachable peer is dialled again
 _WARM_BACKOFF = 60.0  # ... and before a connected peer that refused a warm session is asked again
+_MAX_PROBED = 64  # other manifests a node asks its peers for (see Swarm._probe) ...
+_MAX_FOREIGN_PIECES = 500_000  # ... and the piece hashes it keeps of them (~60 MB at most)
 _HELLO_BUDGET = 3 * 1024 * 1024  # bytes of bitfields in one Hello (frames stop at 4 MiB)
 
 #: Test hook: a node started with this set claims every piece of every manifest it holds.
@@ -202,6 +204,14 @@ class FetchHandle(Protocol):
         """The pieces this fetch asked a mirror for and has not finished."""
         ...
 
+    def piece_keys(self) -> list[tuple[bytes, int]]:
+        """(BLAKE3 hash, length) of every piece of the manifest, in index order."""
+        ...
+
+    def file_sha256s(self) -> list[bytes]:
+        """The SHA-256 of each wanted file that still misses pieces."""
+        ...
+
     claim_listener: Callable[[list[int]], None] | None
 
 
@@ -266,9 +276,15 @@ class PeerSource:
     QUEUE_TIME = 1.0
     MIN_DEPTH, MAX_DEPTH = 2, 32
 
-    def __init__(self, session: _Session, manifest_id: bytes) -> None:
+    def __init__(self, session: _Session, manifest_id: bytes, alias: tuple[bytes, dict[int, int]] | None = None) -> None:
         self._session = session
         self.manifest_id = manifest_id
+        # An alias: the peer holds these pieces under another manifest (an
+        # identical file in another model or version): (its manifest id,
+        # our piece index -> its piece index). Every byte is still checked
+        # against our manifest's hash.
+        self.alias = alias
+        self.held_as = manifest_id if alias is None else alias[0]
         self._ready_at = 0.0
         self.bytes_received = 0
         # In the fetch only while the peer unchokes us: a peer that holds pieces
@@ -294,6 +310,8 @@ class PeerSource:
 
     @property
     def id(self) -> str:
+        if self.alias is not None:
+            return f"peer:{self._session.peer_id}@{self.alias[0].hex()[:8]}"
         return f"peer:{self._session.peer_id}"
 
     @property
@@ -301,8 +319,18 @@ class PeerSource:
         return SourceKind.PEER
 
     def availability(self) -> Collection[int] | None:
-        bf = self._session.conn.theirs.manifests.get(self.manifest_id)
-        return set(bf) if bf is not None else set()
+        bf = self._session.conn.theirs.manifests.get(self.held_as)
+        if bf is None:
+            return set()
+        if self.alias is not None:
+            return {i for i, j in self.alias[1].items() if j in bf}
+        return set(bf)
+
+    def ours(self, their_index: int) -> list[int]:
+        """Our piece indices that the peer's piece ``their_index`` (of ``held_as``) provides."""
+        if self.alias is None:
+            return [their_index]
+        return [i for i, j in self.alias[1].items() if j == their_index]
 
     def max_requests(self) -> int:
         s = self._session
@@ -325,14 +353,15 @@ class PeerSource:
             raise SourceError(f"peer {s.peer_id} is banned for this manifest")
         for ref in request.pieces:
             t0 = trio.current_time()
+            theirs = ref.index if self.alias is None else self.alias[1][ref.index]
             try:
                 conn = await s.peerwire()
-                data = await conn.fetch(self.manifest_id, ref.index, ref.length)
+                data = await conn.fetch(self.held_as, theirs, ref.length)
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("piece %d from %s in %.3f s", ref.index, s.peer_id[-6:], trio.current_time() - t0)
+                    log.debug("piece %d from %s in %.3f s", ref.index, self.id[-15:], trio.current_time() - t0)
             except PeerRejected as exc:
                 if exc.reason is RejectReason.NOT_HAVE:
-                    s.lost_claim(self.manifest_id, ref.index)
+                    s.lost_claim(self.held_as, theirs)
                 self._ready_at = trio.current_time() + 1.0
                 raise
             except SourceError:
@@ -367,6 +396,8 @@ class _Session:
         self.unchoking = False
         self.closed = False
         self.sources: dict[bytes, PeerSource] = {}
+        # Alias sources, by the peer's manifest that holds the pieces (see PeerSource.alias).
+        self.aliases: dict[bytes, PeerSource] = {}
         # Manifests posted to this peer in Hello or Announce (sent or still queued):
         # a Have for one of them may follow in the queue.
         self.announced: set[bytes] = set()
@@ -400,9 +431,11 @@ class _Session:
         if bf is not None and index < bf.size and bf.discard(index):
             self.swarm.stats.lost_claims += 1
             log.info("peer %s advertised piece %d but cannot serve it", self.peer_id, index)
-            src, fetch = self.sources.get(manifest_id), self.swarm._fetches.get(manifest_id)
-            if src is not None and src.attached and fetch is not None:
-                fetch.source_bitfield(src.id, bf)
+            for src in (self.sources.get(manifest_id), self.aliases.get(manifest_id)):
+                fetch = None if src is None else self.swarm._fetches.get(src.manifest_id)
+                if src is not None and src.attached and fetch is not None:
+                    avail = src.availability()
+                    fetch.source_bitfield(src.id, avail if avail is not None else ())
 
     async def peerwire(self) -> PeerwireConnection:
         async with self._pw_lock:
@@ -507,6 +540,11 @@ class Swarm:
         # waiters take the current event first, then check their condition.
         self._peers_changed = trio.Event()
         self._envelopes: dict[bytes, bytes] = {}
+        # Other manifests peers hold, asked for (GetManifest) while fetching: an
+        # identical file under another manifest is served by its holders too.
+        self._asked: set[bytes] = set()
+        self._foreign: dict[bytes, list[tuple[bytes, int]]] = {}  # manifest id -> (hash, length) per piece
+        self._awaited: set[bytes] = set()  # envelopes fetch_manifest waits for (the only ones kept whole)
         self._provided: dict[bytes, tuple[float, int]] = {}
         self._dial_backoff: dict[str, float] = {}
         self._dialing: set[str] = set()  # peers being dialled after an introduction
@@ -595,6 +633,10 @@ class Swarm:
         self._attached_at[manifest_id] = trio.current_time()
         fetch.claim_listener = lambda indices: self._post_claims(manifest_id, indices)
         for s in list(self._sessions.values()):
+            self._probe(s)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._discover_files, manifest_id)
+        for s in list(self._sessions.values()):
             self._maybe_add_source(s, manifest_id)
         self._update_swarm(manifest_id)
         self._wanted_changed.set()
@@ -632,6 +674,11 @@ class Swarm:
             if src is not None:
                 src.attached = False
                 s.post(NotInterested(manifest_id))
+            for held_as, alias in list(s.aliases.items()):
+                if alias.manifest_id == manifest_id:
+                    del s.aliases[held_as]
+                    alias.attached = False
+                    s.post(NotInterested(held_as))
 
     def _maybe_add_source(self, s: _Session, mid: bytes) -> None:
         fetch = self._fetches.get(mid)
@@ -671,12 +718,16 @@ class Swarm:
         self._emit(PeerBanned(peer_id, manifest_id, why))
         s = self._sessions.get(peer_id)
         if s is not None:
-            src = s.sources.pop(manifest_id, None)
             fetch = self._fetches.get(manifest_id)
-            if src is not None and src.attached and fetch is not None and self._nursery is not None:
-                # Removed from the next task step, so the engine first records
-                # the failure and reports it (SourceFailed, integrity=True).
-                self._nursery.start_soon(_remove_source, fetch, src.id)
+            gone = [s.sources.pop(manifest_id, None)]
+            for held_as, alias in list(s.aliases.items()):
+                if alias.manifest_id == manifest_id:
+                    gone.append(s.aliases.pop(held_as))
+            for src in gone:
+                if src is not None and src.attached and fetch is not None and self._nursery is not None:
+                    # Removed from the next task step, so the engine first records
+                    # the failure and reports it (SourceFailed, integrity=True).
+                    self._nursery.start_soon(_remove_source, fetch, src.id)
         self._update_swarm(manifest_id)
 
     # -- sessions --------------------------------------------------------
@@ -780,9 +831,10 @@ class Swarm:
             # Tokens this peer never redeemed die with its session.
             for tok in [t for t, p in self._tokens.items() if p == s.peer_id]:
                 del self._tokens[tok]
-        for src in s.sources.values():
+        for src in [*s.sources.values(), *s.aliases.values()]:
             self._detach_source(src)
         s.sources.clear()
+        s.aliases.clear()
         s.closed = True
         now = trio.current_time()
         redial = False
@@ -828,6 +880,11 @@ class Swarm:
                         self._exchange_peers(s, st.manifest_id)
                         if fetch is not None:  # a new member hears what we already asked a mirror for
                             self._post_claims(st.manifest_id, fetch.mirror_claims(), only=s)
+                    alias = s.aliases.get(st.manifest_id)
+                    alias_fetch = None if alias is None else self._fetches.get(alias.manifest_id)
+                    if alias is not None and alias.attached and alias_fetch is not None:
+                        alias_fetch.source_bitfield(alias.id, alias.availability() or ())
+                self._probe(s)
             case Peers():
                 self._on_peers(s, msg)
             case Claim():
@@ -841,6 +898,11 @@ class Swarm:
                     log.debug("have %d from %s", msg.index, s.peer_id[-6:])
                 if src is not None and src.attached and fetch is not None:
                     fetch.source_have(src.id, msg.index)
+                alias = s.aliases.get(msg.manifest_id)
+                alias_fetch = None if alias is None else self._fetches.get(alias.manifest_id)
+                if alias is not None and alias.attached and alias_fetch is not None:
+                    for i in alias.ours(msg.index):
+                        alias_fetch.source_have(alias.id, i)
                 bf = s.conn.theirs.manifests.get(msg.manifest_id)
                 if fetch is not None and bf is not None:
                     if not bf.complete:
@@ -860,10 +922,10 @@ class Swarm:
             case Token():
                 s.on_token()
             case Unchoke():
-                for src in list(s.sources.values()):
+                for src in [*s.sources.values(), *s.aliases.values()]:
                     self._attach_source(s, src)
             case Choke():
-                for src in list(s.sources.values()):
+                for src in [*s.sources.values(), *s.aliases.values()]:
                     self._detach_source(src)
             case _:
                 pass
@@ -976,8 +1038,82 @@ class Swarm:
             log.info("peer %s (%s) unreachable: %s", pid, why, exc)
 
     # -- manifests by id (for name records) ------------------------------
+    # -- identical files under other manifests --------------------------------
+    def _probe(self, s: _Session) -> None:
+        """While fetching, ask ``s`` for the manifests it holds that we do not know yet.
+
+        A peer that holds an identical file under another manifest (another
+        model, another version) can serve its pieces: their hashes are in
+        that manifest. The envelope is only a map of hashes; nothing in it is
+        trusted, every byte is checked against our own manifest.
+        """
+        if not self._fetches:
+            return
+        for mid, bf in s.conn.theirs.manifests.items():
+            if mid in self._fetches or not len(bf):
+                continue
+            if mid in self._foreign:
+                self._link(s, mid)
+            elif mid not in self._asked and len(self._asked) < _MAX_PROBED:
+                self._asked.add(mid)
+                if mid in self._envelopes:
+                    self._learn_foreign(mid, self._envelopes[mid])
+                else:
+                    s.post(GetManifest(mid))
+
+    async def _discover_files(self, mid: bytes, delay: float = 2.0) -> None:
+        """A while into a fetch: dial the DHT's providers of its files (identical files in other manifests).
+
+        Later than the manifest lookup, and off the start's critical path: it
+        is for pieces nobody fetching this manifest has.
+        """
+        await trio.sleep(delay)
+        fetch = self._fetches.get(mid)
+        # A fetch shared by several peers spreads the first copy among them, and
+        # their sessions already show what else they hold: the lookups (a few
+        # DHT round trips each, on every node) are for a node fetching nearly alone.
+        if fetch is None or self.p2p is None or len(self.holders(mid)) >= 3:
+            return
+        for sha in fetch.file_sha256s()[:8]:
+            if self._fetches.get(mid) is not fetch:
+                return
+            await self._dial_all(await self.p2p.find_file_providers(sha))
+
+    def _learn_foreign(self, mid: bytes, envelope: bytes) -> None:
+        try:
+            signed = decode_signed_manifest(envelope)
+        except RemoteProtocolError:
+            return
+        held = sum(len(k) for k in self._foreign.values())
+        if signed.id != mid or held + signed.manifest.piece_count > _MAX_FOREIGN_PIECES:
+            return
+        self._foreign[mid] = [(p.hash, p.length) for _, p in signed.manifest.iter_pieces()]
+        for s in list(self._sessions.values()):
+            if mid in s.conn.theirs.manifests:
+                self._link(s, mid)
+
+    def _link(self, s: _Session, held_as: bytes) -> None:
+        """Make ``s`` a source of a fetched manifest for the pieces it holds under ``held_as``."""
+        if held_as in s.aliases:
+            return
+        theirs = {key: j for j, key in enumerate(self._foreign[held_as])}
+        for mid, fetch in self._fetches.items():
+            if mid == held_as or s.peer_id in self._banned.get(mid, ()):
+                continue
+            mapping = {i: theirs[key] for i, key in enumerate(fetch.piece_keys()) if key in theirs}
+            if not mapping:
+                continue
+            src = s.aliases[held_as] = PeerSource(s, mid, (held_as, mapping))
+            log.info("peer %s holds %d pieces of %s as %s", s.peer_id, len(mapping), mid.hex()[:16], held_as.hex()[:16])
+            s.post(Interested(held_as))
+            self._attach_source(s, src)
+            return
+
     def _on_manifest_data(self, s: _Session, msg: ManifestData) -> None:
-        if not msg.envelope or msg.manifest_id in self._envelopes:
+        if msg.envelope and msg.manifest_id in self._asked and msg.manifest_id not in self._foreign:
+            self._learn_foreign(msg.manifest_id, msg.envelope)
+        # Unasked envelopes are dropped: a peer cannot fill our memory with them.
+        if not msg.envelope or msg.manifest_id in self._envelopes or msg.manifest_id not in self._awaited:
             return
         try:
             ok = decode_signed_manifest(msg.envelope).id == msg.manifest_id
@@ -988,6 +1124,7 @@ class Swarm:
             return
         # Only the id was checked here; signature and trust are the caller's check.
         self._envelopes[msg.manifest_id] = msg.envelope
+        self._awaited.discard(msg.manifest_id)
         self._notify_peers_changed()
 
     def _emit(self, ev: SwarmEvent) -> None:
@@ -1008,6 +1145,7 @@ class Swarm:
     async def fetch_manifest(self, manifest_id: bytes) -> bytes:
         """The signed envelope of ``manifest_id`` from any peer that holds it (callers bound the wait)."""
         asked: set[str] = set()
+        self._awaited.add(manifest_id)
         while manifest_id not in self._envelopes:
             changed = self._peers_changed
             await self._discover(manifest_id)

@@ -243,3 +243,21 @@ async def test_whole_files_are_announced_by_sha256_in_the_dht(tmp_path: Path, pu
             with trio.fail_after(60):
                 for f in files:
                     assert [p.peer_id for p in await probe.find_file_providers(f.sha256)] == [seed_id]
+
+
+def test_an_identical_file_under_another_manifest_comes_from_its_holder(tmp_path: Path, pub: dict[str, Path]) -> None:
+    """A peer holding the same file under another manifest (another name, version, piece plan) serves it; no mirror."""
+    other = tmp_path / "other.agm"
+    subprocess.run([*CLI, "--data-dir", str(tmp_path / "pub2"), "publish", str(pub["model"]),
+                    "--key", str(pub["key"]).removesuffix(".pub"), "--name", "demo/renamed", "--version", "2",
+                    "--out", str(other), "--max-piece", "1MiB"], check=True, capture_output=True, timeout=120)
+    pub2 = {**pub, "manifest": other}
+    with processes() as procs:
+        url = start_mirror(procs, tmp_path, pub["model"])
+        seed = start_node(procs, tmp_path, "seed", pub, mirrors=[url])  # holds demo/m 1 only
+        _complete(seed)
+        node = start_node(procs, tmp_path, "node", pub2, bootstrap=[seed.seen[0]["addrs"][0]])  # no mirror
+        res = _complete(node)
+    sources = set(res["bytes_by_source"])
+    assert sources and all(s.startswith(f"peer:{seed.seen[0]['peer_id']}@") for s in sources), sources
+    assert same_tree(pub["model"], tmp_path / "node-out")
