@@ -426,3 +426,71 @@ async def test_one_control_stream_open_per_peer_at_a_time(tmp_path: Path) -> Non
                     dials.start_soon(swarm.connect_peer, "peerB")
             assert p2p.dialled == ["peerB"] and "peerB" in swarm._sessions
             nursery.cancel_scope.cancel()
+
+
+class AliasFetch(RecordingFetch):
+    """A fetch of 4 pieces that records the sources the swarm gives it and their Haves."""
+
+    def __init__(self, keys: list[tuple[bytes, int]]) -> None:
+        super().__init__()
+        self.keys = keys
+        self.added: list[Any] = []
+        self.haves: list[tuple[str, int]] = []
+
+    def piece_keys(self) -> list[tuple[bytes, int]]:
+        return self.keys
+
+    def file_sha256s(self) -> list[bytes]:
+        return []
+
+    def add_source(self, source: Any) -> None:
+        self.added.append(source)
+
+    def source_have(self, source_id: str, index: int) -> None:
+        self.haves.append((source_id, index))
+
+
+async def test_a_peer_holding_our_pieces_under_another_manifest_becomes_an_alias_source(swarm: Swarm) -> None:
+    """We ask for the envelope of a manifest we do not know, map pieces by hash, and use the peer for ours."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from autoglm.protocol import FileEntry, Manifest, Piece, key_id, sign_manifest
+    from autoglm.protocol._control import GetManifest, Have, Interested, ManifestData, Unchoke
+
+    key = Ed25519PrivateKey.generate()
+    h = [bytes([i]) * 32 for i in range(5)]
+    # Theirs: one file of 3 pieces (h1, h2, h4); ours: 4 pieces (h0, h1, h2, h3).
+    theirs = Manifest("other", "9", 1, key_id(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)),
+                      (FileEntry("w", 30, b"s" * 32, (Piece(0, 10, h[1]), Piece(10, 10, h[2]), Piece(20, 10, h[4]))),),
+                      max_piece_size=10)
+    envelope = sign_manifest(theirs, key).encode()
+    other = sign_manifest(theirs, key).id
+    mid = b"\x07" * 32
+    swarm.hold(mid, 4)
+    fetch = AliasFetch([(h[0], 10), (h[1], 10), (h[2], 10), (h[3], 10)])
+    swarm.attach(mid, fetch)
+    a, b = trio.testing.memory_stream_pair()
+    ours, their_end = MemControlStream(a, "peerB"), MemControlStream(b, "peerA")
+    peer = ControlConnection(trio.current_time())
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(swarm._run_session, ours, "peerB")
+            assert isinstance(await _next(peer, their_end), Hello)
+            # They hold their manifest's first piece (h1) only.
+            await their_end.send_all(peer.send(Hello((ManifestState(other, 3, b"\x80"),), None, b"t" * 16), 0.0))
+            while not isinstance(m := await _next(peer, their_end), GetManifest):
+                pass
+            assert m == GetManifest(other)
+            await their_end.send_all(peer.send(ManifestData(other, envelope), 0.0))
+            while not isinstance(m := await _next(peer, their_end), Interested):
+                pass
+            assert m == Interested(other)
+            await their_end.send_all(peer.send(Unchoke(), 0.0))
+            await trio.testing.wait_all_tasks_blocked()
+            [src] = fetch.added
+            assert src.id == f"peer:peerB@{other.hex()[:8]}" and set(src.availability()) == {1}
+            await their_end.send_all(peer.send(Have(other, 1), 0.0))  # their piece 1 is our piece 2
+            await trio.testing.wait_all_tasks_blocked()
+            assert fetch.haves == [(src.id, 2)]
+            nursery.cancel_scope.cancel()
