@@ -285,6 +285,9 @@ class PeerSource:
         # against our manifest's hash.
         self.alias = alias
         self.held_as = manifest_id if alias is None else alias[0]
+        self._ours: dict[int, list[int]] = {}  # their piece index -> ours (an alias)
+        for i, j in (alias[1] if alias is not None else {}).items():
+            self._ours.setdefault(j, []).append(i)
         self._ready_at = 0.0
         self.bytes_received = 0
         # In the fetch only while the peer unchokes us: a peer that holds pieces
@@ -328,9 +331,7 @@ class PeerSource:
 
     def ours(self, their_index: int) -> list[int]:
         """Our piece indices that the peer's piece ``their_index`` (of ``held_as``) provides."""
-        if self.alias is None:
-            return [their_index]
-        return [i for i, j in self.alias[1].items() if j == their_index]
+        return [their_index] if self.alias is None else self._ours.get(their_index, [])
 
     def max_requests(self) -> int:
         s = self._session
@@ -408,6 +409,17 @@ class _Session:
         self._token_ready = trio.Event()
         self.cancel_scope = trio.CancelScope()
 
+    def all_sources(self) -> list[PeerSource]:
+        """This peer as a source: of manifests it announced, and as an alias for others."""
+        return [*self.sources.values(), *self.aliases.values()]
+
+    def drop_aliases(self, manifest_id: bytes) -> list[PeerSource]:
+        """Forget the alias sources that serve the fetch of ``manifest_id``; returns them."""
+        gone = [src for src in self.aliases.values() if src.manifest_id == manifest_id]
+        for src in gone:
+            del self.aliases[src.held_as]
+        return gone
+
     def post(self, msg: ControlMessage) -> None:
         """Queue a message for the writer. A peer this far behind is dropped."""
         if self.closed:
@@ -432,10 +444,9 @@ class _Session:
             self.swarm.stats.lost_claims += 1
             log.info("peer %s advertised piece %d but cannot serve it", self.peer_id, index)
             for src in (self.sources.get(manifest_id), self.aliases.get(manifest_id)):
-                fetch = None if src is None else self.swarm._fetches.get(src.manifest_id)
-                if src is not None and src.attached and fetch is not None:
-                    avail = src.availability()
-                    fetch.source_bitfield(src.id, avail if avail is not None else ())
+                fetch = self.swarm._live_fetch(src)
+                if src is not None and fetch is not None:
+                    fetch.source_bitfield(src.id, src.availability() or ())
 
     async def peerwire(self) -> PeerwireConnection:
         async with self._pw_lock:
@@ -674,11 +685,13 @@ class Swarm:
             if src is not None:
                 src.attached = False
                 s.post(NotInterested(manifest_id))
-            for held_as, alias in list(s.aliases.items()):
-                if alias.manifest_id == manifest_id:
-                    del s.aliases[held_as]
-                    alias.attached = False
-                    s.post(NotInterested(held_as))
+            for alias in s.drop_aliases(manifest_id):
+                alias.attached = False
+                s.post(NotInterested(alias.held_as))
+
+    def _live_fetch(self, src: PeerSource | None) -> FetchHandle | None:
+        """The fetch ``src`` is a source of, if it is attached to it now."""
+        return None if src is None or not src.attached else self._fetches.get(src.manifest_id)
 
     def _maybe_add_source(self, s: _Session, mid: bytes) -> None:
         fetch = self._fetches.get(mid)
@@ -719,11 +732,7 @@ class Swarm:
         s = self._sessions.get(peer_id)
         if s is not None:
             fetch = self._fetches.get(manifest_id)
-            gone = [s.sources.pop(manifest_id, None)]
-            for held_as, alias in list(s.aliases.items()):
-                if alias.manifest_id == manifest_id:
-                    gone.append(s.aliases.pop(held_as))
-            for src in gone:
+            for src in [s.sources.pop(manifest_id, None), *s.drop_aliases(manifest_id)]:
                 if src is not None and src.attached and fetch is not None and self._nursery is not None:
                     # Removed from the next task step, so the engine first records
                     # the failure and reports it (SourceFailed, integrity=True).
@@ -831,7 +840,7 @@ class Swarm:
             # Tokens this peer never redeemed die with its session.
             for tok in [t for t, p in self._tokens.items() if p == s.peer_id]:
                 del self._tokens[tok]
-        for src in [*s.sources.values(), *s.aliases.values()]:
+        for src in s.all_sources():
             self._detach_source(src)
         s.sources.clear()
         s.aliases.clear()
@@ -881,8 +890,8 @@ class Swarm:
                         if fetch is not None:  # a new member hears what we already asked a mirror for
                             self._post_claims(st.manifest_id, fetch.mirror_claims(), only=s)
                     alias = s.aliases.get(st.manifest_id)
-                    alias_fetch = None if alias is None else self._fetches.get(alias.manifest_id)
-                    if alias is not None and alias.attached and alias_fetch is not None:
+                    alias_fetch = self._live_fetch(alias)
+                    if alias is not None and alias_fetch is not None:
                         alias_fetch.source_bitfield(alias.id, alias.availability() or ())
                 self._probe(s)
             case Peers():
@@ -899,8 +908,8 @@ class Swarm:
                 if src is not None and src.attached and fetch is not None:
                     fetch.source_have(src.id, msg.index)
                 alias = s.aliases.get(msg.manifest_id)
-                alias_fetch = None if alias is None else self._fetches.get(alias.manifest_id)
-                if alias is not None and alias.attached and alias_fetch is not None:
+                alias_fetch = self._live_fetch(alias)
+                if alias is not None and alias_fetch is not None:
                     for i in alias.ours(msg.index):
                         alias_fetch.source_have(alias.id, i)
                 bf = s.conn.theirs.manifests.get(msg.manifest_id)
@@ -922,10 +931,10 @@ class Swarm:
             case Token():
                 s.on_token()
             case Unchoke():
-                for src in [*s.sources.values(), *s.aliases.values()]:
+                for src in s.all_sources():
                     self._attach_source(s, src)
             case Choke():
-                for src in [*s.sources.values(), *s.aliases.values()]:
+                for src in s.all_sources():
                     self._detach_source(src)
             case _:
                 pass

@@ -64,6 +64,13 @@ async def _next(conn: ControlConnection, stream: MemControlStream) -> object:
     return ev
 
 
+def _session_with_peer_b(nursery: trio.Nursery, swarm: Swarm) -> tuple[MemControlStream, ControlConnection]:
+    """A session between the swarm and "peerB" (opened by peerB): the test's end of the stream and its state."""
+    a, b = trio.testing.memory_stream_pair()
+    nursery.start_soon(swarm._run_session, MemControlStream(a, "peerB"), "peerB")
+    return MemControlStream(b, "peerA"), ControlConnection(trio.current_time())
+
+
 @pytest.fixture
 def swarm(tmp_path: Path) -> Swarm:
     store = Store(tmp_path)
@@ -153,12 +160,9 @@ async def test_hello_carries_64_manifests_and_the_rest_follow_as_announce(swarm:
     mids = [i.to_bytes(32, "big") for i in range(70)]
     for m in mids:
         swarm.hold(m, 9, [1])
-    a, b = trio.testing.memory_stream_pair()
-    ours, theirs = MemControlStream(a, "peerB"), MemControlStream(b, "peerA")
-    peer = ControlConnection(trio.current_time())
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(swarm._run_session, ours, "peerB")
+            theirs, peer = _session_with_peer_b(nursery, swarm)
             hello = await _next(peer, theirs)
             assert isinstance(hello, Hello) and [st.manifest_id for st in hello.manifests] == mids[:64]
             rest = [await _next(peer, theirs) for _ in range(6)]
@@ -214,12 +218,9 @@ async def test_claims_reach_fetching_peers_both_ways(swarm: Swarm) -> None:
     fetch.mine = list(range(70))  # more than one Claim holds
     swarm.attach(mid, fetch)
     assert fetch.claim_listener is not None
-    a, b = trio.testing.memory_stream_pair()
-    ours, theirs = MemControlStream(a, "peerB"), MemControlStream(b, "peerA")
-    peer = ControlConnection(trio.current_time())
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(swarm._run_session, ours, "peerB")
+            theirs, peer = _session_with_peer_b(nursery, swarm)
             assert isinstance(await _next(peer, theirs), Hello)
             await theirs.send_all(peer.send(Hello((ManifestState(mid, 200, bytes(25)),), None, b"t" * 16), trio.current_time()))
             claims: list[Claim] = []  # Interested and Peers may come first
@@ -249,12 +250,9 @@ async def test_fetchers_share_the_first_copy(swarm: Swarm) -> None:
     fetch = RecordingFetch()
     swarm.attach(mid, fetch)
     assert fetch.swarms == [set()]
-    a, b = trio.testing.memory_stream_pair()
-    ours, theirs = MemControlStream(a, "peerB"), MemControlStream(b, "peerA")
-    peer = ControlConnection(trio.current_time())
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(swarm._run_session, ours, "peerB")
+            theirs, peer = _session_with_peer_b(nursery, swarm)
             assert isinstance(await _next(peer, theirs), Hello)
             await theirs.send_all(peer.send(Hello((ManifestState(mid, 2, b"\x00"),), None, b"t" * 16), trio.current_time()))
             await trio.testing.wait_all_tasks_blocked()
@@ -470,12 +468,9 @@ async def test_a_peer_holding_our_pieces_under_another_manifest_becomes_an_alias
     swarm.hold(mid, 4)
     fetch = AliasFetch([(h[0], 10), (h[1], 10), (h[2], 10), (h[3], 10)])
     swarm.attach(mid, fetch)
-    a, b = trio.testing.memory_stream_pair()
-    ours, their_end = MemControlStream(a, "peerB"), MemControlStream(b, "peerA")
-    peer = ControlConnection(trio.current_time())
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(swarm._run_session, ours, "peerB")
+            their_end, peer = _session_with_peer_b(nursery, swarm)
             assert isinstance(await _next(peer, their_end), Hello)
             # They hold their manifest's first piece (h1) only.
             await their_end.send_all(peer.send(Hello((ManifestState(other, 3, b"\x80"),), None, b"t" * 16), 0.0))
