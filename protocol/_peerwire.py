@@ -56,6 +56,7 @@ MAX_HEADER_FRAME: Final = 4096
 MAX_INFLIGHT: Final = 256
 _LIMITS: Final = Limits(max_bytes=MAX_HEADER_FRAME, max_str_len=256, max_bin_len=64, max_array_len=8, max_map_len=0)
 _U32: Final = 2**32 - 1
+_MIN_WINDOW_LOG: Final = 23  # 8 MiB: what zstd level 19 uses for a frame of unknown size
 
 
 class Codec(enum.IntEnum):
@@ -166,6 +167,32 @@ def maybe_compress(data: bytes, level: int = 3) -> tuple[Codec, bytes]:
     return (Codec.ZSTD, packed) if len(packed) < len(data) else (Codec.RAW, data)
 
 
+def _decompress_piece(raw: bytes, length: int) -> bytes:
+    """One zstd frame that must expand to exactly ``length`` bytes (the signed piece length).
+
+    Strategy: the sender chooses the frame header, so nothing it claims sizes
+    an allocation. zstandard allocates a frame's declared content size up
+    front (``max_output_size`` only applies to frames that declare none), so
+    a declared size other than ``length`` is refused before decoding, and the
+    window the decoder may allocate is capped (8 MiB, or the piece length if larger).
+    """
+    try:
+        params = zstandard.get_frame_parameters(raw)
+    except zstandard.ZstdError as exc:
+        raise RemoteProtocolError(f"bad zstd frame header: {exc}") from exc
+    if params.content_size != zstandard.CONTENTSIZE_UNKNOWN and params.content_size != length:
+        raise RemoteProtocolError(f"zstd frame declares {params.content_size} bytes for a piece of {length}")
+    window = 1 << max(_MIN_WINDOW_LOG, (length - 1).bit_length())
+    try:
+        dctx = zstandard.ZstdDecompressor(max_window_size=window)
+        data = dctx.decompress(raw, max_output_size=length)
+    except (zstandard.ZstdError, MemoryError) as exc:
+        raise RemoteProtocolError(f"bad zstd payload: {exc!r}") from exc
+    if len(data) != length:
+        raise RemoteProtocolError("decompressed piece has the wrong length")
+    return data
+
+
 @dataclass(slots=True)
 class _Pending:
     manifest_id: bytes
@@ -264,12 +291,7 @@ class PeerwireClient:
         self._body = None
         data = raw
         if hdr.codec is Codec.ZSTD:
-            try:
-                data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=p.length)
-            except zstandard.ZstdError as exc:
-                raise RemoteProtocolError(f"bad zstd payload: {exc}") from exc
-            if len(data) != p.length:
-                raise RemoteProtocolError("decompressed piece has the wrong length")
+            data = _decompress_piece(raw, p.length)
         return PieceReceived(hdr.req_id, p.manifest_id, p.index, data, hdr.length)
 
     def start_body_into(self) -> tuple[bytearray, int] | None:
