@@ -337,13 +337,33 @@ class PeerwireServer:
     def __init__(self) -> None:
         self._decoder = FrameDecoder(MAX_HEADER_FRAME)
         self._phase = _ServerPhase.AWAIT_AUTH
-        self.queued = 0
+        # Request ids asked and not yet answered: at most MAX_INFLIGHT, and the
+        # only ids a Cancel may name, so a client's Cancels cost no state.
+        self._open: set[int] = set()
+        self._cancelled: set[int] = set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._open)
 
     def receive_data(self, data: bytes) -> None:
         self._decoder.receive_data(data)
 
     def next_event(self) -> Auth | Request | Cancel | NeedData:
-        """The next client message; ``NEED_DATA`` also at a clean end of stream (check ``eof``)."""
+        """The next client message; ``NEED_DATA`` also at a clean end of stream (check ``eof``).
+
+        A Cancel is passed on once, and only for a request that is still open:
+        one that crosses its answer, or names an id never asked, is dropped.
+        """
+        while True:
+            ev = self._next()
+            if not isinstance(ev, Cancel):
+                return ev
+            if ev.req_id in self._open and ev.req_id not in self._cancelled:
+                self._cancelled.add(ev.req_id)
+                return ev
+
+    def _next(self) -> Auth | Request | Cancel | NeedData:
         if self._phase in (_ServerPhase.AUTHING, _ServerPhase.CLOSED):
             return NEED_DATA
         payload = self._decoder.next_frame()
@@ -364,12 +384,14 @@ class PeerwireServer:
             return Cancel(_int(v[1], _U32, "request id"))
         if len(v) != 5 or not isinstance(v[2], bytes) or len(v[2]) != 32 or not isinstance(v[4], bool):
             raise RemoteProtocolError("malformed Request")
-        if self.queued >= MAX_INFLIGHT:
+        if len(self._open) >= MAX_INFLIGHT:
             raise RemoteProtocolError(f"client has more than {MAX_INFLIGHT} requests in flight")
-        self.queued += 1
         req_id = _int(v[1], _U32, "request id")
         if req_id == 0:
             raise RemoteProtocolError("request id 0 is reserved")
+        if req_id in self._open:
+            raise RemoteProtocolError(f"request id {req_id} is already in flight")
+        self._open.add(req_id)
         return Request(req_id, v[2], _int(v[3], _U32, "piece index"), v[4])
 
     @property
@@ -388,9 +410,13 @@ class PeerwireServer:
 
     def piece_header(self, req_id: int, codec: Codec, length: int) -> bytes:
         """The frame before a payload; the caller then sends exactly ``length`` bytes."""
-        self.queued = max(0, self.queued - 1)
+        self._answered(req_id)
         return _frame([_SERVER_CODES[PieceHeader], req_id, int(codec), length])
 
     def reject(self, req_id: int, reason: RejectReason) -> bytes:
-        self.queued = max(0, self.queued - 1)
+        self._answered(req_id)
         return _frame([_SERVER_CODES[Rejected], req_id, int(reason)])
+
+    def _answered(self, req_id: int) -> None:
+        self._open.discard(req_id)
+        self._cancelled.discard(req_id)
