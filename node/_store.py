@@ -555,10 +555,11 @@ class Download:
             f = self.manifest.files[fi]
             final = self.out_dir / f.path
             try:
-                ok = final.stat().st_size == f.size
+                fst = final.lstat()
+                ok = stat.S_ISREG(fst.st_mode) and fst.st_size == f.size
             except OSError:
                 ok = False
-            if not ok:  # the user deleted or truncated the finished file: fetch it again
+            if not ok:  # deleted, truncated or replaced by a link: fetch it again
                 r = self._pm.file_range(fi)
                 st._tx([("DELETE FROM pieces WHERE download_id=? AND idx>=? AND idx<?", (self.id, r.start, r.stop)),
                         ("DELETE FROM files WHERE download_id=? AND file_index=?", (self.id, fi))])
@@ -581,7 +582,11 @@ class Download:
         good = []
         for i in self._pm.file_range(fi):
             loc = PieceLocation(final, self._pm.pieces[i].offset, self._pm.pieces[i].length, self._pm.pieces[i].hash)
-            if blake3.blake3(_pread(loc)).digest() == loc.hash:
+            try:
+                data = _pread(loc)
+            except OSError:  # a symlink planted at the final path (O_NOFOLLOW), or gone: fetch it again
+                return
+            if blake3.blake3(data).digest() == loc.hash:
                 good.append(i)
         if len(good) == len(self._pm.file_range(fi)):
             self.store._tx([("INSERT OR IGNORE INTO pieces VALUES (?,?,?)", (self.id, i, self._pm.pieces[i].hash)) for i in good]

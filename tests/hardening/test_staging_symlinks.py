@@ -168,3 +168,20 @@ def test_existing_store_database_is_made_private(tmp_path: Path) -> None:
     os.chmod(data / "store.sqlite", 0o644)
     Store(data).close()
     assert stat.S_IMODE(os.stat(data / "store.sqlite").st_mode) == 0o600
+
+
+def test_symlink_at_a_final_path_is_not_adopted_on_resume(setup) -> None:  # type: ignore[no-untyped-def]
+    """A resume that finds OUT/<path> as a symlink to a copy of the file does not adopt (or crash on) it."""
+    root, signed, store, out, victim = setup
+    dl = store.open_download(signed, out)
+    _fill(dl, root)
+    dl.commit(list(range(len(dl.pieces))))
+    dl.close()
+    final = out / "a.bin"
+    copy = victim.parent / "copy"
+    copy.write_bytes(final.read_bytes())
+    final.unlink()
+    final.symlink_to(copy)  # the right bytes, behind a link someone else controls
+    dl = store.open_download(signed, out)
+    assert 0 in dl.missing()
+    dl.close()
