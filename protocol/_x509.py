@@ -126,6 +126,10 @@ def verify_publisher_chain(chain: tuple[bytes, ...], public_key: bytes, policy: 
 def _verify_chain(chain: tuple[bytes, ...], public_key: bytes, policy: TrustPolicy, now: datetime) -> str:
     if not chain:
         raise TrustError("no certificate chain")
+    # One DER certificate per entry: a PEM entry could pack dozens of
+    # certificates into the chain-building search from 16 KiB.
+    if any(b"-----BEGIN" in der for der in chain):
+        raise TrustError("certificate chain entries must be DER, one certificate each")
     certs = [c for der in chain for c in load_certificates(der)]
     leaf = certs[0]
     leaf_key = leaf.public_key()

@@ -109,3 +109,11 @@ def test_malformed_spiffe_ids_are_refused(org_a: Pki, spiffe_id: str) -> None:
     policy = TrustPolicy(roots=(pem(org_a.root),), spiffe_ids=("spiffe://a.example/",))
     with pytest.raises(TrustError):
         _verify(_envelope(org_a, spiffe_id), policy)
+
+
+def test_chain_entries_are_one_der_certificate_each(org_a: Pki) -> None:
+    """A PEM entry would let 16 KiB carry dozens of certificates into chain building."""
+    extra = b"".join(pem(new_pki().inter) for _ in range(6))
+    data = signed_bytes(org_a.leaf_key, (der(org_a.leaf(uris=(A_ID,))), pem(org_a.inter) + extra))
+    with pytest.raises(TrustError, match="DER"):
+        _verify(data, TrustPolicy(roots=(pem(org_a.root),), spiffe_ids=(A_ID,)))
