@@ -528,6 +528,7 @@ class Download:
         self._fd_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._staging_fd: int | None = None
+        self._staging_lock = threading.Lock()
         #: piece -> bytes at its start already in the staging file (a crash mid-piece); filled by recover()
         self.partial: dict[int, int] = {}
         self.check_sha256 = False  # also check each finished file's SHA-256 (costs a read of the file)
@@ -611,6 +612,10 @@ class Download:
     # -- writing -------------------------------------------------------------
     def _staging_dir_fd(self) -> int:
         """The staging directory, reached from OUT without following a symlink (kept open)."""
+        with self._staging_lock:
+            return self._open_staging_dir()
+
+    def _open_staging_dir(self) -> int:
         if self._staging_fd is None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             out_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY)  # OUT itself is the user's choice
