@@ -98,6 +98,7 @@ def test_depth_budget() -> None:
 
 @pytest.mark.parametrize("data", [
     _array(1_000_000) + b"\x90",  # declares a million items, has one
+    _array(1_000_000) * 1000,  # 5 KB of nested headers: msgpack sized each list up front (76 MiB)
     b"\x91" * 10,  # truncated
     b"\xc4\x10abc",  # bin longer than the input
     b"\xdb\xff\xff\xff\xff",  # str of 4 GiB
