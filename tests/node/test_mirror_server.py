@@ -355,3 +355,36 @@ async def test_slow_reader_is_dropped(site: Path) -> None:
         s.close()
 
     await _with_port(site, check, limits)
+
+
+def test_cli_limits_reach_the_server(site: Path, cli_cmd: list[str]) -> None:
+    """serve-mirror --max-connections/--header-timeout: a real process, raw sockets."""
+    proc = subprocess.Popen([*cli_cmd, "serve-mirror", str(site), "--max-connections", "2", "--header-timeout", "1"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().strip().rsplit(":", 1)[1].strip("/"))
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        for s in held:
+            s.sendall(b"GET /a")
+        time.sleep(0.3)
+        probe = socket.create_connection(("127.0.0.1", port), timeout=5)
+        probe.sendall(b"GET /a%20b.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            assert probe.recv(100).startswith(b"HTTP/1.1 503")
+        except ConnectionResetError:
+            pass  # refused before the 503 was read: refused all the same
+        for s in held:  # the header deadline closes them
+            s.settimeout(5)
+            t0 = time.monotonic()
+            assert s.recv(100) == b""
+            assert time.monotonic() - t0 < 3
+        with httpx.Client(trust_env=False, timeout=5) as client:
+            assert client.get(f"http://127.0.0.1:{port}/a%20b.txt").content == b"hello"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
