@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from autoglm.node._mirror_server import MirrorLimits, MirrorStats, serve_mirror
 
@@ -388,3 +390,28 @@ def test_cli_limits_reach_the_server(site: Path, cli_cmd: list[str]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 5000), st.integers(0, 6000), st.integers(0, 6000), st.booleans(), st.booleans())
+def test_range_rule_matches_rfc_9110(size: int, a: int, b: int, open_end: bool, suffix: bool) -> None:
+    from autoglm.node._mirror_server import _parse_range
+
+    if suffix:
+        got = _parse_range(f"bytes=-{a}", size)
+        assert got == ((max(0, size - a), size) if a > 0 and size > 0 else None)
+    elif open_end:
+        assert _parse_range(f"bytes={a}-", size) == ((a, size) if a < size else None)
+    elif b < a:
+        assert _parse_range(f"bytes={a}-{b}", size) is False  # invalid: the header is ignored
+    else:
+        assert _parse_range(f"bytes={a}-{b}", size) == ((a, min(b + 1, size)) if a < size else None)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=40), st.integers(0, 100))
+def test_any_range_header_gives_a_span_inside_the_file_or_none(value: str, size: int) -> None:
+    from autoglm.node._mirror_server import _parse_range
+
+    got = _parse_range(value, size)
+    assert got is None or got is False or (isinstance(got, tuple) and 0 <= got[0] < got[1] <= size)
