@@ -19,10 +19,8 @@ CLI reads settings before every command, and `--help` must stay fast.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +170,9 @@ def read_config(path: Path | None, searched: tuple[Path, ...] = ()) -> ConfigFil
     """Parse and validate ``path``; every problem is reported with its line."""
     if path is None:
         return ConfigFile(None, searched)
+    import difflib
+    import tomllib
+
     try:
         text = path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:

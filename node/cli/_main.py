@@ -204,7 +204,7 @@ def _setup_logging(level_name: str, log_format: str, verbose: int) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(_JsonFormatter() if log_format == "json"
                          else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler])
     logging.captureWarnings(True)
     # py-libp2p logs a great deal, and logs ERROR for what is routine here (a
     # peer that closed a stream); keep it quiet unless -vvv.
@@ -244,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is not None and command not in COMMANDS:
         return _unknown_command(command)
     parser = build_parser(command)
-    actions = _managed_actions(parser, command)
+    # --help exits while parsing: it needs no settings (and stays fast).
+    actions = {} if {"-h", "--help"} & set(words) else _managed_actions(parser, command)
     args = parser.parse_args(words)
     try:
         _merge_global_options(args)

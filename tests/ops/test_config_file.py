@@ -223,3 +223,54 @@ async def test_config_show_text_redacts_header_values(tmp_path: Path) -> None:
     assert f"config file: {conf}" in out
     assert "sekrit" not in out and "Authorization" in out
     assert f"file {conf}:2" in out  # mirrors.urls and its line
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_join_runs_from_the_file_alone(tmp_path: Path) -> None:
+    """`join --json` with nothing but a config file: it seeds the file's manifest from the
+    file's mirror, trusts the file's key, writes into the file's data_dir and out."""
+    from swarm.harness import CLI as SWARM_CLI
+    from swarm.harness import Proc, processes, same_tree, start_mirror
+    from swarm.harness import publish as publish_model
+
+    pub = publish_model(tmp_path / "pub", size="2MiB", piece="256KiB")
+    conf = tmp_path / "etc" / "config.toml"
+    conf.parent.mkdir()
+    with processes() as procs:
+        url = start_mirror(procs, tmp_path, pub["model"])
+        conf.write_text(f"""
+data_dir = "state"
+log_format = "json"
+log_level = "info"
+[network]
+upload_slots = 3
+[mirrors]
+urls = ["{url}"]
+[trust]
+keys = ["{pub['key']}"]
+[join]
+seed = ["{pub['manifest']}"]
+out = "models/m"
+""")
+        env = _env(tmp_path, AUTOGLM_NODE_CONFIG=str(conf))
+        node = Proc([*SWARM_CLI, "join", "--json"], "node", tmp_path, env=env)
+        procs.append(node)
+        done = node.event("complete", 90)
+        assert set(done["bytes_by_source"]) == {f"mirror:{url}"}
+        assert same_tree(pub["model"], conf.parent / "models" / "m")
+        st = json.loads(subprocess_run(env, "status", "--json"))
+        assert st["models"][done["manifest_id"]]["complete"]
+        assert (conf.parent / "state" / "control.sock").exists()
+        assert node.stop() == 0
+    # log_format = "json": every log line on stderr is one JSON object.
+    logs = [json.loads(ln) for ln in node.err_path.read_text().splitlines() if ln.strip()]
+    assert logs and all({"ts", "level", "logger", "message"} <= set(ln) for ln in logs)
+    assert any(ln["level"] == "info" and ln["logger"].startswith("autoglm.node") for ln in logs)
+
+
+def subprocess_run(env: dict[str, str], *args: str) -> str:
+    import subprocess
+
+    r = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=30, check=True)
+    return r.stdout
