@@ -274,3 +274,17 @@ def subprocess_run(env: dict[str, str], *args: str) -> str:
 
     r = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=30, check=True)
     return r.stdout
+
+
+async def test_verify_manifest_and_doctor_read_the_file(published: Published, server: FaultServer, tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[trust]\nkeys = ["{published.pub_path}"]\n[mirrors]\nurls = ["{server.url}"]\n')
+    bare = _env(tmp_path, AUTOGLM_DATA_DIR=str(tmp_path / "d"))
+    with_file = {**bare, "AUTOGLM_NODE_CONFIG": str(conf)}
+    assert (await run(bare, "verify-manifest", published.manifest_path)).returncode == EXIT["trust"]
+    p = await run(with_file, "verify-manifest", published.manifest_path)
+    assert p.returncode == 0, p.stderr.decode()
+    p = await run(with_file, "doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(p.stdout)["checks"]}
+    mirror = [c for name, c in checks.items() if name.startswith("mirror")]
+    assert mirror and server.url in mirror[0]["detail"] and mirror[0]["status"] == "pass", checks
