@@ -245,16 +245,17 @@ def parse_size(text: str) -> int:
     num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = t[len(num):]
     if unit not in _SIZE_UNITS or not num:
-        raise ValueError(f"not a size: {text!r} (try 50MiB)")
+        raise ValueError(f"not a size: {text!r} (try 8MiB)")
     try:
         return int(float(num) * _SIZE_UNITS[unit])
     except ValueError:
-        raise ValueError(f"not a size: {text!r} (try 50MiB)") from None
+        raise ValueError(f"not a size: {text!r} (try 8MiB)") from None
 
 
 def _check_url(url: str, what: str) -> str:
     if not re.match(r"^https?://[^/\s]+", url):
-        raise ConfigError(f"{what}: a mirror URL needs http:// or https:// and a host (e.g. https://{url.lstrip('/')})")
+        example = "" if ":/" in url else f" (e.g. https://{url.lstrip('/')})"
+        raise ConfigError(f"{what}: a mirror URL needs http:// or https:// and a host{example}")
     return url
 
 

@@ -287,4 +287,6 @@ async def test_verify_manifest_and_doctor_read_the_file(published: Published, se
     p = await run(with_file, "doctor", "--json")
     checks = {c["name"]: c for c in json.loads(p.stdout)["checks"]}
     mirror = [c for name, c in checks.items() if name.startswith("mirror")]
-    assert mirror and server.url in mirror[0]["detail"] and mirror[0]["status"] == "pass", checks
+    # Reached (a loaded machine may answer slowly: "warn" is a high RTT, not a failure).
+    assert mirror and server.url in mirror[0]["detail"] and mirror[0]["status"] in ("pass", "warn"), checks
+    assert server.stats.requests > 0
