@@ -91,6 +91,8 @@ class _CommandParser(argparse.ArgumentParser):
     """A command's parser: it accepts the global options too (`ls -v`, `fetch ... -q`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("epilog", "Flags set once (mirrors, trust, bootstrap, listen addresses, limits) can "
+                          "live in the config file: `autoglm-node config show` lists them and their sources.")
         super().__init__(*args, **kwargs)
         _add_global_options(self, sub=True)
 
