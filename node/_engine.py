@@ -330,6 +330,10 @@ class Fetch:
         for s in sources:
             self.add_source(s)
 
+    def sources(self) -> list[Source]:
+        """The sources this fetch uses now (mirrors, peers, any given)."""
+        return list(self._sources.values())
+
     # -- swarm hooks -----------------------------------------------------------
     def add_source(self, source: Source) -> None:
         if source.id in self._sources:

@@ -79,6 +79,7 @@ def _say(args: argparse.Namespace, event: str, text: str, **fields: Any) -> None
 async def _seed(node: SwarmNode, args: argparse.Namespace, index: int, manifest: str) -> None:
     import trio
 
+    from autoglm.node._plan import FetchPlan
     from autoglm.node._progress import FetchStarted, ProgressSnapshot, SourceFailed
 
     send, recv = trio.open_memory_channel[Any](64)
@@ -98,8 +99,8 @@ async def _seed(node: SwarmNode, args: argparse.Namespace, index: int, manifest:
 
         nursery.start_soon(show)
         try:
-            result = await node.hold(manifest, out=_out_for(args, index), trust=trust_from_args(args),
-                                     mirrors=args.mirror, events=send)
+            plan = FetchPlan(manifest, _out_for(args, index), trust_from_args(args), mirrors=tuple(args.mirror))
+            result = await node.hold(plan, events=send)
         except AutoglmError as exc:
             _say(args, "seed-failed", f"[red]cannot hold {manifest}:[/] {exc}", manifest=manifest, message=str(exc))
             return

@@ -196,6 +196,7 @@ async def test_ephemeral_node_fetches_from_peers(tmp_path: Path, pub: dict[str, 
     import trio
 
     from autoglm.node._keys import load_trust_policy
+    from autoglm.node._plan import FetchPlan
     from autoglm.node._swarm_node import JoinConfig, fetch_with_peers
 
     with processes() as procs:
@@ -205,7 +206,7 @@ async def test_ephemeral_node_fetches_from_peers(tmp_path: Path, pub: dict[str, 
         trust = load_trust_policy(None, [pub["key"]])
         with trio.fail_after(60):
             res = await fetch_with_peers(JoinConfig(tmp_path / "eph", bootstrap=(seed.seen[0]["addrs"][0],)),
-                                         pub["manifest"], out=tmp_path / "eph-out", trust=trust)
+                                         FetchPlan(str(pub["manifest"]), tmp_path / "eph-out", trust))
     assert set(res.bytes_by_source) == {f"peer:{seed.seen[0]['peer_id']}"}
     assert same_tree(pub["model"], tmp_path / "eph-out")
 
