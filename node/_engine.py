@@ -246,7 +246,7 @@ class _Sink:
         f = self._f
         if not f.picker.has_source(self._sid):
             return False
-        if f.picker.claim(self._sid, index, trio.current_time()):
+        if f.picker.take(self._sid, index, trio.current_time()):
             self.claimed.append(index)
             return True
         return False
@@ -272,7 +272,7 @@ class Fetch:
     Swarm hooks (synchronous, callable from any trio task while it runs):
     :meth:`add_source`, :meth:`remove_source`, :meth:`source_have`,
     :meth:`source_bitfield`, :meth:`set_swarm`, :meth:`peer_claims`. ``PieceVerified``
-    events go to ``events``; :attr:`claim_listener` (set by the swarm) hears
+    events go to ``events``; ``on_mirror_claims`` (given by the swarm) hears
     which pieces each mirror request asks for.
     """
 
@@ -283,12 +283,14 @@ class Fetch:
         sources: Iterable[Source] = (),
         events: trio.MemorySendChannel[Event] | None = None,
         options: FetchOptions | None = None,
+        *,
+        on_mirror_claims: Callable[[list[int]], None] | None = None,
     ) -> None:
         self.store = store
         self.download = download
         self.options = options or FetchOptions()
         self._events = events
-        self.claim_listener: Callable[[list[int]], None] | None = None
+        self._on_mirror_claims = on_mirror_claims
         d = download
         self.picker = PiecePicker(
             [p.length for p in d.pieces],
@@ -341,7 +343,7 @@ class Fetch:
         avail = source.availability()
         self._sources[source.id] = source
         self._rx_base[source.id] = _rx_count(source)
-        self.picker.add_source(source.id, source.kind.value, None if avail is None else set(avail))
+        self.picker.add_source(source.id, source.kind, None if avail is None else set(avail))
         self._wake()
 
     def remove_source(self, source_id: str) -> None:
@@ -490,8 +492,8 @@ class Fetch:
                 self._next_req += 1
                 if rid == 0:
                     log.debug("%s: first request: pieces %s from %s", self.download.manifest_id.hex()[:16], picked, src.id)
-                if src.kind is SourceKind.MIRROR and self.claim_listener is not None:
-                    self.claim_listener(picked)
+                if src.kind is SourceKind.MIRROR and self._on_mirror_claims is not None:
+                    self._on_mirror_claims(picked)
                 req = _Req(src.id, picked, trio.CancelScope())
                 self._requests[rid] = req
                 active[src.id] = active.get(src.id, 0) + 1

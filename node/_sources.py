@@ -58,20 +58,13 @@ cancelled and their pieces go back to the picker.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from autoglm.protocol._picker import SourceKind  # one SourceKind: the picker's
+
 __all__ = ["FetchRequest", "PieceRef", "PieceSink", "PieceWriter", "Source", "SourceKind"]
-
-
-class SourceKind(enum.Enum):
-    """Where bytes come from. The picker prefers PEER to MIRROR; LOCAL is a copy from disk."""
-
-    LOCAL = "local"
-    PEER = "peer"
-    MIRROR = "mirror"
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,12 +80,14 @@ CREATE INDEX IF NOT EXISTS pieces_by_hash ON pieces (hash);
 
 @dataclass(frozen=True, slots=True)
 class PieceLocation:
-    """Where a verified piece's bytes are on disk."""
+    """Where a verified piece's bytes are on disk, and the hash to re-check them by."""
 
     path: Path
     offset: int
     length: int
     hash: bytes
+    #: verified, written and synced by this process: serve without a fresh hash check
+    trusted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +268,10 @@ class Store:
         for i in self.verified_pieces(manifest_id):
             bits[i >> 3] |= 0x80 >> (i & 7)
         return bytes(bits)
+
+    def manifest(self, manifest_id: bytes) -> Manifest:
+        """The manifest of a download in the store; StorageError if there is none."""
+        return self._map(manifest_id).manifest
 
     def manifest_ids(self) -> list[bytes]:
         return [r[0] for r in self._q("SELECT DISTINCT manifest_id FROM downloads")]

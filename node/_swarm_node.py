@@ -22,9 +22,9 @@ from autoglm.node._engine import Fetch, FetchResult, _collapse
 from autoglm.node._p2p import DEFAULT_LISTEN, P2PNode, open_p2p
 from autoglm.node._plan import FetchPlan
 from autoglm.node._progress import Event, FetchDone, PieceVerified, ProgressSnapshot
-from autoglm.node._swarm import Swarm, SwarmConfig, SwarmEvent
 from autoglm.node.api import Node, NodeConfig, open_node
 from autoglm.node.errors import ConfigError, IntegrityError, NoSourceError
+from autoglm.node.swarm import Swarm, SwarmConfig, SwarmEvent
 from autoglm.protocol import SignedManifest, TrustPolicy, decode_signed_manifest, key_id
 from autoglm.protocol._namerecord import NameRecord, sign_name_record
 
@@ -105,7 +105,8 @@ class SwarmNode:
         # duplicate only for a request a second old (docs/protocol.md).
         plan = plan.with_options(mirror_overlap_budget=0, wait_for_sources=True, swarm_id=self.p2p.peer_id, endgame_delay=1.0)
         send, recv = trio.open_memory_channel[Event](256)
-        fetch = Fetch(self.node.store, download, self.node.mirror_sources(plan), send, plan.options)
+        fetch = Fetch(self.node.store, download, self.node.mirror_sources(plan), send, plan.options,
+                      on_mirror_claims=lambda indices: self.swarm.post_claims(mid, indices))
         box: list[FetchResult] = []
 
         go = trio.Event()

@@ -17,8 +17,8 @@ from ._manifest_cmds import add_trust_args, parse_size, trust_from_args
 __all__ = ["register"]
 
 if TYPE_CHECKING:
-    from autoglm.node._swarm import SwarmEvent
     from autoglm.node._swarm_node import SwarmNode
+    from autoglm.node.swarm import SwarmEvent
 
 # libp2p takes about half a second to import: the swarm modules load only
 # when `join` runs, so every other command starts fast.
@@ -129,8 +129,8 @@ def cmd_join(args: argparse.Namespace) -> int:
     import trio
 
     from autoglm.node._engine import collapse_group
-    from autoglm.node._swarm import Announced, PeerBanned, SwarmConfig, SwarmEvent
     from autoglm.node._swarm_node import JoinConfig, open_swarm_node
+    from autoglm.node.swarm import Announced, PeerBanned, SwarmConfig, SwarmEvent
 
     host, _, port = args.peerwire.rpartition(":")
     if not host or not port.isdigit():
