@@ -118,6 +118,10 @@ class FirstCopy:
             changed = True
         return changed
 
+    def claims(self, peer: str) -> list[int]:
+        """The pieces ``peer`` claimed (or this node, for ``me``), in index order."""
+        return sorted(i for i, p in self._claimed.items() if p == peer)
+
     def claim_mine(self, index: int) -> None:
         """This node just asked a mirror for ``index``: ours, whatever a later membership says."""
         self._claimed[index] = self.me

@@ -110,7 +110,9 @@ class PiecePicker:
             self._state[i] = PieceState.DONE
         self._peer_count = [0] * n
         # Availability buckets: peer count -> the wanted NONE pieces with that count.
-        self._buckets: dict[int, set[int]] = {0: {i for i in range(n) if self._open(i)}}
+        self._buckets: dict[int, set[int]] = {}
+        self._bulk = max(n // 16, 64)  # more changes than this at once: rebuild the buckets
+        self._rebuild_buckets()
         self._requested_by: dict[int, set[str]] = {}
         self._requested_at: dict[int, float] = {}
         self._sources: dict[str, _Source] = {}
@@ -231,8 +233,7 @@ class PiecePicker:
         src = _Source(kind, None if have is None else set(have))
         self._sources[source_id] = src
         if kind is PEER and src.have is not None:
-            for i in src.have:
-                self._count(i, +1)
+            self._recount(src.have, +1)
 
     def remove_source(self, source_id: str) -> list[int]:
         """Forget a source; returns the pieces it had in flight (released)."""
@@ -241,8 +242,7 @@ class PiecePicker:
         for i in released:
             self._release(source_id, i)
         if src.kind is PEER and src.have is not None:
-            for i in src.have:
-                self._count(i, -1)
+            self._recount(src.have, -1)
         del self._sources[source_id]
         return released
 
@@ -261,16 +261,47 @@ class PiecePicker:
         new = set(indices)
         if src.kind is PEER:
             old = src.have or set()
-            for i in old - new:
-                self._count(i, -1)
-            for i in new - old:
-                self._count(i, +1)
+            gone, came = old - new, new - old
+            if len(gone) + len(came) > self._bulk:
+                for i in gone:
+                    self._peer_count[i] -= 1
+                for i in came:
+                    self._peer_count[i] += 1
+                self._rebuild_buckets()
+            else:
+                self._recount(gone, -1)
+                self._recount(came, +1)
         src.have = new
 
     # -- availability buckets ------------------------------------------------
     def _open(self, i: int) -> bool:
         """In a bucket: wanted and NONE."""
-        return self._wanted[i] and self._state[i] == PieceState.NONE
+        return self._wanted[i] and self._state[i] is PieceState.NONE
+
+    def _rebuild_buckets(self) -> None:
+        # After a bulk change (a peer joins, leaves or sends a whole bitfield):
+        # fresh sets, since a set that once held many pieces keeps its large
+        # table, and intersecting it would cost its old size on every pick.
+        buckets: dict[int, set[int]] = {}
+        none, state, wanted = PieceState.NONE, self._state, self._wanted
+        for i, c in enumerate(self._peer_count):
+            if state[i] is none and wanted[i]:
+                b = buckets.get(c)
+                if b is None:
+                    b = buckets[c] = set()
+                b.add(i)
+        self._buckets = buckets
+
+    def _recount(self, pieces: Iterable[int], delta: int) -> None:
+        """A peer gained (+1) or lost (-1) these pieces: one move each, or a rebuild when there are many."""
+        pieces = pieces if isinstance(pieces, set | frozenset) else set(pieces)
+        if len(pieces) > self._bulk:
+            for i in pieces:
+                self._peer_count[i] += delta
+            self._rebuild_buckets()
+        else:
+            for i in pieces:
+                self._count(i, delta)
 
     def _count(self, i: int, delta: int) -> None:
         c = self._peer_count[i]
@@ -282,7 +313,7 @@ class PiecePicker:
     def _bucket_remove(self, i: int, c: int) -> None:
         b = self._buckets[c]
         b.discard(i)
-        if not b and c:
+        if not b:
             del self._buckets[c]
 
     def _set_state(self, i: int, st: PieceState) -> None:
@@ -346,6 +377,8 @@ class PiecePicker:
                     return out
                 out.append(i)
                 total += self._sizes[i]
+            if total >= max_bytes:
+                return out
         return out
 
     def _pick_run(self, src: _Source, max_bytes: int, now: float) -> list[int]:

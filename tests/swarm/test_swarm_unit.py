@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from autoglm.node._store import Store
-from autoglm.node.swarm import Swarm, SwarmConfig, choose_unchoked
+from autoglm.node.swarm import Swarm, SwarmConfig
 from autoglm.protocol._control import (
     ControlConnection,
     Hello,
@@ -20,21 +20,6 @@ from autoglm.protocol._control import (
     Unchoke,
 )
 from autoglm.protocol._frames import NEED_DATA
-
-
-@pytest.mark.parametrize(
-    "interested, served, slots, expected",
-    [
-        ("abc", {}, 8, "abc"),
-        ("abc", {}, 2, "ab"),  # ties by id
-        ("abc", {"a": 10, "b": 5}, 2, "bc"),  # least served first
-        ("abcd", {"a": 1, "b": 1, "c": 0, "d": 9}, 3, "abc"),
-        ("", {}, 4, ""),
-        ("ab", {}, 0, ""),
-    ],
-)
-def test_choose_unchoked_table(interested: str, served: dict[str, int], slots: int, expected: str) -> None:
-    assert choose_unchoked(list(interested), served, slots) == set(expected)
 
 
 class MemControlStream:
