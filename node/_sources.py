@@ -122,7 +122,7 @@ class PieceSink(Protocol):
         """Start streaming one piece. ``skip``: the source sends from this byte of the piece
         (only the ``FetchRequest.skip`` of the first piece); the sink supplies the bytes before."""
 
-    def claim(self, index: int) -> bool:
+    def take(self, index: int) -> bool:
         """Take on a piece that was not requested (e.g. a mirror that ignores Range streams the
         whole file). True when the piece is still needed and is now this source's to deliver."""
 

@@ -46,7 +46,7 @@ import blake3
 from autoglm.node.errors import DiskFullError, IntegrityError, StorageError
 from autoglm.protocol import Manifest, Piece, SignedManifest, decode_signed_manifest
 
-__all__ = ["PARTIAL_DIR", "Download", "DownloadInfo", "PieceLocation", "Store", "preflight"]
+__all__ = ["PARTIAL_DIR", "Download", "DownloadInfo", "PieceLocation", "Store", "find_completed_download", "preflight"]
 
 PARTIAL_DIR = ".autoglm-partial"
 SCHEMA = """
@@ -398,6 +398,31 @@ def drop_cache(fd: int, offset: int, length: int) -> None:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
         except (OSError, AttributeError):  # advice only; some filesystems / platforms refuse
             pass
+
+
+def find_completed_download(data_dir: Path, name: str, version: str = "") -> tuple[Path, bytes] | None:
+    """(out dir, signed manifest) of the newest completed download of NAME[@VERSION] under ``data_dir``.
+
+    Read-only: opens no Store (the load gate asks this of data directories
+    it must not change); None when there is no store or no such download.
+    """
+    db = data_dir / "store.sqlite"
+    if not db.exists():
+        return None
+    sql = "SELECT out_dir, signed FROM downloads WHERE name=? AND completed IS NOT NULL"
+    args: tuple[str, ...] = (name,)
+    if version:
+        sql += " AND version=?"
+        args += (version,)
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            row = con.execute(sql + " ORDER BY created DESC LIMIT 1", args).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    return (Path(row[0]), bytes(row[1])) if row else None
 
 
 def _pread(loc: PieceLocation) -> bytes:

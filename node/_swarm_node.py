@@ -1,7 +1,7 @@
 """A long-lived swarm node: store + libp2p + swarm + local control API, and fetches that use peers.
 
 ``async with open_swarm_node(config) as node:`` starts everything and stops
-it all by cancellation on exit; ``await node.hold(manifest, ...)`` fetches a
+it all by cancellation on exit; ``await node.hold(plan)`` fetches a
 manifest from peers (mirrors only for pieces no peer has) and keeps serving
 it afterwards.
 """
@@ -98,7 +98,7 @@ class SwarmNode:
             if events is not None:
                 await events.aclose()
             raise ConfigError(f"this node is already fetching {m.name} {m.version}; wait for it to finish")
-        self.swarm.hold(mid, m.piece_count, download.done, signed.encode())
+        self.swarm.start_holding(mid, m.piece_count, download.done, signed.encode())
         prog = self.progress[mid] = _Progress(m.name, m.version, str(download.out_dir), plan.describe(),
                                               bytes_total=download.total_bytes)
         # Peers on a LAN deliver a piece in tens of milliseconds: an endgame
@@ -177,7 +177,7 @@ class SwarmNode:
         rec = sign_name_record(key, m.name, signed.id, m.version, m.created_at if seq is None else seq)
         if rec.public_key != signed.public_key:
             raise ConfigError("the name record key must be the key that signed the manifest")
-        self.swarm.hold(signed.id, m.piece_count, (), signed.encode())
+        self.swarm.start_holding(signed.id, m.piece_count, (), signed.encode())
         await self.p2p.put_name_record(rec)
         return rec
 

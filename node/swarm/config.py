@@ -78,7 +78,7 @@ class SwarmStats:
     down_bytes: int = 0
     bad_pieces: int = 0
     banned: list[tuple[str, str]] = field(default_factory=list)  # (peer id, manifest id hex)
-    lost_claims: int = 0  # pieces a peer advertised and then could not serve
+    lost_pieces: int = 0  # pieces a peer advertised and then could not serve
 
 
 class FetchHandle(Protocol):

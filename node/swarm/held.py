@@ -67,7 +67,7 @@ class Held:
         h = self._held.get(manifest_id)
         return None if h is None else h.have
 
-    def hold(self, manifest_id: bytes, piece_count: int, have: Iterable[int] = (), envelope: bytes | None = None) -> bool:
+    def start_holding(self, manifest_id: bytes, piece_count: int, have: Iterable[int] = (), envelope: bytes | None = None) -> bool:
         """Start holding a manifest; True when it is new here (then peers must hear of it)."""
         if envelope is not None and len(envelope) <= MAX_ENVELOPE:
             self.envelopes[manifest_id] = envelope

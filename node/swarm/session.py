@@ -172,7 +172,7 @@ class PeerSource:
                     log.debug("piece %d from %s in %.3f s", ref.index, self.id[-15:], trio.current_time() - t0)
             except PeerRejected as exc:
                 if exc.reason is RejectReason.NOT_HAVE:
-                    s.lost_claim(self.held_as, theirs)
+                    s.lost_piece(self.held_as, theirs)
                 self._ready_at = trio.current_time() + 1.0
                 raise
             except SourceError:
@@ -280,11 +280,11 @@ class Session:
             self.unchoking = on
             self.post(Unchoke() if on else Choke())
 
-    def lost_claim(self, manifest_id: bytes, index: int) -> None:
+    def lost_piece(self, manifest_id: bytes, index: int) -> None:
         """The peer refused a piece it advertised: forget that it has it."""
         bf = self.conn.theirs.manifests.get(manifest_id)
         if bf is not None and index < bf.size and bf.discard(index):
-            self.host.stats.lost_claims += 1
+            self.host.stats.lost_pieces += 1
             log.info("peer %s advertised piece %d but cannot serve it", self.peer_id, index)
             for src in self.sources_of(manifest_id):
                 self.host.availability_changed(src)

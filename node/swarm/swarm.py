@@ -134,12 +134,12 @@ class Swarm:
         self.fetches.nursery = nursery
 
     # -- what we hold ------------------------------------------------------------
-    def hold(self, manifest_id: bytes, piece_count: int, have: Iterable[int] = (), envelope: bytes | None = None) -> None:
+    def start_holding(self, manifest_id: bytes, piece_count: int, have: Iterable[int] = (), envelope: bytes | None = None) -> None:
         """Start holding a manifest (a fetch began): announce it to peers and the DHT.
 
         ``envelope`` (the signed manifest) is what peers get when they ask for it by id.
         """
-        if self.held.hold(manifest_id, piece_count, have, envelope):
+        if self.held.start_holding(manifest_id, piece_count, have, envelope):
             state = self.held.state(manifest_id)
             for s in list(self.sessions.values()):
                 s.announced.add(manifest_id)
@@ -345,5 +345,5 @@ class Swarm:
             "up_bytes": self.stats.up_bytes,
             "down_bytes": self.stats.down_bytes,
             "banned": [list(b) for b in self.stats.banned],
-            "lost_claims": self.stats.lost_claims,
+            "lost_pieces": self.stats.lost_pieces,
         }

@@ -31,3 +31,12 @@ def test_module_is_named_in_the_architecture(path: str) -> None:
 @pytest.mark.parametrize("pkg", ["node/swarm", "node/cli"])
 def test_subpackage_is_named(pkg: str) -> None:
     assert f"`{pkg.split('/')[1]}/`" in DOC
+
+
+def test_layers_import_downwards_only() -> None:
+    """protocol/ imports nothing of node/ or wasm_verify/; wasm_verify/ nothing of node/."""
+    for pkg, banned in (("protocol", ("autoglm.node", "autoglm.wasm_verify")), ("wasm_verify", ("autoglm.node",))):
+        for p in (ROOT / pkg).rglob("*.py"):
+            text = p.read_text()
+            for b in banned:
+                assert f"from {b}" not in text and f"import {b}" not in text, f"{p.relative_to(ROOT)} imports {b}"

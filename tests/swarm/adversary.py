@@ -94,7 +94,7 @@ async def main(args: argparse.Namespace) -> None:
             swarm = Swarm(p2p, store, SwarmConfig(upload_slots=args.upload_slots))
             await nursery.start(swarm.run)
             n = signed.manifest.piece_count
-            swarm.hold(signed.id, n, range(n), signed.encode())
+            swarm.start_holding(signed.id, n, range(n), signed.encode())
             print(json.dumps({"event": "ready", "addrs": p2p.addrs(), "peer_id": p2p.peer_id}), flush=True)
             async for _ in signals:
                 nursery.cancel_scope.cancel()

@@ -121,11 +121,11 @@ def test_peer_lying_about_its_bitfield_does_not_stall_anyone(tmp_path: Path, pub
         res = _complete(victim, 60)
         st = _status(tmp_path, "victim")
     assert same_tree(pub["model"], tmp_path / "victim-out")
-    assert st["lost_claims"] > 0
+    assert st["lost_pieces"] > 0
     liar_bytes = res["bytes_by_source"].get(f"peer:{liar.seen[0]['peer_id']}", 0)
     assert liar_bytes < res["bytes_total"] // 4
     assert res["seconds"] < 30  # 24 MiB at 4 MiB/s is 6 s: the lies cost little
-    print(f"victim took {res['seconds']} s; the liar lost {st['lost_claims']} claimed pieces")
+    print(f"victim took {res['seconds']} s; the liar could not serve {st['lost_pieces']} pieces it advertised")
 
 
 def test_fetch_through_a_running_nodes_control_api_then_sigterm(tmp_path: Path, pub: dict[str, Path]) -> None:

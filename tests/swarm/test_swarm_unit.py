@@ -64,7 +64,7 @@ def swarm(tmp_path: Path) -> Swarm:
 
 async def test_session_keepalive_idle_timeout_and_unchoke(swarm: Swarm, autojump_clock: trio.testing.MockClock) -> None:
     mid = b"\x05" * 32
-    swarm.hold(mid, 4, [0, 1])
+    swarm.start_holding(mid, 4, [0, 1])
     a, b = trio.testing.memory_stream_pair()
     ours, theirs = MemControlStream(a, "peerB"), MemControlStream(b, "peerA")
     peer = ControlConnection(trio.current_time())
@@ -144,7 +144,7 @@ async def test_hello_carries_64_manifests_and_the_rest_follow_as_announce(swarm:
 
     mids = [i.to_bytes(32, "big") for i in range(70)]
     for m in mids:
-        swarm.hold(m, 9, [1])
+        swarm.start_holding(m, 9, [1])
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             theirs, peer = _session_with_peer_b(nursery, swarm)
@@ -197,7 +197,7 @@ async def test_claims_reach_fetching_peers_both_ways(swarm: Swarm) -> None:
     from autoglm.protocol._control import Claim
 
     mid = b"\x07" * 32
-    swarm.hold(mid, 200)
+    swarm.start_holding(mid, 200)
     fetch = RecordingFetch()
     fetch.mine = list(range(70))  # more than one Claim holds
     swarm.attach(mid, fetch)
@@ -228,7 +228,7 @@ async def test_fetchers_share_the_first_copy(swarm: Swarm) -> None:
     from autoglm.protocol._control import Have
 
     mid = b"\x07" * 32
-    swarm.hold(mid, 2)
+    swarm.start_holding(mid, 2)
     fetch = RecordingFetch()
     swarm.attach(mid, fetch)
     assert fetch.swarms == [set()]
@@ -314,7 +314,7 @@ async def test_introduced_peers_are_dialled_only_for_a_wanted_manifest(tmp_path:
     p2p = IntroP2P()
     swarm = Swarm(p2p, Store(tmp_path), SwarmConfig(intro_dial_delay=0.3))  # type: ignore[arg-type]
     mid, unwanted = b"\x0b" * 32, b"\x0c" * 32
-    swarm.hold(mid, 2)
+    swarm.start_holding(mid, 2)
     swarm.attach(mid, RecordingFetch())
     a, b = trio.testing.memory_stream_pair()
     theirs, peer = MemControlStream(b, "peerSelf"), ControlConnection(trio.current_time())
@@ -447,7 +447,7 @@ async def test_a_peer_holding_our_pieces_under_another_manifest_becomes_an_alias
     envelope = sign_manifest(theirs, key).encode()
     other = sign_manifest(theirs, key).id
     mid = b"\x07" * 32
-    swarm.hold(mid, 4)
+    swarm.start_holding(mid, 4)
     fetch = AliasFetch([(h[0], 10), (h[1], 10), (h[2], 10), (h[3], 10)])
     swarm.attach(mid, fetch)
     with trio.fail_after(10):
