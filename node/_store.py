@@ -19,7 +19,8 @@ Strategy (why it survives ``kill -9`` at any instant):
   ``OUT/<path>`` (then the directory is fsync'ed) and its row says so.
 * ``pieces.hash`` is indexed: a piece with the same BLAKE3 hash in any other
   download is copied locally instead of downloaded.
-* Serving (the swarm): :meth:`Store.read_piece` re-verifies the hash every time.
+* Serving (the swarm): :meth:`Store.piece_location` says where a verified piece
+  lies; the peerwire server re-checks its hash unless this process wrote it.
 
 The store is blocking code; the engine calls it through ``trio.to_thread``.
 One lock serialises the SQLite connection.
@@ -277,24 +278,10 @@ class Store:
         return [r[0] for r in self._q("SELECT DISTINCT manifest_id FROM downloads")]
 
     def piece_location(self, manifest_id: bytes, index: int) -> PieceLocation:
-        """Where a verified piece lies (for sendfile). Call :meth:`read_piece` first if unsure."""
+        """Where a verified piece lies (for sendfile); the caller re-checks the hash (see node/_peerwire.py)."""
         for _, loc in self._locations(manifest_id, index):
             return loc
         raise StorageError(f"piece {index} of {manifest_id.hex()[:16]} is not verified here")
-
-    def read_piece(self, manifest_id: bytes, index: int) -> bytes:
-        """The bytes of a verified piece, hash re-checked. A piece that no longer matches is forgotten."""
-        for did, loc in self._locations(manifest_id, index):
-            try:
-                data = _pread(loc)
-            except OSError:
-                data = b""
-            if len(data) == loc.length and blake3.blake3(data).digest() == loc.hash:
-                return data
-            self._q("DELETE FROM pieces WHERE download_id=? AND idx=?", (did, index))
-            self._q("UPDATE downloads SET completed=NULL WHERE id=?", (did,))
-            self._written_here.discard((manifest_id, index))
-        raise IntegrityError(f"piece {index} of {manifest_id.hex()[:16]} is missing or changed on disk")
 
     def find_by_hash(self, piece_hash: bytes, exclude_download: int | None = None) -> PieceLocation | None:
         """A verified piece anywhere in the store with this BLAKE3 hash (for local copies)."""
