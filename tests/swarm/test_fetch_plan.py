@@ -11,6 +11,7 @@ from its status.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import pytest
 import trio
 from fetch.conftest import Published, publish
 from fetch.faultserver import FaultServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from autoglm.node._engine import Fetch, FetchOptions
 from autoglm.node._mirrors import MirrorConfig, MirrorSource
@@ -29,6 +32,7 @@ from autoglm.node.api import NodeConfig, open_node
 from autoglm.node.cli._fetch_cmds import _plan_wire
 from autoglm.node.cli._main import build_parser
 from autoglm.node.errors import ConfigError
+from autoglm.protocol import TrustPolicy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,3 +178,31 @@ async def test_handed_to_a_running_node_path(tmp_path: Path, pub: Published, mir
     }
     _assert_mirror_saw_the_headers(mirror)
     pub.assert_identical(tmp_path / "out")
+
+
+_text = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=12)
+
+
+@settings(max_examples=50)
+@given(
+    mirrors=st.lists(_text.map(lambda t: f"http://{t}/"), unique=True, max_size=3),
+    headers=st.dictionaries(_text, st.text(max_size=10), max_size=3),
+    connections=st.integers(1, 64),
+    stall=st.floats(0.1, 600),
+    sha=st.booleans(),
+    space=st.booleans(),
+    files=st.none() | st.lists(_text, max_size=3),
+)
+def test_any_plan_survives_the_wire(
+    mirrors: list[str], headers: dict[str, str], connections: int, stall: float, sha: bool, space: bool,
+    files: list[str] | None,
+) -> None:
+    trust = TrustPolicy()
+    plan = FetchPlan(
+        "/m.agm", Path("/out"), trust, mirrors=tuple(mirrors), headers=headers,
+        mirror_headers={m: {"X-Own": m} for m in mirrors[:1]},
+        mirror=MirrorConfig(initial_connections=connections, stall_timeout=stall),
+        options=FetchOptions(check_sha256=sha, check_space=space), files=None if files is None else tuple(files),
+    )
+    wire = json.loads(json.dumps(plan.to_wire()))  # what the control socket carries
+    assert FetchPlan.from_wire(wire, trust) == plan
