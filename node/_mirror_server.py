@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
+from autoglm.node._ratelimit import RateLimiter
+
 if TYPE_CHECKING:
     # trio-typing (pulled in by libp2p) ships stubs that shadow trio's own types.
     from trio_typing import TaskStatus
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["MirrorStats", "serve_mirror"]
 
 _CHUNK = 4 << 20
+_LIMITED_CHUNK = 64 << 10  # small reads under a rate limit keep the flow smooth
 _MAX_HEADER = 16 * 1024
 _IDLE_TIMEOUT = 60.0
 
@@ -68,7 +71,7 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     return (start, end) if 0 <= start < end else None
 
 
-async def _handle(stream: trio.SocketStream, root: Path, stats: MirrorStats) -> None:
+async def _handle(stream: trio.SocketStream, root: Path, stats: MirrorStats, limit: RateLimiter | None = None) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER)
     while True:
         event = conn.next_event()
@@ -80,7 +83,7 @@ async def _handle(stream: trio.SocketStream, root: Path, stats: MirrorStats) -> 
             conn.receive_data(data)
             continue
         if isinstance(event, h11.Request):
-            await _respond(stream, conn, event, root, stats)
+            await _respond(stream, conn, event, root, stats, limit)
         elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                 try:
@@ -93,7 +96,10 @@ async def _handle(stream: trio.SocketStream, root: Path, stats: MirrorStats) -> 
             return
 
 
-async def _respond(stream: trio.SocketStream, conn: h11.Connection, req: h11.Request, root: Path, stats: MirrorStats) -> None:
+async def _respond(
+    stream: trio.SocketStream, conn: h11.Connection, req: h11.Request, root: Path, stats: MirrorStats,
+    limit: RateLimiter | None = None,
+) -> None:
     stats.requests += 1
     while not isinstance(conn.next_event(), h11.EndOfMessage):
         pass
@@ -132,9 +138,12 @@ async def _respond(stream: trio.SocketStream, conn: h11.Connection, req: h11.Req
             pos = start
             while pos < end:
                 # Reads go to a worker thread so a cold disk never stalls other clients.
-                chunk = await trio.to_thread.run_sync(os.pread, fd, min(_CHUNK, end - pos), pos)
+                size = _CHUNK if limit is None else _LIMITED_CHUNK
+                chunk = await trio.to_thread.run_sync(os.pread, fd, min(size, end - pos), pos)
                 if not chunk:
                     break
+                if limit is not None:
+                    await limit.acquire(len(chunk))
                 for part in conn.send_with_data_passthrough(h11.Data(data=chunk)) or ():
                     await stream.send_all(part)
                 pos += len(chunk)
@@ -160,17 +169,22 @@ async def serve_mirror(
     port: int = 0,
     stats: MirrorStats | None = None,
     *,
+    rate: float | None = None,
     task_status: TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``root`` until cancelled; reports (host, port) through task_status."""
+    """Serve ``root`` until cancelled; reports (host, port) through task_status.
+
+    ``rate``: bytes per second for all responses together (demos and tests of a slow mirror).
+    """
     root = root.resolve()  # noqa: ASYNC240 (once, at start-up)
     stats = stats if stats is not None else MirrorStats()
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
+    limit = RateLimiter(rate) if rate else None
 
     async def handler(stream: trio.SocketStream) -> None:
         try:
-            await _handle(stream, root, stats)
+            await _handle(stream, root, stats, limit)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
             pass
         finally:
