@@ -99,11 +99,25 @@ def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _fit_left(text: str, width: int) -> str:
-    """Cut at the start (file paths: the name matters more than the folders)."""
+def _fit_path_start(path: str, width: int) -> str:
+    if len(path) <= width:
+        return path
+    return "…" + path[len(path) - max(width, 2) + 1 :]
+
+
+def _fit_path(path: str, width: int) -> str:
+    """Folders go first, then the middle of the name (``model-00003…tensors`` keeps the shard number)."""
     if width <= 0:
         return ""
-    return text if len(text) <= width else "…" + text[len(text) - width + 1 :]
+    if len(path) <= width:
+        return path
+    name = path.rsplit("/", 1)[-1]
+    if len(name) + 2 <= width:
+        return "…/" + name
+    if width < 5:
+        return name[:width]
+    head = (width - 1) * 3 // 5
+    return name[:head] + "…" + name[len(name) - (width - 1 - head) :]
 
 
 @dataclass(slots=True)
@@ -174,7 +188,9 @@ def _sources_line(st: _State) -> str:
             continue
         status = s.status()
         parts.append(f"{_source_label(sid)} {human(s.received)}" + (f" {status}" if status else ""))
-    return "from " + ", ".join(parts) if parts else "waiting for sources"
+    if parts:
+        return "from " + ", ".join(parts)
+    return "nothing to fetch" if st.shown >= st.total else "waiting for sources"
 
 
 def layout(st: _State, width: int, height: int, *, ascii_only: bool = False) -> list[str]:
@@ -189,7 +205,7 @@ def layout(st: _State, width: int, height: int, *, ascii_only: bool = False) -> 
     extra = 1 + 11 + 1 + 7  # " rate eta"
     with_rate = w >= 70
     room = w - fixed - (extra if with_rate else 0)
-    name_w = max(8, min(40, w // 4))
+    name_w = max(8, min(40, w * 2 // 7))
     bar_w = min(60, room - name_w - 1)
     if bar_w < 5:
         bar_w = 0
@@ -199,7 +215,7 @@ def layout(st: _State, width: int, height: int, *, ascii_only: bool = False) -> 
 
     def row(name: str, done: int, total: int, tail: str = "") -> str:
         frac = done / total if total else 1.0
-        parts = [_fit_left(name, name_w).ljust(name_w)]
+        parts = [_fit_path(name, name_w).ljust(name_w)]
         if bar_w:
             parts.append(_bar(frac, bar_w, ascii_only))
         parts.append(f"{100 * frac:3.0f}%")
@@ -210,12 +226,12 @@ def layout(st: _State, width: int, height: int, *, ascii_only: bool = False) -> 
         return _fit(line, w)
 
     rows: list[str] = []
-    max_rows = max(0, min(MAX_FILE_ROWS, height - 6))
-    if len(st.files) > 1 and max_rows:
-        if len(st.files) <= max_rows:
+    budget = max(2, height - 4) - 2  # rows for files: the header, the total, the sources and the prompt stay
+    if len(st.files) > 1 and budget > 0:
+        if len(st.files) <= min(budget, MAX_FILE_ROWS):
             shown = st.files
         else:
-            shown = [f for f in st.files if f.active][:max_rows]
+            shown = [f for f in st.files if f.active][: min(budget - 1, MAX_FILE_ROWS)]
         for f in shown:
             rows.append(row(f.path, f.shown, f.size))
         hidden = [f for f in st.files if f not in shown]
@@ -225,7 +241,8 @@ def layout(st: _State, width: int, height: int, *, ascii_only: bool = False) -> 
             waiting = len(hidden) - ndone - busy
             what = ", ".join(p for p in (f"{ndone} done" if ndone else "", f"{busy} in progress" if busy else "",
                                          f"{waiting} waiting" if waiting else "") if p)
-            rows.append(_fit(f"+ {len(hidden)} more file{'s' if len(hidden) > 1 else ''}: {what}", w))
+            more = f"+ {len(hidden)} more" if shown else f"{len(hidden)}"
+            rows.append(_fit(f"{more} file{'s' if len(hidden) > 1 else ''}: {what}", w))
     rate = f"{human(st.rate)}/s"
     eta = _duration(st.eta())
     rows.append(row("total", st.shown, st.total, f"{rate:>11} {eta:>7}" if with_rate else ""))
@@ -271,6 +288,7 @@ class FetchView:
         self._last_line = 0.0
         self._last_draw = 0.0
         self._ascii = False
+        self._shown_at_start = 0
 
     # -- output ----------------------------------------------------------------
     def _print(self, text: str) -> None:
@@ -385,18 +403,25 @@ class FetchView:
         self._files = {f.path: f for f in files}
         sources = {sid: _SourceState() for sid in ev.sources}
         self.state = _State(files, ev.bytes_total, done_reported=ev.bytes_present, sources=sources)
-        present = self.state.shown
+        present = self._shown_at_start = self.state.shown
         what = f"{human(ev.bytes_total)} in {len(files)} file{'s' if len(files) != 1 else ''}"
         if ev.bytes_total and present >= ev.bytes_total:
             what += ", all here already"
         elif present:
             what += f", {human(present)} here already"
-        self._print(f"fetching {ev.name} {ev.version} into {ev.out_dir} ({what})")
         if self.live_mode and not self.quiet:
             from rich.live import Live
 
             from ._common import console
 
+            # One row on a terminal: the folder is cut at its start when it does not fit.
+            head = f"fetching {ev.name} {ev.version} ({what}) into "
+            room = console.size.width - 1 - len(head)
+            if room >= min(len(ev.out_dir), 16):
+                self._print(head + _fit_path_start(ev.out_dir, room))
+            else:
+                self._print(_fit(head.rstrip(), console.size.width - 1))
+                self._print(_fit_path_start(ev.out_dir, console.size.width - 1))
             self._console = console
             enc = (getattr(sys.stdout, "encoding", "") or "").lower()
             self._ascii = "utf" not in enc
@@ -404,6 +429,8 @@ class FetchView:
                               redirect_stdout=False, redirect_stderr=False)
             self._live.start()
             self._draw(force=True)
+        else:
+            self._print(f"fetching {ev.name} {ev.version} into {ev.out_dir} ({what})")
         self._last_line = self.clock()
 
     def _snapshot(self, ev: ProgressSnapshot) -> None:
@@ -461,6 +488,10 @@ class FetchView:
         """Stop the live rows (leaving their last state) and tell retries nobody saw end."""
         if self._live is not None:
             self._draw(force=True)
+            # A fetch that failed before any byte arrived: rows at 0 % only hide the error.
+            st = self.state
+            if self.done is None and st is not None and st.shown <= self._shown_at_start:
+                self._live.transient = True
             self._live.stop()
             self._live = None
         if self.state is not None and self.state.sources:
@@ -473,7 +504,10 @@ class FetchView:
     def summary(self, result: dict[str, Any], seconds: float) -> None:
         """Bytes per source, then the final line (the only one in quiet mode)."""
         by_source: dict[str, int] = result.get("bytes_by_source") or {}
-        fetched = sum(n for sid, n in by_source.items() if not sid.startswith("local:"))
+        # What came over the network: the bytes each source sent (a resumed piece
+        # counts only its missing part), else the pieces each one is credited with.
+        received: dict[str, int] = result.get("received_by_source") or {}
+        fetched = sum(received.values()) or sum(n for sid, n in by_source.items() if not sid.startswith("local:"))
         total = int(result.get("bytes_total") or 0)
         if not by_source:
             how = "all here already, nothing fetched"
