@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
-from autoglm.node._ratelimit import RateLimiter
-
 if TYPE_CHECKING:
     # trio-typing (pulled in by libp2p) ships stubs that shadow trio's own types.
     from trio_typing import TaskStatus
@@ -28,7 +26,6 @@ if TYPE_CHECKING:
 __all__ = ["MirrorStats", "serve_mirror"]
 
 _CHUNK = 4 << 20
-_LIMITED_CHUNK = 64 << 10  # small reads under a rate limit keep the flow smooth
 _MAX_HEADER = 16 * 1024
 _IDLE_TIMEOUT = 60.0
 
@@ -71,7 +68,7 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     return (start, end) if 0 <= start < end else None
 
 
-async def _handle(stream: trio.SocketStream, root: Path, stats: MirrorStats, limit: RateLimiter | None = None) -> None:
+async def _handle(stream: trio.SocketStream, root: Path, stats: MirrorStats) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER)
     while True:
         event = conn.next_event()
@@ -83,7 +80,7 @@ async def _handle(stream: trio.SocketStream, root: Path, stats: MirrorStats, lim
             conn.receive_data(data)
             continue
         if isinstance(event, h11.Request):
-            await _respond(stream, conn, event, root, stats, limit)
+            await _respond(stream, conn, event, root, stats)
         elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                 try:
@@ -96,10 +93,7 @@ async def _handle(stream: trio.SocketStream, root: Path, stats: MirrorStats, lim
             return
 
 
-async def _respond(
-    stream: trio.SocketStream, conn: h11.Connection, req: h11.Request, root: Path, stats: MirrorStats,
-    limit: RateLimiter | None = None,
-) -> None:
+async def _respond(stream: trio.SocketStream, conn: h11.Connection, req: h11.Request, root: Path, stats: MirrorStats) -> None:
     stats.requests += 1
     while not isinstance(conn.next_event(), h11.EndOfMessage):
         pass
@@ -138,12 +132,9 @@ async def _respond(
             pos = start
             while pos < end:
                 # Reads go to a worker thread so a cold disk never stalls other clients.
-                size = _CHUNK if limit is None else _LIMITED_CHUNK
-                chunk = await trio.to_thread.run_sync(os.pread, fd, min(size, end - pos), pos)
+                chunk = await trio.to_thread.run_sync(os.pread, fd, min(_CHUNK, end - pos), pos)
                 if not chunk:
                     break
-                if limit is not None:
-                    await limit.acquire(len(chunk))
                 for part in conn.send_with_data_passthrough(h11.Data(data=chunk)) or ():
                     await stream.send_all(part)
                 pos += len(chunk)
@@ -169,22 +160,17 @@ async def serve_mirror(
     port: int = 0,
     stats: MirrorStats | None = None,
     *,
-    rate: float | None = None,
     task_status: TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``root`` until cancelled; reports (host, port) through task_status.
-
-    ``rate``: bytes per second for all responses together (demos and tests of a slow mirror).
-    """
+    """Serve ``root`` until cancelled; reports (host, port) through task_status."""
     root = root.resolve()  # noqa: ASYNC240 (once, at start-up)
     stats = stats if stats is not None else MirrorStats()
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
-    limit = RateLimiter(rate) if rate else None
 
     async def handler(stream: trio.SocketStream) -> None:
         try:
-            await _handle(stream, root, stats, limit)
+            await _handle(stream, root, stats)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
             pass
         finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-from functools import partial
 from pathlib import Path
 
 from autoglm.node.errors import ConfigError
@@ -20,22 +19,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
                    help="default 127.0.0.1 and a free port; use 0.0.0.0:PORT to serve a LAN")
-    p.add_argument("--limit-rate", type=_rate, metavar="BYTES/S",
-                   help="serve at most this many bytes per second in all, e.g. 2M or 512K (binary units)")
     p.set_defaults(func=cmd_serve_mirror)
-
-
-def _rate(text: str) -> float:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        value = float(num) * units[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (e.g. 2M, 512K)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"the rate must be positive: {text!r}")
-    return value
 
 
 def cmd_serve_mirror(args: argparse.Namespace) -> int:
@@ -53,7 +37,7 @@ def cmd_serve_mirror(args: argparse.Namespace) -> int:
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                h, p = await nursery.start(partial(serve_mirror, rate=args.limit_rate), args.dir, host, int(port), stats)
+                h, p = await nursery.start(serve_mirror, args.dir, host, int(port), stats)
                 # The URL line is the readiness signal scripts wait for.
                 print(f"http://{h}:{p}/", flush=True)
                 err_console.print(f"serving {args.dir} (Ctrl-C to stop)", style="dim")

@@ -187,7 +187,8 @@ def _sources_line(st: _State) -> str:
         if not s.received and not s.failures:
             continue
         status = s.status()
-        parts.append(f"{_source_label(sid)} {human(s.received)}" + (f" {status}" if status else ""))
+        got = f" {human(s.received)}" if s.received else ""
+        parts.append(f"{_source_label(sid)}{got}" + (f" {status}" if status else ""))
     if parts:
         return "from " + ", ".join(parts)
     return "nothing to fetch" if st.shown >= st.total else "waiting for sources"
@@ -469,19 +470,23 @@ class FetchView:
         assert st is not None and st.sources is not None
         s = st.sources.setdefault(ev.source_id, _SourceState())
         s.failures += 1
+        line = None
         if ev.permanent:
             # A permanent failure may repeat (several requests in flight to a mirror
             # that lacks a file): one line per distinct message.
             if not s.gave_up or ev.message != s.message:
                 tries = f"after {s.failures} tr{'ies' if s.failures > 1 else 'y'}"
                 what = "bad data" if ev.integrity else "gave up"
-                self._warn(f"{_source_label(ev.source_id)}: {ev.message} ({what} {tries})")
+                line = f"{_source_label(ev.source_id)}: {ev.message} ({what} {tries})"
             s.gave_up = True
             s.reported = s.failures
         elif ev.integrity and ev.message != s.message:
-            self._warn(f"{_source_label(ev.source_id)}: bad data: {ev.message}")
+            line = f"{_source_label(ev.source_id)}: bad data: {ev.message}"
         s.message = ev.message
-        self._draw()
+        # The rows first: printing a line above them redraws the rows it has.
+        self._draw(force=line is not None)
+        if line is not None:
+            self._warn(line)
 
     # -- end ---------------------------------------------------------------------
     def close(self) -> None:

@@ -69,9 +69,14 @@ class Process:
         self._log.close()
 
 
-def start_mirror(model: Path, log_dir: Path, rate: str) -> tuple[Process, str]:
-    mirror = Process([*CLI, "serve-mirror", str(model), "--limit-rate", rate], log_dir / "mirror.err")
-    return mirror, mirror.readline_until(lambda ln: ln.startswith("http://"), 30)
+def start_mirror(model: Path, log_dir: Path, rate: float) -> tuple[list[Process], str]:
+    """A real ``serve-mirror`` behind a relay that passes ``rate`` bytes/s: a slow mirror."""
+    mirror = Process([*CLI, "serve-mirror", str(model)], log_dir / "mirror.err")
+    url = mirror.readline_until(lambda ln: ln.startswith("http://"), 30)
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    relay = Process([sys.executable, str(Path(__file__).with_name("throttle.py")), port, str(rate)],
+                    log_dir / "throttle.err")
+    return [relay, mirror], relay.readline_until(lambda ln: ln.startswith("http://"), 30)
 
 
 def start_join_node(data_dir: Path, key: Path, out: Path) -> Process:
