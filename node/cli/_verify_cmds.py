@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("doctor", help="probe this machine and check the environment")
     p.add_argument("--mirror", action="append", default=[], metavar="URL", help="check reachability and RTT of a mirror (repeatable)")
+    p.add_argument("--manifest", metavar="MANIFEST",
+                   help="with --mirror: check that each mirror has a file of this manifest (file or URL)")
     p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="check TCP reachability of a DHT bootstrap peer (repeatable)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
@@ -133,12 +135,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from autoglm.node._device import probe_device
     from autoglm.node._doctor import run_checks
 
+    probe = None
+    if args.manifest:
+        from ._manifest_cmds import read_manifest_arg
+
+        files = [f for f in read_manifest_arg(args.manifest).manifest.files if f.size]
+        if files:
+            small = min(files, key=lambda f: f.size)  # HEAD costs the same; a GET fallback reads one byte
+            probe = (small.path, small.size)
     device = probe_device(args.data_dir)
-    checks = run_checks(device, args.data_dir, mirrors=tuple(args.mirror), bootstraps=tuple(args.bootstrap))
+    checks = run_checks(device, args.data_dir, mirrors=tuple(args.mirror), mirror_probe=probe,
+                        bootstraps=tuple(args.bootstrap))
     failed = any(c.status == "fail" for c in checks)
+    rc = EXIT["doctor"] if failed else EXIT["ok"]
     if args.json:
         print_json({"device": device.to_value(), "checks": [c.to_value() for c in checks], "ok": not failed})
-        return EXIT["error"] if failed else EXIT["ok"]
+        return rc
     cpu = device.cpu
     feats = ", ".join(f for f, on in (("AVX2", cpu.avx2), ("AVX-512", cpu.avx512), ("AMX", cpu.amx)) if on) or "none"
     console.print(f"[bold]{escape(cpu.model)}[/], {cpu.logical_cores} threads ({cpu.physical_cores or '?'} cores), vector: {feats}")
@@ -153,4 +165,4 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         console.print(f"{marks[c.status]}  {c.name:<11} {escape(c.detail)}")
         if c.hint and c.status != "pass":
             console.print(f"      [dim]-> {escape(c.hint)}[/]")
-    return EXIT["error"] if failed else EXIT["ok"]
+    return rc
