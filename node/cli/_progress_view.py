@@ -521,7 +521,11 @@ class FetchView:
             how = f"{human(fetched)} fetched in {seconds:.1f} s, {human(rate)}/s"
         out = self._out or sys.stdout
         if not self.quiet:
-            for sid, n in sorted(by_source.items()):
-                out.write(f"  {_source_label(sid)}: {human(n)}\n")
+            # Each source's share of "fetched", and what local copies gave.
+            shares = dict(received) if received else {k: v for k, v in by_source.items() if not k.startswith("local:")}
+            shares.update({k: v for k, v in by_source.items() if k.startswith("local:")})
+            for sid, n in sorted(shares.items()):
+                if n:
+                    out.write(f"  {_source_label(sid)}: {human(n)}\n")
         out.write(f"done: {human(total)} in {result.get('out')} ({how})\n")
         out.flush()

@@ -177,3 +177,16 @@ def test_quiet_prints_only_the_final_line() -> None:
     view.summary({"bytes_total": 90 * MiB + 100, "bytes_by_source": {MIRROR: 90 * MiB + 100}, "out": "/out"}, 3.0)
     assert out.getvalue() == "done: 90.0 MiB in /out (90.0 MiB fetched in 3.0 s, 30.0 MiB/s)\n"
     assert err.getvalue() == ""
+
+
+def test_the_result_counts_what_came_over_the_network() -> None:
+    """A resumed run: the mirror is credited with whole pieces, but sent only their missing part."""
+    view, out, _, _ = _plain()
+    result = {"bytes_total": 90 * MiB, "out": "/out", "bytes_by_source": {MIRROR: 60 * MiB, "local:store": 10 * MiB},
+              "received_by_source": {MIRROR: 40 * MiB}}
+    view.summary(result, 4.0)
+    assert out.getvalue().splitlines() == [
+        "  local copies: 10.0 MiB",
+        "  mirror 127.0.0.1:8000/models: 40.0 MiB",
+        "done: 90.0 MiB in /out (40.0 MiB fetched in 4.0 s, 10.0 MiB/s)",
+    ]
