@@ -167,7 +167,6 @@ def cmd_publish(args: argparse.Namespace) -> int:
         Progress,
         TextColumn,
         TimeRemainingColumn,
-        TransferSpeedColumn,
     )
 
     from autoglm.node._keys import load_private_key
@@ -204,14 +203,20 @@ def cmd_publish(args: argparse.Namespace) -> int:
     total = sum((root / p).stat().st_size for p in list_model_files(root, exclude, skipped)) if root.is_dir() else 0
     t0 = time.perf_counter()
     with Progress(
-        TextColumn("hashing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        # Binary units, as everywhere else (rich's speed column only has decimal ones).
+        TextColumn("hashing"), BarColumn(), DownloadColumn(binary_units=True),
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
         console=console, disable=args.json or not console.is_terminal, transient=True,
     ) as progress:
-        task = progress.add_task("hash", total=total)
+        task = progress.add_task("hash", total=total, rate="")
+
+        def advance(n: int) -> None:
+            speed = progress.tasks[task].speed
+            progress.update(task, advance=n, rate=f"{human_bytes(speed)}/s" if speed else "")
+
         manifest = build_manifest(
             root, name=args.name, version=args.version, publisher=key_id(raw_pub), created_at=int(time.time()),
-            max_piece=args.max_piece, variants=variants, parent=parent, exclude=exclude,
-            progress=lambda n: progress.advance(task, n),
+            max_piece=args.max_piece, variants=variants, parent=parent, exclude=exclude, progress=advance,
         )
     signed = sign_manifest(manifest, key, chain)
     write_signed_manifest(out, signed)
@@ -230,8 +235,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         )
         if skipped:
             shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
-            console.print(f"skipped {len(skipped)} (hidden files and folders, the key, the manifest itself): {escape(shown)}",
-                          soft_wrap=True)
+            console.print(f"skipped {len(skipped)}: {escape(shown)} (hidden, or the key or manifest itself)", soft_wrap=True)
     return 0
 
 
