@@ -213,3 +213,19 @@ def test_piped_output_is_plain_lines(pub: dict[str, Path], total: tuple[float, s
     assert res.returncode == 6
     assert len(res.stdout.splitlines()) == 1 and len(res.stderr.splitlines()) == 2, (res.stdout, res.stderr)
     assert "gave up after" in res.stderr and "\x1b" not in res.stdout + res.stderr
+
+
+def _has_global_quiet(tmp: Path) -> bool:
+    return "--quiet" in cli(tmp, "fetch", "--help").stdout
+
+
+def test_quiet_prints_only_the_final_line(pub: dict[str, Path], total: tuple[float, str], mirror: str,
+                                          pane_factory: list[Pane], tmp_path: Path) -> None:
+    TOTAL_MIB, TOTAL = total
+    if not _has_global_quiet(tmp_path):
+        pytest.skip("this build has no global -q/--quiet yet (it comes with the CLI-conventions change)")
+    pane = _pane(pane_factory, "quiet", 80, 24)
+    pane.run([*_fetch_argv(pub, tmp_path / "d", tmp_path / "out", mirror), "-q"], tmp_path)
+    assert pane.exit_code(120) == 0
+    lines = [ln for ln in pane.capture(joined=True) if ln.strip()]
+    assert len(lines) == 2 and lines[0].startswith(f"done: {TOTAL} in ") and lines[1] == "EXIT=0", lines
