@@ -583,11 +583,10 @@ class Fetch:
                 for i in batch:
                     self.picker.piece_lost(i)
                 raise
-            finally:
-                self._committing = {}
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("committed %d piece(s), %d left: %s", len(batch), self.picker.remaining - len(batch),
                           ", ".join(f"{i} from {sid}" for i, sid in batch.items()))
+            self._committing = {}  # (a failed commit ends the fetch: nothing to reset then)
             for i, sid in batch.items():
                 self.picker.piece_done(i)
                 n = self._refs[i].length
