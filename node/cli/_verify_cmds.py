@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "GGUF, strict JSON. With --manifest, also the signature and the SHA-256 of every file.",
     )
     p.add_argument("target", metavar="PATH|MODEL", help="a file, a model directory or NAME[@VERSION] of a completed download")
-    p.add_argument("--manifest", type=Path, metavar="MANIFEST", help="signed manifest to check the files against")
+    p.add_argument("--manifest", metavar="MANIFEST", help="signed manifest to check the files against (file or http(s) URL)")
     add_trust_args(p)
     p.add_argument("--no-cache", action="store_true", help="ignore and do not update the verdict cache")
     p.add_argument("--no-fit", action="store_true", help="skip the check that the tensors fit this device")
@@ -63,8 +63,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     hashes: dict[Path, str] = {}
     signer = None
     if args.manifest is not None or resolved.signed_manifest is not None:
-        manifest = load_checked_manifest(resolved, args.manifest, trust_from_args(args))
-        assert manifest is not None
+        if args.manifest is not None and args.manifest.startswith(("http://", "https://")):
+            from autoglm.node._manifests import check_manifest
+
+            from ._manifest_cmds import read_manifest_arg
+
+            manifest = check_manifest(read_manifest_arg(args.manifest), trust_from_args(args))
+        else:
+            path = Path(args.manifest) if args.manifest is not None else None
+            checked = load_checked_manifest(resolved, path, trust_from_args(args))
+            assert checked is not None
+            manifest = checked
         signer = manifest.publisher
         hashes = check_manifest_files(root, manifest, files)
     elif args.trust or args.root:

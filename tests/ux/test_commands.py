@@ -67,6 +67,9 @@ def test_inspect_and_verify_a_manifest_url(pub: dict[str, Path], http: str) -> N
     assert r.stdout.startswith("demo/cmds 1")
     r = cli(tmp, "--data-dir", str(tmp / "d"), "verify-manifest", http + "models/m.agm", "--trust", str(pub["key"]) + ".pub")
     assert r.returncode == 0 and "valid" in r.stdout, r.stderr
+    r = cli(tmp, "--data-dir", str(tmp / "d"), "verify", str(pub["model"]), "--manifest", http + "models/m.agm",
+            "--trust", str(pub["key"]) + ".pub", "--no-cache")
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
     r = cli(tmp, "inspect", http + "models/nope.agm")
     assert r.returncode == EXIT_SOURCE
     assert f"{http}models/nope.agm: HTTP 404" in r.stderr.replace("\n", "")  # the URL as typed, not http:/…
