@@ -62,7 +62,7 @@ HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 MS_DEFAULT_ENDPOINT = "https://www.modelscope.cn"
 API_LIMIT = 64 << 20  # bytes of one API answer (a tree page of a huge repo stays well under)
 API_TIMEOUT = 60.0
-API_TRIES = 5
+API_TRIES = 6
 MAX_PAGES = 1000
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -357,7 +357,7 @@ async def resolve_snapshot(ref: HubRef, endpoints: Sequence[str], token: str | N
     if not answers:
         access = [e for e in errors.values() if isinstance(e, HubAccessError)]
         first = access[0] if access else next(iter(errors.values()))
-        if isinstance(first, HubAccessError):
+        if isinstance(first, HubAccessError) or len(errors) == 1:
             raise first
         raise SourceError("no endpoint answered: " + "; ".join(str(e) for e in errors.values()))
     if any(isinstance(e, HubAccessError) for e in errors.values()):
