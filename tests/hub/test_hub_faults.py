@@ -194,3 +194,22 @@ async def test_sigkill_then_resume_refetches_at_most_a_piece_per_connection(tmp_
     served = cdn.stats.by_path[f"objects/{big_sha}"]
     assert served <= size + len(kills) * conns * piece, (served, size)
 
+
+
+async def test_modelscope_reference(tmp_path: Path) -> None:
+    """ms://: ModelScope's file list (Sha256 per file) and its /repo?FilePath= bytes, checked by SHA-256."""
+    srv = HubServer(tmp_path / "root")
+    files = model_files(seed=11)
+    commit = srv.add_commit(REPO, files, refs=("master",))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.serve)
+        env = clean_env(tmp_path, MODELSCOPE_DOMAIN=f"http://127.0.0.1:{srv.port}")
+        res = await run_cli(["--data-dir", str(tmp_path / "data"), "fetch", f"ms://{REPO}", "--local-dir", str(tmp_path / "out"), "--json"], env)
+        assert json.loads(res.stdout.decode().splitlines()[0])["commit"] == commit
+        srv.repos[REPO].override["config.json"] = "cd" * 32  # a listing that lies about one file
+        bad = await run_cli(["--data-dir", str(tmp_path / "data2"), "fetch", f"ms://{REPO}", "--local-dir", str(tmp_path / "out2")], env, check=False)
+        nursery.cancel_scope.cancel()
+    _same(tmp_path / "out", files)
+    assert bad.returncode != 0 and b"config.json" in bad.stderr and b"SHA-256" in bad.stderr
+    assert not (tmp_path / "out2" / "config.json").exists()
+    assert any(p.startswith("objects/") for p, _, _ in srv.stats.log)
