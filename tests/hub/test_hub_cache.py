@@ -98,3 +98,30 @@ async def test_include_exclude_and_revisions(hub: Hub, tmp_path: Path) -> None:
 
     res = await run_cli([*base, f"hf://{REPO}@nope"], env, check=False)
     assert res.returncode != 0 and b"RevisionNotFound" in res.stderr
+
+
+async def test_blobs_already_in_the_cache_are_checked_and_kept(hub: Hub, tmp_path: Path) -> None:
+    env = clean_env(tmp_path, HF_ENDPOINT=hub.url)
+    cache = tmp_path / "cache"
+    await run_py(SNAPSHOT.format(repo=REPO, cache=str(cache), extra=", allow_patterns=['*.safetensors']"), env)
+    shard_bytes = hub.cdn.stats.body_bytes
+    # One blob rotted on disk since: it is fetched again, the others are kept.
+    folder = cache / f"models--{REPO.replace('/', '--')}"
+    _rot(folder, hub.files["model-00001-of-00002.safetensors"])
+    await run_cli(["--data-dir", str(tmp_path / "data"), "fetch", f"hf://{REPO}", "--cache-dir", str(cache)], env)
+    assert hub.cdn.stats.body_bytes - shard_bytes == len(hub.files["model-00001-of-00002.safetensors"])
+    _check_snapshot(folder / "snapshots" / hub.commit, hub.files)
+
+
+def _rot(folder: Path, data: bytes) -> None:
+    import hashlib
+
+    blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+    raw = bytearray(blob.read_bytes())
+    raw[100] ^= 1
+    blob.write_bytes(bytes(raw))
+
+
+def _check_snapshot(snap: Path, files: dict[str, bytes]) -> None:
+    for p, data in files.items():
+        assert (snap / p).read_bytes() == data, p
