@@ -13,7 +13,8 @@ Theory of operation
    Each piece is hashed as it arrives and the hash recorded (resume and
    later sharing work per piece); before a file is moved into place it is
    checked whole against its LFS SHA-256 or git blob id
-   (:attr:`Download.file_check`). A mismatch discards the file's pieces and
+   (:attr:`Download.file_check`, hashed in byte order while the file
+   arrives: ``_verify.py``). A mismatch discards the file's pieces and
    raises IntegrityError naming the endpoints that sent them.
 4. Then the snapshot links and the ref (cache), or the download metadata
    (``--local-dir``). Files already there (from huggingface_hub or an earlier
@@ -27,19 +28,17 @@ peers (the store lists only signed manifests for the swarm).
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from autoglm.node._engine import Fetch, FetchOptions, FetchResult
+from autoglm.node._engine import Fetch, FetchOptions, FetchResult, collapse_group
 from autoglm.node._mirrors import MirrorConfig, MirrorSource
 from autoglm.node._progress import Event
 from autoglm.node._store import UNKNOWN_HASH, Store
-from autoglm.node.errors import ConfigError, IntegrityError
+from autoglm.node.errors import ConfigError
 from autoglm.protocol import FileEntry, Manifest, Piece
 from autoglm.protocol._pieces import plan_fixed
 
@@ -53,6 +52,7 @@ from ._cache import (
     write_ref,
     write_tree,
 )
+from ._verify import Verifier
 
 __all__ = ["PIECE_SIZE", "HubFetchPlan", "HubFetchResult", "fetch_hub", "hub_manifest", "select_files"]
 
@@ -112,24 +112,6 @@ def hub_manifest(snapshot: RepoSnapshot, layout: dict[str, HubFile], piece_size:
     )
 
 
-def _whole_file_check(f: HubFile, fd: int) -> None:
-    """The file against the hub's identity: SHA-256 (LFS, ModelScope) or the git blob id."""
-    if f.sha256 is not None:
-        h, want, what = hashlib.sha256(), f.sha256, "SHA-256"
-    else:
-        h, want, what = hashlib.sha1(usedforsecurity=False), f.blob_id or "", "git blob id"
-        h.update(b"blob %d\0" % f.size)
-    pos = 0
-    while pos < f.size:
-        chunk = os.pread(fd, min(8 << 20, f.size - pos), pos)
-        if not chunk:
-            break
-        h.update(chunk)
-        pos += len(chunk)
-    if pos != f.size or h.hexdigest() != want:
-        raise IntegrityError(f"{f.path}: the bytes do not match the hub's {what} {want[:16]}…; the file's pieces were discarded")
-
-
 def _layout(plan: HubFetchPlan, snapshot: RepoSnapshot) -> tuple[Path, dict[str, HubFile], dict[str, HubFile]]:
     """(output dir, manifest path -> file for the whole commit, manifest path -> file for the selection)."""
     selected = select_files(snapshot.files, plan.include, plan.exclude)
@@ -160,8 +142,8 @@ async def fetch_hub(
         # Written before any byte, as huggingface_hub does: an interrupted snapshot reads as incomplete offline.
         await trio.to_thread.run_sync(write_tree, out_dir, snapshot.commit, snapshot.files)
     download = await trio.to_thread.run_sync(store.open_download, manifest, out_dir, list(wanted))
-    by_index = [whole[f.path] for f in manifest.files]
-    download.file_check = lambda fi, fd: _whole_file_check(by_index[fi], fd)
+    verifier = Verifier(download, [whole[f.path] for f in manifest.files])
+    download.file_check = verifier.check
 
     def adopt_present() -> None:
         for fi in download.wanted_files:
@@ -177,7 +159,14 @@ async def fetch_hub(
             ep + "/", headers=headers, config=mirror_config, peers=group,
             url_for=lambda p, ep=ep: file_url(ep, snapshot.ref, snapshot.commit, repo_path[p]),  # type: ignore[misc]
         )
-    result = await Fetch(store, download, group, events, options).run()
+    send, recv = trio.open_memory_channel[Event](256)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(verifier.relay, recv, events)
+            async with send:
+                result = await Fetch(store, download, group, send, options).run()
+    except BaseExceptionGroup as eg:
+        raise collapse_group(eg) from None
     files = tuple(sorted(wanted.values(), key=lambda f: f.path))
     if plan.local_dir is None:
         selected = select_files(snapshot.files, plan.include, plan.exclude)

@@ -76,3 +76,31 @@ def test_file_urls_are_pinned_and_quoted() -> None:
     assert file_url("https://h", hf, "c" * 40, "dir/a b#.json") == f"https://h/a/b/resolve/{'c' * 40}/dir/a%20b%23.json"
     ms = parse_ref("ms://a/b")
     assert file_url("https://m", ms, "v1", "x/y.bin") == "https://m/api/v1/models/a/b/repo?Revision=v1&FilePath=x%2Fy.bin"
+
+
+def test_file_hash_cursor_then_rest_from_disk(tmp_path: Path) -> None:
+    import hashlib
+    import os
+
+    from autoglm.node.errors import IntegrityError
+    from autoglm.node.hub._verify import FileHash
+
+    data = os.urandom(3000)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    lfs = HubFile("w.bin", len(data), "0" * 40, hashlib.sha256(data).hexdigest())
+    small = HubFile("c.json", len(data), hashlib.sha1(b"blob 3000\0" + data).hexdigest(), None)
+    for f in (lfs, small):
+        fh = FileHash(f)
+        fh.feed(1000, data[1000:2000])  # ahead of the cursor: ignored
+        fh.feed(0, data[:1000])
+        assert fh.pos == 1000
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fh.finish(fd)  # the rest comes from the file
+            bad = FileHash(f)
+            bad.feed(0, b"x" * 1000)
+            with pytest.raises(IntegrityError, match=f.path):
+                bad.finish(fd)
+        finally:
+            os.close(fd)
