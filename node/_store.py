@@ -491,6 +491,9 @@ class Download:
         self.file_check: Callable[[int, int], None] | None = None
         #: Piece hashes learned on arrival, for pieces whose manifest hash is UNKNOWN_HASH.
         self.learned: dict[int, bytes] = {}
+        #: Drop committed pieces from the page cache at once; False when the caller reads them
+        #: back soon (node/hub hashes files in byte order) and drops them itself (:meth:`uncache`).
+        self.drop_behind = True
         self.done: set[int] = set()
         self.complete_files: set[int] = set()
         self._load()
@@ -660,7 +663,7 @@ class Download:
                     self._dirty |= dirty
                 _raise_os(exc, "syncing the staging file")
         with self._fd_lock:
-            for i in idx:  # clean now: see DROP_BEHIND
+            for i in idx if self.drop_behind else ():  # clean now: see DROP_BEHIND
                 pfd = self._fds.get(self._pm.file_of[i])
                 if pfd is not None:
                     drop_cache(pfd, self._pm.pieces[i].offset, self._pm.pieces[i].length)
@@ -683,6 +686,13 @@ class Download:
         if self.is_complete():
             self._mark_complete()
         return finished
+
+    def uncache(self, index: int) -> None:
+        """Drop a committed piece's pages from the page cache (see :attr:`drop_behind`)."""
+        with self._fd_lock:
+            fd = self._fds.get(self._pm.file_of[index])
+            if fd is not None:
+                drop_cache(fd, self._pm.pieces[index].offset, self._pm.pieces[index].length)
 
     def piece_hash(self, index: int) -> bytes:
         """The piece's BLAKE3 hash: from the manifest, or learned on arrival (UNKNOWN_HASH until then)."""

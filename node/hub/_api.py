@@ -40,7 +40,7 @@ from typing import Any
 
 import trio
 
-from autoglm.node._http import get_small
+from autoglm.node._http import PermanentMirrorError, get_small
 from autoglm.node._mirrors import USER_AGENT, parse_retry_after
 from autoglm.node.errors import ConfigError, IntegrityError, MirrorError, SourceError
 
@@ -209,8 +209,8 @@ class _Api:
             try:
                 resp, body, _ = await get_small(url, dict(self._headers), limit=API_LIMIT, time_limit=API_TIMEOUT)
             except MirrorError as exc:
-                if attempt == API_TRIES - 1 or isinstance(exc, HubAccessError):
-                    raise
+                if attempt == API_TRIES - 1 or isinstance(exc, PermanentMirrorError):
+                    raise  # unknown host, refused certificate, https->http: retrying will not help
                 await trio.sleep(delay * self._rng.uniform(0.5, 1.5))
                 delay *= 2
                 continue

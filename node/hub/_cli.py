@@ -72,9 +72,11 @@ def cmd_fetch_hub(args: argparse.Namespace, renderer: Any) -> int:
     from ._fetch import HubFetchResult, fetch_hub
 
     plan = _plan(args)
+    # Requests of at most two pieces: the file's SHA-256 is computed in byte order while it
+    # arrives (_verify.py), which needs the connections' runs to stay close together.
     mirror_cfg = MirrorConfig(
         initial_connections=args.connections, max_connections=max(args.connections, args.max_connections),
-        stall_timeout=args.stall_timeout,
+        stall_timeout=args.stall_timeout, max_request_bytes=max(2 * args.piece_size, 4 << 20),
     )
     options = FetchOptions(check_space=not args.no_space_check)
     t0 = time.perf_counter()

@@ -144,6 +144,7 @@ async def fetch_hub(
     download = await trio.to_thread.run_sync(store.open_download, manifest, out_dir, list(wanted))
     verifier = Verifier(download, [whole[f.path] for f in manifest.files])
     download.file_check = verifier.check
+    download.drop_behind = False  # the verifier reads committed pieces back, then drops them
 
     def adopt_present() -> None:
         for fi in download.wanted_files:

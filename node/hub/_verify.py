@@ -4,8 +4,9 @@ Strategy: a file's SHA-256 can only be computed in byte order, but pieces
 arrive out of order over several connections. Each file has a
 :class:`FileHash` whose cursor advances, in a worker thread, over the
 pieces that have committed contiguously from the start (read back from the
-staging file), as :class:`~autoglm.node._progress.PieceVerified` events
-arrive. When the engine finishes the file it calls :meth:`Verifier.check`
+staging file, still in the page cache: the download leaves committed
+pieces cached and the verifier drops them once hashed), as
+:class:`~autoglm.node._progress.PieceVerified` events arrive. When the engine finishes the file it calls :meth:`Verifier.check`
 (the store's ``Download.file_check``), which hashes only what the cursor has
 not reached yet. So the check costs no extra wall time at the end of a
 download except for the last pieces, instead of a second pass over the file.
@@ -22,7 +23,7 @@ from typing import Any
 import trio
 
 from autoglm.node._progress import Event, PieceVerified
-from autoglm.node._store import Download
+from autoglm.node._store import Download, drop_cache
 from autoglm.node.errors import IntegrityError
 
 from ._api import HubFile
@@ -70,6 +71,7 @@ class FileHash:
                 pos += len(chunk)
             ok = pos == self.file.size and h.hexdigest() == self.want
             self.closed = True
+        drop_cache(fd, 0, self.file.size)
         if not ok:
             raise IntegrityError(f"{self.file.path}: the bytes do not match the hub's {self.what} {self.want[:16]}…; "
                                  "the file's pieces were discarded")
@@ -109,6 +111,7 @@ class Verifier:
                 if len(data) != p.length:
                     return
                 fh.feed(p.offset, data)
+            d.uncache(i)  # hashed: its pages can go (the engine left them for us)
 
     async def relay(self, recv: trio.MemoryReceiveChannel[Event], send: trio.MemorySendChannel[Event] | None) -> None:
         """Pass the engine's events on; start hashing where a piece completed a run from the cursor."""
