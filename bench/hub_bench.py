@@ -293,12 +293,23 @@ class Tools:
         return True
 
 
-def run_once(tools: Tools, tool: str, ngx: HubNginx, *, kill_at: float | None = None, d: Path | None = None) -> tuple[Result, Path, int]:
+def run_once(tools: Tools, tool: str, ngx: HubNginx, *, kill_at: float | None = None, d: Path | None = None,
+             conns: list[int] | None = None) -> tuple[Result, Path, int]:
+    """One run; with ``kill_at``, SIGKILL once nginx served that fraction (``conns`` gets the open connections then)."""
     d = d or tools.fresh(tool)
     mark = ngx.mark()
     total = tools.desc["total"]
-    kill_when = (lambda: ngx.served_so_far(mark) >= kill_at * total) if kill_at is not None else None
-    r = measure(tools.argv(tool, d, ngx.url()), timeout=TIMEOUT, env=tools.env(ngx.url()), kill_when=kill_when, poll=0.01)
+
+    def kill_when() -> bool:
+        assert kill_at is not None
+        if ngx.served_so_far(mark) < kill_at * total:
+            return False
+        if conns is not None:
+            conns.append(ngx.open_connections())
+        return True
+
+    r = measure(tools.argv(tool, d, ngx.url()), timeout=TIMEOUT, env=tools.env(ngx.url()),
+                kill_when=kill_when if kill_at is not None else None, poll=0.01)
     served = ngx.settle(mark)
     return r, d, served
 
@@ -325,6 +336,7 @@ def main() -> int:
 
         ngx = HubNginx(Path(desc["root"]), work / "nginx", locations(desc), faults=False).start()
         walls: dict[str, list[float]] = {t: [] for t in tool_names}
+        cpus: dict[str, list[float]] = {t: [] for t in tool_names}
         errors: dict[str, str] = {}
         for rep in range(args.reps):
             for t in tool_names:
@@ -332,32 +344,37 @@ def main() -> int:
                 log(f"(a) {t} rep {rep + 1}: rc={r.rc} {r.wall:.2f}s served {fmt_bytes(served)}")
                 if r.ok and tools.correct(t, d):
                     walls[t].append(r.wall)
+                    cpus[t].append(r.cpu)
                 else:
                     errors[t] = r.error() if not r.ok else "wrong bytes"
                 shutil.rmtree(d, ignore_errors=True)
         rows = []
         for t in tool_names:
             m = median(walls[t])
-            out["throughput"][t] = {"walls": walls[t], "median": m}
-            rows.append([t, fmt_num(m, ".2f", " s"), f"{total / m / 1e6:.0f} MB/s" if m else "n/a", errors.get(t, "")])
-        rows.append(["snapshot_download + hf_transfer", "n/a", "n/a", "huggingface_hub 2.x no longer uses hf_transfer"])
+            out["throughput"][t] = {"walls": walls[t], "cpus": cpus[t], "median": m}
+            rows.append([t, fmt_num(m, ".2f", " s"), f"{total / m / 1e6:.0f} MB/s" if m else "n/a",
+                         fmt_num(median(cpus[t]), ".2f", " s"), ", ".join(f"{w:.1f}" for w in walls[t]), errors.get(t, "")])
+        rows.append(["snapshot_download + hf_transfer", "n/a", "n/a", "n/a", "", "huggingface_hub 2.x no longer uses hf_transfer"])
         print_table(f"(a) {fmt_bytes(total)} repository, nginx on 127.0.0.1, median of {args.reps}",
-                    ["tool", "wall", "throughput", "note"], rows)
+                    ["tool", "wall", "throughput", "CPU", "walls", "note"], rows)
 
         rows = []
         for t in tool_names:
-            r1, d, s1 = run_once(tools, t, ngx, kill_at=0.5)
+            conns: list[int] = []
+            r1, d, s1 = run_once(tools, t, ngx, kill_at=0.5, conns=conns)
             r2, _, s2 = run_once(tools, t, ngx, d=d)
             ok = r2.ok and tools.correct(t, d)
             refetched = s1 + s2 - total
-            out["kill"][t] = {"killed": r1.killed, "served_first": s1, "served_second": s2, "refetched": refetched, "ok": ok}
+            out["kill"][t] = {"killed": r1.killed, "served_first": s1, "served_second": s2, "refetched": refetched, "ok": ok,
+                              "connections": conns[:1]}
             log(f"(b) {t}: killed={r1.killed} served {fmt_bytes(s1)} + {fmt_bytes(s2)}; ok={ok}")
-            rows.append([t, "yes" if r1.killed else f"no (rc {r1.rc})", fmt_bytes(s1), fmt_bytes(s2),
+            rows.append([t, "yes" if r1.killed else f"no (rc {r1.rc})", str(conns[0]) if conns else "?", fmt_bytes(s1), fmt_bytes(s2),
                          fmt_bytes(max(refetched, 0)), "yes" if ok else (r2.error() if not r2.ok else "wrong bytes")])
             shutil.rmtree(d, ignore_errors=True)
         print_table("(b) SIGKILL at 50 % served, then the same command again",
-                    ["tool", "killed", "served 1st run", "served 2nd run", "fetched again", "complete + correct"], rows,
-                    note="fetched again = bytes nginx served in both runs - repository size (headers included)")
+                    ["tool", "killed", "connections at the kill", "served 1st run", "served 2nd run", "fetched again", "complete + correct"], rows,
+                    note="fetched again = bytes nginx served in both runs - repository size (headers, and bytes still in "
+                         "socket buffers when the process died, included)")
         ngx.stop()
 
         ngx = HubNginx(Path(desc["root"]), work / "nginx-faults", locations(desc), faults=True).start()
