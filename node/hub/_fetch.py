@@ -163,7 +163,8 @@ async def fetch_hub(
     send, recv = trio.open_memory_channel[Event](256)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(verifier.relay, recv, events)
+            # Progress names the repository's paths, not blob hashes.
+            nursery.start_soon(verifier.relay, recv, events, {p: f.path for p, f in whole.items()})
             async with send:
                 result = await Fetch(store, download, group, send, options).run()
     except BaseExceptionGroup as eg:

@@ -14,6 +14,7 @@ download except for the last pieces, instead of a second pass over the file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
@@ -22,7 +23,7 @@ from typing import Any
 
 import trio
 
-from autoglm.node._progress import Event, PieceVerified
+from autoglm.node._progress import Event, FetchStarted, FileDone, PieceVerified, ProgressSnapshot
 from autoglm.node._store import Download, drop_cache
 from autoglm.node.errors import IntegrityError
 
@@ -113,10 +114,17 @@ class Verifier:
                 fh.feed(p.offset, data)
             d.uncache(i)  # hashed: its pages can go (the engine left them for us)
 
-    async def relay(self, recv: trio.MemoryReceiveChannel[Event], send: trio.MemorySendChannel[Event] | None) -> None:
-        """Pass the engine's events on; start hashing where a piece completed a run from the cursor."""
+    async def relay(
+        self, recv: trio.MemoryReceiveChannel[Event], send: trio.MemorySendChannel[Event] | None, names: dict[str, str] | None = None
+    ) -> None:
+        """Pass the engine's events on; start hashing where a piece completed a run from the cursor.
+
+        ``names`` renames files for the reader (``blobs/<sha256>`` -> the repository path).
+        """
         async with trio.open_nursery() as nursery:
             async for ev in recv:
+                if names:
+                    ev = _renamed(ev, names)
                 if isinstance(ev, PieceVerified):
                     self._done.add(ev.index)
                     fi = self.download.file_of[ev.index]
@@ -139,3 +147,13 @@ class Verifier:
                     return
         finally:
             self._busy.discard(fi)
+
+
+def _renamed(ev: Event, names: dict[str, str]) -> Event:
+    if isinstance(ev, FetchStarted):
+        return dataclasses.replace(ev, files=tuple((names.get(p, p), n) for p, n in ev.files))
+    if isinstance(ev, FileDone):
+        return dataclasses.replace(ev, path=names.get(ev.path, ev.path))
+    if isinstance(ev, ProgressSnapshot):
+        return dataclasses.replace(ev, by_file={names.get(p, p): n for p, n in ev.by_file.items()})
+    return ev

@@ -29,6 +29,9 @@ async def test_fetch_matches_snapshot_download_and_is_found_offline(hub: Hub, tm
     res = await run_cli(["--data-dir", str(tmp_path / "data"), "fetch", f"hf://{REPO}", "--cache-dir", str(ours), "--json"], env)
     lines = [json.loads(ln) for ln in res.stdout.decode().splitlines()]
     assert lines[0]["event"] == "hub" and lines[0]["trust"] == "hub-attested" and lines[0]["commit"] == hub.commit
+    # Progress names repository paths (the blobs are content-addressed); README.md and LICENSE share a blob.
+    done_files = {ln["path"] for ln in lines if ln["event"] == "file"}
+    assert done_files >= set(hub.files) - {"LICENSE", "README.md"} and done_files & {"LICENSE", "README.md"}
     assert lines[-1]["event"] == "done" and lines[-1]["path"] == str(ours / f"models--{REPO.replace('/', '--')}" / "snapshots" / hub.commit)
     folder = f"models--{REPO.replace('/', '--')}"
     assert tree(ours / folder) == tree(direct / folder)
