@@ -42,6 +42,11 @@ def _plan(args: argparse.Namespace) -> HubFetchPlan:
     from ._fetch import HubFetchPlan
 
     ref = parse_ref(args.manifest, args.revision)
+    ignored = [flag for flag, value in (("--mirror", args.mirror), ("--mirror-header", args.mirror_header), ("--header", args.header),
+                                        ("--trust", args.trust), ("--root", args.root), ("--spiffe-id", args.spiffe_id),
+                                        ("--bootstrap", args.bootstrap), ("--variant", args.variant)) if value]
+    if ignored:
+        raise ConfigError(f"not used with {ref.hub}:// references: {', '.join(ignored)} (another hub endpoint: --endpoint URL)")
     if not 4096 <= args.piece_size <= 256 << 20:
         raise ConfigError("--piece-size must be between 4096 bytes and 256 MiB")
     if args.out is not None and args.local_dir is None:
@@ -78,7 +83,9 @@ def cmd_fetch_hub(args: argparse.Namespace, renderer: Any) -> int:
         initial_connections=args.connections, max_connections=max(args.connections, args.max_connections),
         stall_timeout=args.stall_timeout, max_request_bytes=max(2 * args.piece_size, 4 << 20),
     )
-    options = FetchOptions(check_space=not args.no_space_check)
+    # A rate-limited Hub answers 429 many times in a row: keep trying (backoff up to 30 s each)
+    # rather than dropping the only endpoint after 8 failures.
+    options = FetchOptions(check_space=not args.no_space_check, max_consecutive_failures=50)
     t0 = time.perf_counter()
 
     async def main() -> HubFetchResult:

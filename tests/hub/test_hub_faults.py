@@ -213,3 +213,9 @@ async def test_modelscope_reference(tmp_path: Path) -> None:
     assert bad.returncode != 0 and b"config.json" in bad.stderr and b"SHA-256" in bad.stderr
     assert not (tmp_path / "out2" / "config.json").exists()
     assert any(p.startswith("objects/") for p, _, _ in srv.stats.log)
+
+
+async def test_manifest_only_flags_are_refused_for_hub_references(tmp_path: Path) -> None:
+    env = clean_env(tmp_path, HF_ENDPOINT="http://127.0.0.1:9")
+    res = await run_cli(["--data-dir", str(tmp_path / "d"), "fetch", f"hf://{REPO}", "--mirror", "http://127.0.0.1:9/"], env, check=False)
+    assert res.returncode != 0 and b"--mirror" in res.stderr and b"--endpoint" in res.stderr
