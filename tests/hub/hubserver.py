@@ -70,6 +70,11 @@ class HubServer(FaultServer):
         self.relative_cdn = relative_cdn
         self.tree_page_size = 0
         self.lfs_threshold = 10 * 1024
+        #: >0: CDN URLs are signed (``?sig=N``) and each signature is refused (403) after this many uses,
+        #: as the Hub's signed CDN URLs expire. Only for this server as its own CDN.
+        self.sig_uses = 0
+        self._sigs: dict[str, int] = {}
+        self._next_sig = 0
 
     # -- content -----------------------------------------------------------
     def add_commit(self, repo_id: str, files: dict[str, bytes], *, refs: tuple[str, ...] = ("main",), token: str | None = None) -> str:
@@ -151,6 +156,13 @@ class HubServer(FaultServer):
                 return f
             return await self._api(stream, path, params, headers)
         if path.startswith("/cdn/objects/"):  # this server as its own CDN
+            if self.sig_uses:
+                sig = params.get("sig", "")
+                if sig not in self._sigs or self._sigs[sig] >= self.sig_uses:
+                    self.stats.log.append((path, 403, headers.get("range")))
+                    await self._send_simple(stream, "403 Forbidden", body=b"Request has expired")
+                    return True
+                self._sigs[sig] += 1
             return await super()._respond(stream, method, path[len("/cdn"):], headers, reused)
         m = _RESOLVE.match(path)
         if m is None:
@@ -174,6 +186,10 @@ class HubServer(FaultServer):
         if f is not None:
             return f
         loc = f"/cdn/objects/{info.sha256}" if self.relative_cdn else f"{self._cdn_base()}/{'objects' if self.cdn else 'cdn/objects'}/{info.sha256}"
+        if self.sig_uses:
+            self._next_sig += 1
+            self._sigs[str(self._next_sig)] = 0
+            loc += f"?sig={self._next_sig}"
         extra = (f"Location: {loc}\r\nX-Repo-Commit: {commit}\r\nX-Linked-Etag: \"{info.sha256}\"\r\n"
                  f"X-Linked-Size: {info.size}\r\nETag: \"{info.blob_id}\"\r\n")
         self.stats.log.append((m["file"], 302, headers.get("range")))

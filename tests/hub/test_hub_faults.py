@@ -219,3 +219,22 @@ async def test_manifest_only_flags_are_refused_for_hub_references(tmp_path: Path
     env = clean_env(tmp_path, HF_ENDPOINT="http://127.0.0.1:9")
     res = await run_cli(["--data-dir", str(tmp_path / "d"), "fetch", f"hf://{REPO}", "--mirror", "http://127.0.0.1:9/"], env, check=False)
     assert res.returncode != 0 and b"--mirror" in res.stderr and b"--endpoint" in res.stderr
+
+
+async def test_expired_cdn_urls_are_resolved_again(tmp_path: Path) -> None:
+    """The Hub's CDN URLs are signed and expire: a remembered one that is refused is resolved again."""
+    srv = HubServer(tmp_path / "root", relative_cdn=True)
+    srv.sig_uses = 3
+    files = model_files(seed=12, big=1 << 20)
+    commit = srv.add_commit(REPO, files)
+    config = MirrorConfig(initial_connections=1, max_connections=1, max_request_bytes=64 << 10, backoff_base=0.01, backoff_cap=0.2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.serve)
+        plan = HubFetchPlan(parse_ref(f"hf://{REPO}"), (f"http://127.0.0.1:{srv.port}",), cache_dir=tmp_path / "cache", piece_size=64 << 10)
+        snap = await _fetch(plan, tmp_path, config)
+        nursery.cancel_scope.cancel()
+    assert snap.name == commit
+    _same(snap, files)
+    redirects = [p for p, st, _ in srv.stats.log if p == "big.safetensors" and st == 302]
+    refused = [p for p, st, _ in srv.stats.log if st == 403]
+    assert refused and len(redirects) > len(files["big.safetensors"]) // (64 << 10) // 3
