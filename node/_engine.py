@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import blake3
 import trio
@@ -58,12 +58,38 @@ from autoglm.protocol._picker import PiecePicker, PieceState
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
+    from autoglm.node._mirrors import MirrorScore
+
 __all__ = ["LOCAL_ID", "Fetch", "FetchOptions", "FetchResult", "collapse_group"]
 
 LOCAL_ID = "local:store"
 THREAD_MIN = 128 << 10  # chunks at least this big are hashed and written in a worker thread
 
 log = logging.getLogger(__name__)
+
+
+class PieceHashMismatch(IntegrityError):
+    """A piece's bytes failed its hash: the source is never asked for ``piece_index`` again."""
+
+    def __init__(self, message: str, piece_index: int) -> None:
+        super().__init__(message)
+        self.piece_index = piece_index
+
+
+@runtime_checkable
+class _Scored(Protocol):
+    """A source ranked among those of its kind by a score (mirrors)."""
+
+    @property
+    def score(self) -> MirrorScore: ...
+
+
+@runtime_checkable
+class _Counting(Protocol):
+    """A source that counts the body bytes it received, used or not (mirrors, peers)."""
+
+    @property
+    def bytes_received(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +212,9 @@ class _Writer:
                 # The bytes kept from before the crash may be the bad part: fetch it whole, blame no one.
                 f.download.partial.pop(self.index, None)
                 raise SourceError(f"piece {self.index} did not verify after resuming mid-piece; fetching it whole")
-            err = IntegrityError(f"piece {self.index} ({f._path(self.index)} at byte {p.offset}) from {self._sid} failed its hash check")
-            err.piece_index = self.index  # type: ignore[attr-defined]
-            raise err
+            raise PieceHashMismatch(
+                f"piece {self.index} ({f._path(self.index)} at byte {p.offset}) from {self._sid} failed its hash check", self.index
+            )
         if f.picker.state(self.index) in (PieceState.WRITING, PieceState.DONE):
             f._discarded += self._off
             return
@@ -226,7 +252,7 @@ class _Sink:
     def __init__(self, fetch: Fetch, source_id: str) -> None:
         self._f = fetch
         self._sid = source_id
-        self.claimed: list[int] = []  # pieces taken on beyond the request (whole-file bodies)
+        self.taken: list[int] = []  # pieces taken on beyond the request (whole-file bodies)
 
     def open_piece(self, index: int, skip: int = 0) -> _Writer | _NullWriter:
         f = self._f
@@ -246,12 +272,12 @@ class _Sink:
         await w.write(data)
         await w.finish()
 
-    def claim(self, index: int) -> bool:
+    def take(self, index: int) -> bool:
         f = self._f
         if not f.picker.has_source(self._sid):
             return False
-        if f.picker.claim(self._sid, index, trio.current_time()):
-            self.claimed.append(index)
+        if f.picker.take(self._sid, index, trio.current_time()):
+            self.taken.append(index)
             return True
         return False
 
@@ -276,7 +302,7 @@ class Fetch:
     Swarm hooks (synchronous, callable from any trio task while it runs):
     :meth:`add_source`, :meth:`remove_source`, :meth:`source_have`,
     :meth:`source_bitfield`, :meth:`set_swarm`, :meth:`peer_claims`. ``PieceVerified``
-    events go to ``events``; :attr:`claim_listener` (set by the swarm) hears
+    events go to ``events``; ``on_mirror_claims`` (given by the swarm) hears
     which pieces each mirror request asks for.
     """
 
@@ -287,12 +313,14 @@ class Fetch:
         sources: Iterable[Source] = (),
         events: trio.MemorySendChannel[Event] | None = None,
         options: FetchOptions | None = None,
+        *,
+        on_mirror_claims: Callable[[list[int]], None] | None = None,
     ) -> None:
         self.store = store
         self.download = download
         self.options = options or FetchOptions()
         self._events = events
-        self.claim_listener: Callable[[list[int]], None] | None = None
+        self._on_mirror_claims = on_mirror_claims
         d = download
         self.picker = PiecePicker(
             [p.length for p in d.pieces],
@@ -335,6 +363,10 @@ class Fetch:
         for s in sources:
             self.add_source(s)
 
+    def sources(self) -> list[Source]:
+        """The sources this fetch uses now (mirrors, peers, any given)."""
+        return list(self._sources.values())
+
     # -- swarm hooks -----------------------------------------------------------
     def add_source(self, source: Source) -> None:
         if source.id in self._sources:
@@ -342,7 +374,7 @@ class Fetch:
         avail = source.availability()
         self._sources[source.id] = source
         self._rx_base[source.id] = _rx_count(source)
-        self.picker.add_source(source.id, source.kind.value, None if avail is None else set(avail))
+        self.picker.add_source(source.id, source.kind, None if avail is None else set(avail))
         self._wake()
 
     def remove_source(self, source_id: str) -> None:
@@ -469,8 +501,7 @@ class Fetch:
         rank = {SourceKind.LOCAL: 0, SourceKind.PEER: 1, SourceKind.MIRROR: 2}
 
         def key(s: Source) -> tuple[int, float]:
-            score = getattr(s, "score", None)
-            return rank[s.kind], -(score.value if score is not None else 0.0)
+            return rank[s.kind], -(s.score.value if isinstance(s, _Scored) else 0.0)
 
         return sorted(self._sources.values(), key=key)
 
@@ -492,8 +523,8 @@ class Fetch:
                 self._next_req += 1
                 if rid == 0:
                     log.debug("%s: first request: pieces %s from %s", self.download.manifest_id.hex()[:16], picked, src.id)
-                if src.kind is SourceKind.MIRROR and self.claim_listener is not None:
-                    self.claim_listener(picked)
+                if src.kind is SourceKind.MIRROR and self._on_mirror_claims is not None:
+                    self._on_mirror_claims(picked)
                 req = _Req(src.id, picked, trio.CancelScope())
                 self._requests[rid] = req
                 active[src.id] = active.get(src.id, 0) + 1
@@ -509,9 +540,11 @@ class Fetch:
         try:
             with req.scope:
                 await src.fetch(request, sink)
+        except PieceHashMismatch as exc:
+            error = exc
+            failed_integrity = exc.piece_index
         except IntegrityError as exc:
             error = exc
-            failed_integrity = getattr(exc, "piece_index", None)
         except SourceError as exc:
             error = exc
         except StorageError:
@@ -522,11 +555,11 @@ class Fetch:
         if src.id not in self._sources:
             return
         if req.withdrawn and error is None:
-            self.picker.cancel(src.id, [i for i in req.indices + sink.claimed if src.id in self.picker.requesters(i)])
+            self.picker.cancel(src.id, [i for i in req.indices + sink.taken if src.id in self.picker.requesters(i)])
             return
         permanent = isinstance(error, PermanentMirrorError)
-        undelivered = [i for i in req.indices + sink.claimed if src.id in self.picker.requesters(i)]
-        if error is None and len(undelivered) == len(req.indices) + len(sink.claimed):
+        undelivered = [i for i in req.indices + sink.taken if src.id in self.picker.requesters(i)]
+        if error is None and len(undelivered) == len(req.indices) + len(sink.taken):
             # Returned without delivering anything: a peer that advertised what it
             # cannot serve. Count it as a failure so it cannot spin the loop.
             error = SourceError(f"{src.id} returned without delivering any of {len(req.indices)} requested pieces")
@@ -537,7 +570,7 @@ class Fetch:
             return
         self._last_error[src.id] = str(error)
         self._failures[src.id] = self._failures.get(src.id, 0) + 1
-        whole = permanent and getattr(error, "whole_source", False)
+        whole = isinstance(error, PermanentMirrorError) and error.whole_source
         too_many = self._failures[src.id] >= self.options.max_consecutive_failures
         log.info("source %s failed: %s", src.id, error)
         self._send_nowait(SourceFailed(src.id, str(error), integrity=isinstance(error, IntegrityError), permanent=permanent or whole or too_many))
@@ -704,8 +737,7 @@ class Fetch:
 
 def _rx_count(src: Source) -> int:
     """Bytes the source has received so far, where it counts them (mirrors, peers)."""
-    n = getattr(src, "bytes_received", 0)
-    return n if isinstance(n, int) else 0
+    return src.bytes_received if isinstance(src, _Counting) else 0
 
 
 def _copy_local(d: Download, locs: dict[int, PieceLocation]) -> tuple[list[int], list[int]]:

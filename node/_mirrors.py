@@ -463,7 +463,7 @@ class MirrorSource:
                         want = min(len(buf), cur.offset - pos)
                     else:
                         if writer is None and (wrote == 0 or wrote == skip == pos - cur.offset):
-                            if cur.index in requested or sink.claim(cur.index):
+                            if cur.index in requested or sink.take(cur.index):
                                 writer = sink.open_piece(cur.index, wrote)
                             elif whole_file and pos >= requested_end:
                                 break  # nothing of ours is left in this body: stop reading it

@@ -19,7 +19,8 @@ Strategy (why it survives ``kill -9`` at any instant):
   ``OUT/<path>`` (then the directory is fsync'ed) and its row says so.
 * ``pieces.hash`` is indexed: a piece with the same BLAKE3 hash in any other
   download is copied locally instead of downloaded.
-* Serving (the swarm): :meth:`Store.read_piece` re-verifies the hash every time.
+* Serving (the swarm): :meth:`Store.piece_location` says where a verified piece
+  lies; the peerwire server re-checks its hash unless this process wrote it.
 * Unsigned manifests (a hub fetch: ``node/hub``) may leave piece hashes
   unknown (:data:`UNKNOWN_HASH`): the engine hashes such a piece as it
   arrives and the row records that hash; the file is checked whole by
@@ -59,7 +60,16 @@ from autoglm.protocol import (
 )
 from autoglm.protocol._signing import MAGIC
 
-__all__ = ["PARTIAL_DIR", "UNKNOWN_HASH", "Download", "DownloadInfo", "PieceLocation", "Store", "preflight"]
+__all__ = [
+    "PARTIAL_DIR",
+    "UNKNOWN_HASH",
+    "Download",
+    "DownloadInfo",
+    "PieceLocation",
+    "Store",
+    "find_completed_download",
+    "preflight",
+]
 
 #: The piece hash of an unsigned manifest whose piece hashes are learned on arrival.
 UNKNOWN_HASH = bytes(32)
@@ -96,12 +106,14 @@ CREATE INDEX IF NOT EXISTS pieces_by_hash ON pieces (hash);
 
 @dataclass(frozen=True, slots=True)
 class PieceLocation:
-    """Where a verified piece's bytes are on disk."""
+    """Where a verified piece's bytes are on disk, and the hash to re-check them by."""
 
     path: Path
     offset: int
     length: int
     hash: bytes
+    #: verified, written and synced by this process: serve without a fresh hash check
+    trusted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,29 +299,19 @@ class Store:
             bits[i >> 3] |= 0x80 >> (i & 7)
         return bytes(bits)
 
+    def manifest(self, manifest_id: bytes) -> Manifest:
+        """The manifest of a download in the store; StorageError if there is none."""
+        return self._map(manifest_id).manifest
+
     def manifest_ids(self) -> list[bytes]:
         """Signed manifests only: an unsigned (hub) download is never announced to peers."""
         return [r[0] for r in self._q("SELECT DISTINCT manifest_id FROM downloads WHERE substr(signed, 1, ?) = ?", (len(MAGIC), MAGIC))]
 
     def piece_location(self, manifest_id: bytes, index: int) -> PieceLocation:
-        """Where a verified piece lies (for sendfile). Call :meth:`read_piece` first if unsure."""
+        """Where a verified piece lies (for sendfile); the caller re-checks the hash (see node/_peerwire.py)."""
         for _, loc in self._locations(manifest_id, index):
             return loc
         raise StorageError(f"piece {index} of {manifest_id.hex()[:16]} is not verified here")
-
-    def read_piece(self, manifest_id: bytes, index: int) -> bytes:
-        """The bytes of a verified piece, hash re-checked. A piece that no longer matches is forgotten."""
-        for did, loc in self._locations(manifest_id, index):
-            try:
-                data = _pread(loc)
-            except OSError:
-                data = b""
-            if len(data) == loc.length and blake3.blake3(data).digest() == loc.hash:
-                return data
-            self._q("DELETE FROM pieces WHERE download_id=? AND idx=?", (did, index))
-            self._q("UPDATE downloads SET completed=NULL WHERE id=?", (did,))
-            self._written_here.discard((manifest_id, index))
-        raise IntegrityError(f"piece {index} of {manifest_id.hex()[:16]} is missing or changed on disk")
 
     def find_by_hash(self, piece_hash: bytes, exclude_download: int | None = None) -> PieceLocation | None:
         """A verified piece anywhere in the store with this BLAKE3 hash (for local copies)."""
@@ -413,6 +415,31 @@ def drop_cache(fd: int, offset: int, length: int) -> None:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
         except (OSError, AttributeError):  # advice only; some filesystems / platforms refuse
             pass
+
+
+def find_completed_download(data_dir: Path, name: str, version: str = "") -> tuple[Path, bytes] | None:
+    """(out dir, signed manifest) of the newest completed download of NAME[@VERSION] under ``data_dir``.
+
+    Read-only: opens no Store (the load gate asks this of data directories
+    it must not change); None when there is no store or no such download.
+    """
+    db = data_dir / "store.sqlite"
+    if not db.exists():
+        return None
+    sql = "SELECT out_dir, signed FROM downloads WHERE name=? AND completed IS NOT NULL"
+    args: tuple[str, ...] = (name,)
+    if version:
+        sql += " AND version=?"
+        args += (version,)
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            row = con.execute(sql + " ORDER BY created DESC LIMIT 1", args).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    return (Path(row[0]), bytes(row[1])) if row else None
 
 
 def _pread(loc: PieceLocation) -> bytes:

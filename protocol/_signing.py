@@ -183,9 +183,6 @@ class TrustPolicy:
     spiffe_ids: tuple[str, ...] = ()
     intermediates: tuple[bytes, ...] = field(default=())
 
-    def with_keys(self, *keys: bytes) -> TrustPolicy:
-        return TrustPolicy(self.keys | set(keys), self.roots, self.spiffe_ids, self.intermediates)
-
 
 def verify_manifest(signed: SignedManifest, policy: TrustPolicy, now: datetime) -> Manifest:
     """Check the signature and that the signer is trusted; return the manifest.

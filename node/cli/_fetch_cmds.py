@@ -77,9 +77,9 @@ def _header(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
-def _mirror_headers(args: argparse.Namespace) -> dict[str, dict[str, str]]:
-    common = dict(_header(h) for h in args.header)
-    out = {m: dict(common) for m in args.mirror}
+def _own_mirror_headers(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """--mirror-header: mirror URL -> the headers for that mirror alone."""
+    own: dict[str, dict[str, str]] = {}
     for spec in args.mirror_header:
         # The URL may hold '=' (a query) and the value too (base64 tokens): the split
         # is the '=' that is followed by a header name and a colon.
@@ -91,8 +91,38 @@ def _mirror_headers(args: argparse.Namespace) -> dict[str, dict[str, str]]:
         if not match:
             raise ConfigError(f"--mirror-header names {url}, which is not one of the --mirror URLs")
         for m in match:
-            out[m][k] = v
-    return out
+            own.setdefault(m, {})[k] = v
+    return own
+
+
+def _mirror_headers(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """Every --mirror URL -> the headers its requests carry (--header, then its --mirror-header)."""
+    common = dict(_header(h) for h in args.header)
+    own = _own_mirror_headers(args)
+    return {m: {**common, **own.get(m, {})} for m in args.mirror}
+
+
+def _plan_wire(args: argparse.Namespace, files: list[str] | None) -> dict[str, Any]:
+    """The fetch plan from the command line, in the control API's form (``FetchPlan.to_wire``).
+
+    Built once, here, with the standard library alone: a running node gets
+    it as it is, and a fetch run here turns it into a ``FetchPlan`` with
+    ``FetchPlan.from_wire``. Every flag rides in it on every path.
+    """
+    return {
+        "manifest": _absolute(args.manifest),
+        "out": str(args.out.resolve()),
+        "mirrors": list(args.mirror),
+        "headers": dict(_header(h) for h in args.header),
+        "mirror_headers": _own_mirror_headers(args),
+        "mirror_config": {
+            "initial_connections": args.connections,
+            "max_connections": max(args.connections, args.max_connections),
+            "stall_timeout": args.stall_timeout,
+        },
+        "options": {"check_space": not args.no_space_check, "check_sha256": args.check_sha256},
+        "files": files,
+    }
 
 
 def _files_for_variant(args: argparse.Namespace, manifest: Any) -> list[str] | None:
@@ -211,13 +241,10 @@ def _delegate(args: argparse.Namespace, sock: socket.socket, renderer: _Renderer
     """
     from autoglm.node._control_client import request as control_request
 
-    if args.header or args.mirror_header:
-        err_console.print("[yellow]warning:[/] the running node fetches without --header/--mirror-header")
     files = _files_for_variant(args, _load_manifest_here(args)[1]) if args.variant and args.variant != "all" else None
     request = {
-        "op": "fetch", "manifest": _absolute(args.manifest), "out": str(args.out.resolve()),
-        "mirrors": args.mirror, "trust": [str(p.resolve()) for p in args.trust],
-        "roots": [str(p.resolve()) for p in args.root], "spiffe_ids": args.spiffe_id, "files": files,
+        "op": "fetch", **_plan_wire(args, files), "trust": [str(p.resolve()) for p in args.trust],
+        "roots": [str(p.resolve()) for p in args.root], "spiffe_ids": args.spiffe_id,
     }
     for line in control_request(args.data_dir, request, sock=sock):
         kind = line.get("event")
@@ -291,24 +318,17 @@ def _fetch_here(args: argparse.Namespace, renderer: _Renderer) -> FetchResult:
     import trio
 
     from autoglm.node._config import configured_bootstrap
-    from autoglm.node._engine import FetchOptions, collapse_group
-    from autoglm.node._mirrors import MirrorConfig
+    from autoglm.node._engine import collapse_group
+    from autoglm.node._plan import FetchPlan
     from autoglm.node._progress import Event
     from autoglm.node.api import NodeConfig, load_manifest, open_node
 
     bootstrap = [] if args.standalone else [*args.bootstrap, *configured_bootstrap(args.data_dir)]
-    headers = _mirror_headers(args)
     trust = trust_from_args(args)
-    mirror_cfg = MirrorConfig(
-        initial_connections=args.connections, max_connections=max(args.connections, args.max_connections),
-        stall_timeout=args.stall_timeout,
-    )
-    options = FetchOptions(check_space=not args.no_space_check, check_sha256=args.check_sha256)
 
     async def main() -> FetchResult:
-        common = dict(_header(h) for h in args.header)
-        signed, manifest = await load_manifest(args.manifest, trust, common)
-        files = _files_for_variant(args, manifest)
+        signed, manifest = await load_manifest(args.manifest, trust, dict(_header(h) for h in args.header))
+        plan = FetchPlan.from_wire(_plan_wire(args, _files_for_variant(args, manifest)), trust, signed)
         send, recv = trio.open_memory_channel[Event](256)
 
         async def consume() -> None:
@@ -321,17 +341,11 @@ def _fetch_here(args: argparse.Namespace, renderer: _Renderer) -> FetchResult:
             if bootstrap:
                 from autoglm.node._swarm_node import JoinConfig, fetch_with_peers
 
-                return await fetch_with_peers(
-                    JoinConfig(args.data_dir, bootstrap=tuple(bootstrap)), signed, out=args.out,
-                    trust=trust, mirrors=args.mirror, files=files, events=send,
-                )
+                return await fetch_with_peers(JoinConfig(args.data_dir, bootstrap=tuple(bootstrap)), plan, events=send)
             if not args.mirror:
                 raise ConfigError("give a --mirror URL, --bootstrap peers, or start `autoglm-node join` first")
-            async with open_node(NodeConfig(args.data_dir, mirror_cfg)) as node:
-                return await node.run_fetch(
-                    signed, out=args.out, trust=trust, mirrors=args.mirror, mirror_headers=headers,
-                    files=files, events=send, options=options,
-                )
+            async with open_node(NodeConfig(args.data_dir)) as node:
+                return await node.run_fetch(plan, events=send)
 
     try:
         return trio.run(main)

@@ -21,20 +21,14 @@ if TYPE_CHECKING:
 
 __all__ = ["parse_size", "register"]
 
-_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
-
-
 def parse_size(text: str) -> int:
-    """'8MiB', '512k', '1G', '4096' -> bytes."""
-    t = text.strip().lower()
-    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(num) :]
-    if unit not in _UNITS or not num:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 8MiB)")
+    """'8MiB', '512k', '1G', '4096' -> bytes (the config file's sizes parse the same way)."""
+    from autoglm.node._settings import parse_size as parse
+
     try:
-        return int(float(num) * _UNITS[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -42,9 +42,16 @@ def _plan(args: argparse.Namespace) -> HubFetchPlan:
     from ._fetch import HubFetchPlan
 
     ref = parse_ref(args.manifest, args.revision)
-    ignored = [flag for flag, value in (("--mirror", args.mirror), ("--mirror-header", args.mirror_header), ("--header", args.header),
-                                        ("--trust", args.trust), ("--root", args.root), ("--spiffe-id", args.spiffe_id),
-                                        ("--bootstrap", args.bootstrap), ("--variant", args.variant)) if value]
+    # Only flags typed for this command are refused: mirrors or trust keys from the config
+    # file or the environment are for manifests and simply do not apply here.
+    settings = getattr(args, "settings", None)
+    typed = None if settings is None else {v.key.dest for v in settings.values() if v.source == "flag" and v.key.dest}
+    ignored = [flag for dest, flag in (("mirror", "--mirror"), ("mirror_header", "--mirror-header"), ("header", "--header"),
+                                       ("trust", "--trust"), ("root", "--root"), ("spiffe_id", "--spiffe-id"),
+                                       ("bootstrap", "--bootstrap"))
+               if (dest in typed if typed is not None else getattr(args, dest, None))]
+    if args.variant:
+        ignored.append("--variant")
     if ignored:
         raise ConfigError(f"not used with {ref.hub}:// references: {', '.join(ignored)} (another hub endpoint: --endpoint URL)")
     if not 4096 <= args.piece_size <= 256 << 20:

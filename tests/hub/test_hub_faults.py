@@ -215,10 +215,13 @@ async def test_modelscope_reference(tmp_path: Path) -> None:
     assert any(p.startswith("objects/") for p, _, _ in srv.stats.log)
 
 
-async def test_manifest_only_flags_are_refused_for_hub_references(tmp_path: Path) -> None:
-    env = clean_env(tmp_path, HF_ENDPOINT="http://127.0.0.1:9")
-    res = await run_cli(["--data-dir", str(tmp_path / "d"), "fetch", f"hf://{REPO}", "--mirror", "http://127.0.0.1:9/"], env, check=False)
+async def test_manifest_only_flags_are_refused_for_hub_references(hub: Hub, tmp_path: Path) -> None:
+    env = clean_env(tmp_path, HF_ENDPOINT=hub.url)
+    base = ["--data-dir", str(tmp_path / "d"), "fetch", f"hf://{REPO}", "--cache-dir", str(tmp_path / "c")]
+    res = await run_cli([*base, "--mirror", "http://127.0.0.1:9/"], env, check=False)
     assert res.returncode != 0 and b"--mirror" in res.stderr and b"--endpoint" in res.stderr
+    # Mirrors and trust keys from the environment (or the config file) are for manifests: no refusal.
+    await run_cli(base, {**env, "AUTOGLM_MIRRORS": "http://127.0.0.1:9/", "AUTOGLM_TRUST": str(tmp_path / "k.pub")})
 
 
 async def test_expired_cdn_urls_are_resolved_again(tmp_path: Path) -> None:
