@@ -426,8 +426,9 @@ def find_completed_download(data_dir: Path, name: str, version: str = "") -> tup
     db = data_dir / "store.sqlite"
     if not db.exists():
         return None
-    sql = "SELECT out_dir, signed FROM downloads WHERE name=? AND completed IS NOT NULL"
-    args: tuple[str, ...] = (name,)
+    # Signed manifests only: a hub download (unsigned, hub-attested) is not a gate's manifest.
+    sql = "SELECT out_dir, signed FROM downloads WHERE name=? AND completed IS NOT NULL AND substr(signed, 1, ?) = ?"
+    args: tuple[object, ...] = (name, len(MAGIC), MAGIC)
     if version:
         sql += " AND version=?"
         args += (version,)
