@@ -45,7 +45,7 @@ from autoglm.node._progress import (
     SourceFailed,
 )
 from autoglm.node._sources import FetchRequest, PieceRef, Source, SourceKind
-from autoglm.node._store import Download, PieceLocation, Store, _pread, preflight
+from autoglm.node._store import UNKNOWN_HASH, Download, PieceLocation, Store, _pread, preflight
 from autoglm.node.errors import (
     AutoglmError,
     IntegrityError,
@@ -212,7 +212,9 @@ class _Writer:
             return
         f = self._f
         p = f.download.pieces[self.index]
-        if self._off != p.length or self._h.digest() != p.hash:
+        digest = self._h.digest()
+        # An unknown hash (hub files) is learned here; the whole file is checked before it is final.
+        if self._off != p.length or (p.hash != UNKNOWN_HASH and digest != p.hash):
             f._discarded += self._off
             if self.resumed:
                 # The bytes kept from before the crash may be the bad part: fetch it whole, blame no one.
@@ -234,6 +236,8 @@ class _Writer:
         finally:
             f._finalizing.discard(self.index)
         if f.picker.state(self.index) not in (PieceState.WRITING, PieceState.DONE):
+            if p.hash == UNKNOWN_HASH:
+                f.download.learned[self.index] = digest
             f._piece_written(self._sid, self.index)
 
     async def _write_buffered(self, others: list[_Writer]) -> None:
@@ -370,6 +374,7 @@ class Fetch:
         self._rx_base: dict[str, int] = {}
         self._bytes_done = 0
         self._by_file: dict[str, int] = {}
+        self._file_sources: dict[int, set[str]] = {}  # file index -> sources that delivered its pieces
         for s in sources:
             self.add_source(s)
 
@@ -485,6 +490,7 @@ class Fetch:
 
     def _piece_written(self, source_id: str, index: int) -> None:
         others = self.picker.piece_written(source_id, index)
+        self._file_sources.setdefault(self.download.file_of[index], set()).add(source_id)
         self.download.partial.pop(index, None)
         self._pending[index] = source_id
         self._commit_ev.set()
@@ -616,6 +622,10 @@ class Fetch:
                 for i in batch:
                     self.picker.piece_lost(i)
                 raise
+            except IntegrityError as exc:  # a whole-file check failed (its pieces are discarded)
+                fi = getattr(exc, "file_index", None)
+                srcs = sorted(self._file_sources.get(fi, ())) if fi is not None else []
+                raise IntegrityError(f"{exc}; its bytes came from {', '.join(srcs) or 'an earlier run'}") from exc
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("committed %d piece(s), %d left: %s", len(batch), self.picker.remaining - len(batch),
                           ", ".join(f"{i} from {sid}" for i, sid in batch.items()))
@@ -742,7 +752,7 @@ class Fetch:
         if self.options.local_copies:
 
             def find_local() -> dict[int, PieceLocation]:  # one thread hop for every missing piece
-                found = ((i, self.store.find_by_hash(d.pieces[i].hash, d.id)) for i in d.missing())
+                found = ((i, self.store.find_by_hash(d.pieces[i].hash, d.id)) for i in d.missing() if d.pieces[i].hash != UNKNOWN_HASH)
                 return {i: loc for i, loc in found if loc is not None}
 
             locs = await trio.to_thread.run_sync(find_local)

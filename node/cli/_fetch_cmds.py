@@ -34,14 +34,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "peers (--bootstrap or DATA_DIR/bootstrap), an ephemeral node joins the swarm for this "
         "fetch; with none, the fetch uses the mirrors alone.",
     )
-    p.add_argument("manifest", metavar="MANIFEST", help="manifest file or http(s) URL")
+    p.add_argument("manifest", metavar="MANIFEST", help="manifest file or http(s) URL, or hf://ORG/REPO[@REV] / ms://ORG/REPO[@REV]")
     p.add_argument("--mirror", action="append", default=[], metavar="URL", help="mirror base URL (repeatable)")
     p.add_argument(
         "--mirror-header", action="append", default=[], metavar="URL=NAME: VALUE",
         help="extra header for one mirror, e.g. 'https://m/=Authorization: Bearer X' (repeatable)",
     )
     p.add_argument("--header", action="append", default=[], metavar="NAME: VALUE", help="extra header for every mirror and the manifest URL")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the model files go")
+    p.add_argument("--out", type=Path, metavar="DIR", help="where the model files go (required for a manifest)")
     add_trust_args(p)
     p.add_argument("--variant", metavar="auto|all|NAME", help="fetch only one variant's files (default: all files)")
     p.add_argument("--connections", type=int, default=4, metavar="N", help="initial connections per mirror (adapts up to --max-connections)")
@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="join the swarm through this peer for this fetch (repeatable; also DATA_DIR/bootstrap)")
     p.add_argument("--standalone", action="store_true", help="do not hand the fetch to a running node or use peers")
     p.add_argument("--json", action="store_true", help="one JSON object per line: progress, then a final 'done' summary")
+    from autoglm.node.hub._cli import add_hub_args
+
+    add_hub_args(p)
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("ls", help="list models in the local store and their state")
@@ -185,6 +188,12 @@ def _load_manifest_here(args: argparse.Namespace) -> Any:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     renderer = _Renderer(args.json, quiet=getattr(args, "quiet", False))
+    from autoglm.node.hub._cli import cmd_fetch_hub, is_hub_ref
+
+    if is_hub_ref(args.manifest):  # a Hugging Face / ModelScope repository: node/hub
+        return cmd_fetch_hub(args, renderer)
+    if args.out is None:
+        raise ConfigError("fetch MANIFEST needs --out DIR")
     t0 = time.perf_counter()
     try:
         try:
