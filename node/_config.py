@@ -9,12 +9,15 @@ import platformdirs
 
 __all__ = ["configured_bootstrap", "default_data_dir", "resolve_data_dir", "trust_dir"]
 
-ENV_HOME = "AUTOGLM_NODE_HOME"
+ENV_DATA_DIR = "AUTOGLM_DATA_DIR"
+ENV_HOME = "AUTOGLM_NODE_HOME"  # the older name, still honoured
 
 
 def default_data_dir() -> Path:
-    """$AUTOGLM_NODE_HOME, else the platform's user data dir (~/.local/share/autoglm-node)."""
-    env = os.environ.get(ENV_HOME)
+    """$AUTOGLM_DATA_DIR (or $AUTOGLM_NODE_HOME), else the platform's user data dir
+    (~/.local/share/autoglm-node). The CLI also reads ``data_dir`` from the config
+    file (node/_settings.py); the Python API does not."""
+    env = os.environ.get(ENV_DATA_DIR) or os.environ.get(ENV_HOME)
     if env:
         return Path(env).expanduser()
     return Path(platformdirs.user_data_dir("autoglm-node", appauthor=False))

@@ -6,7 +6,9 @@ connection:
 
 * ``{"op": "status"}`` -> one line, the node's status.
 * ``{"op": "fetch", "manifest": PATH|URL, "out": DIR, "mirrors": [...],
-  "trust": [KEY.pub paths], "roots": [CA.pem paths], "spiffe_ids": [...], "files": [paths] or null}``
+  "trust": [KEY.pub paths], "roots": [CA.pem paths], "spiffe_ids": [...], "files": [paths] or null,
+  "headers": {...}, "mirror_headers": {URL: {...}}, "mirror_config": {...}, "options": {...}}``
+  (the fields of :meth:`FetchPlan.to_wire`; all but ``manifest`` and ``out`` optional)
   -> progress events, one per line (the
   ``--json`` form of node/_progress.py), then ``{"event": "result", ...}`` or
   ``{"event": "error", "message": ..., "kind": ...}``. The running node keeps
@@ -30,6 +32,7 @@ import trio
 from autoglm.node._control_client import socket_path
 from autoglm.node._keys import load_private_key, load_trust_policy
 from autoglm.node._manifests import load_signed_manifest
+from autoglm.node._plan import FetchPlan
 from autoglm.node._progress import Event, to_json
 from autoglm.node.errors import AutoglmError, ConfigError
 
@@ -97,13 +100,9 @@ async def _fetch(stream: trio.SocketStream, node: SwarmNode, req: dict[str, Any]
                         await _send(stream, to_json(ev))
 
             nursery.start_soon(forward)
-            manifest = req.get("manifest")
-            if manifest is None:
-                manifest = await node.resolve_name(str(req["name"]), trust)
-            result = await node.hold(
-                manifest, out=req["out"], trust=trust, mirrors=req.get("mirrors", []),
-                files=req.get("files"), events=send,
-            )
+            resolved = None if "manifest" in req else await node.resolve_name(str(req["name"]), trust)
+            plan = FetchPlan.from_wire(req, trust, resolved)
+            result = await node.hold(plan, events=send)
         await _send(
             stream,
             {

@@ -483,9 +483,6 @@ class ModelHandle:
     tensor_bytes: int
     tensors: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
-    def weight_files(self) -> tuple[Path, ...]:
-        return tuple(p for p, v in self.verdicts if v.tensor_count)
-
 
 def _find_manifest(root: Path) -> Path | None:
     if root.is_file():
@@ -502,34 +499,18 @@ class ResolvedModel:
     signed_manifest: bytes | None = None
 
 
-def _lookup_download(db: Path, name: str, version: str) -> tuple[str, bytes] | None:
-    """(out_dir, signed manifest) of the newest completed download of NAME[@VERSION]."""
-    sql = "SELECT out_dir, signed FROM downloads WHERE name=? AND completed IS NOT NULL"
-    args: tuple[str, ...] = (name,)
-    if version:
-        sql += " AND version=?"
-        args += (version,)
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            row = con.execute(sql + " ORDER BY created DESC LIMIT 1", args).fetchone()
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return None
-    return (str(row[0]), bytes(row[1])) if row else None
-
-
 def resolve_model(name_or_path: str | Path, data_dir: Path | None) -> ResolvedModel:
     """A path that exists, else NAME[@VERSION] of a completed download in DATA_DIR's store."""
     p = Path(name_or_path).expanduser()
     if p.exists():
         return ResolvedModel(p.resolve())
-    if data_dir is not None and (data_dir / "store.sqlite").exists():
+    if data_dir is not None:
+        from autoglm.node._store import find_completed_download  # the store owns its schema
+
         name, _, version = str(name_or_path).partition("@")
-        found = _lookup_download(data_dir / "store.sqlite", name, version)
-        if found is not None and Path(found[0]).exists():
-            return ResolvedModel(Path(found[0]).resolve(), found[1])
+        found = find_completed_download(data_dir, name, version)
+        if found is not None and found[0].exists():
+            return ResolvedModel(found[0].resolve(), found[1])
     raise ConfigError(f"{name_or_path!s} is neither a path nor a completed download in the local store")
 
 

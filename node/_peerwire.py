@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from autoglm.node._lowat import LowWater
 from autoglm.node._ratelimit import RateLimiter
-from autoglm.node._store import drop_cache
+from autoglm.node._store import PieceLocation, drop_cache
 from autoglm.node.errors import AutoglmError, IntegrityError, RemoteProtocolError, SourceError
 from autoglm.protocol._frames import NEED_DATA
 from autoglm.protocol._peerwire import (
@@ -73,8 +73,6 @@ log = logging.getLogger(__name__)
 _RECV = 1 << 20
 #: With requests in flight and no byte for this long, the connection counts as broken.
 STALL_TIMEOUT = 15.0
-#: Test hook: a node started with this set flips one byte of every piece it serves.
-CORRUPT_ENV = "AUTOGLM_TEST_CORRUPT_SERVE"
 
 
 _RELOCATE_TRIES = 20  # x 10 ms: the rename-then-record window of a finishing file
@@ -94,18 +92,6 @@ class PeerRejected(SourceError):
     def __init__(self, reason: RejectReason) -> None:
         super().__init__(f"peer refused the request: {reason.name}")
         self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class PieceLocation:
-    """A verified piece on disk: which file, where, and the hash to re-check."""
-
-    path: str | os.PathLike[str]
-    offset: int
-    length: int
-    hash: bytes
-    #: verified, written and synced by this process: upload without a fresh hash check
-    trusted: bool = False
 
 
 class PieceLocator(Protocol):
@@ -211,10 +197,9 @@ class _ServeState:
     locator: PieceLocator
     redeem: Redeem
     up: RateLimiter
-    corrupt: bool = False
     psk: bytes | None = None
     # (path, offset, length) -> (st_ino, st_mtime_ns, st_size) when it last verified.
-    verified: dict[tuple[str | os.PathLike[str], int, int], tuple[int, int, int]] = field(default_factory=dict)
+    verified: dict[tuple[os.PathLike[str], int, int], tuple[int, int, int]] = field(default_factory=dict)
 
 
 async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: int) -> None:
@@ -268,7 +253,7 @@ def _locate_and_read(st: _ServeState, manifest_id: bytes, index: int) -> tuple[P
         key = (loc.path, loc.offset, loc.length)
         s = os.fstat(fd)
         stamp = (s.st_ino, s.st_mtime_ns, s.st_size)
-        if (loc.trusted or st.verified.get(key) == stamp) and not st.corrupt and st.psk is None:
+        if (loc.trusted or st.verified.get(key) == stamp) and st.psk is None:
             return loc, fd, None
         data = os.pread(fd, loc.length, loc.offset)
         drop_cache(fd, loc.offset, loc.length)
@@ -298,12 +283,10 @@ async def _serve_one(stream: trio.SocketStream | AeadStream, proto: PeerwireServ
     try:
         await st.up.acquire(loc.length)
         if data is not None:
-            if st.corrupt and data:
-                data = bytes([data[0] ^ 0xFF]) + data[1:]
             codec, body = (Codec.RAW, data)
             if req.accept_zstd:
                 codec, body = await trio.to_thread.run_sync(maybe_compress, data)
-            if codec is Codec.ZSTD or st.corrupt or st.psk is not None:
+            if codec is Codec.ZSTD or st.psk is not None:
                 # Two writes: joining header and an 8 MiB body would copy the body once more.
                 await stream.send_all(proto.piece_header(req.req_id, codec, len(body)))
                 await stream.send_all(body)
@@ -404,7 +387,7 @@ async def serve_peerwire(
 
     With ``psk`` (a private swarm's key) every byte after Auth is sealed.
     """
-    st = _ServeState(locator, redeem, up or RateLimiter(None), corrupt=os.environ.get(CORRUPT_ENV) == "1", psk=psk)
+    st = _ServeState(locator, redeem, up or RateLimiter(None), psk=psk)
     listeners = await trio.open_tcp_listeners(port, host=host)
     sockname = listeners[0].socket.getsockname()
     async with trio.open_nursery() as nursery:

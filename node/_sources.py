@@ -58,20 +58,13 @@ cancelled and their pieces go back to the picker.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from autoglm.protocol._picker import SourceKind  # one SourceKind: the picker's
+
 __all__ = ["FetchRequest", "PieceRef", "PieceSink", "PieceWriter", "Source", "SourceKind"]
-
-
-class SourceKind(enum.Enum):
-    """Where bytes come from. The picker prefers PEER to MIRROR; LOCAL is a copy from disk."""
-
-    LOCAL = "local"
-    PEER = "peer"
-    MIRROR = "mirror"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +122,7 @@ class PieceSink(Protocol):
         """Start streaming one piece. ``skip``: the source sends from this byte of the piece
         (only the ``FetchRequest.skip`` of the first piece); the sink supplies the bytes before."""
 
-    def claim(self, index: int) -> bool:
+    def take(self, index: int) -> bool:
         """Take on a piece that was not requested (e.g. a mirror that ignores Range streams the
         whole file). True when the piece is still needed and is now this source's to deliver."""
 

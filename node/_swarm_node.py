@@ -1,7 +1,7 @@
 """A long-lived swarm node: store + libp2p + swarm + local control API, and fetches that use peers.
 
 ``async with open_swarm_node(config) as node:`` starts everything and stops
-it all by cancellation on exit; ``await node.hold(manifest, ...)`` fetches a
+it all by cancellation on exit; ``await node.hold(plan)`` fetches a
 manifest from peers (mirrors only for pieces no peer has) and keeps serving
 it afterwards.
 """
@@ -9,24 +9,27 @@ it afterwards.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from autoglm.node._engine import Fetch, FetchOptions, FetchResult, _collapse
+from autoglm.node._engine import Fetch, FetchResult, _collapse
 from autoglm.node._p2p import DEFAULT_LISTEN, P2PNode, open_p2p
+from autoglm.node._plan import FetchPlan
 from autoglm.node._progress import Event, FetchDone, PieceVerified, ProgressSnapshot
-from autoglm.node._swarm import Swarm, SwarmConfig, SwarmEvent
-from autoglm.node.api import Node, NodeConfig, load_manifest, open_node
+from autoglm.node.api import Node, NodeConfig, open_node
 from autoglm.node.errors import ConfigError, IntegrityError, NoSourceError
+from autoglm.node.swarm import Swarm, SwarmConfig, SwarmEvent
 from autoglm.protocol import SignedManifest, TrustPolicy, decode_signed_manifest, key_id
 from autoglm.protocol._namerecord import NameRecord, sign_name_record
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
 
 __all__ = ["JoinConfig", "SwarmNode", "fetch_with_peers", "open_swarm_node"]
 
@@ -51,6 +54,7 @@ class _Progress:
     name: str
     version: str
     out_dir: str
+    plan: dict[str, Any]
     bytes_done: int = 0
     bytes_total: int = 0
     rate: float = 0.0
@@ -68,37 +72,41 @@ class SwarmNode:
 
     async def hold(
         self,
-        manifest: SignedManifest | str | os.PathLike[str],
+        plan: FetchPlan,
         *,
-        out: str | os.PathLike[str],
-        trust: TrustPolicy,
-        mirrors: Sequence[str] = (),
-        files: Sequence[str] | None = None,
         events: trio.MemorySendChannel[Event] | None = None,
+        task_status: TaskStatus[Fetch] = trio.TASK_STATUS_IGNORED,
     ) -> FetchResult:
-        """Fetch what is missing (peers first, mirrors for the rest), then keep serving it.
+        """Fetch what the plan misses (peers first, mirrors for the rest), then keep serving it.
 
-        ``files`` limits the fetch to those paths (a variant); ``events`` gets
-        the engine's progress events and is closed at the end.
+        ``events`` gets the engine's progress events and is closed at the end;
+        ``task_status.started`` hands over the running :class:`Fetch`.
         """
         t0 = trio.current_time()
-        signed, m = await load_manifest(manifest, trust)
-        mid = signed.id
+        try:
+            signed, download = await self.node.open_download(plan)
+        except BaseException:
+            if events is not None:
+                await events.aclose()
+            raise
+        m = download.manifest
+        mid = download.manifest_id
         log.info("fetch of %s %s (%s) requested", m.name, m.version, mid.hex()[:16])
-        out_dir = await trio.to_thread.run_sync(lambda: Path(out).expanduser().resolve())
-        store = self.node.store
-        download = await trio.to_thread.run_sync(store.open_download, signed, out_dir, files)
         if self.swarm.fetching(mid):
             # One fetch per manifest at a time: peers are sources of exactly one fetch.
             await trio.to_thread.run_sync(download.close)
+            if events is not None:
+                await events.aclose()
             raise ConfigError(f"this node is already fetching {m.name} {m.version}; wait for it to finish")
-        self.swarm.hold(mid, m.piece_count, download.done, signed.encode())
-        prog = self.progress[mid] = _Progress(m.name, m.version, str(out_dir), bytes_total=download.total_bytes)
+        self.swarm.start_holding(mid, m.piece_count, download.done, signed.encode())
+        prog = self.progress[mid] = _Progress(m.name, m.version, str(download.out_dir), plan.describe(),
+                                              bytes_total=download.total_bytes)
         # Peers on a LAN deliver a piece in tens of milliseconds: an endgame
         # duplicate only for a request a second old (docs/protocol.md).
-        options = FetchOptions(mirror_overlap_budget=0, wait_for_sources=True, swarm_id=self.p2p.peer_id, endgame_delay=1.0)
+        plan = plan.with_options(mirror_overlap_budget=0, wait_for_sources=True, swarm_id=self.p2p.peer_id, endgame_delay=1.0)
         send, recv = trio.open_memory_channel[Event](256)
-        fetch = Fetch(store, download, self.node.mirror_sources(mirrors), send, options)
+        fetch = Fetch(self.node.store, download, self.node.mirror_sources(plan), send, plan.options,
+                      on_mirror_claims=lambda indices: self.swarm.post_claims(mid, indices))
         box: list[FetchResult] = []
 
         go = trio.Event()
@@ -111,6 +119,7 @@ class SwarmNode:
             # Peers first: sources known before the first request keep the
             # mirrors to pieces that no peer has.
             self.swarm.attach(mid, fetch)
+            task_status.started(fetch)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump, recv, mid, prog, events)
                 nursery.start_soon(runner)  # prepares (recovery, local copies) while peers are found
@@ -168,7 +177,7 @@ class SwarmNode:
         rec = sign_name_record(key, m.name, signed.id, m.version, m.created_at if seq is None else seq)
         if rec.public_key != signed.public_key:
             raise ConfigError("the name record key must be the key that signed the manifest")
-        self.swarm.hold(signed.id, m.piece_count, (), signed.encode())
+        self.swarm.start_holding(signed.id, m.piece_count, (), signed.encode())
         await self.p2p.put_name_record(rec)
         return rec
 
@@ -199,6 +208,7 @@ class SwarmNode:
                 "name": p.name,
                 "version": p.version,
                 "out_dir": p.out_dir,
+                "plan": p.plan,
                 "bytes_done": p.bytes_done,
                 "bytes_total": p.bytes_total,
                 "rate": round(p.rate, 1),
@@ -239,13 +249,10 @@ async def open_swarm_node(
 
 async def fetch_with_peers(
     config: JoinConfig,
-    manifest: SignedManifest | str | os.PathLike[str],
+    plan: FetchPlan,
     *,
-    out: str | os.PathLike[str],
-    trust: TrustPolicy,
-    mirrors: Sequence[str] = (),
-    files: Sequence[str] | None = None,
     events: trio.MemorySendChannel[Event] | None = None,
+    task_status: TaskStatus[Fetch] = trio.TASK_STATUS_IGNORED,
 ) -> FetchResult:
     """An ephemeral node for one fetch: joins through ``config.bootstrap``, uses peers
     and mirrors, serves while it runs, and stops when the fetch is done.
@@ -256,4 +263,4 @@ async def fetch_with_peers(
     async with open_swarm_node(
         JoinConfig(config.data_dir, config.listen, config.bootstrap, config.swarm, control_api=False)
     ) as node:
-        return await node.hold(manifest, out=out, trust=trust, mirrors=mirrors, files=files, events=events)
+        return await node.hold(plan, events=events, task_status=task_status)

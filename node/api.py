@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -21,23 +21,27 @@ from autoglm.node._engine import Fetch, FetchOptions, FetchResult
 from autoglm.node._http import open_connection, parse_url, request_target
 from autoglm.node._manifests import check_manifest, load_signed_manifest
 from autoglm.node._mirrors import USER_AGENT, MirrorConfig, MirrorSource
+from autoglm.node._plan import FetchPlan
 from autoglm.node._progress import Event
 from autoglm.node._sources import Source
-from autoglm.node._store import Store
+from autoglm.node._store import Download, Store
 from autoglm.node.errors import ConfigError, MirrorError, RemoteProtocolError
 from autoglm.protocol import Manifest, SignedManifest, TrustPolicy, decode_signed_manifest
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-__all__ = ["FetchOptions", "FetchResult", "Node", "NodeConfig", "fetch", "load_manifest", "open_node"]
+__all__ = ["FetchOptions", "FetchPlan", "FetchResult", "Node", "NodeConfig", "fetch", "load_manifest", "open_node"]
 
 MAX_MANIFEST = 128 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
-    """Where the node keeps its state. ``data_dir=None``: $AUTOGLM_NODE_HOME or the platform default."""
+    """Where the node keeps its state. ``data_dir=None``: $AUTOGLM_NODE_HOME or the platform default.
+
+    ``mirror`` is the mirror configuration of plans built by :meth:`Node.plan`.
+    """
 
     data_dir: Path | None = None
     mirror: MirrorConfig = field(default_factory=MirrorConfig)
@@ -87,47 +91,66 @@ class Node:
         self.store = store
         self.config = config
 
-    def mirror_sources(self, mirrors: Sequence[str], headers: Mapping[str, Mapping[str, str]] | None = None) -> list[MirrorSource]:
+    def mirror_sources(self, plan: FetchPlan) -> list[MirrorSource]:
+        """The plan's mirrors as sources, sharing their connections' scores (one group)."""
         group: list[MirrorSource] = []
-        for url in mirrors:
-            h = (headers or {}).get(url) or (headers or {}).get(url.rstrip("/")) or {}
-            MirrorSource(url, headers=h, config=self.config.mirror, peers=group)
+        for url in plan.mirrors:
+            MirrorSource(url, headers=plan.headers_for(url), config=plan.mirror, peers=group)
         return group
 
-    async def run_fetch(
+    def plan(
         self,
         manifest: SignedManifest | str | os.PathLike[str],
         *,
         out: str | os.PathLike[str],
         trust: TrustPolicy,
         mirrors: Sequence[str] = (),
+        headers: Mapping[str, str] | None = None,
         mirror_headers: Mapping[str, Mapping[str, str]] | None = None,
+        mirror: MirrorConfig | None = None,
         files: Iterable[str] | None = None,
+        options: FetchOptions | None = None,
+    ) -> FetchPlan:
+        """A :class:`FetchPlan` from keyword arguments; ``mirror`` defaults to this node's config."""
+        return FetchPlan(
+            manifest if isinstance(manifest, SignedManifest) else os.fspath(manifest), Path(out), trust,
+            mirrors=tuple(mirrors), headers=headers or {}, mirror_headers=mirror_headers or {},
+            mirror=mirror or self.config.mirror, options=options or FetchOptions(),
+            files=None if files is None else tuple(files),
+        )
+
+    async def run_fetch(
+        self,
+        plan: FetchPlan,
+        *,
         sources: Iterable[Source] = (),
         events: trio.MemorySendChannel[Event] | None = None,
-        options: FetchOptions | None = None,
         task_status: TaskStatus[Fetch] = trio.TASK_STATUS_IGNORED,
     ) -> FetchResult:
-        """Verify the manifest, then fetch its files (or ``files``) into ``out``.
+        """Verify the plan's manifest, then fetch its files into ``plan.out`` (mirrors and ``sources``).
 
         ``task_status.started`` hands over the running :class:`Fetch` (to add
         peer sources while it runs). ``events`` is closed at the end.
         """
         try:
-            signed, _ = await load_manifest(manifest, trust)
-            out_dir = await trio.to_thread.run_sync(lambda: Path(out).expanduser().resolve())
-            download = await trio.to_thread.run_sync(self.store.open_download, signed, out_dir, files)
-            srcs: list[Source] = list(self.mirror_sources(mirrors, mirror_headers))
-            srcs += list(sources)
-            fetch = Fetch(self.store, download, srcs, events, options)
+            _, download = await self.open_download(plan)
+            srcs: list[Source] = [*self.mirror_sources(plan), *sources]
+            fetch = Fetch(self.store, download, srcs, events, plan.options)
             return await fetch.run(task_status=task_status)
         finally:
             if events is not None:
                 await events.aclose()
 
-    async def fetch(self, manifest: SignedManifest | str | os.PathLike[str], **kwargs: object) -> FetchResult:
-        """Same as :meth:`run_fetch`, for callers that do not need the running handle."""
-        return await self.run_fetch(manifest, **kwargs)  # type: ignore[arg-type]
+    async def open_download(self, plan: FetchPlan) -> tuple[SignedManifest, Download]:
+        """Check the plan's manifest (signature, trust) and open its download in the store."""
+        signed, _ = await load_manifest(plan.manifest, plan.trust, plan.headers)
+        out_dir = await trio.to_thread.run_sync(lambda: plan.out.expanduser().resolve())
+        return signed, await trio.to_thread.run_sync(self.store.open_download, signed, out_dir, plan.files)
+
+    async def fetch(self, manifest: SignedManifest | str | os.PathLike[str], **kwargs: Any) -> FetchResult:
+        """Fetch with a plan built from keyword arguments (see :meth:`plan`; also ``sources``, ``events``)."""
+        run_kw = {k: kwargs.pop(k) for k in ("sources", "events") if k in kwargs}
+        return await self.run_fetch(self.plan(manifest, **kwargs), **run_kw)
 
 
 @asynccontextmanager
@@ -158,6 +181,6 @@ def fetch(
 
     async def main() -> FetchResult:
         async with open_node(NodeConfig(Path(data_dir) if data_dir else None)) as node:
-            return await node.run_fetch(manifest, out=out, trust=trust, mirrors=mirrors, files=files, options=options)
+            return await node.fetch(manifest, out=out, trust=trust, mirrors=mirrors, files=files, options=options)
 
     return trio.run(main)

@@ -12,6 +12,7 @@ from autoglm.protocol import (
     SignatureError,
     TrustError,
 )
+from autoglm.protocol._errors import SandboxError
 
 __all__ = [
     "AutoglmError",
@@ -50,10 +51,6 @@ class MirrorError(SourceError):
 
 class NoSourceError(SourceError):
     """No reachable source can provide the missing pieces."""
-
-
-class SandboxError(AutoglmError):
-    """The verification sandbox itself failed (bad module, pin mismatch, host error)."""
 
 
 class VerificationRefused(AutoglmError):

@@ -32,6 +32,7 @@ has been silent for ``keepalive_interval`` sends a Keepalive; a peer silent for
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -56,6 +57,7 @@ __all__ = [
     "Hello",
     "Interested",
     "Keepalive",
+    "MESSAGES",
     "ManifestData",
     "ManifestState",
     "NotInterested",
@@ -255,61 +257,11 @@ TRANSITIONS: Final[dict[tuple[Phase, type], Phase]] = {
     **{(p, Close): Phase.CLOSED for p in _OPEN},
 }
 
-# Wire codes; never reuse a number.
-_CODES: Final[dict[type, int]] = {
-    Hello: 1,
-    Announce: 2,
-    Have: 3,
-    Interested: 4,
-    NotInterested: 5,
-    Choke: 6,
-    Unchoke: 7,
-    Keepalive: 8,
-    TokenRequest: 9,
-    Token: 10,
-    Close: 11,
-    GetManifest: 12,
-    ManifestData: 13,
-    Peers: 14,
-    Claim: 15,
-}
-
-
-def _state_value(s: ManifestState) -> list[Any]:
-    return [s.manifest_id, s.piece_count, s.bitfield]
-
-
-def _to_value(msg: ControlMessage) -> list[Any]:
-    code = _CODES[type(msg)]
-    match msg:
-        case Hello():
-            ep = None if msg.endpoint is None else [msg.endpoint.host, msg.endpoint.port]
-            return [code, msg.version, [_state_value(s) for s in msg.manifests], ep, msg.token]
-        case Announce():
-            return [code, _state_value(msg.state)]
-        case Have():
-            return [code, msg.manifest_id, msg.index]
-        case Interested() | NotInterested():
-            return [code, msg.manifest_id]
-        case Token():
-            return [code, msg.token]
-        case GetManifest():
-            return [code, msg.manifest_id]
-        case ManifestData():
-            return [code, msg.manifest_id, msg.envelope]
-        case Peers():
-            return [code, msg.manifest_id, [[p.peer_id, list(p.addrs)] for p in msg.peers]]
-        case Claim():
-            return [code, msg.manifest_id, list(msg.indices)]
-        case Close():
-            return [code, msg.reason]
-        case _:
-            return [code]
-
-
-def encode_control(msg: ControlMessage) -> bytes:
-    """One framed control message."""
-    return encode_frame(encode_frame_payload(_to_value(msg)), MAX_CONTROL_FRAME)
+# -- wire form ---------------------------------------------------------------
+# A message is the array [code, field, ...]. One table holds every message:
+# its code, its class and its fields in wire order, each with an encoder and
+# a decoder that validates (RemoteProtocolError). A code missing from the
+# table is a protocol error, never a default message.
 
 
 def _int(v: Any, lo: int, hi: int, what: str) -> int:
@@ -336,6 +288,19 @@ def _state(v: Any) -> ManifestState:
     return ManifestState(mid, n, v[2])
 
 
+def _state_value(s: ManifestState) -> list[Any]:
+    return [s.manifest_id, s.piece_count, s.bitfield]
+
+
+def _states(v: Any) -> tuple[ManifestState, ...]:
+    if not isinstance(v, list):
+        raise RemoteProtocolError("hello manifests must be an array")
+    states = tuple(_state(s) for s in v)
+    if len({s.manifest_id for s in states}) != len(states):
+        raise RemoteProtocolError("hello lists a manifest twice")
+    return states
+
+
 def _endpoint(v: Any) -> Endpoint | None:
     if v is None:
         return None
@@ -358,57 +323,87 @@ def _peer_info(v: Any) -> PeerInfo:
     return PeerInfo(_text(v[0], MAX_PEER_ID, "peer id"), tuple(_text(a, MAX_ADDR, "multiaddr") for a in v[1]))
 
 
+def _peer_infos(v: Any) -> tuple[PeerInfo, ...]:
+    if not isinstance(v, list) or len(v) > MAX_PEX_PEERS:
+        raise RemoteProtocolError(f"peers must be an array of at most {MAX_PEX_PEERS}")
+    return tuple(_peer_info(p) for p in v)
+
+
+def _indices(v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_CLAIM:
+        raise RemoteProtocolError(f"claimed pieces must be an array of 1..{MAX_CLAIM}")
+    return tuple(_int(i, 0, MAX_PIECES - 1, "piece index") for i in v)
+
+
+def _reason(v: Any) -> str:
+    if not isinstance(v, str):
+        raise RemoteProtocolError("close reason must be text")
+    return v[:200]
+
+
+def _same(v: Any) -> Any:
+    return v
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """One field of a message: its attribute, how it goes on the wire, how it comes off (validated)."""
+
+    name: str
+    decode: Callable[[Any], Any]
+    encode: Callable[[Any], Any] = _same
+
+
+_MID = _Field("manifest_id", _mid)
+_TOKEN = _Field("token", lambda v: _bin(v, TOKEN_MIN, TOKEN_MAX, "token"))
+
+#: Wire code -> (message class, fields in wire order). Never reuse a number.
+MESSAGES: Final[dict[int, tuple[type[ControlMessage], tuple[_Field, ...]]]] = {
+    1: (Hello, (
+        _Field("version", lambda v: _int(v, 0, 2**32, "version")),
+        _Field("manifests", _states, lambda ms: [_state_value(s) for s in ms]),
+        _Field("endpoint", _endpoint, lambda ep: None if ep is None else [ep.host, ep.port]),
+        _TOKEN,
+    )),
+    2: (Announce, (_Field("state", _state, _state_value),)),
+    3: (Have, (_MID, _Field("index", lambda v: _int(v, 0, MAX_PIECES - 1, "piece index")))),
+    4: (Interested, (_MID,)),
+    5: (NotInterested, (_MID,)),
+    6: (Choke, ()),
+    7: (Unchoke, ()),
+    8: (Keepalive, ()),
+    9: (TokenRequest, ()),
+    10: (Token, (_TOKEN,)),
+    11: (Close, (_Field("reason", _reason),)),
+    12: (GetManifest, (_MID,)),
+    13: (ManifestData, (_MID, _Field("envelope", lambda v: _bin(v, 0, MAX_ENVELOPE, "manifest envelope")))),
+    14: (Peers, (_MID, _Field("peers", _peer_infos, lambda ps: [[p.peer_id, list(p.addrs)] for p in ps]))),
+    15: (Claim, (_MID, _Field("indices", _indices, list))),
+}
+_CODE_OF: Final[dict[type, int]] = {cls: code for code, (cls, _) in MESSAGES.items()}
+
+
+def _to_value(msg: ControlMessage) -> list[Any]:
+    code = _CODE_OF[type(msg)]
+    return [code, *(f.encode(getattr(msg, f.name)) for f in MESSAGES[code][1])]
+
+
+def encode_control(msg: ControlMessage) -> bytes:
+    """One framed control message."""
+    return encode_frame(encode_frame_payload(_to_value(msg)), MAX_CONTROL_FRAME)
+
+
 def _from_value(v: Any) -> ControlMessage:
     if not isinstance(v, list) or not v:
         raise RemoteProtocolError("control message must be a non-empty array")
     code, args = v[0], v[1:]
-    arity = {1: 4, 2: 1, 3: 2, 4: 1, 5: 1, 6: 0, 7: 0, 8: 0, 9: 0, 10: 1, 11: 1, 12: 1, 13: 2, 14: 2, 15: 2}
-    if not isinstance(code, int) or isinstance(code, bool) or code not in arity:
+    entry = MESSAGES.get(code) if isinstance(code, int) and not isinstance(code, bool) else None
+    if entry is None:
         raise RemoteProtocolError(f"unknown control message type {code!r}")
-    if len(args) != arity[code]:
-        raise RemoteProtocolError(f"control message {code} has {len(args)} fields, not {arity[code]}")
-    match code:
-        case 1:
-            if not isinstance(args[1], list):
-                raise RemoteProtocolError("hello manifests must be an array")
-            states = tuple(_state(s) for s in args[1])
-            if len({s.manifest_id for s in states}) != len(states):
-                raise RemoteProtocolError("hello lists a manifest twice")
-            return Hello(states, _endpoint(args[2]), _bin(args[3], TOKEN_MIN, TOKEN_MAX, "token"), _int(args[0], 0, 2**32, "version"))
-        case 2:
-            return Announce(_state(args[0]))
-        case 3:
-            return Have(_mid(args[0]), _int(args[1], 0, MAX_PIECES - 1, "piece index"))
-        case 4:
-            return Interested(_mid(args[0]))
-        case 5:
-            return NotInterested(_mid(args[0]))
-        case 6:
-            return Choke()
-        case 7:
-            return Unchoke()
-        case 8:
-            return Keepalive()
-        case 9:
-            return TokenRequest()
-        case 10:
-            return Token(_bin(args[0], TOKEN_MIN, TOKEN_MAX, "token"))
-        case 12:
-            return GetManifest(_mid(args[0]))
-        case 13:
-            return ManifestData(_mid(args[0]), _bin(args[1], 0, MAX_ENVELOPE, "manifest envelope"))
-        case 14:
-            if not isinstance(args[1], list) or len(args[1]) > MAX_PEX_PEERS:
-                raise RemoteProtocolError(f"peers must be an array of at most {MAX_PEX_PEERS}")
-            return Peers(_mid(args[0]), tuple(_peer_info(p) for p in args[1]))
-        case 15:
-            if not isinstance(args[1], list) or not 1 <= len(args[1]) <= MAX_CLAIM:
-                raise RemoteProtocolError(f"claimed pieces must be an array of 1..{MAX_CLAIM}")
-            return Claim(_mid(args[0]), tuple(_int(i, 0, MAX_PIECES - 1, "piece index") for i in args[1]))
-        case _:
-            if not isinstance(args[0], str):
-                raise RemoteProtocolError("close reason must be text")
-            return Close(args[0][:200])
+    cls, fields = entry
+    if len(args) != len(fields):
+        raise RemoteProtocolError(f"control message {code} has {len(args)} fields, not {len(fields)}")
+    return cls(**{f.name: f.decode(a) for f, a in zip(fields, args, strict=True)})
 
 
 def decode_control(payload: bytes) -> ControlMessage:

@@ -13,6 +13,7 @@ __all__ = [
     "LocalProtocolError",
     "ProtocolError",
     "RemoteProtocolError",
+    "SandboxError",
     "SignatureError",
     "TrustError",
 ]
@@ -52,3 +53,7 @@ class SignatureError(IntegrityError):
 
 class TrustError(AutoglmError):
     """The signature is valid but the signer is not trusted for this use."""
+
+
+class SandboxError(AutoglmError):
+    """The verification sandbox itself failed (bad module, pin mismatch, host error)."""

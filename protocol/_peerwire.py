@@ -69,7 +69,7 @@ class RejectReason(enum.IntEnum):
     NOT_HAVE = 2
     CHOKED = 3
     UNKNOWN_MANIFEST = 4
-    BUSY = 5
+    # 5 is reserved (it was BUSY, which no node ever sent): never reuse it.
     BANNED = 6
     CANCELLED = 7
 

@@ -8,7 +8,7 @@ Every wanted piece is in one state:
       ^                |                     |
       +--- failed / cancelled (no requester left) / lost ----+
 
-WRITING means "hash matched, bytes handed to the store, not yet durable".
+WRITING means "hash matched, bytes handed to the store, commit pending".
 Only DONE counts as verified; a WRITING piece whose commit fails goes back to
 NONE via :meth:`PiecePicker.piece_lost`.
 
@@ -18,6 +18,8 @@ mirrors (every piece) or local copies (a fixed set). The rules, in order:
 1. A source is never asked for a piece whose bytes it already got wrong
    (integrity failure): that is permanent for the (source, piece) pair.
 2. Peers pick rarest first: fewest peers holding the piece, ties by index.
+   Wanted NONE pieces sit in availability buckets (peer count -> pieces), so
+   a pick looks at the rarest bucket first instead of sorting every piece.
 3. Mirrors only take pieces no known peer holds (back to source), except that
    ``mirror_overlap_budget`` pieces held by some peer may still come from a
    mirror (``None``: unlimited; the swarm uses 0 to keep origin egress low).
@@ -29,24 +31,10 @@ mirrors (every piece) or local copies (a fixed set). The rules, in order:
    is ``endgame_delay`` old (a swarm on a LAN gets a piece from a peer in tens
    of milliseconds; duplicating it at once only doubles the work of the last
    pieces on every node).
-5. A per-source cap on pieces in flight (``max_in_flight``) is enforced here.
-6. First-copy spreading (swarm fetches, ``me`` set): every piece has an
-   *owner* among this node and the peers that fetch the same manifest,
-   chosen by rendezvous hashing with bounded loads (the id with the highest
-   ``blake2b(id, index)`` among those that own fewer than
-   ``ceil(pieces / nodes)`` of the lower-indexed pieces). A mirror takes a piece no peer holds only when
-   this node owns it, or when its owner has sent no HAVE for
-   ``owner_timeout`` (slow or stuck: back to source). So N nodes started
-   together each pull about 1/N of the model from the mirror and trade the
-   rest. Rendezvous hashing keeps ownership mostly stable: a peer that leaves
-   or joins moves little more than its own share. :meth:`next_deadline` says when a stale
-   owner's pieces become pickable, so the caller knows when to pick again.
-   A peer that says it asked a mirror for a piece (:meth:`peer_claims`, the
-   swarm's ``Claim``) owns that piece from then on, whoever owned it by
-   hashing: nodes that started before they knew of each other do not both
-   bring the same first copy in. A claim lasts while its peer is a member
-   and not stale; only a Have counts as progress, so claims alone cannot
-   keep the mirror from a piece.
+5. First-copy spreading (swarm fetches, ``me`` set): a mirror takes a piece
+   only when protocol/_ownership.py says this node owns it or its owner is
+   stale. :meth:`next_deadline` says when a stale owner's pieces become
+   pickable, so the caller knows when to pick again.
 
 Time is a parameter: ``pick(..., now)`` records the request time so endgame
 duplicates the piece that has waited longest.
@@ -55,32 +43,38 @@ duplicates the piece that has waited longest.
 from __future__ import annotations
 
 import enum
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["PEER", "MIRROR", "LOCAL", "PieceState", "PiecePicker"]
+from ._ownership import MAX_PEER_CLAIMS, FirstCopy
 
-PEER = "peer"
-MIRROR = "mirror"
-LOCAL = "local"
-_KINDS = (PEER, MIRROR, LOCAL)
-MAX_PEER_CLAIMS = 64  # outstanding claims honoured per swarm peer
-_SMALL_PIECE = 1 << 20  # pieces below this go first in a swarm fetch's mirror order
+__all__ = ["LOCAL", "MAX_PEER_CLAIMS", "MIRROR", "PEER", "PieceState", "PiecePicker", "SourceKind"]
+
+
+class SourceKind(enum.Enum):
+    """Where bytes come from. The picker prefers PEER to MIRROR; LOCAL is a copy from disk."""
+
+    PEER = "peer"
+    MIRROR = "mirror"
+    LOCAL = "local"
+
+
+PEER = SourceKind.PEER
+MIRROR = SourceKind.MIRROR
+LOCAL = SourceKind.LOCAL
 
 
 class PieceState(enum.IntEnum):
     NONE = 0
     REQUESTED = 1
-    WRITING = 2
+    WRITING = 2  # the hash matched and the bytes are with the store: commit pending
     DONE = 3
 
 
 @dataclass(slots=True)
 class _Source:
-    kind: str
+    kind: SourceKind
     have: set[int] | None  # None: every piece
-    max_in_flight: int | None
     failed: set[int] = field(default_factory=set)
     in_flight: set[int] = field(default_factory=set)
 
@@ -115,6 +109,10 @@ class PiecePicker:
         for i in have:
             self._state[i] = PieceState.DONE
         self._peer_count = [0] * n
+        # Availability buckets: peer count -> the wanted NONE pieces with that count.
+        self._buckets: dict[int, set[int]] = {}
+        self._bulk = max(n // 16, 64)  # more changes than this at once: rebuild the buckets
+        self._rebuild_buckets()
         self._requested_by: dict[int, set[str]] = {}
         self._requested_at: dict[int, float] = {}
         self._sources: dict[str, _Source] = {}
@@ -122,22 +120,9 @@ class PiecePicker:
         self._endgame_delay = endgame_delay
         self._overlap_budget = mirror_overlap_budget
         self._remaining = sum(1 for i in range(n) if self._wanted[i] and self._state[i] != PieceState.DONE)
-        # First-copy spreading: None means every piece is ours to fetch.
-        self._me = me
-        self._owner_timeout = owner_timeout
-        self._owner: list[str] | None = None if me is None else [me] * n
-        self._seen: dict[str, float] = {}  # swarm peer -> time of its last sign of progress
-        self._claimed: dict[int, str] = {}  # piece -> swarm peer that asked a mirror for it
-        self._ranks: dict[str, list[int]] = {} if me is None else {me: _ranks(me, n)}
-        # Where a mirror run starts: in index order, or, spreading, small pieces
-        # first (config and tokenizer files: one round trip each, which must
-        # not be left for the end) and then our own pieces by rank (highest
-        # first): nodes that start before they know of each other begin with
-        # different pieces, the ones each is most likely to own once they do.
-        ranks = self._ranks.get(me or "", [])
-        self._run_order = (
-            list(range(n)) if me is None else sorted(range(n), key=lambda i: (self._sizes[i] >= _SMALL_PIECE, -ranks[i]))
-        )
+        #: First-copy spreading (None: every piece is ours to fetch).
+        self.first_copy = None if me is None else FirstCopy(me, self._sizes, owner_timeout)
+        self._run_order = list(range(n)) if self.first_copy is None else self.first_copy.run_order
 
     # -- queries ---------------------------------------------------------
     @property
@@ -187,10 +172,10 @@ class PiecePicker:
         """Mirror runs never continue into these pieces (a piece resumed mid-way starts its own run)."""
         self._file_starts.update(indices)
 
-    # -- first-copy spreading ----------------------------------------------
+    # -- first-copy spreading (protocol/_ownership.py) ----------------------
     def owner(self, index: int) -> str | None:
         """Which node should bring ``index`` into the swarm from a mirror (None: no spreading)."""
-        return None if self._owner is None else self._claimed.get(index, self._owner[index])
+        return None if self.first_copy is None else self.first_copy.owner(index)
 
     def set_swarm(self, peers: Iterable[str], now: float, complete: Iterable[str] = ()) -> bool:
         """The other nodes holding this manifest now (swarm peer ids, not source ids).
@@ -199,112 +184,56 @@ class PiecePicker:
         from them (or whoever they served) once they unchoke us; a complete
         peer that chokes us for ``owner_timeout`` goes stale like any other
         owner (it sends no Have), so a peer that claims everything and serves
-        nothing cannot keep the mirror from its share. Recomputes ownership; returns True when some
-        piece changed owner. A newly seen peer counts as making progress
-        from ``now``.
+        nothing cannot keep the mirror from its share. Returns True when some
+        piece changed owner.
         """
-        if self._me is None or self._owner is None:
+        if self.first_copy is None:
             return False
-        members = (set(peers) | set(complete)) - {self._me}
-        n = len(self._sizes)
-        for p in members:
-            if p not in self._ranks:
-                self._ranks[p] = _ranks(p, n)
-            self._seen.setdefault(p, now)
-        for p in [p for p in self._ranks if p != self._me and p not in members]:
-            del self._ranks[p]
-            self._seen.pop(p, None)
-        self._claimed = {i: p for i, p in self._claimed.items() if p in members or p == self._me}
-        # Bounded loads: each node owns at most ceil(n / members) pieces, so
-        # the shares come out even (plain rendezvous leaves some nodes with
-        # twice the mean and the last of them alone on the mirror).
-        cols = list(self._ranks.items())
-        cap = -(-n // len(cols))
-        load = dict.fromkeys(self._ranks, 0)
-        owner = []
-        for i in range(n):
-            o = max((c for c in cols if load[c[0]] < cap), key=lambda c: (c[1][i], c[0]))[0]
-            load[o] += 1
-            owner.append(o)
-        changed = owner != self._owner
-        self._owner = owner
-        return changed
+        return self.first_copy.set_members([*peers, *complete], now)
 
     def peer_claims(self, peer: str, indices: Iterable[int]) -> bool:
-        """A swarm peer asked a mirror for these pieces: each is its own from now on.
-
-        Ignored for non-members, for pieces out of range, for pieces that
-        are DONE here and beyond ``MAX_PEER_CLAIMS`` outstanding claims per
-        peer (an honest node has a few mirror requests in flight; a liar
-        must not hold the whole model back). Returns True when some piece
-        changed owner.
-        """
-        me = self._me
-        if self._owner is None or me is None or peer == me or peer not in self._ranks:
+        """A swarm peer asked a mirror for these pieces (see FirstCopy.peer_claims)."""
+        if self.first_copy is None:
             return False
-        changed = False
-        held = sum(1 for p in self._claimed.values() if p == peer)
-        for i in indices:
-            if not 0 <= i < len(self._sizes) or self._state[i] == PieceState.DONE:
-                continue
-            if held >= MAX_PEER_CLAIMS:
-                break
-            cur = self._claimed.get(i)
-            if cur == peer:
-                continue
-            if cur == me and self._state[i] != PieceState.NONE and me < peer:
-                continue  # both asked a mirror for it: the smaller id keeps it, on both sides
-            self._claimed[i] = peer
-            held += 1
-            changed = True
-        return changed
+        return self.first_copy.peer_claims(
+            peer, indices, done=lambda i: self._state[i] == PieceState.DONE,
+            requested=lambda i: self._state[i] != PieceState.NONE,
+        )
 
     def my_claims(self) -> list[int]:
         """Pieces this node asked a mirror for and has not yet finished (what a new member must hear)."""
-        return sorted(i for i, p in self._claimed.items() if p == self._me and self._state[i] != PieceState.DONE)
+        if self.first_copy is None:
+            return []
+        return self.first_copy.my_claims(lambda i: self._state[i] == PieceState.DONE)
 
     def peer_progress(self, peer: str, now: float) -> None:
         """A swarm peer showed progress (a HAVE): its pieces stay its own a while longer."""
-        if peer in self._seen:
-            self._seen[peer] = now
+        if self.first_copy is not None:
+            self.first_copy.progress(peer, now)
 
     def mirror_may_take(self, index: int, now: float) -> bool:
         """Whether the first-copy rule lets a mirror fetch ``index`` now (peer holdings aside)."""
-        if self._owner is None:
-            return True
-        o = self._claimed.get(index, self._owner[index])
-        if o == self._me:
-            return True
-        seen = self._seen.get(o)
-        return seen is None or now - seen >= self._owner_timeout
+        return self.first_copy is None or self.first_copy.mirror_may_take(index, now)
 
     def next_deadline(self) -> float | None:
         """When picking again may give more: a stale owner's pieces free up, or an endgame duplicate is due."""
         times: list[float] = []
         if self._endgame_delay > 0 and self._in_endgame():
             times += [t + self._endgame_delay for i, t in self._requested_at.items() if self._state[i] == PieceState.REQUESTED]
-        if self._owner is not None:
-            owners = {
-                self._claimed.get(i, self._owner[i])
-                for i in range(len(self._sizes))
-                if self._wanted[i] and self._state[i] == PieceState.NONE
-            }
-            times += [self._seen[o] + self._owner_timeout for o in owners if o in self._seen]
+        if self.first_copy is not None:
+            times += self.first_copy.deadlines(i for b in self._buckets.values() for i in b)
         return min(times, default=None)
 
     # -- sources ---------------------------------------------------------
-    def add_source(
-        self, source_id: str, kind: str, have: Iterable[int] | None = None, max_in_flight: int | None = None
-    ) -> None:
-        if kind not in _KINDS:
+    def add_source(self, source_id: str, kind: SourceKind, have: Iterable[int] | None = None) -> None:
+        if not isinstance(kind, SourceKind):
             raise ValueError(f"unknown source kind {kind!r}")
         if source_id in self._sources:
             raise ValueError(f"source {source_id!r} already added")
-        src = _Source(kind, None if have is None else set(have), max_in_flight)
+        src = _Source(kind, None if have is None else set(have))
         self._sources[source_id] = src
-        if kind == PEER and src.have is not None:
-            for i in src.have:
-                self._peer_count[i] += 1
+        if kind is PEER and src.have is not None:
+            self._recount(src.have, +1)
 
     def remove_source(self, source_id: str) -> list[int]:
         """Forget a source; returns the pieces it had in flight (released)."""
@@ -312,9 +241,8 @@ class PiecePicker:
         released = sorted(src.in_flight)
         for i in released:
             self._release(source_id, i)
-        if src.kind == PEER and src.have is not None:
-            for i in src.have:
-                self._peer_count[i] -= 1
+        if src.kind is PEER and src.have is not None:
+            self._recount(src.have, -1)
         del self._sources[source_id]
         return released
 
@@ -324,20 +252,77 @@ class PiecePicker:
         if src.have is None or index in src.have:
             return
         src.have.add(index)
-        if src.kind == PEER:
-            self._peer_count[index] += 1
+        if src.kind is PEER:
+            self._count(index, +1)
 
     def source_bitfield(self, source_id: str, indices: Iterable[int]) -> None:
         """Replace a peer's whole availability (handshake bitfield, or a peer that lost pieces)."""
         src = self._sources[source_id]
         new = set(indices)
-        if src.kind == PEER:
+        if src.kind is PEER:
             old = src.have or set()
-            for i in old - new:
-                self._peer_count[i] -= 1
-            for i in new - old:
-                self._peer_count[i] += 1
+            gone, came = old - new, new - old
+            if len(gone) + len(came) > self._bulk:
+                for i in gone:
+                    self._peer_count[i] -= 1
+                for i in came:
+                    self._peer_count[i] += 1
+                self._rebuild_buckets()
+            else:
+                self._recount(gone, -1)
+                self._recount(came, +1)
         src.have = new
+
+    # -- availability buckets ------------------------------------------------
+    def _open(self, i: int) -> bool:
+        """In a bucket: wanted and NONE."""
+        return self._wanted[i] and self._state[i] is PieceState.NONE
+
+    def _rebuild_buckets(self) -> None:
+        # After a bulk change (a peer joins, leaves or sends a whole bitfield):
+        # fresh sets, since a set that once held many pieces keeps its large
+        # table, and intersecting it would cost its old size on every pick.
+        buckets: dict[int, set[int]] = {}
+        none, state, wanted = PieceState.NONE, self._state, self._wanted
+        for i, c in enumerate(self._peer_count):
+            if state[i] is none and wanted[i]:
+                b = buckets.get(c)
+                if b is None:
+                    b = buckets[c] = set()
+                b.add(i)
+        self._buckets = buckets
+
+    def _recount(self, pieces: Iterable[int], delta: int) -> None:
+        """A peer gained (+1) or lost (-1) these pieces: one move each, or a rebuild when there are many."""
+        pieces = pieces if isinstance(pieces, set | frozenset) else set(pieces)
+        if len(pieces) > self._bulk:
+            for i in pieces:
+                self._peer_count[i] += delta
+            self._rebuild_buckets()
+        else:
+            for i in pieces:
+                self._count(i, delta)
+
+    def _count(self, i: int, delta: int) -> None:
+        c = self._peer_count[i]
+        self._peer_count[i] = c + delta
+        if self._open(i):
+            self._bucket_remove(i, c)
+            self._buckets.setdefault(c + delta, set()).add(i)
+
+    def _bucket_remove(self, i: int, c: int) -> None:
+        b = self._buckets[c]
+        b.discard(i)
+        if not b:
+            del self._buckets[c]
+
+    def _set_state(self, i: int, st: PieceState) -> None:
+        was_open = self._open(i)
+        self._state[i] = st
+        if was_open and st != PieceState.NONE:
+            self._bucket_remove(i, self._peer_count[i])
+        elif not was_open and self._open(i):
+            self._buckets.setdefault(self._peer_count[i], set()).add(i)
 
     # -- picking ---------------------------------------------------------
     def pick(self, source_id: str, max_bytes: int, now: float) -> list[int]:
@@ -347,24 +332,19 @@ class PiecePicker:
         larger than ``max_bytes``), or an empty list.
         """
         src = self._sources[source_id]
-        room = None if src.max_in_flight is None else src.max_in_flight - len(src.in_flight)
-        if room is not None and room <= 0:
-            return []
-        if src.kind == MIRROR:
+        if src.kind is MIRROR:
             picked = self._pick_run(src, max_bytes, now)
         else:
             picked = self._pick_rarest(src, max_bytes)
         if not picked and self._in_endgame():
             picked = self._pick_endgame(source_id, src, now)
-        if room is not None:
-            picked = picked[:room]
         for i in picked:
             self._mark_requested(source_id, src, i, now)
-            if src.kind == MIRROR and self._me is not None:
-                self._claimed[i] = self._me  # ours now, whatever a later membership says
+            if src.kind is MIRROR and self.first_copy is not None:
+                self.first_copy.claim_mine(i)
         return picked
 
-    def claim(self, source_id: str, index: int, now: float) -> bool:
+    def take(self, source_id: str, index: int, now: float) -> bool:
         """Mark one NONE piece REQUESTED by ``source_id`` outside :meth:`pick`.
 
         For a source that receives bytes it was not asked for (a mirror that
@@ -381,18 +361,24 @@ class PiecePicker:
         return self._wanted[i] and self._state[i] == PieceState.NONE and src.has(i) and i not in src.failed
 
     def _pick_rarest(self, src: _Source, max_bytes: int) -> list[int]:
-        pool = range(len(self._sizes)) if src.have is None else src.have
-        cands = sorted((self._peer_count[i], i) for i in pool if self._pickable(src, i))
-        return self._take_upto((i for _, i in cands), max_bytes)
-
-    def _take_upto(self, order: Iterable[int], max_bytes: int) -> list[int]:
         out: list[int] = []
         total = 0
-        for i in order:
-            if out and total + self._sizes[i] > max_bytes:
-                break
-            out.append(i)
-            total += self._sizes[i]
+        for c in sorted(self._buckets):
+            bucket = self._buckets[c]
+            cands = bucket if src.have is None else (bucket & src.have if len(bucket) > len(src.have) else src.have & bucket)
+            if src.failed:
+                cands = cands - src.failed
+            if not cands:
+                continue
+            # One piece (a peer's usual request) needs no sort.
+            order = [min(cands)] if self._sizes[min(cands)] >= max_bytes and not out else sorted(cands)
+            for i in order:
+                if out and total + self._sizes[i] > max_bytes:
+                    return out
+                out.append(i)
+                total += self._sizes[i]
+            if total >= max_bytes:
+                return out
         return out
 
     def _pick_run(self, src: _Source, max_bytes: int, now: float) -> list[int]:
@@ -401,9 +387,9 @@ class PiecePicker:
         def fresh(i: int) -> bool:
             return self._pickable(src, i) and self._peer_count[i] == 0 and self.mirror_may_take(i, now)
 
-        start = next((i for i in self._run_order if fresh(i)), None)
+        start = next((i for i in self._run_order if fresh(i)), None) if self._buckets.get(0) else None
         overlap = False
-        if start is None and (self._overlap_budget is None or self._overlap_budget > 0):
+        if start is None and (self._overlap_budget is None or self._overlap_budget > 0) and not self._in_endgame():
             start = next((i for i in self._run_order if self._pickable(src, i) and self.mirror_may_take(i, now)), None)
             overlap = True
         if start is None:
@@ -425,23 +411,23 @@ class PiecePicker:
         return run
 
     def _in_endgame(self) -> bool:
-        return all(not self._wanted[i] or s != PieceState.NONE for i, s in enumerate(self._state))
+        """No wanted piece is NONE (every bucket is empty)."""
+        return not any(self._buckets.values())
 
     def _pick_endgame(self, source_id: str, src: _Source, now: float) -> list[int]:
         cands = [
             (self._requested_at.get(i, 0.0), i)
-            for i, s in enumerate(self._state)
-            if s == PieceState.REQUESTED
-            and self._wanted[i]
+            for i in self._requested_by
+            if self._wanted[i]
             and src.has(i)
             and i not in src.failed
-            and source_id not in self._requested_by.get(i, ())
-            and len(self._requested_by.get(i, ())) < self._endgame_copies
+            and source_id not in self._requested_by[i]
+            and len(self._requested_by[i]) < self._endgame_copies
             and now - self._requested_at.get(i, 0.0) >= self._endgame_delay
         ]
-        if src.kind == MIRROR and self._overlap_budget is not None:
+        if src.kind is MIRROR and self._overlap_budget is not None:
             cands = [c for c in cands if self._peer_count[c[1]] == 0]
-        if src.kind == MIRROR:
+        if src.kind is MIRROR:
             cands = [c for c in cands if self.mirror_may_take(c[1], now)]
         return [min(cands)[1]] if cands else []
 
@@ -451,11 +437,11 @@ class PiecePicker:
             self._requested_at[i] = now
         by.add(source_id)
         src.in_flight.add(i)
-        self._state[i] = PieceState.REQUESTED
+        self._set_state(i, PieceState.REQUESTED)
 
     # -- outcomes --------------------------------------------------------
     def piece_written(self, source_id: str, index: int) -> frozenset[str]:
-        """The hash matched and the bytes went to the store (not yet durable).
+        """The hash matched and the bytes went to the store (commit pending).
 
         Returns the other sources that still have this piece requested
         (endgame duplicates); the caller may cancel those requests.
@@ -466,7 +452,7 @@ class PiecePicker:
         self._requested_by.pop(index, None)
         self._requested_at.pop(index, None)
         if self._state[index] != PieceState.DONE:
-            self._state[index] = PieceState.WRITING
+            self._set_state(index, PieceState.WRITING)
         return others
 
     def piece_done(self, index: int) -> None:
@@ -477,8 +463,9 @@ class PiecePicker:
             self._sources[sid].in_flight.discard(index)
         self._requested_by.pop(index, None)
         self._requested_at.pop(index, None)
-        self._state[index] = PieceState.DONE
-        self._claimed.pop(index, None)
+        self._set_state(index, PieceState.DONE)
+        if self.first_copy is not None:
+            self.first_copy.piece_done(index)
         if self._wanted[index]:
             self._remaining -= 1
 
@@ -487,7 +474,7 @@ class PiecePicker:
         if self._state[index] == PieceState.DONE and self._wanted[index]:
             self._remaining += 1
         if self._state[index] in (PieceState.DONE, PieceState.WRITING):
-            self._state[index] = PieceState.NONE
+            self._set_state(index, PieceState.NONE)
 
     def piece_failed(self, source_id: str, index: int, *, integrity: bool) -> None:
         """A request for ``index`` from ``source_id`` ended without the piece.
@@ -514,7 +501,7 @@ class PiecePicker:
                 del self._requested_by[index]
                 self._requested_at.pop(index, None)
                 if self._state[index] == PieceState.REQUESTED:
-                    self._state[index] = PieceState.NONE
+                    self._set_state(index, PieceState.NONE)
 
     # -- invariant -------------------------------------------------------
     def check_invariant(self) -> None:
@@ -522,7 +509,7 @@ class PiecePicker:
         n = len(self._sizes)
         counts = [0] * n
         for sid, src in self._sources.items():
-            if src.kind == PEER and src.have is not None:
+            if src.kind is PEER and src.have is not None:
                 for i in src.have:
                     counts[i] += 1
             for i in src.in_flight:
@@ -538,12 +525,6 @@ class PiecePicker:
                 assert self._requested_by.get(i), i
         remaining = sum(1 for i in range(n) if self._wanted[i] and self._state[i] != PieceState.DONE)
         assert remaining == self._remaining, (remaining, self._remaining)
-
-
-def _ranks(peer: str, n: int) -> list[int]:
-    """Rendezvous weights of ``peer`` for pieces 0..n-1 (highest weight owns the piece)."""
-    key = peer.encode()
-    return [
-        int.from_bytes(hashlib.blake2b(i.to_bytes(8, "big"), digest_size=8, key=key[:64]).digest(), "big")
-        for i in range(n)
-    ]
+        bucketed = {i: c for c, b in self._buckets.items() for i in b}
+        assert sum(len(b) for b in self._buckets.values()) == len(bucketed), "a piece in two buckets"
+        assert bucketed == {i: self._peer_count[i] for i in range(n) if self._open(i)}, "buckets drifted"

@@ -190,9 +190,6 @@ class TrustPolicy:
     intermediates: tuple[bytes, ...] = field(default=())
     root_domains: tuple[tuple[bytes, tuple[str, ...]], ...] = field(default=())
 
-    def with_keys(self, *keys: bytes) -> TrustPolicy:
-        return TrustPolicy(self.keys | set(keys), self.roots, self.spiffe_ids, self.intermediates, self.root_domains)
-
 
 def verify_manifest(signed: SignedManifest, policy: TrustPolicy, now: datetime) -> Manifest:
     """Check the signature and that the signer is trusted; return the manifest.

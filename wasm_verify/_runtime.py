@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import wasmtime
 
-from autoglm.node.errors import SandboxError
+from autoglm.protocol._errors import SandboxError
 
 __all__ = [
     "DEFAULT_LIMITS",

@@ -17,8 +17,8 @@ from ._manifest_cmds import add_trust_args, parse_size, trust_from_args
 __all__ = ["register"]
 
 if TYPE_CHECKING:
-    from autoglm.node._swarm import SwarmEvent
     from autoglm.node._swarm_node import SwarmNode
+    from autoglm.node.swarm import SwarmEvent
 
 # libp2p takes about half a second to import: the swarm modules load only
 # when `join` runs, so every other command starts fast.
@@ -79,6 +79,7 @@ def _say(args: argparse.Namespace, event: str, text: str, **fields: Any) -> None
 async def _seed(node: SwarmNode, args: argparse.Namespace, index: int, manifest: str) -> None:
     import trio
 
+    from autoglm.node._plan import FetchPlan
     from autoglm.node._progress import FetchStarted, ProgressSnapshot, SourceFailed
 
     send, recv = trio.open_memory_channel[Any](64)
@@ -98,8 +99,8 @@ async def _seed(node: SwarmNode, args: argparse.Namespace, index: int, manifest:
 
         nursery.start_soon(show)
         try:
-            result = await node.hold(manifest, out=_out_for(args, index), trust=trust_from_args(args),
-                                     mirrors=args.mirror, events=send)
+            plan = FetchPlan(manifest, _out_for(args, index), trust_from_args(args), mirrors=tuple(args.mirror))
+            result = await node.hold(plan, events=send)
         except AutoglmError as exc:
             _say(args, "seed-failed", f"[red]cannot hold {manifest}:[/] {exc}", manifest=manifest, message=str(exc))
             return
@@ -128,8 +129,8 @@ def cmd_join(args: argparse.Namespace) -> int:
     import trio
 
     from autoglm.node._engine import collapse_group
-    from autoglm.node._swarm import Announced, PeerBanned, SwarmConfig, SwarmEvent
     from autoglm.node._swarm_node import JoinConfig, open_swarm_node
+    from autoglm.node.swarm import Announced, PeerBanned, SwarmConfig, SwarmEvent
 
     host, _, port = args.peerwire.rpartition(":")
     if not host or not port.isdigit():

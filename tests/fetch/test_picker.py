@@ -22,7 +22,6 @@ def setup_picker(
     *,
     file_starts: tuple[int, ...] = (0,),
     budget: int | None = None,
-    peer_in_flight: int | None = None,
 ) -> PiecePicker:
     n = len(availability)
     have = have or "0" * n
@@ -34,7 +33,7 @@ def setup_picker(
     )
     peers = max((int(c) for c in availability), default=0)
     for p in range(peers):
-        pp.add_source(f"p{p}", PEER, [i for i, c in enumerate(availability) if int(c) > p], max_in_flight=peer_in_flight)
+        pp.add_source(f"p{p}", PEER, [i for i, c in enumerate(availability) if int(c) > p])
     pp.check_invariant()
     return pp
 
@@ -174,14 +173,6 @@ def test_endgame_duplicates_oldest_request_once() -> None:
     pp.check_invariant()
 
 
-def test_per_source_in_flight_limit() -> None:
-    pp = setup_picker("11111", peer_in_flight=2)
-    assert pp.pick("p0", 10 * SIZE, 0.0) == [0, 1]
-    assert pp.pick("p0", 10 * SIZE, 0.0) == []
-    pp.piece_written("p0", 0)
-    assert pp.pick("p0", 10 * SIZE, 0.0) == [2]
-
-
 def test_have_and_bitfield_update_counts() -> None:
     pp = setup_picker("1000")
     pp.source_have("p0", 3)
@@ -215,7 +206,7 @@ def test_wanted_subset_and_local() -> None:
 
 _SOURCES = ["m0", "m1", "p0", "p1"]
 _op = st.tuples(
-    st.sampled_from(["pick", "written", "done", "fail", "bad", "lost", "have", "bitfield", "remove", "add", "claim"]),
+    st.sampled_from(["pick", "written", "done", "fail", "bad", "lost", "have", "bitfield", "remove", "add", "take"]),
     st.sampled_from(_SOURCES),
     st.integers(0, 7),
     st.integers(1, 400),
@@ -262,8 +253,8 @@ def test_random_operations_keep_invariant(ops: list[tuple[str, str, int, int]]) 
         elif verb == "remove":
             pp.remove_source(sid)
             present.discard(sid)
-        elif verb == "claim":
-            pp.claim(sid, i, t)
+        elif verb == "take":
+            pp.take(sid, i, t)
         pp.check_invariant()
 
 

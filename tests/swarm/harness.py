@@ -140,3 +140,20 @@ def same_tree(a: Path, b: Path) -> bool:
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     return files_a == files_b and all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
+
+
+ADVERSARY = [sys.executable, str(Path(__file__).with_name("adversary.py"))]
+
+
+def start_adversary(
+    procs: list[Proc], tmp: Path, name: str, pub: dict[str, Path], mode: str, *,
+    bootstrap: list[str] = (), extra: list[str] = (),
+) -> Proc:
+    """A hostile peer (tests/swarm/adversary.py): ``corrupt`` or ``lie``, for the manifest in ``pub``."""
+    argv = [*ADVERSARY, mode, "--data-dir", str(tmp / name), "--model", str(pub["model"]), "--manifest", str(pub["manifest"])]
+    for b in bootstrap:
+        argv += ["--bootstrap", b]
+    p = Proc([*argv, *extra], name, tmp)
+    procs.append(p)
+    p.event("ready", 60)
+    return p

@@ -10,7 +10,6 @@ import pytest
 import trio
 
 from autoglm.node._peerwire import (
-    CORRUPT_ENV,
     PeerRejected,
     PieceLocation,
     connect_peerwire,
@@ -35,7 +34,7 @@ class DirLocator:
     def locate(self, manifest_id: bytes, index: int) -> PieceLocation | None:
         if manifest_id != MID or not 0 <= index < len(self.hashes):
             return None
-        return PieceLocation(str(self.path), index * PIECE, PIECE, self.hashes[index], self.trusted)
+        return PieceLocation(self.path, index * PIECE, PIECE, self.hashes[index], self.trusted)
 
 
 @dataclass
@@ -124,7 +123,7 @@ async def test_piece_of_a_file_being_moved_into_place_is_still_served(tmp_path: 
             calls.append(index)
             real = loc.locate(manifest_id, index)
             if real is None or len(calls) < 3:
-                return None if real is None else PieceLocation(str(tmp_path / "gone.part"), real.offset, real.length, real.hash)
+                return None if real is None else PieceLocation(tmp_path / "gone.part", real.offset, real.length, real.hash)
             return real
 
     with trio.fail_after(20):
@@ -166,17 +165,24 @@ async def test_rotted_piece_on_disk(tmp_path: Path, written_here: bool) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_corrupting_server_is_caught_by_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(CORRUPT_ENV, "1")
+async def test_corrupting_server_is_caught_by_hash(tmp_path: Path) -> None:
+    """A hostile server: its pieces are corrupted on disk and it calls them verified, so they go out unchecked."""
     loc, tokens = _model(tmp_path, 2), Tokens()
+    data = bytearray(loc.path.read_bytes())
+    for i in range(2):
+        data[i * PIECE] ^= 0xFF
+    bad = tmp_path / "corrupt.bin"
+    bad.write_bytes(bytes(data))
+    evil = DirLocator(bad, loc.hashes, trusted=True)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            host, port = await nursery.start(serve_peerwire, loc, tokens.redeem)
+            host, port = await nursery.start(serve_peerwire, evil, tokens.redeem)
             async with open_peerwire_connection(host, port, tokens.issue("a")) as conn:
                 for i in range(2):
-                    data = await conn.fetch(MID, i, PIECE)
+                    got = await conn.fetch(MID, i, PIECE)
+                    assert bytes(got) == bytes(data[i * PIECE : (i + 1) * PIECE])
                     with pytest.raises(IntegrityError):
-                        verify_piece(data, loc.hashes[i])
+                        verify_piece(got, loc.hashes[i])
             nursery.cancel_scope.cancel()
 
 
@@ -264,7 +270,7 @@ async def test_fetch_cancelled_mid_payload_leaves_the_connection_usable(tmp_path
 
     class BigLocator:
         def locate(self, manifest_id: bytes, index: int) -> PieceLocation | None:
-            return PieceLocation(str(path), index * big, big, hashes[index]) if index < 2 else None
+            return PieceLocation(path, index * big, big, hashes[index]) if index < 2 else None
 
     tokens, limiter = Tokens(), StallOnce()
     with trio.fail_after(20):

@@ -9,10 +9,16 @@ from typing import Any
 
 import pytest
 
-from autoglm.node._peerwire import CORRUPT_ENV
-from autoglm.node._swarm import LIE_ENV
-
-from .harness import CLI, Proc, processes, publish, same_tree, start_mirror, start_node
+from .harness import (
+    CLI,
+    Proc,
+    processes,
+    publish,
+    same_tree,
+    start_adversary,
+    start_mirror,
+    start_node,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -86,8 +92,7 @@ def test_a_third_of_the_nodes_killed_mid_transfer_the_rest_finish(tmp_path: Path
 def test_corrupting_peer_is_banned_and_nothing_bad_lands_on_disk(tmp_path: Path, pub: dict[str, Path]) -> None:
     with processes() as procs:
         url = start_mirror(procs, tmp_path, pub["model"])
-        evil = start_node(procs, tmp_path, "evil", pub, mirrors=[url], env={CORRUPT_ENV: "1"})
-        _complete(evil)
+        evil = start_adversary(procs, tmp_path, "evil", pub, "corrupt")  # every piece, every one corrupted
         boot = evil.seen[0]["addrs"][0]
         honest = start_node(procs, tmp_path, "honest", pub, bootstrap=[boot], mirrors=[url])
         _complete(honest)
@@ -109,19 +114,18 @@ def test_peer_lying_about_its_bitfield_does_not_stall_anyone(tmp_path: Path, pub
         seed = start_node(procs, tmp_path, "seed", pub, mirrors=[url])
         _complete(seed)
         boot = seed.seen[0]["addrs"][0]
-        # The liar claims every piece from the start; it has no mirror and a tiny
-        # download rate, so nearly all its claims stay false for the whole test.
-        liar = start_node(procs, tmp_path, "liar", pub, bootstrap=[boot], env={LIE_ENV: "1"}, extra=["--down-rate", "64KiB"])
+        # The liar claims every piece from the start and has none of them.
+        liar = start_adversary(procs, tmp_path, "liar", pub, "lie", bootstrap=[boot])
         # Slow enough that the liar has unchoked it long before it is done.
         victim = start_node(procs, tmp_path, "victim", pub, bootstrap=[boot], extra=["--down-rate", "4MiB"])
         res = _complete(victim, 60)
         st = _status(tmp_path, "victim")
     assert same_tree(pub["model"], tmp_path / "victim-out")
-    assert st["lost_claims"] > 0
+    assert st["lost_pieces"] > 0
     liar_bytes = res["bytes_by_source"].get(f"peer:{liar.seen[0]['peer_id']}", 0)
     assert liar_bytes < res["bytes_total"] // 4
     assert res["seconds"] < 30  # 24 MiB at 4 MiB/s is 6 s: the lies cost little
-    print(f"victim took {res['seconds']} s; the liar lost {st['lost_claims']} claimed pieces")
+    print(f"victim took {res['seconds']} s; the liar could not serve {st['lost_pieces']} pieces it advertised")
 
 
 def test_fetch_through_a_running_nodes_control_api_then_sigterm(tmp_path: Path, pub: dict[str, Path]) -> None:
@@ -196,6 +200,7 @@ async def test_ephemeral_node_fetches_from_peers(tmp_path: Path, pub: dict[str, 
     import trio
 
     from autoglm.node._keys import load_trust_policy
+    from autoglm.node._plan import FetchPlan
     from autoglm.node._swarm_node import JoinConfig, fetch_with_peers
 
     with processes() as procs:
@@ -205,7 +210,7 @@ async def test_ephemeral_node_fetches_from_peers(tmp_path: Path, pub: dict[str, 
         trust = load_trust_policy(None, [pub["key"]])
         with trio.fail_after(60):
             res = await fetch_with_peers(JoinConfig(tmp_path / "eph", bootstrap=(seed.seen[0]["addrs"][0],)),
-                                         pub["manifest"], out=tmp_path / "eph-out", trust=trust)
+                                         FetchPlan(str(pub["manifest"]), tmp_path / "eph-out", trust))
     assert set(res.bytes_by_source) == {f"peer:{seed.seen[0]['peer_id']}"}
     assert same_tree(pub["model"], tmp_path / "eph-out")
 
@@ -215,8 +220,7 @@ def test_peer_claiming_everything_but_never_unchoking_does_not_block_the_mirror(
 ) -> None:
     with processes() as procs:
         url = start_mirror(procs, tmp_path, pub["model"])
-        liar = start_node(procs, tmp_path, "liar", pub, env={LIE_ENV: "1"},
-                          extra=["--upload-slots", "0", "--down-rate", "64KiB"])
+        liar = start_adversary(procs, tmp_path, "liar", pub, "lie", extra=["--upload-slots", "0"])
         victim = start_node(procs, tmp_path, "victim", pub, bootstrap=[liar.seen[0]["addrs"][0]], mirrors=[url])
         res = _complete(victim, 60)
     assert set(res["bytes_by_source"]) == {f"mirror:{url}"}

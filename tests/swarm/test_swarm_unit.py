@@ -1,4 +1,4 @@
-"""node/_swarm pieces without processes: the choke policy and a session's timers (MockClock)."""
+"""node/swarm without processes: sessions over memory streams, timers under MockClock, dialling with fake libp2p."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from autoglm.node._store import Store
-from autoglm.node._swarm import Swarm, SwarmConfig, choose_unchoked
+from autoglm.node.swarm import Swarm, SwarmConfig
 from autoglm.protocol._control import (
     ControlConnection,
     Hello,
@@ -20,21 +20,6 @@ from autoglm.protocol._control import (
     Unchoke,
 )
 from autoglm.protocol._frames import NEED_DATA
-
-
-@pytest.mark.parametrize(
-    "interested, served, slots, expected",
-    [
-        ("abc", {}, 8, "abc"),
-        ("abc", {}, 2, "ab"),  # ties by id
-        ("abc", {"a": 10, "b": 5}, 2, "bc"),  # least served first
-        ("abcd", {"a": 1, "b": 1, "c": 0, "d": 9}, 3, "abc"),
-        ("", {}, 4, ""),
-        ("ab", {}, 0, ""),
-    ],
-)
-def test_choose_unchoked_table(interested: str, served: dict[str, int], slots: int, expected: str) -> None:
-    assert choose_unchoked(list(interested), served, slots) == set(expected)
 
 
 class MemControlStream:
@@ -67,7 +52,7 @@ async def _next(conn: ControlConnection, stream: MemControlStream) -> object:
 def _session_with_peer_b(nursery: trio.Nursery, swarm: Swarm) -> tuple[MemControlStream, ControlConnection]:
     """A session between the swarm and "peerB" (opened by peerB): the test's end of the stream and its state."""
     a, b = trio.testing.memory_stream_pair()
-    nursery.start_soon(swarm._run_session, MemControlStream(a, "peerB"), "peerB")
+    nursery.start_soon(swarm.serve_session, MemControlStream(a, "peerB"))
     return MemControlStream(b, "peerA"), ControlConnection(trio.current_time())
 
 
@@ -79,23 +64,23 @@ def swarm(tmp_path: Path) -> Swarm:
 
 async def test_session_keepalive_idle_timeout_and_unchoke(swarm: Swarm, autojump_clock: trio.testing.MockClock) -> None:
     mid = b"\x05" * 32
-    swarm.hold(mid, 4, [0, 1])
+    swarm.start_holding(mid, 4, [0, 1])
     a, b = trio.testing.memory_stream_pair()
     ours, theirs = MemControlStream(a, "peerB"), MemControlStream(b, "peerA")
     peer = ControlConnection(trio.current_time())
     async with trio.open_nursery() as nursery:
         t0 = trio.current_time()
-        nursery.start_soon(swarm._run_session, ours, "peerB")
+        nursery.start_soon(swarm.serve_session, ours)
         hello = await _next(peer, theirs)
         assert isinstance(hello, Hello)
         assert hello.manifests == (ManifestState(mid, 4, b"\xc0"),)
-        assert swarm._redeem(hello.token) is not None and swarm._redeem(hello.token) is None  # one time
+        assert swarm.serving.redeem(hello.token) is not None and swarm.serving.redeem(hello.token) is None  # one time
         await theirs.send_all(peer.send(Hello((), None, b"t" * 16), trio.current_time()))
         await theirs.send_all(peer.send(Interested(mid), trio.current_time()))
         await trio.testing.wait_all_tasks_blocked()
         swarm.rechoke()
         assert await _next(peer, theirs) == Unchoke()
-        assert "peerB" in swarm._sessions and swarm._sessions["peerB"].unchoking
+        assert "peerB" in swarm.sessions and swarm.sessions["peerB"].unchoking
         # We said nothing for 15 s: a Keepalive goes out, exactly then.
         assert await _next(peer, theirs) == Keepalive()
         assert trio.current_time() - t0 == pytest.approx(15.0)
@@ -106,7 +91,7 @@ async def test_session_keepalive_idle_timeout_and_unchoke(swarm: Swarm, autojump
                 if not data:
                     break
         assert trio.current_time() - t0 == pytest.approx(45.0)
-        assert "peerB" not in swarm._sessions
+        assert "peerB" not in swarm.sessions
 
 
 @pytest.fixture
@@ -115,26 +100,26 @@ def autojump_clock() -> trio.testing.MockClock:
 
 
 def test_pipeline_depth_follows_measured_throughput(swarm: Swarm) -> None:
-    from autoglm.node._swarm import PeerSource
+    from autoglm.node.swarm import PeerSource
 
-    class _S:  # the two attributes PeerSource reads from its session
+    class _S:  # the one attribute PeerSource reads from its session for this
         pass
 
     sess = _S()
-    sess.swarm = swarm  # type: ignore[attr-defined]
+    sess.host = swarm  # type: ignore[attr-defined]
     src = PeerSource(sess, b"\x00" * 32)  # type: ignore[arg-type]
     assert src.pipeline_depth() == swarm.config.pipeline  # nothing measured yet
     t = 0.0
     for _ in range(50):  # 8 MiB pieces every 0.1 s: 80 MiB/s -> 1 s of queue = 10 + 1
-        src._measure(8 << 20, t)
+        src.measure(8 << 20, t)
         t += 0.1
     assert src.pipeline_depth() == 11
     for _ in range(50):  # a slow peer: one piece every 2 s
-        src._measure(8 << 20, t)
+        src.measure(8 << 20, t)
         t += 2.0
     assert src.pipeline_depth() == PeerSource.MIN_DEPTH
     for _ in range(80):  # very fast: capped
-        src._measure(8 << 20, t)
+        src.measure(8 << 20, t)
         t += 0.001
     assert src.pipeline_depth() == PeerSource.MAX_DEPTH
 
@@ -159,7 +144,7 @@ async def test_hello_carries_64_manifests_and_the_rest_follow_as_announce(swarm:
 
     mids = [i.to_bytes(32, "big") for i in range(70)]
     for m in mids:
-        swarm.hold(m, 9, [1])
+        swarm.start_holding(m, 9, [1])
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             theirs, peer = _session_with_peer_b(nursery, swarm)
@@ -180,7 +165,6 @@ class RecordingFetch:
         self.progress: list[str] = []
         self.claims: list[tuple[str, list[int]]] = []  # Claims the swarm passed on
         self.mine: list[int] = []  # what mirror_claims reports
-        self.claim_listener: Any = None
 
     def add_source(self, source: object) -> None:
         pass
@@ -213,11 +197,10 @@ async def test_claims_reach_fetching_peers_both_ways(swarm: Swarm) -> None:
     from autoglm.protocol._control import Claim
 
     mid = b"\x07" * 32
-    swarm.hold(mid, 200)
+    swarm.start_holding(mid, 200)
     fetch = RecordingFetch()
     fetch.mine = list(range(70))  # more than one Claim holds
     swarm.attach(mid, fetch)
-    assert fetch.claim_listener is not None
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             theirs, peer = _session_with_peer_b(nursery, swarm)
@@ -229,7 +212,7 @@ async def test_claims_reach_fetching_peers_both_ways(swarm: Swarm) -> None:
                 if isinstance(m, Claim):
                     claims.append(m)
             assert [i for c in claims for i in c.indices] == list(range(70)) and all(c.manifest_id == mid for c in claims)
-            fetch.claim_listener([150, 151])
+            swarm.post_claims(mid, [150, 151])  # what the engine calls when it asks a mirror
             while not isinstance(m := await _next(peer, theirs), Claim):
                 pass
             assert m == Claim(mid, (150, 151))
@@ -237,7 +220,6 @@ async def test_claims_reach_fetching_peers_both_ways(swarm: Swarm) -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert fetch.claims == [("peerB", [3, 4])]
             swarm.detach(mid)
-            assert fetch.claim_listener is None
             nursery.cancel_scope.cancel()
 
 
@@ -246,7 +228,7 @@ async def test_fetchers_share_the_first_copy(swarm: Swarm) -> None:
     from autoglm.protocol._control import Have
 
     mid = b"\x07" * 32
-    swarm.hold(mid, 2)
+    swarm.start_holding(mid, 2)
     fetch = RecordingFetch()
     swarm.attach(mid, fetch)
     assert fetch.swarms == [set()]
@@ -263,12 +245,12 @@ async def test_fetchers_share_the_first_copy(swarm: Swarm) -> None:
             await theirs.send_all(peer.send(Have(mid, 1), trio.current_time()))  # now complete
             await trio.testing.wait_all_tasks_blocked()
             assert fetch.swarms[-1] == set() and fetch.complete[-1] == {"peerB"}
-            swarm._nursery = nursery
+            swarm.use_nursery(nursery)
             await theirs.aclose()
             await trio.testing.wait_all_tasks_blocked()
             # Gone: it stays a member for member_grace (a reset stream dialled again
             # must not move every owner twice), then leaves.
-            assert "peerB" not in swarm._sessions and fetch.complete[-1] == {"peerB"}
+            assert "peerB" not in swarm.sessions and fetch.complete[-1] == {"peerB"}
             await trio.sleep(swarm.config.member_grace + 0.1)
             assert fetch.swarms[-1] == set() and fetch.complete[-1] == set()
             nursery.cancel_scope.cancel()
@@ -304,12 +286,12 @@ async def test_peer_exchange_introduces_holders_to_each_other(tmp_path: Path) ->
     peers: dict[str, tuple[MemControlStream, ControlConnection]] = {}
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            swarm._nursery = nursery
+            swarm.use_nursery(nursery)
             for name, held in (("peerB", mid), ("peerC", mid), ("peerD", other)):
                 a, b = trio.testing.memory_stream_pair()
                 conn = ControlConnection(trio.current_time())
                 peers[name] = (MemControlStream(b, "peerSelf"), conn)
-                nursery.start_soon(swarm._run_session, MemControlStream(a, name), name)
+                nursery.start_soon(swarm.serve_session, MemControlStream(a, name))
                 assert isinstance(await _next(conn, peers[name][0]), Hello)
                 await peers[name][0].send_all(conn.send(Hello((ManifestState(held, 2, b"\x00"),), None, b"t" * 16), 0.0))
                 await trio.testing.wait_all_tasks_blocked()
@@ -332,14 +314,14 @@ async def test_introduced_peers_are_dialled_only_for_a_wanted_manifest(tmp_path:
     p2p = IntroP2P()
     swarm = Swarm(p2p, Store(tmp_path), SwarmConfig(intro_dial_delay=0.3))  # type: ignore[arg-type]
     mid, unwanted = b"\x0b" * 32, b"\x0c" * 32
-    swarm.hold(mid, 2)
+    swarm.start_holding(mid, 2)
     swarm.attach(mid, RecordingFetch())
     a, b = trio.testing.memory_stream_pair()
     theirs, peer = MemControlStream(b, "peerSelf"), ControlConnection(trio.current_time())
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            swarm._nursery = nursery
-            nursery.start_soon(swarm._run_session, MemControlStream(a, "peerB"), "peerB")
+            swarm.use_nursery(nursery)
+            nursery.start_soon(swarm.serve_session, MemControlStream(a, "peerB"))
             assert isinstance(await _next(peer, theirs), Hello)
             await theirs.send_all(peer.send(Hello((), None, b"t" * 16), 0.0))
             intro = (PeerInfo("peerSelf", ("/ip4/127.0.0.1/tcp/1",)), PeerInfo("peerZ", ("/ip4/127.0.0.1/tcp/2",)))
@@ -396,8 +378,8 @@ async def test_warm_sessions_connected_first_then_the_table_capped_smaller_id_fi
     swarm = Swarm(p2p, Store(tmp_path), SwarmConfig(warm_sessions=4))  # type: ignore[arg-type]
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            swarm._nursery = nursery
-            nursery.start_soon(swarm._warmer)
+            swarm.use_nursery(nursery)
+            nursery.start_soon(swarm.dialer.keep_warm)
             await trio.sleep(0.5)
             # Connected peers first; we (peerM) dial larger ids at once and leave the
             # smaller ones (peerA, peerB) 1 s to dial us first.
@@ -405,7 +387,7 @@ async def test_warm_sessions_connected_first_then_the_table_capped_smaller_id_fi
             await trio.sleep(1)
             assert sorted(p2p.dialled) == ["peerA", "peerB", "peerX1", "peerZ"]
             await trio.sleep(3)
-            assert set(swarm._sessions) == {"peerA", "peerB", "peerC", "peerZ"}  # the cap: 4
+            assert set(swarm.sessions) == {"peerA", "peerB", "peerC", "peerZ"}  # the cap: 4
             assert "peerD" not in p2p.dialled
             n = p2p.dialled.count("peerX1")
             await trio.sleep(10)
@@ -418,11 +400,11 @@ async def test_one_control_stream_open_per_peer_at_a_time(tmp_path: Path) -> Non
     swarm = Swarm(p2p, Store(tmp_path), SwarmConfig())  # type: ignore[arg-type]
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            swarm._nursery = nursery
+            swarm.use_nursery(nursery)
             async with trio.open_nursery() as dials:
                 for _ in range(3):  # a warm dial, a DHT lookup and an introduction at once
                     dials.start_soon(swarm.connect_peer, "peerB")
-            assert p2p.dialled == ["peerB"] and "peerB" in swarm._sessions
+            assert p2p.dialled == ["peerB"] and "peerB" in swarm.sessions
             nursery.cancel_scope.cancel()
 
 
@@ -465,7 +447,7 @@ async def test_a_peer_holding_our_pieces_under_another_manifest_becomes_an_alias
     envelope = sign_manifest(theirs, key).encode()
     other = sign_manifest(theirs, key).id
     mid = b"\x07" * 32
-    swarm.hold(mid, 4)
+    swarm.start_holding(mid, 4)
     fetch = AliasFetch([(h[0], 10), (h[1], 10), (h[2], 10), (h[3], 10)])
     swarm.attach(mid, fetch)
     with trio.fail_after(10):

@@ -1,0 +1,131 @@
+"""The swarm's settings, events and counters, and the two interfaces it works through.
+
+:class:`FetchHandle` is what the swarm needs of a running fetch (the engine's
+``Fetch`` implements it); :class:`PieceStore` the slice of the store it
+serves from (``node/_store.Store`` implements it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from autoglm.node._sources import Source
+from autoglm.node._store import PieceLocation
+from autoglm.protocol import Manifest
+
+__all__ = ["Announced", "FetchHandle", "PeerBanned", "PieceStore", "SwarmConfig", "SwarmEvent", "SwarmStats"]
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmConfig:
+    upload_slots: int = 8
+    rechoke_interval: float = 5.0
+    up_rate: float | None = None  # bytes/s, None: unlimited
+    down_rate: float | None = None
+    pipeline: int = 8  # requests in flight per peer
+    peerwire_host: str = "127.0.0.1"
+    peerwire_port: int = 0
+    discover_interval: float = 3.0
+    discover_fast: float = 0.25  # the discovery interval in a fetch's first discover_fast_for seconds
+    discover_fast_for: float = 10.0
+    # A holder whose session just ended stays in the first-copy membership this
+    # long: a control stream that resets and is dialled again must not move
+    # every piece's owner twice (each move costs mirror requests in flight).
+    member_grace: float = 5.0
+    # An introduced peer with a larger id waits this long for the smaller one
+    # to dial (both dialling at once costs one of the two connections).
+    intro_dial_delay: float = 1.0
+    # Idle control sessions with up to this many connected peers, fetching or
+    # not (0: sessions only for wanted manifests). A node that starts a fetch
+    # then tells its peers with one Announce on streams that already exist,
+    # instead of opening a stream (multistream negotiation, both sides dialling
+    # at once) per peer while every node of the fleet does the same.
+    warm_sessions: int = 32
+    warm_interval: float = 1.0
+    # discover_first returns once membership has been stable this long
+    # (discover_alone while no other holder is known).
+    discover_settle: float = 0.05
+    discover_alone: float = 1.0
+    reprovide_interval: float = 600.0
+    keepalive_interval: float = 15.0
+    idle_timeout: float = 45.0
+    swarm_key: bytes | None = None  # private swarm: peerwire bytes sealed with ChaCha20-Poly1305
+
+
+@dataclass(frozen=True, slots=True)
+class Announced:
+    """A provider record went into the DHT: ``kind`` is "manifest" or "file" (by SHA-256)."""
+
+    kind: str
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerBanned:
+    peer_id: str
+    manifest_id: bytes
+    reason: str
+
+
+SwarmEvent = Announced | PeerBanned
+
+
+@dataclass(slots=True)
+class SwarmStats:
+    up_bytes: int = 0
+    down_bytes: int = 0
+    bad_pieces: int = 0
+    banned: list[tuple[str, str]] = field(default_factory=list)  # (peer id, manifest id hex)
+    lost_pieces: int = 0  # pieces a peer advertised and then could not serve
+
+
+class FetchHandle(Protocol):
+    """What the swarm needs from a running fetch (the engine's ``Fetch``)."""
+
+    def add_source(self, source: Source) -> None: ...
+
+    def remove_source(self, source_id: str) -> None: ...
+
+    def source_have(self, source_id: str, index: int) -> None: ...
+
+    def source_bitfield(self, source_id: str, indices: Iterable[int]) -> None: ...
+
+    def set_swarm(self, peers: Iterable[str], complete: Iterable[str] = ()) -> None:
+        """The peers fetching this manifest, and those that hold all of it (first-copy spreading)."""
+        ...
+
+    def peer_progress(self, peer: str) -> None:
+        """``peer`` announced a new piece of this manifest."""
+        ...
+
+    def peer_claims(self, peer: str, indices: Iterable[int]) -> None:
+        """``peer`` asked a mirror for these pieces (its Claim)."""
+        ...
+
+    def mirror_claims(self) -> list[int]:
+        """The pieces this fetch asked a mirror for and has not finished."""
+        ...
+
+    def piece_keys(self) -> list[tuple[bytes, int]]:
+        """(BLAKE3 hash, length) of every piece of the manifest, in index order."""
+        ...
+
+    def file_sha256s(self) -> list[bytes]:
+        """The SHA-256 of each wanted file that still misses pieces."""
+        ...
+
+
+class PieceStore(Protocol):
+    """The slice of node/_store.Store the swarm uses (blocking: call from a worker thread)."""
+
+    def manifest_ids(self) -> list[bytes]: ...
+
+    def manifest(self, manifest_id: bytes) -> Manifest: ...
+
+    def bitfield(self, manifest_id: bytes) -> bytes: ...
+
+    def piece_location(self, manifest_id: bytes, index: int) -> PieceLocation: ...
+
+    def written_here(self, manifest_id: bytes, index: int) -> bool: ...

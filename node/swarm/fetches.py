@@ -1,0 +1,242 @@
+"""The fetches attached to the swarm, the peer sources they use, bans, first-copy membership, claims.
+
+A fetch registers with :meth:`Fetches.attach`. For every session whose peer
+holds that manifest, a :class:`PeerSource` joins the fetch while the peer
+unchokes us, and the peer's Have messages reach the fetch as availability.
+Peers that hold or fetch the manifest are the fetch's first-copy membership
+(protocol/_membership.py); the pieces a fetch asks a mirror for go to them
+as Claim messages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+import trio
+
+from autoglm.protocol._control import MAX_CLAIM, Claim, Interested, NotInterested
+from autoglm.protocol._membership import membership
+
+from .config import FetchHandle, PeerBanned, SwarmConfig, SwarmEvent, SwarmStats
+from .session import PeerSource, Session
+
+__all__ = ["Fetches"]
+
+log = logging.getLogger("autoglm.node.swarm")
+
+
+class Fetches:
+    """Running fetches by manifest id, and what the swarm feeds them."""
+
+    def __init__(
+        self,
+        sessions: Mapping[str, Session],
+        config: SwarmConfig,
+        stats: SwarmStats,
+        emit: Callable[[SwarmEvent], None],
+    ) -> None:
+        self._sessions = sessions
+        self._config = config
+        self._stats = stats
+        self._emit = emit
+        self._fetches: dict[bytes, FetchHandle] = {}
+        self.attached_at: dict[bytes, float] = {}
+        self._banned: dict[bytes, set[str]] = {}
+        # manifest -> peer -> (when its session ended, whether it was complete): see member_grace
+        self._departed: dict[bytes, dict[str, tuple[float, bool]]] = {}
+        self.nursery: trio.Nursery | None = None
+
+    # -- queries ---------------------------------------------------------------
+    def get(self, manifest_id: bytes) -> FetchHandle | None:
+        return self._fetches.get(manifest_id)
+
+    def ids(self) -> list[bytes]:
+        return list(self._fetches)
+
+    def items(self) -> list[tuple[bytes, FetchHandle]]:
+        return list(self._fetches.items())
+
+    def __contains__(self, manifest_id: object) -> bool:
+        return manifest_id in self._fetches
+
+    def __bool__(self) -> bool:
+        return bool(self._fetches)
+
+    def is_banned(self, peer_id: str, manifest_id: bytes) -> bool:
+        return peer_id in self._banned.get(manifest_id, ())
+
+    def live(self, src: PeerSource | None) -> FetchHandle | None:
+        """The fetch ``src`` is a source of, if it is attached to it now."""
+        return None if src is None or not src.attached else self._fetches.get(src.manifest_id)
+
+    # -- attach / detach -------------------------------------------------------
+    def attach(self, manifest_id: bytes, fetch: FetchHandle) -> None:
+        self._fetches[manifest_id] = fetch
+        self.attached_at[manifest_id] = trio.current_time()
+        for s in list(self._sessions.values()):
+            self.offer(s, manifest_id)
+        self.update_membership(manifest_id)
+
+    def detach(self, manifest_id: bytes) -> None:
+        self._fetches.pop(manifest_id, None)
+        self.attached_at.pop(manifest_id, None)
+        for s in list(self._sessions.values()):
+            src = s.sources.pop(manifest_id, None)
+            if src is not None:
+                src.attached = False
+                s.post(NotInterested(manifest_id))
+            for alias in s.drop_aliases(manifest_id):
+                alias.attached = False
+                s.post(NotInterested(alias.held_as))
+
+    def offer(self, s: Session, mid: bytes) -> None:
+        """``s`` may hold ``mid``: make it a source of that fetch (Interested, then in use once it unchokes us)."""
+        if mid not in self._fetches or mid in s.sources or s.bitfield(mid) is None or self.is_banned(s.peer_id, mid):
+            return
+        src = s.sources[mid] = PeerSource(s, mid)
+        log.info("peer %s holds %s", s.peer_id, mid.hex()[:16])
+        s.post(Interested(mid))
+        self.use(s, src)
+
+    def offer_alias(self, s: Session, mid: bytes, held_as: bytes, mapping: dict[int, int]) -> None:
+        """``s`` holds pieces of the fetch of ``mid`` under its manifest ``held_as`` (identical files)."""
+        src = s.aliases[held_as] = PeerSource(s, mid, (held_as, mapping))
+        log.info("peer %s holds %d pieces of %s as %s", s.peer_id, len(mapping), mid.hex()[:16], held_as.hex()[:16])
+        s.post(Interested(held_as))
+        self.use(s, src)
+
+    def use(self, s: Session, src: PeerSource) -> None:
+        """Add ``src`` to its fetch while its peer unchokes us."""
+        fetch = self._fetches.get(src.manifest_id)
+        if fetch is None or src.attached or not s.unchoking_us or self.is_banned(s.peer_id, src.manifest_id):
+            return
+        src.attached = True
+        fetch.add_source(src)
+
+    def stop_using(self, src: PeerSource) -> None:
+        fetch = self._fetches.get(src.manifest_id)
+        if src.attached and fetch is not None:
+            fetch.remove_source(src.id)
+        src.attached = False
+
+    def availability_changed(self, src: PeerSource) -> None:
+        """``src``'s peer changed what it says it has (a re-announce, a lost piece)."""
+        fetch = self.live(src)
+        if fetch is not None:
+            fetch.source_bitfield(src.id, src.availability() or ())
+
+    # -- what peers say ------------------------------------------------------------
+    def on_announce(self, s: Session, mid: bytes) -> None:
+        """``s`` announced ``mid`` (Hello or Announce): offer it as a source, or replace its bitfield."""
+        src = s.sources.get(mid)
+        fetch = self._fetches.get(mid)
+        if src is None:
+            self.offer(s, mid)
+        elif src.attached and fetch is not None:  # a re-announce replaces the bitfield
+            fetch.source_bitfield(src.id, s.bitfield(mid) or ())
+        self.update_membership(mid)
+        alias = s.aliases.get(mid)
+        if alias is not None:
+            self.availability_changed(alias)
+
+    def on_have(self, s: Session, mid: bytes, index: int) -> None:
+        """``s`` has one more piece of ``mid`` (its own, or ours under an alias)."""
+        src = s.sources.get(mid)
+        fetch = self._fetches.get(mid)
+        if fetch is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("have %d from %s", index, s.peer_id[-6:])
+        if src is not None and src.attached and fetch is not None:
+            fetch.source_have(src.id, index)
+        alias = s.aliases.get(mid)
+        alias_fetch = self.live(alias)
+        if alias is not None and alias_fetch is not None:
+            for i in alias.ours(index):
+                alias_fetch.source_have(alias.id, i)
+        bf = s.bitfield(mid)
+        if fetch is not None and bf is not None:
+            if not bf.complete:
+                fetch.peer_progress(s.peer_id)
+            else:
+                # Complete now, or claimed complete from the start: a Have from a
+                # peer that already "had" everything is no progress (a liar goes stale).
+                self.update_membership(mid)
+
+    # -- bans ------------------------------------------------------------------
+    def ban(self, peer_id: str, manifest_id: bytes, why: str) -> None:
+        """Never use nor serve ``peer_id`` for ``manifest_id`` again (this process)."""
+        banned = self._banned.setdefault(manifest_id, set())
+        if peer_id in banned:
+            return
+        banned.add(peer_id)
+        self._stats.bad_pieces += 1
+        self._stats.banned.append((peer_id, manifest_id.hex()))
+        log.warning("banned peer %s for manifest %s: %s", peer_id, manifest_id.hex()[:16], why)
+        self._emit(PeerBanned(peer_id, manifest_id, why))
+        s = self._sessions.get(peer_id)
+        if s is not None:
+            fetch = self._fetches.get(manifest_id)
+            for src in [s.sources.pop(manifest_id, None), *s.drop_aliases(manifest_id)]:
+                if src is not None and src.attached and fetch is not None and self.nursery is not None:
+                    # Removed from the next task step, so the engine first records
+                    # the failure and reports it (SourceFailed, integrity=True).
+                    self.nursery.start_soon(_remove_source, fetch, src.id)
+        self.update_membership(manifest_id)
+
+    # -- membership and claims ---------------------------------------------------
+    def update_membership(self, mid: bytes) -> None:
+        """Tell the fetch of ``mid`` which peers hold it too: fetching peers share the first copy."""
+        fetch = self._fetches.get(mid)
+        if fetch is None:
+            return
+        holders = []
+        for p, s in self._sessions.items():
+            bf = s.bitfield(mid)
+            if bf is not None and not s.closed:
+                holders.append((p, bf.complete))
+        m = membership(
+            holders, self._departed.get(mid, {}), in_session=self._sessions.keys(),
+            banned=self._banned.get(mid, ()), now=trio.current_time(), grace=self._config.member_grace,
+        )
+        self._departed[mid] = m.departed
+        fetch.set_swarm(m.peers, m.complete)
+
+    def session_ended(self, s: Session) -> bool:
+        """``s`` is gone: stop using it; holders of what we fetch stay members for the grace period.
+
+        True when it held something we fetch (dial it again).
+        """
+        for src in s.all_sources():
+            self.stop_using(src)
+        s.sources.clear()
+        s.aliases.clear()
+        now = trio.current_time()
+        redial = False
+        for mid, bf in s.manifests().items():
+            if mid in self._fetches and s.peer_id not in self._sessions:
+                redial = True
+                self._departed.setdefault(mid, {})[s.peer_id] = (now, bf.complete)
+                if self.nursery is not None:
+                    self.nursery.start_soon(self._forget_departed, mid)
+        for mid in list(self._fetches):
+            self.update_membership(mid)
+        return redial
+
+    async def _forget_departed(self, mid: bytes) -> None:
+        await trio.sleep(self._config.member_grace)
+        self.update_membership(mid)
+
+    def post_claims(self, mid: bytes, indices: Sequence[int], only: Session | None = None) -> None:
+        """Tell the peers fetching ``mid`` which pieces we just asked a mirror for (see PiecePicker.peer_claims)."""
+        if not indices:
+            return
+        for s in [only] if only is not None else list(self._sessions.values()):
+            bf = s.bitfield(mid)
+            if bf is None or bf.complete or mid not in s.announced or s.closed:
+                continue
+            for k in range(0, len(indices), MAX_CLAIM):
+                s.post(Claim(mid, tuple(indices[k : k + MAX_CLAIM])))
+
+
+async def _remove_source(fetch: FetchHandle, source_id: str) -> None:
+    fetch.remove_source(source_id)

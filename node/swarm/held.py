@@ -1,0 +1,213 @@
+"""What this node holds and serves: manifests with their verified pieces, envelopes, tokens and grants.
+
+Hello and Announce tell peers what is held; the peerwire server asks
+:meth:`Serving.redeem` for the grant a token stands for and
+:meth:`Serving.locate` where a piece lies. Only verified pieces of held
+manifests are ever located, and a choked or banned peer is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from autoglm.node._peerwire import new_token
+from autoglm.node._store import PieceLocation
+from autoglm.node.errors import AutoglmError, StorageError
+from autoglm.protocol import Manifest
+from autoglm.protocol._bitfield import Bitfield
+from autoglm.protocol._control import MAX_ENVELOPE, MAX_MANIFESTS, ManifestState
+from autoglm.protocol._peerwire import RejectReason
+
+from .config import PieceStore, SwarmStats
+
+__all__ = ["Grant", "Held", "Serving"]
+
+log = logging.getLogger("autoglm.node.swarm")
+
+_HELLO_BUDGET = 3 * 1024 * 1024  # bytes of bitfields in one Hello (frames stop at 4 MiB)
+
+
+@dataclass(slots=True)
+class _Manifest:
+    piece_count: int
+    have: Bitfield
+
+
+class Held:
+    """The manifests this node holds (fully or partly): what Hello and Announce say."""
+
+    def __init__(self, store: PieceStore) -> None:
+        self._store = store
+        self._held: dict[bytes, _Manifest] = {}
+        self.envelopes: dict[bytes, bytes] = {}  # signed manifests peers may ask for by id
+        self.changed = trio.Event()  # set when a manifest starts being held or is re-read
+
+    def _changed(self) -> None:
+        self.changed.set()
+
+    def reset_changed(self) -> None:
+        self.changed = trio.Event()
+
+    def ids(self) -> list[bytes]:
+        return list(self._held)
+
+    def __contains__(self, manifest_id: object) -> bool:
+        return manifest_id in self._held
+
+    def has(self, manifest_id: bytes, index: int) -> bool:
+        h = self._held.get(manifest_id)
+        return h is not None and index in h.have
+
+    def have(self, manifest_id: bytes) -> Bitfield | None:
+        h = self._held.get(manifest_id)
+        return None if h is None else h.have
+
+    def start_holding(self, manifest_id: bytes, piece_count: int, have: Iterable[int] = (), envelope: bytes | None = None) -> bool:
+        """Start holding a manifest; True when it is new here (then peers must hear of it)."""
+        if envelope is not None and len(envelope) <= MAX_ENVELOPE:
+            self.envelopes[manifest_id] = envelope
+        if manifest_id in self._held:
+            return False
+        self._held[manifest_id] = _Manifest(piece_count, Bitfield(piece_count, have))
+        self._changed()
+        return True
+
+    def add_piece(self, manifest_id: bytes, index: int) -> bool:
+        """A piece is verified here; True when it is news."""
+        h = self._held.get(manifest_id)
+        return h is not None and h.have.add(index)
+
+    def state(self, mid: bytes) -> ManifestState:
+        h = self._held[mid]
+        return ManifestState(mid, h.piece_count, h.have.to_bytes())
+
+    def hello_states(self) -> tuple[list[ManifestState], list[ManifestState]]:
+        """(what fits one Hello frame, what follows as Announce)."""
+        states = [self.state(m) for m in self._held]
+        first, size = 0, 0
+        while first < min(len(states), MAX_MANIFESTS) and size + len(states[first].bitfield) < _HELLO_BUDGET:
+            size += len(states[first].bitfield) + 64
+            first += 1
+        return states[:first], states[first:]
+
+    async def load(self) -> None:
+        for mid in await trio.to_thread.run_sync(self._store.manifest_ids):
+            await self.refresh(mid)
+
+    async def refresh(self, mid: bytes) -> None:
+        """Re-read a manifest's verified pieces from the store."""
+        try:
+            bits = await trio.to_thread.run_sync(self._store.bitfield, mid)
+        except AutoglmError as exc:
+            log.warning("cannot read the bitfield of %s: %s", mid.hex()[:16], exc)
+            return
+        m = self.manifest(mid)
+        n = m.piece_count if m is not None else len(bits) * 8
+        self._held[mid] = _Manifest(n, Bitfield.from_bytes(bits, n))
+        self._changed()
+
+    def manifest(self, mid: bytes) -> Manifest | None:
+        try:
+            return self._store.manifest(mid)
+        except (AutoglmError, KeyError):
+            return None
+
+    def file_hashes(self, mid: bytes) -> Sequence[bytes]:
+        m = self.manifest(mid)
+        return [f.sha256 for f in m.files] if m is not None else []
+
+    def complete_file_hashes(self, mid: bytes) -> list[bytes]:
+        """SHA-256 of each file of ``mid`` whose every piece is held."""
+        h = self._held.get(mid)
+        m = self.manifest(mid) if h is not None else None
+        if h is None or m is None:
+            return []
+        out, start = [], 0
+        for f in m.files:
+            n = len(f.pieces)
+            if all(i in h.have for i in range(start, start + n)):
+                out.append(f.sha256)
+            start += n
+        return out
+
+    def status(self) -> dict[str, dict[str, int]]:
+        return {m.hex(): {"have": len(h.have), "pieces": h.piece_count} for m, h in self._held.items()}
+
+
+class Grant:
+    """What a redeemed peerwire token stands for: one peer, asking under the swarm's rules."""
+
+    def __init__(self, serving: Serving, peer_id: str) -> None:
+        self._serving = serving
+        self.peer_id = peer_id
+
+    def check(self, manifest_id: bytes, index: int) -> RejectReason | None:
+        return self._serving.check(self.peer_id, manifest_id, index)
+
+    def served(self, manifest_id: bytes, index: int, nbytes: int) -> None:
+        self._serving.count_served(self.peer_id, nbytes)
+
+
+class Serving:
+    """One-time peerwire tokens, the rules a request is served under, and where pieces lie."""
+
+    def __init__(
+        self,
+        held: Held,
+        store: PieceStore,
+        stats: SwarmStats,
+        is_banned: Callable[[str, bytes], bool],
+        unchoked: Callable[[str], bool],
+    ) -> None:
+        self._held = held
+        self._store = store
+        self._stats = stats
+        self._is_banned = is_banned
+        self._unchoked = unchoked
+        self._tokens: dict[bytes, str] = {}
+        self.served: dict[str, int] = {}  # bytes served per peer (the choker's order)
+
+    def issue_token(self, peer_id: str) -> bytes:
+        tok = new_token()
+        self._tokens[tok] = peer_id
+        return tok
+
+    def redeem(self, token: bytes) -> Grant | None:
+        peer = self._tokens.pop(token, None)
+        return None if peer is None else Grant(self, peer)
+
+    def forget_peer(self, peer_id: str) -> None:
+        """Tokens a peer never redeemed die with its session."""
+        for tok in [t for t, p in self._tokens.items() if p == peer_id]:
+            del self._tokens[tok]
+
+    def check(self, peer_id: str, manifest_id: bytes, index: int) -> RejectReason | None:
+        if self._is_banned(peer_id, manifest_id):
+            return RejectReason.BANNED
+        if not self._unchoked(peer_id):
+            return RejectReason.CHOKED
+        if manifest_id not in self._held:
+            return RejectReason.UNKNOWN_MANIFEST
+        if not self._held.has(manifest_id, index):
+            return RejectReason.NOT_HAVE
+        return None
+
+    def count_served(self, peer_id: str, nbytes: int) -> None:
+        self._stats.up_bytes += nbytes
+        self.served[peer_id] = self.served.get(peer_id, 0) + nbytes
+
+    def locate(self, manifest_id: bytes, index: int) -> PieceLocation | None:
+        """Serve only what this node has verified: the held bitfield, then the store's location."""
+        if not self._held.has(manifest_id, index):
+            return None
+        try:
+            loc = self._store.piece_location(manifest_id, index)
+        except (StorageError, KeyError, IndexError):
+            return None
+        trusted = self._store.written_here(manifest_id, index)
+        return dataclasses.replace(loc, trusted=trusted)
