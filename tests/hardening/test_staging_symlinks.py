@@ -138,6 +138,11 @@ def test_final_files_are_regular_files_and_swaps_are_not_trusted(setup) -> None:
     assert stat.S_ISREG(os.lstat(final).st_mode)
     assert final.read_bytes() == (root / "a.bin").read_bytes()
     assert store.written_here(signed.id, 0)
+    # Keep our inode allocated so the filesystem cannot hand its number to a
+    # swapped-in file (the check is by device and inode: a reused number would
+    # pass, but such a file holds only bytes the swapper wrote, and receivers
+    # hash-check every piece).
+    ours = os.open(final, os.O_RDONLY)
     # Someone with write access to OUT swaps the finished file for a link to a secret.
     final.unlink()
     final.symlink_to(victim)
@@ -150,6 +155,7 @@ def test_final_files_are_regular_files_and_swaps_are_not_trusted(setup) -> None:
     other.write_bytes(b"x" * (3 * PIECE + 5))
     os.replace(other, final)
     assert not store.written_here(signed.id, 2)
+    os.close(ours)
 
 
 def test_store_database_is_private(tmp_path: Path) -> None:
