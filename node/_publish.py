@@ -9,6 +9,7 @@ and sets the pace. Memory is NBUF x CHUNK whatever the model size.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import os
@@ -27,17 +28,22 @@ from autoglm.protocol import (
     ConfigError,
     FileEntry,
     Manifest,
+    NeedMoreData,
     Piece,
     RemoteProtocolError,
     Requirements,
     Variant,
     check_path,
     check_unique_paths,
+    gguf_tensor_spans,
     plan_fixed,
+    plan_runs,
     plan_safetensors,
     safetensors_header_length,
     safetensors_tensor_spans,
+    zip_member_spans,
 )
+from autoglm.protocol._gguf import GGUF_MAX_HEADER
 
 __all__ = ["VariantSpec", "build_manifest", "hash_file", "list_model_files", "plan_file"]
 
@@ -80,16 +86,60 @@ def list_model_files(root: Path, exclude: Iterable[Path] = ()) -> list[str]:
 
 
 def plan_file(path: Path, size: int, max_piece: int) -> list[tuple[int, int]]:
-    """Piece spans for one file: tensor-aligned for .safetensors, fixed otherwise."""
-    if path.suffix != ".safetensors":
-        return plan_fixed(size, max_piece)
-    try:
-        with open(path, "rb") as f:
-            n = safetensors_header_length(f.read(8), size)
-            header = f.read(n)
-        return plan_safetensors(size, n, safetensors_tensor_spans(header, size), max_piece)
-    except RemoteProtocolError as exc:
-        raise ConfigError(f"{path} is not a valid safetensors file: {exc}") from exc
+    """Piece spans for one file (docs/manifest.md, "Piece planning").
+
+    Tensor-aligned for .safetensors (an invalid one is an error) and GGUF,
+    member-aligned for zip archives (PyTorch checkpoints), content-defined
+    chunks for everything else and for the bytes between tensors or members.
+    A GGUF or zip file that does not parse is planned as generic bytes.
+    """
+    if path.suffix == ".safetensors":
+        try:
+            with open(path, "rb") as f:
+                n = safetensors_header_length(f.read(8), size)
+                header = f.read(n)
+            return plan_safetensors(size, n, safetensors_tensor_spans(header, size), max_piece)
+        except RemoteProtocolError as exc:
+            raise ConfigError(f"{path} is not a valid safetensors file: {exc}") from exc
+    # numpy loads here, on the first file that needs it, not with the CLI
+    from autoglm.protocol import cdc_params_for, plan_cdc_reader
+
+    params = cdc_params_for(max_piece)
+    with open(path, "rb") as f:
+
+        def read(off: int, n: int) -> bytes:
+            f.seek(off)
+            return f.read(n)
+
+        def gap(off: int, n: int) -> list[tuple[int, int]]:
+            return plan_fixed(n, max_piece) if params is None else plan_cdc_reader(read, off, n, params)
+
+        magic = read(0, 4)
+        if magic == b"GGUF":
+            with contextlib.suppress(RemoteProtocolError):
+                return _plan_gguf(read, size, max_piece, gap)
+        elif magic == b"PK\x03\x04":
+            with contextlib.suppress(RemoteProtocolError):
+                _, members = zip_member_spans(read, size)
+                return plan_runs(size, members, max_piece, gap)
+        if params is None:
+            return plan_fixed(size, max_piece)
+        return plan_cdc_reader(read, 0, size, params)
+
+
+def _plan_gguf(
+    read: Callable[[int, int], bytes], size: int, max_piece: int, gap: Callable[[int, int], list[tuple[int, int]]]
+) -> list[tuple[int, int]]:
+    need = min(size, 1024 * 1024)
+    while True:
+        try:
+            _, tensors = gguf_tensor_spans(read(0, need), size)
+        except NeedMoreData as more:
+            if need >= size or need >= GGUF_MAX_HEADER:
+                raise RemoteProtocolError("GGUF header runs past the end of the file") from None
+            need = min(size, GGUF_MAX_HEADER, max(more.need, 2 * need))
+            continue
+        return plan_runs(size, tensors, max_piece, gap)
 
 
 def hash_file(path: Path, spans: list[tuple[int, int]], progress: ProgressFn | None = None) -> tuple[bytes, list[bytes]]:
