@@ -96,13 +96,13 @@ class CdcParams:
 
 
 # The defaults for this project's pieces (docs/manifest.md, "Content-defined pieces").
-DEFAULT_CDC = CdcParams(min_size=256 * 1024, bits=20, max_size=4 * 1024 * 1024)
+DEFAULT_CDC = CdcParams(min_size=64 * 1024, bits=18, max_size=1024 * 1024)
 
 
 def cdc_params_for(max_piece: int) -> CdcParams | None:
     """The default parameters, scaled down when the manifest's max piece is small.
 
-    ``avg`` is 1 MiB, or the largest power of two no more than ``max_piece / 4``;
+    ``avg`` is 256 KiB, or the largest power of two no more than ``max_piece / 4``;
     ``min = avg / 4`` and ``max = min(4 * avg, max_piece)``. ``None`` when
     ``max_piece`` is too small for CDC (under 256 bytes): plan fixed pieces then.
     """

@@ -197,6 +197,8 @@ def test_gear_table_is_the_documented_one() -> None:
     vec = json.loads((VECTORS / "cdc-v1.json").read_text())
     assert vec["gear_seed"].encode() == CDC_GEAR_SEED
     assert [f"{w:08x}" for w in gear_table()] == vec["gear"] == [f"{w:08x}" for w in reference_gear()]
+    table = b"".join(w.to_bytes(4, "little") for w in gear_table())
+    assert blake3.blake3(table).hexdigest() == vec["gear_blake3"]
 
 
 def _vector_input(spec: dict[str, Any]) -> bytes:
