@@ -17,7 +17,8 @@ downloads here), each v1 -> v2 a realistic edit:
 For each pair, v1 is fetched into a data directory; then v2 is fetched from
 a fresh ``autoglm-node serve-mirror`` of v2 (a real process; its body-byte
 count is the origin egress) into a new output directory on the same data
-directory, so every piece v1 already has comes from the store. The table
+directory, so every piece v1 already has comes from the store; and again
+with v2 fetched over v1's output directory (the in-place update). The table
 compares that with ``rsync`` (a daemon on 127.0.0.1 serving v2; the client
 holds v1 under the same name, ``--no-whole-file``, bytes from ``--stats``)
 and with a full download (the same fetch with an empty data directory).
@@ -258,6 +259,11 @@ def main() -> int:
             delta, t_delta = fetch(m2, pub, pw / "data", pw / "out2", pair.v2)
             if (pw / "out2" / pair.file).read_bytes() != (pair.v2 / pair.file).read_bytes():
                 raise SystemExit("autoglm v2 differs")
+            # the same, but v2 over v1's output directory (another data directory)
+            fetch(m1, pub, pw / "data-b", pw / "out-b", pair.v1)
+            over, t_over = fetch(m2, pub, pw / "data-b", pw / "out-b", pair.v2)
+            if (pw / "out-b" / pair.file).read_bytes() != (pair.v2 / pair.file).read_bytes():
+                raise SystemExit("autoglm v2 over v1 differs")
             full, t_full = fetch(m2, pub, pw / "data-empty", pw / "out-full", pair.v2)
             rs, t_rs = rsync_delta(pw, pair, port + i)
             from autoglm.protocol import decode_signed_manifest
@@ -266,20 +272,23 @@ def main() -> int:
             v2size = f2.size
             manifest_bytes = m2.stat().st_size
             res = dict(format=pair.name, edit=pair.what, size=v2size, changed=pair.changed, pieces=len(f2.pieces),
-                       manifest=manifest_bytes, autoglm=delta, autoglm_s=t_delta, rsync=rs, rsync_s=t_rs,
+                       manifest=manifest_bytes, autoglm=delta, autoglm_s=t_delta, over=over, over_s=t_over, rsync=rs, rsync_s=t_rs,
                        full=full, full_s=t_full, publish_s=t_pub)
             results.append(res)
             rows.append([pair.name, pair.what, fmt_bytes(v2size), fmt_bytes(pair.changed),
                          f"{len(f2.pieces)} / {fmt_bytes(manifest_bytes)}",
                          f"{fmt_bytes(delta)} ({delta / pair.changed:.2f}x) {t_delta:.1f}s",
+                         f"{fmt_bytes(over)} ({over / pair.changed:.2f}x) {t_over:.1f}s",
                          f"{fmt_bytes(rs)} ({rs / pair.changed:.2f}x) {t_rs:.1f}s",
                          f"{fmt_bytes(full)} ({full / pair.changed:.1f}x) {t_full:.1f}s"])
             if not args.keep:
                 shutil.rmtree(pw, ignore_errors=True)
     print_table("v1 -> v2: bytes from the origin (ratio to the changed bytes) and wall time",
-                ["format", "edit", "v2 size", "changed", "pieces / manifest", "autoglm fetch (v1 in store)",
+                ["format", "edit", "v2 size", "changed", "pieces / manifest", "autoglm, new dir",
+                 "autoglm, over v1's dir",
                  "rsync daemon", "full download"], rows,
-                note="autoglm: body bytes `serve-mirror` sent for the v2 fetch; rsync: 'Total bytes received' "
+                note="autoglm: body bytes `serve-mirror` sent for the v2 fetch, v1 fetched before into the same "
+                     "data directory (new dir: v2 into a new output directory; over v1's dir: into v1's); rsync: 'Total bytes received' "
                      "(includes its protocol overhead); full: the same autoglm fetch with an empty data directory.")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

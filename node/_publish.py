@@ -43,7 +43,7 @@ from autoglm.protocol import (
     safetensors_tensor_spans,
     zip_member_spans,
 )
-from autoglm.protocol._gguf import GGUF_MAX_HEADER
+from autoglm.protocol._gguf import GGUF_MAX_HEADER, GGUF_PREAMBLE
 
 __all__ = ["VariantSpec", "build_manifest", "hash_file", "list_model_files", "plan_file"]
 
@@ -120,8 +120,8 @@ def plan_file(path: Path, size: int, max_piece: int) -> list[tuple[int, int]]:
                 return _plan_gguf(read, size, max_piece, gap)
         elif magic == b"PK\x03\x04":
             with contextlib.suppress(RemoteProtocolError):
-                _, members = zip_member_spans(read, size)
-                return plan_runs(size, members, max_piece, gap)
+                (cd_off, cd_len), members = zip_member_spans(read, size)
+                return plan_runs(size, members, max_piece, gap, cuts=(cd_off, cd_off + cd_len))
         if params is None:
             return plan_fixed(size, max_piece)
         return plan_cdc_reader(read, 0, size, params)
@@ -139,7 +139,8 @@ def _plan_gguf(
                 raise RemoteProtocolError("GGUF header runs past the end of the file") from None
             need = min(size, GGUF_MAX_HEADER, max(more.need, 2 * need))
             continue
-        return plan_runs(size, tensors, max_piece, gap)
+        # the preamble (magic, version, tensor and key counts) changes whenever a key is added
+        return plan_runs(size, tensors, max_piece, gap, cuts=(GGUF_PREAMBLE,))
 
 
 def hash_file(path: Path, spans: list[tuple[int, int]], progress: ProgressFn | None = None) -> tuple[bytes, list[bytes]]:

@@ -20,9 +20,10 @@ import struct
 
 from ._errors import RemoteProtocolError
 
-__all__ = ["GGUF_MAX_HEADER", "NeedMoreData", "gguf_tensor_spans"]
+__all__ = ["GGUF_MAX_HEADER", "GGUF_PREAMBLE", "NeedMoreData", "gguf_tensor_spans"]
 
 GGUF_MAGIC = b"GGUF"
+GGUF_PREAMBLE = 24  # magic, version, tensor count, metadata count
 GGUF_MAX_HEADER = 512 * 1024 * 1024  # metadata + tensor infos (vocabularies run to tens of MB)
 MAX_TENSORS = 1_000_000
 MAX_KV = 100_000

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._errors import RemoteProtocolError
@@ -107,18 +107,33 @@ def plan_safetensors(file_size: int, header_len: int, tensors: list[Span], max_p
     return pieces
 
 
-def plan_runs(file_size: int, runs: list[Span], max_piece: int, gap: Callable[[int, int], list[Span]] | None = None) -> list[Span]:
+def plan_runs(
+    file_size: int,
+    runs: list[Span],
+    max_piece: int,
+    gap: Callable[[int, int], list[Span]] | None = None,
+    cuts: Iterable[int] = (),
+) -> list[Span]:
     """Pieces that start and end on every run boundary.
 
     ``runs`` are sorted, non-overlapping (offset, length) spans inside the
     file (tensor or member data); each is split into pieces of at most
     ``max_piece``. The bytes before, between and after runs are planned by
     ``gap(offset, length)`` (fixed pieces if ``None``), which must cover its
-    span exactly with pieces of at most ``max_piece``.
+    span exactly with pieces of at most ``max_piece``. ``cuts`` are extra
+    boundaries forced inside gaps (a GGUF file's fixed preamble, a zip's
+    central directory), so bytes that change on every edit stay in small
+    pieces of their own.
     """
+    forced = sorted(set(cuts))
 
     def fill(off: int, length: int) -> list[Span]:
-        return gap(off, length) if gap is not None else _split(off, length, max_piece)
+        out: list[Span] = []
+        end = off + length
+        for c in [*(c for c in forced if off < c < end), end]:
+            out += gap(off, c - off) if gap is not None else _split(off, c - off, max_piece)
+            off = c
+        return out
 
     pieces: list[Span] = []
     pos = 0

@@ -305,7 +305,9 @@ def test_gguf_plan_aligns_to_tensors(tmp_path: Path, max_piece: int) -> None:
     data = path.read_bytes()
     _, mine = gguf_tensor_spans(data, len(data))
     assert mine == spans
-    _assert_aligned(_plan(path, max_piece), spans, len(data), max_piece)
+    plan = _plan(path, max_piece)
+    _assert_aligned(plan, spans, len(data), max_piece)
+    assert plan[0] == (0, 24)  # the preamble with the counts is a piece of its own
 
 
 def test_gguf_new_metadata_key_and_changed_tensor_keep_other_pieces(tmp_path: Path) -> None:
@@ -385,9 +387,10 @@ def test_zip_plan_aligns_to_members(tmp_path: Path, max_piece: int) -> None:
     write_torch_zip(path, _torch_tensors(1))
     spans = zip_data_spans(path)
     data = path.read_bytes()
-    _, mine = zip_member_spans(lambda o, n: data[o : o + n], len(data))
+    (cd_off, cd_len), mine = zip_member_spans(lambda o, n: data[o : o + n], len(data))
     assert mine == spans
-    _assert_aligned(_plan(path, max_piece), spans, len(data), max_piece)
+    # the central directory has boundaries of its own too
+    _assert_aligned(_plan(path, max_piece), [*spans, (cd_off, cd_len)], len(data), max_piece)
 
 
 def test_zip_changed_member_keeps_other_pieces(tmp_path: Path) -> None:
@@ -458,3 +461,8 @@ def test_generic_files_are_content_defined(tmp_path: Path) -> None:
     old = {body[o : o + n] for o, n in pa}
     bdata = (tmp_path / "b.bin").read_bytes()
     assert sum(n for o, n in pb if bdata[o : o + n] not in old) <= 8 + 4 * 4096
+
+
+def test_plan_runs_forced_cuts_inside_gaps() -> None:
+    assert plan_runs(20, [(10, 4)], 16, cuts=(3, 12, 30)) == [(0, 3), (3, 7), (10, 4), (14, 6)]
+    assert plan_runs(20, [], 16, cuts=(5, 5)) == [(0, 5), (5, 15)]
