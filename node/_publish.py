@@ -9,6 +9,8 @@ and sets the pace. Memory is NBUF x CHUNK whatever the model size.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import fnmatch
 import hashlib
@@ -19,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
 
@@ -45,10 +48,14 @@ from autoglm.protocol import (
 )
 from autoglm.protocol._gguf import GGUF_MAX_HEADER, GGUF_PREAMBLE
 
+if TYPE_CHECKING:
+    from autoglm.protocol import CdcParams
+
 __all__ = ["VariantSpec", "build_manifest", "hash_file", "list_model_files", "plan_file"]
 
 CHUNK = 4 * 1024 * 1024
 NBUF = 4
+CDC_BLOCK = 4 * 1024 * 1024
 
 ProgressFn = Callable[[int], None]
 
@@ -102,7 +109,7 @@ def plan_file(path: Path, size: int, max_piece: int) -> list[tuple[int, int]]:
         except RemoteProtocolError as exc:
             raise ConfigError(f"{path} is not a valid safetensors file: {exc}") from exc
     # numpy loads here, on the first file that needs it, not with the CLI
-    from autoglm.protocol import cdc_params_for, plan_cdc_reader
+    from autoglm.protocol import cdc_params_for
 
     params = cdc_params_for(max_piece)
     with open(path, "rb") as f:
@@ -112,7 +119,7 @@ def plan_file(path: Path, size: int, max_piece: int) -> list[tuple[int, int]]:
             return f.read(n)
 
         def gap(off: int, n: int) -> list[tuple[int, int]]:
-            return plan_fixed(n, max_piece) if params is None else plan_cdc_reader(read, off, n, params)
+            return plan_fixed(n, max_piece) if params is None else plan_cdc_file(read, off, n, params)
 
         magic = read(0, 4)
         if magic == b"GGUF":
@@ -124,7 +131,46 @@ def plan_file(path: Path, size: int, max_piece: int) -> list[tuple[int, int]]:
                 return plan_runs(size, members, max_piece, gap, cuts=(cd_off, cd_off + cd_len))
         if params is None:
             return plan_fixed(size, max_piece)
-        return plan_cdc_reader(read, 0, size, params)
+        return plan_cdc_file(read, 0, size, params)
+
+
+def plan_cdc_file(
+    read: Callable[[int, int], bytes], offset: int, length: int, params: CdcParams, block: int = CDC_BLOCK
+) -> list[tuple[int, int]]:
+    """The CDC plan of ``length`` bytes at ``offset`` (protocol/_cdc.py), hashed on several cores.
+
+    Blocks of ``block`` bytes, each with the 31 bytes before it, go to a
+    thread pool (numpy releases the GIL); at most two per worker are in
+    memory at once. The result is the same as ``plan_cdc_reader``'s.
+    """
+    from autoglm.protocol import cdc_candidates, cdc_cut
+
+    cands: list[int] = []
+    strict: list[bool] = []
+    workers = max(1, min(4, os.cpu_count() or 1))
+    pending: collections.deque[concurrent.futures.Future[tuple[list[int], list[bool]]]] = collections.deque()
+
+    def drain() -> None:
+        c, st = pending.popleft().result()
+        cands.extend(c)
+        strict.extend(st)
+
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="cdc") as pool:
+        pos, tail = 0, b""
+        while pos < length:
+            n = min(block, length - pos)
+            chunk = read(offset + pos, n)
+            if len(chunk) != n:
+                raise ConfigError("a file changed while it was being published")
+            buf = tail + chunk
+            pending.append(pool.submit(cdc_candidates, buf, pos - len(tail), params))
+            tail = buf[-31:]
+            pos += n
+            if len(pending) >= 2 * workers:
+                drain()
+        while pending:
+            drain()
+    return [(offset + o, n) for o, n in cdc_cut(length, cands, strict, params)]
 
 
 def _plan_gguf(

@@ -26,7 +26,7 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
-    from ._cdc import CdcParams, cdc_params_for, plan_cdc, plan_cdc_reader
+    from ._cdc import CdcParams, cdc_candidates, cdc_cut, cdc_params_for, plan_cdc, plan_cdc_reader
     from ._codec import Limits, decode_canonical, encode_canonical
     from ._gguf import NeedMoreData, gguf_tensor_spans
     from ._manifest import (
@@ -81,6 +81,8 @@ _LAZY = {
     "SignedManifest": "._signing",
     "TrustPolicy": "._signing",
     "Variant": "._manifest",
+    "cdc_candidates": "._cdc",
+    "cdc_cut": "._cdc",
     "cdc_params_for": "._cdc",
     "check_path": "._paths",
     "check_unique_paths": "._paths",
@@ -131,6 +133,8 @@ __all__ = [
     "TrustError",
     "TrustPolicy",
     "Variant",
+    "cdc_candidates",
+    "cdc_cut",
     "cdc_params_for",
     "check_path",
     "check_unique_paths",

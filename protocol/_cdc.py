@@ -137,8 +137,9 @@ def cdc_candidates(data: bytes | bytearray | memoryview, base: int, params: CdcP
     arr = np.frombuffer(data, dtype=np.uint8)
     pos: list[int] = []
     strict: list[bool] = []
-    loose = np.uint32(params.mask_loose)
-    tight = np.uint32(params.mask_strict)
+    # a mask of the top n bits is zero exactly when the word is below 2**(32 - n)
+    loose = np.uint32((~params.mask_loose & 0xFFFFFFFF) + 1)
+    tight = np.uint32((~params.mask_strict & 0xFFFFFFFF) + 1) if params.mask_strict != 0xFFFFFFFF else np.uint32(1)
     step = _BLOCK
     hbuf = np.empty(step + WINDOW, dtype=np.uint32)
     tmp = np.empty(step + WINDOW, dtype=np.uint32)
@@ -146,10 +147,10 @@ def cdc_candidates(data: bytes | bytearray | memoryview, base: int, params: CdcP
         lo = max(0, start - (WINDOW - 1))
         h = _hashes(arr[lo : start + step], hbuf, tmp)
         first = start - lo if start else WINDOW - 1
-        idx = np.flatnonzero((h[first:] & loose) == 0) + first
+        idx = np.flatnonzero(h[first:] < loose) + first
         if idx.size:
             pos.extend((idx + (lo + base)).tolist())
-            strict.extend(((h[idx] & tight) == 0).tolist())
+            strict.extend((h[idx] < tight).tolist())
     return pos, strict
 
 

@@ -18,7 +18,7 @@ from formats import gguf_data_spans, write_gguf, write_torch_zip, zip_data_spans
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autoglm.node._publish import plan_file
+from autoglm.node._publish import plan_cdc_file, plan_file
 from autoglm.protocol import (
     CdcParams,
     NeedMoreData,
@@ -466,3 +466,15 @@ def test_generic_files_are_content_defined(tmp_path: Path) -> None:
 def test_plan_runs_forced_cuts_inside_gaps() -> None:
     assert plan_runs(20, [(10, 4)], 16, cuts=(3, 12, 30)) == [(0, 3), (3, 7), (10, 4), (14, 6)]
     assert plan_runs(20, [], 16, cuts=(5, 5)) == [(0, 5), (5, 15)]
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32), n=st.integers(0, 200_000), block=st.integers(1, 70_000))
+def test_threaded_file_planner_matches_the_pure_one(seed: int, n: int, block: int) -> None:
+    data = _random(seed, n)
+    got = plan_cdc_file(lambda o, k: data[o : o + k], 0, n, SMALL, block=block)
+    assert got == plan_cdc(data, SMALL)
+    # an inner span (a gap between tensors) is planned on its own bytes
+    assert plan_cdc_file(lambda o, k: data[o : o + k], n // 3, n // 2, SMALL, block=block) == plan_cdc(
+        data[n // 3 : n // 3 + n // 2], SMALL, base=n // 3
+    )
