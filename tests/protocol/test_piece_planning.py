@@ -478,3 +478,30 @@ def test_threaded_file_planner_matches_the_pure_one(seed: int, n: int, block: in
     assert plan_cdc_file(lambda o, k: data[o : o + k], n // 3, n // 2, SMALL, block=block) == plan_cdc(
         data[n // 3 : n // 3 + n // 2], SMALL, base=n // 3
     )
+
+
+_FUZZ_ZIP: dict[str, bytes] = {}
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_zip_parser_fuzz(tmp_path_factory: pytest.TempPathFactory, data: st.DataObject) -> None:
+    base = _FUZZ_ZIP.get("bytes")
+    if base is None:
+        path = tmp_path_factory.mktemp("z") / "m.pt"
+        write_torch_zip(path, _torch_tensors(5, 3))
+        base = _FUZZ_ZIP["bytes"] = path.read_bytes()
+    buf = bytearray(base)
+    tail_bias = data.draw(st.booleans())  # the directory and end records are where the parser reads
+    for _ in range(data.draw(st.integers(1, 6))):
+        lo = max(0, len(buf) - 400) if tail_bias else 0
+        i = data.draw(st.integers(lo, len(buf) - 1))
+        buf[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(len(buf) // 2, len(buf)))
+    blob = bytes(buf[:cut])
+    try:
+        (cd_off, cd_len), spans = zip_member_spans(lambda o, n: blob[o : o + n], len(blob))
+    except RemoteProtocolError:
+        return
+    assert cd_off + cd_len <= len(blob)
+    assert plan_runs(len(blob), spans, 4096, cuts=(cd_off, cd_off + cd_len))
