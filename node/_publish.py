@@ -36,6 +36,9 @@ from autoglm.protocol import (
     RemoteProtocolError,
     Requirements,
     Variant,
+    cdc_candidates,
+    cdc_cut,
+    cdc_params_for,
     check_path,
     check_unique_paths,
     gguf_tensor_spans,
@@ -108,9 +111,6 @@ def plan_file(path: Path, size: int, max_piece: int) -> list[tuple[int, int]]:
             return plan_safetensors(size, n, safetensors_tensor_spans(header, size), max_piece)
         except RemoteProtocolError as exc:
             raise ConfigError(f"{path} is not a valid safetensors file: {exc}") from exc
-    # numpy loads here, on the first file that needs it, not with the CLI
-    from autoglm.protocol import cdc_params_for
-
     params = cdc_params_for(max_piece)
     with open(path, "rb") as f:
 
@@ -143,8 +143,8 @@ def plan_cdc_file(
     thread pool (numpy releases the GIL); at most two per worker are in
     memory at once. The result is the same as ``plan_cdc_reader``'s.
     """
-    from autoglm.protocol import cdc_candidates, cdc_cut
-
+    if length <= params.min_size:  # one piece by the rule; no hashing (nor numpy) needed
+        return [(offset, length)] if length else []
     cands: list[int] = []
     strict: list[bool] = []
     workers = max(1, min(4, os.cpu_count() or 1))

@@ -29,12 +29,16 @@ pass the easier mask reach Python.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import blake3
-import numpy as np
-import numpy.typing as npt
+
+if TYPE_CHECKING:  # numpy loads on the first hash, not with the module (CLI start-up)
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = [
     "CDC_GEAR_SEED",
@@ -61,7 +65,11 @@ def gear_table() -> tuple[int, ...]:
     return tuple(int.from_bytes(raw[4 * i : 4 * i + 4], "little") for i in range(256))
 
 
-_GEAR = np.array(gear_table(), dtype=np.uint32)
+@functools.cache
+def _gear_array() -> npt.NDArray[np.uint32]:
+    import numpy as np
+
+    return np.array(gear_table(), dtype=np.uint32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +125,11 @@ def cdc_params_for(max_piece: int) -> CdcParams | None:
 
 def _hashes(buf: npt.NDArray[np.uint8], h: npt.NDArray[np.uint32], tmp: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
     """Windowed gear hash at every position of ``buf`` into ``h`` (the first 31 are partial)."""
+    import numpy as np
+
     n = len(buf)
     h = h[:n]
-    np.take(_GEAR, buf, out=h)
+    np.take(_gear_array(), buf, out=h)
     w = 1
     while w < min(WINDOW, n):
         np.left_shift(h[: n - w], np.uint32(w), out=tmp[: n - w])
@@ -134,6 +144,8 @@ def cdc_candidates(data: bytes | bytearray | memoryview, base: int, params: CdcP
     Positions below ``base + 31`` have a partial window and are left out;
     callers feed overlapping blocks (31 bytes of the previous block first).
     """
+    import numpy as np
+
     arr = np.frombuffer(data, dtype=np.uint8)
     pos: list[int] = []
     strict: list[bool] = []
