@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeAlias
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -22,7 +23,21 @@ from autoglm.protocol import (
 
 from ._config import trust_dir
 
-__all__ = ["load_private_key", "load_public_key", "load_trust_policy", "write_keypair"]
+__all__ = [
+    "KeySource",
+    "TrustLike",
+    "as_trust_policy",
+    "load_private_key",
+    "load_public_key",
+    "load_trust_policy",
+    "trust_policy",
+    "write_keypair",
+]
+
+#: A public key: a key file's path, or the key itself (PEM bytes, 64 hex characters, or 32 raw bytes).
+KeySource: TypeAlias = str | os.PathLike[str] | bytes
+#: What the Python API accepts as ``trust``: a policy, one key, or several keys.
+TrustLike: TypeAlias = TrustPolicy | KeySource | Iterable[KeySource]
 
 
 def write_keypair(path: Path, *, force: bool = False) -> str:
@@ -96,3 +111,72 @@ def load_trust_policy(
         roots=tuple(_read(p, "root CA") for p in root_paths),
         spiffe_ids=tuple(ids),
     )
+
+
+def _key(source: KeySource) -> bytes:
+    if isinstance(source, bytes | bytearray):
+        data = bytes(source)
+        if len(data) == 32 and not data.lstrip().startswith(b"-----"):
+            return data  # a raw Ed25519 public key
+        try:
+            return parse_public_key(data)
+        except LocalProtocolError as exc:
+            raise ConfigError(f"trusted key: {exc}") from exc
+    if isinstance(source, str | os.PathLike):
+        return load_public_key(Path(source).expanduser())
+    raise ConfigError(f"a trusted key is a key file path or key bytes, not {type(source).__name__}")
+
+
+def _root(source: str | os.PathLike[str] | bytes) -> bytes:
+    if isinstance(source, bytes | bytearray):
+        return bytes(source)
+    if isinstance(source, str | os.PathLike):
+        return _read(Path(source).expanduser(), "root CA")
+    raise ConfigError(f"a root CA is a PEM file path or PEM bytes, not {type(source).__name__}")
+
+
+def _many(value: object) -> list[object]:
+    if isinstance(value, str | bytes | bytearray | os.PathLike):
+        return [value]
+    if isinstance(value, Iterable):
+        return list(value)
+    return [value]
+
+
+def trust_policy(
+    keys: KeySource | Iterable[KeySource] = (),
+    roots: str | os.PathLike[str] | bytes | Iterable[str | os.PathLike[str] | bytes] = (),
+    spiffe_ids: str | Iterable[str] = (),
+) -> TrustPolicy:
+    """A :class:`TrustPolicy` from publisher keys and/or X.509 roots with allowed SPIFFE IDs.
+
+    ``keys``: key file paths (``str`` or path-like) or key bytes (PEM, 64 hex
+    characters, 32 raw bytes); one or several. ``roots``: root CA PEM files or
+    PEM bytes. ``spiffe_ids``: allowed publisher SPIFFE IDs (a trailing ``/``
+    allows a prefix). Raises ConfigError for an unreadable or malformed key.
+    """
+    ids = [spiffe_ids] if isinstance(spiffe_ids, str) else list(spiffe_ids)
+    return TrustPolicy(
+        keys=frozenset(_key(k) for k in _many(keys)),  # type: ignore[arg-type]
+        roots=tuple(_root(r) for r in _many(roots)),  # type: ignore[arg-type]
+        spiffe_ids=tuple(str(i) for i in ids),
+    )
+
+
+def as_trust_policy(trust: TrustLike | None, data_dir: Path) -> tuple[TrustPolicy, str]:
+    """The policy ``trust`` stands for, and where it came from (for messages).
+
+    None: the data directory's trust store (``autoglm-node trust add``);
+    ConfigError when that is empty, with what to do about it.
+    """
+    if isinstance(trust, TrustPolicy):
+        return trust, "the given trust policy"
+    if trust is not None:
+        return trust_policy(keys=trust), "the given keys"
+    policy = load_trust_policy(data_dir)
+    if not policy.keys and not policy.roots:
+        raise ConfigError(
+            f"no trusted publisher: pass trust=KEY.pub (a key file, key bytes or trust_policy(...)), "
+            f"or add the key to the trust store with `autoglm-node trust add KEY.pub` ({trust_dir(data_dir)})"
+        )
+    return policy, f"the trust store {trust_dir(data_dir)}"

@@ -47,7 +47,7 @@ import blake3
 from autoglm.node.errors import DiskFullError, IntegrityError, StorageError
 from autoglm.protocol import Manifest, Piece, SignedManifest, decode_signed_manifest
 
-__all__ = ["PARTIAL_DIR", "Download", "DownloadInfo", "PieceLocation", "Store", "find_completed_download", "preflight"]
+__all__ = ["PARTIAL_DIR", "Download", "DownloadInfo", "PieceLocation", "Store", "find_completed_download", "find_download_at", "preflight"]
 
 PARTIAL_DIR = ".autoglm-partial"
 SCHEMA = """
@@ -410,6 +410,29 @@ def find_completed_download(data_dir: Path, name: str, version: str = "") -> tup
     except sqlite3.Error:
         return None
     return (Path(row[0]), bytes(row[1])) if row else None
+
+
+def find_download_at(data_dir: Path, out_dir: Path) -> bytes | None:
+    """The signed manifest of the newest completed download into ``out_dir`` under ``data_dir``, or None.
+
+    Read-only, like :func:`find_completed_download`: ``open_model(path)`` finds
+    the manifest that vouches for a fetched directory without a manifest file.
+    """
+    db = data_dir / "store.sqlite"
+    if not db.exists():
+        return None
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            row = con.execute(
+                "SELECT signed FROM downloads WHERE out_dir=? AND completed IS NOT NULL ORDER BY created DESC LIMIT 1",
+                (str(out_dir),),
+            ).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    return bytes(row[0]) if row else None
 
 
 def _pread(loc: PieceLocation) -> bytes:
