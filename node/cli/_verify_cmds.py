@@ -13,6 +13,8 @@ from ._manifest_cmds import add_trust_args, trust_from_args
 
 if TYPE_CHECKING:
     from autoglm.node._device import DeviceInfo
+    from autoglm.node._gate import ResolvedModel
+    from autoglm.protocol import Manifest
     from autoglm.wasm_verify import Verdict
 
 # The verifier (wasmtime), device probe, doctor and rich load when their
@@ -50,7 +52,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
         check_fit,
         check_manifest_files,
         iter_model_files,
-        load_checked_manifest,
         resolve_model,
         verify_tree,
     )
@@ -59,11 +60,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     root = resolved.path
     files = [root] if root.is_file() else list(iter_model_files(root))
     hashes: dict[Path, str] = {}
-    signer = None
+    signer = trusted_by = None
     if args.manifest is not None or resolved.signed_manifest is not None:
-        manifest = load_checked_manifest(resolved, args.manifest, trust_from_args(args))
-        assert manifest is not None
-        signer = manifest.publisher
+        manifest = _checked_manifest(args, resolved)
+        signer, trusted_by = manifest.publisher, _trusted_by(args, resolved)
         hashes = check_manifest_files(root, manifest, files)
     elif args.trust or args.root:
         raise ConfigError("--trust/--root need --manifest")
@@ -84,14 +84,46 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 "ok": ok,
                 "path": str(root),
                 "signer": signer,
+                "trusted_by": trusted_by,
                 "tensor_bytes": tensor_bytes,
                 "fit": fit,
                 "files": [{"path": str(f), **v.to_value()} for f, v in results],
             }
         )
     else:
-        _print_verdicts(root, results, tensor_bytes, fit, signer)
+        _print_verdicts(root, results, tensor_bytes, fit, f"{signer}, trusted by {trusted_by}" if signer else None)
     return EXIT["ok"] if ok else EXIT["refused"]
+
+
+def _checked_manifest(args: argparse.Namespace, resolved: ResolvedModel) -> Manifest:
+    """The manifest vouching for the model, checked against --trust/--root/--spiffe-id and the trust store."""
+    from autoglm.node._config import trust_dir
+    from autoglm.node._gate import load_checked_manifest
+    from autoglm.node.errors import TrustError
+
+    try:
+        manifest = load_checked_manifest(resolved, args.manifest, trust_from_args(args))
+    except TrustError as exc:
+        raise TrustError(
+            f"{exc} (to trust a publisher for every command: `autoglm-node trust add KEY.pub`; "
+            f"trust store: {trust_dir(args.data_dir)})"
+        ) from exc
+    assert manifest is not None
+    return manifest
+
+
+def _trusted_by(args: argparse.Namespace, resolved: ResolvedModel) -> str:
+    """Where the trust in the signer came from (a --trust file or the trust store), for the output."""
+    from autoglm.node._gate import find_manifest_bytes
+    from autoglm.node._keys import trust_origins
+    from autoglm.protocol import decode_signed_manifest
+
+    origins = trust_origins(args.data_dir, args.trust, args.root)
+    signed = decode_signed_manifest(find_manifest_bytes(resolved, args.manifest))
+    if signed.public_key in origins:
+        return origins[signed.public_key]
+    roots = [o for k, o in origins.items() if k.lstrip().startswith(b"-----")]
+    return "an X.509 root: " + "; ".join(roots) if roots else "the trust policy"
 
 
 def _print_verdicts(root: Path, results: list[tuple[Path, Verdict]], tensor_bytes: int, fit: str | None, signer: str | None) -> None:
