@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import trio
 
-__all__ = ["current_async_library", "run_blocking", "run_trio"]
+__all__ = ["current_async_library", "run_blocking", "run_trio", "run_trio_from_asyncio"]
 
 T = TypeVar("T")
 
@@ -40,24 +40,88 @@ def _loop_running_here() -> bool:
         return False
 
 
+class _TrioThread:
+    """One ``trio.run`` in a worker thread that another thread can cancel.
+
+    Cancelling (Ctrl-C in a notebook cell, a cancelled asyncio task) cancels
+    the trio run, so its fetch stops the way Ctrl-C stops the CLI, instead
+    of going on in the background.
+    """
+
+    def __init__(self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> None:
+        self._fn, self._args = fn, args
+        self._scope: trio.CancelScope | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._started = threading.Event()
+        self.cancelled = False
+
+    async def _main(self) -> Any:
+        with trio.CancelScope() as scope:
+            self._scope, self._token = scope, trio.lowlevel.current_trio_token()
+            self._started.set()
+            return await self._fn(*self._args)
+        self.cancelled = True  # only reached when cancel() stopped the run
+        return None
+
+    def run(self) -> Any:
+        try:
+            return trio.run(self._main)
+        finally:
+            self._started.set()
+
+    def cancel(self) -> None:
+        self._started.wait()
+        if self._scope is not None and self._token is not None:
+            try:
+                trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+
+
 def run_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """``trio.run(fn, *args)``, in a worker thread when this thread already runs an event loop."""
+    """``trio.run(fn, *args)``, in a worker thread when this thread already runs an event loop.
+
+    KeyboardInterrupt while waiting cancels the worker's run, waits for it to
+    wind down, then propagates.
+    """
     if not _loop_running_here():
         return trio.run(fn, *args)
+    worker = _TrioThread(fn, args)
     box: dict[str, Any] = {}
+    # An Event, not Thread.join: a join interrupted by Ctrl-C marks the
+    # thread stopped (CPython bpo-45274), so a second join returns at once.
+    done = threading.Event()
 
     def target() -> None:
         try:
-            box["value"] = trio.run(fn, *args)
+            box["value"] = worker.run()
         except BaseException as exc:  # handed to the caller's thread below
             box["error"] = exc
+        finally:
+            done.set()
 
-    t = threading.Thread(target=target, name="autoglm-node-trio", daemon=True)
-    t.start()
-    t.join()
+    threading.Thread(target=target, name="autoglm-node-trio", daemon=True).start()
+    try:
+        done.wait()
+    except BaseException:
+        worker.cancel()
+        done.wait()
+        raise
     if "error" in box:
         raise box["error"]
     return box["value"]  # type: ignore[no-any-return]
+
+
+async def run_trio_from_asyncio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Await ``fn(*args)`` run by trio in a worker thread; cancelling the awaiting task cancels it."""
+    worker = _TrioThread(fn, args)
+    future = asyncio.get_running_loop().run_in_executor(None, worker.run)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        worker.cancel()
+        await asyncio.wait([future])  # the fetch winds down (staging kept) before the task ends
+        raise
 
 
 def current_async_library() -> Literal["trio", "asyncio"]:

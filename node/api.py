@@ -29,7 +29,7 @@ from autoglm.node._plan import FetchPlan
 from autoglm.node._progress import Event
 from autoglm.node._sources import Source
 from autoglm.node._store import Download, Store
-from autoglm.node._sync import current_async_library, run_blocking, run_trio
+from autoglm.node._sync import current_async_library, run_blocking, run_trio, run_trio_from_asyncio
 from autoglm.node.errors import ConfigError, MirrorError, RemoteProtocolError
 from autoglm.protocol import Manifest, SignedManifest, TrustPolicy, decode_signed_manifest
 
@@ -251,15 +251,13 @@ async def afetch(
     """:func:`fetch` for async code, under trio or asyncio (arguments as for :func:`fetch`).
 
     Under trio it runs in the caller's loop (cancel it like any trio call);
-    under asyncio it runs in a worker thread (``asyncio.to_thread``), so the
-    loop keeps serving its other tasks while the fetch runs.
+    under asyncio it runs in a worker thread, so the loop keeps serving its
+    other tasks, and cancelling the task stops the fetch (a later call resumes).
     """
     mirrors_ = _implied_mirrors(manifest, mirrors)
     if current_async_library() == "trio":
         return await _fetch_trio(manifest, out, trust, mirrors_, data_dir, files, options, headers)
-    return await run_blocking(
-        fetch, manifest, out=out, trust=trust, mirrors=mirrors_, data_dir=data_dir, files=files, options=options, headers=headers
-    )
+    return await run_trio_from_asyncio(_fetch_trio, manifest, out, trust, mirrors_, data_dir, files, options, headers)
 
 
 async def aopen_model(name_or_path: str | os.PathLike[str], **kwargs: Any) -> ModelHandle:

@@ -184,3 +184,55 @@ def test_reprs_are_readable(served: Served, tmp_path: Path, data_dir: Path) -> N
     for f in m.manifest.files:
         for p in f.pieces:
             assert p.hash.hex()[:16] not in text
+
+
+CANCEL_SCRIPT = """
+import asyncio, os, signal, socket, sys, threading, time
+from autoglm.node import afetch, fetch
+
+hole = socket.socket()
+hole.bind(("127.0.0.1", 0))
+hole.listen(8)  # never accepts, never answers: the fetch waits on it
+mirror = f"http://127.0.0.1:{hole.getsockname()[1]}/"
+kw = dict(out="out", trust=sys.argv[3], mirrors=[mirror], data_dir="data")
+
+async def task_cancel():
+    task = asyncio.ensure_future(afetch(sys.argv[2], **kw))
+    await asyncio.sleep(1.0)
+    t0 = time.monotonic()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        print("cancelled in", round(time.monotonic() - t0, 1), "; still there:", os.path.exists("out"))
+
+async def cell_interrupted():
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    try:
+        fetch(sys.argv[2], **kw)
+    except KeyboardInterrupt:
+        # The fetch has wound down before fetch() re-raised: its failed start is gone.
+        print("interrupted; still there:", os.path.exists("out"))
+
+# As IPython runs a cell: a loop that runs, with Python's own SIGINT handler
+# (asyncio.run would install one that only cancels the main task).
+loop = asyncio.new_event_loop()
+loop.run_until_complete(task_cancel() if sys.argv[1] == "task" else cell_interrupted())
+loop.close()
+print("nothing left behind:", not os.path.exists("out"))
+"""
+
+
+@pytest.mark.parametrize("how", ["task", "interrupt"])
+def test_cancelling_stops_the_fetch_in_the_worker_thread(how: str, served: Served, tmp_path: Path) -> None:
+    """A cancelled asyncio task, or Ctrl-C in a notebook cell, stops the fetch instead of leaving it running."""
+    env = {k: v for k, v in os.environ.items() if k not in ("AUTOGLM_DATA_DIR", "AUTOGLM_NODE_HOME")}
+    r = subprocess.run(
+        [sys.executable, "-c", CANCEL_SCRIPT, how, str(served.work / "tiny" / "tiny.agm"), str(served.pub)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    if how == "task":
+        assert float(r.stdout.split("cancelled in")[1].split()[0]) < 10, r.stdout
+    assert "still there: False" in r.stdout, r.stdout
+    assert "nothing left behind: True" in r.stdout, r.stdout
