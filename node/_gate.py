@@ -463,16 +463,6 @@ def load_checked_manifest(resolved: ResolvedModel, manifest_path: Path | None, t
     return None
 
 
-def find_manifest_bytes(resolved: ResolvedModel, manifest_path: str | os.PathLike[str] | None) -> bytes:
-    """The signed manifest bytes :func:`load_checked_manifest` would check (ConfigError if there are none)."""
-    mpath = Path(manifest_path) if manifest_path is not None else _find_manifest(resolved.path)
-    if mpath is not None:
-        return mpath.read_bytes()
-    if resolved.signed_manifest is not None:
-        return resolved.signed_manifest
-    raise ConfigError(f"no signed manifest for {resolved.path}")
-
-
 def check_manifest_files(root: Path, manifest: Manifest, files: Iterable[Path]) -> dict[Path, str]:
     """SHA-256 of every present file against the manifest; returns path -> hex digest.
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,8 +15,6 @@ from ._manifest_cmds import add_trust_args, trust_from_args
 
 if TYPE_CHECKING:
     from autoglm.node._device import DeviceInfo
-    from autoglm.node._gate import ResolvedModel
-    from autoglm.protocol import Manifest
     from autoglm.wasm_verify import Verdict
 
 # The verifier (wasmtime), device probe, doctor and rich load when their
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "GGUF, strict JSON. With --manifest, also the signature and the SHA-256 of every file.",
     )
     p.add_argument("target", metavar="PATH|MODEL", help="a file, a model directory or NAME[@VERSION] of a completed download")
-    p.add_argument("--manifest", type=Path, metavar="MANIFEST", help="signed manifest to check the files against")
+    p.add_argument("--manifest", metavar="MANIFEST", help="signed manifest to check the files against (file or http(s) URL)")
     add_trust_args(p)
     p.add_argument("--no-cache", action="store_true", help="ignore and do not update the verdict cache")
     p.add_argument("--no-fit", action="store_true", help="skip the check that the tensors fit this device")
@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("doctor", help="probe this machine and check the environment")
     p.add_argument("--mirror", action="append", default=[], metavar="URL", help="check reachability and RTT of a mirror (repeatable)")
+    p.add_argument("--manifest", metavar="MANIFEST",
+                   help="with --mirror: check that each mirror has a file of this manifest (file or URL)")
     p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="check TCP reachability of a DHT bootstrap peer (repeatable)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
@@ -52,6 +54,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         check_fit,
         check_manifest_files,
         iter_model_files,
+        load_checked_manifest,
         resolve_model,
         verify_tree,
     )
@@ -62,8 +65,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     hashes: dict[Path, str] = {}
     signer = trusted_by = None
     if args.manifest is not None or resolved.signed_manifest is not None:
-        manifest = _checked_manifest(args, resolved)
-        signer, trusted_by = manifest.publisher, _trusted_by(args, resolved)
+        with _trust_hint(args):
+            if args.manifest is not None and args.manifest.startswith(("http://", "https://")):
+                from autoglm.node._manifests import check_manifest
+
+                from ._manifest_cmds import read_manifest_arg
+
+                manifest = check_manifest(read_manifest_arg(args.manifest), trust_from_args(args))
+            else:
+                path = Path(args.manifest) if args.manifest is not None else None
+                checked = load_checked_manifest(resolved, path, trust_from_args(args))
+                assert checked is not None
+                manifest = checked
+        signer, trusted_by = manifest.publisher, _trusted_by(args, manifest.publisher)
         hashes = check_manifest_files(root, manifest, files)
     elif args.trust or args.root:
         raise ConfigError("--trust/--root need --manifest")
@@ -95,34 +109,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT["ok"] if ok else EXIT["refused"]
 
 
-def _checked_manifest(args: argparse.Namespace, resolved: ResolvedModel) -> Manifest:
-    """The manifest vouching for the model, checked against --trust/--root/--spiffe-id and the trust store."""
+@contextmanager
+def _trust_hint(args: argparse.Namespace) -> Iterator[None]:
+    """A TrustError says how to trust a publisher for every command (the trust store)."""
     from autoglm.node._config import trust_dir
-    from autoglm.node._gate import load_checked_manifest
     from autoglm.node.errors import TrustError
 
     try:
-        manifest = load_checked_manifest(resolved, args.manifest, trust_from_args(args))
+        yield
     except TrustError as exc:
         raise TrustError(
             f"{exc} (to trust a publisher for every command: `autoglm-node trust add KEY.pub`; "
             f"trust store: {trust_dir(args.data_dir)})"
         ) from exc
-    assert manifest is not None
-    return manifest
 
 
-def _trusted_by(args: argparse.Namespace, resolved: ResolvedModel) -> str:
+def _trusted_by(args: argparse.Namespace, publisher: str) -> str:
     """Where the trust in the signer came from (a --trust file or the trust store), for the output."""
-    from autoglm.node._gate import find_manifest_bytes
     from autoglm.node._keys import trust_origins
-    from autoglm.protocol import decode_signed_manifest
+    from autoglm.protocol import key_id
 
     origins = trust_origins(args.data_dir, args.trust, args.root)
-    signed = decode_signed_manifest(find_manifest_bytes(resolved, args.manifest))
-    if signed.public_key in origins:
-        return origins[signed.public_key]
-    roots = [o for k, o in origins.items() if k.lstrip().startswith(b"-----")]
+    for key, origin in origins.items():
+        if len(key) == 32 and key_id(key) == publisher:
+            return origin
+    roots = [o for k, o in origins.items() if len(k) != 32]
     return "an X.509 root: " + "; ".join(roots) if roots else "the trust policy"
 
 
@@ -165,12 +176,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from autoglm.node._device import probe_device
     from autoglm.node._doctor import run_checks
 
+    probe = None
+    if args.manifest:
+        from ._manifest_cmds import read_manifest_arg
+
+        files = [f for f in read_manifest_arg(args.manifest).manifest.files if f.size]
+        if files:
+            small = min(files, key=lambda f: f.size)  # HEAD costs the same; a GET fallback reads one byte
+            probe = (small.path, small.size)
     device = probe_device(args.data_dir)
-    checks = run_checks(device, args.data_dir, mirrors=tuple(args.mirror), bootstraps=tuple(args.bootstrap))
+    checks = run_checks(device, args.data_dir, mirrors=tuple(args.mirror), mirror_probe=probe,
+                        bootstraps=tuple(args.bootstrap))
     failed = any(c.status == "fail" for c in checks)
+    rc = EXIT["doctor"] if failed else EXIT["ok"]
     if args.json:
         print_json({"device": device.to_value(), "checks": [c.to_value() for c in checks], "ok": not failed})
-        return EXIT["error"] if failed else EXIT["ok"]
+        return rc
     cpu = device.cpu
     feats = ", ".join(f for f, on in (("AVX2", cpu.avx2), ("AVX-512", cpu.avx512), ("AMX", cpu.amx)) if on) or "none"
     console.print(f"[bold]{escape(cpu.model)}[/], {cpu.logical_cores} threads ({cpu.physical_cores or '?'} cores), vector: {feats}")
@@ -185,4 +206,4 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         console.print(f"{marks[c.status]}  {c.name:<11} {escape(c.detail)}")
         if c.hint and c.status != "pass":
             console.print(f"      [dim]-> {escape(c.hint)}[/]")
-    return EXIT["error"] if failed else EXIT["ok"]
+    return rc

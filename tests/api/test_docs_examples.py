@@ -5,7 +5,9 @@ type them), in a fresh directory laid out as the docs assume (``tiny/``,
 ``publisher.pub``; see conftest.py), with ``$AUTOGLM_DATA_DIR`` pointing
 into it. The only rewrite is the mirror's address: the docs say
 ``http://127.0.0.1:8080/``, the test's mirror listens on a free port.
-Sketches that are not meant to run use another fence (```pyi, ```text).
+Sketches that are not meant to run say so in the fence: ```python no-run
+(or use another language, ```pyi, ```text); they are listed below so the
+opt-out stays visible.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ def python_blocks(path: Path) -> list[tuple[str, str]]:
 
 
 DOCS_WITH_CODE = [p for p in DOCS if python_blocks(p)]
+NO_RUN = re.compile(r"^```python[ \t]+no-run[ \t]*$", re.M)
+#: The blocks that opted out of running, by document (a new one must be added here on purpose).
+NOT_RUN = {"docs/huggingface.md": 1}
+
+
+def test_blocks_that_do_not_run_are_few_and_known() -> None:
+    found = {p.relative_to(REPO).as_posix(): len(NO_RUN.findall(p.read_text())) for p in DOCS}
+    assert {k: v for k, v in found.items() if v} == NOT_RUN
 
 
 def test_the_documents_that_must_have_examples_have_them() -> None:
