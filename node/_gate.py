@@ -428,12 +428,17 @@ class ResolvedModel:
     signed_manifest: bytes | None = None
 
 
-def resolve_model(name_or_path: str | os.PathLike[str], data_dir: Path | None) -> ResolvedModel:
-    """A path that exists, else NAME[@VERSION] of a completed download in DATA_DIR's store."""
+def resolve_model(name_or_path: str | os.PathLike[str], data_dir: Path | None, *, stored_manifest_for_paths: bool = False) -> ResolvedModel:
+    """A path that exists, else NAME[@VERSION] of a completed download in DATA_DIR's store.
+
+    ``stored_manifest_for_paths``: a directory without a manifest beside its
+    files that this data directory fetched gets the download's stored
+    manifest too (``open_model``; ``verify PATH`` stays a sandbox-only check).
+    """
     p = Path(name_or_path).expanduser()
     if p.exists():
         root = p.resolve()
-        if data_dir is not None and root.is_dir() and _find_manifest(root) is None:
+        if stored_manifest_for_paths and data_dir is not None and root.is_dir() and _find_manifest(root) is None:
             from autoglm.node._store import find_download_at  # the store owns its schema
 
             # A directory this node fetched: its stored signed manifest vouches for it.
@@ -517,7 +522,7 @@ def open_model(
     arrays when the safetensors package is installed.
     """
     ddir = resolve_data_dir(data_dir)
-    resolved = resolve_model(name_or_path, ddir)
+    resolved = resolve_model(name_or_path, ddir, stored_manifest_for_paths=True)
     root = resolved.path
     mpath = None if manifest_path is None else Path(manifest_path).expanduser()
     files = [root] if root.is_file() else list(iter_model_files(root))
