@@ -7,9 +7,10 @@ Strategy: trio cannot start inside a thread that already runs an event loop
 synchronous entry points run ``trio.run`` in this thread when no loop runs
 here, and in a fresh worker thread (joined before returning) when one does.
 The async entry points ask which library is running them: under trio they
-run the trio code in place; under asyncio they hand the synchronous entry
-point to ``asyncio.to_thread``, so the caller's loop keeps serving its
-other tasks.
+run the trio code in place; under asyncio it runs in a worker thread, so
+the caller's loop keeps serving its other tasks. A worker's trio run can be
+cancelled from the waiting side (Ctrl-C, a cancelled asyncio task), so a
+fetch never goes on in the background after its caller gave up.
 """
 
 from __future__ import annotations
