@@ -266,6 +266,7 @@ def _fetch_here(args: argparse.Namespace, renderer: _Renderer) -> FetchResult:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from autoglm.node._store import Store
@@ -281,6 +282,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 "name": r.name, "version": r.version, "id": r.manifest_id.hex(), "out": str(r.out_dir),
                 "pieces_done": r.pieces_done, "pieces_total": r.pieces_total,
                 "bytes_done": r.bytes_done, "bytes_total": r.bytes_total, "complete": r.completed,
+                "problem": r.problem,
             })
         return 0
     if not rows:
@@ -291,6 +293,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         table.add_column(col)
     for r in rows:
         state = "[green]complete[/]" if r.completed else f"[yellow]{100 * r.bytes_done / max(r.bytes_total, 1):.0f}%[/] ({r.pieces_done}/{r.pieces_total} pieces)"
+        if r.problem:  # finished once, but not what is on disk now: `fetch` again repairs it
+            state = f"[red]damaged[/]: {escape(r.problem)}; fetch again to repair"
         table.add_row(r.name, r.version, r.manifest_id.hex()[:12], state, human_bytes(r.bytes_total), str(r.out_dir))
     console.print(table)
     return 0
