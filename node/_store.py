@@ -1228,7 +1228,8 @@ class Download:
         self.done -= set(bad)
         for i in bad:
             self.learned.pop(i, None)
-        self.store._written_here.difference_update((self.manifest_id, i) for i in self._pm.file_range(fi))
+        for i in self._pm.file_range(fi):
+            self.store._written_here.pop((self.manifest_id, i), None)
 
     def discard_if_untouched(self) -> bool:
         """After a failed start: forget this download if it holds nothing verified and nothing staged.
