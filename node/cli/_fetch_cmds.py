@@ -138,6 +138,11 @@ def _files_for_variant(args: argparse.Namespace, manifest: Any) -> list[str] | N
     return None if variant is None else list(variant.files)
 
 
+def _is_name(manifest: str) -> bool:
+    """``hf:ORG/REPO``: the name ``publish hf://…`` gives, resolved through a signed name record (not a file here)."""
+    return manifest.startswith("hf:") and not manifest.startswith("hf://") and not Path(manifest).exists()
+
+
 def _absolute(manifest: str) -> str:
     return manifest if manifest.startswith(("http://", "https://")) else str(Path(manifest).resolve())
 
@@ -168,6 +173,9 @@ def _delegate(args: argparse.Namespace, sock: socket.socket, renderer: _Renderer
         "op": "fetch", **_plan_wire(args, files), "trust": [str(p.resolve()) for p in args.trust],
         "roots": [str(p.resolve()) for p in args.root], "spiffe_ids": args.spiffe_id,
     }
+    if _is_name(args.manifest):  # the node resolves the signed name record (publish hf://… --name-publish)
+        del request["manifest"]
+        request["name"] = args.manifest
     for line in control_request(args.data_dir, request, sock=sock):
         kind = line.get("event")
         if kind == "result":
@@ -194,6 +202,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
     if is_hub_ref(args.manifest):  # a Hugging Face / ModelScope repository: node/hub
         return cmd_fetch_hub(args, renderer)
+    if _is_name(args.manifest) and (args.standalone or args.variant or args.hf_cache):
+        raise ConfigError(f"fetch {args.manifest} (a name) goes through the running `join` node; "
+                          "--standalone, --variant and --hf-cache need the manifest file")
     hf_state = None
     if args.hf_cache:  # sets --out to a folder inside the cache when not given
         from autoglm.node.hub._publish_cli import prepare_hf_cache_fetch
@@ -214,6 +225,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                 from autoglm.node._control_client import connect
 
                 sock = connect(args.data_dir)
+            if sock is None and _is_name(args.manifest):
+                raise ConfigError(f"fetch {args.manifest}: resolving a name needs `autoglm-node join` running on this data directory")
             if sock is not None:
                 line = _delegate(args, sock, renderer)
                 result = {k: line.get(k) for k in ("bytes_total", "bytes_by_source", "received_by_source")}

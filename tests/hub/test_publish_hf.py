@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,7 @@ async def test_fetch_manifest_into_the_hf_cache_is_found_offline(hub: Hub, tmp_p
     offline = clean_env(tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
     code = f"""
 import json
+import os
 from huggingface_hub import snapshot_download, try_to_load_from_cache
 snap = snapshot_download({REPO!r}, cache_dir={str(ours)!r})
 cfg = try_to_load_from_cache({REPO!r}, "config.json", cache_dir={str(ours)!r})
@@ -180,3 +182,38 @@ async def test_two_nodes_seed_it_with_the_hub_as_only_web_seed(hub: Hub, tmp_pat
     # Two nodes, one copy from the origin (the rest between peers): at most 1.25 copies.
     print(f"origin egress {origin / size:.2f} copies; by source {[r['bytes_by_source'] for r in results]}")
     assert size <= origin <= 1.25 * size
+
+
+@pytest.mark.integration
+async def test_name_publish_then_fetch_by_name_from_the_swarm(hub: Hub, tmp_path: Path) -> None:
+    from tests.swarm.harness import CLI, processes, start_node
+
+    env = clean_env(tmp_path, HF_ENDPOINT=hub.url)
+    await keygen(tmp_path, env)
+    pub = {"manifest": tmp_path / "m.agm", "key": tmp_path / "key.pub"}
+
+    def swarm() -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+        import subprocess
+
+        with processes() as procs:
+            a = start_node(procs, tmp_path, "a", pub, seed=False, env=env)  # the publisher's node: DHT only
+            boot = a.seen[0]["addrs"][0]
+            # publish on a's data directory, and point the signed name record hf:ORG/REPO at the manifest.
+            done = subprocess.run([*CLI, "--data-dir", str(tmp_path / "a"), "publish", f"hf://{REPO}", "--key", str(tmp_path / "key"),
+                                   "--cache-dir", str(tmp_path / "pubcache"), "--out", str(pub["manifest"]), "--name-publish", "--json"],
+                                  capture_output=True, timeout=120, env={**os.environ, **env})
+            assert done.returncode == 0, done.stderr.decode()
+            b = start_node(procs, tmp_path, "b", pub, bootstrap=[boot], env=env)
+            b.event("complete", 120)
+            c = start_node(procs, tmp_path, "c", pub, bootstrap=[boot], seed=False, env=env)
+            del c
+            got = subprocess.run([*CLI, "--data-dir", str(tmp_path / "c"), "fetch", f"hf:{REPO}", "--out", str(tmp_path / "c-out"),
+                                  "--trust", str(pub["key"]), "--json"], capture_output=True, timeout=120, env={**os.environ, **env})
+            return json.loads(done.stdout.decode().splitlines()[-1]), b.seen[-1], got.stdout, got.stderr
+
+    published, _, out, err = await trio.to_thread.run_sync(swarm)
+    assert published["name_record"]["event"] == "name-published" and published["name"] == f"hf:{REPO}"
+    lines = [json.loads(ln) for ln in out.decode().splitlines()]
+    assert lines and lines[-1]["event"] == "done", err.decode()[-3000:]
+    assert set(lines[-1]["bytes_by_source"]) and all(k.startswith("peer:") for k in lines[-1]["bytes_by_source"])
+    assert {p: read(str(tmp_path / "c-out" / p)) for p in hub.files} == hub.files
