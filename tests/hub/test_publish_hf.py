@@ -114,9 +114,20 @@ async def test_tampered_provenance_is_refused(hub: Hub, tmp_path: Path) -> None:
     res = await run_cli(["--data-dir", str(tmp_path / "c"), "fetch", str(tmp_path / "m.agm"), "--standalone", "--hf-cache",
                          "--cache-dir", str(tmp_path / "c-cache"), "--trust", str(tmp_path / "key.pub")], env, check=False)
     assert res.returncode != 0 and b"provenance signature is invalid" in res.stderr + res.stdout
+    assert not (tmp_path / "c-cache" / FOLDER / "snapshots").exists()
+
+    # A valid provenance of another manifest (the same commit published again) is refused too.
+    await publish(tmp_path, env, tmp_path / "cache", tmp_path / "m2.agm")
+    (tmp_path / "m.agm.hub.json").write_bytes((tmp_path / "m2.agm.hub.json").read_bytes())
+    res = await run_cli(["--data-dir", str(tmp_path / "c"), "fetch", str(tmp_path / "m.agm"), "--standalone",
+                         "--out", str(tmp_path / "c-out"), "--trust", str(tmp_path / "key.pub")], env, check=False)
+    assert res.returncode != 0 and b"describes manifest" in res.stderr + res.stdout
 
 
 async def test_fetch_manifest_into_the_hf_cache_is_found_offline(hub: Hub, tmp_path: Path) -> None:
+    # What real repositories hold besides weights: a dotfile, an empty file.
+    hub.files = {**hub.files, ".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n", "empty.txt": b""}
+    hub.commit = hub.server.add_commit(REPO, hub.files)
     env = clean_env(tmp_path, HF_ENDPOINT=hub.url)
     await keygen(tmp_path, env)
     await publish(tmp_path, env, tmp_path / "pubcache", tmp_path / "m.agm")
