@@ -117,7 +117,10 @@ async def test_tampered_provenance_is_refused(hub: Hub, tmp_path: Path) -> None:
     assert not (tmp_path / "c-cache" / FOLDER / "snapshots").exists()
 
     # A valid provenance of another manifest (the same commit published again) is refused too.
-    await publish(tmp_path, env, tmp_path / "cache", tmp_path / "m2.agm")
+    res = await run_cli(["--data-dir", str(tmp_path / "pub"), "publish", f"hf://{REPO}", "--key", str(tmp_path / "key"),
+                         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "m2.agm")], env)
+    text = res.stdout.decode()
+    assert "read from the HF cache" in text and f"web seed   {hub.url}/{REPO}/resolve/{hub.commit}/" in text
     (tmp_path / "m.agm.hub.json").write_bytes((tmp_path / "m2.agm.hub.json").read_bytes())
     res = await run_cli(["--data-dir", str(tmp_path / "c"), "fetch", str(tmp_path / "m.agm"), "--standalone",
                          "--out", str(tmp_path / "c-out"), "--trust", str(tmp_path / "key.pub")], env, check=False)
