@@ -231,3 +231,32 @@ async def test_name_publish_then_fetch_by_name_from_the_swarm(hub: Hub, tmp_path
     assert lines and lines[-1]["event"] == "done", err.decode()[-3000:]
     assert set(lines[-1]["bytes_by_source"]) and all(k.startswith("peer:") for k in lines[-1]["bytes_by_source"])
     assert {p: read(str(tmp_path / "c-out" / p)) for p in hub.files} == hub.files
+
+
+async def test_private_repo_two_endpoints_no_token_written_and_disagreement_refused(hub: Hub, tmp_path: Path) -> None:
+    from .hubserver import HubServer
+
+    hub.server.repos[REPO].token = "hf_sekret"
+    second = HubServer(hub.root, cdn=hub.cdn)
+    second.repos = {REPO: hub.server.repos[REPO]}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.serve)
+        env = clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN="hf_sekret")
+        await keygen(tmp_path, env)
+        mirror = f"http://127.0.0.1:{second.port}"
+        info = await publish(tmp_path, env, tmp_path / "cache", tmp_path / "m.agm", "--endpoint", mirror)
+        assert info["endpoints"] == [hub.url, mirror]
+        assert info["mirrors"] == [f"{hub.url}/{REPO}/resolve/{hub.commit}/", f"{mirror}/{REPO}/resolve/{hub.commit}/"]
+        for f in ("m.agm", "m.agm.hub.json"):
+            assert b"hf_sekret" not in (tmp_path / f).read_bytes(), f
+
+        # The second endpoint now names another SHA-256 for a shard: refused before anything is written.
+        lying = HubServer(hub.root, cdn=hub.cdn)
+        lying.repos = {REPO: type(hub.server.repos[REPO])(REPO, hub.server.repos[REPO].commits, hub.server.repos[REPO].refs,
+                                                          "hf_sekret", {"model-00001-of-00002.safetensors": "cd" * 32})}
+        await nursery.start(lying.serve)
+        res = await publish(tmp_path, env, tmp_path / "cache", tmp_path / "m3.agm", "--endpoint", f"http://127.0.0.1:{lying.port}",
+                            check=False)
+        assert res.returncode != 0 and not (tmp_path / "m3.agm").exists()
+        assert b"endpoints disagree on model-00001-of-00002.safetensors" in res.stderr
+        nursery.cancel_scope.cancel()
