@@ -410,8 +410,8 @@ class Fetch:
         self._withdraw_not_ours()
         self._wake()
 
-    def peer_progress(self, peer: str) -> None:
-        self.picker.peer_progress(peer, trio.current_time())
+    def peer_progress(self, peer: str, index: int) -> None:
+        self.picker.peer_progress(peer, index, trio.current_time())
 
     def peer_claims(self, peer: str, indices: Iterable[int]) -> None:
         """A swarm peer asked a mirror for these pieces: leave them to it (withdrawing ours if it wins the tie)."""

@@ -96,8 +96,8 @@ class FetchHandle(Protocol):
         """The peers fetching this manifest, and those that hold all of it (first-copy spreading)."""
         ...
 
-    def peer_progress(self, peer: str) -> None:
-        """``peer`` announced a new piece of this manifest."""
+    def peer_progress(self, peer: str, index: int) -> None:
+        """``peer`` sent a Have for piece ``index`` of this manifest (first-copy progress, if new)."""
         ...
 
     def peer_claims(self, peer: str, indices: Iterable[int]) -> None:

@@ -182,7 +182,7 @@ class RecordingFetch:
         self.swarms.append(set(peers))
         self.complete.append(set(complete))
 
-    def peer_progress(self, peer: str) -> None:
+    def peer_progress(self, peer: str, index: int) -> None:
         self.progress.append(peer)
 
     def peer_claims(self, peer: str, indices: Any) -> None:
