@@ -434,7 +434,12 @@ class ControlConnection:
         keepalive_interval: float = 15.0,
         idle_timeout: float = 45.0,
         handshake_timeout: float = 10.0,
+        max_manifests: int = 256,
+        max_bitfield_bytes: int = 4 * 1024 * 1024,
     ) -> None:
+        self.max_manifests = max_manifests
+        self.max_bitfield_bytes = max_bitfield_bytes
+        self._their_bits = 0  # bytes of the bitfields the peer announced, as we keep them
         self.ours = _Side()
         self.theirs = _Side()
         self.keepalive_interval = keepalive_interval
@@ -525,10 +530,9 @@ class ControlConnection:
                     raise RemoteProtocolError(f"peer speaks control version {msg.version}, we speak {CONTROL_VERSION}")
                 side.endpoint, side.token = msg.endpoint, msg.token
                 for s in msg.manifests:
-                    side.manifests[s.manifest_id] = Bitfield.from_bytes(s.bitfield, s.piece_count)
+                    self._keep_theirs(s)
             case Announce():
-                s = msg.state
-                side.manifests[s.manifest_id] = Bitfield.from_bytes(s.bitfield, s.piece_count)
+                self._keep_theirs(msg.state)
             case Have():
                 bf = side.manifests.get(msg.manifest_id)
                 if bf is None or msg.index >= bf.size:
@@ -548,6 +552,18 @@ class ControlConnection:
                 side.token = msg.token
             case _:
                 pass
+
+    def _keep_theirs(self, s: ManifestState) -> None:
+        """Keep a manifest the peer announced, within its budget (manifests, bitfield bytes)."""
+        side = self.theirs
+        old = side.manifests.get(s.manifest_id)
+        bits = self._their_bits - (0 if old is None else (old.size + 7) // 8) + (s.piece_count + 7) // 8
+        if old is None and len(side.manifests) >= self.max_manifests:
+            raise RemoteProtocolError(f"peer announced more than {self.max_manifests} manifests")
+        if bits > self.max_bitfield_bytes:
+            raise RemoteProtocolError(f"peer announced more than {self.max_bitfield_bytes} bytes of bitfields")
+        side.manifests[s.manifest_id] = Bitfield.from_bytes(s.bitfield, s.piece_count)
+        self._their_bits = bits
 
     # -- time ------------------------------------------------------------
     def next_deadline(self) -> float | None:

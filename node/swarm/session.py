@@ -200,9 +200,13 @@ class Session:
         self.peer_id = stream.peer_id
         self.initiator = initiator
         cfg = host.config
+        budget = cfg.budget
         self.conn = ControlConnection(
-            trio.current_time(), keepalive_interval=cfg.keepalive_interval, idle_timeout=cfg.idle_timeout
+            trio.current_time(), keepalive_interval=cfg.keepalive_interval, idle_timeout=cfg.idle_timeout,
+            max_manifests=budget.announced_manifests, max_bitfield_bytes=budget.announced_bitfield_bytes,
         )
+        # The IP this session came from: the only host its peerwire endpoint may have.
+        self.remote_host: str | None = getattr(stream, "remote_host", None)
         self.outbox_send, self.outbox_recv = trio.open_memory_channel[ControlMessage](1024)
         self.unchoking = False  # whether we unchoke this peer
         self.closed = False
@@ -307,8 +311,13 @@ class Session:
                 if theirs.token is None:
                     raise SourceError(f"peer {self.peer_id} sent no peerwire token")
             token, theirs.token = theirs.token, None  # one time only
-            ep = theirs.endpoint
-            self._pw = await connect_peerwire(ep.host, ep.port, token, self.host.down, self.host.config.swarm_key)
+            # The host is where this Noise-authenticated session came from, never
+            # what the peer names (any string, a hostname, a third party's address):
+            # only the port is the peer's word.
+            if self.remote_host is None:
+                raise SourceError(f"peer {self.peer_id} has no address to reach its pieces at")
+            port = theirs.endpoint.port
+            self._pw = await connect_peerwire(self.remote_host, port, token, self.host.down, self.host.config.swarm_key)
             return self._pw
 
     async def writer(self) -> None:

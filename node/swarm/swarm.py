@@ -101,7 +101,9 @@ class Swarm:
         self.sessions = self.dialer.sessions
         self.fetches = Fetches(self.sessions, self.config, self.stats, self._emit)
         self.held = Held(store)
-        self.serving = Serving(self.held, store, self.stats, self.fetches.is_banned, self._unchoked)
+        self.serving = Serving(
+            self.held, store, self.stats, self.fetches.is_banned, self._unchoked, self.config.budget
+        )
         self.discovery = Discovery(p2p, self.config, self.dialer, self.fetches, self.held, self._emit)
         self.aliases = Aliases(self.sessions, self.fetches, self.held.envelopes)
         self._nursery: trio.Nursery | None = None
@@ -115,7 +117,8 @@ class Swarm:
             host, port = await nursery.start(
                 lambda task_status: serve_peerwire(
                     self.serving, self.serving.redeem, host=self.config.peerwire_host, port=self.config.peerwire_port,
-                    up=self.up, psk=self.config.swarm_key, task_status=task_status,
+                    up=self.up, psk=self.config.swarm_key, idle_timeout=self.config.budget.peerwire_idle,
+                    task_status=task_status,
                 )
             )
             self.endpoint = Endpoint(host, port)

@@ -264,6 +264,9 @@ class IntroP2P:
     def __init__(self) -> None:
         self.dialled: list[Any] = []
 
+    def addrs(self) -> list[str]:
+        return [f"/ip4/127.0.0.1/tcp/4000/p2p/{self.peer_id}"]
+
     def peer_addrs(self, peer_id: str, limit: int = 8) -> tuple[str, ...]:
         return (f"/ip4/127.0.0.1/tcp/4001/p2p/{peer_id}",)[:limit]
 

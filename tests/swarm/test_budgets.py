@@ -1,0 +1,261 @@
+"""Budgets per peer (issue 11, items 6 and 7): what one peer may cost a node, without processes.
+
+Sessions over memory streams, a real peerwire server and client on
+127.0.0.1, dialling through a recording libp2p stand-in.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from autoglm.node._peerwire import serve_peerwire
+from autoglm.node._store import Store
+from autoglm.node.errors import SourceError
+from autoglm.node.swarm import PeerBudget, Swarm, SwarmConfig
+from autoglm.protocol._control import (
+    Announce,
+    ControlConnection,
+    Endpoint,
+    Hello,
+    ManifestState,
+    PeerInfo,
+    Peers,
+    TokenRequest,
+)
+from autoglm.protocol._frames import NEED_DATA
+from autoglm.protocol._peerwire import (
+    _CLIENT_CODES,
+    Cancel,
+    PeerwireClient,
+    PieceReceived,
+    Rejected,
+    Welcome,
+    _frame,
+)
+
+from .test_peerwire_tcp import MID, PIECE, Tokens, _model
+from .test_swarm_unit import IntroP2P, MemControlStream, RecordingFetch, _next
+
+
+class HangP2P(IntroP2P):
+    """Dials that never complete (a third party that never answers), recorded."""
+
+    async def open_control(self, peer: Any) -> Any:
+        self.dialled.append(peer)
+        await trio.sleep_forever()
+
+
+async def _open(swarm: Swarm, nursery: trio.Nursery, name: str = "peerB", remote: str | None = None) -> tuple[MemControlStream, ControlConnection]:
+    a, b = trio.testing.memory_stream_pair()
+    ours = MemControlStream(a, name)
+    if remote is not None:
+        ours.remote_host = remote  # type: ignore[attr-defined]
+    nursery.start_soon(swarm.serve_session, ours)
+    theirs, conn = MemControlStream(b, "peerSelf"), ControlConnection(trio.current_time())
+    assert isinstance(await _next(conn, theirs), Hello)
+    return theirs, conn
+
+
+# -- item 7: dialling where a peer says ----------------------------------------------
+
+
+async def test_peers_messages_queue_bounded_dials_to_allowed_addresses(tmp_path: Path) -> None:
+    """200 Peers messages with fresh ids: at most intro_dials_per_peer dials, none outside our scope."""
+    p2p = HangP2P()
+    swarm = Swarm(p2p, Store(tmp_path), SwarmConfig(intro_dial_delay=0.0))  # type: ignore[arg-type]
+    mid = b"\x0b" * 32
+    swarm.start_holding(mid, 2)
+    swarm.attach(mid, RecordingFetch())
+    addrs = ("/ip4/10.9.9.9/tcp/1", "/ip4/169.254.169.254/tcp/80", "/dns4/victim.example/tcp/80", "/ip4/127.0.0.1/tcp/9")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            swarm.use_nursery(nursery)
+            theirs, conn = await _open(swarm, nursery)
+            await theirs.send_all(conn.send(Hello((), None, b"t" * 16), 0.0))
+            for m in range(200):
+                infos = tuple(PeerInfo(f"zz{m:03d}{k:02d}", addrs) for k in range(50))
+                await theirs.send_all(conn.send(Peers(mid, infos), 0.0))
+            await trio.testing.wait_all_tasks_blocked()
+            budget = swarm.config.budget
+            assert 0 < len(p2p.dialled) <= budget.intro_dials_per_peer  # (8 run at once, the rest wait)
+            # Only our own scope (loopback here): never the private, link-local or named hosts it gave.
+            assert all(d.addrs == ("/ip4/127.0.0.1/tcp/9",) for d in p2p.dialled)
+            assert len(swarm.dialer.intro_budget) == budget.intro_dials_per_peer
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_address_outside_our_scope_is_never_dialled(tmp_path: Path) -> None:
+    p2p = HangP2P()
+    swarm = Swarm(p2p, Store(tmp_path), SwarmConfig(intro_dial_delay=0.0))  # type: ignore[arg-type]
+    mid = b"\x0b" * 32
+    swarm.start_holding(mid, 2)
+    swarm.attach(mid, RecordingFetch())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            swarm.use_nursery(nursery)
+            theirs, conn = await _open(swarm, nursery)
+            await theirs.send_all(conn.send(Hello((), None, b"t" * 16), 0.0))
+            bad = ("/ip4/192.168.0.1/tcp/22", "/ip6/fe80::1/tcp/22", "/ip4/0.0.0.0/tcp/1")
+            await theirs.send_all(conn.send(Peers(mid, (PeerInfo("zzA", bad),)), 0.0))
+            await trio.testing.wait_all_tasks_blocked()
+            assert p2p.dialled == []
+            nursery.cancel_scope.cancel()
+
+
+async def test_peerwire_goes_to_the_session_ip_not_the_named_host(tmp_path: Path) -> None:
+    """Hello names a third party's host: the token goes to where the session came from, on Hello's port."""
+    swarm = Swarm(None, Store(tmp_path), SwarmConfig())  # type: ignore[arg-type]
+    got: list[bytes] = []
+    accepted = trio.Event()
+
+    async def listener(stream: trio.SocketStream) -> None:
+        got.append(await stream.receive_some(4096))
+        accepted.set()
+        await stream.aclose()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            [lst] = await nursery.start(functools.partial(trio.serve_tcp, listener, 0, host="127.0.0.1"))
+            port = lst.socket.getsockname()[1]
+            theirs, conn = await _open(swarm, nursery, remote="127.0.0.1")
+            # 203.0.113.7 (TEST-NET-3) stands for a victim: nothing may be sent there.
+            await theirs.send_all(conn.send(Hello((), Endpoint("203.0.113.7", port), b"T" * 32), 0.0))
+            await trio.testing.wait_all_tasks_blocked()
+            s = swarm.sessions["peerB"]
+            with pytest.raises(SourceError):
+                await s.peerwire()
+            await accepted.wait()
+            assert b"T" * 32 in got[0]
+            nursery.cancel_scope.cancel()
+
+
+async def test_no_peerwire_without_a_session_address(tmp_path: Path) -> None:
+    swarm = Swarm(None, Store(tmp_path), SwarmConfig())  # type: ignore[arg-type]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            theirs, conn = await _open(swarm, nursery)
+            await theirs.send_all(conn.send(Hello((), Endpoint("127.0.0.1", 9), b"T" * 32), 0.0))
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(SourceError, match="no address"):
+                await swarm.sessions["peerB"].peerwire()
+            nursery.cancel_scope.cancel()
+
+
+# -- item 6: unbounded per-peer state -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("budget", "count", "pieces"),
+    [
+        (PeerBudget(announced_manifests=8), 9, 16),  # fresh ids
+        (PeerBudget(announced_bitfield_bytes=1 << 20), 5, 2_000_000),  # 250 KB bitfields
+    ],
+)
+async def test_announcing_beyond_the_budget_ends_the_session(tmp_path: Path, budget: PeerBudget, count: int, pieces: int) -> None:
+    swarm = Swarm(None, Store(tmp_path), SwarmConfig(budget=budget))  # type: ignore[arg-type]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            theirs, conn = await _open(swarm, nursery)
+            await theirs.send_all(conn.send(Hello((), None, b"t" * 16), 0.0))
+            bits = b"\x00" * ((pieces + 7) // 8)
+            for k in range(count - 1):
+                await theirs.send_all(conn.send(Announce(ManifestState(bytes([k]) * 32, pieces, bits)), 0.0))
+            await trio.testing.wait_all_tasks_blocked()
+            assert "peerB" in swarm.sessions  # within budget
+            await theirs.send_all(conn.send(Announce(ManifestState(b"\xff" * 32, pieces, bits)), 0.0))
+            await trio.testing.wait_all_tasks_blocked()
+            assert "peerB" not in swarm.sessions
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_re_announce_replaces_and_does_not_add_up(tmp_path: Path) -> None:
+    swarm = Swarm(None, Store(tmp_path), SwarmConfig(budget=PeerBudget(announced_bitfield_bytes=300_000)))  # type: ignore[arg-type]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            theirs, conn = await _open(swarm, nursery)
+            await theirs.send_all(conn.send(Hello((), None, b"t" * 16), 0.0))
+            state = ManifestState(b"\x01" * 32, 2_000_000, b"\x00" * 250_000)
+            for _ in range(10):
+                await theirs.send_all(conn.send(Announce(state), 0.0))
+            await trio.testing.wait_all_tasks_blocked()
+            assert "peerB" in swarm.sessions
+            nursery.cancel_scope.cancel()
+
+
+async def test_tokens_per_peer_are_capped(tmp_path: Path) -> None:
+    swarm = Swarm(None, Store(tmp_path), SwarmConfig())  # type: ignore[arg-type]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            theirs, conn = await _open(swarm, nursery)
+            await theirs.send_all(conn.send(Hello((), None, b"t" * 16), 0.0))
+            for _ in range(2000):
+                await theirs.send_all(conn.send(TokenRequest(), 0.0))
+            for _ in range(2000):
+                await _next(conn, theirs)
+            assert swarm.serving.live_tokens("peerB") == swarm.config.budget.tokens
+            nursery.cancel_scope.cancel()
+
+
+def test_tokens_expire_and_connections_per_peer_are_capped(tmp_path: Path) -> None:
+    async def main() -> None:
+        swarm = Swarm(None, Store(tmp_path), SwarmConfig(budget=PeerBudget(tokens=8, peerwire_conns=2, token_ttl=60)))  # type: ignore[arg-type]
+        serving = swarm.serving
+        old = serving.issue_token("p")
+        await trio.sleep(61)
+        assert serving.redeem(old) is None  # expired
+        grants = [serving.redeem(serving.issue_token("p")) for _ in range(3)]
+        assert grants[0] is not None and grants[1] is not None and grants[2] is None  # two open at most
+        assert serving.redeem(serving.issue_token("q")) is not None  # another peer's budget
+        grants[0].release()
+        grants[0].release()  # once only
+        assert serving.open_conns("p") == 1
+        assert serving.redeem(serving.issue_token("p")) is not None
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def _authed(port: int, token: bytes) -> tuple[trio.SocketStream, PeerwireClient]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    client = PeerwireClient()
+    await stream.send_all(client.auth(token))
+    while not isinstance(client.next_event(), Welcome):
+        client.receive_data(await stream.receive_some(65536))
+    return stream, client
+
+
+async def test_a_cancel_for_an_id_never_requested_is_ignored(tmp_path: Path) -> None:
+    """Cancels for ids never requested are not kept (they cancelled a later request with that id)."""
+    loc, tokens = _model(tmp_path, 1), Tokens()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            _host, port = await nursery.start(serve_peerwire, loc, tokens.redeem)
+            stream, client = await _authed(port, tokens.issue("a"))
+            # Raw frames: an honest client never cancels what it did not request.
+            await stream.send_all(b"".join(_frame([_CLIENT_CODES[Cancel], k]) for k in range(1, 5001)))
+            await stream.send_all(client.request(7, MID, 0, PIECE, accept_zstd=False))
+            while isinstance(ev := client.next_event(), type(NEED_DATA)):
+                client.receive_data(await stream.receive_some(1 << 20))
+            assert isinstance(ev, PieceReceived) and not isinstance(ev, Rejected)
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_authenticated_connection_is_closed(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    loc, tokens = _model(tmp_path, 1), Tokens()
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            _host, port = await nursery.start(lambda task_status: serve_peerwire(loc, tokens.redeem, idle_timeout=120, task_status=task_status))
+            tok = tokens.issue("a")
+            grant = tokens.live[tok]
+            stream, _client = await _authed(port, tok)
+            t0 = trio.current_time()
+            assert await stream.receive_some(10) == b""  # the server closed it
+            assert 120 <= trio.current_time() - t0 < 130
+            assert grant.released
+            nursery.cancel_scope.cancel()
