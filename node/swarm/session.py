@@ -34,6 +34,8 @@ from autoglm.protocol._control import (
     Close,
     ControlConnection,
     ControlMessage,
+    GetManifest,
+    ManifestData,
     Phase,
     TokenRequest,
     Unchoke,
@@ -48,6 +50,7 @@ __all__ = ["PeerSource", "Session", "SessionHost"]
 log = logging.getLogger("autoglm.node.swarm")
 
 _COALESCE_MAX = 256  # queued control messages joined into one write
+_COALESCE_BYTES = 1 << 20  # ... and at most about this many bytes of them
 
 
 class SessionHost(Protocol):
@@ -222,6 +225,11 @@ class Session:
         self._pw_lock = trio.Lock()
         self._token_ready = trio.Event()
         self.cancel_scope = trio.CancelScope()
+        # GetManifest budget: each envelope once per session, requests refilled
+        # at manifest_requests_per_minute, reply bytes queued and not yet written.
+        self.manifests_sent: set[bytes] = set()
+        self._manifest_credit = (float(budget.manifest_requests_per_minute), trio.current_time())
+        self.manifest_bytes_queued = 0
 
     # -- what the peer told us -------------------------------------------------
     def holds(self, manifest_id: bytes) -> bool:
@@ -279,6 +287,33 @@ class Session:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
+    def serve_manifest(self, msg: GetManifest, envelope: bytes) -> None:
+        """Answer a GetManifest within the peer's budget (docs/security.md, "Budgets per peer").
+
+        Each envelope goes to a peer once per session; a peer that asks
+        faster than ``manifest_requests_per_minute`` loses its session; while
+        ``manifest_reply_bytes`` of replies wait to be written, more requests
+        are not answered (the asker bounds its own wait).
+        """
+        budget = self.host.config.budget
+        now = trio.current_time()
+        left, since = self._manifest_credit
+        left = min(float(budget.manifest_requests_per_minute), left + (now - since) * budget.manifest_requests_per_minute / 60)
+        if left < 1.0:
+            log.warning("peer %s asks for manifests faster than %d a minute; dropping it", self.peer_id, budget.manifest_requests_per_minute)
+            self.cancel_scope.cancel()
+            return
+        self._manifest_credit = (left - 1.0, now)
+        if msg.manifest_id in self.manifests_sent:
+            return
+        if envelope and self.manifest_bytes_queued + len(envelope) > budget.manifest_reply_bytes:
+            log.info("peer %s has %d bytes of manifests queued: not answering", self.peer_id, self.manifest_bytes_queued)
+            return
+        if envelope:
+            self.manifests_sent.add(msg.manifest_id)
+            self.manifest_bytes_queued += len(envelope)
+        self.post(ManifestData(msg.manifest_id, envelope))
+
     def set_unchoked(self, on: bool) -> None:
         if on != self.unchoking:
             self.unchoking = on
@@ -333,19 +368,27 @@ class Session:
             now = trio.current_time()
             # handle_timer raises when the peer went silent.
             data = self.conn.handle_timer(now) if msg is None else self.conn.send(msg, now)
+            replies = _reply_bytes(msg)
             if msg is not None:
                 # Whatever else is queued goes out in the same write: one yamux
-                # frame and one Noise record instead of one per Have.
+                # frame and one Noise record instead of one per Have (up to
+                # about 1 MiB: never one huge write).
                 parts = [data]
+                size = len(data)
                 for _ in range(_COALESCE_MAX):
+                    if size >= _COALESCE_BYTES:
+                        break
                     try:
                         more = self.outbox_recv.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                     parts.append(self.conn.send(more, now))
+                    size += len(parts[-1])
+                    replies += _reply_bytes(more)
                 data = b"".join(parts)
             if data:
                 await self.stream.send_all(data)
+            self.manifest_bytes_queued -= replies
 
     async def reader(self) -> None:
         while True:
@@ -366,3 +409,7 @@ class Session:
         if self._pw is not None:
             await self._pw.aclose()
         await self.stream.aclose()
+
+
+def _reply_bytes(msg: ControlMessage | None) -> int:
+    return len(msg.envelope) if isinstance(msg, ManifestData) else 0

@@ -276,7 +276,7 @@ class Swarm:
             case TokenRequest():
                 s.post(Token(self.serving.issue_token(s.peer_id)))
             case GetManifest():
-                s.post(ManifestData(msg.manifest_id, self.held.envelopes.get(msg.manifest_id, b"")))
+                s.serve_manifest(msg, self.held.envelopes.get(msg.manifest_id, b""))
             case ManifestData():
                 self.aliases.on_manifest_data(msg)
                 self.discovery.on_manifest_data(s, msg)

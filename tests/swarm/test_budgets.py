@@ -20,9 +20,12 @@ from autoglm.node.errors import SourceError
 from autoglm.node.swarm import PeerBudget, Swarm, SwarmConfig
 from autoglm.protocol._control import (
     Announce,
+    Close,
     ControlConnection,
     Endpoint,
+    GetManifest,
     Hello,
+    ManifestData,
     ManifestState,
     PeerInfo,
     Peers,
@@ -258,4 +261,58 @@ async def test_an_idle_authenticated_connection_is_closed(tmp_path: Path, autoju
             assert await stream.receive_some(10) == b""  # the server closed it
             assert 120 <= trio.current_time() - t0 < 130
             assert grant.released
+            nursery.cancel_scope.cancel()
+
+
+# -- item 5: GetManifest amplification ----------------------------------------------
+
+
+class RecordingStream(MemControlStream):
+    """The swarm's end of a session: every write it makes, by size."""
+
+    def __init__(self, stream: Any, peer_id: str) -> None:
+        super().__init__(stream, peer_id)
+        self.writes: list[int] = []
+
+    async def send_all(self, data: bytes) -> None:
+        self.writes.append(len(data))
+        await super().send_all(data)
+
+
+async def _drain(conn: ControlConnection, stream: MemControlStream) -> list[object]:
+    """Every message the swarm sends until it closes the session."""
+    got: list[object] = []
+    while True:
+        ev = conn.next_event()
+        if ev is NEED_DATA:
+            conn.receive_data(await stream.receive_some(), 0.0)
+            continue
+        if isinstance(ev, Close):
+            return got
+        got.append(ev)
+
+
+async def test_get_manifest_replies_are_bounded(tmp_path: Path) -> None:
+    """12 KB of GetManifest: each envelope at most once, the asker dropped, no write over ~1 MiB + one frame."""
+    swarm = Swarm(None, Store(tmp_path), SwarmConfig())  # type: ignore[arg-type]
+    envelope = b"E" * (1 << 20)
+    mids = [bytes([k]) * 32 for k in range(8)]
+    for mid in mids:
+        swarm.start_holding(mid, 4, envelope=envelope)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            a, b = trio.testing.memory_stream_pair()
+            ours = RecordingStream(a, "peerB")
+            nursery.start_soon(swarm.serve_session, ours)
+            theirs, conn = MemControlStream(b, "peerSelf"), ControlConnection(trio.current_time())
+            await theirs.send_all(conn.send(Hello((), None, b"t" * 16), 0.0))
+            requests = b"".join(conn.send(GetManifest(mids[k % 8]), 0.0) for k in range(300))
+            assert 10_000 <= len(requests) <= 13_000
+            await theirs.send_all(requests)
+            got = await _drain(conn, theirs)
+            replies = [m for m in got if isinstance(m, ManifestData)]
+            assert sum(len(m.envelope) for m in replies) <= len(mids) * len(envelope)
+            assert len({m.manifest_id for m in replies}) == len(replies)  # each once
+            assert "peerB" not in swarm.sessions  # asked far faster than 64 a minute
+            assert max(ours.writes) <= (1 << 20) + len(envelope) + 4096
             nursery.cancel_scope.cancel()
