@@ -35,10 +35,12 @@ from autoglm.protocol._control import (
     ControlConnection,
     ControlMessage,
     GetManifest,
+    KeyProof,
     ManifestData,
     Phase,
     TokenRequest,
     Unchoke,
+    swarm_key_proof,
 )
 from autoglm.protocol._frames import NeedData
 from autoglm.protocol._peerwire import RejectReason
@@ -64,6 +66,11 @@ class SessionHost(Protocol):
 
     @property
     def down(self) -> RateLimiter: ...
+
+    @property
+    def local_peer_id(self) -> str:
+        """This node's own peer id (what the peer's swarm-key proof is bound to)."""
+        ...
 
     def is_banned(self, peer_id: str, manifest_id: bytes) -> bool: ...
 
@@ -204,10 +211,17 @@ class Session:
         self.initiator = initiator
         cfg = host.config
         budget = cfg.budget
+        key = cfg.swarm_key
+        # A private swarm: the peer gets nothing until it proves the key (protocol/_control.py).
+        proofs = None if key is None else (
+            swarm_key_proof(key, host.local_peer_id, self.peer_id), swarm_key_proof(key, self.peer_id, host.local_peer_id)
+        )
         self.conn = ControlConnection(
             trio.current_time(), keepalive_interval=cfg.keepalive_interval, idle_timeout=cfg.idle_timeout,
             max_manifests=budget.announced_manifests, max_bitfield_bytes=budget.announced_bitfield_bytes,
+            key_proof=proofs,
         )
+        self.key_proof = None if proofs is None else KeyProof(proofs[0])
         # The IP this session came from: the only host its peerwire endpoint may have.
         self.remote_host: str | None = getattr(stream, "remote_host", None)
         self.outbox_send, self.outbox_recv = trio.open_memory_channel[ControlMessage](1024)

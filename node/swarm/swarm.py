@@ -56,6 +56,7 @@ from autoglm.protocol._control import (
     Have,
     Hello,
     Interested,
+    KeyProof,
     ManifestData,
     NotInterested,
     Peers,
@@ -224,12 +225,10 @@ class Swarm:
     async def _drive(self, s: Session) -> None:
         try:
             with s.cancel_scope:
-                # Hello carries what fits in one frame; the rest follows as Announce.
-                first, rest = self.held.hello_states()
-                s.post(Hello(tuple(first), self.endpoint, self.serving.issue_token(s.peer_id)))
-                for st in rest:
-                    s.post(Announce(st))
-                s.announced.update(st.manifest_id for st in [*first, *rest])
+                if s.key_proof is not None:
+                    s.post(s.key_proof)  # Hello only once the peer proved the key too (on_message)
+                else:
+                    self._greet(s)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(s.writer)
                     await s.reader()
@@ -252,10 +251,24 @@ class Swarm:
         self.discovery.peers_changed()
         await s.aclose()
 
+    def _greet(self, s: Session) -> None:
+        """Hello carries what fits in one frame; the rest follows as Announce."""
+        first, rest = self.held.hello_states()
+        s.post(Hello(tuple(first), self.endpoint, self.serving.issue_token(s.peer_id)))
+        for st in rest:
+            s.post(Announce(st))
+        s.announced.update(st.manifest_id for st in [*first, *rest])
+
+    @property
+    def local_peer_id(self) -> str:
+        return "" if self.p2p is None else self.p2p.peer_id
+
     # -- messages ----------------------------------------------------------------------
     def on_message(self, s: Session, msg: ControlMessage) -> None:
         """Route one message from ``s`` to the part that handles it."""
         match msg:
+            case KeyProof():  # the peer holds the swarm key (ControlConnection checked it)
+                self._greet(s)
             case Hello() | Announce():
                 self.discovery.peers_changed()
                 for st in msg.manifests if isinstance(msg, Hello) else (msg.state,):

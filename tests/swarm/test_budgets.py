@@ -25,12 +25,15 @@ from autoglm.protocol._control import (
     Endpoint,
     GetManifest,
     Hello,
+    KeyProof,
     ManifestData,
     ManifestState,
     PeerInfo,
     Peers,
     TokenRequest,
+    swarm_key_proof,
 )
+from autoglm.protocol._errors import RemoteProtocolError
 from autoglm.protocol._frames import NEED_DATA
 from autoglm.protocol._peerwire import (
     _CLIENT_CODES,
@@ -315,4 +318,56 @@ async def test_get_manifest_replies_are_bounded(tmp_path: Path) -> None:
             assert len({m.manifest_id for m in replies}) == len(replies)  # each once
             assert "peerB" not in swarm.sessions  # asked far faster than 64 a minute
             assert max(ours.writes) <= (1 << 20) + len(envelope) + 4096
+            nursery.cancel_scope.cancel()
+
+
+# -- item 12: the swarm key gates control sessions -----------------------------------
+
+
+async def test_without_the_swarm_key_a_peer_learns_nothing(tmp_path: Path) -> None:
+    """A keyed node sends only its proof; a peer that speaks without one gets no manifest id, token or envelope."""
+    p2p = IntroP2P()
+    swarm = Swarm(p2p, Store(tmp_path), SwarmConfig(swarm_key=b"k" * 32))  # type: ignore[arg-type]
+    mid = b"\x07" * 32
+    swarm.start_holding(mid, 4, [0, 1], envelope=b"E" * 1000)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            a, b = trio.testing.memory_stream_pair()
+            nursery.start_soon(swarm.serve_session, MemControlStream(a, "peerB"))
+            theirs, conn = MemControlStream(b, "peerSelf"), ControlConnection(trio.current_time())
+            attack = conn.send(Hello((), None, b"t" * 16), 0.0) + conn.send(GetManifest(mid), 0.0)
+            await theirs.send_all(attack)
+            raw = b""
+            while chunk := await theirs.receive_some():
+                raw += chunk
+            assert mid not in raw and b"E" * 1000 not in raw
+            assert "peerB" not in swarm.sessions
+            assert len(raw) < 64  # at most the proof's frame (the session may end before it is written)
+            if raw:
+                keyed = ControlConnection(0.0, key_proof=(b"\0" * 32, b"\0" * 32))
+                keyed.receive_data(raw, 0.0)
+                with pytest.raises(RemoteProtocolError, match="does not hold"):  # a KeyProof (for other ids)
+                    keyed.next_event()
+            nursery.cancel_scope.cancel()
+
+
+async def test_two_holders_of_the_key_talk(tmp_path: Path) -> None:
+    key = b"k" * 32
+    p2p = IntroP2P()
+    swarm = Swarm(p2p, Store(tmp_path), SwarmConfig(swarm_key=key))  # type: ignore[arg-type]
+    mid = b"\x07" * 32
+    swarm.start_holding(mid, 4, [0, 1])
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            a, b = trio.testing.memory_stream_pair()
+            nursery.start_soon(swarm.serve_session, MemControlStream(a, "peerB"))
+            theirs = MemControlStream(b, "peerSelf")
+            conn = ControlConnection(0.0, key_proof=(swarm_key_proof(key, "peerB", "peerSelf"), swarm_key_proof(key, "peerSelf", "peerB")))
+            assert isinstance(await _next(conn, theirs), KeyProof)
+            await theirs.send_all(conn.send(KeyProof(swarm_key_proof(key, "peerB", "peerSelf")), 0.0))
+            hello = await _next(conn, theirs)
+            assert isinstance(hello, Hello) and hello.manifests[0].manifest_id == mid
+            await theirs.send_all(conn.send(Hello((), None, b"t" * 16), 0.0))
+            await trio.testing.wait_all_tasks_blocked()
+            assert swarm.sessions["peerB"].said_hello
             nursery.cancel_scope.cancel()
