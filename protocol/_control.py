@@ -542,6 +542,16 @@ class ControlConnection:
 
         A stream that ends without Close yields ``Close("end of stream")``.
         """
+        payload = self.next_payload()
+        if not isinstance(payload, bytes):
+            return payload
+        return self.accept(decode_control(payload))
+
+    def next_payload(self) -> bytes | NeedData | Close:
+        """The next frame's payload, undecoded (a caller may decode it elsewhere, then :meth:`accept` it).
+
+        ``next_event()`` is ``accept(decode_control(next_payload()))``.
+        """
         side = self.theirs
         if side.phase is Phase.CLOSED:
             if self._decoder.buffered:
@@ -553,7 +563,11 @@ class ControlConnection:
                 side.phase = Phase.CLOSED
                 return Close("end of stream")
             return payload
-        msg = decode_control(payload)
+        return payload
+
+    def accept(self, msg: ControlMessage) -> ControlMessage:
+        """Apply a message decoded from :meth:`next_payload`'s payload; RemoteProtocolError if not allowed now."""
+        side = self.theirs
         nxt = TRANSITIONS.get((side.phase, type(msg)))
         if nxt is None:
             raise RemoteProtocolError(f"peer sent {type(msg).__name__} in phase {side.phase.value}")

@@ -40,6 +40,7 @@ from autoglm.protocol._control import (
     Phase,
     TokenRequest,
     Unchoke,
+    decode_control,
     swarm_key_proof,
 )
 from autoglm.protocol._frames import NeedData
@@ -53,6 +54,9 @@ log = logging.getLogger("autoglm.node.swarm")
 
 _COALESCE_MAX = 256  # queued control messages joined into one write
 _COALESCE_BYTES = 1 << 20  # ... and at most about this many bytes of them
+_DECODE_INLINE = 64 * 1024  # control frames larger than this are decoded in a worker thread
+_DECODE_THREADS = 2
+_DECODE_LIMIT = trio.CapacityLimiter(_DECODE_THREADS)
 
 
 class SessionHost(Protocol):
@@ -406,10 +410,22 @@ class Session:
 
     async def reader(self) -> None:
         while True:
-            ev = self.conn.next_event()
-            if isinstance(ev, NeedData):
+            payload = self.conn.next_payload()
+            if isinstance(payload, NeedData):
                 self.conn.receive_data(await self.stream.receive_some(), trio.current_time())
                 continue
+            if isinstance(payload, Close):
+                return
+            if len(payload) > _DECODE_INLINE:
+                # A big frame (ManifestData, an Announce bitfield, a crafted
+                # nest of arrays) is decoded in a worker thread, one at a time
+                # per session and _DECODE_THREADS for the node: a peer's decode
+                # cost never stalls the event loop (the codec caps its objects).
+                async with _DECODE_LIMIT:
+                    msg = await trio.to_thread.run_sync(decode_control, payload)
+            else:
+                msg = decode_control(payload)
+            ev = self.conn.accept(msg)
             if isinstance(ev, Close):
                 return
             self.host.on_message(self, ev)

@@ -49,6 +49,11 @@ from .test_peerwire_tcp import MID, PIECE, Tokens, _model
 from .test_swarm_unit import IntroP2P, MemControlStream, RecordingFetch, _next
 
 
+async def _settled() -> None:
+    """Every task blocked for a moment: big control frames are decoded in a worker thread."""
+    await trio.testing.wait_all_tasks_blocked(cushion=0.2)
+
+
 class HangP2P(IntroP2P):
     """Dials that never complete (a third party that never answers), recorded."""
 
@@ -172,10 +177,10 @@ async def test_announcing_beyond_the_budget_ends_the_session(tmp_path: Path, bud
             bits = b"\x00" * ((pieces + 7) // 8)
             for k in range(count - 1):
                 await theirs.send_all(conn.send(Announce(ManifestState(bytes([k]) * 32, pieces, bits)), 0.0))
-            await trio.testing.wait_all_tasks_blocked()
+            await _settled()
             assert "peerB" in swarm.sessions  # within budget
             await theirs.send_all(conn.send(Announce(ManifestState(b"\xff" * 32, pieces, bits)), 0.0))
-            await trio.testing.wait_all_tasks_blocked()
+            await _settled()
             assert "peerB" not in swarm.sessions
             nursery.cancel_scope.cancel()
 
@@ -189,7 +194,7 @@ async def test_a_re_announce_replaces_and_does_not_add_up(tmp_path: Path) -> Non
             state = ManifestState(b"\x01" * 32, 2_000_000, b"\x00" * 250_000)
             for _ in range(10):
                 await theirs.send_all(conn.send(Announce(state), 0.0))
-            await trio.testing.wait_all_tasks_blocked()
+            await _settled()
             assert "peerB" in swarm.sessions
             nursery.cancel_scope.cancel()
 
@@ -371,3 +376,32 @@ async def test_two_holders_of_the_key_talk(tmp_path: Path) -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert swarm.sessions["peerB"].said_hello
             nursery.cancel_scope.cancel()
+
+
+# -- decode off the event loop -----------------------------------------------------
+
+
+async def test_big_control_frames_are_decoded_in_a_worker_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 250 KB bitfield's Announce is decoded off the event loop's thread; a Have inline."""
+    import threading
+
+    from autoglm.node.swarm import session as session_mod
+
+    threads: list[tuple[int, bool]] = []
+    real = session_mod.decode_control
+
+    def spy(payload: bytes) -> Any:
+        threads.append((len(payload), threading.current_thread() is threading.main_thread()))
+        return real(payload)
+
+    monkeypatch.setattr(session_mod, "decode_control", spy)
+    swarm = Swarm(None, Store(tmp_path), SwarmConfig())  # type: ignore[arg-type]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            theirs, conn = await _open(swarm, nursery)
+            await theirs.send_all(conn.send(Hello((), None, b"t" * 16), 0.0))
+            await theirs.send_all(conn.send(Announce(ManifestState(b"\x01" * 32, 2_000_000, b"\x00" * 250_000)), 0.0))
+            await _settled()
+            nursery.cancel_scope.cancel()
+    assert threads[0][1] is True  # the small Hello: inline
+    assert threads[1][0] > 250_000 and threads[1][1] is False  # the big Announce: a worker thread
