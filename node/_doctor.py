@@ -65,17 +65,43 @@ class Check:
         return {"name": self.name, "status": self.status, "detail": self.detail, "hint": self.hint}
 
 
-def check_data_dir(data_dir: Path, free: int | None = None) -> Check:
+def _fs_type(path: Path, mounts: str = "/proc/self/mounts") -> str | None:
+    """The type of the filesystem holding ``path`` (the longest mount point above it), if known."""
+    best, kind = "", None
+    try:
+        with open(mounts) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3:
+                    mnt = fields[1].replace("\\040", " ")
+                    if (str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                        best, kind = mnt, fields[2]
+    except OSError:
+        return None
+    return kind
+
+
+def check_data_dir(data_dir: Path, free: int | None = None, *, blocks: int | None = None) -> Check:
+    """Writable, on a real filesystem, with room. ``free``/``blocks`` (bytes free, filesystem
+    size in blocks) come from statvfs unless given."""
+    hint_dir = "pass --data-dir or set AUTOGLM_NODE_HOME to a folder on a disk"
     probe = data_dir
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK):
         return Check("data-dir", "fail", f"{data_dir} is not writable", "fix permissions or pass --data-dir / set AUTOGLM_NODE_HOME")
-    if free is None:
+    if free is None or blocks is None:
         try:
-            free = os.statvfs(probe).f_bavail * os.statvfs(probe).f_frsize
+            st = os.statvfs(probe)
         except OSError as exc:
             return Check("data-dir", "fail", f"cannot stat {probe}: {exc.strerror}", "check the mount")
+        free = st.f_bavail * st.f_frsize if free is None else free
+        blocks = st.f_blocks if blocks is None else blocks
+    if blocks == 0:
+        # proc, sysfs, cgroup...: no storage behind them; "0.0 GiB free" would send people to clean a disk.
+        kind = _fs_type(probe.resolve())
+        what = f"a {kind} filesystem" if kind else "a filesystem without storage"
+        return Check("data-dir", "fail", f"{data_dir} is on {what}, not a usable filesystem for a data directory", hint_dir)
     detail = f"{data_dir} writable, {free / GiB:.1f} GiB free"
     if free < GiB:
         return Check("data-dir", "fail", detail, "free disk space: a model download needs at least its size")
@@ -138,19 +164,49 @@ def check_gpu(device: DeviceInfo) -> Check:
     return Check("gpu", "pass", "no NVIDIA GPU (CPU variants only)")
 
 
-def check_mirror(url: str, timeout: float = 5.0) -> Check:
+def check_mirror(url: str, timeout: float = 5.0, probe: tuple[str, int] | None = None) -> Check:
+    """HEAD the mirror's folder, or with ``probe`` (a manifest path and its size) one model file in it.
+
+    A 404 or 403 fails: the folder or the file is not there (or not for us). A
+    server that does not list folders (``serve-mirror``, nginx without autoindex)
+    answers so for a good mirror's folder too, so the hint asks for a manifest,
+    which makes the check look at a file instead.
+    """
+    target = url
+    if probe is not None:
+        from ._mirrors import file_url
+
+        target = file_url(url, probe[0])
     start = time.perf_counter()
     try:
         with httpx.Client(timeout=timeout, follow_redirects=True) as client:
-            r = client.head(url)
+            r = client.head(target)
+            if r.status_code == 405:  # HEAD not allowed: one byte with GET
+                r = client.get(target, headers={"Range": "bytes=0-0"})
     except httpx.HTTPError as exc:
         return Check("mirror", "fail", f"{url}: {type(exc).__name__}: {exc}", "check the URL, DNS, firewall and proxy settings")
     rtt = (time.perf_counter() - start) * 1000
-    detail = f"{url}: HTTP {r.status_code}, {rtt:.0f} ms"
-    if r.status_code >= 500:
+    what = f"{probe[0]} on {url}" if probe is not None else url
+    detail = f"{what}: HTTP {r.status_code} {r.reason_phrase}, {rtt:.0f} ms"
+    st = r.status_code
+    if st >= 500:
         return Check("mirror", "fail", detail, "the mirror is failing; try another")
-    if r.status_code >= 400 and r.status_code not in (403, 404, 405):
-        return Check("mirror", "warn", detail, "the mirror answers but refuses the request")
+    if st in (401, 403, 404, 410):
+        if probe is not None:
+            hint = "the mirror does not have this model file: check that the URL is the folder holding the model files"
+        else:
+            hint = ("check the URL (the folder holding the model files); a server that does not list folders answers "
+                    "this for a good one too: add --manifest M.agm to check a model file instead")
+        if st in (401, 403):
+            hint = "the mirror refuses us: it needs credentials (--mirror-header on fetch) or the URL is wrong"
+        return Check("mirror", "fail", detail, hint)
+    if st >= 400:
+        return Check("mirror", "fail", detail, "the mirror answers but refuses the request")
+    if probe is not None and st == 200:
+        length = r.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) != probe[1]:
+            return Check("mirror", "fail", f"{detail}; {length} bytes, the manifest says {probe[1]}",
+                         "the mirror holds another version of this file")
     return Check("mirror", "warn" if rtt > 500 else "pass", detail, "high latency: prefer a nearer mirror" if rtt > 500 else "")
 
 
@@ -204,6 +260,7 @@ def run_checks(
     data_dir: Path,
     *,
     mirrors: tuple[str, ...] = (),
+    mirror_probe: tuple[str, int] | None = None,
     bootstraps: tuple[str, ...] = (),
     env: Mapping[str, str] | None = None,
     now: datetime | None = None,
@@ -216,6 +273,6 @@ def run_checks(
         check_torch_cuda(device),
         check_sandbox(),
     ]
-    checks += [check_mirror(u) for u in mirrors]
+    checks += [check_mirror(u, probe=mirror_probe) for u in mirrors]
     checks += [check_bootstrap(a) for a in bootstraps]
     return checks

@@ -45,7 +45,7 @@ from autoglm.node._progress import (
     SourceFailed,
 )
 from autoglm.node._sources import FetchRequest, PieceRef, Source, SourceKind
-from autoglm.node._store import Download, PieceLocation, Store, _pread, preflight
+from autoglm.node._store import UNKNOWN_HASH, Download, PieceLocation, Store, _pread, preflight
 from autoglm.node.errors import (
     AutoglmError,
     IntegrityError,
@@ -64,6 +64,11 @@ if TYPE_CHECKING:
 __all__ = ["LOCAL_ID", "Fetch", "FetchOptions", "FetchResult", "collapse_group"]
 
 LOCAL_ID = "local:store"
+# A mirror that refuses every connection and never answered: give up after this
+# many failed tries spread over at least REFUSED_SPAN seconds (instead of the
+# max_consecutive_failures with backoff, ~30 s, that fit flaky mirrors).
+REFUSED_TRIES = 3
+REFUSED_SPAN = 1.0
 THREAD_MIN = 128 << 10  # chunks at least this big are hashed and written in a worker thread
 
 log = logging.getLogger(__name__)
@@ -129,11 +134,13 @@ class FetchResult:
 
 
 class _NullWriter:
-    def __init__(self, fetch: Fetch, n: int = 0) -> None:
+    def __init__(self, fetch: Fetch, source_id: str = "") -> None:
         self._fetch = fetch
+        self._sid = source_id
 
     async def write(self, chunk: bytes | bytearray | memoryview) -> None:
         self._fetch._received += len(chunk)
+        self._fetch._handed[self._sid] = self._fetch._handed.get(self._sid, 0) + len(chunk)
 
     async def finish(self) -> None:
         return None
@@ -160,6 +167,7 @@ class _Writer:
 
     async def write(self, chunk: bytes | bytearray | memoryview) -> None:
         self._f._received += len(chunk)
+        self._f._handed[self._sid] = self._f._handed.get(self._sid, 0) + len(chunk)
         if self.dead:
             return
         if self._buf is not None:
@@ -205,7 +213,9 @@ class _Writer:
             return
         f = self._f
         p = f.download.pieces[self.index]
-        if self._off != p.length or self._h.digest() != p.hash:
+        digest = self._h.digest()
+        # An unknown hash (hub files) is learned here; the whole file is checked before it is final.
+        if self._off != p.length or (p.hash != UNKNOWN_HASH and digest != p.hash):
             f._discarded += self._off
             if self.resumed:
                 # The bytes kept from before the crash may be the bad part: fetch it whole, blame no one.
@@ -227,6 +237,8 @@ class _Writer:
         finally:
             f._finalizing.discard(self.index)
         if f.picker.state(self.index) not in (PieceState.WRITING, PieceState.DONE):
+            if p.hash == UNKNOWN_HASH:
+                f.download.learned[self.index] = digest
             f._piece_written(self._sid, self.index)
 
     async def _write_buffered(self, others: list[_Writer]) -> None:
@@ -254,7 +266,7 @@ class _Sink:
     def open_piece(self, index: int, skip: int = 0) -> _Writer | _NullWriter:
         f = self._f
         if f.picker.state(index) in (PieceState.WRITING, PieceState.DONE) or index in f._finalizing:
-            return _NullWriter(f)
+            return _NullWriter(f, self._sid)
         direct = not any(w.direct and not w.dead for w in f._writers.get(index, []))
         w = _Writer(f, self._sid, index, direct)
         if skip:
@@ -339,6 +351,8 @@ class Fetch:
             self._file_refs.setdefault(f.path, []).append(ref)
         self._sources: dict[str, Source] = {}
         self._failures: dict[str, int] = {}
+        self._answered: set[str] = set()  # sources that completed a request at least once
+        self._first_refused: dict[str, float] = {}
         self._last_error: dict[str, str] = {}
         self._requests: dict[int, _Req] = {}
         self._fetchers = 1  # nodes fetching this manifest, this one included (set_swarm)
@@ -346,16 +360,22 @@ class Fetch:
         self._writers: dict[int, list[_Writer]] = {}
         self._finalizing: set[int] = set()
         self._pending: dict[int, str] = {}
+        self._committing: dict[int, str] = {}  # the batch in the commit thread
         self._wake_ev = trio.Event()
         self._commit_ev = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._received = 0
+        # Progress display only: body bytes each source handed to writers, and the
+        # part of its received count that never reached one (see _buffered_by_file).
+        self._handed: dict[str, int] = {}
+        self._unhanded_base: dict[str, int] = {}
         self._discarded = 0
         self.bytes_by_source: dict[str, int] = {}
         self.received_by_source: dict[str, int] = {}
         self._rx_base: dict[str, int] = {}
         self._bytes_done = 0
         self._by_file: dict[str, int] = {}
+        self._file_sources: dict[int, set[str]] = {}  # file index -> sources that delivered its pieces
         # Peers far slower than the other sources lose their requests (protocol/_slowsource.py).
         self._slow = SlowSources()
         for s in sources:
@@ -475,6 +495,7 @@ class Fetch:
     def _piece_written(self, source_id: str, index: int) -> None:
         self._slow.delivered(source_id, self._refs[index].length, trio.current_time())
         others = self.picker.piece_written(source_id, index)
+        self._file_sources.setdefault(self.download.file_of[index], set()).add(source_id)
         self.download.partial.pop(index, None)
         self._pending[index] = source_id
         self._commit_ev.set()
@@ -572,15 +593,24 @@ class Fetch:
             self.picker.piece_failed(src.id, i, integrity=permanent or i == failed_integrity)
         if error is None:
             self._failures[src.id] = 0
+            self._answered.add(src.id)
             return
         self._last_error[src.id] = str(error)
         self._failures[src.id] = self._failures.get(src.id, 0) + 1
         whole = isinstance(error, PermanentMirrorError) and error.whole_source
-        too_many = self._failures[src.id] >= self.options.max_consecutive_failures
+        too_many = self._failures[src.id] >= self.options.max_consecutive_failures or self._refused_for_good(src, error)
         log.info("source %s failed: %s", src.id, error)
         self._send_nowait(SourceFailed(src.id, str(error), integrity=isinstance(error, IntegrityError), permanent=permanent or whole or too_many))
         if whole or too_many:
             self.remove_source(src.id)
+
+    def _refused_for_good(self, src: Source, error: AutoglmError) -> bool:
+        """A mirror that never answered and refuses connections: nothing listens there."""
+        if src.kind is not SourceKind.MIRROR or src.id in self._answered or not _connection_refused(error):
+            return False
+        now = trio.current_time()
+        first = self._first_refused.setdefault(src.id, now)
+        return self._failures[src.id] >= REFUSED_TRIES and now - first >= REFUSED_SPAN
 
     async def _committer(self) -> None:
         last = -float("inf")
@@ -596,15 +626,21 @@ class Fetch:
             batch, self._pending = self._pending, {}
             if not batch:
                 continue
+            self._committing = batch
             try:
                 finished = await trio.to_thread.run_sync(self.download.commit, list(batch))
             except StorageError:
                 for i in batch:
                     self.picker.piece_lost(i)
                 raise
+            except IntegrityError as exc:  # a whole-file check failed (its pieces are discarded)
+                fi = getattr(exc, "file_index", None)
+                srcs = sorted(self._file_sources.get(fi, ())) if fi is not None else []
+                raise IntegrityError(f"{exc}; its bytes came from {', '.join(srcs) or 'an earlier run'}") from exc
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("committed %d piece(s), %d left: %s", len(batch), self.picker.remaining - len(batch),
                           ", ".join(f"{i} from {sid}" for i, sid in batch.items()))
+            self._committing = {}  # (a failed commit ends the fetch: nothing to reset then)
             for i, sid in batch.items():
                 self.picker.piece_done(i)
                 n = self._refs[i].length
@@ -633,15 +669,89 @@ class Fetch:
                 self._wake()
 
     async def _ticker(self, total: int) -> None:
-        last_t, last_b = trio.current_time(), self._received
+        def count() -> int:  # bytes off the wire (sources count them as they arrive), else as handed over
+            return max(self._received, sum(self._received_by_source_now().values()))
+
+        last_t, last_b = trio.current_time(), count()
         rate = 0.0
         while True:
             await trio.sleep(self.options.progress_interval)
             now = trio.current_time()
-            inst = (self._received - last_b) / max(now - last_t, 1e-9)
+            received = count()
+            inst = (received - last_b) / max(now - last_t, 1e-9)
             rate = inst if rate == 0.0 else 0.6 * rate + 0.4 * inst
-            last_t, last_b = now, self._received
-            self._send_nowait(ProgressSnapshot(self._bytes_done, total, self._received, rate, dict(self.bytes_by_source), dict(self._by_file)))
+            last_t, last_b = now, received
+            self._send_nowait(self._snapshot(total, rate))
+
+    def _snapshot(self, total: int, rate: float) -> ProgressSnapshot:
+        in_flight = self._in_flight_by_file()
+        for path, n in self._buffered_by_file().items():
+            in_flight[path] = in_flight.get(path, 0) + n
+        return ProgressSnapshot(self._bytes_done, total, self._received, rate, dict(self.bytes_by_source),
+                                dict(self._by_file), in_flight, self._received_by_source_now())
+
+    def _buffered_by_file(self) -> dict[str, int]:
+        """Bytes a source has received but not yet handed to a writer, spread over its requests' files.
+
+        A mirror fills a large buffer before it hands bytes over, and on a slow
+        link many connections each hold a partly filled one. An estimate for a
+        display: a source's received bytes minus those it handed over, capped by
+        what its requests still miss; re-based whenever the source is idle, so
+        bytes it skipped (a whole-file body) do not add up.
+        """
+        out: dict[str, int] = {}
+        for sid, src in self._sources.items():
+            unhanded = _rx_count(src) - self._rx_base.get(sid, 0) - self._handed.get(sid, 0)
+            reqs = [r for r in self._requests.values() if r.source_id == sid]
+            if not reqs:
+                self._unhanded_base[sid] = unhanded
+                continue
+            extra = unhanded - self._unhanded_base.get(sid, 0)
+            if extra <= 0:
+                continue
+            missing: dict[str, int] = {}
+            for r in reqs:
+                for i in r.indices:
+                    if self.picker.state(i) < PieceState.WRITING:
+                        got = max((w._off for w in self._writers.get(i, []) if not w.dead), default=0)
+                        ref = self._refs[i]
+                        missing[ref.path] = missing.get(ref.path, 0) + max(0, ref.length - got)
+            left = sum(missing.values())
+            if not left:
+                continue
+            extra = min(extra, left)
+            for path, n in missing.items():
+                out[path] = out.get(path, 0) + extra * n // left
+        return out
+
+    def _in_flight_by_file(self) -> dict[str, int]:
+        """Bytes of pieces not yet committed, per file: written and queued, or streaming now.
+
+        A display counts them so large pieces move the bar as bytes arrive. An
+        endgame duplicate counts once (the furthest writer of a piece).
+        """
+        out: dict[str, int] = {}
+        queued = {**self._pending, **self._committing}
+        for i in queued:
+            ref = self._refs[i]
+            out[ref.path] = out.get(ref.path, 0) + ref.length
+        for i, ws in self._writers.items():
+            if i in queued:
+                continue
+            n = max((w._off for w in ws if not w.dead), default=0)
+            if n:
+                ref = self._refs[i]
+                out[ref.path] = out.get(ref.path, 0) + n
+        return out
+
+    def _received_by_source_now(self) -> dict[str, int]:
+        """Body bytes each source has sent so far, sources already removed included."""
+        rx = dict(self.received_by_source)
+        for sid, src in self._sources.items():
+            n = _rx_count(src) - self._rx_base.get(sid, 0)
+            if n > 0:
+                rx[sid] = rx.get(sid, 0) + n
+        return rx
 
     def _no_source_error(self) -> NoSourceError:
         missing = self.picker.remaining
@@ -667,7 +777,7 @@ class Fetch:
         if self.options.local_copies:
 
             def find_local() -> dict[int, PieceLocation]:  # one thread hop for every missing piece
-                found = ((i, self.store.find_by_hash(d.pieces[i].hash, d.id)) for i in d.missing())
+                found = ((i, self.store.find_by_hash(d.pieces[i].hash, d.id)) for i in d.missing() if d.pieces[i].hash != UNKNOWN_HASH)
                 return {i: loc for i, loc in found if loc is not None}
 
             locs = await trio.to_thread.run_sync(find_local)
@@ -702,13 +812,14 @@ class Fetch:
         log.debug("%s: prepared in %.3f s", d.manifest_id.hex()[:16], trio.current_time() - t0)
         if go is not None:
             await go.wait()
-        self._bytes_done = present
+        # Local copies count as done (they are verified and committed), though not as present before the run.
+        self._bytes_done = d.total_bytes - d.missing_bytes()
         total = d.total_bytes
         m = d.manifest
         await self._send(
             FetchStarted(d.manifest_id.hex(), m.name, m.version, str(d.out_dir),
                          tuple((m.files[fi].path, m.files[fi].size) for fi in d.wanted_files), total, present,
-                         tuple(self._sources))
+                         tuple(self._sources), {p: n for p, n in self._by_file.items() if n})
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -747,6 +858,10 @@ class Fetch:
             self._settle_received(src)
             self._rx_base[src.id] = _rx_count(src)
         rx = dict(self.received_by_source)
+        # The last snapshot: a display ends on the numbers of the result (a run
+        # with nothing to fetch never ticks).
+        await self._send(ProgressSnapshot(self._bytes_done, total, self._received, 0.0, dict(self.bytes_by_source),
+                                          dict(self._by_file), {}, dict(rx)))
         result = FetchResult(d.manifest_id, str(d.out_dir), total, dict(self.bytes_by_source), seconds, refetched, rx)
         await self._send(FetchDone(total, dict(self.bytes_by_source), seconds, refetched, str(d.out_dir), dict(rx)))
         return result
@@ -769,6 +884,18 @@ def _copy_local(d: Download, locs: dict[int, PieceLocation]) -> tuple[list[int],
             d.write(i, 0, data)
             copied.append(i)
     return copied, d.commit(copied)
+
+
+def _connection_refused(exc: BaseException) -> bool:
+    """True when the error comes from a refused TCP connection (ECONNREFUSED)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the cause chain is short; bound it anyway
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def collapse_group(eg: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -1,10 +1,16 @@
-"""A lean HTTP/1.1 client on trio sockets, for mirrors: GET with Range, keep-alive, proxies.
+"""A lean HTTP/1.1 client on trio sockets, for mirrors and hub APIs: GET with Range, keep-alive, proxies, redirects.
 
 Strategy: model bytes move at disk speed, so the body path avoids copies. The
-response head is parsed by hand (status line and headers, 64 KiB cap); the body
-is read with ``recv_into`` straight into the caller's buffer, which the caller
-pwrites and hashes. No chunked bodies: static servers (nginx, S3, Hugging Face
-mirrors) send Content-Length; anything else is refused with a clear message.
+response head (64 KiB cap) is cut at its blank line and handed to h11, which
+parses and validates it; a Content-Length body is then read with ``recv_into``
+straight into the caller's buffer, which the caller pwrites and hashes, with
+no h11 in the way. Chunked bodies (API answers, proxies, small files) go
+through h11's decoder: a copy per chunk, which only small bodies pay.
+
+Redirects (the Hub answers ``resolve`` with 302 to a CDN, sometimes with a
+relative ``Location``) are resolved by :func:`redirect_location`; the caller
+re-sends with :func:`redirect_headers`, which drops ``Authorization`` (and
+cookies) when the new URL is on another origin, so a token never reaches a CDN.
 
 Proxies follow the usual environment variables (``http_proxy``,
 ``https_proxy``, ``no_proxy`` via :func:`urllib.request.getproxies`): plain
@@ -20,15 +26,30 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 
+import h11
 import trio
 
 from autoglm.node._lowat import LowWater
 from autoglm.node.errors import MirrorError
 
-__all__ = ["HttpConnection", "PermanentMirrorError", "Response", "Url", "open_connection", "parse_url", "request_target"]
+__all__ = [
+    "HttpConnection",
+    "PermanentMirrorError",
+    "Response",
+    "Url",
+    "get_small",
+    "open_connection",
+    "parse_url",
+    "redirect_headers",
+    "redirect_location",
+    "request_target",
+]
 
 MAX_HEAD = 64 * 1024
 RECV_BUF = 1 << 20
+REDIRECTS = frozenset((301, 302, 303, 307, 308))
+MAX_REDIRECTS = 5
+_CREDENTIAL_HEADERS = frozenset(("authorization", "cookie", "proxy-authorization"))
 
 
 class PermanentMirrorError(MirrorError):
@@ -116,6 +137,8 @@ class HttpConnection:
         self.reusable = False
         self.proxy_headers: dict[str, str] = {}
         self.head_bytes = 0  # response bytes seen for the current request
+        self._chunked: h11.Connection | None = None  # the current body is chunked: h11 decodes it
+        self._leftover = memoryview(b"")  # decoded chunk bytes not yet handed out
         self._lowat = LowWater()
 
     async def _recv_into(self, view: memoryview, expect: int | None = None) -> int:
@@ -150,7 +173,7 @@ class HttpConnection:
 
     async def request(self, method: str, target: str, headers: dict[str, str]) -> Response:
         """Send a request (no body) and read the response head."""
-        if self.remaining != 0 or self._pending:
+        if self.remaining != 0 or self._pending or self._chunked is not None:
             # The previous body was not read to its end (a cancelled or abandoned request):
             # its remaining bytes would be parsed as this response. Never reuse such a connection.
             self.reusable = False
@@ -158,48 +181,58 @@ class HttpConnection:
         self.reusable = False
         self.head_bytes = 0
         host = headers.pop("Host", None) or self.url.origin.split("://", 1)[1]
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-        lines += [f"{k}: {v}" for k, v in {**self.proxy_headers, **headers}.items()]
-        await self._send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        return await self._read_head(method)
+        fields = [("Host", host), *{**self.proxy_headers, **headers}.items()]
+        h = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        try:
+            data = h.send(h11.Request(method=method, target=target, headers=fields)) or b""
+            h.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            raise MirrorError(f"{self.url.origin}: cannot send this request: {exc}") from exc
+        await self._send_all(data)
+        return await self._read_head(h, method)
 
-    async def _read_head(self, method: str) -> Response:
+    async def _read_head(self, h: h11.Connection, method: str) -> Response:
         buf = self._buf
         filled = 0
         while True:
             end = buf.find(b"\r\n\r\n", 0, filled)
-            if end >= 0:
-                break
-            if filled == len(buf):
-                raise MirrorError(f"{self.url.origin}: response head over {MAX_HEAD} bytes")
-            n = await self._recv_into(memoryview(buf)[filled:])
-            self.head_bytes += n
-            if n == 0:
-                raise MirrorError(f"{self.url.origin}: connection closed before a response" if filled == 0 else f"{self.url.origin}: truncated response head")
-            filled += n
-        head = bytes(buf[:end]).decode("latin-1")
-        self._pending = memoryview(bytes(buf[end + 4 : filled]))
-        status_line, *hlines = head.split("\r\n")
-        parts = status_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise MirrorError(f"{self.url.origin}: not an HTTP/1.x response: {status_line[:80]!r}")
-        resp = Response(int(parts[1]), parts[2] if len(parts) > 2 else "")
-        for ln in hlines:
-            k, sep, v = ln.partition(":")
-            if not sep:
-                raise MirrorError(f"{self.url.origin}: malformed header line {ln[:80]!r}")
-            k = k.strip().lower()
-            v = v.strip()
-            resp.headers[k] = f"{resp.headers[k]}, {v}" if k in resp.headers else v
+            if end < 0:
+                if filled == len(buf):
+                    raise MirrorError(f"{self.url.origin}: response head over {MAX_HEAD} bytes")
+                n = await self._recv_into(memoryview(buf)[filled:])
+                self.head_bytes += n
+                if n == 0:
+                    raise MirrorError(f"{self.url.origin}: connection closed before a response" if filled == 0 else f"{self.url.origin}: truncated response head")
+                filled += n
+                continue
+            try:
+                h.receive_data(bytes(buf[: end + 4]))
+                ev = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                first = bytes(buf[: min(end, 80)]).split(b"\r\n", 1)[0]
+                raise MirrorError(f"{self.url.origin}: not a valid HTTP/1.x response ({exc}): {first!r}") from exc
+            rest = bytes(buf[end + 4 : filled])
+            if isinstance(ev, h11.InformationalResponse):  # 100 Continue and friends: the real head follows
+                buf[: len(rest)] = rest
+                filled = len(rest)
+                continue
+            assert isinstance(ev, h11.Response)
+            self._pending = memoryview(rest)
+            return self._frame(h, ev, method)
+
+    def _frame(self, h: h11.Connection, ev: h11.Response, method: str) -> Response:
+        """The body's framing: none, Content-Length (zero-copy path), chunked (h11) or until close."""
+        resp = Response(ev.status_code, ev.reason.decode("latin-1"))
+        for k, v in ev.headers:
+            name, value = k.decode("latin-1"), v.decode("latin-1")
+            resp.headers[name] = f"{resp.headers[name]}, {value}" if name in resp.headers else value
         conn = resp.headers.get("connection", "").lower()
-        resp.keep_alive = parts[0] == "HTTP/1.1" and "close" not in conn
-        if "chunked" in resp.headers.get("transfer-encoding", "").lower():
-            if 200 <= resp.status < 300:
-                raise MirrorError(f"{self.url.origin}: chunked transfer encoding is not supported for file bodies")
-            resp.keep_alive = False
-            self.remaining = None
-        elif method == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200:
+        resp.keep_alive = ev.http_version == b"1.1" and "close" not in conn
+        if method in ("HEAD", "CONNECT") or resp.status in (204, 304):
             self.remaining = 0
+        elif "chunked" in resp.headers.get("transfer-encoding", "").lower():
+            self._chunked = h
+            self.remaining = None
         elif "content-length" in resp.headers:
             try:
                 resp.content_length = int(resp.headers["content-length"])
@@ -212,8 +245,43 @@ class HttpConnection:
         self.reusable = resp.keep_alive
         return resp
 
+    async def _read_chunked(self, view: memoryview) -> int:
+        h = self._chunked
+        assert h is not None
+        while not self._leftover:
+            try:
+                ev = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._chunked = None
+                self.reusable = False
+                raise MirrorError(f"{self.url.origin}: bad chunked body: {exc}") from exc
+            if ev is h11.NEED_DATA:
+                if self._pending:
+                    data, self._pending = bytes(self._pending), memoryview(b"")
+                else:
+                    scratch = bytearray(1 << 16)
+                    n = await self._recv_into(memoryview(scratch))
+                    data = bytes(scratch[:n])
+                h.receive_data(data)  # b"" is EOF: h11 then raises on a body cut short
+            elif isinstance(ev, h11.Data):
+                self._leftover = memoryview(bytes(ev.data))
+            elif isinstance(ev, h11.EndOfMessage):
+                self._chunked = None
+                self.remaining = 0
+                trailing, _ = h.trailing_data
+                self._pending = memoryview(trailing)
+                if trailing:
+                    self.reusable = False  # pipelined bytes we never asked for
+                return 0
+        n = min(len(view), len(self._leftover))
+        view[:n] = self._leftover[:n]
+        self._leftover = self._leftover[n:]
+        return n
+
     async def read_into(self, view: memoryview) -> int:
         """Read body bytes into ``view``; 0 at the end of the body. Raises MirrorError on truncation."""
+        if self._chunked is not None:
+            return await self._read_chunked(view)
         if self.remaining == 0:
             return 0
         want = len(view) if self.remaining is None else min(len(view), self.remaining)
@@ -315,3 +383,60 @@ async def _tls(sock: trio.socket.SocketType, url: Url, ctx: ssl.SSLContext | Non
 def request_target(conn: HttpConnection, url: Url) -> str:
     """Origin-form normally, absolute-form through a plain HTTP proxy."""
     return str(url) if conn.via_proxy else url.path
+
+
+def redirect_location(url: Url, resp: Response) -> Url | None:
+    """The URL a 3xx response sends us to (relative ``Location`` resolved), or None for other statuses."""
+    if resp.status not in REDIRECTS:
+        return None
+    loc = resp.headers.get("location", "").strip()
+    if not loc:
+        raise MirrorError(f"{url}: {resp.status} redirect without a Location header")
+    target = parse_url(urllib.parse.urljoin(str(url), loc))
+    if url.scheme == "https" and target.scheme == "http":
+        raise PermanentMirrorError(f"{url}: refusing a redirect from https to plain http ({target.origin})")
+    return target
+
+
+def redirect_headers(headers: dict[str, str], old: Url, new: Url) -> dict[str, str]:
+    """The headers to send after a redirect: credentials stay with their origin."""
+    if new.origin == old.origin:
+        return dict(headers)
+    return {k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS}
+
+
+async def get_small(
+    url: str | Url,
+    headers: dict[str, str],
+    *,
+    limit: int,
+    time_limit: float,
+    method: str = "GET",
+    ssl_context: ssl.SSLContext | None = None,
+) -> tuple[Response, bytes, Url]:
+    """One small request (an API answer), following redirects; returns the last head, its body and URL.
+
+    The body is capped at ``limit`` bytes whatever the server claims; any
+    status is returned, the caller judges it. Each hop gets a fresh connection.
+    """
+    u = url if isinstance(url, Url) else parse_url(url)
+    hdrs = dict(headers)
+    try:
+        with trio.fail_after(time_limit):
+            for _ in range(MAX_REDIRECTS + 1):
+                conn = await open_connection(u, ssl_context)
+                try:
+                    resp = await conn.request(method, request_target(conn, u), dict(hdrs))
+                    if resp.content_length is not None and resp.content_length > limit:
+                        raise MirrorError(f"{u}: response of {resp.content_length} bytes, over the {limit}-byte limit")
+                    target = redirect_location(u, resp)
+                    body = b"" if target is not None else await conn.read_all(limit)
+                finally:
+                    await conn.aclose()
+                if target is None:
+                    return resp, body, u
+                hdrs = redirect_headers(hdrs, u, target)
+                u = target
+    except trio.TooSlowError as exc:
+        raise MirrorError(f"{u}: no complete answer within {time_limit:.0f}s") from exc
+    raise MirrorError(f"{url}: more than {MAX_REDIRECTS} redirects")

@@ -26,6 +26,12 @@ Faults and what happens:
 * 200 to a Range request (Range ignored, or the file changed and If-Range
   failed): the whole body is streamed once and every piece still needed is
   claimed and stored as it passes, so the file is not fetched once per piece.
+* 3xx: followed (up to 5 hops, relative ``Location`` too); ``Authorization``
+  is not sent to another origin. The final URL of each file is remembered
+  (the Hub redirects every ``resolve`` to a signed CDN URL) and forgotten when
+  it stops working (4xx), so the next request resolves again.
+* 401/403: the mirror refuses us this file (a private or gated repo without
+  the right token): permanent for that file.
 * Bytes that fail the hash: IntegrityError from the sink; the score takes an
   error and the engine never asks this mirror for that piece again.
 """
@@ -35,19 +41,22 @@ from __future__ import annotations
 import random
 import time
 import urllib.parse
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
 import trio
 
 from autoglm.node._http import (
+    MAX_REDIRECTS,
     HttpConnection,
     PermanentMirrorError,
     Response,
     Url,
     open_connection,
     parse_url,
+    redirect_headers,
+    redirect_location,
     request_target,
 )
 from autoglm.node._sources import FetchRequest, PieceRef, PieceSink, PieceWriter, SourceKind
@@ -202,8 +211,11 @@ class MirrorSource:
         config: MirrorConfig | None = None,
         peers: list[MirrorSource] | None = None,
         rng: random.Random | None = None,
+        url_for: Callable[[str], str] | None = None,
     ) -> None:
+        """``url_for`` maps a manifest path to its URL (default: base URL + quoted path)."""
         parse_url(base_url)
+        self._url_for = url_for
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.headers = dict(headers or {})
         self.config = config or MirrorConfig()
@@ -215,6 +227,7 @@ class MirrorSource:
         self._idle: list[HttpConnection] = []
         self._etags: dict[str, str] = {}
         self._missing_files: dict[str, str] = {}  # path -> why
+        self._located: dict[str, tuple[Url, bool]] = {}  # path -> (URL after redirects, credentials dropped)
         self.no_range = False
         self.bytes_received = 0
         self.last_error: str | None = None
@@ -255,11 +268,13 @@ class MirrorSource:
 
     # -- fetching ------------------------------------------------------------
     async def _connection(self, url: Url, reuse: bool = True) -> HttpConnection:
-        while reuse and self._idle:
-            conn = self._idle.pop()
-            if conn.url.origin == url.origin:
-                return conn
-            await conn.aclose()
+        if reuse:
+            # Idle connections to other origins (the Hub and its CDN) stay for their own requests.
+            for i in range(len(self._idle) - 1, -1, -1):
+                if self._idle[i].url.origin == url.origin:
+                    return self._idle.pop(i)
+        while len(self._idle) > 2 * self.config.max_connections:
+            await self._idle.pop(0).aclose()
         with trio.move_on_after(self.config.connect_timeout) as cs:
             return await open_connection(url)
         assert cs.cancelled_caught
@@ -271,7 +286,7 @@ class MirrorSource:
         A kept-alive connection the server closed while idle fails before any
         response byte: that is retried once on a fresh connection, without blame.
         """
-        reused = bool(self._idle)
+        reused = any(c.url.origin == url.origin for c in self._idle)
         conn = await self._connection(url)
         for attempt in (0, 1):
             t0 = trio.current_time()
@@ -288,11 +303,52 @@ class MirrorSource:
                 conn = await self._connection(url, reuse=False)
         raise AssertionError("unreachable")
 
+    def _file_url(self, path: str) -> Url:
+        return parse_url(self._url_for(path) if self._url_for is not None else file_url(self.base_url, path))
+
+    async def _follow(self, path: str, headers: dict[str, str]) -> tuple[HttpConnection, Response, float, Url]:
+        """Request the file, following redirects from its URL (or from where it was last found)."""
+        located = self._located.get(path)
+        if located is not None:
+            url, dropped = located
+            hdrs = {k: v for k, v in headers.items() if k.lower() != "authorization"} if dropped else dict(headers)
+            conn, resp, rtt = await self._request(url, hdrs)
+            if resp.status not in (401, 403, 404, 410) and redirect_location(url, resp) is None:
+                return conn, resp, rtt, url
+            # The remembered URL expired (signed CDN URLs do): resolve the file again.
+            self._located.pop(path, None)
+            await self._release(conn, resp)
+        start = url = self._file_url(path)
+        hdrs = dict(headers)
+        for _ in range(MAX_REDIRECTS + 1):
+            conn, resp, rtt = await self._request(url, hdrs)
+            target = redirect_location(url, resp)
+            if target is None:
+                if url != start:
+                    self._located[path] = (url, "authorization" not in {k.lower() for k in hdrs})
+                return conn, resp, rtt, url
+            await self._release(conn, resp)
+            hdrs = redirect_headers(hdrs, url, target)
+            url = target
+        raise MirrorError(f"{start}: more than {MAX_REDIRECTS} redirects")
+
+    async def _release(self, conn: HttpConnection, resp: Response) -> None:
+        """Done with a response we will not use: keep the connection if its body is small, else close it."""
+        if conn.reusable and resp.content_length is not None and resp.content_length <= 64 << 10:
+            try:
+                await conn.read_all(64 << 10)
+            except MirrorError:
+                await conn.aclose()
+                return
+            if conn.reusable and conn.remaining == 0:
+                self._idle.append(conn)
+                return
+        await conn.aclose()
+
     async def fetch(self, request: FetchRequest, sink: PieceSink) -> None:
         first, last = request.pieces[0], request.pieces[-1]
         if first.path in self._missing_files:
             raise FileNotOnMirror(self._missing_files[first.path])
-        url = parse_url(file_url(self.base_url, first.path))
         t0 = trio.current_time()
         conn: HttpConnection | None = None
         try:
@@ -305,7 +361,7 @@ class MirrorSource:
             etag = self._etags.get(first.path)
             if etag:
                 headers["If-Range"] = etag
-            conn, resp, rtt = await self._request(url, headers)
+            conn, resp, rtt, url = await self._follow(first.path, headers)
             self.score.on_response(rtt)
             whole_file = self._check_response(resp, url, first.offset + request.skip, first, last, sent_if_range=bool(etag))
             nbytes = await self._stream(conn, whole_file, request, sink)
@@ -339,6 +395,8 @@ class MirrorSource:
         st = resp.status
         if st in (404, 410):
             raise self._gone(first.path, f"{url}: {st} {resp.reason}: the mirror does not have {first.path}")
+        if st in (401, 403):
+            raise self._gone(first.path, f"{url}: {st} {resp.reason}: access refused (a private or gated repository needs a token that may read it)")
         if st in (429, 503):
             ra = parse_retry_after(resp.headers.get("retry-after"), _epoch())
             raise RetryLater(f"{url}: {st} {resp.reason}" + (f" (retry after {ra:.0f}s)" if ra is not None else ""), ra)

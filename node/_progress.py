@@ -32,6 +32,7 @@ class FetchStarted:
     bytes_total: int
     bytes_present: int  # already verified before this run (resume, local copies not included)
     sources: tuple[str, ...]
+    present_by_file: dict[str, int] = field(default_factory=dict)  # verified bytes per file at the start (local copies included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,11 @@ class ProgressSnapshot:
     bytes_received: int  # includes bytes of pieces still in flight
     rate: float  # bytes/s over the last seconds
     by_source: dict[str, int] = field(default_factory=dict)
-    by_file: dict[str, int] = field(default_factory=dict)
+    by_file: dict[str, int] = field(default_factory=dict)  # committed (verified, durable) bytes per file
+    # Bytes received for pieces not committed yet, per file: a display adds them
+    # to by_file so a bar moves while a large piece streams in.
+    in_flight_by_file: dict[str, int] = field(default_factory=dict)
+    received_by_source: dict[str, int] = field(default_factory=dict)  # body bytes each source sent so far
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,21 +47,25 @@ NBUF = 4
 ProgressFn = Callable[[int], None]
 
 
-def list_model_files(root: Path, exclude: Iterable[Path] = ()) -> list[str]:
+def list_model_files(root: Path, exclude: Iterable[Path] = (), skipped: list[str] | None = None) -> list[str]:
     """Relative POSIX paths of the regular files under ``root``, sorted.
 
     Hidden files and directories (``.git``, ``.cache``) are skipped. Symlinks to
     files are followed (Hugging Face cache snapshots are symlinks to blobs).
+    ``skipped``, when given, receives what was left out (hidden folders end in ``/``).
     """
     excluded = {p.resolve() for p in exclude}
     out: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        if skipped is not None:
+            skipped.extend((base / d).relative_to(root).as_posix() + "/" for d in sorted(dirnames) if d.startswith("."))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in filenames:
-            if fn.startswith("."):
-                continue
-            full = Path(dirpath) / fn
-            if full.resolve() in excluded:
+            full = base / fn
+            if fn.startswith(".") or full.resolve() in excluded:
+                if skipped is not None:
+                    skipped.append(full.relative_to(root).as_posix())
                 continue
             try:
                 st = full.stat()
@@ -69,6 +73,8 @@ def list_model_files(root: Path, exclude: Iterable[Path] = ()) -> list[str]:
                 raise ConfigError(f"cannot read {full}: {exc.strerror}") from exc
             if stat.S_ISREG(st.st_mode):
                 out.append(full.relative_to(root).as_posix())
+            elif skipped is not None:
+                skipped.append(full.relative_to(root).as_posix())
     out.sort(key=lambda s: s.encode())
     try:
         for p in out:

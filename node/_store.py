@@ -21,6 +21,12 @@ Strategy (why it survives ``kill -9`` at any instant):
   download is copied locally instead of downloaded.
 * Serving (the swarm): :meth:`Store.piece_location` says where a verified piece
   lies; the peerwire server re-checks its hash unless this process wrote it.
+* Unsigned manifests (a hub fetch: ``node/hub``) may leave piece hashes
+  unknown (:data:`UNKNOWN_HASH`): the engine hashes such a piece as it
+  arrives and the row records that hash; the file is checked whole by
+  :attr:`Download.file_check` before it is moved into place. Unsigned
+  downloads are never listed by :meth:`Store.manifest_ids` (what the swarm
+  announces).
 
 The store is blocking code; the engine calls it through ``trio.to_thread``.
 One lock serialises the SQLite connection.
@@ -37,7 +43,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -45,9 +51,28 @@ from typing import Any, NoReturn
 import blake3
 
 from autoglm.node.errors import DiskFullError, IntegrityError, StorageError
-from autoglm.protocol import Manifest, Piece, SignedManifest, decode_signed_manifest
+from autoglm.protocol import (
+    Manifest,
+    Piece,
+    SignedManifest,
+    decode_manifest,
+    decode_signed_manifest,
+)
+from autoglm.protocol._signing import MAGIC
 
-__all__ = ["PARTIAL_DIR", "Download", "DownloadInfo", "PieceLocation", "Store", "find_completed_download", "preflight"]
+__all__ = [
+    "PARTIAL_DIR",
+    "UNKNOWN_HASH",
+    "Download",
+    "DownloadInfo",
+    "PieceLocation",
+    "Store",
+    "find_completed_download",
+    "preflight",
+]
+
+#: The piece hash of an unsigned manifest whose piece hashes are learned on arrival.
+UNKNOWN_HASH = bytes(32)
 
 PARTIAL_DIR = ".autoglm-partial"
 SCHEMA = """
@@ -195,18 +220,22 @@ class Store:
                     raise StorageError(f"manifest {manifest_id.hex()[:16]} is not in the store")
                 signed_blob = rows[0][0]
             assert signed_blob is not None
-            pm = _PieceMap(decode_signed_manifest(signed_blob).manifest)
+            blob = bytes(signed_blob)
+            pm = _PieceMap(decode_signed_manifest(blob).manifest if blob.startswith(MAGIC) else decode_manifest(blob))
             self._maps[manifest_id] = pm
         return pm
 
     # -- downloads ---------------------------------------------------------
-    def open_download(self, signed: SignedManifest, out_dir: Path, files: Iterable[str] | None = None) -> Download:
-        """Create or resume the download of ``signed`` (already verified) into ``out_dir``."""
+    def open_download(self, signed: SignedManifest | Manifest, out_dir: Path, files: Iterable[str] | None = None) -> Download:
+        """Create or resume the download of ``signed`` (already verified) into ``out_dir``.
+
+        An unsigned :class:`Manifest` (a hub fetch) is stored as it is and never announced.
+        """
         out_dir = out_dir.resolve()
         wanted = None if files is None else sorted(set(files))
         blob = signed.encode()
         mid = signed.id
-        m = signed.manifest
+        m = signed.manifest if isinstance(signed, SignedManifest) else signed
         self._q(
             "INSERT OR IGNORE INTO downloads (manifest_id, out_dir, name, version, signed, wanted, created) "
             "VALUES (?,?,?,?,?,?,?)",
@@ -275,7 +304,8 @@ class Store:
         return self._map(manifest_id).manifest
 
     def manifest_ids(self) -> list[bytes]:
-        return [r[0] for r in self._q("SELECT DISTINCT manifest_id FROM downloads")]
+        """Signed manifests only: an unsigned (hub) download is never announced to peers."""
+        return [r[0] for r in self._q("SELECT DISTINCT manifest_id FROM downloads WHERE substr(signed, 1, ?) = ?", (len(MAGIC), MAGIC))]
 
     def piece_location(self, manifest_id: bytes, index: int) -> PieceLocation:
         """Where a verified piece lies (for sendfile); the caller re-checks the hash (see node/_peerwire.py)."""
@@ -396,8 +426,9 @@ def find_completed_download(data_dir: Path, name: str, version: str = "") -> tup
     db = data_dir / "store.sqlite"
     if not db.exists():
         return None
-    sql = "SELECT out_dir, signed FROM downloads WHERE name=? AND completed IS NOT NULL"
-    args: tuple[str, ...] = (name,)
+    # Signed manifests only: a hub download (unsigned, hub-attested) is not a gate's manifest.
+    sql = "SELECT out_dir, signed FROM downloads WHERE name=? AND completed IS NOT NULL AND substr(signed, 1, ?) = ?"
+    args: tuple[object, ...] = (name, len(MAGIC), MAGIC)
     if version:
         sql += " AND version=?"
         args += (version,)
@@ -483,6 +514,14 @@ class Download:
         #: piece -> bytes at its start already in the staging file (a crash mid-piece); filled by recover()
         self.partial: dict[int, int] = {}
         self.check_sha256 = False  # also check each finished file's SHA-256 (costs a read of the file)
+        #: Whole-file check before a file is moved into place: (file index, fd of the staged file).
+        #: Raises IntegrityError; the file's pieces are then discarded (node/hub sets it).
+        self.file_check: Callable[[int, int], None] | None = None
+        #: Piece hashes learned on arrival, for pieces whose manifest hash is UNKNOWN_HASH.
+        self.learned: dict[int, bytes] = {}
+        #: Drop committed pieces from the page cache at once; False when the caller reads them
+        #: back soon (node/hub hashes files in byte order) and drops them itself (:meth:`uncache`).
+        self.drop_behind = True
         self.done: set[int] = set()
         self.complete_files: set[int] = set()
         self._load()
@@ -501,7 +540,9 @@ class Download:
 
     def _load(self) -> None:
         st = self.store
-        self.done = {int(r[0]) for r in st._q("SELECT idx FROM pieces WHERE download_id=?", (self.id,))}
+        rows = st._q("SELECT idx, hash FROM pieces WHERE download_id=?", (self.id,))
+        self.done = {int(r[0]) for r in rows}
+        self.learned = {int(i): bytes(h) for i, h in rows if self._pm.pieces[int(i)].hash == UNKNOWN_HASH}
         self.complete_files = {int(r[0]) for r in st._q("SELECT file_index FROM files WHERE download_id=? AND complete=1", (self.id,))}
         for fi in list(self.complete_files):
             f = self.manifest.files[fi]
@@ -540,6 +581,45 @@ class Download:
                            + [("INSERT OR REPLACE INTO files VALUES (?,?,1)", (self.id, fi))])
             self.done |= set(good)
             self.complete_files.add(fi)
+
+    def adopt(self, fi: int) -> bool:
+        """Record a file already in place (written by another tool or run) if it passes :attr:`file_check`.
+
+        Its pieces are hashed and recorded (learned where the manifest has no hash). Blocking.
+        """
+        f = self.manifest.files[fi]
+        final = self.out_dir / f.path
+        try:
+            fd = os.open(final, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            if os.fstat(fd).st_size != f.size:
+                return False
+            if self.file_check is not None:
+                try:
+                    self.file_check(fi, fd)
+                except IntegrityError:
+                    return False
+            rows = []
+            for i in self._pm.file_range(fi):
+                p = self._pm.pieces[i]
+                h = blake3.blake3(os.pread(fd, p.length, p.offset)).digest()
+                if p.hash != UNKNOWN_HASH and h != p.hash:
+                    return False
+                rows.append((i, h))
+        finally:
+            os.close(fd)
+        self.store._tx([("INSERT OR REPLACE INTO pieces VALUES (?,?,?)", (self.id, i, h)) for i, h in rows]
+                       + [("INSERT OR REPLACE INTO files VALUES (?,?,1)", (self.id, fi))])
+        for i, h in rows:
+            self.done.add(i)
+            if self._pm.pieces[i].hash == UNKNOWN_HASH:
+                self.learned[i] = h
+        self.complete_files.add(fi)
+        if self.is_complete():
+            self._mark_complete()
+        return True
 
     # -- state ---------------------------------------------------------------
     def missing(self) -> list[int]:
@@ -611,22 +691,41 @@ class Download:
                     self._dirty |= dirty
                 _raise_os(exc, "syncing the staging file")
         with self._fd_lock:
-            for i in idx:  # clean now: see DROP_BEHIND
+            for i in idx if self.drop_behind else ():  # clean now: see DROP_BEHIND
                 pfd = self._fds.get(self._pm.file_of[i])
                 if pfd is not None:
                     drop_cache(pfd, self._pm.pieces[i].offset, self._pm.pieces[i].length)
         if idx:
-            self.store._tx([("INSERT OR IGNORE INTO pieces VALUES (?,?,?)", (self.id, i, self._pm.pieces[i].hash)) for i in idx])
+            self.store._tx([("INSERT OR IGNORE INTO pieces VALUES (?,?,?)", (self.id, i, self.piece_hash(i))) for i in idx])
             self.done.update(idx)
             self.store._written_here.update((self.manifest_id, i) for i in idx)
         finished = []
+        failed: IntegrityError | None = None
         for fi in sorted({self._pm.file_of[i] for i in idx}):
             if all(i in self.done for i in self._pm.file_range(fi)):
-                self._finish_file(fi)
+                try:
+                    self._finish_file(fi)
+                except IntegrityError as exc:  # the other files still finish; this one starts over
+                    failed = failed or exc
+                    continue
                 finished.append(fi)
+        if failed is not None:
+            raise failed
         if self.is_complete():
             self._mark_complete()
         return finished
+
+    def uncache(self, index: int) -> None:
+        """Drop a committed piece's pages from the page cache (see :attr:`drop_behind`)."""
+        with self._fd_lock:
+            fd = self._fds.get(self._pm.file_of[index])
+            if fd is not None:
+                drop_cache(fd, self._pm.pieces[index].offset, self._pm.pieces[index].length)
+
+    def piece_hash(self, index: int) -> bytes:
+        """The piece's BLAKE3 hash: from the manifest, or learned on arrival (UNKNOWN_HASH until then)."""
+        h = self._pm.pieces[index].hash
+        return self.learned.get(index, h) if h == UNKNOWN_HASH else h
 
     def lock(self) -> None:
         """Take the per-download lock (a flock, released by the kernel even on kill -9).
@@ -681,13 +780,16 @@ class Download:
                 with self._fd_lock:
                     fd = self._fds.pop(fi)
             os.fsync(fd)
-            sha_ok = not self.check_sha256 or _sha256_fd(fd, f.size) == f.sha256
+            try:
+                if self.file_check is not None:
+                    self.file_check(fi, fd)
+                if self.check_sha256 and _sha256_fd(fd, f.size) != f.sha256:
+                    raise IntegrityError(f"{f.path}: every piece matched but the file's SHA-256 does not; the manifest is inconsistent")
+            except IntegrityError as exc:
+                self._discard_file(fi, fd)
+                exc.file_index = fi  # type: ignore[attr-defined]
+                raise
             os.close(fd)
-            if not sha_ok:
-                r = self._pm.file_range(fi)
-                self.store._tx([("DELETE FROM pieces WHERE download_id=? AND idx>=? AND idx<?", (self.id, r.start, r.stop))])
-                self.done -= set(r)
-                raise IntegrityError(f"{f.path}: every piece matched but the file's SHA-256 does not; the manifest is inconsistent")
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, final)
             _fsync_dir(final.parent)
@@ -695,6 +797,19 @@ class Download:
             _raise_os(exc, f"moving {f.path} into {self.out_dir}")
         self.store._q("INSERT OR REPLACE INTO files VALUES (?,?,1)", (self.id, fi))
         self.complete_files.add(fi)
+
+    def _discard_file(self, fi: int, fd: int) -> None:
+        """Forget every piece of a file that failed its whole-file check, and its staged bytes."""
+        r = self._pm.file_range(fi)
+        self.store._tx([("DELETE FROM pieces WHERE download_id=? AND idx>=? AND idx<?", (self.id, r.start, r.stop))])
+        self.done -= set(r)
+        for i in r:
+            self.learned.pop(i, None)
+            self.partial.pop(i, None)
+        # Unknown-hash pieces would be resumed from these bytes: punch them out.
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, self.manifest.files[fi].size)
+        os.close(fd)
 
     def finish_empty_files(self) -> list[int]:
         """Files with no pieces (size 0) are complete as soon as the fetch starts."""

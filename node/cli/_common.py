@@ -64,6 +64,7 @@ EXIT = {
     "source": 6,
     "storage": 7,
     "refused": 8,
+    "doctor": 9,  # a doctor check failed
     "interrupted": 130,
 }
 

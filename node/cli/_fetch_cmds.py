@@ -13,12 +13,10 @@ from autoglm.node.errors import AutoglmError, ConfigError, SourceError
 
 from ._common import console, err_console, human_bytes, print_json
 from ._manifest_cmds import add_trust_args, trust_from_args
+from ._progress_view import FetchView as _Renderer
 
 if TYPE_CHECKING:
-    from rich.progress import Progress, TaskID
-
     from autoglm.node._engine import FetchResult
-    from autoglm.node._progress import Event, FetchDone
 
 # Heavy modules load inside the commands (see _manifest_cmds.py): a fetch
 # handed to a running node needs only the standard library.
@@ -36,14 +34,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "peers (--bootstrap or DATA_DIR/bootstrap), an ephemeral node joins the swarm for this "
         "fetch; with none, the fetch uses the mirrors alone.",
     )
-    p.add_argument("manifest", metavar="MANIFEST", help="manifest file or http(s) URL")
+    p.add_argument("manifest", metavar="MANIFEST", help="manifest file or http(s) URL, or hf://ORG/REPO[@REV] / ms://ORG/REPO[@REV]")
     p.add_argument("--mirror", action="append", default=[], metavar="URL", help="mirror base URL (repeatable)")
     p.add_argument(
         "--mirror-header", action="append", default=[], metavar="URL=NAME: VALUE",
         help="extra header for one mirror, e.g. 'https://m/=Authorization: Bearer X' (repeatable)",
     )
     p.add_argument("--header", action="append", default=[], metavar="NAME: VALUE", help="extra header for every mirror and the manifest URL")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the model files go")
+    p.add_argument("--out", type=Path, metavar="DIR", help="where the model files go (required for a manifest)")
     add_trust_args(p)
     p.add_argument("--variant", metavar="auto|all|NAME", help="fetch only one variant's files (default: all files)")
     p.add_argument("--connections", type=int, default=4, metavar="N", help="initial connections per mirror (adapts up to --max-connections)")
@@ -55,6 +53,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="join the swarm through this peer for this fetch (repeatable; also DATA_DIR/bootstrap)")
     p.add_argument("--standalone", action="store_true", help="do not hand the fetch to a running node or use peers")
     p.add_argument("--json", action="store_true", help="one JSON object per line: progress, then a final 'done' summary")
+    from autoglm.node.hub._cli import add_hub_args
+
+    add_hub_args(p)
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("ls", help="list models in the local store and their state")
@@ -135,84 +136,6 @@ def _files_for_variant(args: argparse.Namespace, manifest: Any) -> list[str] | N
     return None if variant is None else list(variant.files)
 
 
-class _Renderer:
-    def __init__(self, json_mode: bool) -> None:
-        self.json = json_mode
-        self.progress: Progress | None = None
-        self.total: TaskID | None = None
-        self.files: dict[str, TaskID] = {}
-        self.done: FetchDone | None = None
-
-    def handle_line(self, line: dict[str, Any]) -> None:
-        """One event line relayed by a running node: printed as it is in --json mode."""
-        if self.json:
-            if line.get("event") != "done":  # the summary comes last, from us
-                print_json(line)
-            return
-        from autoglm.node._progress import from_json
-
-        ev = from_json(line)
-        if ev is not None:
-            self.handle(ev)
-
-    def handle(self, ev: Event) -> None:
-        from autoglm.node._progress import (
-            FetchDone,
-            FetchStarted,
-            FileDone,
-            ProgressSnapshot,
-            SourceFailed,
-        )
-
-        if isinstance(ev, FetchDone):
-            self.done = ev
-        if self.json:
-            if not isinstance(ev, FetchDone):
-                from autoglm.node._progress import to_json
-
-                print_json(to_json(ev))
-            return
-        if isinstance(ev, FetchStarted):
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                TimeRemainingColumn(), console=console, transient=False,
-            )
-            self.progress.start()
-            console.print(f"fetching [bold]{ev.name}[/] {ev.version} into {ev.out_dir} ({human_bytes(ev.bytes_total)})")
-            self.total = self.progress.add_task("[bold]total", total=ev.bytes_total, completed=ev.bytes_present)
-            for path, size in ev.files:
-                self.files[path] = self.progress.add_task(path if len(path) < 40 else "…" + path[-39:], total=size)
-        elif isinstance(ev, ProgressSnapshot) and self.progress is not None and self.total is not None:
-            self.progress.update(self.total, completed=ev.bytes_done)
-            for path, n in ev.by_file.items():
-                if path in self.files:
-                    self.progress.update(self.files[path], completed=n)
-            srcs = ", ".join(f"{k.split(':', 1)[-1]} {human_bytes(v)}" for k, v in ev.by_source.items())
-            self.progress.update(self.total, description=f"[bold]total[/] ({srcs})" if srcs else "[bold]total")
-        elif isinstance(ev, FileDone) and self.progress is not None and ev.path in self.files:
-            self.progress.update(self.files[ev.path], completed=ev.size)
-        elif isinstance(ev, SourceFailed):
-            what = "[red]bad data[/]" if ev.integrity else "[yellow]error[/]"
-            (self.progress.console if self.progress else err_console).print(f"{what} from {ev.source_id}: {ev.message}")
-
-    def close(self) -> None:
-        if self.progress is not None:
-            if self.total is not None:
-                t = self.progress.tasks[self.total]
-                if t.total is not None and t.completed < t.total and self.done is not None:
-                    self.progress.update(self.total, completed=t.total)
-            self.progress.stop()
-
-
 def _absolute(manifest: str) -> str:
     return manifest if manifest.startswith(("http://", "https://")) else str(Path(manifest).resolve())
 
@@ -264,7 +187,13 @@ def _load_manifest_here(args: argparse.Namespace) -> Any:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    renderer = _Renderer(args.json)
+    renderer = _Renderer(args.json, quiet=getattr(args, "quiet", False))
+    from autoglm.node.hub._cli import cmd_fetch_hub, is_hub_ref
+
+    if is_hub_ref(args.manifest):  # a Hugging Face / ModelScope repository: node/hub
+        return cmd_fetch_hub(args, renderer)
+    if args.out is None:
+        raise ConfigError("fetch MANIFEST needs --out DIR")
     t0 = time.perf_counter()
     try:
         try:
@@ -292,15 +221,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"event": "done", **result, "seconds": round(seconds, 3)})
     else:
-        by_source: dict[str, int] = result["bytes_by_source"] or {}
-        fetched = sum(by_source.values())
-        rate = fetched / seconds if seconds > 0 else 0.0
-        console.print(
-            f"[green]done[/]: {human_bytes(result['bytes_total'] or 0)} in {result['out']} "
-            f"({human_bytes(fetched)} fetched in {seconds:.1f}s, {human_bytes(rate)}/s)"
-        )
-        for sid, n in sorted(by_source.items()):
-            console.print(f"  {sid}: {human_bytes(n)}")
+        renderer.summary(result, seconds)
     return 0
 
 

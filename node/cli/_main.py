@@ -104,7 +104,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Peer-to-peer distribution of model weights: signed manifests, verified "
         "resumable fetch from peers and mirrors, sandboxed checks before load.",
         epilog="Exit codes: 0 ok, 1 error, 2 usage/config, 3 integrity, 4 trust, 5 malformed "
-        "input, 6 network/source, 7 storage, 8 refused by verification, 130 interrupted.",
+        "input, 6 network/source, 7 storage, 8 refused by verification, 9 doctor check failed, 130 interrupted.",
     )
     parser.add_argument("--version", action=_Version)
     _add_global_options(parser, sub=False)

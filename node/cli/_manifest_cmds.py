@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--version", required=True, metavar="VER")
     p.add_argument("--out", type=Path, metavar="MANIFEST", help="default: DATA_DIR/published/NAME@VER.agm")
+    p.add_argument("--force", action="store_true", help="overwrite an existing manifest at the --out path")
     p.add_argument("--max-piece", type=parse_size, default="8MiB", metavar="SIZE", help="default 8MiB")
     p.add_argument("--variants", type=Path, metavar="FILE.json", help="variant definitions (see docs/manifest.md)")
     p.add_argument("--parent", type=Path, metavar="MANIFEST", help="the previous version, for delta updates")
@@ -52,12 +53,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("inspect", help="show the files, pieces and signer of a manifest")
-    p.add_argument("manifest", type=Path, metavar="MANIFEST")
+    p.add_argument("manifest", metavar="MANIFEST", help="manifest file or http(s) URL")
     p.add_argument("--json", action="store_true", help="every file and piece as JSON")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify-manifest", help="check a manifest's signature against trusted keys")
-    p.add_argument("manifest", type=Path, metavar="MANIFEST")
+    p.add_argument("manifest", metavar="MANIFEST", help="manifest file or http(s) URL")
     add_trust_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify_manifest)
@@ -74,6 +75,39 @@ def add_trust_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust", action="append", type=Path, default=[], metavar="KEY.pub", help="trusted publisher key (repeatable)")
     p.add_argument("--root", action="append", type=Path, default=[], metavar="CA.pem", help="trusted root CA for X.509 publishers")
     p.add_argument("--spiffe-id", action="append", default=[], metavar="ID", help="allowed publisher SPIFFE ID; a trailing / allows a prefix")
+
+
+def read_manifest_arg(manifest: str) -> SignedManifest:
+    """A manifest named on the command line: a file, or an http(s) URL (kept as typed, never a Path)."""
+    from autoglm.node._manifests import load_signed_manifest
+
+    if manifest.startswith(("http://", "https://")):
+        import trio
+
+        from autoglm.node.api import _get_url
+        from autoglm.protocol import RemoteProtocolError, decode_signed_manifest
+
+        data = trio.run(_get_url, manifest)
+        try:
+            return decode_signed_manifest(data)
+        except RemoteProtocolError as exc:
+            raise RemoteProtocolError(f"{manifest} is not a valid manifest: {exc}") from exc
+    return load_signed_manifest(Path(manifest))
+
+
+def _refuse_public_key(path: Path) -> None:
+    """``--key K.pub``: say it is the public half, not that its mode is wrong."""
+    from autoglm.protocol import ConfigError
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return  # load_private_key says what is wrong with the path
+    if b"PUBLIC KEY-----" in head:
+        private = path.with_suffix("") if path.suffix == ".pub" else None
+        hint = f" (keygen wrote it next to this one: {private})" if private is not None and private.exists() else ""
+        raise ConfigError(f"{path} is a public key; publish signs with the private key{hint}")
 
 
 def trust_from_args(args: argparse.Namespace) -> TrustPolicy:
@@ -127,7 +161,6 @@ def cmd_publish(args: argparse.Namespace) -> int:
         Progress,
         TextColumn,
         TimeRemainingColumn,
-        TransferSpeedColumn,
     )
 
     from autoglm.node._keys import load_private_key
@@ -139,6 +172,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from autoglm.node._publish import build_manifest, list_model_files
     from autoglm.protocol import ConfigError, key_id, sign_manifest
 
+    _refuse_public_key(args.key)
     key = load_private_key(args.key)
 
     raw_pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -155,32 +189,47 @@ def cmd_publish(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read the certificate chain {args.cert_chain}: {exc}") from exc
         chain = tuple(c.public_bytes(Encoding.DER) for c in certs)
+    if out.exists() and not args.force:  # after the inputs are checked, before hours of hashing
+        raise ConfigError(f"{out} already exists; pass --force to overwrite it")
     root: Path = args.dir
     exclude = [out, args.key]
-    total = sum((root / p).stat().st_size for p in list_model_files(root, exclude)) if root.is_dir() else 0
+    skipped: list[str] = []
+    total = sum((root / p).stat().st_size for p in list_model_files(root, exclude, skipped)) if root.is_dir() else 0
     t0 = time.perf_counter()
     with Progress(
-        TextColumn("hashing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        # Binary units, as everywhere else (rich's speed column only has decimal ones).
+        TextColumn("hashing"), BarColumn(), DownloadColumn(binary_units=True),
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
         console=console, disable=args.json or not console.is_terminal, transient=True,
     ) as progress:
-        task = progress.add_task("hash", total=total)
+        task = progress.add_task("hash", total=total, rate="")
+
+        def advance(n: int) -> None:
+            speed = progress.tasks[task].speed
+            progress.update(task, advance=n, rate=f"{human_bytes(speed)}/s" if speed else "")
+
         manifest = build_manifest(
             root, name=args.name, version=args.version, publisher=key_id(raw_pub), created_at=int(time.time()),
-            max_piece=args.max_piece, variants=variants, parent=parent, exclude=exclude,
-            progress=lambda n: progress.advance(task, n),
+            max_piece=args.max_piece, variants=variants, parent=parent, exclude=exclude, progress=advance,
         )
     signed = sign_manifest(manifest, key, chain)
     write_signed_manifest(out, signed)
     elapsed = time.perf_counter() - t0
     if args.json:
         print_json({"manifest": str(out), "id": signed.id.hex(), "files": len(manifest.files),
-                    "pieces": manifest.piece_count, "size": manifest.total_size, "seconds": round(elapsed, 3)})
+                    "pieces": manifest.piece_count, "size": manifest.total_size, "seconds": round(elapsed, 3),
+                    "skipped": skipped})
     else:
+        from rich.markup import escape
+
         console.print(
-            f"published [bold]{manifest.name}[/] {manifest.version}: {len(manifest.files)} files, "
+            f"published [bold]{escape(manifest.name)}[/] {escape(manifest.version)}: {len(manifest.files)} files, "
             f"{manifest.piece_count} pieces, {human_bytes(manifest.total_size)} in {elapsed:.2f}s\n"
-            f"manifest {out}\nid {signed.id.hex()}"
+            f"manifest {escape(str(out))}\nid {signed.id.hex()}"
         )
+        if skipped:
+            shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+            console.print(f"skipped {len(skipped)}: {escape(shown)} (hidden, or the key or manifest itself)", soft_wrap=True)
     return 0
 
 
@@ -223,11 +272,10 @@ def manifest_json(signed: SignedManifest, signature_ok: bool | None = None) -> d
 def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from autoglm.node._manifests import load_signed_manifest
     from autoglm.protocol import SignatureError, verify_signature
     from autoglm.protocol._signing import DOMAIN_MANIFEST
 
-    signed = load_signed_manifest(args.manifest)
+    signed = read_manifest_arg(args.manifest)
     m = signed.manifest
     try:
         verify_signature(signed.public_key, signed.signature, DOMAIN_MANIFEST, m.encode())
@@ -263,9 +311,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_manifest(args: argparse.Namespace) -> int:
-    from autoglm.node._manifests import check_manifest, load_signed_manifest
+    from autoglm.node._manifests import check_manifest
 
-    signed = load_signed_manifest(args.manifest)
+    signed = read_manifest_arg(args.manifest)
     policy = trust_from_args(args)
     m = check_manifest(signed, policy)
     if args.json:

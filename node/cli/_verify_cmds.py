@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "GGUF, strict JSON. With --manifest, also the signature and the SHA-256 of every file.",
     )
     p.add_argument("target", metavar="PATH|MODEL", help="a file, a model directory or NAME[@VERSION] of a completed download")
-    p.add_argument("--manifest", type=Path, metavar="MANIFEST", help="signed manifest to check the files against")
+    p.add_argument("--manifest", metavar="MANIFEST", help="signed manifest to check the files against (file or http(s) URL)")
     add_trust_args(p)
     p.add_argument("--no-cache", action="store_true", help="ignore and do not update the verdict cache")
     p.add_argument("--no-fit", action="store_true", help="skip the check that the tensors fit this device")
@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("doctor", help="probe this machine and check the environment")
     p.add_argument("--mirror", action="append", default=[], metavar="URL", help="check reachability and RTT of a mirror (repeatable)")
+    p.add_argument("--manifest", metavar="MANIFEST",
+                   help="with --mirror: check that each mirror has a file of this manifest (file or URL)")
     p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="check TCP reachability of a DHT bootstrap peer (repeatable)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
@@ -61,8 +63,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     hashes: dict[Path, str] = {}
     signer = None
     if args.manifest is not None or resolved.signed_manifest is not None:
-        manifest = load_checked_manifest(resolved, args.manifest, trust_from_args(args))
-        assert manifest is not None
+        if args.manifest is not None and args.manifest.startswith(("http://", "https://")):
+            from autoglm.node._manifests import check_manifest
+
+            from ._manifest_cmds import read_manifest_arg
+
+            manifest = check_manifest(read_manifest_arg(args.manifest), trust_from_args(args))
+        else:
+            path = Path(args.manifest) if args.manifest is not None else None
+            checked = load_checked_manifest(resolved, path, trust_from_args(args))
+            assert checked is not None
+            manifest = checked
         signer = manifest.publisher
         hashes = check_manifest_files(root, manifest, files)
     elif args.trust or args.root:
@@ -133,12 +144,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from autoglm.node._device import probe_device
     from autoglm.node._doctor import run_checks
 
+    probe = None
+    if args.manifest:
+        from ._manifest_cmds import read_manifest_arg
+
+        files = [f for f in read_manifest_arg(args.manifest).manifest.files if f.size]
+        if files:
+            small = min(files, key=lambda f: f.size)  # HEAD costs the same; a GET fallback reads one byte
+            probe = (small.path, small.size)
     device = probe_device(args.data_dir)
-    checks = run_checks(device, args.data_dir, mirrors=tuple(args.mirror), bootstraps=tuple(args.bootstrap))
+    checks = run_checks(device, args.data_dir, mirrors=tuple(args.mirror), mirror_probe=probe,
+                        bootstraps=tuple(args.bootstrap))
     failed = any(c.status == "fail" for c in checks)
+    rc = EXIT["doctor"] if failed else EXIT["ok"]
     if args.json:
         print_json({"device": device.to_value(), "checks": [c.to_value() for c in checks], "ok": not failed})
-        return EXIT["error"] if failed else EXIT["ok"]
+        return rc
     cpu = device.cpu
     feats = ", ".join(f for f, on in (("AVX2", cpu.avx2), ("AVX-512", cpu.avx512), ("AMX", cpu.amx)) if on) or "none"
     console.print(f"[bold]{escape(cpu.model)}[/], {cpu.logical_cores} threads ({cpu.physical_cores or '?'} cores), vector: {feats}")
@@ -153,4 +174,4 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         console.print(f"{marks[c.status]}  {c.name:<11} {escape(c.detail)}")
         if c.hint and c.status != "pass":
             console.print(f"      [dim]-> {escape(c.hint)}[/]")
-    return EXIT["error"] if failed else EXIT["ok"]
+    return rc

@@ -102,6 +102,6 @@ def test_doctor_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = json.loads(capsys.readouterr().out)
     assert {c["name"] for c in out["checks"]} >= {"data-dir", "proxy", "clock", "gpu", "torch-cuda", "sandbox"}
     assert out["device"]["cpu"]["logical_cores"] >= 1
-    assert rc == (0 if out["ok"] else 1)
+    assert rc == (0 if out["ok"] else 9)
     for c in out["checks"]:
         assert c["status"] in ("pass", "warn", "fail") and c["detail"]

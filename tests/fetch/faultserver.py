@@ -175,7 +175,7 @@ class FaultServer:
         if kind == "change":
             body = bytes(b ^ 0x5A for b in body)
             self.changed[rel] = body
-        etag = f'"{hash(body) & 0xFFFFFFFF:08x}-{len(body)}"'
+        etag = self._etag(rel, body)
         start, end, status = 0, len(body), "200 OK"
         kinds = set((kind or "").split("+"))  # "norange+wrong": both at once
         if rng and "norange" not in kinds and (headers.get("if-range") in (None, etag)):
@@ -197,6 +197,7 @@ class FaultServer:
         hdr = f"HTTP/1.1 {status}\r\nContent-Type: application/octet-stream\r\nContent-Length: {len(payload)}\r\nETag: {etag}\r\nAccept-Ranges: bytes\r\n"
         if status.startswith("206"):
             hdr += f"Content-Range: bytes {start}-{end - 1}/{len(body)}\r\n"
+        hdr += self._extra_headers(target, rel)
         await stream.send_all((hdr + "\r\n").encode())
         self.stats.log.append((rel, int(status[:3]), rng))
         if method == "HEAD":
@@ -217,6 +218,13 @@ class FaultServer:
             return True
         await self._send_body(stream, rel, payload)
         return True
+
+    def _etag(self, rel: str, body: bytes) -> str:
+        return f'"{hash(body) & 0xFFFFFFFF:08x}-{len(body)}"'
+
+    def _extra_headers(self, target: str, rel: str) -> str:
+        """More response header lines ("Name: value\r\n" each) for a file answer (subclasses)."""
+        return ""
 
     async def _send_body(self, stream: trio.SocketStream, rel: str, data: bytes) -> None:
         view = memoryview(data)

@@ -1,0 +1,401 @@
+"""Hub benchmark (issue #10): `fetch hf://` against huggingface_hub and aria2c, on a Hub-shaped nginx.
+
+A 1 GiB repository (two safetensors shards and small files) is laid out for
+nginx so that it answers what huggingface_hub calls: the revision and tree API
+(static JSON), ``/{repo}/resolve/{commit}/{path}`` (small files directly with
+``X-Repo-Commit`` and ``X-Linked-Etag``; shards as 302 to a CDN path on
+``localhost``, another host name, with ``X-Linked-Etag``/``X-Linked-Size``).
+All rows in one run, tools alternating, median of --reps:
+
+  (a) throughput: `autoglm-node fetch hf://` (HF cache), `snapshot_download`
+      (huggingface_hub, default settings), aria2c given the file URLs
+      (-x16 -s16 -j5, as hfd.sh does with more connections);
+      hf_transfer: huggingface_hub 2.x ignores it (reported, not run);
+  (b) SIGKILL once nginx has served 50 % of the repository, then the same
+      command again: bytes nginx served in both runs minus the repository size;
+  (c) nginx answers 20 % of requests 429 (Retry-After: 1) or 502: does the
+      tool complete, in how long, are the bytes right.
+
+    .venv/bin/python bench/hub_bench.py [--reps 3] [--size 1GiB] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import (
+    DEFAULT_WORKDIR,
+    PROCS,
+    Nginx,
+    Result,
+    _parse_size,
+    autoglm_cmd,
+    check_tools,
+    fmt_bytes,
+    fmt_num,
+    guarded,
+    log,
+    measure,
+    median,
+    on_cleanup,
+    print_table,
+)
+
+ORG_REPO = "bench/hub-1g"
+TIMEOUT = 900.0
+SMALL = {
+    "config.json": json.dumps({"model_type": "bench", "hidden_size": 4096}, indent=1).encode(),
+    "tokenizer.json": json.dumps({"vocab": {f"tok{i}": i for i in range(20000)}}).encode(),
+    "generation_config.json": b'{"do_sample": false}\n',
+    "README.md": b"# hub benchmark repository\n",
+}
+
+HUB_CONF = """\
+daemon off;
+master_process on;
+worker_processes 2;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    log_format agbench '$status $bytes_sent $body_bytes_sent "$request" "$http_range" $connection $remote_port $request_time';
+    access_log {dir}/access.log agbench;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    keepalive_timeout 60s;
+    split_clients "${{request_id}}" $hubfault {{
+        {fault_split}
+        * ok;
+    }}
+    server {{
+        listen {listen}:{port} reuseport backlog=4096;
+        server_name _;
+        root {root};
+{locations}
+    }}
+}}
+"""
+
+FAULT = """            if ($hubfault = 429) { add_header Retry-After 1 always; return 429; }
+            if ($hubfault = 502) { return 502; }
+"""
+
+
+class HubNginx(Nginx):
+    """nginx with the Hub-shaped locations (and, with ``faults``, 20 % of answers 429/502)."""
+
+    def __init__(self, root: Path, confdir: Path, locations: str, faults: bool) -> None:
+        super().__init__(root, confdir)
+        self.locations = locations
+        self.faults = faults
+
+    def start(self, timeout: float = 10) -> HubNginx:
+        exe = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "tmp").mkdir(exist_ok=True)
+        self.access_log.touch()
+        split = "10% 429; 10% 502;" if self.faults else ""
+        locs = self.locations.replace("@FAULT@", FAULT if self.faults else "").replace("@PORT@", str(self.port))
+        conf = self.dir / "nginx.conf"
+        conf.write_text(HUB_CONF.format(dir=self.dir, listen=self.listen, port=self.port, root=self.root,
+                                        fault_split=split, locations=locs))
+        self.proc = PROCS.start([exe, "-p", str(self.dir), "-e", str(self.dir / "error.log"), "-c", str(conf)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        on_cleanup(self.stop)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(f"nginx exited ({self.proc.returncode}): {err.strip()}")
+            if self._listening():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("nginx did not start")
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _write_shard(path: Path, size: int, seed: bytes) -> str:
+    """A valid safetensors file of ``size`` bytes (one U8 tensor), pseudo-random; returns its SHA-256."""
+    header = b""
+    for _ in range(3):  # the header length depends on the tensor length, which depends on the header length
+        n = size - 8 - len(header)
+        header = json.dumps({"w": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+        header += b" " * (-len(header) % 8)
+    n = size - 8 - len(header)
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        head = len(header).to_bytes(8, "little") + header
+        f.write(head)
+        h.update(head)
+        block = hashlib.blake2b(seed, digest_size=64).digest() * (1 << 14)  # 1 MiB pattern
+        rng = hashlib.sha256(seed)
+        left = n
+        while left:
+            rng.update(b"x")
+            # vary each MiB so no two pieces have the same bytes
+            chunk = (rng.digest() + block[32:])[: min(left, len(block))]
+            f.write(chunk)
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def make_repo(base: Path, total: int) -> dict[str, Any]:
+    """The repository on disk for nginx, reused when already there. Returns its description."""
+    stamp = base / f"repo-{total}.json"
+    root = base / f"hubroot-{total}"
+    if stamp.exists():
+        return json.loads(stamp.read_text())
+    shutil.rmtree(root, ignore_errors=True)
+    objects = root / "objects"
+    objects.mkdir(parents=True)
+    files: dict[str, dict[str, Any]] = {}
+    small_total = sum(len(v) for v in SMALL.values())
+    shard = (total - small_total) // 2
+    weight_map = {}
+    for i in (1, 2):
+        name = f"model-0000{i}-of-00002.safetensors"
+        tmp = objects / f"tmp-{i}"
+        log(f"writing {name} ({fmt_bytes(shard)})")
+        sha = _write_shard(tmp, shard, name.encode())
+        tmp.rename(objects / sha)
+        pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {shard}\n".encode()
+        files[name] = {"size": shard, "sha256": sha, "oid": git_blob_id(pointer)}
+        weight_map[f"w{i}"] = name
+    small = dict(SMALL)
+    small["model.safetensors.index.json"] = json.dumps({"metadata": {"total_size": 2 * shard}, "weight_map": weight_map}).encode()
+    for name, data in small.items():
+        oid = git_blob_id(data)
+        (objects / oid).write_bytes(data)
+        files[name] = {"size": len(data), "sha256": None, "oid": oid}
+    commit = hashlib.sha1(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    api = root / "api" / "models" / ORG_REPO
+    (api / "revision").mkdir(parents=True)
+    (api / "tree").mkdir(parents=True)
+    (api / "revision" / "main").write_text(json.dumps({
+        "id": ORG_REPO, "modelId": ORG_REPO, "sha": commit, "private": False, "gated": False, "disabled": False,
+        "downloads": 0, "likes": 0, "tags": [], "siblings": [{"rfilename": p} for p in sorted(files)],
+        "lastModified": "2026-01-01T00:00:00.000Z", "createdAt": "2026-01-01T00:00:00.000Z"}))
+    tree = []
+    for p, f in sorted(files.items()):
+        e: dict[str, Any] = {"type": "file", "oid": f["oid"], "size": f["size"], "path": p}
+        if f["sha256"]:
+            e["lfs"] = {"oid": f["sha256"], "size": f["size"], "pointerSize": 134}
+        tree.append(e)
+    (api / "tree" / commit).write_text(json.dumps(tree))
+    desc = {"root": str(root), "commit": commit, "files": files, "total": sum(f["size"] for f in files.values())}
+    stamp.write_text(json.dumps(desc))
+    return desc
+
+
+def locations(desc: dict[str, Any]) -> str:
+    root, commit = desc["root"], desc["commit"]
+    out = [f"""        location /api/ {{
+            default_type application/json;
+@FAULT@        }}
+        location /cdn/ {{
+            alias {root}/objects/;
+@FAULT@        }}"""]
+    for p, f in desc["files"].items():
+        loc = f"/{ORG_REPO}/resolve/{commit}/{p}"
+        if f["sha256"]:
+            out.append(f"""        location = {loc} {{
+@FAULT@            add_header X-Repo-Commit {commit} always;
+            add_header X-Linked-Etag '"{f['sha256']}"' always;
+            add_header X-Linked-Size {f['size']} always;
+            return 302 http://localhost:@PORT@/cdn/{f['sha256']};
+        }}""")
+        else:
+            out.append(f"""        location = {loc} {{
+@FAULT@            add_header X-Repo-Commit {commit} always;
+            add_header X-Linked-Etag '"{f['oid']}"' always;
+            alias {root}/objects/{f['oid']};
+        }}""")
+    return "\n".join(out)
+
+
+class Tools:
+    def __init__(self, work: Path, desc: dict[str, Any]) -> None:
+        self.work = work
+        self.desc = desc
+        self.n = 0
+
+    def fresh(self, tool: str) -> Path:
+        self.n += 1
+        d = self.work / "runs" / f"{tool}-{self.n}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        return d
+
+    def env(self, url: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "proxy" not in k.lower()}
+        env.update(HF_ENDPOINT=url.rstrip("/"), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1",
+                   HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HOME=str(self.work / "hf-home"))
+        return env
+
+    def argv(self, tool: str, d: Path, url: str) -> list[str]:
+        if tool == "autoglm":
+            return autoglm_cmd() + ["--data-dir", str(d / "data"), "fetch", f"hf://{ORG_REPO}", "--cache-dir", str(d / "cache"), "--json"]
+        if tool == "snapshot_download":
+            code = f"from huggingface_hub import snapshot_download; snapshot_download({ORG_REPO!r}, cache_dir={str(d / 'cache')!r})"
+            return [sys.executable, "-c", code]
+        # aria2c given the resolve URLs, as hfd.sh does (it lists them from the API first)
+        lst = d / "urls.txt"
+        if not lst.exists():
+            lines = []
+            for p in self.desc["files"]:
+                lines += [f"{url.rstrip('/')}/{ORG_REPO}/resolve/{self.desc['commit']}/{p}", f"  out={p}"]
+            lst.write_text("\n".join(lines) + "\n")
+        return ["aria2c", "-x16", "-s16", "-j5", "-c", "--file-allocation=none", "--console-log-level=error",
+                "--summary-interval=0", "--auto-file-renaming=false", "--max-tries=20", "--retry-wait=1", "-d", str(d / "out"), "-i", str(lst)]
+
+    def correct(self, tool: str, d: Path) -> bool:
+        """Every file's bytes match the repository (SHA-256 or git blob id)."""
+        if tool == "aria2c":
+            base = d / "out"
+        else:
+            base = d / "cache" / f"models--{ORG_REPO.replace('/', '--')}" / "snapshots" / self.desc["commit"]
+        for p, f in self.desc["files"].items():
+            path = base / p
+            if not path.exists() or path.stat().st_size != f["size"]:
+                return False
+            if f["sha256"]:
+                h = hashlib.sha256()
+                with open(path, "rb") as fh:
+                    while chunk := fh.read(8 << 20):
+                        h.update(chunk)
+                if h.hexdigest() != f["sha256"]:
+                    return False
+            elif git_blob_id(path.read_bytes()) != f["oid"]:
+                return False
+        return True
+
+
+def run_once(tools: Tools, tool: str, ngx: HubNginx, *, kill_at: float | None = None, d: Path | None = None,
+             conns: list[int] | None = None) -> tuple[Result, Path, int]:
+    """One run; with ``kill_at``, SIGKILL once nginx served that fraction (``conns`` gets the open connections then)."""
+    d = d or tools.fresh(tool)
+    mark = ngx.mark()
+    total = tools.desc["total"]
+
+    def kill_when() -> bool:
+        assert kill_at is not None
+        if ngx.served_so_far(mark) < kill_at * total:
+            return False
+        if conns is not None:
+            conns.append(ngx.open_connections())
+        return True
+
+    r = measure(tools.argv(tool, d, ngx.url()), timeout=TIMEOUT, env=tools.env(ngx.url()),
+                kill_when=kill_when if kill_at is not None else None, poll=0.01)
+    served = ngx.settle(mark)
+    return r, d, served
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--size", default="1GiB")
+    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "hub")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    have = check_tools(["nginx", "aria2c"])
+    if not have["nginx"]:
+        print("nginx is missing: AUTOGLM_BENCH_DEPS=1 scripts/setup (or apt-get install nginx-light aria2)")
+        return 2
+    tool_names = ["autoglm", "snapshot_download"] + (["aria2c"] if have["aria2c"] else [])
+    with guarded():
+        work = args.workdir
+        work.mkdir(parents=True, exist_ok=True)
+        desc = make_repo(work, _parse_size(args.size))
+        total = desc["total"]
+        tools = Tools(work, desc)
+        out: dict[str, Any] = {"total": total, "throughput": {}, "kill": {}, "faults": {}}
+
+        ngx = HubNginx(Path(desc["root"]), work / "nginx", locations(desc), faults=False).start()
+        walls: dict[str, list[float]] = {t: [] for t in tool_names}
+        cpus: dict[str, list[float]] = {t: [] for t in tool_names}
+        errors: dict[str, str] = {}
+        for rep in range(args.reps):
+            for t in tool_names:
+                r, d, served = run_once(tools, t, ngx)
+                log(f"(a) {t} rep {rep + 1}: rc={r.rc} {r.wall:.2f}s served {fmt_bytes(served)}")
+                if r.ok and tools.correct(t, d):
+                    walls[t].append(r.wall)
+                    cpus[t].append(r.cpu)
+                else:
+                    errors[t] = r.error() if not r.ok else "wrong bytes"
+                shutil.rmtree(d, ignore_errors=True)
+        rows = []
+        for t in tool_names:
+            m = median(walls[t])
+            out["throughput"][t] = {"walls": walls[t], "cpus": cpus[t], "median": m}
+            rows.append([t, fmt_num(m, ".2f", " s"), f"{total / m / 1e6:.0f} MB/s" if m else "n/a",
+                         fmt_num(median(cpus[t]), ".2f", " s"), ", ".join(f"{w:.1f}" for w in walls[t]), errors.get(t, "")])
+        rows.append(["snapshot_download + hf_transfer", "n/a", "n/a", "n/a", "", "huggingface_hub 2.x no longer uses hf_transfer"])
+        print_table(f"(a) {fmt_bytes(total)} repository, nginx on 127.0.0.1, median of {args.reps}",
+                    ["tool", "wall", "throughput", "CPU", "walls", "note"], rows)
+
+        rows = []
+        for t in tool_names:
+            conns: list[int] = []
+            r1, d, s1 = run_once(tools, t, ngx, kill_at=0.5, conns=conns)
+            r2, _, s2 = run_once(tools, t, ngx, d=d)
+            ok = r2.ok and tools.correct(t, d)
+            refetched = s1 + s2 - total
+            out["kill"][t] = {"killed": r1.killed, "served_first": s1, "served_second": s2, "refetched": refetched, "ok": ok,
+                              "connections": conns[:1]}
+            log(f"(b) {t}: killed={r1.killed} served {fmt_bytes(s1)} + {fmt_bytes(s2)}; ok={ok}")
+            rows.append([t, "yes" if r1.killed else f"no (rc {r1.rc})", str(conns[0]) if conns else "?", fmt_bytes(s1), fmt_bytes(s2),
+                         fmt_bytes(max(refetched, 0)), "yes" if ok else (r2.error() if not r2.ok else "wrong bytes")])
+            shutil.rmtree(d, ignore_errors=True)
+        print_table("(b) SIGKILL at 50 % served, then the same command again",
+                    ["tool", "killed", "connections at the kill", "served 1st run", "served 2nd run", "fetched again", "complete + correct"], rows,
+                    note="fetched again = bytes nginx served in both runs - repository size (headers, and bytes still in "
+                         "socket buffers when the process died, included)")
+        ngx.stop()
+
+        ngx = HubNginx(Path(desc["root"]), work / "nginx-faults", locations(desc), faults=True).start()
+        rows = []
+        for t in tool_names:
+            r, d, served = run_once(tools, t, ngx)
+            ok = r.ok and tools.correct(t, d)
+            out["faults"][t] = {"rc": r.rc, "wall": r.wall, "ok": ok}
+            log(f"(c) {t}: rc={r.rc} {r.wall:.2f}s ok={ok}")
+            rows.append([t, "yes" if ok else ("wrong bytes" if r.ok else r.error()), f"{r.wall:.1f} s", fmt_bytes(served)])
+            shutil.rmtree(d, ignore_errors=True)
+        faults = [q for q in ngx.requests_since(0) if q["status"] in (429, 502)]
+        print_table("(c) 20 % of requests answered 429 (Retry-After: 1) or 502",
+                    ["tool", "completes, bytes right", "wall", "served"], rows,
+                    note=f"{len(faults)} fault answers in this part of the run")
+        ngx.stop()
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())
