@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import struct
 import threading
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -74,6 +75,12 @@ __all__ = [
 GATE_VERSION = "gate-1"
 MAX_PICKLE = 256 * 1024 * 1024
 MAX_JSON = 64 * 1024 * 1024
+#: Host budgets before the sandbox (docs/security.md): members of a checkpoint zip and
+#: bytes of its central directory, JSON containers and values, JSON nesting.
+MAX_ZIP_MEMBERS = 65_536
+MAX_ZIP_DIRECTORY = 16 * 1024 * 1024
+MAX_JSON_CONTAINERS = 1_000_000
+MAX_JSON_VALUES = 4_000_000
 HOST_PIN = "host"
 #: LONG1 of torch's legacy magic number 0x1950A86A20F9469CFC6C, after PROTO 2.
 _LEGACY_TORCH_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
@@ -190,8 +197,65 @@ def _check_member_name(name: str) -> str | None:
     return None
 
 
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_CENTRAL = struct.Struct("<4s6H3L5H2L")
+
+
+def _zip_directory_problem(path: Path) -> str | None:
+    """Walk the zip's central directory with a member budget, before zipfile builds anything.
+
+    Strategy: zipfile makes a ZipInfo per member (about 500 bytes of Python
+    each) while it reads the directory, so a tiny archive of empty members
+    costs hundreds of MiB. The end record gives the directory's size; the walk
+    counts members itself (the record's count is 16 bits and may lie).
+    """
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        tail_len = min(size, _EOCD.size + 0xFFFF)
+        f.seek(size - tail_len)
+        tail = f.read(tail_len)
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or at + _EOCD.size > len(tail):
+            return "not a zip archive (no end of central directory record)"
+        _, _, _, _, count, cd_size, _, _ = _EOCD.unpack_from(tail, at)
+        eocd_pos = size - tail_len + at
+        cd_end = eocd_pos
+        if (count == 0xFFFF or cd_size == 0xFFFFFFFF) and at >= _EOCD64_LOCATOR.size:
+            sig, _, eocd64_pos, _ = _EOCD64_LOCATOR.unpack_from(tail, at - _EOCD64_LOCATOR.size)
+            if sig == b"PK\x06\x07" and eocd64_pos < eocd_pos:
+                f.seek(eocd64_pos)
+                rec = f.read(_EOCD64.size)
+                if len(rec) == _EOCD64.size and rec[:4] == b"PK\x06\x06":
+                    count, cd_size = _EOCD64.unpack(rec)[6], _EOCD64.unpack(rec)[7]
+                    cd_end = eocd64_pos
+        if count > MAX_ZIP_MEMBERS:
+            return f"zip archive declares {count} members; the limit is {MAX_ZIP_MEMBERS}"
+        if cd_size > MAX_ZIP_DIRECTORY or cd_size > cd_end:
+            return f"zip central directory of {cd_size} bytes is over the {MAX_ZIP_DIRECTORY}-byte limit or the file"
+        f.seek(cd_end - cd_size)
+        cd = f.read(cd_size)
+    pos = members = 0
+    while pos + _CENTRAL.size <= len(cd):
+        if cd[pos : pos + 4] != b"PK\x01\x02":
+            return "malformed zip central directory"
+        fields = _CENTRAL.unpack_from(cd, pos)
+        members += 1
+        if members > MAX_ZIP_MEMBERS:
+            return f"zip archive has more than {MAX_ZIP_MEMBERS} members"
+        pos += _CENTRAL.size + fields[10] + fields[11] + fields[12]
+    return None
+
+
 def _torch_zip_pickle(path: Path) -> tuple[bytes, int] | Verdict:
     """data.pkl and the total size of the data/* storages, or a refusal."""
+    try:
+        problem = _zip_directory_problem(path)
+    except OSError as exc:
+        return _host("torch_zip", "reject", f"not a readable zip archive: {exc}", "bad_zip")
+    if problem is not None:
+        return _host("torch_zip", "reject", problem, "limit" if "limit" in problem else "bad_zip")
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -236,11 +300,34 @@ def _strict_json(path: Path, size: int) -> Verdict:
     def no_constants(name: str) -> Any:
         raise ValueError(f"non-standard constant {name}")
 
+    data = path.read_bytes()
+    problem = _json_shape_problem(data)
+    if problem is not None:
+        return _host("json", "reject", problem, "limit")
     try:
-        json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=no_dupes, parse_constant=no_constants)
+        json.loads(data.decode("utf-8"), object_pairs_hook=no_dupes, parse_constant=no_constants)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         return _host("json", "reject", f"not strict JSON: {exc}", "bad_json")
     return _host("json", "ok")
+
+
+def _json_shape_problem(data: bytes) -> str | None:
+    """Bound the objects json would build, at C speed, before it builds any.
+
+    Strategy: every array or object starts with ``[`` or ``{`` and every
+    other value follows a ``,`` or ``:`` (or is the first), so counting those
+    bytes bounds what the parser allocates. Brackets and commas inside
+    strings count too: the bounds are upper bounds, which only a file far
+    larger than any config or tokenizer reaches. Nesting is bounded by json's
+    own recursion limit (a RecursionError is a refusal).
+    """
+    containers = data.count(b"[") + data.count(b"{")
+    if containers > MAX_JSON_CONTAINERS:
+        return f"JSON has up to {containers} arrays and objects; the limit is {MAX_JSON_CONTAINERS}"
+    values = containers + data.count(b",") + data.count(b":") + 1
+    if values > MAX_JSON_VALUES:
+        return f"JSON has up to {values} values; the limit is {MAX_JSON_VALUES}"
+    return None
 
 
 def _header_region(path: Path, kind: str, size: int, limits: SandboxLimits) -> Verdict:

@@ -80,14 +80,22 @@ def load_trust_policy(
     """Keys and roots from flags plus DATA_DIR/trust/*.pub and DATA_DIR/trust/roots/*.pem.
 
     DATA_DIR/trust/spiffe-ids (one per line) adds allowed SPIFFE IDs.
+    DATA_DIR/trust/roots/<trust domain>/*.pem are roots bound to that SPIFFE
+    trust domain: with several roots, a root vouches only for its own domains.
     """
     key_paths = list(keys)
     root_paths = list(roots)
     ids = list(spiffe_ids)
+    bound: list[tuple[bytes, tuple[str, ...]]] = []
     if data_dir is not None:
         td = trust_dir(data_dir)
         key_paths += sorted(td.glob("*.pub"))
         root_paths += sorted((td / "roots").glob("*.pem"))
+        for domain_dir in sorted(p for p in (td / "roots").glob("*") if p.is_dir()):
+            for p in sorted(domain_dir.glob("*.pem")):
+                data = _read(p, "root CA")
+                root_paths.append(p)
+                bound.append((data, (domain_dir.name,)))
         ids_file = td / "spiffe-ids"
         if ids_file.is_file():
             ids += [ln.strip() for ln in ids_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
@@ -95,4 +103,5 @@ def load_trust_policy(
         keys=frozenset(load_public_key(p) for p in key_paths),
         roots=tuple(_read(p, "root CA") for p in root_paths),
         spiffe_ids=tuple(ids),
+        root_domains=tuple(bound),
     )

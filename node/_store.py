@@ -27,6 +27,13 @@ Strategy (why it survives ``kill -9`` at any instant):
   :attr:`Download.file_check` before it is moved into place. Unsigned
   downloads are never listed by :meth:`Store.manifest_ids` (what the swarm
   announces).
+* Nothing in OUT is trusted to be what we left there: anyone who can write
+  in OUT can plant symlinks or hard links. Staging files and every directory
+  below OUT are opened relative to directory fds with ``O_NOFOLLOW``
+  (:func:`_open_dir`), a staging file must be a regular file with one link,
+  a finished file is renamed between directory fds, and a piece written here
+  is trusted for serving without a re-hash only while its file is still the
+  inode we wrote (:meth:`Store.written_here`).
 
 The store is blocking code; the engine calls it through ``trio.to_thread``.
 One lock serialises the SQLite connection.
@@ -41,6 +48,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -164,8 +172,15 @@ class Store:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(data_dir / "store.sqlite", check_same_thread=False, isolation_level=None, timeout=30)
+            if not data_dir.exists():
+                data_dir.mkdir(parents=True, mode=0o700)
+            db_path = data_dir / "store.sqlite"
+            # Private to this user (the WAL and shm files take the database's mode).
+            os.close(os.open(db_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            for side in ("", "-wal", "-shm"):
+                if os.path.exists(f"{db_path}{side}"):
+                    os.chmod(f"{db_path}{side}", 0o600)
+            self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
@@ -173,13 +188,30 @@ class Store:
             raise StorageError(f"cannot open the store in {data_dir}: {exc}; check --data-dir and its permissions") from exc
         self._lock = threading.Lock()
         self._maps: dict[bytes, _PieceMap] = {}
-        # (manifest id, piece) this process hash-checked, wrote and fdatasynced:
-        # uploads of these go out by sendfile without a fresh hash check.
-        self._written_here: set[tuple[bytes, int]] = set()
+        # (manifest id, piece) this process hash-checked, wrote and fdatasynced,
+        # with the (device, inode) of the file written: uploads of these go out
+        # by sendfile without a fresh hash check while that file is still there.
+        self._written_here: dict[tuple[bytes, int], tuple[int, int]] = {}
 
     def written_here(self, manifest_id: bytes, index: int) -> bool:
-        """True when this process verified and wrote this piece itself (and has not forgotten it since)."""
-        return (manifest_id, index) in self._written_here
+        """True when this process verified and wrote this piece itself, into the file now at its path.
+
+        A file swapped since (replaced, or turned into a symlink) is not
+        trusted: the caller re-hashes what it reads, so nothing but the
+        published bytes can go out.
+        """
+        ident = self._written_here.get((manifest_id, index))
+        if ident is None:
+            return False
+        for _, loc in self._locations(manifest_id, index):
+            try:
+                st = os.lstat(loc.path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == ident:
+                return True
+        self._written_here.pop((manifest_id, index), None)
+        return False
 
     def close(self) -> None:
         with self._lock:
@@ -444,7 +476,7 @@ def find_completed_download(data_dir: Path, name: str, version: str = "") -> tup
 
 
 def _pread(loc: PieceLocation) -> bytes:
-    fd = os.open(loc.path, os.O_RDONLY)
+    fd = os.open(loc.path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         data = os.pread(fd, loc.length, loc.offset)
         drop_cache(fd, loc.offset, loc.length)
@@ -485,6 +517,39 @@ def _sha256_fd(fd: int, size: int) -> bytes:
     return h.digest()
 
 
+def _open_dir(parent_fd: int, name: str, where: Path, create: bool = True) -> int:
+    """A directory fd for ``name`` under ``parent_fd``, never through a symlink."""
+    if create:
+        try:
+            os.mkdir(name, 0o755, dir_fd=parent_fd)
+        except FileExistsError:
+            pass
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StorageError(
+                f"{where / name} is a symlink or not a directory; refusing to write through it "
+                "(someone else may control it: remove it and run the command again)"
+            ) from exc
+        raise
+
+
+def _open_file(dir_fd: int, name: str, where: Path, create: bool) -> int:
+    """A staging file of ours: a regular file with one link, opened without following a symlink."""
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0), 0o644, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StorageError(f"{where / name} is a symlink; refusing to write through it (remove it)") from exc
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise StorageError(f"{where / name} is not a regular file with one link; refusing to write to it (remove it)")
+    return fd
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -511,6 +576,8 @@ class Download:
         self._dirty: set[int] = set()
         self._fd_lock = threading.Lock()
         self._lock_fd: int | None = None
+        self._staging_fd: int | None = None
+        self._staging_lock = threading.Lock()
         #: piece -> bytes at its start already in the staging file (a crash mid-piece); filled by recover()
         self.partial: dict[int, int] = {}
         self.check_sha256 = False  # also check each finished file's SHA-256 (costs a read of the file)
@@ -548,10 +615,11 @@ class Download:
             f = self.manifest.files[fi]
             final = self.out_dir / f.path
             try:
-                ok = final.stat().st_size == f.size
+                fst = final.lstat()
+                ok = stat.S_ISREG(fst.st_mode) and fst.st_size == f.size
             except OSError:
                 ok = False
-            if not ok:  # the user deleted or truncated the finished file: fetch it again
+            if not ok:  # deleted, truncated or replaced by a link: fetch it again
                 r = self._pm.file_range(fi)
                 st._tx([("DELETE FROM pieces WHERE download_id=? AND idx>=? AND idx<?", (self.id, r.start, r.stop)),
                         ("DELETE FROM files WHERE download_id=? AND file_index=?", (self.id, fi))])
@@ -574,7 +642,11 @@ class Download:
         good = []
         for i in self._pm.file_range(fi):
             loc = PieceLocation(final, self._pm.pieces[i].offset, self._pm.pieces[i].length, self._pm.pieces[i].hash)
-            if blake3.blake3(_pread(loc)).digest() == loc.hash:
+            try:
+                data = _pread(loc)
+            except OSError:  # a symlink planted at the final path (O_NOFOLLOW), or gone: fetch it again
+                return
+            if blake3.blake3(data).digest() == loc.hash:
                 good.append(i)
         if len(good) == len(self._pm.file_range(fi)):
             self.store._tx([("INSERT OR IGNORE INTO pieces VALUES (?,?,?)", (self.id, i, self._pm.pieces[i].hash)) for i in good]
@@ -590,7 +662,7 @@ class Download:
         f = self.manifest.files[fi]
         final = self.out_dir / f.path
         try:
-            fd = os.open(final, os.O_RDONLY)
+            fd = os.open(final, os.O_RDONLY | os.O_NOFOLLOW)  # never adopt a link someone planted
         except OSError:
             return False
         try:
@@ -636,14 +708,32 @@ class Download:
         return all(fi in self.complete_files for fi in self.wanted_files)
 
     # -- writing -------------------------------------------------------------
+    def _staging_dir_fd(self) -> int:
+        """The staging directory, reached from OUT without following a symlink (kept open)."""
+        with self._staging_lock:
+            return self._open_staging_dir()
+
+    def _open_staging_dir(self) -> int:
+        if self._staging_fd is None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            out_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY)  # OUT itself is the user's choice
+            try:
+                part_fd = _open_dir(out_fd, PARTIAL_DIR, self.out_dir)
+            finally:
+                os.close(out_fd)
+            try:
+                self._staging_fd = _open_dir(part_fd, self.staging.name, self.staging.parent)
+            finally:
+                os.close(part_fd)
+        return self._staging_fd
+
     def _fd(self, fi: int) -> int:
         with self._fd_lock:
             fd = self._fds.get(fi)
             if fd is not None:
                 return fd
             try:
-                self.staging.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.staging / f"{fi}.part", os.O_RDWR | os.O_CREAT, 0o644)
+                fd = _open_file(self._staging_dir_fd(), f"{fi}.part", self.staging, create=True)
                 size = self.manifest.files[fi].size
                 if os.fstat(fd).st_size != size:
                     os.ftruncate(fd, size)  # sparse: holes read as zeros and SEEK_DATA skips them
@@ -698,7 +788,12 @@ class Download:
         if idx:
             self.store._tx([("INSERT OR IGNORE INTO pieces VALUES (?,?,?)", (self.id, i, self.piece_hash(i))) for i in idx])
             self.done.update(idx)
-            self.store._written_here.update((self.manifest_id, i) for i in idx)
+            with self._fd_lock:
+                idents = {fi: os.fstat(fd) for fi, fd in self._fds.items()}
+            self.store._written_here.update(
+                ((self.manifest_id, i), (idents[fi].st_dev, idents[fi].st_ino))
+                for i in idx if (fi := self._pm.file_of[i]) in idents
+            )
         finished = []
         failed: IntegrityError | None = None
         for fi in sorted({self._pm.file_of[i] for i in idx}):
@@ -736,8 +831,7 @@ class Download:
         if self._lock_fd is not None:
             return
         try:
-            self.staging.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.staging / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_file(self._staging_dir_fd(), ".lock", self.staging, create=True)
         except OSError as exc:
             _raise_os(exc, f"creating {self.staging}")
         try:
@@ -770,8 +864,6 @@ class Download:
 
     def _finish_file(self, fi: int) -> None:
         f = self.manifest.files[fi]
-        final = self.out_dir / f.path
-        staged = self.staging / f"{fi}.part"
         with self._fd_lock:
             fd = self._fds.pop(fi, None)
         try:
@@ -790,13 +882,30 @@ class Download:
                 exc.file_index = fi  # type: ignore[attr-defined]
                 raise
             os.close(fd)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, final)
-            _fsync_dir(final.parent)
+            self._rename_into_place(fi, f.path)
         except OSError as exc:
             _raise_os(exc, f"moving {f.path} into {self.out_dir}")
         self.store._q("INSERT OR REPLACE INTO files VALUES (?,?,1)", (self.id, fi))
         self.complete_files.add(fi)
+
+    def _rename_into_place(self, fi: int, rel: str) -> None:
+        """Rename the staging file to OUT/rel between directory fds: no component may be a symlink.
+
+        A symlink at OUT/rel itself is replaced (rename never follows it), so
+        the result is always our regular file.
+        """
+        *parents, name = rel.split("/")
+        dir_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            where = self.out_dir
+            for part in parents:
+                sub = _open_dir(dir_fd, part, where)
+                os.close(dir_fd)
+                dir_fd, where = sub, where / part
+            os.replace(f"{fi}.part", name, src_dir_fd=self._staging_dir_fd(), dst_dir_fd=dir_fd)
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def _discard_file(self, fi: int, fd: int) -> None:
         """Forget every piece of a file that failed its whole-file check, and its staged bytes."""
@@ -865,6 +974,9 @@ class Download:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            if self._staging_fd is not None:
+                os.close(self._staging_fd)
+                self._staging_fd = None
         self._unlock()
 
 
