@@ -54,6 +54,7 @@ from autoglm.node.errors import (
     StorageError,
 )
 from autoglm.protocol._picker import PiecePicker, PieceState
+from autoglm.protocol._slowsource import SlowSources
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -375,6 +376,8 @@ class Fetch:
         self._bytes_done = 0
         self._by_file: dict[str, int] = {}
         self._file_sources: dict[int, set[str]] = {}  # file index -> sources that delivered its pieces
+        # Peers far slower than the other sources lose their requests (protocol/_slowsource.py).
+        self._slow = SlowSources()
         for s in sources:
             self.add_source(s)
 
@@ -399,6 +402,7 @@ class Fetch:
             if req.source_id == source_id:
                 req.scope.cancel()
         self.picker.remove_source(source_id)
+        self._slow.forget(source_id)
         src = self._sources.pop(source_id)
         self._settle_received(src)
         if self._nursery is not None:
@@ -430,8 +434,8 @@ class Fetch:
         self._withdraw_not_ours()
         self._wake()
 
-    def peer_progress(self, peer: str) -> None:
-        self.picker.peer_progress(peer, trio.current_time())
+    def peer_progress(self, peer: str, index: int) -> None:
+        self.picker.peer_progress(peer, index, trio.current_time())
 
     def peer_claims(self, peer: str, indices: Iterable[int]) -> None:
         """A swarm peer asked a mirror for these pieces: leave them to it (withdrawing ours if it wins the tie)."""
@@ -489,6 +493,7 @@ class Fetch:
                 self._events = None
 
     def _piece_written(self, source_id: str, index: int) -> None:
+        self._slow.delivered(source_id, self._refs[index].length, trio.current_time())
         others = self.picker.piece_written(source_id, index)
         self._file_sources.setdefault(self.download.file_of[index], set()).add(source_id)
         self.download.partial.pop(index, None)
@@ -531,6 +536,8 @@ class Fetch:
             for src in self._order():
                 if active.get(src.id, 0) >= self._max_requests(src) or src.ready_at() > now:
                     continue
+                if self._slow.snubbed(src.id, now):
+                    continue
                 picked = self.picker.pick(src.id, self._request_bytes(src), now)
                 if not picked:
                     continue
@@ -543,6 +550,8 @@ class Fetch:
                 req = _Req(src.id, picked, trio.CancelScope())
                 self._requests[rid] = req
                 active[src.id] = active.get(src.id, 0) + 1
+                if src.kind is SourceKind.PEER:
+                    self._slow.busy(src.id, True, now)
                 nursery.start_soon(self._run_request, rid, src, req)
                 progress = True
 
@@ -566,6 +575,8 @@ class Fetch:
             raise
         finally:
             del self._requests[rid]
+            if not any(r.source_id == src.id for r in self._requests.values()):
+                self._slow.busy(src.id, False, trio.current_time())
             self._wake()
         if src.id not in self._sources:
             return
@@ -642,6 +653,20 @@ class Fetch:
                 f = self.download.manifest.files[fi]
                 await self._send(FileDone(f.path, f.size))
             self._wake()
+
+    async def _judge_sources(self) -> None:
+        """Take the requests back from peers far slower than the other sources (a trickle is no stall)."""
+        while True:
+            await trio.sleep(0.5)
+            now = trio.current_time()
+            for sid in self._slow.judge(now):
+                reqs = [r for r in self._requests.values() if r.source_id == sid]
+                log.info("source %s is far slower than the others: %d request(s) go elsewhere, none for %.0f s",
+                         sid, len(reqs), self._slow.snubbed_until(sid) - now)
+                for r in reqs:
+                    r.withdrawn = True
+                    r.scope.cancel()
+                self._wake()
 
     async def _ticker(self, total: int) -> None:
         def count() -> int:  # bytes off the wire (sources count them as they arrive), else as handed over
@@ -816,6 +841,7 @@ class Fetch:
                 self._nursery = nursery
                 nursery.start_soon(self._committer)
                 nursery.start_soon(self._ticker, total)
+                nursery.start_soon(self._judge_sources)
                 task_status.started(self)
                 while not self.picker.is_complete:
                     self._wake_ev = trio.Event()
@@ -826,6 +852,7 @@ class Fetch:
                     # Wake when a backed-off source becomes usable again, even while others are busy.
                     now = trio.current_time()
                     deadline = min((t for s in self._sources.values() if (t := s.ready_at()) > now), default=float("inf"))
+                    deadline = min([deadline, *(t for s in self._sources if (t := self._slow.snubbed_until(s)) > now)])
                     owner_due = self.picker.next_deadline()
                     if owner_due is not None and owner_due > now:
                         deadline = min(deadline, owner_due)

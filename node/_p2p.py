@@ -122,6 +122,15 @@ class ControlStream:
         self._stream = stream
         self.peer_id: str = str(stream.muxed_conn.peer_id)
 
+    @property
+    def remote_host(self) -> str | None:
+        """The IP the connection came from (the swarm reaches the peer's bulk channel there)."""
+        try:
+            addr = self._stream.get_remote_address()
+        except (AttributeError, OSError):
+            return None
+        return None if not addr else str(addr[0])
+
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
         """Bytes, or b"" at end of stream. BrokenResourceError if the peer reset it."""
         try:

@@ -114,6 +114,10 @@ class ServeGrant(Protocol):
         """Count bytes sent to this peer."""
         ...
 
+    def release(self) -> None:
+        """The connection this grant opened has ended (the grantor counts open connections per peer)."""
+        ...
+
 
 Redeem = Callable[[bytes], ServeGrant | None]
 
@@ -198,6 +202,7 @@ class _ServeState:
     redeem: Redeem
     up: RateLimiter
     psk: bytes | None = None
+    idle_timeout: float = 120.0  # an authenticated connection with nothing in flight is closed after this
     # (path, offset, length) -> (st_ino, st_mtime_ns, st_size) when it last verified.
     verified: dict[tuple[os.PathLike[str], int, int], tuple[int, int, int]] = field(default_factory=dict)
 
@@ -333,17 +338,30 @@ async def _serve_conn(raw: trio.SocketStream, st: _ServeState) -> None:
     if authed is None:
         return
     grant, stream = authed
+    try:
+        await _serve_requests(stream, proto, st, grant)
+    finally:
+        grant.release()
+
+
+async def _serve_requests(stream: trio.SocketStream | AeadStream, proto: PeerwireServer, st: _ServeState, grant: ServeGrant) -> None:
     # The protocol caps queued requests at MAX_INFLIGHT, so this never blocks.
     send, recv = trio.open_memory_channel[Request](MAX_INFLIGHT)
+    # Requests received and not answered yet: a Cancel counts only for one of
+    # these (at most MAX_INFLIGHT), never for an id the peer never sent.
+    pending: set[int] = set()
     cancelled: set[int] = set()
 
     async def writer() -> None:
         async for req in recv:
-            if req.req_id in cancelled:
+            try:
+                if req.req_id in cancelled:
+                    await stream.send_all(proto.reject(req.req_id, RejectReason.CANCELLED))
+                else:
+                    await _serve_one(stream, proto, st, grant, req)
+            finally:
+                pending.discard(req.req_id)
                 cancelled.discard(req.req_id)
-                await stream.send_all(proto.reject(req.req_id, RejectReason.CANCELLED))
-            else:
-                await _serve_one(stream, proto, st, grant, req)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer)
@@ -351,11 +369,19 @@ async def _serve_conn(raw: trio.SocketStream, st: _ServeState) -> None:
             while True:
                 ev = proto.next_event()
                 if isinstance(ev, Request):
+                    pending.add(ev.req_id)
                     send.send_nowait(ev)
                 elif isinstance(ev, Cancel):
-                    cancelled.add(ev.req_id)
+                    if ev.req_id in pending:
+                        cancelled.add(ev.req_id)
                 else:
-                    data = await stream.receive_some(_RECV)
+                    with trio.move_on_after(st.idle_timeout) as idle:
+                        data = await stream.receive_some(_RECV)
+                    if idle.cancelled_caught:
+                        if pending:
+                            continue
+                        log.debug("peerwire connection of %s idle for %.0f s: closed", grant.peer_id, st.idle_timeout)
+                        break
                     if not data:
                         break
                     proto.receive_data(data)
@@ -381,13 +407,15 @@ async def serve_peerwire(
     port: int = 0,
     up: RateLimiter | None = None,
     psk: bytes | None = None,
+    idle_timeout: float = 120.0,
     task_status: TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve pieces until cancelled; reports the bound (host, port) via ``task_status``.
 
-    With ``psk`` (a private swarm's key) every byte after Auth is sealed.
+    With ``psk`` (a private swarm's key) every byte after Auth is sealed. An
+    authenticated connection with nothing in flight for ``idle_timeout`` is closed.
     """
-    st = _ServeState(locator, redeem, up or RateLimiter(None), psk=psk)
+    st = _ServeState(locator, redeem, up or RateLimiter(None), psk=psk, idle_timeout=idle_timeout)
     listeners = await trio.open_tcp_listeners(port, host=host)
     sockname = listeners[0].socket.getsockname()
     async with trio.open_nursery() as nursery:

@@ -18,6 +18,14 @@ or fetch a manifest, with their libp2p addresses), ``Claim`` (the sender is
 fetching these pieces of a manifest it announced from a mirror: the first
 copy of each comes from it), ``Keepalive`` and finally ``Close``.
 
+Private swarms (a swarm key configured): before anything else each side
+sends ``KeyProof``, an HMAC-SHA256 under the swarm key over both peer ids
+(sender first; Noise has proven both ids, so a proof cannot be replayed by
+anyone else). A side with a key sends nothing but its proof, and accepts
+nothing, until the peer's proof checked; a wrong or missing proof ends the
+session before any manifest id, token or address is said. Nodes without a
+key never send KeyProof and refuse one.
+
 Each direction has a phase: IDLE until its Hello, then CHOKING or UNCHOKING
 (what the sender last said about serving the other side), then CLOSED. Every
 allowed (phase, message) pair is in :data:`TRANSITIONS`; a missing pair is a
@@ -32,6 +40,8 @@ has been silent for ``keepalive_interval`` sends a Keepalive; a peer silent for
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -57,6 +67,7 @@ __all__ = [
     "Hello",
     "Interested",
     "Keepalive",
+    "KeyProof",
     "MESSAGES",
     "ManifestData",
     "ManifestState",
@@ -69,6 +80,7 @@ __all__ = [
     "Unchoke",
     "decode_control",
     "encode_control",
+    "swarm_key_proof",
 ]
 
 CONTROL_PROTOCOL_ID: Final = "/autoglm/swarm/1"
@@ -216,6 +228,19 @@ class Close:
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class KeyProof:
+    """The sender holds the swarm key: :func:`swarm_key_proof` (sender id, receiver id)."""
+
+    mac: bytes
+
+
+def swarm_key_proof(key: bytes, sender: str, receiver: str) -> bytes:
+    """HMAC-SHA256 under the swarm key over both Noise-proven peer ids, sender first."""
+    msg = b"autoglm-node/swarm-key/v1\0" + sender.encode() + b"\0" + receiver.encode()
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
 ControlMessage = (
     Hello
     | Announce
@@ -232,6 +257,7 @@ ControlMessage = (
     | Peers
     | Claim
     | Close
+    | KeyProof
 )
 
 
@@ -251,6 +277,7 @@ _SELF_LOOPS = (
 TRANSITIONS: Final[dict[tuple[Phase, type], Phase]] = {
     (Phase.IDLE, Hello): Phase.CHOKING,
     (Phase.IDLE, Close): Phase.CLOSED,
+    (Phase.IDLE, KeyProof): Phase.IDLE,  # private swarms only, first and once (ControlConnection)
     **{(p, t): p for p in _OPEN for t in _SELF_LOOPS},
     **{(p, Choke): Phase.CHOKING for p in _OPEN},
     **{(p, Unchoke): Phase.UNCHOKING for p in _OPEN},
@@ -379,6 +406,7 @@ MESSAGES: Final[dict[int, tuple[type[ControlMessage], tuple[_Field, ...]]]] = {
     13: (ManifestData, (_MID, _Field("envelope", lambda v: _bin(v, 0, MAX_ENVELOPE, "manifest envelope")))),
     14: (Peers, (_MID, _Field("peers", _peer_infos, lambda ps: [[p.peer_id, list(p.addrs)] for p in ps]))),
     15: (Claim, (_MID, _Field("indices", _indices, list))),
+    16: (KeyProof, (_Field("mac", lambda v: _bin(v, 32, 32, "key proof")),)),
 }
 _CODE_OF: Final[dict[type, int]] = {cls: code for code, (cls, _) in MESSAGES.items()}
 
@@ -434,7 +462,17 @@ class ControlConnection:
         keepalive_interval: float = 15.0,
         idle_timeout: float = 45.0,
         handshake_timeout: float = 10.0,
+        max_manifests: int = 256,
+        max_bitfield_bytes: int = 4 * 1024 * 1024,
+        key_proof: tuple[bytes, bytes] | None = None,
     ) -> None:
+        # A private swarm: (our proof, the proof we expect) from swarm_key_proof.
+        self._key_proof = key_proof
+        self._proof_sent = False
+        self.proven = key_proof is None  # the peer proved the swarm key (or none is needed)
+        self.max_manifests = max_manifests
+        self.max_bitfield_bytes = max_bitfield_bytes
+        self._their_bits = 0  # bytes of the bitfields the peer announced, as we keep them
         self.ours = _Side()
         self.theirs = _Side()
         self.keepalive_interval = keepalive_interval
@@ -452,6 +490,12 @@ class ControlConnection:
         nxt = TRANSITIONS.get((side.phase, type(msg)))
         if nxt is None:
             raise LocalProtocolError(f"cannot send {type(msg).__name__} in phase {side.phase.value}")
+        if isinstance(msg, KeyProof):
+            if self._key_proof is None or self._proof_sent:
+                raise LocalProtocolError("KeyProof only with a swarm key, first and once")
+            self._proof_sent = True
+        elif self._key_proof is not None and not isinstance(msg, Close) and not (self._proof_sent and self.proven):
+            raise LocalProtocolError(f"cannot send {type(msg).__name__} before both sides proved the swarm key")
         self._apply_ours(msg)
         data = encode_control(msg)
         side.phase = nxt
@@ -498,6 +542,16 @@ class ControlConnection:
 
         A stream that ends without Close yields ``Close("end of stream")``.
         """
+        payload = self.next_payload()
+        if not isinstance(payload, bytes):
+            return payload
+        return self.accept(decode_control(payload))
+
+    def next_payload(self) -> bytes | NeedData | Close:
+        """The next frame's payload, undecoded (a caller may decode it elsewhere, then :meth:`accept` it).
+
+        ``next_event()`` is ``accept(decode_control(next_payload()))``.
+        """
         side = self.theirs
         if side.phase is Phase.CLOSED:
             if self._decoder.buffered:
@@ -509,13 +563,31 @@ class ControlConnection:
                 side.phase = Phase.CLOSED
                 return Close("end of stream")
             return payload
-        msg = decode_control(payload)
+        return payload
+
+    def accept(self, msg: ControlMessage) -> ControlMessage:
+        """Apply a message decoded from :meth:`next_payload`'s payload; RemoteProtocolError if not allowed now."""
+        side = self.theirs
         nxt = TRANSITIONS.get((side.phase, type(msg)))
         if nxt is None:
             raise RemoteProtocolError(f"peer sent {type(msg).__name__} in phase {side.phase.value}")
+        self._check_proof(msg)
         self._apply_theirs(msg)
         side.phase = nxt
         return msg
+
+    def _check_proof(self, msg: ControlMessage) -> None:
+        """In a private swarm the first message must be a valid KeyProof; elsewhere there is none."""
+        if isinstance(msg, KeyProof):
+            if self._key_proof is None:
+                raise RemoteProtocolError("peer requires a swarm key; this node has none")
+            if self.proven:
+                raise RemoteProtocolError("peer sent KeyProof twice")
+            if not hmac.compare_digest(msg.mac, self._key_proof[1]):
+                raise RemoteProtocolError("peer does not hold this swarm's key")
+            self.proven = True
+        elif not self.proven and not isinstance(msg, Close):
+            raise RemoteProtocolError(f"peer sent {type(msg).__name__} before proving the swarm key")
 
     def _apply_theirs(self, msg: ControlMessage) -> None:
         side = self.theirs
@@ -525,10 +597,9 @@ class ControlConnection:
                     raise RemoteProtocolError(f"peer speaks control version {msg.version}, we speak {CONTROL_VERSION}")
                 side.endpoint, side.token = msg.endpoint, msg.token
                 for s in msg.manifests:
-                    side.manifests[s.manifest_id] = Bitfield.from_bytes(s.bitfield, s.piece_count)
+                    self._keep_theirs(s)
             case Announce():
-                s = msg.state
-                side.manifests[s.manifest_id] = Bitfield.from_bytes(s.bitfield, s.piece_count)
+                self._keep_theirs(msg.state)
             case Have():
                 bf = side.manifests.get(msg.manifest_id)
                 if bf is None or msg.index >= bf.size:
@@ -548,6 +619,18 @@ class ControlConnection:
                 side.token = msg.token
             case _:
                 pass
+
+    def _keep_theirs(self, s: ManifestState) -> None:
+        """Keep a manifest the peer announced, within its budget (manifests, bitfield bytes)."""
+        side = self.theirs
+        old = side.manifests.get(s.manifest_id)
+        bits = self._their_bits - (0 if old is None else (old.size + 7) // 8) + (s.piece_count + 7) // 8
+        if old is None and len(side.manifests) >= self.max_manifests:
+            raise RemoteProtocolError(f"peer announced more than {self.max_manifests} manifests")
+        if bits > self.max_bitfield_bytes:
+            raise RemoteProtocolError(f"peer announced more than {self.max_bitfield_bytes} bytes of bitfields")
+        side.manifests[s.manifest_id] = Bitfield.from_bytes(s.bitfield, s.piece_count)
+        self._their_bits = bits
 
     # -- time ------------------------------------------------------------
     def next_deadline(self) -> float | None:

@@ -11,17 +11,38 @@ sees the same members agrees without talking, each owns an even share, and
 a member that leaves or joins moves little more than its own share.
 
 A mirror may take a piece no peer holds only when this node owns it, or
-when its owner has shown no progress (a Have) for ``owner_timeout``: slow
-or stuck owners fall back to the source. So N nodes started together each
-pull about 1/N of the model from the mirror and trade the rest.
+when its owner is *stale*: slow, stuck or lying owners fall back to the
+source. So N nodes started together each pull about 1/N of the model from
+the mirror and trade the rest. An owner is stale when
+
+* it has shown no progress for ``owner_timeout``. Progress is a Have for a
+  piece it never advertised before that this node still wants: a repeated
+  Have, or a Have for a piece this node already holds (anyone can echo our
+  own Haves), is no progress; or
+* it broke a promise: a piece it advertised (a Have that counted as
+  progress) did not reach this node within ``deliver_timeout`` of the Have,
+  from it or from anyone. A Have is a promise this node can check (the
+  piece is then held by a peer and comes from peers), so an advertised
+  piece that never arrives is a lie, or an owner that will not serve us.
+  Either way its share is the mirror's from then on, for as long as it
+  stays a member (a new session after ``member_grace`` starts afresh).
+
+So a member that claims pieces and never delivers keeps its share (at most
+``ceil(pieces / nodes)`` pieces plus ``MAX_PEER_CLAIMS`` claims) off the
+mirror for at most ``owner_timeout`` after it joins if it sends no new Have,
+and at most ``owner_timeout + deliver_timeout`` (40 s) if it does
+(tests/protocol/test_swarm_policy.py simulates 1, 3 and 9 such members for
+an hour of simulated time). The price for honest nodes: an owner that
+advertises a piece and cannot get it to us within ``deliver_timeout`` (it
+chokes us, or its upload is that slow) loses its share here to the mirror.
 
 *Claims* override the hash: a member that says it asked a mirror for a
 piece (the swarm's ``Claim`` message) owns it from then on, so nodes that
 started before they knew of each other do not both bring the same first
 copy in. When both asked, the smaller id keeps it (on both sides). A claim
 lasts while its peer is a member; at most ``MAX_PEER_CLAIMS`` are honoured
-per peer, and only a Have counts as progress, so claims alone cannot keep
-the mirror from a piece.
+per peer, and only a new Have counts as progress, so claims alone cannot
+keep the mirror from a piece.
 """
 
 from __future__ import annotations
@@ -38,12 +59,19 @@ _SMALL_PIECE = 1 << 20  # pieces below this go first in a mirror's order
 class FirstCopy:
     """Owners and claims of one manifest's pieces, as seen by node ``me``."""
 
-    def __init__(self, me: str, sizes: Sequence[int], owner_timeout: float = 20.0) -> None:
+    def __init__(
+        self, me: str, sizes: Sequence[int], owner_timeout: float = 20.0, deliver_timeout: float | None = None
+    ) -> None:
         self.me = me
         self._n = n = len(sizes)
         self._owner_timeout = owner_timeout
+        self._deliver_timeout = owner_timeout if deliver_timeout is None else deliver_timeout
         self._owner: list[str] = [me] * n
         self._seen: dict[str, float] = {}  # member -> time of its last sign of progress
+        self._advertised: dict[str, set[int]] = {}  # member -> pieces it sent a Have for
+        # member -> piece -> when it advertised it (a Have that counted): not here yet
+        self._pending: dict[str, dict[int, float]] = {}
+        self._lapsed: dict[str, float] = {}  # member -> when it broke a promise (stale from then on)
         self._claimed: dict[int, str] = {}  # piece -> member that asked a mirror for it
         self._ranks: dict[str, list[int]] = {me: _ranks(me, n)}
         # Where a mirror run starts: small pieces first (config and tokenizer
@@ -74,6 +102,9 @@ class FirstCopy:
         for p in [p for p in self._ranks if p != self.me and p not in members]:
             del self._ranks[p]
             self._seen.pop(p, None)
+            self._advertised.pop(p, None)
+            self._pending.pop(p, None)
+            self._lapsed.pop(p, None)
         self._claimed = {i: p for i, p in self._claimed.items() if p in members or p == self.me}
         # Bounded loads: each node owns at most ceil(n / members) pieces, so
         # the shares come out even (plain rendezvous leaves some nodes with
@@ -131,25 +162,66 @@ class FirstCopy:
         return sorted(i for i, p in self._claimed.items() if p == self.me and not done(i))
 
     def piece_done(self, index: int) -> None:
+        """``index`` is here: no longer claimed, and delivered whoever advertised it."""
         self._claimed.pop(index, None)
+        for pending in self._pending.values():
+            pending.pop(index, None)
 
-    def progress(self, peer: str, now: float) -> None:
-        """A member showed progress (a Have): its pieces stay its own a while longer."""
-        if peer in self._seen:
-            self._seen[peer] = now
+    def progress(self, peer: str, index: int, now: float, *, wanted: bool) -> bool:
+        """A member sent a Have for ``index``; True when it counts as progress.
+
+        It counts only the first time this member names ``index`` and only
+        when this node still ``wanted`` the piece (not held here): then the
+        member's pieces stay its own a while longer, and the piece must
+        arrive here within ``deliver_timeout``.
+        """
+        if peer not in self._seen or not 0 <= index < self._n:
+            return False
+        self._check_promises(peer, now)
+        said = self._advertised.setdefault(peer, set())
+        if index in said:
+            return False
+        said.add(index)
+        if not wanted:
+            return False
+        self._seen[peer] = now
+        self._pending.setdefault(peer, {}).setdefault(index, now)
+        return True
+
+    def stale_at(self, peer: str) -> float | None:
+        """When member ``peer`` is (or was) stale from, unless it makes progress first (None: not a member)."""
+        seen = self._seen.get(peer)
+        if seen is None:
+            return None
+        if peer in self._lapsed:
+            return self._lapsed[peer]
+        t = seen + self._owner_timeout
+        pending = self._pending.get(peer)
+        if pending:
+            t = min(t, min(pending.values()) + self._deliver_timeout)
+        return t
 
     def mirror_may_take(self, index: int, now: float) -> bool:
         """Whether a mirror may fetch ``index`` now (peer holdings aside): ours, or its owner is stale."""
         o = self.owner(index)
         if o == self.me:
             return True
-        seen = self._seen.get(o)
-        return seen is None or now - seen >= self._owner_timeout
+        self._check_promises(o, now)
+        t = self.stale_at(o)
+        return t is None or now >= t
+
+    def _check_promises(self, peer: str, now: float) -> None:
+        pending = self._pending.get(peer)
+        if peer in self._lapsed or not pending:
+            return
+        due = min(pending.values()) + self._deliver_timeout
+        if now >= due:
+            self._lapsed[peer] = due
 
     def deadlines(self, pieces: Iterable[int]) -> list[float]:
         """When the owners of ``pieces`` go stale (their pieces become the mirror's)."""
         owners = {self.owner(i) for i in pieces}
-        return [self._seen[o] + self._owner_timeout for o in owners if o in self._seen]
+        return [t for t in (self.stale_at(o) for o in owners) if t is not None]
 
 
 def _ranks(peer: str, n: int) -> list[int]:

@@ -206,10 +206,12 @@ class PiecePicker:
             return []
         return self.first_copy.my_claims(lambda i: self._state[i] == PieceState.DONE)
 
-    def peer_progress(self, peer: str, now: float) -> None:
-        """A swarm peer showed progress (a HAVE): its pieces stay its own a while longer."""
-        if self.first_copy is not None:
-            self.first_copy.progress(peer, now)
+    def peer_progress(self, peer: str, index: int, now: float) -> bool:
+        """A swarm peer sent a HAVE for ``index``; True when it counts as progress (see FirstCopy.progress)."""
+        if self.first_copy is None or not 0 <= index < len(self._state):
+            return False
+        wanted = self._wanted[index] and self._state[index] != PieceState.DONE
+        return self.first_copy.progress(peer, index, now, wanted=wanted)
 
     def mirror_may_take(self, index: int, now: float) -> bool:
         """Whether the first-copy rule lets a mirror fetch ``index`` now (peer holdings aside)."""

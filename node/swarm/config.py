@@ -15,7 +15,37 @@ from autoglm.node._sources import Source
 from autoglm.node._store import PieceLocation
 from autoglm.protocol import Manifest
 
-__all__ = ["Announced", "FetchHandle", "PeerBanned", "PieceStore", "SwarmConfig", "SwarmEvent", "SwarmStats"]
+__all__ = [
+    "Announced", "FetchHandle", "PeerBanned", "PeerBudget", "PieceStore", "SwarmConfig", "SwarmEvent", "SwarmStats",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerBudget:
+    """What one peer may cost this node: every per-peer limit in one place (docs/security.md, "Budgets per peer").
+
+    A peer that goes over a budget that only a hostile peer reaches (bitfield
+    memory, manifest requests) loses its session; a budget an honest peer may
+    touch (tokens, connections, queued dials) refuses the excess instead.
+    """
+
+    # What a peer announced (Hello/Announce), kept per session: manifests and their bitfields.
+    announced_manifests: int = 256
+    announced_bitfield_bytes: int = 4 * 1024 * 1024
+    # Live one-time peerwire tokens issued to one peer (the oldest is revoked
+    # beyond this), and how long an unredeemed token lives.
+    tokens: int = 4
+    token_ttl: float = 60.0
+    # Open peerwire connections one peer may hold to our server at once.
+    peerwire_conns: int = 4
+    # An authenticated peerwire connection with nothing in flight is closed after this long.
+    peerwire_idle: float = 120.0
+    # Dials a peer's introductions (Peers messages) may queue: per introducer, and for all peers.
+    intro_dials_per_peer: int = 16
+    intro_dials_total: int = 64
+    # GetManifest: replies in flight per peer (bytes queued, not yet written), and requests per minute.
+    manifest_reply_bytes: int = 8 * 1024 * 1024
+    manifest_requests_per_minute: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +82,7 @@ class SwarmConfig:
     keepalive_interval: float = 15.0
     idle_timeout: float = 45.0
     swarm_key: bytes | None = None  # private swarm: peerwire bytes sealed with ChaCha20-Poly1305
+    budget: PeerBudget = field(default_factory=PeerBudget)  # what one peer may cost us
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +127,8 @@ class FetchHandle(Protocol):
         """The peers fetching this manifest, and those that hold all of it (first-copy spreading)."""
         ...
 
-    def peer_progress(self, peer: str) -> None:
-        """``peer`` announced a new piece of this manifest."""
+    def peer_progress(self, peer: str, index: int) -> None:
+        """``peer`` sent a Have for piece ``index`` of this manifest (first-copy progress, if new)."""
         ...
 
     def peer_claims(self, peer: str, indices: Iterable[int]) -> None:

@@ -19,6 +19,7 @@ import trio
 from autoglm.node._p2p import ControlStream, P2PNode, PeerAddr
 from autoglm.node.errors import AutoglmError
 from autoglm.protocol._control import MAX_PEX_ADDRS, MAX_PEX_PEERS, PeerInfo, Peers
+from autoglm.protocol._dialpolicy import DialBudget, allowed_addrs, multiaddr_host
 
 from .config import SwarmConfig
 from .session import Session
@@ -50,6 +51,8 @@ class Dialer:
         self._dialing: set[str] = set()  # peers being dialled after an introduction or a loss
         self._opening: dict[str, trio.Event] = {}  # control streams being opened, by peer
         self._limit = trio.CapacityLimiter(8)
+        # Dials that introductions (Peers messages) queued: capped per introducer and in all.
+        self.intro_budget = DialBudget(config.budget.intro_dials_per_peer, config.budget.intro_dials_total)
         self._nursery: trio.Nursery | None = None
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -117,7 +120,14 @@ class Dialer:
             del self._opening[pid]
             done.set()
 
-    def dial_later(self, peer: PeerAddr, why: str, after: float = 0.0, backoff: float = DIAL_BACKOFF) -> None:
+    def dial_later(
+        self,
+        peer: PeerAddr,
+        why: str,
+        after: float = 0.0,
+        backoff: float = DIAL_BACKOFF,
+        on_done: Callable[[str], None] | None = None,
+    ) -> None:
         """Dial a peer we were told about (or lost) in the background.
 
         Both ends of an introduction (or of a lost session) learn of it at
@@ -127,9 +137,11 @@ class Dialer:
         assert self._nursery is not None
         self._dialing.add(peer.peer_id)
         delay = after + (0.0 if self._p2p.peer_id < peer.peer_id else self._config.intro_dial_delay)
-        self._nursery.start_soon(self._dial_after, peer, why, delay, backoff)
+        self._nursery.start_soon(self._dial_after, peer, why, delay, backoff, on_done)
 
-    async def _dial_after(self, peer: PeerAddr, why: str, delay: float, backoff: float) -> None:
+    async def _dial_after(
+        self, peer: PeerAddr, why: str, delay: float, backoff: float, on_done: Callable[[str], None] | None
+    ) -> None:
         try:
             if delay:
                 await trio.sleep(delay)
@@ -138,6 +150,8 @@ class Dialer:
             await self._try_dial(peer, why, backoff)
         finally:
             self._dialing.discard(peer.peer_id)
+            if on_done is not None:
+                on_done(peer.peer_id)
 
     async def _try_dial(self, peer: PeerAddr | str, why: str, backoff: float = DIAL_BACKOFF) -> None:
         """Open a session (at most 8 dials at once); an unreachable peer is not dialled again for ``backoff`` s."""
@@ -222,13 +236,32 @@ class Dialer:
         for i in range(0, len(infos), MAX_PEX_PEERS):
             s.post(Peers(mid, tuple(infos[i : i + MAX_PEX_PEERS])))
 
+    def listen_hosts(self) -> list[str]:
+        """The IPs this node listens on (the dial policy's reference: protocol/_dialpolicy.py)."""
+        return [h for h in (multiaddr_host(a) for a in self._p2p.addrs()) if h is not None]
+
     def introduced(self, by: Session, peers: Iterable[PeerInfo]) -> None:
-        """A peer introduced others (advice): each is dialled at most once per backoff period; Noise checks every id."""
+        """A peer introduced others (advice): dialled under the dial policy and budget; Noise checks every id.
+
+        Only addresses :func:`~autoglm.protocol._dialpolicy.may_dial` allows
+        (public, or in our own private network or loopback scope); each
+        peer at most once per backoff period; at most ``intro_dials_per_peer``
+        queued for one introducer and ``intro_dials_total`` in all, refilled at
+        one a second after a burst of 64 (protocol/_dialpolicy.DialBudget).
+        """
         if self._nursery is None:
             return
         now = trio.current_time()
+        listen = self.listen_hosts()
         for info in peers:
             pid = info.peer_id
             if pid == self._p2p.peer_id or pid in self.sessions or pid in self._dialing or now < self._backoff.get(pid, 0.0):
                 continue
-            self.dial_later(PeerAddr(pid, info.addrs), f"introduced by {by.peer_id}")
+            addrs = allowed_addrs(info.addrs, listen)
+            if not addrs:
+                log.debug("not dialling %s introduced by %s: no address we may dial", pid, by.peer_id)
+                continue
+            if not self.intro_budget.admit(by.peer_id, pid, now):
+                log.debug("dial budget of %s spent: not dialling %s", by.peer_id, pid)
+                continue
+            self.dial_later(PeerAddr(pid, addrs), f"introduced by {by.peer_id}", on_done=self.intro_budget.done)

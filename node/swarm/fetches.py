@@ -156,7 +156,7 @@ class Fetches:
         bf = s.bitfield(mid)
         if fetch is not None and bf is not None:
             if not bf.complete:
-                fetch.peer_progress(s.peer_id)
+                fetch.peer_progress(s.peer_id, index)
             else:
                 # Complete now, or claimed complete from the start: a Have from a
                 # peer that already "had" everything is no progress (a liar goes stale).

@@ -23,7 +23,7 @@ from autoglm.protocol._bitfield import Bitfield
 from autoglm.protocol._control import MAX_ENVELOPE, MAX_MANIFESTS, ManifestState
 from autoglm.protocol._peerwire import RejectReason
 
-from .config import PieceStore, SwarmStats
+from .config import PeerBudget, PieceStore, SwarmStats
 
 __all__ = ["Grant", "Held", "Serving"]
 
@@ -145,12 +145,19 @@ class Grant:
     def __init__(self, serving: Serving, peer_id: str) -> None:
         self._serving = serving
         self.peer_id = peer_id
+        self._open = True
 
     def check(self, manifest_id: bytes, index: int) -> RejectReason | None:
         return self._serving.check(self.peer_id, manifest_id, index)
 
     def served(self, manifest_id: bytes, index: int, nbytes: int) -> None:
         self._serving.count_served(self.peer_id, nbytes)
+
+    def release(self) -> None:
+        """The connection this grant opened has ended."""
+        if self._open:
+            self._open = False
+            self._serving.conn_closed(self.peer_id)
 
 
 class Serving:
@@ -163,28 +170,66 @@ class Serving:
         stats: SwarmStats,
         is_banned: Callable[[str, bytes], bool],
         unchoked: Callable[[str], bool],
+        budget: PeerBudget | None = None,
     ) -> None:
         self._held = held
         self._store = store
         self._stats = stats
         self._is_banned = is_banned
         self._unchoked = unchoked
-        self._tokens: dict[bytes, str] = {}
+        self._budget = budget or PeerBudget()
+        # token -> (peer, when issued); each peer's live tokens in issue order
+        self._tokens: dict[bytes, tuple[str, float]] = {}
+        self._by_peer: dict[str, list[bytes]] = {}
+        self._conns: dict[str, int] = {}  # open peerwire connections per peer
         self.served: dict[str, int] = {}  # bytes served per peer (the choker's order)
 
     def issue_token(self, peer_id: str) -> bytes:
+        """A one-time peerwire token for ``peer_id``: at most ``budget.tokens`` live (the oldest goes)."""
         tok = new_token()
-        self._tokens[tok] = peer_id
+        self._tokens[tok] = (peer_id, trio.current_time())
+        live = self._by_peer.setdefault(peer_id, [])
+        live.append(tok)
+        while len(live) > self._budget.tokens:
+            self._tokens.pop(live.pop(0), None)
         return tok
 
+    def live_tokens(self, peer_id: str) -> int:
+        return len(self._by_peer.get(peer_id, ()))
+
+    def open_conns(self, peer_id: str) -> int:
+        return self._conns.get(peer_id, 0)
+
     def redeem(self, token: bytes) -> Grant | None:
-        peer = self._tokens.pop(token, None)
-        return None if peer is None else Grant(self, peer)
+        """The grant for ``token`` (once); None if unknown, expired, or its peer has its connections open."""
+        found = self._tokens.pop(token, None)
+        if found is None:
+            return None
+        peer, issued = found
+        live = self._by_peer.get(peer)
+        if live is not None:
+            live.remove(token)
+            if not live:
+                del self._by_peer[peer]
+        if trio.current_time() - issued > self._budget.token_ttl:
+            return None
+        if self._conns.get(peer, 0) >= self._budget.peerwire_conns:
+            log.info("peer %s already has %d peerwire connections: refused", peer, self._conns[peer])
+            return None
+        self._conns[peer] = self._conns.get(peer, 0) + 1
+        return Grant(self, peer)
+
+    def conn_closed(self, peer_id: str) -> None:
+        n = self._conns.get(peer_id, 0) - 1
+        if n > 0:
+            self._conns[peer_id] = n
+        else:
+            self._conns.pop(peer_id, None)
 
     def forget_peer(self, peer_id: str) -> None:
         """Tokens a peer never redeemed die with its session."""
-        for tok in [t for t, p in self._tokens.items() if p == peer_id]:
-            del self._tokens[tok]
+        for tok in self._by_peer.pop(peer_id, []):
+            self._tokens.pop(tok, None)
 
     def check(self, peer_id: str, manifest_id: bytes, index: int) -> RejectReason | None:
         if self._is_banned(peer_id, manifest_id):

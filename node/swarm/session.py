@@ -34,9 +34,14 @@ from autoglm.protocol._control import (
     Close,
     ControlConnection,
     ControlMessage,
+    GetManifest,
+    KeyProof,
+    ManifestData,
     Phase,
     TokenRequest,
     Unchoke,
+    decode_control,
+    swarm_key_proof,
 )
 from autoglm.protocol._frames import NeedData
 from autoglm.protocol._peerwire import RejectReason
@@ -48,6 +53,10 @@ __all__ = ["PeerSource", "Session", "SessionHost"]
 log = logging.getLogger("autoglm.node.swarm")
 
 _COALESCE_MAX = 256  # queued control messages joined into one write
+_COALESCE_BYTES = 1 << 20  # ... and at most about this many bytes of them
+_DECODE_INLINE = 64 * 1024  # control frames larger than this are decoded in a worker thread
+_DECODE_THREADS = 2
+_DECODE_LIMIT = trio.CapacityLimiter(_DECODE_THREADS)
 
 
 class SessionHost(Protocol):
@@ -61,6 +70,11 @@ class SessionHost(Protocol):
 
     @property
     def down(self) -> RateLimiter: ...
+
+    @property
+    def local_peer_id(self) -> str:
+        """This node's own peer id (what the peer's swarm-key proof is bound to)."""
+        ...
 
     def is_banned(self, peer_id: str, manifest_id: bytes) -> bool: ...
 
@@ -200,9 +214,20 @@ class Session:
         self.peer_id = stream.peer_id
         self.initiator = initiator
         cfg = host.config
-        self.conn = ControlConnection(
-            trio.current_time(), keepalive_interval=cfg.keepalive_interval, idle_timeout=cfg.idle_timeout
+        budget = cfg.budget
+        key = cfg.swarm_key
+        # A private swarm: the peer gets nothing until it proves the key (protocol/_control.py).
+        proofs = None if key is None else (
+            swarm_key_proof(key, host.local_peer_id, self.peer_id), swarm_key_proof(key, self.peer_id, host.local_peer_id)
         )
+        self.conn = ControlConnection(
+            trio.current_time(), keepalive_interval=cfg.keepalive_interval, idle_timeout=cfg.idle_timeout,
+            max_manifests=budget.announced_manifests, max_bitfield_bytes=budget.announced_bitfield_bytes,
+            key_proof=proofs,
+        )
+        self.key_proof = None if proofs is None else KeyProof(proofs[0])
+        # The IP this session came from: the only host its peerwire endpoint may have.
+        self.remote_host: str | None = getattr(stream, "remote_host", None)
         self.outbox_send, self.outbox_recv = trio.open_memory_channel[ControlMessage](1024)
         self.unchoking = False  # whether we unchoke this peer
         self.closed = False
@@ -218,6 +243,11 @@ class Session:
         self._pw_lock = trio.Lock()
         self._token_ready = trio.Event()
         self.cancel_scope = trio.CancelScope()
+        # GetManifest budget: each envelope once per session, requests refilled
+        # at manifest_requests_per_minute, reply bytes queued and not yet written.
+        self.manifests_sent: set[bytes] = set()
+        self._manifest_credit = (float(budget.manifest_requests_per_minute), trio.current_time())
+        self.manifest_bytes_queued = 0
 
     # -- what the peer told us -------------------------------------------------
     def holds(self, manifest_id: bytes) -> bool:
@@ -275,6 +305,33 @@ class Session:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
+    def serve_manifest(self, msg: GetManifest, envelope: bytes) -> None:
+        """Answer a GetManifest within the peer's budget (docs/security.md, "Budgets per peer").
+
+        Each envelope goes to a peer once per session; a peer that asks
+        faster than ``manifest_requests_per_minute`` loses its session; while
+        ``manifest_reply_bytes`` of replies wait to be written, more requests
+        are not answered (the asker bounds its own wait).
+        """
+        budget = self.host.config.budget
+        now = trio.current_time()
+        left, since = self._manifest_credit
+        left = min(float(budget.manifest_requests_per_minute), left + (now - since) * budget.manifest_requests_per_minute / 60)
+        if left < 1.0:
+            log.warning("peer %s asks for manifests faster than %d a minute; dropping it", self.peer_id, budget.manifest_requests_per_minute)
+            self.cancel_scope.cancel()
+            return
+        self._manifest_credit = (left - 1.0, now)
+        if msg.manifest_id in self.manifests_sent:
+            return
+        if envelope and self.manifest_bytes_queued + len(envelope) > budget.manifest_reply_bytes:
+            log.info("peer %s has %d bytes of manifests queued: not answering", self.peer_id, self.manifest_bytes_queued)
+            return
+        if envelope:
+            self.manifests_sent.add(msg.manifest_id)
+            self.manifest_bytes_queued += len(envelope)
+        self.post(ManifestData(msg.manifest_id, envelope))
+
     def set_unchoked(self, on: bool) -> None:
         if on != self.unchoking:
             self.unchoking = on
@@ -307,8 +364,13 @@ class Session:
                 if theirs.token is None:
                     raise SourceError(f"peer {self.peer_id} sent no peerwire token")
             token, theirs.token = theirs.token, None  # one time only
-            ep = theirs.endpoint
-            self._pw = await connect_peerwire(ep.host, ep.port, token, self.host.down, self.host.config.swarm_key)
+            # The host is where this Noise-authenticated session came from, never
+            # what the peer names (any string, a hostname, a third party's address):
+            # only the port is the peer's word.
+            if self.remote_host is None:
+                raise SourceError(f"peer {self.peer_id} has no address to reach its pieces at")
+            port = theirs.endpoint.port
+            self._pw = await connect_peerwire(self.remote_host, port, token, self.host.down, self.host.config.swarm_key)
             return self._pw
 
     async def writer(self) -> None:
@@ -324,26 +386,46 @@ class Session:
             now = trio.current_time()
             # handle_timer raises when the peer went silent.
             data = self.conn.handle_timer(now) if msg is None else self.conn.send(msg, now)
+            replies = _reply_bytes(msg)
             if msg is not None:
                 # Whatever else is queued goes out in the same write: one yamux
-                # frame and one Noise record instead of one per Have.
+                # frame and one Noise record instead of one per Have (up to
+                # about 1 MiB: never one huge write).
                 parts = [data]
+                size = len(data)
                 for _ in range(_COALESCE_MAX):
+                    if size >= _COALESCE_BYTES:
+                        break
                     try:
                         more = self.outbox_recv.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                     parts.append(self.conn.send(more, now))
+                    size += len(parts[-1])
+                    replies += _reply_bytes(more)
                 data = b"".join(parts)
             if data:
                 await self.stream.send_all(data)
+            self.manifest_bytes_queued -= replies
 
     async def reader(self) -> None:
         while True:
-            ev = self.conn.next_event()
-            if isinstance(ev, NeedData):
+            payload = self.conn.next_payload()
+            if isinstance(payload, NeedData):
                 self.conn.receive_data(await self.stream.receive_some(), trio.current_time())
                 continue
+            if isinstance(payload, Close):
+                return
+            if len(payload) > _DECODE_INLINE:
+                # A big frame (ManifestData, an Announce bitfield, a crafted
+                # nest of arrays) is decoded in a worker thread, one at a time
+                # per session and _DECODE_THREADS for the node: a peer's decode
+                # cost never stalls the event loop (the codec caps its objects).
+                async with _DECODE_LIMIT:
+                    msg = await trio.to_thread.run_sync(decode_control, payload)
+            else:
+                msg = decode_control(payload)
+            ev = self.conn.accept(msg)
             if isinstance(ev, Close):
                 return
             self.host.on_message(self, ev)
@@ -357,3 +439,7 @@ class Session:
         if self._pw is not None:
             await self._pw.aclose()
         await self.stream.aclose()
+
+
+def _reply_bytes(msg: ControlMessage | None) -> int:
+    return len(msg.envelope) if isinstance(msg, ManifestData) else 0

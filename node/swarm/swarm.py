@@ -56,6 +56,7 @@ from autoglm.protocol._control import (
     Have,
     Hello,
     Interested,
+    KeyProof,
     ManifestData,
     NotInterested,
     Peers,
@@ -101,7 +102,9 @@ class Swarm:
         self.sessions = self.dialer.sessions
         self.fetches = Fetches(self.sessions, self.config, self.stats, self._emit)
         self.held = Held(store)
-        self.serving = Serving(self.held, store, self.stats, self.fetches.is_banned, self._unchoked)
+        self.serving = Serving(
+            self.held, store, self.stats, self.fetches.is_banned, self._unchoked, self.config.budget
+        )
         self.discovery = Discovery(p2p, self.config, self.dialer, self.fetches, self.held, self._emit)
         self.aliases = Aliases(self.sessions, self.fetches, self.held.envelopes)
         self._nursery: trio.Nursery | None = None
@@ -115,7 +118,8 @@ class Swarm:
             host, port = await nursery.start(
                 lambda task_status: serve_peerwire(
                     self.serving, self.serving.redeem, host=self.config.peerwire_host, port=self.config.peerwire_port,
-                    up=self.up, psk=self.config.swarm_key, task_status=task_status,
+                    up=self.up, psk=self.config.swarm_key, idle_timeout=self.config.budget.peerwire_idle,
+                    task_status=task_status,
                 )
             )
             self.endpoint = Endpoint(host, port)
@@ -221,12 +225,10 @@ class Swarm:
     async def _drive(self, s: Session) -> None:
         try:
             with s.cancel_scope:
-                # Hello carries what fits in one frame; the rest follows as Announce.
-                first, rest = self.held.hello_states()
-                s.post(Hello(tuple(first), self.endpoint, self.serving.issue_token(s.peer_id)))
-                for st in rest:
-                    s.post(Announce(st))
-                s.announced.update(st.manifest_id for st in [*first, *rest])
+                if s.key_proof is not None:
+                    s.post(s.key_proof)  # Hello only once the peer proved the key too (on_message)
+                else:
+                    self._greet(s)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(s.writer)
                     await s.reader()
@@ -249,10 +251,24 @@ class Swarm:
         self.discovery.peers_changed()
         await s.aclose()
 
+    def _greet(self, s: Session) -> None:
+        """Hello carries what fits in one frame; the rest follows as Announce."""
+        first, rest = self.held.hello_states()
+        s.post(Hello(tuple(first), self.endpoint, self.serving.issue_token(s.peer_id)))
+        for st in rest:
+            s.post(Announce(st))
+        s.announced.update(st.manifest_id for st in [*first, *rest])
+
+    @property
+    def local_peer_id(self) -> str:
+        return "" if self.p2p is None else self.p2p.peer_id
+
     # -- messages ----------------------------------------------------------------------
     def on_message(self, s: Session, msg: ControlMessage) -> None:
         """Route one message from ``s`` to the part that handles it."""
         match msg:
+            case KeyProof():  # the peer holds the swarm key (ControlConnection checked it)
+                self._greet(s)
             case Hello() | Announce():
                 self.discovery.peers_changed()
                 for st in msg.manifests if isinstance(msg, Hello) else (msg.state,):
@@ -273,7 +289,7 @@ class Swarm:
             case TokenRequest():
                 s.post(Token(self.serving.issue_token(s.peer_id)))
             case GetManifest():
-                s.post(ManifestData(msg.manifest_id, self.held.envelopes.get(msg.manifest_id, b"")))
+                s.serve_manifest(msg, self.held.envelopes.get(msg.manifest_id, b""))
             case ManifestData():
                 self.aliases.on_manifest_data(msg)
                 self.discovery.on_manifest_data(s, msg)

@@ -308,7 +308,7 @@ def test_stale_owner_goes_back_to_source() -> None:
     mine = drain_mirror(pp, now=0.0)
     assert pp.next_deadline() == 10.0
     assert drain_mirror(pp, now=9.9) == []  # owners still in time: wait for them
-    pp.peer_progress("a", 9.0)  # a HAVE from a keeps a's pieces a's
+    pp.peer_progress("a", next(i for i in range(32) if pp.owner(i) == "a"), 9.0)  # a new HAVE keeps a's pieces a's
     owners = [pp.owner(i) for i in range(32)]  # asking a mirror for a piece makes it ours
     late = drain_mirror(pp, now=10.0)
     assert late and all(owners[i] in ("b", "c") for i in late)
@@ -351,8 +351,8 @@ def test_complete_peer_keeps_its_share_until_it_goes_stale() -> None:
     mine = drain_mirror(pp, now=0.0)
     assert not pp.set_swarm(("a", "b"), now=1.0, complete=("c",))  # c finished: same owners
     assert drain_mirror(pp, now=9.0) == []
-    for p in ("a", "b"):
-        pp.peer_progress(p, 50.0)
+    for k, p in enumerate(("a", "b")):
+        pp.peer_progress(p, k, 50.0)
     owners = [pp.owner(i) for i in range(32)]
     late = drain_mirror(pp, now=55.0)  # c sent no Have and did not unchoke us (no source): stale
     assert late and {owners[i] for i in late} == {"c"}
@@ -397,8 +397,8 @@ def test_a_stale_claimer_loses_its_claims() -> None:
     pp = spread_picker(16, timeout=10.0)
     theirs = [i for i in range(16) if pp.owner(i) == "me"][:3]
     pp.peer_claims("a", theirs)
-    pp.peer_progress("b", 10.0)
-    pp.peer_progress("c", 10.0)
+    pp.peer_progress("b", 0, 10.0)
+    pp.peer_progress("c", 1, 10.0)
     assert not set(drain_mirror(pp, now=5.0)) & set(theirs)
     assert set(theirs) <= set(drain_mirror(pp, now=10.0))  # a sent no Have for owner_timeout
 

@@ -34,7 +34,7 @@ def test_codes_are_the_published_numbers() -> None:
     assert {code: cls.__name__ for code, (cls, _) in MESSAGES.items()} == {
         1: "Hello", 2: "Announce", 3: "Have", 4: "Interested", 5: "NotInterested", 6: "Choke", 7: "Unchoke",
         8: "Keepalive", 9: "TokenRequest", 10: "Token", 11: "Close", 12: "GetManifest", 13: "ManifestData",
-        14: "Peers", 15: "Claim",
+        14: "Peers", 15: "Claim", 16: "KeyProof",
     }
 
 
@@ -58,7 +58,7 @@ def _payload(frame: bytes) -> bytes:
     return out
 
 
-@pytest.mark.parametrize("code", [0, 16, 99, -1, 2**31])
+@pytest.mark.parametrize("code", [0, 17, 99, -1, 2**31])
 def test_an_unknown_code_is_a_remote_error_never_close(code: int) -> None:
     with pytest.raises(RemoteProtocolError, match="unknown control message type"):
         decode_control(encode_frame_payload([code, "bye"]))

@@ -41,12 +41,16 @@ class DirLocator:
 class Grant:
     peer_id: str
     sent: list[int] = field(default_factory=list)
+    released: bool = False
 
     def check(self, manifest_id: bytes, index: int) -> RejectReason | None:
         return None
 
     def served(self, manifest_id: bytes, index: int, nbytes: int) -> None:
         self.sent.append(index)
+
+    def release(self) -> None:
+        self.released = True
 
 
 class Tokens:

@@ -182,7 +182,7 @@ class RecordingFetch:
         self.swarms.append(set(peers))
         self.complete.append(set(complete))
 
-    def peer_progress(self, peer: str) -> None:
+    def peer_progress(self, peer: str, index: int) -> None:
         self.progress.append(peer)
 
     def peer_claims(self, peer: str, indices: Any) -> None:
@@ -263,6 +263,9 @@ class IntroP2P:
 
     def __init__(self) -> None:
         self.dialled: list[Any] = []
+
+    def addrs(self) -> list[str]:
+        return [f"/ip4/127.0.0.1/tcp/4000/p2p/{self.peer_id}"]
 
     def peer_addrs(self, peer_id: str, limit: int = 8) -> tuple[str, ...]:
         return (f"/ip4/127.0.0.1/tcp/4001/p2p/{peer_id}",)[:limit]
