@@ -215,6 +215,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         from autoglm.node.hub._publish import with_sidecar_mirrors
 
         args.mirror = list(with_sidecar_mirrors(args.manifest, args.mirror))
+    if not args.mirror and args.manifest.startswith(("http://", "https://")):
+        # The usual layout: the manifest beside the files. Said, so nobody wonders where bytes came from.
+        args.mirror = [args.manifest.rsplit("/", 1)[0] + "/"]
+        if not args.json and not getattr(args, "quiet", False):
+            err_console.print(f"no --mirror given: using the manifest's folder {args.mirror[0]} as the mirror",
+                              soft_wrap=True, markup=False, highlight=False)
     if args.out is None:
         raise ConfigError("fetch MANIFEST needs --out DIR")
     t0 = time.perf_counter()
