@@ -19,6 +19,8 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from autoglm.node._engine import Fetch, FetchResult, _collapse
+from autoglm.node._metrics import NodeMetrics, health, serve_metrics
+from autoglm.node._mirrors import MirrorSource
 from autoglm.node._p2p import DEFAULT_LISTEN, P2PNode, open_p2p
 from autoglm.node._plan import FetchPlan
 from autoglm.node._progress import Event, FetchDone, PieceVerified, ProgressSnapshot
@@ -47,6 +49,8 @@ class JoinConfig:
     bootstrap: tuple[str, ...] = ()
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     control_api: bool = True
+    mirrors: tuple[str, ...] = ()  # the node's own mirrors (health; SIGHUP reloads them)
+    metrics: tuple[str, int] | None = None  # serve /metrics and /healthz here (node/_metrics.py)
 
 
 @dataclass(slots=True)
@@ -69,6 +73,10 @@ class SwarmNode:
         self.p2p = p2p
         self.swarm = swarm
         self.progress: dict[bytes, _Progress] = {}
+        self.mirror_urls = config.mirrors
+        self.mirrors: dict[str, MirrorSource] = {}  # each mirror's latest source: its score, for metrics and health
+        self.metrics: NodeMetrics | None = None
+        self.metrics_addr: tuple[str, int] | None = None
 
     async def hold(
         self,
@@ -105,7 +113,9 @@ class SwarmNode:
         # duplicate only for a request a second old (docs/protocol.md).
         plan = plan.with_options(mirror_overlap_budget=0, wait_for_sources=True, swarm_id=self.p2p.peer_id, endgame_delay=1.0)
         send, recv = trio.open_memory_channel[Event](256)
-        fetch = Fetch(self.node.store, download, self.node.mirror_sources(plan), send, plan.options,
+        mirrors = self.node.mirror_sources(plan)
+        self.mirrors.update((s.base_url, s) for s in mirrors)
+        fetch = Fetch(self.node.store, download, mirrors, send, plan.options,
                       on_mirror_claims=lambda indices: self.swarm.post_claims(mid, indices))
         box: list[FetchResult] = []
 
@@ -152,6 +162,8 @@ class SwarmNode:
     ) -> None:
         async with recv:
             async for ev in recv:
+                if self.metrics is not None:
+                    self.metrics.observe(f"{prog.name}@{prog.version}", ev)
                 if isinstance(ev, PieceVerified):
                     self.swarm.piece_verified(mid, ev.index)
                     prog.bytes_done += ev.nbytes
@@ -217,6 +229,7 @@ class SwarmNode:
             }
             for mid, p in self.progress.items()
         }
+        st["health"] = health(self)
         return st
 
 
@@ -243,6 +256,9 @@ async def open_swarm_node(
                 sn = SwarmNode(config, node, p2p, swarm)
                 if config.control_api:
                     await nursery.start(serve_control_api, sn, config.data_dir)
+                if config.metrics is not None:
+                    sn.metrics = NodeMetrics(sn)
+                    sn.metrics_addr = await nursery.start(serve_metrics, sn, sn.metrics, *config.metrics)
                 yield sn
                 nursery.cancel_scope.cancel()
 

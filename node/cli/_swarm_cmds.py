@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--swarm-key", type=Path, metavar="FILE",
                    help="private swarm: a file with 64 hex characters (openssl rand -hex 32); "
                    "piece transfers are then sealed with ChaCha20-Poly1305 and need the same key")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus /metrics, /healthz and /livez here (e.g. 127.0.0.1:9464; keep it on loopback)")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
     add_trust_args(p)
     p.set_defaults(func=cmd_join)
@@ -129,6 +131,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     import trio
 
     from autoglm.node._engine import collapse_group
+    from autoglm.node._metrics import parse_hostport
     from autoglm.node._swarm_node import JoinConfig, open_swarm_node
     from autoglm.node.swarm import Announced, PeerBanned, SwarmConfig, SwarmEvent
 
@@ -141,6 +144,8 @@ def cmd_join(args: argparse.Namespace) -> int:
         bootstrap=(*args.bootstrap, *configured_bootstrap(args.data_dir)),
         swarm=SwarmConfig(upload_slots=args.upload_slots, up_rate=args.up_rate, down_rate=args.down_rate,
                           peerwire_host=host, peerwire_port=int(port), swarm_key=_swarm_key(args.swarm_key)),
+        mirrors=tuple(args.mirror),
+        metrics=None if args.metrics is None else parse_hostport(args.metrics),
     )
 
     async def show_swarm_events(recv: trio.MemoryReceiveChannel[SwarmEvent]) -> None:
@@ -159,8 +164,9 @@ def cmd_join(args: argparse.Namespace) -> int:
                 nursery.start_soon(show_swarm_events, recv)
                 addrs = node.p2p.addrs()
                 # The first line is the readiness signal and what others join with.
+                metrics = None if node.metrics_addr is None else "http://{}:{}/metrics".format(*node.metrics_addr)
                 _say(args, "ready", addrs[0] if addrs else "(no listen address)", addrs=addrs,
-                     peer_id=node.p2p.peer_id, peerwire=node.swarm.status()["peerwire"])
+                     peer_id=node.p2p.peer_id, peerwire=node.swarm.status()["peerwire"], metrics=metrics)
                 for i, m in enumerate(args.seed):
                     nursery.start_soon(_seed, node, args, i, m)
                 async for _ in signals:
