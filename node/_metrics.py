@@ -148,6 +148,15 @@ class _LiveCollector(Collector):
         yield CounterMetricFamily("autoglm_peer_bans", "Peers banned (per manifest) for bad data", len(stats.banned))
         yield CounterMetricFamily("autoglm_peer_lost_pieces", "Pieces a peer advertised and then could not serve",
                                   stats.lost_pieces)
+        waits = CounterMetricFamily("autoglm_ratelimit_waits", "Transfers that waited for the rate limit",
+                                    labels=["direction"])
+        waited = CounterMetricFamily("autoglm_ratelimit_wait_seconds", "Time transfers waited for the rate limit",
+                                     labels=["direction"])
+        for direction, limiter in (("up", n.swarm.up), ("down", n.swarm.down)):
+            waits.add_metric([direction], limiter.waits)
+            waited.add_metric([direction], limiter.waited_seconds)
+        yield waits
+        yield waited
         yield from self._mirrors()
         yield from self._store()
 
@@ -198,6 +207,9 @@ class NodeMetrics:
         self.refetched = Counter("autoglm_refetched_bytes", "Bytes fetched again after a failure", ["model"], registry=r)
         self.seconds = Histogram("autoglm_fetch_duration_seconds", "Wall time of completed fetches", ["model"],
                                  buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600), registry=r)
+        self.lookup = Histogram("autoglm_dht_lookup_duration_seconds", "DHT provider lookups, until answer or timeout",
+                                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        node.p2p.on_lookup = self.lookup.observe
         r.register(_LiveCollector(node))
 
     def observe(self, model: str, ev: Event) -> None:

@@ -93,7 +93,7 @@ def test_scrape_matches_the_fetch_and_health_follows_the_swarm(tmp_path: Path, p
         assert _get(seed_url.replace("/metrics", "/livez"))[0] == 200
 
         leech = start_node(procs, tmp_path, "leech", pub, bootstrap=[seed.seen[0]["addrs"][0]],
-                           extra=["--metrics", "127.0.0.1:0"])
+                           extra=["--metrics", "127.0.0.1:0", "--down-rate", "2MiB"])
         leech_url = _metrics_url(leech)
         leech.event("complete", 90)
         got = scrape(leech_url)
@@ -101,6 +101,11 @@ def test_scrape_matches_the_fetch_and_health_follows_the_swarm(tmp_path: Path, p
         assert value(got, "autoglm_pieces_verified_total", source="peer", model=MODEL) == pieces
         assert value(got, "autoglm_peers_connected") >= 1
         assert value(got, "autoglm_dht_routing_table_peers") >= 1
+        assert value(got, "autoglm_dht_lookup_duration_seconds_count") >= 1  # the leech looked the model up
+        # 3 MiB at 2 MiB/s with a 512 KiB burst: transfers waited about a second in all.
+        assert value(got, "autoglm_ratelimit_waits_total", direction="down") >= 1
+        assert value(got, "autoglm_ratelimit_wait_seconds_total", direction="down") > 0.5
+        assert value(got, "autoglm_ratelimit_waits_total", direction="up") == 0
         seed_now = scrape(seed_url)
         assert value(seed_now, "autoglm_peer_sent_bytes_total") >= size
         assert value(seed_now, "autoglm_peers_connected") >= 1
