@@ -19,11 +19,20 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from autoglm.node._engine import Fetch, FetchResult, _collapse
+from autoglm.node._logs import log_model
 from autoglm.node._metrics import NodeMetrics, health, serve_metrics
 from autoglm.node._mirrors import MirrorSource
 from autoglm.node._p2p import DEFAULT_LISTEN, P2PNode, open_p2p
 from autoglm.node._plan import FetchPlan
-from autoglm.node._progress import Event, FetchDone, PieceVerified, ProgressSnapshot
+from autoglm.node._progress import (
+    Event,
+    FetchDone,
+    FileDone,
+    PieceVerified,
+    ProgressSnapshot,
+    SourceFailed,
+)
+from autoglm.node._store import Download
 from autoglm.node.api import Node, NodeConfig, open_node
 from autoglm.node.errors import ConfigError, IntegrityError, NoSourceError
 from autoglm.node.swarm import Swarm, SwarmConfig, SwarmEvent
@@ -98,6 +107,19 @@ class SwarmNode:
                 await events.aclose()
             raise
         m = download.manifest
+        with log_model(f"{m.name}@{m.version}"):
+            return await self._hold(plan, signed, download, events, task_status, t0)
+
+    async def _hold(
+        self,
+        plan: FetchPlan,
+        signed: SignedManifest,
+        download: Download,
+        events: trio.MemorySendChannel[Event] | None,
+        task_status: TaskStatus[Fetch],
+        t0: float,
+    ) -> FetchResult:
+        m = download.manifest
         mid = download.manifest_id
         log.info("fetch of %s %s (%s) requested", m.name, m.version, mid.hex()[:16])
         if self.swarm.fetching(mid):
@@ -164,6 +186,7 @@ class SwarmNode:
             async for ev in recv:
                 if self.metrics is not None:
                     self.metrics.observe(f"{prog.name}@{prog.version}", ev)
+                _log_event(ev)
                 if isinstance(ev, PieceVerified):
                     self.swarm.piece_verified(mid, ev.index)
                     prog.bytes_done += ev.nbytes
@@ -231,6 +254,18 @@ class SwarmNode:
         }
         st["health"] = health(self)
         return st
+
+
+def _log_event(ev: Event) -> None:
+    """One log line per engine event (the model comes from the fetch's log context)."""
+    if isinstance(ev, PieceVerified):
+        log.debug("piece %d verified (%d bytes, %s) from %s", ev.index, ev.nbytes, ev.path, ev.source_id)
+    elif isinstance(ev, SourceFailed):
+        log.info("source %s failed%s: %s", ev.source_id, " (bad data)" if ev.integrity else "", ev.message)
+    elif isinstance(ev, FileDone):
+        log.info("file %s done (%d bytes)", ev.path, ev.size)
+    elif isinstance(ev, FetchDone):
+        log.info("fetch done: %d bytes in %.2f s, %d refetched", ev.bytes_total, ev.seconds, ev.refetched_bytes)
 
 
 @asynccontextmanager

@@ -124,6 +124,9 @@ def _swarm_key(path: Path | None) -> bytes | None:
         raise ConfigError(f"--swarm-key {path}: not a readable file of 64 hex characters ({exc})") from exc
     if len(key) != 32:
         raise ConfigError(f"--swarm-key {path}: need 64 hex characters (32 bytes), got {len(key)} bytes")
+    from autoglm.node._logs import add_secret
+
+    add_secret(key)
     return key
 
 

@@ -1,0 +1,92 @@
+"""Structured logs without secrets, and SIGHUP/SIGTERM, with real `autoglm-node` processes.
+
+Logs: a real fetch at -vv with an Authorization header, an HF_TOKEN-like token
+in the environment and a swarm key; every line of stdout and stderr is
+searched for the secrets, and the JSON lines must carry model and source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from swarm.harness import CLI, processes, publish, start_mirror, start_node
+
+from autoglm.node._logs import (
+    ContextFilter,
+    JsonFormatter,
+    KeyValueFormatter,
+    add_secret,
+    log_model,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+MODEL = "demo/m@1"
+BEARER = "s3cr3t-bearer-0123456789abcdef"
+HF_TOKEN = "hf_" + "Zq7" * 12
+SWARM_KEY = "5a" * 16 + "c3" * 16
+
+
+@pytest.fixture(scope="module")
+def pub(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return publish(tmp_path_factory.mktemp("published"), size="2MiB", piece="256KiB")
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    out = []
+    for ln in text.splitlines():
+        ln = ln.strip()
+        if ln.startswith("{"):
+            out.append(json.loads(ln))
+    return out
+
+
+def test_a_fetch_at_debug_logs_structured_lines_and_no_secret(tmp_path: Path, pub: dict[str, Path]) -> None:
+    env = {**os.environ, "HF_TOKEN": HF_TOKEN}
+    keyfile = tmp_path / "swarm.key"
+    keyfile.write_text(SWARM_KEY + "\n")
+    with processes() as procs:
+        mirror = start_mirror(procs, tmp_path, pub["model"])
+        res = subprocess.run(
+            [*CLI, "-vv", "--log-format", "json", "--data-dir", str(tmp_path / "f"), "fetch", str(pub["manifest"]),
+             "--trust", str(pub["key"]), "--mirror", mirror, "--header", f"Authorization: Bearer {BEARER}",
+             "--out", str(tmp_path / "f-out"), "--json"],
+            capture_output=True, text=True, timeout=120, env=env, check=False)
+        assert res.returncode == 0, res.stderr[-3000:]
+        node = start_node(procs, tmp_path, "j", pub, mirrors=[mirror],
+                          extra=["-v", "--swarm-key", str(keyfile)], env={"HF_TOKEN": HF_TOKEN})
+        node.event("complete", 90)
+        node.stop()
+        join_err = node.err_path.read_text()
+    everything = res.stdout + res.stderr + join_err + json.dumps(node.seen)
+    for secret in (BEARER, HF_TOKEN, SWARM_KEY):
+        assert secret not in everything
+    assert len(res.stderr.splitlines()) >= 2  # -vv did log: the search above looked at something
+    # --log-format json: every stderr line is one JSON object.
+    lines = [json.loads(ln) for ln in res.stderr.splitlines() if ln.strip()]
+    assert all({"ts", "level", "logger", "message"} <= set(ln) for ln in lines)
+    # join logs key=value (the default) with model and source on the event lines.
+    pieces = [ln for ln in join_err.splitlines() if "msg=\"piece " in ln]
+    assert pieces, join_err[-2000:]
+    assert all(f"model={MODEL}" in ln and "source=mirror:http://127.0.0.1:" in ln for ln in pieces)
+
+
+def test_formatters_carry_context_and_scrub_secrets() -> None:
+    add_secret("registered-secret-value")
+    rec = logging.LogRecord("autoglm.x", logging.INFO, __file__, 1, "got %s from %s with %s", (
+        "Authorization: Bearer abcdefghijklmnop", "peer:12D3KooWAbc@deadbeef", "registered-secret-value"), None)
+    with log_model(MODEL):
+        ContextFilter().filter(rec)
+    out = json.loads(JsonFormatter().format(rec))
+    assert out["model"] == MODEL
+    assert out["source"] == "peer:12D3KooWAbc@deadbeef"
+    assert out["peer"] == "12D3KooWAbc"
+    assert "abcdefghijklmnop" not in out["message"] and "registered-secret-value" not in out["message"]
+    kv = KeyValueFormatter().format(rec)
+    assert f"model={MODEL}" in kv and "peer=12D3KooWAbc" in kv and "abcdefghijklmnop" not in kv
