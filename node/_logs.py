@@ -152,16 +152,19 @@ class JsonFormatter(logging.Formatter):
 
 
 class KeyValueFormatter(logging.Formatter):
-    """``ts=... level=info logger=... msg="..." model=... peer=... source=...`` (logfmt)."""
+    """``2026-12-07T18:00:00.123Z INFO logger: message model=... peer=... source=...``.
+
+    The head stays the familiar ``TIME LEVEL logger: message`` (grep and
+    journald users read it); the known fields follow as key=value pairs.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        parts = [f"ts={ts}", f"level={record.levelname.lower()}", f"logger={record.name}",
-                 f"msg={_quote(record.getMessage())}"]
+        parts = [f"{ts} {record.levelname} {record.name}: {record.getMessage()}"]
         parts += [f"{k}={_quote(str(v))}" for k, v in _fields(record).items()]
         if record.exc_info:
-            parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
-        return redact(" ".join(parts))
+            parts.append(self.formatException(record.exc_info))
+        return redact(" ".join(parts[:-1] if record.exc_info else parts) + ("\n" + parts[-1] if record.exc_info else ""))
 
 
 def _quote(v: str) -> str:

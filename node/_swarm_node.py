@@ -8,6 +8,7 @@ it afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -86,6 +87,9 @@ class SwarmNode:
         self.mirrors: dict[str, MirrorSource] = {}  # each mirror's latest source: its score, for metrics and health
         self.metrics: NodeMetrics | None = None
         self.metrics_addr: tuple[str, int] | None = None
+        self._active = 0  # holds still fetching; drain() waits for none
+        self._idle = trio.Event()
+        self._idle.set()
 
     async def hold(
         self,
@@ -107,8 +111,21 @@ class SwarmNode:
                 await events.aclose()
             raise
         m = download.manifest
-        with log_model(f"{m.name}@{m.version}"):
-            return await self._hold(plan, signed, download, events, task_status, t0)
+        if not plan.mirrors and self.mirror_urls:
+            plan = dataclasses.replace(plan, mirrors=self.mirror_urls)  # the node's own (SIGHUP reloads them)
+        self._active += 1
+        self._idle = trio.Event() if self._active == 1 else self._idle
+        try:
+            with log_model(f"{m.name}@{m.version}"):
+                return await self._hold(plan, signed, download, events, task_status, t0)
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def drain(self) -> None:
+        """Return once no fetch is running (SIGTERM waits for this, bounded, before stopping)."""
+        await self._idle.wait()
 
     async def _hold(
         self,

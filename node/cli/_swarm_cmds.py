@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 # libp2p takes about half a second to import: the swarm modules load only
 # when `join` runs, so every other command starts fast.
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+SHUTDOWN_GRACE = 5.0  # seconds SIGTERM gives running fetches before the node stops
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,27 @@ async def _seed(node: SwarmNode, args: argparse.Namespace, index: int, manifest:
          bytes_by_source=result.bytes_by_source, seconds=round(result.seconds, 3))
 
 
+def _reload(node: SwarmNode, args: argparse.Namespace) -> None:
+    """SIGHUP: read the config file again and take its mirrors (flags and env still win); peers stay."""
+    import os
+
+    from autoglm.node._metrics import mirror_label
+    from autoglm.node._settings import find_config, read_config, resolve
+
+    flags = {name: (v.value, v.where) for name, v in args.settings.items() if v.source == "flag"}
+    try:
+        path, searched = find_config(args.config, os.environ)
+        values = resolve(read_config(path, searched), os.environ, flags)
+    except AutoglmError as exc:  # a broken file keeps the running settings
+        log.error("reload failed, keeping the running settings: %s", exc)
+        _say(args, "reload-failed", f"[red]reload failed:[/] {exc}", message=str(exc))
+        return
+    node.mirror_urls = tuple(values["mirrors.urls"].value)
+    labels = [mirror_label(u) for u in node.mirror_urls]
+    log.info("reloaded %s: mirrors %s", path, labels)
+    _say(args, "reloaded", f"reloaded {path}: mirrors {labels}", config=str(path), mirrors=labels)
+
+
 def _swarm_key(path: Path | None) -> bytes | None:
     if path is None:
         return None
@@ -162,7 +184,7 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         send, recv = trio.open_memory_channel[SwarmEvent](256)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with open_swarm_node(config, send) as node, trio.open_nursery() as nursery:
                 nursery.start_soon(show_swarm_events, recv)
                 addrs = node.p2p.addrs()
@@ -172,7 +194,16 @@ def cmd_join(args: argparse.Namespace) -> int:
                      peer_id=node.p2p.peer_id, peerwire=node.swarm.status()["peerwire"], metrics=metrics)
                 for i, m in enumerate(args.seed):
                     nursery.start_soon(_seed, node, args, i, m)
-                async for _ in signals:
+                async for sig in signals:
+                    if sig == signal.SIGHUP:
+                        _reload(node, args)
+                        continue
+                    # Running fetches get SHUTDOWN_GRACE seconds to finish their pieces;
+                    # verified pieces are durable either way (a restart resumes).
+                    _say(args, "stopping", f"stopping (up to {SHUTDOWN_GRACE:.0f} s for running fetches)",
+                         grace=SHUTDOWN_GRACE)
+                    with trio.move_on_after(SHUTDOWN_GRACE):
+                        await node.drain()
                     nursery.cancel_scope.cancel()
                     break
         _say(args, "stopped", "stopped")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +74,7 @@ def test_a_fetch_at_debug_logs_structured_lines_and_no_secret(tmp_path: Path, pu
     lines = [json.loads(ln) for ln in res.stderr.splitlines() if ln.strip()]
     assert all({"ts", "level", "logger", "message"} <= set(ln) for ln in lines)
     # join logs key=value (the default) with model and source on the event lines.
-    pieces = [ln for ln in join_err.splitlines() if "msg=\"piece " in ln]
+    pieces = [ln for ln in join_err.splitlines() if "DEBUG autoglm.node._swarm_node: piece " in ln]
     assert pieces, join_err[-2000:]
     assert all(f"model={MODEL}" in ln and "source=mirror:http://127.0.0.1:" in ln for ln in pieces)
 
@@ -90,3 +92,69 @@ def test_formatters_carry_context_and_scrub_secrets() -> None:
     assert "abcdefghijklmnop" not in out["message"] and "registered-secret-value" not in out["message"]
     kv = KeyValueFormatter().format(rec)
     assert f"model={MODEL}" in kv and "peer=12D3KooWAbc" in kv and "abcdefghijklmnop" not in kv
+
+
+def _status(data_dir: Path) -> dict[str, Any]:
+    r = subprocess.run([*CLI, "--data-dir", str(data_dir), "status", "--json"], capture_output=True, text=True,
+                       timeout=30, check=True)
+    return dict(json.loads(r.stdout))
+
+
+def test_sighup_reloads_mirrors_from_the_config_file_and_keeps_peers(tmp_path: Path, pub: dict[str, Path]) -> None:
+    conf = tmp_path / "config.toml"
+    with processes() as procs:
+        m1 = start_mirror(procs, tmp_path, pub["model"])
+        m2 = start_mirror(procs, tmp_path, pub["model"])
+        conf.write_text(f'[mirrors]\nurls = ["{m1}"]\n')
+        # A peer that holds nothing: the fetch below must come from a mirror, and shows which.
+        peer = start_node(procs, tmp_path, "peer", pub, seed=False)
+        node = start_node(procs, tmp_path, "n", pub, seed=False, bootstrap=[peer.seen[0]["addrs"][0]],
+                          env={"AUTOGLM_NODE_CONFIG": str(conf)})
+        before = _status(tmp_path / "n")
+        assert before["dht_size"] >= 1 and before["peers"], before
+        conf.write_text(f'[mirrors]\nurls = ["{m2}"]\n')
+        node.p.send_signal(signal.SIGHUP)
+        assert node.event("reloaded", 30)["mirrors"] == [m2]
+        after = _status(tmp_path / "n")
+        assert after["peer_id"] == before["peer_id"]
+        assert after["dht_size"] >= before["dht_size"]
+        assert {p["peer_id"] for p in after["peers"]} >= {p["peer_id"] for p in before["peers"]}
+        # The next fetch names no mirror: the node uses its reloaded one.
+        r = subprocess.run([*CLI, "--data-dir", str(tmp_path / "n"), "fetch", str(pub["manifest"]), "--trust",
+                            str(pub["key"]), "--out", str(tmp_path / "n-out"), "--json"],
+                           capture_output=True, text=True, timeout=120, check=False,
+                           env={**os.environ, "AUTOGLM_NODE_CONFIG": ""})
+        assert r.returncode == 0, r.stderr[-2000:]
+        done = [ln for ln in _json_lines(r.stdout) if ln.get("event") in ("done", "result")][-1]
+        assert set(done["bytes_by_source"]) == {f"mirror:{m2}"}
+        # The peer survived the reload: still connected (no dropped sessions).
+        assert node.p.poll() is None
+        assert len(_status(tmp_path / "n")["peers"]) >= len(before["peers"])
+
+
+def test_sigterm_lets_a_running_fetch_finish_then_exits_0(tmp_path: Path, pub: dict[str, Path]) -> None:
+    with processes() as procs:
+        mirror = start_mirror(procs, tmp_path, pub["model"])
+        seed = start_node(procs, tmp_path, "seed", pub, mirrors=[mirror])
+        seed.event("complete", 90)
+        # 2 MiB from the peer at 1 MiB/s: the fetch is running when SIGTERM comes, and ends inside the 5 s grace.
+        leech = start_node(procs, tmp_path, "leech", pub, bootstrap=[seed.seen[0]["addrs"][0]],
+                           extra=["--down-rate", "1MiB"])
+        leech.event("fetch-started", 60)
+        t0 = time.monotonic()
+        leech.p.send_signal(signal.SIGTERM)
+        leech.event("stopping", 10)
+        leech.event("complete", 10)  # finished, not cancelled
+        leech.event("stopped", 10)
+        assert leech.p.wait(timeout=10) == 0
+        assert time.monotonic() - t0 < 5 + 3
+        # A fetch that cannot finish in the grace time is stopped at its end; the node still exits 0.
+        slow = start_node(procs, tmp_path, "slow", pub, bootstrap=[seed.seen[0]["addrs"][0]],
+                          extra=["--down-rate", "64KiB"])
+        slow.event("fetch-started", 60)
+        t0 = time.monotonic()
+        slow.p.send_signal(signal.SIGTERM)
+        slow.event("stopped", 15)
+        assert slow.p.wait(timeout=10) == 0
+        assert 4.5 < time.monotonic() - t0 < 5 + 5
+        assert not any(ln.get("event") == "complete" for ln in slow.seen)
