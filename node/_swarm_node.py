@@ -84,6 +84,7 @@ class SwarmNode:
         self.swarm = swarm
         self.progress: dict[bytes, _Progress] = {}
         self.mirror_urls = config.mirrors
+        self.trust: TrustPolicy | None = None  # the operator's trust (join's flags/config), for plans that name none
         self.mirrors: dict[str, MirrorSource] = {}  # each mirror's latest source: its score, for metrics and health
         self.metrics: NodeMetrics | None = None
         self.metrics_addr: tuple[str, int] | None = None
@@ -104,6 +105,7 @@ class SwarmNode:
         ``task_status.started`` hands over the running :class:`Fetch`.
         """
         t0 = trio.current_time()
+        plan = self._with_node_defaults(plan)
         try:
             signed, download = await self.node.open_download(plan)
         except BaseException:
@@ -111,8 +113,6 @@ class SwarmNode:
                 await events.aclose()
             raise
         m = download.manifest
-        if not plan.mirrors and self.mirror_urls:
-            plan = dataclasses.replace(plan, mirrors=self.mirror_urls)  # the node's own (SIGHUP reloads them)
         self._active += 1
         self._idle = trio.Event() if self._active == 1 else self._idle
         try:
@@ -122,6 +122,14 @@ class SwarmNode:
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
+
+    def _with_node_defaults(self, plan: FetchPlan) -> FetchPlan:
+        """A plan that names no mirror (no trusted key or root) gets the node's own (SIGHUP reloads them)."""
+        if not plan.mirrors and self.mirror_urls:
+            plan = dataclasses.replace(plan, mirrors=self.mirror_urls)
+        if self.trust is not None and not plan.trust.keys and not plan.trust.roots:
+            plan = dataclasses.replace(plan, trust=self.trust)
+        return plan
 
     async def drain(self) -> None:
         """Return once no fetch is running (SIGTERM waits for this, bounded, before stopping)."""

@@ -120,6 +120,7 @@ def _reload(node: SwarmNode, args: argparse.Namespace) -> None:
     """SIGHUP: read the config file again and take its mirrors (flags and env still win); peers stay."""
     import os
 
+    from autoglm.node._keys import load_trust_policy
     from autoglm.node._metrics import mirror_label
     from autoglm.node._settings import find_config, read_config, resolve
 
@@ -131,10 +132,19 @@ def _reload(node: SwarmNode, args: argparse.Namespace) -> None:
         log.error("reload failed, keeping the running settings: %s", exc)
         _say(args, "reload-failed", f"[red]reload failed:[/] {exc}", message=str(exc))
         return
+    try:
+        trust = load_trust_policy(args.data_dir, values["trust.keys"].value, values["trust.roots"].value,
+                                  values["trust.spiffe_ids"].value)
+    except AutoglmError as exc:
+        log.error("reload failed, keeping the running settings: %s", exc)
+        _say(args, "reload-failed", f"[red]reload failed:[/] {exc}", message=str(exc))
+        return
     node.mirror_urls = tuple(values["mirrors.urls"].value)
+    node.trust = trust
     labels = [mirror_label(u) for u in node.mirror_urls]
-    log.info("reloaded %s: mirrors %s", path, labels)
-    _say(args, "reloaded", f"reloaded {path}: mirrors {labels}", config=str(path), mirrors=labels)
+    log.info("reloaded %s: mirrors %s, %d trusted key(s)", path, labels, len(trust.keys))
+    _say(args, "reloaded", f"reloaded {path}: mirrors {labels}, {len(trust.keys)} trusted key(s)",
+         config=str(path), mirrors=labels, trusted_keys=len(trust.keys))
 
 
 def _swarm_key(path: Path | None) -> bytes | None:
@@ -190,6 +200,7 @@ def cmd_join(args: argparse.Namespace) -> int:
                 addrs = node.p2p.addrs()
                 # The first line is the readiness signal and what others join with.
                 metrics = None if node.metrics_addr is None else "http://{}:{}/metrics".format(*node.metrics_addr)
+                node.trust = trust_from_args(args)
                 _say(args, "ready", addrs[0] if addrs else "(no listen address)", addrs=addrs,
                      peer_id=node.p2p.peer_id, peerwire=node.swarm.status()["peerwire"], metrics=metrics)
                 for i, m in enumerate(args.seed):

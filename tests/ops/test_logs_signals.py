@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from swarm.harness import CLI, processes, publish, start_mirror, start_node
+from swarm.harness import CLI, Proc, processes, publish, start_mirror, start_node
 
 from autoglm.node._logs import (
     ContextFilter,
@@ -108,20 +108,24 @@ def test_sighup_reloads_mirrors_from_the_config_file_and_keeps_peers(tmp_path: P
         conf.write_text(f'[mirrors]\nurls = ["{m1}"]\n')
         # A peer that holds nothing: the fetch below must come from a mirror, and shows which.
         peer = start_node(procs, tmp_path, "peer", pub, seed=False)
-        node = start_node(procs, tmp_path, "n", pub, seed=False, bootstrap=[peer.seen[0]["addrs"][0]],
-                          env={"AUTOGLM_NODE_CONFIG": str(conf)})
+        # No --trust flag: trust and mirrors both come from the file, which trusts no key yet.
+        node = Proc([*CLI, "--data-dir", str(tmp_path / "n"), "join", "--json", "--bootstrap",
+                     peer.seen[0]["addrs"][0]], "n", tmp_path, {"AUTOGLM_NODE_CONFIG": str(conf)})
+        procs.append(node)
+        node.event("ready", 60)
         before = _status(tmp_path / "n")
         assert before["dht_size"] >= 1 and before["peers"], before
-        conf.write_text(f'[mirrors]\nurls = ["{m2}"]\n')
+        conf.write_text(f'[mirrors]\nurls = ["{m2}"]\n[trust]\nkeys = ["{pub["key"]}"]\n')
         node.p.send_signal(signal.SIGHUP)
-        assert node.event("reloaded", 30)["mirrors"] == [m2]
+        reloaded = node.event("reloaded", 30)
+        assert reloaded["mirrors"] == [m2] and reloaded["trusted_keys"] == 1
         after = _status(tmp_path / "n")
         assert after["peer_id"] == before["peer_id"]
         assert after["dht_size"] >= before["dht_size"]
         assert {p["peer_id"] for p in after["peers"]} >= {p["peer_id"] for p in before["peers"]}
-        # The next fetch names no mirror: the node uses its reloaded one.
-        r = subprocess.run([*CLI, "--data-dir", str(tmp_path / "n"), "fetch", str(pub["manifest"]), "--trust",
-                            str(pub["key"]), "--out", str(tmp_path / "n-out"), "--json"],
+        # The next fetch names no mirror and no key: the node uses its reloaded ones.
+        r = subprocess.run([*CLI, "--data-dir", str(tmp_path / "n"), "fetch", str(pub["manifest"]),
+                            "--out", str(tmp_path / "n-out"), "--json"],
                            capture_output=True, text=True, timeout=120, check=False,
                            env={**os.environ, "AUTOGLM_NODE_CONFIG": ""})
         assert r.returncode == 0, r.stderr[-2000:]
