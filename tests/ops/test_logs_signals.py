@@ -100,6 +100,17 @@ def _status(data_dir: Path) -> dict[str, Any]:
     return dict(json.loads(r.stdout))
 
 
+def _until_peered(data_dir: Path, timeout: float = 30) -> dict[str, Any]:
+    """The node's status once its bootstrap peer has a session (the join handshake is not in `ready`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = _status(data_dir)
+        if st["peers"] and st["dht_size"] >= 1:
+            return st
+        assert time.monotonic() < deadline, st
+        time.sleep(0.2)
+
+
 def test_sighup_reloads_mirrors_from_the_config_file_and_keeps_peers(tmp_path: Path, pub: dict[str, Path]) -> None:
     conf = tmp_path / "config.toml"
     with processes() as procs:
@@ -113,8 +124,7 @@ def test_sighup_reloads_mirrors_from_the_config_file_and_keeps_peers(tmp_path: P
                      peer.seen[0]["addrs"][0]], "n", tmp_path, {"AUTOGLM_NODE_CONFIG": str(conf)})
         procs.append(node)
         node.event("ready", 60)
-        before = _status(tmp_path / "n")
-        assert before["dht_size"] >= 1 and before["peers"], before
+        before = _until_peered(tmp_path / "n")
         conf.write_text(f'[mirrors]\nurls = ["{m2}"]\n[trust]\nkeys = ["{pub["key"]}"]\n')
         node.p.send_signal(signal.SIGHUP)
         reloaded = node.event("reloaded", 30)
