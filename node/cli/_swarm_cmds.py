@@ -244,6 +244,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for a in st["addrs"]:
         console.print(f"  join with {a}", soft_wrap=True)
     console.print(f"peers {len(st['peers'])}  up {human_bytes(st['up_bytes'])}  down from peers {human_bytes(st['down_bytes'])}")
+    h = st.get("health") or {}
+    if h:
+        why = "; ".join(h.get("reasons", []))
+        console.print(f"health {h['status']}" + (f": {why}" if why else ""), soft_wrap=True)
     for mid, m in st.get("models", {}).items():
         pct = 100.0 * m["bytes_done"] / m["bytes_total"] if m["bytes_total"] else 100.0
         kinds: dict[str, int] = {}
