@@ -95,6 +95,10 @@ def test_scrape_matches_the_fetch_and_health_follows_the_swarm(tmp_path: Path, p
         leech = start_node(procs, tmp_path, "leech", pub, bootstrap=[seed.seen[0]["addrs"][0]],
                            extra=["--metrics", "127.0.0.1:0", "--down-rate", "2MiB"])
         leech_url = _metrics_url(leech)
+        leech.event("fetch-started", 60)
+        mid = scrape(leech_url)  # during the fetch (2 MiB/s for 3 MiB): the model's series exist, counts so far
+        assert value(mid, "autoglm_model_size_bytes", model=MODEL) == size
+        assert 0 <= value(mid, "autoglm_fetched_bytes_total", source="peer", model=MODEL) <= size
         leech.event("complete", 90)
         got = scrape(leech_url)
         assert value(got, "autoglm_fetched_bytes_total", source="peer", model=MODEL) == size
