@@ -31,7 +31,6 @@ from autoglm.node._progress import (
     FileDone,
     PieceVerified,
     ProgressSnapshot,
-    SourceFailed,
 )
 from autoglm.node._store import Download
 from autoglm.node.api import Node, NodeConfig, open_node
@@ -282,11 +281,12 @@ class SwarmNode:
 
 
 def _log_event(ev: Event) -> None:
-    """One log line per engine event (the model comes from the fetch's log context)."""
+    """One log line per engine event (the model comes from the fetch's log context).
+
+    Source failures are not here: the engine logs each where it happens.
+    """
     if isinstance(ev, PieceVerified):
         log.debug("piece %d verified (%d bytes, %s) from %s", ev.index, ev.nbytes, ev.path, ev.source_id)
-    elif isinstance(ev, SourceFailed):
-        log.info("source %s failed%s: %s", ev.source_id, " (bad data)" if ev.integrity else "", ev.message)
     elif isinstance(ev, FileDone):
         log.info("file %s done (%d bytes)", ev.path, ev.size)
     elif isinstance(ev, FetchDone):
