@@ -164,6 +164,7 @@ class P2PNode:
     def __init__(self, host: Any, dht: KadDHT) -> None:
         self._host = host
         self._dht = dht
+        self.on_lookup: Callable[[float], None] | None = None  # each provider lookup's seconds (metrics)
 
     @property
     def peer_id(self) -> str:
@@ -253,12 +254,16 @@ class P2PNode:
 
     async def _find(self, key: str) -> list[PeerAddr]:
         found: dict[str, PeerAddr] = {}
+        t0 = trio.current_time()
         with trio.move_on_after(_DHT_TIMEOUT):
             try:
                 infos = await self._dht.find_providers(key)
             except (BaseLibp2pError, OSError) as exc:
                 log.info("find_providers failed: %r", exc)
                 infos = []
+            finally:
+                if self.on_lookup is not None:
+                    self.on_lookup(trio.current_time() - t0)
             for info in infos:
                 pid = str(info.peer_id)
                 if pid != self.peer_id:

@@ -21,6 +21,8 @@ class RateLimiter:
         self._tokens = self.burst
         self._stamp: float | None = None
         self._lock = trio.Lock()
+        self.waits = 0  # acquisitions that had to wait, and for how long in all (metrics)
+        self.waited_seconds = 0.0
 
     async def acquire(self, n: int) -> None:
         if not self.rate:
@@ -32,4 +34,6 @@ class RateLimiter:
             self._stamp = now
             self._tokens -= n
             if self._tokens < 0:
+                self.waits += 1
+                self.waited_seconds += -self._tokens / self.rate
                 await trio.sleep(-self._tokens / self.rate)

@@ -8,6 +8,7 @@ it afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,9 +20,19 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from autoglm.node._engine import Fetch, FetchResult, _collapse
+from autoglm.node._logs import log_model
+from autoglm.node._metrics import NodeMetrics, health, serve_metrics
+from autoglm.node._mirrors import MirrorSource
 from autoglm.node._p2p import DEFAULT_LISTEN, P2PNode, open_p2p
 from autoglm.node._plan import FetchPlan
-from autoglm.node._progress import Event, FetchDone, PieceVerified, ProgressSnapshot
+from autoglm.node._progress import (
+    Event,
+    FetchDone,
+    FileDone,
+    PieceVerified,
+    ProgressSnapshot,
+)
+from autoglm.node._store import Download
 from autoglm.node.api import Node, NodeConfig, open_node
 from autoglm.node.errors import ConfigError, IntegrityError, NoSourceError
 from autoglm.node.swarm import Swarm, SwarmConfig, SwarmEvent
@@ -47,6 +58,8 @@ class JoinConfig:
     bootstrap: tuple[str, ...] = ()
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     control_api: bool = True
+    mirrors: tuple[str, ...] = ()  # the node's own mirrors (health; SIGHUP reloads them)
+    metrics: tuple[str, int] | None = None  # serve /metrics and /healthz here (node/_metrics.py)
 
 
 @dataclass(slots=True)
@@ -69,6 +82,14 @@ class SwarmNode:
         self.p2p = p2p
         self.swarm = swarm
         self.progress: dict[bytes, _Progress] = {}
+        self.mirror_urls = config.mirrors
+        self.trust: TrustPolicy | None = None  # the operator's trust (join's flags/config), for plans that name none
+        self.mirrors: dict[str, MirrorSource] = {}  # each mirror's latest source: its score, for metrics and health
+        self.metrics: NodeMetrics | None = None
+        self.metrics_addr: tuple[str, int] | None = None
+        self._active = 0  # holds still fetching; drain() waits for none
+        self._idle = trio.Event()
+        self._idle.set()
 
     async def hold(
         self,
@@ -83,12 +104,45 @@ class SwarmNode:
         ``task_status.started`` hands over the running :class:`Fetch`.
         """
         t0 = trio.current_time()
+        plan = self._with_node_defaults(plan)
         try:
             signed, download = await self.node.open_download(plan)
         except BaseException:
             if events is not None:
                 await events.aclose()
             raise
+        m = download.manifest
+        self._active += 1
+        self._idle = trio.Event() if self._active == 1 else self._idle
+        try:
+            with log_model(f"{m.name}@{m.version}"):
+                return await self._hold(plan, signed, download, events, task_status, t0)
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    def _with_node_defaults(self, plan: FetchPlan) -> FetchPlan:
+        """A plan that names no mirror (no trusted key or root) gets the node's own (SIGHUP reloads them)."""
+        if not plan.mirrors and self.mirror_urls:
+            plan = dataclasses.replace(plan, mirrors=self.mirror_urls)
+        if self.trust is not None and not plan.trust.keys and not plan.trust.roots:
+            plan = dataclasses.replace(plan, trust=self.trust)
+        return plan
+
+    async def drain(self) -> None:
+        """Return once no fetch is running (SIGTERM waits for this, bounded, before stopping)."""
+        await self._idle.wait()
+
+    async def _hold(
+        self,
+        plan: FetchPlan,
+        signed: SignedManifest,
+        download: Download,
+        events: trio.MemorySendChannel[Event] | None,
+        task_status: TaskStatus[Fetch],
+        t0: float,
+    ) -> FetchResult:
         m = download.manifest
         mid = download.manifest_id
         log.info("fetch of %s %s (%s) requested", m.name, m.version, mid.hex()[:16])
@@ -105,7 +159,9 @@ class SwarmNode:
         # duplicate only for a request a second old (docs/protocol.md).
         plan = plan.with_options(mirror_overlap_budget=0, wait_for_sources=True, swarm_id=self.p2p.peer_id, endgame_delay=1.0)
         send, recv = trio.open_memory_channel[Event](256)
-        fetch = Fetch(self.node.store, download, self.node.mirror_sources(plan), send, plan.options,
+        mirrors = self.node.mirror_sources(plan)
+        self.mirrors.update((s.base_url, s) for s in mirrors)
+        fetch = Fetch(self.node.store, download, mirrors, send, plan.options,
                       on_mirror_claims=lambda indices: self.swarm.post_claims(mid, indices))
         box: list[FetchResult] = []
 
@@ -152,6 +208,9 @@ class SwarmNode:
     ) -> None:
         async with recv:
             async for ev in recv:
+                if self.metrics is not None:
+                    self.metrics.observe(f"{prog.name}@{prog.version}", ev)
+                _log_event(ev)
                 if isinstance(ev, PieceVerified):
                     self.swarm.piece_verified(mid, ev.index)
                     prog.bytes_done += ev.nbytes
@@ -217,7 +276,21 @@ class SwarmNode:
             }
             for mid, p in self.progress.items()
         }
+        st["health"] = health(self)
         return st
+
+
+def _log_event(ev: Event) -> None:
+    """One log line per engine event (the model comes from the fetch's log context).
+
+    Source failures are not here: the engine logs each where it happens.
+    """
+    if isinstance(ev, PieceVerified):
+        log.debug("piece %d verified (%d bytes, %s) from %s", ev.index, ev.nbytes, ev.path, ev.source_id)
+    elif isinstance(ev, FileDone):
+        log.info("file %s done (%d bytes)", ev.path, ev.size)
+    elif isinstance(ev, FetchDone):
+        log.info("fetch done: %d bytes in %.2f s, %d refetched", ev.bytes_total, ev.seconds, ev.refetched_bytes)
 
 
 @asynccontextmanager
@@ -243,6 +316,9 @@ async def open_swarm_node(
                 sn = SwarmNode(config, node, p2p, swarm)
                 if config.control_api:
                     await nursery.start(serve_control_api, sn, config.data_dir)
+                if config.metrics is not None:
+                    sn.metrics = NodeMetrics(sn)
+                    sn.metrics_addr = await nursery.start(serve_metrics, sn, sn.metrics, *config.metrics)
                 yield sn
                 nursery.cancel_scope.cancel()
 

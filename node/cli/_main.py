@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from autoglm.node._config import resolve_data_dir
-from autoglm.node._logs import set_libp2p_level
 from autoglm.node.errors import AutoglmError, ConfigError
 
 from ._common import EXIT, err_console, exit_code_for
@@ -33,7 +31,7 @@ COMMANDS = {
     "config": "_config_cmds", "trust": "_trust_cmds",
 }
 # Global options that take a value (skipped when looking for the command word).
-_VALUE_OPTIONS = ("--data-dir", "--config")
+_VALUE_OPTIONS = ("--data-dir", "--config", "--log-format")
 
 
 def _command_word(argv: Sequence[str]) -> str | None:
@@ -81,6 +79,8 @@ def _add_global_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
     g.add_argument("--config", dest=f"{pre}config", metavar="FILE", **kw,
                    help="settings file (TOML); default $AUTOGLM_NODE_CONFIG, else the user's then the "
                    "system's config.toml (docs/operations.md)")
+    g.add_argument("--log-format", dest=f"{pre}log_format", choices=("text", "json"), **kw,
+                   help="log lines as key=value text or one JSON object per line (config: log_format)")
     g.add_argument("-v", "--verbose", dest=f"{pre}verbose", action="count", **(kw or {"default": 0}),
                    help="more logging (-vv debug, -vvv libp2p too)")
     g.add_argument("-q", "--quiet", dest=f"{pre}quiet", action="store_true", **kw,
@@ -175,6 +175,8 @@ def _apply_settings(args: argparse.Namespace, actions: dict[str, argparse.Action
             flags[name] = (given, "/".join(action.option_strings))
     if args.data_dir:
         flags["data_dir"] = (Path(args.data_dir), "--data-dir")
+    if args.log_format:
+        flags["log_format"] = (args.log_format, "--log-format")
     if args.verbose or args.quiet:
         level = "error" if args.quiet else "info" if args.verbose == 1 else "debug"
         flags["log_level"] = (level, "-q" if args.quiet else "-" + "v" * args.verbose)
@@ -188,36 +190,18 @@ def _apply_settings(args: argparse.Namespace, actions: dict[str, argparse.Action
     args.settings = values
 
 
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per log record (log_format = "json")."""
+def _setup_logging(level_name: str, log_format: str, verbose: int, args: argparse.Namespace) -> None:
+    from autoglm.node._logs import secrets_from_args, setup_logging
 
-    def format(self, record: logging.LogRecord) -> str:
-        import json
-
-        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-               "message": record.getMessage()}
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def _setup_logging(level_name: str, log_format: str, verbose: int) -> None:
-    level = getattr(logging, level_name.upper())
-    handler = logging.StreamHandler()
-    handler.setFormatter(_JsonFormatter() if log_format == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
-    logging.captureWarnings(True)
-    # py-libp2p logs a great deal, and logs ERROR for what is routine here (a
-    # peer that closed a stream); keep it quiet unless -vvv.
-    set_libp2p_level(logging.DEBUG if verbose >= 3 else logging.CRITICAL)
+    secrets_from_args(args)
+    setup_logging(level_name, log_format, verbose)
 
 
 def _merge_global_options(args: argparse.Namespace) -> None:
     """Global options given after the command join those given before it."""
     args.verbose += getattr(args, "sub_verbose", 0)
     args.quiet = args.quiet or getattr(args, "sub_quiet", False)
-    for name in ("data_dir", "config"):
+    for name in ("data_dir", "config", "log_format"):
         if getattr(args, f"sub_{name}", None) is not None:
             setattr(args, name, getattr(args, f"sub_{name}"))
     if args.verbose and args.quiet:
@@ -255,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AutoglmError as exc:
         return _report(exc)
     settings = args.settings
-    _setup_logging(settings["log_level"].value, settings["log_format"].value, args.verbose)
+    _setup_logging(settings["log_level"].value, settings["log_format"].value, args.verbose, args)
     try:
         rc: int = args.func(args)
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 # libp2p takes about half a second to import: the swarm modules load only
 # when `join` runs, so every other command starts fast.
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+SHUTDOWN_GRACE = 5.0  # seconds SIGTERM gives running fetches before the node stops
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--swarm-key", type=Path, metavar="FILE",
                    help="private swarm: a file with 64 hex characters (openssl rand -hex 32); "
                    "piece transfers are then sealed with ChaCha20-Poly1305 and need the same key")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus /metrics, /healthz and /livez here (e.g. 127.0.0.1:9464; keep it on loopback)")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
     add_trust_args(p)
     p.set_defaults(func=cmd_join)
@@ -117,6 +120,37 @@ async def _seed(node: SwarmNode, args: argparse.Namespace, index: int, manifest:
          bytes_by_source=result.bytes_by_source, seconds=round(result.seconds, 3))
 
 
+def _reload(node: SwarmNode, args: argparse.Namespace) -> None:
+    """SIGHUP: read the config file again and take its mirrors (flags and env still win); peers stay."""
+    import os
+
+    from autoglm.node._keys import load_trust_policy
+    from autoglm.node._metrics import mirror_label
+    from autoglm.node._settings import find_config, read_config, resolve
+
+    flags = {name: (v.value, v.where) for name, v in args.settings.items() if v.source == "flag"}
+    try:
+        path, searched = find_config(args.config, os.environ)
+        values = resolve(read_config(path, searched), os.environ, flags)
+    except AutoglmError as exc:  # a broken file keeps the running settings
+        log.error("reload failed, keeping the running settings: %s", exc)
+        _say(args, "reload-failed", f"[red]reload failed:[/] {exc}", message=str(exc))
+        return
+    try:
+        trust = load_trust_policy(args.data_dir, values["trust.keys"].value, values["trust.roots"].value,
+                                  values["trust.spiffe_ids"].value)
+    except AutoglmError as exc:
+        log.error("reload failed, keeping the running settings: %s", exc)
+        _say(args, "reload-failed", f"[red]reload failed:[/] {exc}", message=str(exc))
+        return
+    node.mirror_urls = tuple(values["mirrors.urls"].value)
+    node.trust = trust
+    labels = [mirror_label(u) for u in node.mirror_urls]
+    log.info("reloaded %s: mirrors %s, %d trusted key(s)", path, labels, len(trust.keys))
+    _say(args, "reloaded", f"reloaded {path}: mirrors {labels}, {len(trust.keys)} trusted key(s)",
+         config=str(path), mirrors=labels, trusted_keys=len(trust.keys))
+
+
 def _swarm_key(path: Path | None) -> bytes | None:
     if path is None:
         return None
@@ -126,6 +160,9 @@ def _swarm_key(path: Path | None) -> bytes | None:
         raise ConfigError(f"--swarm-key {path}: not a readable file of 64 hex characters ({exc})") from exc
     if len(key) != 32:
         raise ConfigError(f"--swarm-key {path}: need 64 hex characters (32 bytes), got {len(key)} bytes")
+    from autoglm.node._logs import add_secret
+
+    add_secret(key)
     return key
 
 
@@ -133,6 +170,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     import trio
 
     from autoglm.node._engine import collapse_group
+    from autoglm.node._metrics import parse_hostport
     from autoglm.node._swarm_node import JoinConfig, open_swarm_node
     from autoglm.node.swarm import Announced, PeerBanned, SwarmConfig, SwarmEvent
 
@@ -145,6 +183,8 @@ def cmd_join(args: argparse.Namespace) -> int:
         bootstrap=(*args.bootstrap, *configured_bootstrap(args.data_dir)),
         swarm=SwarmConfig(upload_slots=args.upload_slots, up_rate=args.up_rate, down_rate=args.down_rate,
                           peerwire_host=host, peerwire_port=int(port), swarm_key=_swarm_key(args.swarm_key)),
+        mirrors=tuple(args.mirror),
+        metrics=None if args.metrics is None else parse_hostport(args.metrics),
     )
 
     async def show_swarm_events(recv: trio.MemoryReceiveChannel[SwarmEvent]) -> None:
@@ -158,16 +198,27 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         send, recv = trio.open_memory_channel[SwarmEvent](256)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with open_swarm_node(config, send) as node, trio.open_nursery() as nursery:
                 nursery.start_soon(show_swarm_events, recv)
                 addrs = node.p2p.addrs()
                 # The first line is the readiness signal and what others join with.
+                metrics = None if node.metrics_addr is None else "http://{}:{}/metrics".format(*node.metrics_addr)
+                node.trust = trust_from_args(args)
                 _say(args, "ready", addrs[0] if addrs else "(no listen address)", addrs=addrs,
-                     peer_id=node.p2p.peer_id, peerwire=node.swarm.status()["peerwire"])
+                     peer_id=node.p2p.peer_id, peerwire=node.swarm.status()["peerwire"], metrics=metrics)
                 for i, m in enumerate(args.seed):
                     nursery.start_soon(_seed, node, args, i, m)
-                async for _ in signals:
+                async for sig in signals:
+                    if sig == signal.SIGHUP:
+                        _reload(node, args)
+                        continue
+                    # Running fetches get SHUTDOWN_GRACE seconds to finish their pieces;
+                    # verified pieces are durable either way (a restart resumes).
+                    _say(args, "stopping", f"stopping (up to {SHUTDOWN_GRACE:.0f} s for running fetches)",
+                         grace=SHUTDOWN_GRACE)
+                    with trio.move_on_after(SHUTDOWN_GRACE):
+                        await node.drain()
                     nursery.cancel_scope.cancel()
                     break
         _say(args, "stopped", "stopped")
@@ -197,6 +248,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for a in st["addrs"]:
         console.print(f"  join with {a}", soft_wrap=True)
     console.print(f"peers {len(st['peers'])}  up {human_bytes(st['up_bytes'])}  down from peers {human_bytes(st['down_bytes'])}")
+    h = st.get("health") or {}
+    if h:
+        why = "; ".join(h.get("reasons", []))
+        console.print(f"health {h['status']}" + (f": {why}" if why else ""), soft_wrap=True)
     for mid, m in st.get("models", {}).items():
         pct = 100.0 * m["bytes_done"] / m["bytes_total"] if m["bytes_total"] else 100.0
         kinds: dict[str, int] = {}

@@ -143,4 +143,7 @@ def test_daemonset(tmp_path: Path) -> None:
     assert str(key_path) in mounts and mounts[str(key_path)]["subPath"] in cm["data"]
     args = build_parser("join").parse_args(node["args"])
     assert args.command == "join" and args.config in mounts and mounts[args.config]["subPath"] == "config.toml"
-    assert build_parser("status").parse_args(node["livenessProbe"]["exec"]["command"][1:]).command == "status"
+    host, port = cfg.values["network.metrics"][0].rsplit(":", 1)
+    for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/healthz")):
+        get = node[probe]["httpGet"]
+        assert (get["host"], str(get["port"]), get["path"]) == (host, port, path)
