@@ -153,6 +153,14 @@ async def test_snapshot_and_file_download_match_a_direct_download(hub: Hub, tmp_
         assert Path(p.strip()).read_bytes() == hub.files[name]  # noqa: ASYNC240
         assert _repo_tree(one_via, REPO) == _repo_tree(one_direct, REPO)
 
+        # `hf download` (the CLI), as users type it.
+        cli = tmp_path / "cli"
+        hf = Path(sys.executable).with_name("hf")
+        res = await trio.run_process([str(hf), "download", REPO], env=clean_env(cli, HF_ENDPOINT=gw.url),
+                                     capture_stdout=True, capture_stderr=True, check=False)
+        assert res.returncode == 0, res.stderr.decode()
+        assert _repo_tree(cli, REPO) == _repo_tree(direct, REPO)
+
         # The headers huggingface_hub relies on, and no Xet.
         st, h, body = await http(f"{gw.url}/{REPO}/resolve/main/{name}", "HEAD")
         sha = hashlib.sha256(hub.files[name]).hexdigest()
@@ -260,28 +268,45 @@ async def test_bytes_stream_as_pieces_arrive_and_clients_share_one_fetch(
     assert cdn.stats.by_path[obj] == len(data)
 
 
-async def test_wrong_upstream_bytes_are_never_served_whole(hub: Hub, tmp_path: Path) -> None:
-    name = "model-00001-of-00002.safetensors"
-    data = hub.files[name]
+async def test_wrong_upstream_bytes_are_never_served_whole(
+    big_hub: tuple[HubServer, FaultServer, dict[str, bytes], str], tmp_path: Path
+) -> None:
+    """A file of several pieces whose upstream bytes do not match the Hub's SHA-256: clients
+    may have got a prefix, never the whole file; then an error answer, not bytes."""
+    server, cdn, files, commit = big_hub
+    name = "big.safetensors"
+    data = files[name]
     sha = hashlib.sha256(data).hexdigest()
-    hub.cdn.add("wrong", count=100, path=f"objects/{sha}")
+    cdn.add("wrong", count=100, path=f"objects/{sha}")
     code = (
         "from huggingface_hub import hf_hub_download\n"
         "try:\n"
-        f"    p = hf_hub_download({REPO!r}, {name!r})\n"
+        f"    p = hf_hub_download({BIG!r}, {name!r})\n"
         "    print('served', open(p, 'rb').read().hex()[:64])\n"
         "except Exception as e:\n"
         "    print('error', type(e).__name__)\n"
     )
-    async with gateway(tmp_path, hub.url) as gw:
-        out = await run_py(code, clean_env(tmp_path / "client", HF_ENDPOINT=gw.url))
+    async with gateway(tmp_path, f"http://127.0.0.1:{server.port}") as gw:
+        url = f"{gw.url}/{BIG}/resolve/main/{name}"
+        raw: list[tuple[int, dict[str, str], bytes]] = []
+
+        async def raw_client() -> None:
+            try:
+                raw.append(await http(url))
+            except Exception as exc:  # cut short: h11 refuses the incomplete body
+                raw.append((-1, {}, repr(exc).encode()))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(raw_client)
+            out = await run_py(code, clean_env(tmp_path / "client", HF_ENDPOINT=gw.url))
         assert out.split()[0] == "error", out
-        # A raw client gets an error answer, not the bytes.
-        st, h, body = await http(f"{gw.url}/{REPO}/resolve/main/{name}")
+        assert raw[0][2] != data and len(raw[0][2]) < len(data)
+        # Afterwards a client gets an error answer, not the bytes.
+        st, h, body = await http(url)
         assert st == 502 and body != data and "match" in h.get("x-error-message", "")
-    blobs = tmp_path / "client" / "hf-home" / "hub" / "models--acme--tiny-model" / "blobs"
+    blobs = tmp_path / "client" / "hf-home" / "hub" / ("models--" + BIG.replace("/", "--")) / "blobs"
     assert not (blobs / sha).exists()
-    assert not (tmp_path / "gw" / "hf-home" / "hub" / "models--acme--tiny-model" / "blobs" / sha).exists()
+    assert not (tmp_path / "gw" / "hf-home" / "hub" / ("models--" + BIG.replace("/", "--")) / "blobs" / sha).exists()
 
 
 async def test_a_gateway_whose_upstream_is_itself_refuses_to_start(tmp_path: Path) -> None:
