@@ -92,6 +92,7 @@ GATEWAY_HEADER = "X-Autoglm-Gateway"
 PROBE_PATH = "/api/autoglm-gateway"
 _MAX_HEADER = 16 * 1024
 _CHUNK = 1 << 20
+_MAX_RESOLUTIONS = 4096
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::", "[::1]"}
 
@@ -288,7 +289,7 @@ class Gateway:
         except Exception:  # one client's failure must not stop the gateway
             log.exception("gateway: a client's request failed")
         finally:
-            await trio.aclose_forcefully(stream)
+            await _close(stream)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         cfg = self.config
@@ -467,6 +468,9 @@ class Gateway:
             if now - res.at > ttl:
                 res = None
         if res is None:
+            if len(self._resolutions) >= _MAX_RESOLUTIONS:  # clients naming endless repos must not grow this forever
+                for k in [k for k, r in self._resolutions.items() if r.done.is_set()]:
+                    del self._resolutions[k]
             res = self._resolutions[key] = _Resolution()
             assert self._nursery is not None
             self._nursery.start_soon(self._resolve_snapshot, ref, res)
@@ -551,6 +555,22 @@ class Gateway:
             log.warning("gateway: %s@%s %s %s: %s", snap.ref.repo, snap.commit[:12], f.path, what, exc)
         finally:
             fl.bump()
+
+
+async def _close(stream: trio.SocketStream) -> None:
+    """Close after what was sent is delivered: half-close, drain what the client still sends (briefly), close.
+
+    Closing with unread bytes in the socket would reset the connection, and the
+    client could lose the answer (a 503 or 413) we just sent.
+    """
+    with trio.move_on_after(1.0):
+        try:
+            await stream.send_eof()
+            while await stream.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await trio.aclose_forcefully(stream)
 
 
 def _link_quietly(repo_dir: Path, commit: str, f: HubFile) -> None:

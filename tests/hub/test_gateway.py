@@ -340,3 +340,67 @@ async def test_a_loop_through_another_address_is_detected_by_the_gateway_header(
     if b"Address family" in res.stderr or b"cannot connect" in res.stderr:
         pytest.skip("IPv4-mapped addresses unavailable here")
     assert res.returncode != 0 and b"leads back to this gateway" in res.stderr, res.stderr
+
+
+# -- budgets: the gateway in this process, real sockets --------------------------------------
+
+
+@asynccontextmanager
+async def local_gateway(tmp: Path, **budgets: Any) -> AsyncIterator[Any]:
+    from autoglm.node._store import Store
+    from autoglm.node.hub._gateway import GatewayConfig, serve_gateway
+
+    store = Store(tmp / "data")
+    try:
+        async with trio.open_nursery() as nursery:
+            cfg = GatewayConfig(endpoints=("http://127.0.0.1:9",), cache_dir=tmp / "cache", probe_timeout=0.5, **budgets)
+            gw = await nursery.start(serve_gateway, store, cfg)
+            yield gw
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def _raw(port: int, data: bytes, wait: float = 5.0) -> bytes:
+    """Send ``data``, read until the gateway closes the connection (or ``wait`` seconds)."""
+    s = await trio.open_tcp_stream("127.0.0.1", port)
+    await s.send_all(data)
+    out = b""
+    with trio.move_on_after(wait):
+        while chunk := await s.receive_some(65536):
+            out += chunk
+    await s.aclose()
+    return out
+
+
+async def test_client_budgets(tmp_path: Path) -> None:
+    async with local_gateway(tmp_path, max_clients=2, header_timeout=0.5, idle_timeout=1.0) as gw:
+        port = gw.address[1]
+        # Request bodies are refused, and the connection closed.
+        out = await _raw(port, b"POST /api/models/a/b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        assert out.startswith(b"HTTP/1.1 413 ")
+        # Methods other than GET/HEAD: 405.
+        out = await _raw(port, b"DELETE /a/b/resolve/main/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 405 ") and f"x-autoglm-gateway: {gw.id}".encode() in out.lower()
+        # A head that never ends is dropped after header_timeout, not held.
+        t0 = trio.current_time()
+        out = await _raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n", wait=10)
+        assert out == b"" and trio.current_time() - t0 < 5
+        # A head larger than 16 KiB: refused.
+        out = await _raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", wait=10)
+        assert not out.startswith(b"HTTP/1.1 200")
+        # Connection cap: two idle clients held, the third answered 503 at once.
+        a = await trio.open_tcp_stream("127.0.0.1", port)
+        b = await trio.open_tcp_stream("127.0.0.1", port)
+        await trio.sleep(0.2)
+        out = await _raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", wait=5)
+        assert out.startswith(b"HTTP/1.1 503 ") and gw.stats.refused_clients == 1
+        await a.aclose()
+        await b.aclose()
+        # Idle connections are closed after idle_timeout, and the slots come back.
+        c = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(5):
+            assert await c.receive_some(10) == b""
+        await c.aclose()
+        await trio.sleep(0.2)
+        assert gw.stats.clients == 0
