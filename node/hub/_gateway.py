@@ -491,6 +491,13 @@ class Gateway:
                 self._trees.add((ref.repo, snap.commit))
             await trio.to_thread.run_sync(write_ref, repo_dir, ref.revision, snap.commit)
             res.snapshot = snap
+            if ref.revision != snap.commit:
+                # The commit is now known too: requests pinned to it (snapshot_download's next ones) need no API call.
+                pinned = self._resolutions.get((ref.repo, snap.commit))
+                if pinned is None or (pinned.done.is_set() and pinned.error is not None):
+                    done = _Resolution(snapshot=snap, at=trio.current_time())
+                    done.done.set()
+                    self._resolutions[(ref.repo, snap.commit)] = done
         except AutoglmError as exc:
             res.error = exc
         except Exception as exc:  # a bug must not hang every waiting client
