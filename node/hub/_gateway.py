@@ -171,6 +171,7 @@ class _Flight:
         self.error: Exception | None = None
         self.failed_at = 0.0
         self.changed = trio.Event()
+        self.also: dict[tuple[str, str], HubFile] = {}  # (commit, path) of other requests for this blob
 
     @property
     def ready(self) -> int:
@@ -522,7 +523,9 @@ class Gateway:
             self._nursery.start_soon(self._run_flight, snap, f, fl)
         elif fl.done:
             # Another path with the same bytes (one blob): link it as huggingface_hub would.
-            await trio.to_thread.run_sync(_link_quietly, fl.repo_dir, snap.commit, f)
+            await trio.to_thread.run_sync(_link_quietly, fl.repo_dir, snap.commit, [f])
+        else:
+            fl.also[(snap.commit, f.path)] = f  # linked when the flight is done
         return fl
 
     def _swarm_source(self, snap: RepoSnapshot) -> None:
@@ -553,6 +556,13 @@ class Gateway:
                     await fetch_hub(self.store, plan, mirror_config=self._mirror_config, options=self._options,
                                     events=send, snapshot=one)
             fl.done = True
+            # Every path of the commit with the same bytes (a client that has the blob asks only HEAD for those),
+            # and the paths other requests named meanwhile.
+            for x in snap.files:
+                if x.etag == f.etag and x.path != f.path:
+                    fl.also[(snap.commit, x.path)] = x
+            for (commit, _), other in list(fl.also.items()):
+                await trio.to_thread.run_sync(_link_quietly, fl.repo_dir, commit, [other])
         except Exception as exc:
             err = collapse_group(exc) if isinstance(exc, ExceptionGroup) else exc
             fl.error = err if isinstance(err, Exception) else SourceError(str(err))
@@ -580,9 +590,9 @@ async def _close(stream: trio.SocketStream) -> None:
     await trio.aclose_forcefully(stream)
 
 
-def _link_quietly(repo_dir: Path, commit: str, f: HubFile) -> None:
+def _link_quietly(repo_dir: Path, commit: str, files: list[HubFile]) -> None:
     try:
-        link_snapshot(repo_dir, commit, [f])
+        link_snapshot(repo_dir, commit, files)
     except AutoglmError:
         pass
 

@@ -168,7 +168,14 @@ async def test_snapshot_and_file_download_match_a_direct_download(hub: Hub, tmp_
         assert h["x-repo-commit"] == hub.commit and h["etag"] == f'"{sha}"' and h["x-linked-etag"] == f'"{sha}"'
         assert h["x-linked-size"] == h["content-length"] == str(len(hub.files[name])) and h["accept-ranges"] == "bytes"
         assert not [k for k in h if k.startswith("x-xet")]
-    # The node stored each file once, in its own HF cache, verified.
+    # The node stored each file once, in its own HF cache, verified, in huggingface_hub's layout:
+    # the same tree as the direct download, found offline.
+    assert _repo_tree(tmp_path / "gw", REPO) == _repo_tree(direct, REPO)
+    offline = await run_py("from huggingface_hub import snapshot_download, try_to_load_from_cache\n"
+                           f"print(snapshot_download({REPO!r}), try_to_load_from_cache({REPO!r}, 'config.json'))\n",
+                           clean_env(tmp_path / "gw", HF_HUB_OFFLINE="1"))
+    snap_dir, config = offline.split()
+    assert Path(snap_dir).name == hub.commit and Path(config).read_bytes() == hub.files["config.json"]
     blobs = tmp_path / "gw" / "hf-home" / "hub" / "models--acme--tiny-model" / "blobs"
     assert {b.name for b in blobs.iterdir()} == {hashlib.sha256(d).hexdigest() if p.endswith(".safetensors") or len(d) >= 10240
                                                  else _blob_id(d) for p, d in hub.files.items()}
