@@ -17,6 +17,13 @@ peak RSS and CPU time come from GNU time (/usr/bin/time). Medians are reported.
 
     .venv/bin/python bench/publish_bench.py            # 1 GiB, 5 rounds
     .venv/bin/python bench/publish_bench.py --size 256MiB --reps 3 --json out.json
+
+``--kind bin`` publishes a plain binary file instead (random bytes, planned
+by content-defined chunking, docs/manifest.md); ``--baseline-cli PATH`` adds
+another autoglm-node (e.g. an older checkout's) to the same rounds, for a
+before/after comparison:
+
+    .venv/bin/python bench/publish_bench.py --kind bin --baseline-cli /work/main/.venv/bin/autoglm-node
 """
 
 from __future__ import annotations
@@ -104,16 +111,25 @@ def warm(path: Path) -> None:
             pass
 
 
-def prepare(workdir: Path, size: int, env: dict[str, str]) -> tuple[Path, Path]:
+def prepare(workdir: Path, size: int, env: dict[str, str], kind: str = "safetensors") -> tuple[Path, Path]:
     sys.path.insert(0, str(REPO))
     from autoglm.node._sample import write_sample_model
 
-    model = workdir / "model"
-    weights = model / "model.safetensors"
+    model = workdir / f"model-{kind}"
+    weights = model / f"model.{kind}"
     if not weights.exists() or abs(weights.stat().st_size - size) > 64 * MiB:
         shutil.rmtree(model, ignore_errors=True)
-        print(f"writing a {size / GiB:.2f} GiB sample model to {model} ...", file=sys.stderr, flush=True)
-        write_sample_model(model, size=size, layers=8, seed=b"publish-bench")
+        print(f"writing a {size / GiB:.2f} GiB sample {kind} file to {model} ...", file=sys.stderr, flush=True)
+        if kind == "safetensors":
+            write_sample_model(model, size=size, layers=8, seed=b"publish-bench")
+        else:
+            import blake3
+
+            model.mkdir(parents=True)
+            xof = blake3.blake3(b"publish-bench plain")
+            with open(weights, "wb") as f:
+                for off in range(0, size, 16 * MiB):
+                    f.write(xof.digest(length=min(16 * MiB, size - off), seek=off))
     key = workdir / "publisher.key"
     if not key.exists():
         subprocess.run([*autoglm_cmd(), "keygen", "--out", str(key)], env=env, check=True, stdout=subprocess.DEVNULL)
@@ -126,14 +142,18 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5, help="alternating rounds (default 5)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/autoglm-publish-bench"))
     ap.add_argument("--max-piece", default="8MiB")
+    ap.add_argument("--kind", choices=["safetensors", "bin"], default="safetensors",
+                    help="a safetensors model (tensor-aligned pieces) or a plain binary file (content-defined)")
+    ap.add_argument("--baseline-cli", type=Path, metavar="PATH",
+                    help="another autoglm-node executable to publish the same file in the same rounds")
     ap.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the model directory for the next run")
     args = ap.parse_args()
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, AUTOGLM_NODE_HOME=str(args.workdir / "node"), LC_ALL="C")
-    model, key = prepare(args.workdir, args.size, env)
-    weights = model / "model.safetensors"
+    model, key = prepare(args.workdir, args.size, env, args.kind)
+    weights = model / f"model.{args.kind}"
     nbytes = sum(p.stat().st_size for p in model.iterdir())
     warm(weights)
 
@@ -150,6 +170,14 @@ def main() -> int:
              "--out", str(out), "--max-piece", args.max_piece, "--json"],
         )
     )
+    if args.baseline_cli:
+        tools.append(
+            Tool(
+                "baseline publish",
+                [str(args.baseline_cli), "publish", str(model), "--key", str(key), "--name", "bench/model",
+                 "--version", "1", "--out", str(out), "--max-piece", args.max_piece, "--json"],
+            )
+        )
     # The same hashing pipeline without the CLI: separates interpreter and
     # import start-up from the work itself.
     pipeline = (
@@ -161,14 +189,16 @@ def main() -> int:
                                               str(parse_size(args.max_piece))]))
     load_before = os.getloadavg()[0]
     for t in tools:  # one untimed run each: page cache, interpreter .pyc files
+        out.unlink(missing_ok=True)  # publish refuses to overwrite a manifest
         run_once(t.argv, env, args.workdir)
     for _ in range(args.reps):
         for t in tools:
+            out.unlink(missing_ok=True)
             t.samples.append(run_once(t.argv, env, args.workdir))
 
     sha = tools[0].median("wall")
     (pub,) = [t for t in tools if t.name == "autoglm-node publish"]
-    print(f"\npublish benchmark: {weights.stat().st_size / GiB:.2f} GiB safetensors file "
+    print(f"\npublish benchmark: {weights.stat().st_size / GiB:.2f} GiB {args.kind} file "
           f"(model dir {nbytes / GiB:.2f} GiB), page cache warm, {args.reps} alternating rounds, medians")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, {platform.system()} {platform.release()}, "

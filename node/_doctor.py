@@ -167,10 +167,11 @@ def check_gpu(device: DeviceInfo) -> Check:
 def check_mirror(url: str, timeout: float = 5.0, probe: tuple[str, int] | None = None) -> Check:
     """HEAD the mirror's folder, or with ``probe`` (a manifest path and its size) one model file in it.
 
-    A 404 or 403 fails: the folder or the file is not there (or not for us). A
-    server that does not list folders (``serve-mirror``, nginx without autoindex)
-    answers so for a good mirror's folder too, so the hint asks for a manifest,
-    which makes the check look at a file instead.
+    A model file (``probe``) answering 404/403, or any 401/410, fails. A folder
+    answering 404 or 403 warns, never passes: a server that does not list folders
+    (``serve-mirror``, nginx without autoindex) answers so for a good mirror's
+    folder too, so the hint asks for a manifest, which makes the check look at a
+    file instead.
     """
     target = url
     if probe is not None:
@@ -199,7 +200,10 @@ def check_mirror(url: str, timeout: float = 5.0, probe: tuple[str, int] | None =
                     "this for a good one too: add --manifest M.agm to check a model file instead")
         if st in (401, 403):
             hint = "the mirror refuses us: it needs credentials (--mirror-header on fetch) or the URL is wrong"
-        return Check("mirror", "fail", detail, hint)
+        # A folder answering 404/403 is not proof of a bad mirror (a good one that does not list
+        # folders answers so too): a warning, never a pass. A model file answering so is a failure.
+        verdict: Status = "fail" if probe is not None or st in (401, 410) else "warn"
+        return Check("mirror", verdict, detail, hint)
     if st >= 400:
         return Check("mirror", "fail", detail, "the mirror answers but refuses the request")
     if probe is not None and st == 200:

@@ -736,6 +736,12 @@ class Fetch:
     async def _prepare(self) -> int:
         """Recover crash leftovers, finish empty files, find local copies. Returns bytes already present."""
         d = self.download
+        # What is on disk is what the manifest says: finished files that changed
+        # since they were stamped (every one with check_sha256) are re-hashed and
+        # their bad pieces fetched again.
+        for i in await trio.to_thread.run_sync(d.check_finished, self.options.check_sha256):
+            self.picker.piece_lost(i)
+            log.warning("%s: piece %d no longer matches the manifest; fetching it again", self._path(i), i)
         found = await trio.to_thread.run_sync(d.recover)
         if found:
             await trio.to_thread.run_sync(d.commit, found)
@@ -775,8 +781,17 @@ class Fetch:
 
         ``go``: the caller's go-ahead. Preparation (space check, crash
         recovery, local copies) runs at once; the first request waits for
-        ``go`` (the swarm finds its peers meanwhile).
+        ``go`` (the swarm finds its peers meanwhile). A fetch that fails
+        before anything was verified or staged leaves nothing behind.
         """
+        try:
+            return await self._run(go, task_status)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.download.discard_if_untouched)
+            raise
+
+    async def _run(self, go: trio.Event | None, task_status: TaskStatus[Fetch]) -> FetchResult:
         t0 = trio.current_time()
         d = self.download
         if self.options.check_space:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import struct
 import threading
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -50,8 +51,9 @@ from autoglm.wasm_verify import (
     run_verifier,
 )
 
+from ._config import resolve_data_dir
 from ._device import DeviceInfo, probe_device
-from ._keys import load_trust_policy
+from ._keys import TrustLike, as_trust_policy, load_trust_policy
 from ._manifests import check_manifest, load_signed_manifest
 from .errors import SandboxError, VerificationRefused
 
@@ -74,6 +76,12 @@ __all__ = [
 GATE_VERSION = "gate-1"
 MAX_PICKLE = 256 * 1024 * 1024
 MAX_JSON = 64 * 1024 * 1024
+#: Host budgets before the sandbox (docs/security.md): members of a checkpoint zip and
+#: bytes of its central directory, JSON containers and values, JSON nesting.
+MAX_ZIP_MEMBERS = 65_536
+MAX_ZIP_DIRECTORY = 16 * 1024 * 1024
+MAX_JSON_CONTAINERS = 1_000_000
+MAX_JSON_VALUES = 4_000_000
 HOST_PIN = "host"
 #: LONG1 of torch's legacy magic number 0x1950A86A20F9469CFC6C, after PROTO 2.
 _LEGACY_TORCH_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
@@ -190,8 +198,65 @@ def _check_member_name(name: str) -> str | None:
     return None
 
 
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_CENTRAL = struct.Struct("<4s6H3L5H2L")
+
+
+def _zip_directory_problem(path: Path) -> str | None:
+    """Walk the zip's central directory with a member budget, before zipfile builds anything.
+
+    Strategy: zipfile makes a ZipInfo per member (about 500 bytes of Python
+    each) while it reads the directory, so a tiny archive of empty members
+    costs hundreds of MiB. The end record gives the directory's size; the walk
+    counts members itself (the record's count is 16 bits and may lie).
+    """
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        tail_len = min(size, _EOCD.size + 0xFFFF)
+        f.seek(size - tail_len)
+        tail = f.read(tail_len)
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or at + _EOCD.size > len(tail):
+            return "not a zip archive (no end of central directory record)"
+        _, _, _, _, count, cd_size, _, _ = _EOCD.unpack_from(tail, at)
+        eocd_pos = size - tail_len + at
+        cd_end = eocd_pos
+        if (count == 0xFFFF or cd_size == 0xFFFFFFFF) and at >= _EOCD64_LOCATOR.size:
+            sig, _, eocd64_pos, _ = _EOCD64_LOCATOR.unpack_from(tail, at - _EOCD64_LOCATOR.size)
+            if sig == b"PK\x06\x07" and eocd64_pos < eocd_pos:
+                f.seek(eocd64_pos)
+                rec = f.read(_EOCD64.size)
+                if len(rec) == _EOCD64.size and rec[:4] == b"PK\x06\x06":
+                    count, cd_size = _EOCD64.unpack(rec)[6], _EOCD64.unpack(rec)[7]
+                    cd_end = eocd64_pos
+        if count > MAX_ZIP_MEMBERS:
+            return f"zip archive declares {count} members; the limit is {MAX_ZIP_MEMBERS}"
+        if cd_size > MAX_ZIP_DIRECTORY or cd_size > cd_end:
+            return f"zip central directory of {cd_size} bytes is over the {MAX_ZIP_DIRECTORY}-byte limit or the file"
+        f.seek(cd_end - cd_size)
+        cd = f.read(cd_size)
+    pos = members = 0
+    while pos + _CENTRAL.size <= len(cd):
+        if cd[pos : pos + 4] != b"PK\x01\x02":
+            return "malformed zip central directory"
+        fields = _CENTRAL.unpack_from(cd, pos)
+        members += 1
+        if members > MAX_ZIP_MEMBERS:
+            return f"zip archive has more than {MAX_ZIP_MEMBERS} members"
+        pos += _CENTRAL.size + fields[10] + fields[11] + fields[12]
+    return None
+
+
 def _torch_zip_pickle(path: Path) -> tuple[bytes, int] | Verdict:
     """data.pkl and the total size of the data/* storages, or a refusal."""
+    try:
+        problem = _zip_directory_problem(path)
+    except OSError as exc:
+        return _host("torch_zip", "reject", f"not a readable zip archive: {exc}", "bad_zip")
+    if problem is not None:
+        return _host("torch_zip", "reject", problem, "limit" if "limit" in problem else "bad_zip")
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -236,11 +301,34 @@ def _strict_json(path: Path, size: int) -> Verdict:
     def no_constants(name: str) -> Any:
         raise ValueError(f"non-standard constant {name}")
 
+    data = path.read_bytes()
+    problem = _json_shape_problem(data)
+    if problem is not None:
+        return _host("json", "reject", problem, "limit")
     try:
-        json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=no_dupes, parse_constant=no_constants)
+        json.loads(data.decode("utf-8"), object_pairs_hook=no_dupes, parse_constant=no_constants)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         return _host("json", "reject", f"not strict JSON: {exc}", "bad_json")
     return _host("json", "ok")
+
+
+def _json_shape_problem(data: bytes) -> str | None:
+    """Bound the objects json would build, at C speed, before it builds any.
+
+    Strategy: every array or object starts with ``[`` or ``{`` and every
+    other value follows a ``,`` or ``:`` (or is the first), so counting those
+    bytes bounds what the parser allocates. Brackets and commas inside
+    strings count too: the bounds are upper bounds, which only a file far
+    larger than any config or tokenizer reaches. Nesting is bounded by json's
+    own recursion limit (a RecursionError is a refusal).
+    """
+    containers = data.count(b"[") + data.count(b"{")
+    if containers > MAX_JSON_CONTAINERS:
+        return f"JSON has up to {containers} arrays and objects; the limit is {MAX_JSON_CONTAINERS}"
+    values = containers + data.count(b",") + data.count(b":") + 1
+    if values > MAX_JSON_VALUES:
+        return f"JSON has up to {values} values; the limit is {MAX_JSON_VALUES}"
+    return None
 
 
 def _header_region(path: Path, kind: str, size: int, limits: SandboxLimits) -> Verdict:
@@ -385,16 +473,31 @@ def check_fit(tensor_bytes: int, device: DeviceInfo) -> str | None:
     return f"the tensors need {_gib(tensor_bytes)} but the device has {where}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class ModelHandle:
-    """A model that passed every check. ``files`` are safe to hand to a loader."""
+    """A model that passed every check. ``files`` are safe to hand to a loader.
+
+    ``root`` is the model directory (or file); pass ``str(handle.root)`` to
+    ``from_pretrained``. ``verdicts`` holds each file's sandbox verdict,
+    ``manifest`` the signed manifest that vouched for the files (None with
+    ``require_signature=False``), ``tensor_bytes`` the measured tensor bytes.
+    """
 
     root: Path
     files: tuple[Path, ...]
     verdicts: tuple[tuple[Path, Verdict], ...]
     manifest: Manifest | None
     tensor_bytes: int
-    tensors: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    tensors: dict[str, Any] | None = field(default=None, compare=False)
+
+    def __repr__(self) -> str:
+        # A manifest's repr lists every piece hash: name what it is instead.
+        signed = f"{self.manifest.name}@{self.manifest.version} signed by {self.manifest.publisher}" if self.manifest else "unsigned"
+        loaded = f", tensors={len(self.tensors)} loaded" if self.tensors is not None else ""
+        return (
+            f"ModelHandle(root={str(self.root)!r}, files={len(self.files)}, manifest={signed!r}, "
+            f"tensor_bytes={self.tensor_bytes}{loaded})"
+        )
 
 
 def _find_manifest(root: Path) -> Path | None:
@@ -412,11 +515,22 @@ class ResolvedModel:
     signed_manifest: bytes | None = None
 
 
-def resolve_model(name_or_path: str | Path, data_dir: Path | None) -> ResolvedModel:
-    """A path that exists, else NAME[@VERSION] of a completed download in DATA_DIR's store."""
+def resolve_model(name_or_path: str | os.PathLike[str], data_dir: Path | None, *, stored_manifest_for_paths: bool = False) -> ResolvedModel:
+    """A path that exists, else NAME[@VERSION] of a completed download in DATA_DIR's store.
+
+    ``stored_manifest_for_paths``: a directory without a manifest beside its
+    files that this data directory fetched gets the download's stored
+    manifest too (``open_model``; ``verify PATH`` stays a sandbox-only check).
+    """
     p = Path(name_or_path).expanduser()
     if p.exists():
-        return ResolvedModel(p.resolve())
+        root = p.resolve()
+        if stored_manifest_for_paths and data_dir is not None and root.is_dir() and _find_manifest(root) is None:
+            from autoglm.node._store import find_download_at  # the store owns its schema
+
+            # A directory this node fetched: its stored signed manifest vouches for it.
+            return ResolvedModel(root, find_download_at(data_dir, root))
+        return ResolvedModel(root)
     if data_dir is not None:
         from autoglm.node._store import find_completed_download  # the store owns its schema
 
@@ -427,7 +541,7 @@ def resolve_model(name_or_path: str | Path, data_dir: Path | None) -> ResolvedMo
     raise ConfigError(f"{name_or_path!s} is neither a path nor a completed download in the local store")
 
 
-def resolve_model_path(name_or_path: str | Path, data_dir: Path | None) -> Path:
+def resolve_model_path(name_or_path: str | os.PathLike[str], data_dir: Path | None) -> Path:
     return resolve_model(name_or_path, data_dir).path
 
 
@@ -468,11 +582,11 @@ def check_manifest_files(root: Path, manifest: Manifest, files: Iterable[Path]) 
 
 
 def open_model(
-    name_or_path: str | Path,
+    name_or_path: str | os.PathLike[str],
     *,
-    data_dir: Path | None = None,
-    trust: TrustPolicy | None = None,
-    manifest_path: Path | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    trust: TrustLike | None = None,
+    manifest_path: str | os.PathLike[str] | None = None,
     device: DeviceInfo | None = None,
     require_signature: bool = True,
     load_tensors: bool = False,
@@ -483,7 +597,10 @@ def open_model(
     ``name_or_path`` is a file, a model directory (its manifest is
     ``manifest_path``, or the one ``*.agm`` beside the files), or
     NAME[@VERSION] of a completed download in ``data_dir``'s store, whose
-    stored signed manifest is used. ``trust`` defaults to DATA_DIR/trust.
+    stored signed manifest is used. ``data_dir`` None is the default data
+    directory ($AUTOGLM_DATA_DIR or the platform's), as for the CLI.
+    ``trust`` is a policy, a key file, key bytes or several keys; None uses
+    the data directory's trust store (``autoglm-node trust add``).
 
     Raises SignatureError/TrustError (manifest), IntegrityError (hashes),
     VerificationRefused (sandbox or fit), ConfigError (nothing to open).
@@ -491,23 +608,30 @@ def open_model(
     fit check run. ``load_tensors`` loads ``.safetensors`` files as numpy
     arrays when the safetensors package is installed.
     """
-    resolved = resolve_model(name_or_path, data_dir)
+    ddir = resolve_data_dir(data_dir)
+    resolved = resolve_model(name_or_path, ddir, stored_manifest_for_paths=True)
     root = resolved.path
+    mpath = None if manifest_path is None else Path(manifest_path).expanduser()
     files = [root] if root.is_file() else list(iter_model_files(root))
-    if trust is None and data_dir is not None:
-        trust = load_trust_policy(data_dir)
+    policy = _trust_for_open(trust, ddir)
     manifest: Manifest | None = None
     hashes: dict[Path, str] = {}
-    if trust is not None:
-        manifest = load_checked_manifest(resolved, manifest_path, trust)
-    elif manifest_path is not None or _find_manifest(root) is not None or resolved.signed_manifest is not None:
-        raise ConfigError("a manifest was found but no trust policy was given (--trust KEY.pub)")
+    if policy is not None:
+        manifest = load_checked_manifest(resolved, mpath, policy)
+    elif mpath is not None or _find_manifest(root) is not None or resolved.signed_manifest is not None:
+        raise ConfigError(
+            "a manifest was found but no publisher is trusted: pass trust=KEY.pub (--trust KEY.pub) "
+            "or run `autoglm-node trust add KEY.pub`"
+        )
     if manifest is not None:
         hashes = check_manifest_files(root, manifest, files)
         files = [f for f in files if f in hashes]
     elif require_signature:
         raise ConfigError(f"no signed manifest for {root}; pass manifest_path or require_signature=False")
-    cache = VerdictCache.in_data_dir(data_dir) if data_dir is not None else None
+    # Reading a model never creates a data directory: the verdict cache is
+    # used only where the data directory already exists.
+    exists = ddir.is_dir()
+    cache = VerdictCache.in_data_dir(ddir) if exists else None
     try:
         verdicts = [(f, verify_path(f, cache=cache, limits=limits, sha256=hashes.get(f))) for f in files]
     finally:
@@ -517,11 +641,19 @@ def open_model(
         if not v.ok:
             raise VerificationRefused(str(f), f"{v.kind}: {v.reason or v.status}")
     tensor_bytes = sum(v.tensor_bytes for _, v in verdicts)
-    problem = check_fit(tensor_bytes, device if device is not None else probe_device(data_dir))
+    problem = check_fit(tensor_bytes, device if device is not None else probe_device(ddir if exists else None))
     if problem:
         raise VerificationRefused(str(root), problem)
     tensors = _load_tensors([f for f, v in verdicts if v.kind == "safetensors"]) if load_tensors else None
     return ModelHandle(root, tuple(files), tuple(verdicts), manifest, tensor_bytes, tensors)
+
+
+def _trust_for_open(trust: TrustLike | None, data_dir: Path) -> TrustPolicy | None:
+    """The explicit policy, else the trust store's when it trusts anyone, else None."""
+    if trust is not None:
+        return as_trust_policy(trust, data_dir)[0]
+    stored = load_trust_policy(data_dir)
+    return stored if stored.keys or stored.roots else None
 
 
 def _load_tensors(paths: list[Path]) -> dict[str, Any]:

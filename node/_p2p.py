@@ -41,7 +41,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from autoglm.node._logs import apply_libp2p_level
-from autoglm.node.errors import ConfigError, RemoteProtocolError, SignatureError, SourceError
+from autoglm.node.errors import ConfigError, RemoteProtocolError, SourceError
 from autoglm.protocol._control import CONTROL_PROTOCOL_ID
 from autoglm.protocol._namerecord import (
     NAME_NAMESPACE,
@@ -60,6 +60,8 @@ apply_libp2p_level()  # importing libp2p reset its logger
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 _IDENTITY_FILE = "p2p-identity.key"
 _DHT_TIMEOUT = 20.0
+_PEER_QUERY_TIMEOUT = 5.0  # one peer's answer to a value query
+_VALUE_QUERY_PEERS = 20  # closest peers asked for a name record (Kademlia's k)
 
 
 _PROTECT_TAG = "autoglm-session"
@@ -271,17 +273,56 @@ class P2PNode:
             raise RemoteProtocolError(str(exc)) from exc
 
     async def get_name_record(self, publisher_key_id: str, name: str) -> NameRecord | None:
-        """The best valid record the DHT has, or None. Invalid values are skipped."""
+        """The best valid record among ours and the network's, or None. Invalid values are skipped.
+
+        Strategy: py-libp2p's ``get_value`` answers from the local store first,
+        and any peer can PUT_VALUE an old, validly signed record to a node that
+        holds none. So the local record is only one candidate: the closest
+        peers are asked too, the highest valid sequence number wins, and a
+        newer record found on the network replaces the local one.
+        """
         key = name_key(publisher_key_id, name)
+        key_bytes = key.encode()
+        local = self._dht.value_store.get(key_bytes)
+        values = [local.value] if local is not None else []
         with trio.move_on_after(_DHT_TIMEOUT):
-            value = await self._dht.get_value(key)
-            if value is None:
-                return None
-            try:
-                return verify_name_record(key, value)
-            except (RemoteProtocolError, SignatureError) as exc:
-                log.warning("ignoring invalid name record for %s: %s", key, exc)
-        return None
+            values += await self._values_from_peers(key_bytes)
+        if not values:
+            return None
+        try:
+            best = values[select_name_record(key, values)]
+        except RemoteProtocolError:
+            log.warning("ignoring invalid name records for %s", key)
+            return None
+        if local is None or best != local.value:
+            self._dht.value_store.put(key_bytes, best)
+        return verify_name_record(key, best)
+
+    async def _values_from_peers(self, key_bytes: bytes) -> list[bytes]:
+        """What the closest peers hold under ``key_bytes``; a silent peer costs one query timeout."""
+        try:
+            peers = await self._dht.peer_routing.find_closest_peers_network(key_bytes)
+        except (BaseLibp2pError, OSError) as exc:
+            log.info("closest-peer lookup failed: %r", exc)
+            return []
+        me = self._host.get_id()
+        found: list[bytes] = []
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(_PEER_QUERY_TIMEOUT):
+                try:
+                    value = await self._dht.value_store._get_from_peer(peer, key_bytes)
+                except (BaseLibp2pError, OSError) as exc:
+                    log.debug("value query to %s failed: %r", peer, exc)
+                    return
+                if isinstance(value, bytes):
+                    found.append(value)
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers[:_VALUE_QUERY_PEERS]:
+                if peer != me:
+                    nursery.start_soon(ask, peer)
+        return found
 
     def set_control_handler(self, handler: ControlHandler) -> None:
         async def on_stream(stream: Any) -> None:

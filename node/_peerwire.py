@@ -225,7 +225,8 @@ def _open_located(st: _ServeState, manifest_id: bytes, index: int) -> tuple[Piec
         if loc is None:
             return None
         try:
-            return loc, os.open(loc.path, os.O_RDONLY)
+            # never through a symlink planted where our file was (docs/security.md)
+            return loc, os.open(loc.path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             if attempt == _RELOCATE_TRIES - 1:
                 raise

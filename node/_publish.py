@@ -9,6 +9,9 @@ and sets the pace. Memory is NBUF x CHUNK whatever the model size.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
 import fnmatch
 import hashlib
 import os
@@ -18,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
 
@@ -27,22 +31,34 @@ from autoglm.protocol import (
     ConfigError,
     FileEntry,
     Manifest,
+    NeedMoreData,
     Piece,
     RemoteProtocolError,
     Requirements,
     Variant,
+    cdc_candidates,
+    cdc_cut,
+    cdc_params_for,
     check_path,
     check_unique_paths,
+    gguf_tensor_spans,
     plan_fixed,
+    plan_runs,
     plan_safetensors,
     safetensors_header_length,
     safetensors_tensor_spans,
+    zip_member_spans,
 )
+from autoglm.protocol._gguf import GGUF_MAX_HEADER, GGUF_PREAMBLE
+
+if TYPE_CHECKING:
+    from autoglm.protocol import CdcParams
 
 __all__ = ["VariantSpec", "build_manifest", "hash_file", "list_model_files", "plan_file"]
 
 CHUNK = 4 * 1024 * 1024
 NBUF = 4
+CDC_BLOCK = 4 * 1024 * 1024
 
 ProgressFn = Callable[[int], None]
 
@@ -86,16 +102,97 @@ def list_model_files(root: Path, exclude: Iterable[Path] = (), skipped: list[str
 
 
 def plan_file(path: Path, size: int, max_piece: int) -> list[tuple[int, int]]:
-    """Piece spans for one file: tensor-aligned for .safetensors, fixed otherwise."""
-    if path.suffix != ".safetensors":
-        return plan_fixed(size, max_piece)
-    try:
-        with open(path, "rb") as f:
-            n = safetensors_header_length(f.read(8), size)
-            header = f.read(n)
-        return plan_safetensors(size, n, safetensors_tensor_spans(header, size), max_piece)
-    except RemoteProtocolError as exc:
-        raise ConfigError(f"{path} is not a valid safetensors file: {exc}") from exc
+    """Piece spans for one file (docs/manifest.md, "Piece planning").
+
+    Tensor-aligned for .safetensors (an invalid one is an error) and GGUF,
+    member-aligned for zip archives (PyTorch checkpoints), content-defined
+    chunks for everything else and for the bytes between tensors or members.
+    A GGUF or zip file that does not parse is planned as generic bytes.
+    """
+    if path.suffix == ".safetensors":
+        try:
+            with open(path, "rb") as f:
+                n = safetensors_header_length(f.read(8), size)
+                header = f.read(n)
+            return plan_safetensors(size, n, safetensors_tensor_spans(header, size), max_piece)
+        except RemoteProtocolError as exc:
+            raise ConfigError(f"{path} is not a valid safetensors file: {exc}") from exc
+    params = cdc_params_for(max_piece)
+    with open(path, "rb") as f:
+
+        def read(off: int, n: int) -> bytes:
+            f.seek(off)
+            return f.read(n)
+
+        def gap(off: int, n: int) -> list[tuple[int, int]]:
+            return plan_fixed(n, max_piece) if params is None else plan_cdc_file(read, off, n, params)
+
+        magic = read(0, 4)
+        if magic == b"GGUF":
+            with contextlib.suppress(RemoteProtocolError):
+                return _plan_gguf(read, size, max_piece, gap)
+        elif magic == b"PK\x03\x04":
+            with contextlib.suppress(RemoteProtocolError):
+                (cd_off, cd_len), members = zip_member_spans(read, size)
+                return plan_runs(size, members, max_piece, gap, cuts=(cd_off, cd_off + cd_len))
+        if params is None:
+            return plan_fixed(size, max_piece)
+        return plan_cdc_file(read, 0, size, params)
+
+
+def plan_cdc_file(
+    read: Callable[[int, int], bytes], offset: int, length: int, params: CdcParams, block: int = CDC_BLOCK
+) -> list[tuple[int, int]]:
+    """The CDC plan of ``length`` bytes at ``offset`` (protocol/_cdc.py), hashed on several cores.
+
+    Blocks of ``block`` bytes, each with the 31 bytes before it, go to a
+    thread pool (numpy releases the GIL); at most two per worker are in
+    memory at once. The result is the same as ``plan_cdc_reader``'s.
+    """
+    if length <= params.min_size:  # one piece by the rule; no hashing (nor numpy) needed
+        return [(offset, length)] if length else []
+    cands: list[int] = []
+    strict: list[bool] = []
+    workers = max(1, min(4, os.cpu_count() or 1))
+    pending: collections.deque[concurrent.futures.Future[tuple[list[int], list[bool]]]] = collections.deque()
+
+    def drain() -> None:
+        c, st = pending.popleft().result()
+        cands.extend(c)
+        strict.extend(st)
+
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="cdc") as pool:
+        pos, tail = 0, b""
+        while pos < length:
+            n = min(block, length - pos)
+            chunk = read(offset + pos, n)
+            if len(chunk) != n:
+                raise ConfigError("a file changed while it was being published")
+            buf = tail + chunk
+            pending.append(pool.submit(cdc_candidates, buf, pos - len(tail), params))
+            tail = buf[-31:]
+            pos += n
+            if len(pending) >= 2 * workers:
+                drain()
+        while pending:
+            drain()
+    return [(offset + o, n) for o, n in cdc_cut(length, cands, strict, params)]
+
+
+def _plan_gguf(
+    read: Callable[[int, int], bytes], size: int, max_piece: int, gap: Callable[[int, int], list[tuple[int, int]]]
+) -> list[tuple[int, int]]:
+    need = min(size, 1024 * 1024)
+    while True:
+        try:
+            _, tensors = gguf_tensor_spans(read(0, need), size)
+        except NeedMoreData as more:
+            if need >= size or need >= GGUF_MAX_HEADER:
+                raise RemoteProtocolError("GGUF header runs past the end of the file") from None
+            need = min(size, GGUF_MAX_HEADER, max(more.need, 2 * need))
+            continue
+        # the preamble (magic, version, tensor and key counts) changes whenever a key is added
+        return plan_runs(size, tensors, max_piece, gap, cuts=(GGUF_PREAMBLE,))
 
 
 def hash_file(path: Path, spans: list[tuple[int, int]], progress: ProgressFn | None = None) -> tuple[bytes, list[bytes]]:

@@ -27,6 +27,13 @@ Strategy (why it survives ``kill -9`` at any instant):
   :attr:`Download.file_check` before it is moved into place. Unsigned
   downloads are never listed by :meth:`Store.manifest_ids` (what the swarm
   announces).
+* Nothing in OUT is trusted to be what we left there: anyone who can write
+  in OUT can plant symlinks or hard links. Staging files and every directory
+  below OUT are opened relative to directory fds with ``O_NOFOLLOW``
+  (:func:`_open_dir`), a staging file must be a regular file with one link,
+  a finished file is renamed between directory fds, and a piece written here
+  is trusted for serving without a re-hash only while its file is still the
+  inode we wrote (:meth:`Store.written_here`).
 
 The store is blocking code; the engine calls it through ``trio.to_thread``.
 One lock serialises the SQLite connection.
@@ -34,6 +41,7 @@ One lock serialises the SQLite connection.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -41,6 +49,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -68,6 +77,7 @@ __all__ = [
     "PieceLocation",
     "Store",
     "find_completed_download",
+    "find_download_at",
     "preflight",
 ]
 
@@ -102,6 +112,19 @@ CREATE TABLE IF NOT EXISTS pieces (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS pieces_by_hash ON pieces (hash);
 """
+# What a finished file looked like when the store moved it into place: a
+# re-run compares (size, mtime_ns, inode) and re-hashes a file whose stamp
+# differs (edited, replaced, restored from a copy). No stamp: hashed once.
+STAMP_SCHEMA = """
+CREATE TABLE IF NOT EXISTS file_stamps (
+    download_id INTEGER NOT NULL,
+    file_index INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    PRIMARY KEY (download_id, file_index)
+) WITHOUT ROWID;
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +152,8 @@ class DownloadInfo:
     bytes_done: int
     bytes_total: int
     completed: bool
+    #: why a download the store finished is no longer whole on disk (a file deleted or changed), or None
+    problem: str | None = None
 
 
 def _raise_os(exc: OSError, what: str) -> NoReturn:
@@ -164,22 +189,47 @@ class Store:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(data_dir / "store.sqlite", check_same_thread=False, isolation_level=None, timeout=30)
+            if not data_dir.exists():
+                data_dir.mkdir(parents=True, mode=0o700)
+            db_path = data_dir / "store.sqlite"
+            # Private to this user (the WAL and shm files take the database's mode).
+            os.close(os.open(db_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            for side in ("", "-wal", "-shm"):
+                if os.path.exists(f"{db_path}{side}"):
+                    os.chmod(f"{db_path}{side}", 0o600)
+            self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            self._db.executescript(STAMP_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the store in {data_dir}: {exc}; check --data-dir and its permissions") from exc
         self._lock = threading.Lock()
         self._maps: dict[bytes, _PieceMap] = {}
-        # (manifest id, piece) this process hash-checked, wrote and fdatasynced:
-        # uploads of these go out by sendfile without a fresh hash check.
-        self._written_here: set[tuple[bytes, int]] = set()
+        # (manifest id, piece) this process hash-checked, wrote and fdatasynced,
+        # with the (device, inode) of the file written: uploads of these go out
+        # by sendfile without a fresh hash check while that file is still there.
+        self._written_here: dict[tuple[bytes, int], tuple[int, int]] = {}
 
     def written_here(self, manifest_id: bytes, index: int) -> bool:
-        """True when this process verified and wrote this piece itself (and has not forgotten it since)."""
-        return (manifest_id, index) in self._written_here
+        """True when this process verified and wrote this piece itself, into the file now at its path.
+
+        A file swapped since (replaced, or turned into a symlink) is not
+        trusted: the caller re-hashes what it reads, so nothing but the
+        published bytes can go out.
+        """
+        ident = self._written_here.get((manifest_id, index))
+        if ident is None:
+            return False
+        for _, loc in self._locations(manifest_id, index):
+            try:
+                st = os.lstat(loc.path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == ident:
+                return True
+        self._written_here.pop((manifest_id, index), None)
+        return False
 
     def close(self) -> None:
         with self._lock:
@@ -271,7 +321,29 @@ class Store:
                     completed=completed is not None,
                 )
             )
-        return out
+        return [self._on_disk(info) for info in out]
+
+    def _on_disk(self, info: DownloadInfo) -> DownloadInfo:
+        """``info``, not complete when a finished file is gone or differs from its stamp (``ls``)."""
+        if not info.completed:
+            return info
+        rows = self._q("SELECT id, wanted FROM downloads WHERE manifest_id=? AND out_dir=?", (info.manifest_id, str(info.out_dir)))
+        if not rows:
+            return info
+        did, wanted = int(rows[0][0]), json.loads(str(rows[0][1]))
+        pm = self._map(info.manifest_id)
+        stamps = self._stamps(did)
+        for fi, f in enumerate(pm.manifest.files):
+            if wanted is not None and f.path not in wanted:
+                continue
+            problem = _stamp_problem(info.out_dir / f.path, f.size, stamps.get(fi))
+            if problem:
+                return dataclasses.replace(info, completed=False, problem=f"{f.path} {problem}")
+        return info
+
+    def _stamps(self, download_id: int) -> dict[int, tuple[int, int, int]]:
+        rows = self._q("SELECT file_index, size, mtime_ns, ino FROM file_stamps WHERE download_id=?", (download_id,))
+        return {int(fi): (int(a), int(b), int(c)) for fi, a, b, c in rows}
 
     # -- serving (used by the swarm) ----------------------------------------
     def _locations(self, manifest_id: bytes, index: int) -> Iterator[tuple[int, PieceLocation]]:
@@ -329,10 +401,56 @@ class Store:
                 return loc
         return None
 
+    def _forget(self, download_id: int) -> None:
+        self._tx([("DELETE FROM pieces WHERE download_id=?", (download_id,)),
+                  ("DELETE FROM files WHERE download_id=?", (download_id,)),
+                  ("DELETE FROM file_stamps WHERE download_id=?", (download_id,)),
+                  ("DELETE FROM downloads WHERE id=?", (download_id,))])
+
     # -- gc ------------------------------------------------------------------
+    def _gc_unfinished(self, drop_incomplete: bool) -> list[str]:
+        """Unfinished downloads: forget those that hold nothing (a failed start), and with
+        ``drop_incomplete`` every one, with the finished files it put in place and its staging.
+
+        A finished file is removed only while it is still the one the store
+        wrote (its stamp matches); anything else in the output directory stays.
+        """
+        done: list[str] = []
+        rows = self._q("SELECT id, manifest_id, out_dir FROM downloads WHERE completed IS NULL")
+        for did, mid, out_dir in rows:
+            did, od = int(did), Path(str(out_dir))
+            staging = _staging_dir(od, bytes(mid))
+            m = self._map(mid).manifest
+            if _in_use(staging):
+                continue  # the main pass reports it
+            pieces = self._q("SELECT 1 FROM pieces WHERE download_id=? LIMIT 1", (did,))
+            finished = [int(r[0]) for r in self._q("SELECT file_index FROM files WHERE download_id=? AND complete=1", (did,))]
+            if not drop_incomplete and (pieces or finished or _holds_data(staging)):
+                continue
+            stamps = self._stamps(did)
+            removed, kept = 0, []
+            for fi in finished:
+                path = od / m.files[fi].path
+                if fi in stamps and _stamp_problem(path, m.files[fi].size, stamps[fi]) is None:
+                    path.unlink()
+                    removed += 1
+                elif path.exists():
+                    kept.append(m.files[fi].path)
+            self._forget(did)
+            _remove_staging(od, staging)
+            _remove_empty_dirs(od, {od / m.files[fi].path for fi in finished})
+            what = "an unfinished download" if pieces or finished else "a failed start (nothing fetched)"
+            line = f"forgot {m.name} {m.version} in {od}: {what}"
+            if removed:
+                line += f"; removed {removed} finished file(s)"
+            if kept:
+                line += f"; kept {len(kept)} changed file(s): {', '.join(kept[:3])}"
+            done.append(line)
+        return done
+
     def gc(self, *, drop_incomplete: bool = False) -> list[str]:
         """Remove stale staging files and forget data that is gone. Returns what was done, one line each."""
-        done: list[str] = []
+        done: list[str] = self._gc_unfinished(drop_incomplete)
         known: set[Path] = set()
         out_dirs: set[Path] = set()
         for did, mid, out_dir, completed in self._q("SELECT id, manifest_id, out_dir, completed FROM downloads"):
@@ -387,8 +505,75 @@ def _in_use(staging: Path) -> bool:
     return False
 
 
+def _holds_data(staging: Path) -> bool:
+    """Whether a staging directory holds any received bytes (a sparse, untouched file holds none)."""
+    try:
+        parts = [p for p in staging.iterdir() if p.suffix == ".part"]
+    except OSError:
+        return False
+    for p in parts:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.lseek(fd, 0, os.SEEK_DATA)
+            return True
+        except OSError:
+            continue  # ENXIO: all hole
+        finally:
+            os.close(fd)
+    return False
+
+
+def _remove_empty_dirs(out_dir: Path, files: set[Path]) -> None:
+    """Remove the now empty directories that held ``files``, up to and including ``out_dir``."""
+    dirs = {out_dir}
+    for f in files:
+        d = f.parent
+        while d != out_dir and out_dir in d.parents:
+            dirs.add(d)
+            d = d.parent
+    for d in sorted(dirs, key=lambda d: -len(d.parts)):  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
+def _remove_staging(out_dir: Path, staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        (out_dir / PARTIAL_DIR).rmdir()  # only when empty: other downloads may share it
+    except OSError:
+        pass
+
+
 def _staging_dir(out_dir: Path, manifest_id: bytes) -> Path:
     return out_dir / PARTIAL_DIR / manifest_id.hex()[:32]
+
+
+def _stamp_of(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _stamp_problem(path: Path, size: int, stamp: tuple[int, int, int] | None) -> str | None:
+    """Why a finished file cannot be taken as the one the store wrote, by ``stat`` alone; None if it can.
+
+    A file without a stamp (finished before stamps existed) counts as whole
+    here; the next fetch re-hashes it once and stamps it.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "was deleted"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if st.st_size != size:
+        return f"has {st.st_size} bytes, not {size}"
+    if stamp is not None and _stamp_of(st) != stamp:
+        return "was changed after the fetch finished"
+    return None
 
 
 def _location(pm: _PieceMap, out_dir: Path, manifest_id: bytes, index: int, complete: bool) -> PieceLocation:
@@ -443,8 +628,31 @@ def find_completed_download(data_dir: Path, name: str, version: str = "") -> tup
     return (Path(row[0]), bytes(row[1])) if row else None
 
 
+def find_download_at(data_dir: Path, out_dir: Path) -> bytes | None:
+    """The signed manifest of the newest completed download into ``out_dir`` under ``data_dir``, or None.
+
+    Read-only, like :func:`find_completed_download`: ``open_model(path)`` finds
+    the manifest that vouches for a fetched directory without a manifest file.
+    """
+    db = data_dir / "store.sqlite"
+    if not db.exists():
+        return None
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            row = con.execute(
+                "SELECT signed FROM downloads WHERE out_dir=? AND completed IS NOT NULL ORDER BY created DESC LIMIT 1",
+                (str(out_dir),),
+            ).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    return bytes(row[0]) if row else None
+
+
 def _pread(loc: PieceLocation) -> bytes:
-    fd = os.open(loc.path, os.O_RDONLY)
+    fd = os.open(loc.path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         data = os.pread(fd, loc.length, loc.offset)
         drop_cache(fd, loc.offset, loc.length)
@@ -485,6 +693,39 @@ def _sha256_fd(fd: int, size: int) -> bytes:
     return h.digest()
 
 
+def _open_dir(parent_fd: int, name: str, where: Path, create: bool = True) -> int:
+    """A directory fd for ``name`` under ``parent_fd``, never through a symlink."""
+    if create:
+        try:
+            os.mkdir(name, 0o755, dir_fd=parent_fd)
+        except FileExistsError:
+            pass
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StorageError(
+                f"{where / name} is a symlink or not a directory; refusing to write through it "
+                "(someone else may control it: remove it and run the command again)"
+            ) from exc
+        raise
+
+
+def _open_file(dir_fd: int, name: str, where: Path, create: bool) -> int:
+    """A staging file of ours: a regular file with one link, opened without following a symlink."""
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0), 0o644, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StorageError(f"{where / name} is a symlink; refusing to write through it (remove it)") from exc
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise StorageError(f"{where / name} is not a regular file with one link; refusing to write to it (remove it)")
+    return fd
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -511,9 +752,12 @@ class Download:
         self._dirty: set[int] = set()
         self._fd_lock = threading.Lock()
         self._lock_fd: int | None = None
+        self._staging_fd: int | None = None
+        self._staging_lock = threading.Lock()
         #: piece -> bytes at its start already in the staging file (a crash mid-piece); filled by recover()
         self.partial: dict[int, int] = {}
         self.check_sha256 = False  # also check each finished file's SHA-256 (costs a read of the file)
+        self._out_existed = out_dir.exists()  # a failed start removes only an output directory it created
         #: Whole-file check before a file is moved into place: (file index, fd of the staged file).
         #: Raises IntegrityError; the file's pieces are then discarded (node/hub sets it).
         self.file_check: Callable[[int, int], None] | None = None
@@ -548,10 +792,11 @@ class Download:
             f = self.manifest.files[fi]
             final = self.out_dir / f.path
             try:
-                ok = final.stat().st_size == f.size
+                fst = final.lstat()
+                ok = stat.S_ISREG(fst.st_mode) and fst.st_size == f.size
             except OSError:
                 ok = False
-            if not ok:  # the user deleted or truncated the finished file: fetch it again
+            if not ok:  # deleted, truncated or replaced by a link: fetch it again
                 r = self._pm.file_range(fi)
                 st._tx([("DELETE FROM pieces WHERE download_id=? AND idx>=? AND idx<?", (self.id, r.start, r.stop)),
                         ("DELETE FROM files WHERE download_id=? AND file_index=?", (self.id, fi))])
@@ -574,13 +819,18 @@ class Download:
         good = []
         for i in self._pm.file_range(fi):
             loc = PieceLocation(final, self._pm.pieces[i].offset, self._pm.pieces[i].length, self._pm.pieces[i].hash)
-            if blake3.blake3(_pread(loc)).digest() == loc.hash:
+            try:
+                data = _pread(loc)
+            except OSError:  # a symlink planted at the final path (O_NOFOLLOW), or gone: fetch it again
+                return
+            if blake3.blake3(data).digest() == loc.hash:
                 good.append(i)
         if len(good) == len(self._pm.file_range(fi)):
             self.store._tx([("INSERT OR IGNORE INTO pieces VALUES (?,?,?)", (self.id, i, self._pm.pieces[i].hash)) for i in good]
                            + [("INSERT OR REPLACE INTO files VALUES (?,?,1)", (self.id, fi))])
             self.done |= set(good)
             self.complete_files.add(fi)
+            self._stamp(fi)
 
     def adopt(self, fi: int) -> bool:
         """Record a file already in place (written by another tool or run) if it passes :attr:`file_check`.
@@ -590,7 +840,7 @@ class Download:
         f = self.manifest.files[fi]
         final = self.out_dir / f.path
         try:
-            fd = os.open(final, os.O_RDONLY)
+            fd = os.open(final, os.O_RDONLY | os.O_NOFOLLOW)  # never adopt a link someone planted
         except OSError:
             return False
         try:
@@ -617,6 +867,7 @@ class Download:
             if self._pm.pieces[i].hash == UNKNOWN_HASH:
                 self.learned[i] = h
         self.complete_files.add(fi)
+        self._stamp(fi)
         if self.is_complete():
             self._mark_complete()
         return True
@@ -636,14 +887,32 @@ class Download:
         return all(fi in self.complete_files for fi in self.wanted_files)
 
     # -- writing -------------------------------------------------------------
+    def _staging_dir_fd(self) -> int:
+        """The staging directory, reached from OUT without following a symlink (kept open)."""
+        with self._staging_lock:
+            return self._open_staging_dir()
+
+    def _open_staging_dir(self) -> int:
+        if self._staging_fd is None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            out_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY)  # OUT itself is the user's choice
+            try:
+                part_fd = _open_dir(out_fd, PARTIAL_DIR, self.out_dir)
+            finally:
+                os.close(out_fd)
+            try:
+                self._staging_fd = _open_dir(part_fd, self.staging.name, self.staging.parent)
+            finally:
+                os.close(part_fd)
+        return self._staging_fd
+
     def _fd(self, fi: int) -> int:
         with self._fd_lock:
             fd = self._fds.get(fi)
             if fd is not None:
                 return fd
             try:
-                self.staging.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.staging / f"{fi}.part", os.O_RDWR | os.O_CREAT, 0o644)
+                fd = _open_file(self._staging_dir_fd(), f"{fi}.part", self.staging, create=True)
                 size = self.manifest.files[fi].size
                 if os.fstat(fd).st_size != size:
                     os.ftruncate(fd, size)  # sparse: holes read as zeros and SEEK_DATA skips them
@@ -698,7 +967,12 @@ class Download:
         if idx:
             self.store._tx([("INSERT OR IGNORE INTO pieces VALUES (?,?,?)", (self.id, i, self.piece_hash(i))) for i in idx])
             self.done.update(idx)
-            self.store._written_here.update((self.manifest_id, i) for i in idx)
+            with self._fd_lock:
+                idents = {fi: os.fstat(fd) for fi, fd in self._fds.items()}
+            self.store._written_here.update(
+                ((self.manifest_id, i), (idents[fi].st_dev, idents[fi].st_ino))
+                for i in idx if (fi := self._pm.file_of[i]) in idents
+            )
         finished = []
         failed: IntegrityError | None = None
         for fi in sorted({self._pm.file_of[i] for i in idx}):
@@ -736,8 +1010,7 @@ class Download:
         if self._lock_fd is not None:
             return
         try:
-            self.staging.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.staging / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_file(self._staging_dir_fd(), ".lock", self.staging, create=True)
         except OSError as exc:
             _raise_os(exc, f"creating {self.staging}")
         try:
@@ -770,8 +1043,6 @@ class Download:
 
     def _finish_file(self, fi: int) -> None:
         f = self.manifest.files[fi]
-        final = self.out_dir / f.path
-        staged = self.staging / f"{fi}.part"
         with self._fd_lock:
             fd = self._fds.pop(fi, None)
         try:
@@ -790,13 +1061,31 @@ class Download:
                 exc.file_index = fi  # type: ignore[attr-defined]
                 raise
             os.close(fd)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, final)
-            _fsync_dir(final.parent)
+            self._rename_into_place(fi, f.path)
         except OSError as exc:
             _raise_os(exc, f"moving {f.path} into {self.out_dir}")
         self.store._q("INSERT OR REPLACE INTO files VALUES (?,?,1)", (self.id, fi))
         self.complete_files.add(fi)
+        self._stamp(fi)
+
+    def _rename_into_place(self, fi: int, rel: str) -> None:
+        """Rename the staging file to OUT/rel between directory fds: no component may be a symlink.
+
+        A symlink at OUT/rel itself is replaced (rename never follows it), so
+        the result is always our regular file.
+        """
+        *parents, name = rel.split("/")
+        dir_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            where = self.out_dir
+            for part in parents:
+                sub = _open_dir(dir_fd, part, where)
+                os.close(dir_fd)
+                dir_fd, where = sub, where / part
+            os.replace(f"{fi}.part", name, src_dir_fd=self._staging_dir_fd(), dst_dir_fd=dir_fd)
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def _discard_file(self, fi: int, fd: int) -> None:
         """Forget every piece of a file that failed its whole-file check, and its staged bytes."""
@@ -852,6 +1141,117 @@ class Download:
                         self.partial[i] = prefix
         return found
 
+    # -- what is on disk is what the manifest says ---------------------------
+    def _stamp(self, fi: int) -> None:
+        """Record what finished file ``fi`` looks like now (it was just verified)."""
+        try:
+            st = (self.out_dir / self.manifest.files[fi].path).stat()
+        except OSError:
+            return  # the next check finds it missing
+        self.store._q("INSERT OR REPLACE INTO file_stamps VALUES (?,?,?,?,?)", (self.id, fi, *_stamp_of(st)))
+
+    def check_finished(self, full: bool = False) -> list[int]:
+        """Re-check finished files before a fetch; returns the pieces that no longer match.
+
+        Cheap by default: a file whose (size, mtime_ns, inode) equals its stamp
+        is taken as written; any other is re-hashed piece by piece. ``full``
+        re-hashes every finished file and checks its SHA-256 too. A file with
+        bad pieces goes back to staging: its good pieces stay, the bad ones are
+        fetched again, and the file is moved into place when whole. Call with
+        the download's lock held (the engine does).
+        """
+        stamps = self.store._stamps(self.id)
+        lost: list[int] = []
+        for fi in sorted(self.complete_files & set(self.wanted_files)):
+            f = self.manifest.files[fi]
+            final = self.out_dir / f.path
+            try:
+                st = final.stat()
+            except OSError:
+                continue  # _load already forgot a missing file
+            if not f.pieces or (not full and stamps.get(fi) == _stamp_of(st)):
+                continue
+            bad = self._rehash_final(fi, final, full)
+            if bad:
+                self._unfinish(fi, bad)
+                lost += bad
+            else:
+                self._stamp(fi)
+        return lost
+
+    def _rehash_final(self, fi: int, final: Path, full: bool) -> list[int]:
+        """Pieces of finished file ``fi`` whose bytes no longer match their hash."""
+        f = self.manifest.files[fi]
+        try:
+            fd = os.open(final, os.O_RDONLY)
+        except OSError as exc:
+            _raise_os(exc, f"re-reading {f.path}")
+        try:
+            bad = []
+            r = self._pm.file_range(fi)
+            for i in r:
+                p = self._pm.pieces[i]
+                data = os.pread(fd, p.length, p.offset)
+                drop_cache(fd, p.offset, p.length)
+                if blake3.blake3(data).digest() != self.piece_hash(i):
+                    bad.append(i)
+            if bad and any(self._pm.pieces[i].hash == UNKNOWN_HASH for i in r):
+                # Learned hashes (a hub file) vouch for nothing new: the whole
+                # file is fetched again and checked whole (file_check).
+                return list(r)
+            if full and not bad and f.sha256 != bytes(32) and _sha256_fd(fd, f.size) != f.sha256:
+                raise IntegrityError(f"{f.path}: every piece matches but the file's SHA-256 does not; the manifest is inconsistent")
+            return bad
+        finally:
+            os.close(fd)
+
+    def _unfinish(self, fi: int, bad: list[int]) -> None:
+        """Move finished file ``fi`` back to staging and forget its ``bad`` pieces, so they are fetched again."""
+        f = self.manifest.files[fi]
+        try:
+            if any(self._pm.pieces[i].hash == UNKNOWN_HASH for i in self._pm.file_range(fi)):
+                # Staged bytes of unknown-hash pieces would be resumed from: start the file afresh.
+                (self.out_dir / f.path).unlink()
+            else:
+                self.staging.mkdir(parents=True, exist_ok=True)
+                os.replace(self.out_dir / f.path, self.staging / f"{fi}.part")
+                _fsync_dir(self.staging)
+        except OSError as exc:
+            _raise_os(exc, f"moving {f.path} back to staging for repair")
+        self.store._tx([
+            *(("DELETE FROM pieces WHERE download_id=? AND idx=?", (self.id, i)) for i in bad),
+            ("DELETE FROM files WHERE download_id=? AND file_index=?", (self.id, fi)),
+            ("DELETE FROM file_stamps WHERE download_id=? AND file_index=?", (self.id, fi)),
+            ("UPDATE downloads SET completed=NULL WHERE id=?", (self.id,)),
+        ])
+        self.complete_files.discard(fi)
+        self.done -= set(bad)
+        for i in bad:
+            self.learned.pop(i, None)
+        for i in self._pm.file_range(fi):
+            self.store._written_here.pop((self.manifest_id, i), None)
+
+    def discard_if_untouched(self) -> bool:
+        """After a failed start: forget this download if it holds nothing verified and nothing staged.
+
+        Removes its row, its staging directory and an output directory it
+        created (when empty), so a failed fetch leaves no ghost in ``ls``.
+        Leaves everything alone while another process holds the download.
+        """
+        self.close()  # idempotent: the fetch may have failed before it closed the download
+        if self.done or self.complete_files or self.store._q("SELECT 1 FROM pieces WHERE download_id=? LIMIT 1", (self.id,)):
+            return False
+        if _in_use(self.staging) or _holds_data(self.staging):
+            return False
+        self.store._forget(self.id)
+        _remove_staging(self.out_dir, self.staging)
+        if not self._out_existed:
+            try:
+                self.out_dir.rmdir()
+            except OSError:
+                pass
+        return True
+
     def read_range(self, index: int, start: int, length: int) -> bytes:
         """Bytes ``start:start+length`` of piece ``index`` from the staging file (unverified)."""
         p = self._pm.pieces[index]
@@ -865,6 +1265,9 @@ class Download:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            if self._staging_fd is not None:
+                os.close(self._staging_fd)
+                self._staging_fd = None
         self._unlock()
 
 

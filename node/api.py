@@ -1,6 +1,9 @@
-"""Public API of the node: ``async with open_node(config) as node: await node.fetch(...)``.
+"""Public API of the node (re-exported by :mod:`autoglm.node`; see docs/api.md).
 
-``fetch(...)`` (module level) is the synchronous wrapper for scripts.
+``fetch(...)`` and ``autoglm.node.open_model(...)`` block (scripts, notebooks);
+``afetch(...)`` / ``aopen_model(...)`` are awaitable under trio or asyncio;
+``async with open_node(config) as node: await node.fetch(...)`` is the trio
+form with progress events and peer sources.
 Progress flows as :mod:`autoglm.node._progress` events over a trio memory
 channel that the caller passes in (and consumes).
 """
@@ -19,19 +22,34 @@ import trio
 from autoglm.node._config import resolve_data_dir
 from autoglm.node._engine import Fetch, FetchOptions, FetchResult
 from autoglm.node._http import open_connection, parse_url, request_target
+from autoglm.node._keys import TrustLike, as_trust_policy
 from autoglm.node._manifests import check_manifest, load_signed_manifest
 from autoglm.node._mirrors import USER_AGENT, MirrorConfig, MirrorSource
 from autoglm.node._plan import FetchPlan
 from autoglm.node._progress import Event
 from autoglm.node._sources import Source
 from autoglm.node._store import Download, Store
+from autoglm.node._sync import current_async_library, run_blocking, run_trio, run_trio_from_asyncio
 from autoglm.node.errors import ConfigError, MirrorError, RemoteProtocolError
 from autoglm.protocol import Manifest, SignedManifest, TrustPolicy, decode_signed_manifest
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-__all__ = ["FetchOptions", "FetchPlan", "FetchResult", "Node", "NodeConfig", "fetch", "load_manifest", "open_node"]
+    from autoglm.node._gate import ModelHandle
+
+__all__ = [
+    "FetchOptions",
+    "FetchPlan",
+    "FetchResult",
+    "Node",
+    "NodeConfig",
+    "afetch",
+    "aopen_model",
+    "fetch",
+    "load_manifest",
+    "open_node",
+]
 
 MAX_MANIFEST = 128 << 20
 
@@ -103,7 +121,7 @@ class Node:
         manifest: SignedManifest | str | os.PathLike[str],
         *,
         out: str | os.PathLike[str],
-        trust: TrustPolicy,
+        trust: TrustLike | None = None,
         mirrors: Sequence[str] = (),
         headers: Mapping[str, str] | None = None,
         mirror_headers: Mapping[str, Mapping[str, str]] | None = None,
@@ -111,10 +129,15 @@ class Node:
         files: Iterable[str] | None = None,
         options: FetchOptions | None = None,
     ) -> FetchPlan:
-        """A :class:`FetchPlan` from keyword arguments; ``mirror`` defaults to this node's config."""
+        """A :class:`FetchPlan` from keyword arguments; ``mirror`` defaults to this node's config.
+
+        ``trust`` as for :func:`fetch` (None: this node's trust store); with no
+        ``mirrors``, a manifest URL's directory is the mirror.
+        """
+        policy, _ = as_trust_policy(trust, self.store.data_dir)
         return FetchPlan(
-            manifest if isinstance(manifest, SignedManifest) else os.fspath(manifest), Path(out), trust,
-            mirrors=tuple(mirrors), headers=headers or {}, mirror_headers=mirror_headers or {},
+            manifest if isinstance(manifest, SignedManifest) else os.fspath(manifest), Path(out), policy,
+            mirrors=_implied_mirrors(manifest, mirrors, required=False), headers=headers or {}, mirror_headers=mirror_headers or {},
             mirror=mirror or self.config.mirror, options=options or FetchOptions(),
             files=None if files is None else tuple(files),
         )
@@ -165,22 +188,80 @@ async def open_node(config: NodeConfig | None = None) -> AsyncIterator[Node]:
         store.close()
 
 
+def _implied_mirrors(manifest: SignedManifest | str | os.PathLike[str], mirrors: Sequence[str], required: bool = True) -> tuple[str, ...]:
+    """The mirrors given; with none, a manifest URL's directory (the usual layout: manifest beside the files)."""
+    if mirrors:
+        return tuple(str(m) for m in mirrors)
+    if isinstance(manifest, str) and manifest.startswith(("http://", "https://")):
+        return (manifest.rsplit("/", 1)[0] + "/",)
+    if not required:  # a node fetch may have only peer sources
+        return ()
+    raise ConfigError("give at least one mirror URL (mirrors=[...]), or the manifest as an http(s) URL beside the files")
+
+
+async def _fetch_trio(
+    manifest: SignedManifest | str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    trust: TrustLike | None,
+    mirrors: tuple[str, ...],
+    data_dir: str | os.PathLike[str] | None,
+    files: Iterable[str] | None,
+    options: FetchOptions | None,
+    headers: Mapping[str, str] | None,
+) -> FetchResult:
+    async with open_node(NodeConfig(Path(data_dir) if data_dir is not None else None)) as node:
+        return await node.fetch(manifest, out=out, trust=trust, mirrors=mirrors, files=files, options=options, headers=headers)
+
+
 def fetch(
-    manifest: str | os.PathLike[str],
+    manifest: SignedManifest | str | os.PathLike[str],
     *,
     out: str | os.PathLike[str],
-    trust: TrustPolicy,
+    trust: TrustLike | None = None,
     mirrors: Sequence[str] = (),
     data_dir: str | os.PathLike[str] | None = None,
     files: Iterable[str] | None = None,
     options: FetchOptions | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> FetchResult:
-    """Synchronous wrapper for scripts: fetch and return the summary (no progress display)."""
-    if not mirrors:
-        raise ConfigError("give at least one mirror URL")
+    """Fetch a model into ``out`` and return the summary; blocks until done (no progress display).
 
-    async def main() -> FetchResult:
-        async with open_node(NodeConfig(Path(data_dir) if data_dir else None)) as node:
-            return await node.fetch(manifest, out=out, trust=trust, mirrors=mirrors, files=files, options=options)
+    Works from a plain script, and from a notebook or any thread that already
+    runs an event loop (the fetch then runs in a worker thread). ``manifest``
+    is a path or an http(s) URL; with no ``mirrors``, a manifest URL's
+    directory is the mirror. ``trust``: key file(s), key bytes or a
+    :class:`TrustPolicy` (see :func:`trust_policy`); None uses the data
+    directory's trust store. ``data_dir`` None: $AUTOGLM_DATA_DIR or the
+    platform default. Re-running resumes; raises on failure (autoglm.node.errors).
+    """
+    return run_trio(_fetch_trio, manifest, out, trust, _implied_mirrors(manifest, mirrors), data_dir, files, options, headers)
 
-    return trio.run(main)
+
+async def afetch(
+    manifest: SignedManifest | str | os.PathLike[str],
+    *,
+    out: str | os.PathLike[str],
+    trust: TrustLike | None = None,
+    mirrors: Sequence[str] = (),
+    data_dir: str | os.PathLike[str] | None = None,
+    files: Iterable[str] | None = None,
+    options: FetchOptions | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> FetchResult:
+    """:func:`fetch` for async code, under trio or asyncio (arguments as for :func:`fetch`).
+
+    Under trio it runs in the caller's loop (cancel it like any trio call);
+    under asyncio it runs in a worker thread, so the loop keeps serving its
+    other tasks, and cancelling the task stops the fetch (a later call resumes).
+    """
+    mirrors_ = _implied_mirrors(manifest, mirrors)
+    if current_async_library() == "trio":
+        return await _fetch_trio(manifest, out, trust, mirrors_, data_dir, files, options, headers)
+    return await run_trio_from_asyncio(_fetch_trio, manifest, out, trust, mirrors_, data_dir, files, options, headers)
+
+
+async def aopen_model(name_or_path: str | os.PathLike[str], **kwargs: Any) -> ModelHandle:
+    """``autoglm.node.open_model`` in a worker thread, under trio or asyncio (same arguments)."""
+    from autoglm.node._gate import open_model  # wasmtime loads when a model is opened
+
+    return await run_blocking(open_model, name_or_path, **kwargs)

@@ -26,7 +26,9 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
+    from ._cdc import CdcParams, cdc_candidates, cdc_cut, cdc_params_for, plan_cdc, plan_cdc_reader
     from ._codec import Limits, decode_canonical, encode_canonical
+    from ._gguf import NeedMoreData, gguf_tensor_spans
     from ._manifest import (
         DEFAULT_MAX_PIECE_SIZE,
         FORMAT_VERSION,
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from ._paths import check_path, check_unique_paths
     from ._pieces import (
         plan_fixed,
+        plan_runs,
         plan_safetensors,
         safetensors_header_length,
         safetensors_tensor_spans,
@@ -60,21 +63,27 @@ if TYPE_CHECKING:
         verify_manifest,
         verify_signature,
     )
+    from ._zipmembers import zip_member_spans
 
 _LAZY = {
     "DEFAULT_MAX_PIECE_SIZE": "._manifest",
     "DOMAIN_MANIFEST": "._signing",
     "FORMAT_VERSION": "._manifest",
+    "CdcParams": "._cdc",
     "FileEntry": "._manifest",
     "Limits": "._codec",
     "MAGIC": "._signing",
     "Manifest": "._manifest",
+    "NeedMoreData": "._gguf",
     "ManifestLimits": "._manifest",
     "Piece": "._manifest",
     "Requirements": "._manifest",
     "SignedManifest": "._signing",
     "TrustPolicy": "._signing",
     "Variant": "._manifest",
+    "cdc_candidates": "._cdc",
+    "cdc_cut": "._cdc",
+    "cdc_params_for": "._cdc",
     "check_path": "._paths",
     "check_unique_paths": "._paths",
     "decode_canonical": "._codec",
@@ -83,16 +92,21 @@ _LAZY = {
     "encode_canonical": "._codec",
     "encode_public_key": "._signing",
     "generate_private_key": "._signing",
+    "gguf_tensor_spans": "._gguf",
     "key_id": "._signing",
     "parse_private_key": "._signing",
     "parse_public_key": "._signing",
+    "plan_cdc": "._cdc",
+    "plan_cdc_reader": "._cdc",
     "plan_fixed": "._pieces",
+    "plan_runs": "._pieces",
     "plan_safetensors": "._pieces",
     "safetensors_header_length": "._pieces",
     "safetensors_tensor_spans": "._pieces",
     "sign_manifest": "._signing",
     "verify_manifest": "._signing",
     "verify_signature": "._signing",
+    "zip_member_spans": "._zipmembers",
 }
 
 __all__ = [
@@ -101,6 +115,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
     "AutoglmError",
+    "CdcParams",
     "ConfigError",
     "FileEntry",
     "IntegrityError",
@@ -108,6 +123,7 @@ __all__ = [
     "LocalProtocolError",
     "Manifest",
     "ManifestLimits",
+    "NeedMoreData",
     "Piece",
     "ProtocolError",
     "RemoteProtocolError",
@@ -117,6 +133,9 @@ __all__ = [
     "TrustError",
     "TrustPolicy",
     "Variant",
+    "cdc_candidates",
+    "cdc_cut",
+    "cdc_params_for",
     "check_path",
     "check_unique_paths",
     "decode_canonical",
@@ -125,16 +144,21 @@ __all__ = [
     "encode_canonical",
     "encode_public_key",
     "generate_private_key",
+    "gguf_tensor_spans",
     "key_id",
     "parse_private_key",
     "parse_public_key",
+    "plan_cdc",
+    "plan_cdc_reader",
     "plan_fixed",
+    "plan_runs",
     "plan_safetensors",
     "safetensors_header_length",
     "safetensors_tensor_spans",
     "sign_manifest",
     "verify_manifest",
     "verify_signature",
+    "zip_member_spans",
 ]
 
 

@@ -17,11 +17,21 @@ __all__ = ["MAX_PATH_BYTES", "MAX_SEGMENT_BYTES", "check_path", "check_unique_pa
 
 MAX_PATH_BYTES = 1024
 MAX_SEGMENT_BYTES = 255
-_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+# Windows device names, reserved with any extension and in any case (also after
+# trailing spaces: "CON .txt" is CON). COM0/LPT0 and the console names too.
+_WINDOWS_RESERVED = frozenset({"con", "prn", "aux", "nul", "conin$", "conout$",
+                               *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))})
+# Characters Windows cannot put in a name (":" would open an NTFS alternate data stream).
+_WINDOWS_FORBIDDEN = frozenset('<>:"|?*')
 
 
 def check_path(path: str) -> str:
-    """Return ``path`` if it is a safe relative POSIX path, else raise RemoteProtocolError."""
+    """Return ``path`` if it is a safe relative POSIX path, else raise RemoteProtocolError.
+
+    Safe everywhere a node may run: every rule holds for the name as given and
+    for its NFKC form, since some systems and tools normalise names (fullwidth
+    ``ＣＯＮ`` is ``CON``, ``a：b`` is ``a:b``, ``．．`` is ``..``).
+    """
     if not isinstance(path, str):
         raise RemoteProtocolError("file path is not text")
     if not path:
@@ -30,10 +40,6 @@ def check_path(path: str) -> str:
         raise RemoteProtocolError(f"file path longer than {MAX_PATH_BYTES} bytes")
     if "\x00" in path:
         raise RemoteProtocolError(f"file path {path!r} contains NUL")
-    if "\\" in path:
-        raise RemoteProtocolError(f"file path {path!r} contains a backslash")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
-        raise RemoteProtocolError(f"file path {path!r} contains a control character")
     if any(0xD800 <= ord(c) <= 0xDFFF for c in path):
         raise RemoteProtocolError(f"file path {path!r} contains a lone surrogate")
     if path.startswith("/"):
@@ -41,17 +47,33 @@ def check_path(path: str) -> str:
     if len(path) >= 2 and path[1] == ":":
         raise RemoteProtocolError(f"file path {path!r} has a drive letter")
     for seg in path.split("/"):
-        if seg == "":
-            raise RemoteProtocolError(f"file path {path!r} has an empty segment")
-        if seg in (".", ".."):
-            raise RemoteProtocolError(f"file path {path!r} has a {seg!r} segment")
+        _check_segment(path, seg)
         if len(seg.encode("utf-8")) > MAX_SEGMENT_BYTES:
             raise RemoteProtocolError(f"file path {path!r} has a segment over {MAX_SEGMENT_BYTES} bytes")
-        if seg.rstrip(" .") != seg:
-            raise RemoteProtocolError(f"file path {path!r} has a segment ending in a dot or space")
-        if seg.split(".")[0].lower() in _WINDOWS_RESERVED:
-            raise RemoteProtocolError(f"file path {path!r} uses a reserved device name")
+        folded = unicodedata.normalize("NFKC", seg)
+        if folded != seg:
+            if "/" in folded:
+                raise RemoteProtocolError(f"file path {path!r} has a character that normalises to '/'")
+            _check_segment(path, folded, " after NFKC normalisation")
     return path
+
+
+def _check_segment(path: str, seg: str, how: str = "") -> None:
+    if seg == "":
+        raise RemoteProtocolError(f"file path {path!r} has an empty segment{how}")
+    if seg in (".", ".."):
+        raise RemoteProtocolError(f"file path {path!r} has a {seg!r} segment{how}")
+    if "\\" in seg:
+        raise RemoteProtocolError(f"file path {path!r} contains a backslash{how}")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in seg):
+        raise RemoteProtocolError(f"file path {path!r} contains a control character{how}")
+    bad = _WINDOWS_FORBIDDEN.intersection(seg)
+    if bad:
+        raise RemoteProtocolError(f"file path {path!r} contains {''.join(sorted(bad))!r}{how}, which Windows forbids")
+    if seg.rstrip(" .") != seg:
+        raise RemoteProtocolError(f"file path {path!r} has a segment ending in a dot or space{how}")
+    if seg.split(".")[0].rstrip(" ").lower() in _WINDOWS_RESERVED:
+        raise RemoteProtocolError(f"file path {path!r} uses a reserved device name{how}")
 
 
 def path_collision_key(path: str) -> str:

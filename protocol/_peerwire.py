@@ -56,6 +56,7 @@ MAX_HEADER_FRAME: Final = 4096
 MAX_INFLIGHT: Final = 256
 _LIMITS: Final = Limits(max_bytes=MAX_HEADER_FRAME, max_str_len=256, max_bin_len=64, max_array_len=8, max_map_len=0)
 _U32: Final = 2**32 - 1
+_MIN_WINDOW_LOG: Final = 23  # 8 MiB: what zstd level 19 uses for a frame of unknown size
 
 
 class Codec(enum.IntEnum):
@@ -166,6 +167,32 @@ def maybe_compress(data: bytes, level: int = 3) -> tuple[Codec, bytes]:
     return (Codec.ZSTD, packed) if len(packed) < len(data) else (Codec.RAW, data)
 
 
+def _decompress_piece(raw: bytes, length: int) -> bytes:
+    """One zstd frame that must expand to exactly ``length`` bytes (the signed piece length).
+
+    Strategy: the sender chooses the frame header, so nothing it claims sizes
+    an allocation. zstandard allocates a frame's declared content size up
+    front (``max_output_size`` only applies to frames that declare none), so
+    a declared size other than ``length`` is refused before decoding, and the
+    window the decoder may allocate is capped (8 MiB, or the piece length if larger).
+    """
+    try:
+        params = zstandard.get_frame_parameters(raw)
+    except zstandard.ZstdError as exc:
+        raise RemoteProtocolError(f"bad zstd frame header: {exc}") from exc
+    if params.content_size != zstandard.CONTENTSIZE_UNKNOWN and params.content_size != length:
+        raise RemoteProtocolError(f"zstd frame declares {params.content_size} bytes for a piece of {length}")
+    window = 1 << max(_MIN_WINDOW_LOG, (length - 1).bit_length())
+    try:
+        dctx = zstandard.ZstdDecompressor(max_window_size=window)
+        data = dctx.decompress(raw, max_output_size=length)
+    except (zstandard.ZstdError, MemoryError) as exc:
+        raise RemoteProtocolError(f"bad zstd payload: {exc!r}") from exc
+    if len(data) != length:
+        raise RemoteProtocolError("decompressed piece has the wrong length")
+    return data
+
+
 @dataclass(slots=True)
 class _Pending:
     manifest_id: bytes
@@ -264,12 +291,7 @@ class PeerwireClient:
         self._body = None
         data = raw
         if hdr.codec is Codec.ZSTD:
-            try:
-                data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=p.length)
-            except zstandard.ZstdError as exc:
-                raise RemoteProtocolError(f"bad zstd payload: {exc}") from exc
-            if len(data) != p.length:
-                raise RemoteProtocolError("decompressed piece has the wrong length")
+            data = _decompress_piece(raw, p.length)
         return PieceReceived(hdr.req_id, p.manifest_id, p.index, data, hdr.length)
 
     def start_body_into(self) -> tuple[bytearray, int] | None:
@@ -315,13 +337,33 @@ class PeerwireServer:
     def __init__(self) -> None:
         self._decoder = FrameDecoder(MAX_HEADER_FRAME)
         self._phase = _ServerPhase.AWAIT_AUTH
-        self.queued = 0
+        # Request ids asked and not yet answered: at most MAX_INFLIGHT, and the
+        # only ids a Cancel may name, so a client's Cancels cost no state.
+        self._open: set[int] = set()
+        self._cancelled: set[int] = set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._open)
 
     def receive_data(self, data: bytes) -> None:
         self._decoder.receive_data(data)
 
     def next_event(self) -> Auth | Request | Cancel | NeedData:
-        """The next client message; ``NEED_DATA`` also at a clean end of stream (check ``eof``)."""
+        """The next client message; ``NEED_DATA`` also at a clean end of stream (check ``eof``).
+
+        A Cancel is passed on once, and only for a request that is still open:
+        one that crosses its answer, or names an id never asked, is dropped.
+        """
+        while True:
+            ev = self._next()
+            if not isinstance(ev, Cancel):
+                return ev
+            if ev.req_id in self._open and ev.req_id not in self._cancelled:
+                self._cancelled.add(ev.req_id)
+                return ev
+
+    def _next(self) -> Auth | Request | Cancel | NeedData:
         if self._phase in (_ServerPhase.AUTHING, _ServerPhase.CLOSED):
             return NEED_DATA
         payload = self._decoder.next_frame()
@@ -342,12 +384,14 @@ class PeerwireServer:
             return Cancel(_int(v[1], _U32, "request id"))
         if len(v) != 5 or not isinstance(v[2], bytes) or len(v[2]) != 32 or not isinstance(v[4], bool):
             raise RemoteProtocolError("malformed Request")
-        if self.queued >= MAX_INFLIGHT:
+        if len(self._open) >= MAX_INFLIGHT:
             raise RemoteProtocolError(f"client has more than {MAX_INFLIGHT} requests in flight")
-        self.queued += 1
         req_id = _int(v[1], _U32, "request id")
         if req_id == 0:
             raise RemoteProtocolError("request id 0 is reserved")
+        if req_id in self._open:
+            raise RemoteProtocolError(f"request id {req_id} is already in flight")
+        self._open.add(req_id)
         return Request(req_id, v[2], _int(v[3], _U32, "piece index"), v[4])
 
     @property
@@ -366,9 +410,13 @@ class PeerwireServer:
 
     def piece_header(self, req_id: int, codec: Codec, length: int) -> bytes:
         """The frame before a payload; the caller then sends exactly ``length`` bytes."""
-        self.queued = max(0, self.queued - 1)
+        self._answered(req_id)
         return _frame([_SERVER_CODES[PieceHeader], req_id, int(codec), length])
 
     def reject(self, req_id: int, reason: RejectReason) -> bytes:
-        self.queued = max(0, self.queued - 1)
+        self._answered(req_id)
         return _frame([_SERVER_CODES[Rejected], req_id, int(reason)])
+
+    def _answered(self, req_id: int) -> None:
+        self._open.discard(req_id)
+        self._cancelled.discard(req_id)

@@ -4,15 +4,21 @@ For ``.safetensors`` files the boundaries follow tensors: the header is its
 own piece (or pieces, if it is larger than the maximum piece size) and each
 tensor's byte span is split into pieces of at most the maximum size. A
 fine-tune that changes some tensors therefore leaves the pieces of every other
-tensor byte-identical, so a delta update re-fetches only what changed. Other
-files are cut into fixed-size pieces. The same input always gives the same
-plan.
+tensor byte-identical, so a delta update re-fetches only what changed.
+
+GGUF files (:mod:`._gguf`) and zip checkpoints (:mod:`._zipmembers`) are
+planned the same way with :func:`plan_runs`: each tensor's (member's) data is
+a run of its own, and the bytes between runs (header, metadata, tensor infos,
+local headers, central directory) are cut by content-defined chunking
+(:mod:`._cdc`), as is every other file. The same input always gives the same
+plan. docs/manifest.md ("Piece planning") states the rules.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._errors import RemoteProtocolError
@@ -21,6 +27,7 @@ __all__ = [
     "SAFETENSORS_MAX_HEADER",
     "Span",
     "plan_fixed",
+    "plan_runs",
     "plan_safetensors",
     "safetensors_header_length",
     "safetensors_tensor_spans",
@@ -97,4 +104,46 @@ def plan_safetensors(file_size: int, header_len: int, tensors: list[Span], max_p
         pos = max(pos, off + length)
     if pos < file_size:
         pieces += _split(pos, file_size - pos, max_piece)
+    return pieces
+
+
+def plan_runs(
+    file_size: int,
+    runs: list[Span],
+    max_piece: int,
+    gap: Callable[[int, int], list[Span]] | None = None,
+    cuts: Iterable[int] = (),
+) -> list[Span]:
+    """Pieces that start and end on every run boundary.
+
+    ``runs`` are sorted, non-overlapping (offset, length) spans inside the
+    file (tensor or member data); each is split into pieces of at most
+    ``max_piece``. The bytes before, between and after runs are planned by
+    ``gap(offset, length)`` (fixed pieces if ``None``), which must cover its
+    span exactly with pieces of at most ``max_piece``. ``cuts`` are extra
+    boundaries forced inside gaps (a GGUF file's fixed preamble, a zip's
+    central directory), so bytes that change on every edit stay in small
+    pieces of their own.
+    """
+    forced = sorted(set(cuts))
+
+    def fill(off: int, length: int) -> list[Span]:
+        out: list[Span] = []
+        end = off + length
+        for c in [*(c for c in forced if off < c < end), end]:
+            out += gap(off, c - off) if gap is not None else _split(off, c - off, max_piece)
+            off = c
+        return out
+
+    pieces: list[Span] = []
+    pos = 0
+    for off, length in runs:
+        if off < pos or off + length > file_size:
+            raise RemoteProtocolError(f"run at {off} overlaps the previous one or the end of the file")
+        if off > pos:
+            pieces += fill(pos, off - pos)
+        pieces += _split(off, length, max_piece)
+        pos = off + length
+    if pos < file_size:
+        pieces += fill(pos, file_size - pos)
     return pieces

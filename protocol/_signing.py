@@ -176,12 +176,19 @@ class TrustPolicy:
     ``spiffe_ids`` holds allowed SPIFFE IDs; an entry ending in ``/`` allows
     every ID under that path. With roots but no ``spiffe_ids``, any SPIFFE ID
     in a configured trust domain is refused: an explicit policy is required.
+
+    A root CA vouches only for its own trust domains (docs/security.md): those
+    given for it in ``root_domains`` (pairs of root certificate bytes and
+    trust domain names), those in the root certificate's own SPIFFE URI SANs,
+    and, when it is the only root configured, the trust domains of
+    ``spiffe_ids``. So one organisation's CA cannot issue another's SPIFFE ID.
     """
 
     keys: frozenset[bytes] = frozenset()
     roots: tuple[bytes, ...] = ()
     spiffe_ids: tuple[str, ...] = ()
     intermediates: tuple[bytes, ...] = field(default=())
+    root_domains: tuple[tuple[bytes, tuple[str, ...]], ...] = field(default=())
 
 
 def verify_manifest(signed: SignedManifest, policy: TrustPolicy, now: datetime) -> Manifest:

@@ -53,6 +53,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="join the swarm through this peer for this fetch (repeatable; also DATA_DIR/bootstrap)")
     p.add_argument("--standalone", action="store_true", help="do not hand the fetch to a running node or use peers")
     p.add_argument("--json", action="store_true", help="one JSON object per line: progress, then a final 'done' summary")
+    p.add_argument("--hf-cache", action="store_true",
+                   help="for a manifest made by publish hf://: also write the Hugging Face cache layout (--cache-dir, else HF_HUB_CACHE ...)")
     from autoglm.node.hub._cli import add_hub_args
 
     add_hub_args(p)
@@ -136,6 +138,11 @@ def _files_for_variant(args: argparse.Namespace, manifest: Any) -> list[str] | N
     return None if variant is None else list(variant.files)
 
 
+def _is_name(manifest: str) -> bool:
+    """``hf:ORG/REPO``: the name ``publish hf://…`` gives, resolved through a signed name record (not a file here)."""
+    return manifest.startswith("hf:") and not manifest.startswith("hf://") and not Path(manifest).exists()
+
+
 def _absolute(manifest: str) -> str:
     return manifest if manifest.startswith(("http://", "https://")) else str(Path(manifest).resolve())
 
@@ -166,6 +173,9 @@ def _delegate(args: argparse.Namespace, sock: socket.socket, renderer: _Renderer
         "op": "fetch", **_plan_wire(args, files), "trust": [str(p.resolve()) for p in args.trust],
         "roots": [str(p.resolve()) for p in args.root], "spiffe_ids": args.spiffe_id,
     }
+    if _is_name(args.manifest):  # the node resolves the signed name record (publish hf://… --name-publish)
+        del request["manifest"]
+        request["name"] = args.manifest
     for line in control_request(args.data_dir, request, sock=sock):
         kind = line.get("event")
         if kind == "result":
@@ -192,6 +202,19 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
     if is_hub_ref(args.manifest):  # a Hugging Face / ModelScope repository: node/hub
         return cmd_fetch_hub(args, renderer)
+    if _is_name(args.manifest) and (args.standalone or args.variant or args.hf_cache):
+        raise ConfigError(f"fetch {args.manifest} (a name) goes through the running `join` node; "
+                          "--standalone, --variant and --hf-cache need the manifest file")
+    hf_state = None
+    if args.hf_cache:  # sets --out to a folder inside the cache when not given
+        from autoglm.node.hub._publish_cli import prepare_hf_cache_fetch
+
+        hf_state = prepare_hf_cache_fetch(args)
+    if not args.manifest.startswith(("http://", "https://")) and Path(args.manifest + ".hub.json").is_file():
+        # publish hf://: the Hub endpoints named in the signed provenance are web seeds
+        from autoglm.node.hub._publish import with_sidecar_mirrors
+
+        args.mirror = list(with_sidecar_mirrors(args.manifest, args.mirror))
     if args.out is None:
         raise ConfigError("fetch MANIFEST needs --out DIR")
     t0 = time.perf_counter()
@@ -202,6 +225,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                 from autoglm.node._control_client import connect
 
                 sock = connect(args.data_dir)
+            if sock is None and _is_name(args.manifest):
+                raise ConfigError(f"fetch {args.manifest}: resolving a name needs `autoglm-node join` running on this data directory")
             if sock is not None:
                 line = _delegate(args, sock, renderer)
                 result = {k: line.get(k) for k in ("bytes_total", "bytes_by_source", "received_by_source")}
@@ -217,6 +242,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         if args.json:
             print_json({"event": "error", "error": type(exc).__name__, "message": str(exc)})
         raise
+    if hf_state is not None:
+        from autoglm.node.hub._publish_cli import hf_cache_after_fetch
+
+        files = _files_for_variant(args, _load_manifest_here(args)[1]) if args.variant and args.variant != "all" else None
+        result["hf_snapshot"] = str(hf_cache_after_fetch(hf_state, Path(str(result["out"])), files))
     seconds = time.perf_counter() - t0
     if args.json:
         print_json({"event": "done", **result, "seconds": round(seconds, 3)})
@@ -266,6 +296,7 @@ def _fetch_here(args: argparse.Namespace, renderer: _Renderer) -> FetchResult:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from autoglm.node._store import Store
@@ -281,6 +312,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 "name": r.name, "version": r.version, "id": r.manifest_id.hex(), "out": str(r.out_dir),
                 "pieces_done": r.pieces_done, "pieces_total": r.pieces_total,
                 "bytes_done": r.bytes_done, "bytes_total": r.bytes_total, "complete": r.completed,
+                "problem": r.problem,
             })
         return 0
     if not rows:
@@ -291,6 +323,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         table.add_column(col)
     for r in rows:
         state = "[green]complete[/]" if r.completed else f"[yellow]{100 * r.bytes_done / max(r.bytes_total, 1):.0f}%[/] ({r.pieces_done}/{r.pieces_total} pieces)"
+        if r.problem:  # finished once, but not what is on disk now: `fetch` again repairs it
+            state = f"[red]damaged[/]: {escape(r.problem)}; fetch again to repair"
         table.add_row(r.name, r.version, r.manifest_id.hex()[:12], state, human_bytes(r.bytes_total), str(r.out_dir))
     console.print(table)
     return 0

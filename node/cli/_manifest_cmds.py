@@ -38,11 +38,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("publish", help="hash a model directory and write a signed manifest")
-    p.add_argument("dir", type=Path, metavar="DIR")
+    p = sub.add_parser("publish", help="hash a model directory (or a Hub commit: hf://ORG/REPO@REV) and write a signed manifest")
+    p.add_argument("dir", metavar="DIR|hf://ORG/REPO[@REV]")
     p.add_argument("--key", required=True, type=Path, metavar="KEYFILE")
-    p.add_argument("--name", required=True)
-    p.add_argument("--version", required=True, metavar="VER")
+    p.add_argument("--name", help="model name (required for DIR; default hf:ORG/REPO for hf://)")
+    p.add_argument("--version", metavar="VER", help="required for DIR; for hf:// the version is the commit")
     p.add_argument("--out", type=Path, metavar="MANIFEST", help="default: DATA_DIR/published/NAME@VER.agm")
     p.add_argument("--force", action="store_true", help="overwrite an existing manifest at the --out path")
     p.add_argument("--max-piece", type=parse_size, default="8MiB", metavar="SIZE", help="default 8MiB")
@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--parent", type=Path, metavar="MANIFEST", help="the previous version, for delta updates")
     p.add_argument("--cert-chain", type=Path, metavar="PEM", help="publisher X.509 chain, leaf first")
     p.add_argument("--json", action="store_true")
+    from autoglm.node.hub._publish_cli import add_publish_hub_args
+
+    add_publish_hub_args(p)
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("inspect", help="show the files, pieces and signer of a manifest")
@@ -172,6 +175,16 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from autoglm.node._publish import build_manifest, list_model_files
     from autoglm.protocol import ConfigError, key_id, sign_manifest
 
+    if str(args.dir).startswith(("hf://", "ms://")):  # a Hub commit: node/hub/_publish.py
+        from autoglm.node.hub._publish_cli import cmd_publish_hub
+
+        return cmd_publish_hub(args)
+    hub_only = [f for f, v in (("--endpoint", args.endpoint), ("--revision", args.revision), ("--token-file", args.token_file),
+                               ("--cache-dir", args.cache_dir), ("--name-publish", args.name_publish)) if v]
+    if hub_only:
+        raise ConfigError(f"{', '.join(hub_only)}: only for publish hf://ORG/REPO")
+    if not args.name or not args.version:
+        raise ConfigError("publish DIR needs --name and --version")
     _refuse_public_key(args.key)
     key = load_private_key(args.key)
 
@@ -191,7 +204,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         chain = tuple(c.public_bytes(Encoding.DER) for c in certs)
     if out.exists() and not args.force:  # after the inputs are checked, before hours of hashing
         raise ConfigError(f"{out} already exists; pass --force to overwrite it")
-    root: Path = args.dir
+    root = Path(args.dir)
     exclude = [out, args.key]
     skipped: list[str] = []
     total = sum((root / p).stat().st_size for p in list_model_files(root, exclude, skipped)) if root.is_dir() else 0

@@ -106,7 +106,11 @@ async def _seed(node: SwarmNode, args: argparse.Namespace, index: int, manifest:
 
         nursery.start_soon(show)
         try:
-            plan = FetchPlan(manifest, _out_for(args, index), trust_from_args(args), mirrors=tuple(args.mirror))
+            # publish hf://: the Hub endpoints named in the signed provenance are web seeds
+            from autoglm.node.hub._publish import with_sidecar_mirrors
+
+            mirrors = await trio.to_thread.run_sync(with_sidecar_mirrors, manifest, tuple(args.mirror))
+            plan = FetchPlan(manifest, _out_for(args, index), trust_from_args(args), mirrors=mirrors)
             result = await node.hold(plan, events=send)
         except AutoglmError as exc:
             _say(args, "seed-failed", f"[red]cannot hold {manifest}:[/] {exc}", manifest=manifest, message=str(exc))

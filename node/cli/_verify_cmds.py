@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,20 +63,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     root = resolved.path
     files = [root] if root.is_file() else list(iter_model_files(root))
     hashes: dict[Path, str] = {}
-    signer = None
+    signer = trusted_by = None
     if args.manifest is not None or resolved.signed_manifest is not None:
-        if args.manifest is not None and args.manifest.startswith(("http://", "https://")):
-            from autoglm.node._manifests import check_manifest
+        with _trust_hint(args):
+            if args.manifest is not None and args.manifest.startswith(("http://", "https://")):
+                from autoglm.node._manifests import check_manifest
 
-            from ._manifest_cmds import read_manifest_arg
+                from ._manifest_cmds import read_manifest_arg
 
-            manifest = check_manifest(read_manifest_arg(args.manifest), trust_from_args(args))
-        else:
-            path = Path(args.manifest) if args.manifest is not None else None
-            checked = load_checked_manifest(resolved, path, trust_from_args(args))
-            assert checked is not None
-            manifest = checked
-        signer = manifest.publisher
+                manifest = check_manifest(read_manifest_arg(args.manifest), trust_from_args(args))
+            else:
+                path = Path(args.manifest) if args.manifest is not None else None
+                checked = load_checked_manifest(resolved, path, trust_from_args(args))
+                assert checked is not None
+                manifest = checked
+        signer, trusted_by = manifest.publisher, _trusted_by(args, manifest.publisher)
         hashes = check_manifest_files(root, manifest, files)
     elif args.trust or args.root:
         raise ConfigError("--trust/--root need --manifest")
@@ -95,14 +98,43 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 "ok": ok,
                 "path": str(root),
                 "signer": signer,
+                "trusted_by": trusted_by,
                 "tensor_bytes": tensor_bytes,
                 "fit": fit,
                 "files": [{"path": str(f), **v.to_value()} for f, v in results],
             }
         )
     else:
-        _print_verdicts(root, results, tensor_bytes, fit, signer)
+        _print_verdicts(root, results, tensor_bytes, fit, f"{signer}, trusted by {trusted_by}" if signer else None)
     return EXIT["ok"] if ok else EXIT["refused"]
+
+
+@contextmanager
+def _trust_hint(args: argparse.Namespace) -> Iterator[None]:
+    """A TrustError says how to trust a publisher for every command (the trust store)."""
+    from autoglm.node._config import trust_dir
+    from autoglm.node.errors import TrustError
+
+    try:
+        yield
+    except TrustError as exc:
+        raise TrustError(
+            f"{exc} (to trust a publisher for every command: `autoglm-node trust add KEY.pub`; "
+            f"trust store: {trust_dir(args.data_dir)})"
+        ) from exc
+
+
+def _trusted_by(args: argparse.Namespace, publisher: str) -> str:
+    """Where the trust in the signer came from (a --trust file or the trust store), for the output."""
+    from autoglm.node._keys import trust_origins
+    from autoglm.protocol import key_id
+
+    origins = trust_origins(args.data_dir, args.trust, args.root)
+    for key, origin in origins.items():
+        if len(key) == 32 and key_id(key) == publisher:
+            return origin
+    roots = [o for k, o in origins.items() if len(k) != 32]
+    return "an X.509 root: " + "; ".join(roots) if roots else "the trust policy"
 
 
 def _print_verdicts(root: Path, results: list[tuple[Path, Verdict]], tensor_bytes: int, fit: str | None, signer: str | None) -> None:

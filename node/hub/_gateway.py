@@ -427,7 +427,8 @@ class Gateway:
             if r is None:
                 await self._answer(stream, conn, 416, {"error": "range not satisfiable"}, [("Content-Range", f"bytes */{f.size}")])
                 return
-            (start, end), status = r, 206
+            if isinstance(r, tuple):  # False: not one well-formed range, ignored (the whole file)
+                (start, end), status = r, 206
         out = [*base, ("Content-Length", str(end - start))]
         if status == 206:
             out.append(("Content-Range", f"bytes {start}-{end - 1}/{f.size}"))

@@ -175,7 +175,7 @@ async def test_snapshot_and_file_download_match_a_direct_download(hub: Hub, tmp_
                            f"print(snapshot_download({REPO!r}), try_to_load_from_cache({REPO!r}, 'config.json'))\n",
                            clean_env(tmp_path / "gw", HF_HUB_OFFLINE="1"))
     snap_dir, config = offline.split()
-    assert Path(snap_dir).name == hub.commit and Path(config).read_bytes() == hub.files["config.json"]
+    assert Path(snap_dir).name == hub.commit and Path(config).read_bytes() == hub.files["config.json"]  # noqa: ASYNC240
     blobs = tmp_path / "gw" / "hf-home" / "hub" / "models--acme--tiny-model" / "blobs"
     assert {b.name for b in blobs.iterdir()} == {hashlib.sha256(d).hexdigest() if p.endswith(".safetensors") or len(d) >= 10240
                                                  else _blob_id(d) for p, d in hub.files.items()}

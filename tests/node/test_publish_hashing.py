@@ -27,7 +27,9 @@ from autoglm.protocol import (
     FileEntry,
     Manifest,
     Requirements,
+    cdc_params_for,
     decode_manifest,
+    plan_cdc,
     plan_fixed,
 )
 
@@ -231,12 +233,16 @@ def test_publish_is_deterministic(tmp_path: Path) -> None:
     assert _publish(model).encode() == _publish(model).encode()
 
 
-def test_non_safetensors_files_get_fixed_pieces(tmp_path: Path) -> None:
+def test_non_safetensors_files_get_content_defined_pieces(tmp_path: Path) -> None:
     model = tmp_path / "model"
     (model / "sub").mkdir(parents=True)
     _write_random(model / "sub" / "blob.bin", 200 * KIB + 1)
     m = _publish(model)
-    assert [(p.offset, p.length) for p in m.file("sub/blob.bin").pieces] == plan_fixed(200 * KIB + 1, MAX_PIECE)
+    params = cdc_params_for(MAX_PIECE)
+    assert params is not None
+    expected = plan_cdc((model / "sub" / "blob.bin").read_bytes(), params)
+    assert [(p.offset, p.length) for p in m.file("sub/blob.bin").pieces] == expected
+    assert expected != plan_fixed(200 * KIB + 1, MAX_PIECE)
 
 
 def test_invalid_safetensors_is_a_config_error(tmp_path: Path) -> None:

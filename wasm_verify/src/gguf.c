@@ -163,9 +163,16 @@ EXPORT("verify_gguf") i32 verify_gguf(u32 len, u64 file_size) {
         return ST_REJECT;
     }
     u64 alignment = DEFAULT_ALIGNMENT;
+    /* Keys are remembered to refuse duplicates, as llama.cpp does: two parsers
+     * must never disagree on which of two values a file means. */
+    struct tinfo *keys = bump((usize)(n_kv ? n_kv : 1) * sizeof(struct tinfo));
+    if (!keys) return reject(R_OUT_OF_MEMORY, "too many GGUF keys for the sandbox memory limit");
     for (u64 k = 0; k < n_kv; k++) {
         u64 koff, klen;
         if (read_string(&r, MAX_KEY, &koff, &klen)) return g_result.status;
+        keys[k].hash = fnv1a(r.s + koff, (usize)klen);
+        keys[k].name_off = (u32)koff;
+        keys[k].name_len = (u32)klen;
         NEED(&r, 4);
         u32 type = (u32)rd_u32(r.s + r.i);
         r.i += 4;
@@ -176,6 +183,15 @@ EXPORT("verify_gguf") i32 verify_gguf(u32 len, u64 file_size) {
             if (alignment == 0 || (alignment & (alignment - 1))) return reject(R_MISALIGNED, "general.alignment is not a power of two");
         }
         if (skip_value(&r, type, 0)) return g_result.status;
+    }
+    i64 dup_key = find_duplicate((const u8 *)keys, (usize)n_kv, sizeof *keys, __builtin_offsetof(struct tinfo, hash),
+                                 __builtin_offsetof(struct tinfo, name_off), r.s);
+    if (dup_key == -2) return reject(R_OUT_OF_MEMORY, "too many GGUF keys for the sandbox memory limit");
+    if (dup_key >= 0) {
+        reject(R_DUPLICATE, "GGUF metadata key '");
+        reason_bytes(r.s + keys[dup_key].name_off, keys[dup_key].name_len);
+        reason_str("' is listed twice");
+        return ST_REJECT;
     }
     struct tinfo *ts = bump((usize)(n_tensors ? n_tensors : 1) * sizeof(struct tinfo));
     if (!ts) return reject(R_OUT_OF_MEMORY, "too many tensors for the sandbox memory limit");
