@@ -68,6 +68,15 @@ class FetchPlan:
             if not any(m.rstrip("/") == url.rstrip("/") for m in self.mirrors):
                 raise ConfigError(f"headers are given for {url}, which is not one of the mirrors")
 
+    def __repr__(self) -> str:
+        # Readable, and safe to log: the manifest by name and id, header names only (values may be secrets).
+        m = self.manifest
+        what = repr(m) if isinstance(m, str) else f"{m.manifest.name}@{m.manifest.version} {m.id.hex()[:16]}"
+        names = sorted({*self.headers, *(k for h in self.mirror_headers.values() for k in h)})
+        files = "all" if self.files is None else f"{len(self.files)} file(s)"
+        return (f"FetchPlan({what} -> {str(self.out)!r}, mirrors={list(self.mirrors)}, "
+                f"header names={names}, files={files})")
+
     def headers_for(self, mirror: str) -> dict[str, str]:
         """The headers every request to ``mirror`` carries: the common ones, then that mirror's own."""
         own: dict[str, str] = {}

@@ -206,3 +206,13 @@ def test_any_plan_survives_the_wire(
     )
     wire = json.loads(json.dumps(plan.to_wire()))  # what the control socket carries
     assert FetchPlan.from_wire(wire, trust) == plan
+
+
+def test_a_plan_prints_readably_and_never_shows_header_values(tmp_path: Path) -> None:
+    secret = "Bearer s3cr3t-token-value"
+    plan = FetchPlan("http://127.0.0.1:1/m.agm", tmp_path / "out", TrustPolicy(),
+                     mirrors=("http://127.0.0.1:1/",), headers={"Authorization": secret},
+                     mirror_headers={"http://127.0.0.1:1/": {"X-Key": "other-secret"}})
+    text = repr(plan)
+    assert "s3cr3t" not in text and "other-secret" not in text
+    assert "Authorization" in text and "X-Key" in text and "m.agm" in text and len(text) < 400
