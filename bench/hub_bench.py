@@ -14,9 +14,13 @@ All rows in one run, tools alternating, median of --reps:
   (b) SIGKILL once nginx has served 50 % of the repository, then the same
       command again: bytes nginx served in both runs minus the repository size;
   (c) nginx answers 20 % of requests 429 (Retry-After: 1) or 502: does the
-      tool complete, in how long, are the bytes right.
+      tool complete, in how long, are the bytes right;
+  (d) the gateway (`join --hf-gateway`): 1 and 4 `snapshot_download` clients
+      through one gateway (cold: fresh node, fresh cache) against 4 clients
+      straight at nginx: wall time of the last client, origin egress (bytes
+      nginx served). The 4-node swarm row waits for `publish hf://`.
 
-    .venv/bin/python bench/hub_bench.py [--reps 3] [--size 1GiB] [--json out.json]
+    .venv/bin/python bench/hub_bench.py [--reps 3] [--size 1GiB] [--parts abcd] [--json out.json]
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from _harness import (
     guarded,
     log,
     measure,
+    measure_many,
     median,
     on_cleanup,
     print_table,
@@ -314,12 +319,96 @@ def run_once(tools: Tools, tool: str, ngx: HubNginx, *, kill_at: float | None = 
     return r, d, served
 
 
+class GatewayNode:
+    """A cold `autoglm-node join --hf-gateway 127.0.0.1:0` in front of ``upstream``, with its own data dir and HF cache."""
+
+    def __init__(self, work: Path, upstream: str, n: int) -> None:
+        self.dir = work / "runs" / f"gateway-{n}"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "proxy" not in k.lower()}
+        env.update(HF_ENDPOINT=upstream.rstrip("/"), HF_HOME=str(self.dir / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
+        self.proc = PROCS.start(autoglm_cmd() + ["--data-dir", str(self.dir / "data"), "join", "--json",
+                                                "--hf-gateway", "127.0.0.1:0"],
+                                stdout=subprocess.PIPE, stderr=open(self.dir / "stderr", "wb"), env=env)
+        assert self.proc.stdout is not None
+        self.url = ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            ev = json.loads(line)
+            if ev.get("event") == "ready":
+                self.url = ev["hf_gateway"]
+                break
+        if not self.url:
+            raise RuntimeError(f"the gateway did not start: {(self.dir / 'stderr').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr_tail = (self.dir / "stderr").read_text(errors="replace")[-3000:]
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def gateway_rows(tools: Tools, ngx: HubNginx, reps: int) -> tuple[list[list[str]], dict[str, Any]]:
+    """(d): 4 clients direct, 1 and 4 clients through one cold gateway; median wall, origin egress."""
+    total = tools.desc["total"]
+    cases = [("4 clients straight at nginx", 4, False), ("1 client through one gateway", 1, True),
+             ("4 clients through one gateway", 4, True)]
+    walls: dict[str, list[float]] = {c[0]: [] for c in cases}
+    egress: dict[str, list[int]] = {c[0]: [] for c in cases}
+    errors: dict[str, str] = {}
+    n = 0
+    for rep in range(reps):
+        for name, clients, via in cases:
+            n += 1
+            mark = ngx.mark()
+            gw = GatewayNode(tools.work, ngx.url(), n) if via else None
+            url = gw.url if gw is not None else ngx.url()
+            dirs = [tools.fresh("snapshot_download") for _ in range(clients)]
+            try:
+                results = measure_many([tools.argv("snapshot_download", d, url) for d in dirs], timeout=TIMEOUT,
+                                       env=tools.env(url))
+            finally:
+                if gw is not None:
+                    gw.stop()
+            served = ngx.settle(mark)
+            ok = all(r.ok for r in results) and all(tools.correct("snapshot_download", d) for d in dirs)
+            wall = max(r.wall for r in results)
+            log(f"(d) {name} rep {rep + 1}: {wall:.2f}s, origin egress {fmt_bytes(served)}, ok={ok}")
+            if ok:
+                walls[name].append(wall)
+                egress[name].append(served)
+            else:
+                bad = next((r for r in results if not r.ok), None)
+                errors[name] = bad.error() if bad is not None else "wrong bytes"
+                if gw is not None:
+                    log(f"(d) gateway stderr: {gw.stderr_tail}")
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
+    rows, out = [], {}
+    for name, clients, _ in cases:
+        m = median(walls[name])
+        e = median([float(x) for x in egress[name]])
+        out[name] = {"clients": clients, "walls": walls[name], "egress": egress[name], "median_wall": m}
+        rows.append([name, fmt_num(m, ".2f", " s"), fmt_bytes(int(e)) if e else "n/a",
+                     f"{e / total:.2f}x" if e else "n/a", ", ".join(f"{w:.1f}" for w in walls[name]), errors.get(name, "")])
+    return rows, out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--size", default="1GiB")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "hub")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--parts", default="abcd", help="which parts to run (default abcd)")
     args = ap.parse_args()
     have = check_tools(["nginx", "aria2c"])
     if not have["nginx"]:
@@ -332,13 +421,19 @@ def main() -> int:
         desc = make_repo(work, _parse_size(args.size))
         total = desc["total"]
         tools = Tools(work, desc)
-        out: dict[str, Any] = {"total": total, "throughput": {}, "kill": {}, "faults": {}}
+        out: dict[str, Any] = {"total": total, "throughput": {}, "kill": {}, "faults": {}, "gateway": {}}
 
         ngx = HubNginx(Path(desc["root"]), work / "nginx", locations(desc), faults=False).start()
+        if "d" in args.parts:
+            rows, out["gateway"] = gateway_rows(tools, ngx, args.reps)
+            print_table(f"(d) the gateway: {fmt_bytes(total)} repository, snapshot_download clients, median of {args.reps}",
+                        ["clients", "wall (last client)", "origin egress", "x repository", "walls", "note"], rows,
+                        note="cold gateway each time (fresh node and cache); nginx on 127.0.0.1, not rate-capped; "
+                             "the 4-node swarm row needs publish hf://")
         walls: dict[str, list[float]] = {t: [] for t in tool_names}
         cpus: dict[str, list[float]] = {t: [] for t in tool_names}
         errors: dict[str, str] = {}
-        for rep in range(args.reps):
+        for rep in range(args.reps if "a" in args.parts else 0):
             for t in tool_names:
                 r, d, served = run_once(tools, t, ngx)
                 log(f"(a) {t} rep {rep + 1}: rc={r.rc} {r.wall:.2f}s served {fmt_bytes(served)}")
@@ -355,11 +450,12 @@ def main() -> int:
             rows.append([t, fmt_num(m, ".2f", " s"), f"{total / m / 1e6:.0f} MB/s" if m else "n/a",
                          fmt_num(median(cpus[t]), ".2f", " s"), ", ".join(f"{w:.1f}" for w in walls[t]), errors.get(t, "")])
         rows.append(["snapshot_download + hf_transfer", "n/a", "n/a", "n/a", "", "huggingface_hub 2.x no longer uses hf_transfer"])
-        print_table(f"(a) {fmt_bytes(total)} repository, nginx on 127.0.0.1, median of {args.reps}",
-                    ["tool", "wall", "throughput", "CPU", "walls", "note"], rows)
+        if "a" in args.parts:
+            print_table(f"(a) {fmt_bytes(total)} repository, nginx on 127.0.0.1, median of {args.reps}",
+                        ["tool", "wall", "throughput", "CPU", "walls", "note"], rows)
 
         rows = []
-        for t in tool_names:
+        for t in tool_names if "b" in args.parts else []:
             conns: list[int] = []
             r1, d, s1 = run_once(tools, t, ngx, kill_at=0.5, conns=conns)
             r2, _, s2 = run_once(tools, t, ngx, d=d)
@@ -371,15 +467,17 @@ def main() -> int:
             rows.append([t, "yes" if r1.killed else f"no (rc {r1.rc})", str(conns[0]) if conns else "?", fmt_bytes(s1), fmt_bytes(s2),
                          fmt_bytes(max(refetched, 0)), "yes" if ok else (r2.error() if not r2.ok else "wrong bytes")])
             shutil.rmtree(d, ignore_errors=True)
-        print_table("(b) SIGKILL at 50 % served, then the same command again",
-                    ["tool", "killed", "connections at the kill", "served 1st run", "served 2nd run", "fetched again", "complete + correct"], rows,
-                    note="fetched again = bytes nginx served in both runs - repository size (headers, and bytes still in "
-                         "socket buffers when the process died, included)")
+        if "b" in args.parts:
+            print_table("(b) SIGKILL at 50 % served, then the same command again",
+                        ["tool", "killed", "connections at the kill", "served 1st run", "served 2nd run", "fetched again",
+                         "complete + correct"], rows,
+                        note="fetched again = bytes nginx served in both runs - repository size (headers, and bytes still in "
+                             "socket buffers when the process died, included)")
         ngx.stop()
 
         ngx = HubNginx(Path(desc["root"]), work / "nginx-faults", locations(desc), faults=True).start()
         rows = []
-        for t in tool_names:
+        for t in tool_names if "c" in args.parts else []:
             r, d, served = run_once(tools, t, ngx)
             ok = r.ok and tools.correct(t, d)
             out["faults"][t] = {"rc": r.rc, "wall": r.wall, "ok": ok}
@@ -387,9 +485,10 @@ def main() -> int:
             rows.append([t, "yes" if ok else ("wrong bytes" if r.ok else r.error()), f"{r.wall:.1f} s", fmt_bytes(served)])
             shutil.rmtree(d, ignore_errors=True)
         faults = [q for q in ngx.requests_since(0) if q["status"] in (429, 502)]
-        print_table("(c) 20 % of requests answered 429 (Retry-After: 1) or 502",
-                    ["tool", "completes, bytes right", "wall", "served"], rows,
-                    note=f"{len(faults)} fault answers in this part of the run")
+        if "c" in args.parts:
+            print_table("(c) 20 % of requests answered 429 (Retry-After: 1) or 502",
+                        ["tool", "completes, bytes right", "wall", "served"], rows,
+                        note=f"{len(faults)} fault answers in this part of the run")
         ngx.stop()
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))

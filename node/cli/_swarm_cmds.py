@@ -52,6 +52,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus /metrics, /healthz and /livez here (e.g. 127.0.0.1:9464; keep it on loopback)")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    g = p.add_argument_group("Hugging Face gateway (docs/huggingface.md)")
+    g.add_argument("--hf-gateway", metavar="HOST:PORT",
+                   help="serve an HF_ENDPOINT for unmodified clients (huggingface_hub, hf download) at this address, e.g. 127.0.0.1:8080")
+    g.add_argument("--endpoint", action="append", default=[], metavar="URL",
+                   help="the gateway's upstream besides HF_ENDPOINT or the public hub (repeatable; all must agree)")
+    g.add_argument("--token-file", type=Path, metavar="FILE",
+                   help="the gateway's upstream token (default: HF_TOKEN, then huggingface_hub's stored token)")
     add_trust_args(p)
     p.set_defaults(func=cmd_join)
 
@@ -166,6 +173,23 @@ def _swarm_key(path: Path | None) -> bytes | None:
     return key
 
 
+def _gateway_config(args: argparse.Namespace) -> Any:
+    """The gateway's settings from --hf-gateway (or network.gateway), --endpoint, --token-file; None without it."""
+    if not getattr(args, "hf_gateway", None):
+        if args.endpoint or args.token_file:
+            raise ConfigError("--endpoint and --token-file are the gateway's: give --hf-gateway HOST:PORT too")
+        return None
+    from autoglm.node.hub._api import default_endpoints, load_token
+    from autoglm.node.hub._gateway import GatewayConfig, check_upstreams, parse_hostport
+
+    host, port = parse_hostport(args.hf_gateway)
+    endpoints = tuple(default_endpoints("hf", args.endpoint))
+    check_upstreams(host, port, endpoints)
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("the Hugging Face gateway listens on %s, not loopback: anyone who reaches it reads what the node's token can", host)
+    return GatewayConfig(endpoints=endpoints, token=load_token(args.token_file), host=host, port=port)
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     import trio
 
@@ -196,17 +220,29 @@ def cmd_join(args: argparse.Namespace) -> int:
                     _say(args, "banned", f"[red]banned peer {ev.peer_id}[/]: {ev.reason}",
                          peer_id=ev.peer_id, manifest_id=ev.manifest_id.hex(), reason=ev.reason)
 
+    gateway = _gateway_config(args)
+
     async def run() -> None:
         send, recv = trio.open_memory_channel[SwarmEvent](256)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with open_swarm_node(config, send) as node, trio.open_nursery() as nursery:
                 nursery.start_soon(show_swarm_events, recv)
+                extra: dict[str, Any] = {}
+                if gateway is not None:
+                    from autoglm.node.hub._gateway import serve_gateway
+
+                    gw = await nursery.start(serve_gateway, node.node.store, gateway)
+                    extra["hf_gateway"] = f"http://{gw.address[0]}:{gw.address[1]}"
                 addrs = node.p2p.addrs()
                 # The first line is the readiness signal and what others join with.
                 metrics = None if node.metrics_addr is None else "http://{}:{}/metrics".format(*node.metrics_addr)
                 node.trust = trust_from_args(args)
                 _say(args, "ready", addrs[0] if addrs else "(no listen address)", addrs=addrs,
-                     peer_id=node.p2p.peer_id, peerwire=node.swarm.status()["peerwire"], metrics=metrics)
+                     peer_id=node.p2p.peer_id, peerwire=node.swarm.status()["peerwire"], metrics=metrics, **extra)
+                if gateway is not None:
+                    url = extra["hf_gateway"]
+                    _say(args, "hf-gateway", f"Hugging Face gateway: HF_ENDPOINT={url} (upstream {', '.join(gateway.endpoints)}; "
+                         "hub-attested)", url=url, endpoints=list(gateway.endpoints))
                 for i, m in enumerate(args.seed):
                     nursery.start_soon(_seed, node, args, i, m)
                 async for sig in signals:

@@ -71,7 +71,16 @@ _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 
 
 class HubAccessError(MirrorError):
-    """The Hub refused us (401/403) or does not know the repository or revision (404)."""
+    """The Hub refused us (401/403) or does not know the repository or revision (404).
+
+    ``status`` and ``code`` (the ``X-Error-Code``) are the endpoint's answer, which the
+    gateway passes on to its clients.
+    """
+
+    def __init__(self, message: str, status: int = 0, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,10 +235,10 @@ class _Api:
                 code = resp.headers.get("x-error-code", "")
                 hint = "the repository is gated: accept its terms on the Hub, then use a token" if code == "GatedRepo" or st == 403 else (
                     "the repository is private or does not exist: give a token (HF_TOKEN, --token-file or `hf auth login`)")
-                raise HubAccessError(f"{self.endpoint}: {what}: {st} {resp.reason}: {hint}")
+                raise HubAccessError(f"{self.endpoint}: {what}: {st} {resp.reason}: {hint}", st, code)
             if st == 404:
                 code = resp.headers.get("x-error-code", "")
-                raise HubAccessError(f"{self.endpoint}: {what}: not found ({code or '404'}): check the repository id and revision")
+                raise HubAccessError(f"{self.endpoint}: {what}: not found ({code or '404'}): check the repository id and revision", st, code)
             if st != 200:
                 raise MirrorError(f"{url}: HTTP {st} {resp.reason}")
             ctype = resp.headers.get("content-type", "").lower()

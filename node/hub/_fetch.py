@@ -72,6 +72,7 @@ class HubFetchPlan:
     local_dir: Path | None = None
     cache_dir: Path | None = None  # default: hub_cache_dir()
     piece_size: int = PIECE_SIZE
+    write_tree: bool = True  # trees/<commit>.json; False when the snapshot given is part of the commit (the gateway)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +139,7 @@ async def fetch_hub(
         snapshot = await resolve_snapshot(plan.ref, plan.endpoints, plan.token)
     out_dir, whole, wanted = _layout(plan, snapshot)
     manifest = hub_manifest(snapshot, whole, plan.piece_size)
-    if plan.local_dir is None:
+    if plan.local_dir is None and plan.write_tree:
         # Written before any byte, as huggingface_hub does: an interrupted snapshot reads as incomplete offline.
         await trio.to_thread.run_sync(write_tree, out_dir, snapshot.commit, snapshot.files)
     download = await trio.to_thread.run_sync(store.open_download, manifest, out_dir, list(wanted))

@@ -110,7 +110,10 @@ class HubServer(FaultServer):
         await self._send_simple(stream, status, extra, json.dumps(value).encode(), "application/json")
         return True
 
-    async def _error(self, stream: trio.SocketStream, status: str, code: str, extra: str = "") -> bool:
+    async def _error(self, stream: trio.SocketStream, status: str, code: str, extra: str = "", head: bool = False) -> bool:
+        if head:  # a HEAD answer has no body
+            await self._send_simple(stream, status, f"X-Error-Code: {code}\r\n{extra}", b"", "application/json")
+            return True
         return await self._json(stream, status, {"error": code}, f"X-Error-Code: {code}\r\n{extra}")
 
     async def _fault(self, stream: trio.SocketStream, rel: str, has_range: bool, reused: bool) -> bool | None:
@@ -171,14 +174,14 @@ class HubServer(FaultServer):
         why, repo, commit = self._lookup(m["repo"], m["rev"], headers)
         if repo is None:
             self.stats.requests += 1
-            return await self._error(stream, why, "RepoNotFound")
+            return await self._error(stream, why, "RepoNotFound", head=method == "HEAD")
         if commit is None:
             self.stats.requests += 1
-            return await self._error(stream, why, "RevisionNotFound")
+            return await self._error(stream, why, "RevisionNotFound", head=method == "HEAD")
         info = repo.commits[commit].get(m["file"])
         if info is None:
             self.stats.requests += 1
-            return await self._error(stream, "404 Not Found", "EntryNotFound", f"X-Repo-Commit: {commit}\r\n")
+            return await self._error(stream, "404 Not Found", "EntryNotFound", f"X-Repo-Commit: {commit}\r\n", head=method == "HEAD")
         if not info.lfs:
             return await super()._respond(stream, method, f"/objects/{info.blob_id}?commit={commit}", headers, reused)
         self.stats.requests += 1

@@ -43,8 +43,8 @@ def test_every_key_backs_a_flag_with_the_same_default() -> None:
 
 def test_keys_without_a_flag_are_few_and_known() -> None:
     assert {k.name for k in KEYS if not k.commands} == {
-        "data_dir", "log_level", "log_format", "network.gateway"}
-    assert {k.name for k in KEYS if k.reserved} == {"network.gateway"}
+        "data_dir", "log_level", "log_format"}
+    assert {k.name for k in KEYS if k.reserved} == set()
 
 
 def test_operations_doc_lists_every_key_and_env_var() -> None:
