@@ -142,7 +142,7 @@ async def test_flag_beats_env_beats_file(
     assert s["mirrors.stall_timeout"]["source"] == "file" and s["mirrors.stall_timeout"]["where"] == f"{conf}:3"
     assert s["mirrors.stall_timeout"]["value"] == 2.0
     assert s["mirrors.connections"] == {"value": 4, "source": "default", "where": "", "reserved": False}
-    assert s["network.gateway"]["reserved"] is True
+    assert s["network.gateway"]["reserved"] is False and s["network.metrics"]["reserved"] is False
 
 
 async def test_trust_from_the_environment(published: Published, server: FaultServer, tmp_path: Path) -> None:
