@@ -45,7 +45,15 @@ from autoglm.node._progress import (
     SourceFailed,
 )
 from autoglm.node._sources import FetchRequest, PieceRef, Source, SourceKind
-from autoglm.node._store import UNKNOWN_HASH, Download, PieceLocation, Store, _pread, preflight
+from autoglm.node._store import (
+    UNKNOWN_HASH,
+    Download,
+    FileCheckFailed,
+    PieceLocation,
+    Store,
+    _pread,
+    preflight,
+)
 from autoglm.node.errors import (
     AutoglmError,
     IntegrityError,
@@ -634,8 +642,7 @@ class Fetch:
                     self.picker.piece_lost(i)
                 raise
             except IntegrityError as exc:  # a whole-file check failed (its pieces are discarded)
-                fi = getattr(exc, "file_index", None)
-                srcs = sorted(self._file_sources.get(fi, ())) if fi is not None else []
+                srcs = sorted(self._file_sources.get(exc.file_index, ())) if isinstance(exc, FileCheckFailed) else []
                 raise IntegrityError(f"{exc}; its bytes came from {', '.join(srcs) or 'an earlier run'}") from exc
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("committed %d piece(s), %d left: %s", len(batch), self.picker.remaining - len(batch),

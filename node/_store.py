@@ -70,6 +70,7 @@ from autoglm.protocol import (
 from autoglm.protocol._signing import MAGIC
 
 __all__ = [
+    "FileCheckFailed",
     "PARTIAL_DIR",
     "UNKNOWN_HASH",
     "Download",
@@ -125,6 +126,14 @@ CREATE TABLE IF NOT EXISTS file_stamps (
     PRIMARY KEY (download_id, file_index)
 ) WITHOUT ROWID;
 """
+
+
+class FileCheckFailed(IntegrityError):
+    """A finished file failed its whole-file check; its pieces were discarded."""
+
+    def __init__(self, message: str, file_index: int) -> None:
+        super().__init__(message)
+        self.file_index = file_index
 
 
 @dataclass(frozen=True, slots=True)
@@ -1058,8 +1067,7 @@ class Download:
                     raise IntegrityError(f"{f.path}: every piece matched but the file's SHA-256 does not; the manifest is inconsistent")
             except IntegrityError as exc:
                 self._discard_file(fi, fd)
-                exc.file_index = fi  # type: ignore[attr-defined]
-                raise
+                raise FileCheckFailed(str(exc), fi) from exc
             os.close(fd)
             self._rename_into_place(fi, f.path)
         except OSError as exc:
