@@ -50,12 +50,12 @@ from autoglm.node._progress import (
 )
 from autoglm.node._scheduling import REFUSED_SPAN, REFUSED_TRIES, SourceScheduler
 from autoglm.node._sources import PieceRef, Source
+from autoglm.node._staging import pread_nofollow
 from autoglm.node._store import (
     UNKNOWN_HASH,
     Download,
     PieceLocation,
     Store,
-    _pread,
     preflight,
 )
 from autoglm.node.errors import AutoglmError, StorageError
@@ -383,7 +383,7 @@ def _copy_local(d: Download, locs: dict[int, PieceLocation]) -> tuple[list[int],
     copied = []
     for i, loc in locs.items():
         try:
-            data = _pread(loc)
+            data = pread_nofollow(loc.path, loc.offset, loc.length)
         except OSError:
             continue
         if blake3.blake3(data).digest() == d.pieces[i].hash:
