@@ -24,8 +24,11 @@ public methods only:
   *ticker* that sends progress snapshots.
 
 Before the first request, :meth:`Fetch.run` prepares the download (space
-check, crash recovery, re-check of finished files, pieces copied from
-elsewhere in the store).
+check, crash recovery, re-check of finished files) and finds the pieces that
+lie on this machine already (``node/_locations.py``: the store, the output
+directory's old files, the Hugging Face cache); each place becomes a source
+of kind ``LOCAL`` that the scheduler serves first, in parallel with the
+network.
 """
 
 from __future__ import annotations
@@ -35,26 +38,22 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import blake3
 import trio
 
 from autoglm.node._delivery import THREAD_MIN, Delivery, PieceHashMismatch
 from autoglm.node._fetchstats import FetchStats
+from autoglm.node._locations import STORE_ID, LocalSource, find_local_pieces
 from autoglm.node._progress import (
     Event,
     FetchDone,
     FetchStarted,
     FileDone,
-    PieceVerified,
     ProgressSnapshot,
 )
 from autoglm.node._scheduling import REFUSED_SPAN, REFUSED_TRIES, SourceScheduler
 from autoglm.node._sources import PieceRef, Source
-from autoglm.node._staging import pread_nofollow
 from autoglm.node._store import (
-    UNKNOWN_HASH,
     Download,
-    PieceLocation,
     Store,
     preflight,
 )
@@ -68,7 +67,7 @@ __all__ = ["LOCAL_ID", "Fetch", "FetchOptions", "FetchResult", "collapse_group"]
 # Kept importable here for the modules and tests that import them from the engine.
 _reexported = (REFUSED_SPAN, REFUSED_TRIES, THREAD_MIN, PieceHashMismatch)
 
-LOCAL_ID = "local:store"
+LOCAL_ID = STORE_ID  # pieces copied from elsewhere in the store
 
 log = logging.getLogger(__name__)
 
@@ -281,21 +280,18 @@ class Fetch:
         for i in d.done:
             by_file[self._refs[i].path] = by_file.get(self._refs[i].path, 0) + self._refs[i].length
         if self.options.local_copies:
-
-            def find_local() -> dict[int, PieceLocation]:  # one thread hop for every missing piece
-                found = ((i, self.store.find_by_hash(d.pieces[i].hash, d.id)) for i in d.missing() if d.pieces[i].hash != UNKNOWN_HASH)
-                return {i: loc for i, loc in found if loc is not None}
-
-            locs = await trio.to_thread.run_sync(find_local)
-            if locs:
-                copied, finished = await trio.to_thread.run_sync(_copy_local, d, locs)
-                for i in copied:
-                    self.picker.piece_done(i)
-                    n = self.stats.verified(LOCAL_ID, i)
-                    await self._send(PieceVerified(d.manifest_id, i, LOCAL_ID, n, self._refs[i].path))
-                for fi in finished:
-                    await self._send(FileDone(d.manifest.files[fi].path, d.manifest.files[fi].size))
+            for src in await trio.to_thread.run_sync(self._find_local):
+                log.info("%s: %d piece(s) may come from %s", d.manifest_id.hex()[:16], src.piece_count, src.id)
+                self.add_source(src)
         return present
+
+    def _find_local(self) -> list[LocalSource]:
+        """The local sources: the store, the output directory's old files, the HF cache. Blocking (hashes old files)."""
+        from autoglm.node.hub._cache import hub_cache_dir  # the root huggingface_hub uses
+
+        d = self.download
+        found = find_local_pieces(self.store, d, hub_cache_dir())
+        return [LocalSource(sid, spots, [p.length for p in d.pieces]) for sid, spots in found.items()]
 
     async def run(
         self, *, go: trio.Event | None = None, task_status: TaskStatus[Fetch] = trio.TASK_STATUS_IGNORED
@@ -377,19 +373,6 @@ class Fetch:
         await self._send(FetchDone(total, dict(st.bytes_by_source), seconds, st.discarded, str(d.out_dir), dict(rx)))
         return result
 
-
-def _copy_local(d: Download, locs: dict[int, PieceLocation]) -> tuple[list[int], list[int]]:
-    """Copy pieces that exist elsewhere in the store (same hash), verify, commit. Blocking."""
-    copied = []
-    for i, loc in locs.items():
-        try:
-            data = pread_nofollow(loc.path, loc.offset, loc.length)
-        except OSError:
-            continue
-        if blake3.blake3(data).digest() == d.pieces[i].hash:
-            d.write(i, 0, data)
-            copied.append(i)
-    return copied, d.commit(copied)
 
 
 def collapse_group(eg: BaseExceptionGroup[BaseException]) -> BaseException:

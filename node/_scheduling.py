@@ -206,35 +206,55 @@ class SourceScheduler:
         return sorted(self.sources.values(), key=key)
 
     def schedule(self, nursery: trio.Nursery) -> None:
-        """Start a request for every source with spare capacity that the picker has work for."""
+        """Start a request for every source with spare capacity that the picker has work for.
+
+        Local sources go first and alone: they claim every piece they hold
+        before a network source is asked for anything.
+        """
         now = trio.current_time()
         active: dict[str, int] = {}
         for r in self._requests.values():
             active[r.source_id] = active.get(r.source_id, 0) + 1
-        progress = True
-        while progress:
-            progress = False
-            for src in self._order():
-                if active.get(src.id, 0) >= self.max_requests(src) or src.ready_at() > now:
-                    continue
-                if self._slow.snubbed(src.id, now):
-                    continue
-                picked = self._picker.pick(src.id, self._request_bytes(src), now)
-                if not picked:
-                    continue
-                rid = self._next_req
-                self._next_req += 1
-                if rid == 0:
-                    log.debug("%s: first request: pieces %s from %s", self._download.manifest_id.hex()[:16], picked, src.id)
-                if src.kind is SourceKind.MIRROR and self._on_mirror_claims is not None:
-                    self._on_mirror_claims(picked)
-                req = _Req(src.id, picked, trio.CancelScope())
-                self._requests[rid] = req
-                active[src.id] = active.get(src.id, 0) + 1
-                if src.kind is SourceKind.PEER:
-                    self._slow.busy(src.id, True, now)
-                nursery.start_soon(self._run_request, rid, src, req)
-                progress = True
+        order = self._order()
+        for group in ([s for s in order if s.kind is SourceKind.LOCAL], order):
+            progress = True
+            while progress:
+                progress = False
+                for src in group:
+                    if active.get(src.id, 0) < self.max_requests(src) and self._start_one(nursery, src, now):
+                        active[src.id] = active.get(src.id, 0) + 1
+                        progress = True
+
+    def _start_one(self, nursery: trio.Nursery, src: Source, now: float) -> bool:
+        """Ask the picker for a request for ``src`` and start it; False when there is none."""
+        if src.ready_at() > now or self._slow.snubbed(src.id, now):
+            return False
+        picked = self._local_first(src, self._picker.pick(src.id, self._request_bytes(src), now))
+        if not picked:
+            return False
+        rid = self._next_req
+        self._next_req += 1
+        if rid == 0:
+            log.debug("%s: first request: pieces %s from %s", self._download.manifest_id.hex()[:16], picked, src.id)
+        if src.kind is SourceKind.MIRROR and self._on_mirror_claims is not None:
+            self._on_mirror_claims(picked)
+        req = _Req(src.id, picked, trio.CancelScope())
+        self._requests[rid] = req
+        if src.kind is SourceKind.PEER:
+            self._slow.busy(src.id, True, now)
+        nursery.start_soon(self._run_request, rid, src, req)
+        return True
+
+    def _local_first(self, src: Source, picked: list[int]) -> list[int]:
+        """No network duplicate of a piece a local source is reading (an endgame pick): give it back."""
+        if src.kind is SourceKind.LOCAL:
+            return picked
+        dup = [i for i in picked if any((s := self.sources.get(r)) is not None and s.kind is SourceKind.LOCAL
+                                        for r in self._picker.requesters(i))]
+        if dup:
+            self._picker.cancel(src.id, dup)
+            return [i for i in picked if i not in dup]
+        return picked
 
     # -- one request -----------------------------------------------------------
     async def _run_request(self, rid: int, src: Source, req: _Req) -> None:
