@@ -183,6 +183,8 @@ class Sink:
         dv = self._dv
         if dv.picker.state(index) in (PieceState.WRITING, PieceState.DONE) or index in dv.finalizing:
             return _NullWriter(dv, self._sid)
+        if dv.draining:  # pieces in flight finish; none starts
+            raise SourceError(f"piece {index} not started: the fetch is stopping")
         direct = not any(w.direct and not w.dead for w in dv.writers.get(index, []))
         w = _Writer(dv, self._sid, index, direct)
         if skip:
@@ -251,9 +253,16 @@ class Delivery:
         self._committing: dict[int, str] = {}  # the batch in the commit thread
         self._commit_ev = trio.Event()
         self._file_sources: dict[int, set[str]] = {}  # file index -> sources that delivered its pieces
+        #: Stopping: pieces with bytes arriving finish, no other piece is opened (see Fetch.drain).
+        self.draining = False
 
     def sink(self, source_id: str) -> Sink:
         return Sink(self, source_id)
+
+    @property
+    def idle(self) -> bool:
+        """No piece is being written, queued for a commit or committing."""
+        return not self.writers and not self.finalizing and not self._pending and not self._committing
 
     @property
     def has_pending(self) -> bool:

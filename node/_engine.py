@@ -149,6 +149,7 @@ class Fetch:
             f = d.manifest.files[d.file_of[i]]
             self._refs.append(PieceRef(i, f.path, p.offset, p.length, p.hash, f.size))
         self._wake_ev = trio.Event()
+        self._drained = trio.Event()
         self.stats = FetchStats(self._refs)
         self.delivery = Delivery(d, self.picker, self._refs, self.stats, send=self._send, wake=self._wake,
                                  on_written=self._piece_written, commit_interval=self.options.commit_interval)
@@ -227,6 +228,22 @@ class Fetch:
     def mirror_claims(self) -> list[int]:
         """Pieces this fetch has asked a mirror for and not finished (a new swarm member hears them)."""
         return self.picker.my_claims()
+
+    def drain(self) -> None:
+        """Stop: no new request or piece starts; the pieces in flight finish and are committed.
+
+        The fetch then idles until it is cancelled (:meth:`drained` says when):
+        a SIGTERM'd node keeps every piece that was arriving, not whole fetches.
+        """
+        self.scheduler.draining = True
+        self.delivery.draining = True
+        if self.scheduler.nursery is None:  # not fetching (preparing, or done): nothing in flight
+            self._drained.set()
+        self._wake()
+
+    async def drained(self) -> None:
+        """Return once a drained fetch has nothing in flight and nothing left to commit."""
+        await self._drained.wait()
 
     # -- internals -------------------------------------------------------------
     def _wake(self) -> None:
@@ -336,6 +353,7 @@ class Fetch:
             raise collapse_group(eg) from None
         finally:
             self.scheduler.nursery = None
+            self._drained.set()  # over, one way or another: nothing is in flight
             await self.scheduler.aclose()
             await trio.to_thread.run_sync(d.close)
         return await self._finish(trio.current_time() - t0, total)
@@ -352,7 +370,10 @@ class Fetch:
             while not self.picker.is_complete:
                 self._wake_ev = trio.Event()
                 sched.schedule(nursery)
-                if sched.idle and not self.delivery.has_pending and not self.picker.is_complete:
+                if sched.draining:
+                    if sched.idle and self.delivery.idle:
+                        self._drained.set()
+                elif sched.idle and not self.delivery.has_pending and not self.picker.is_complete:
                     if not self.picker.can_serve_missing() and not self.options.wait_for_sources:
                         raise sched.no_source_error()
                 # Wake when a backed-off source becomes usable again, even while others are busy.

@@ -100,6 +100,8 @@ class SourceScheduler:
         # Peers far slower than the other sources lose their requests (protocol/_slowsource.py).
         self._slow = SlowSources()
         self.nursery: trio.Nursery | None = None
+        #: Stopping (Fetch.drain): no request starts; requests in flight end with their current piece.
+        self.draining = False
 
     # -- sources ---------------------------------------------------------------
     def add(self, source: Source) -> bool:
@@ -211,6 +213,8 @@ class SourceScheduler:
         Local sources go first and alone: they claim every piece they hold
         before a network source is asked for anything.
         """
+        if self.draining:
+            return
         now = trio.current_time()
         active: dict[str, int] = {}
         for r in self._requests.values():
@@ -282,7 +286,7 @@ class SourceScheduler:
             self._delivery.wake()
         if src.id not in self.sources:
             return
-        if req.withdrawn and error is None:
+        if (req.withdrawn and error is None) or self.draining:  # no blame: we stopped it
             self._picker.cancel(src.id, [i for i in req.indices + sink.taken if src.id in self._picker.requesters(i)])
             return
         self._settle(src, req, sink.taken, error, failed_integrity)

@@ -88,6 +88,7 @@ class SwarmNode:
         self.metrics: NodeMetrics | None = None
         self.metrics_addr: tuple[str, int] | None = None
         self._active = 0  # holds still fetching; drain() waits for none
+        self._fetches: set[Fetch] = set()  # the running fetches drain() stops
         self._idle = trio.Event()
         self._idle.set()
 
@@ -131,8 +132,17 @@ class SwarmNode:
         return plan
 
     async def drain(self) -> None:
-        """Return once no fetch is running (SIGTERM waits for this, bounded, before stopping)."""
-        await self._idle.wait()
+        """Stop every running fetch at its pieces in flight; return once those are verified and recorded.
+
+        SIGTERM waits for this, bounded, before stopping: no new piece starts,
+        and the ones arriving finish (Fetch.drain), so a restart resumes with
+        nothing half-received.
+        """
+        fetches = list(self._fetches)
+        for f in fetches:
+            f.drain()
+        for f in fetches:
+            await f.drained()
 
     async def _hold(
         self,
@@ -164,6 +174,7 @@ class SwarmNode:
         fetch = Fetch(self.node.store, download, mirrors, send, plan.options,
                       on_mirror_claims=lambda indices: self.swarm.post_claims(mid, indices))
         box: list[FetchResult] = []
+        self._fetches.add(fetch)
 
         go = trio.Event()
 
@@ -190,6 +201,7 @@ class SwarmNode:
         except BaseExceptionGroup as eg:
             raise _collapse(eg) from None
         finally:
+            self._fetches.discard(fetch)
             self.swarm.detach(mid)
             if events is not None:
                 await events.aclose()
