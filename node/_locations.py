@@ -39,7 +39,7 @@ import trio
 
 from autoglm.node._delivery import PieceHashMismatch
 from autoglm.node._sources import FetchRequest, PieceSink, SourceKind
-from autoglm.node._staging import PARTIAL_DIR, pread_nofollow
+from autoglm.node._staging import PARTIAL_DIR, drop_cache, pread_nofollow
 from autoglm.node._store import UNKNOWN_HASH
 from autoglm.node.errors import AutoglmError
 
@@ -184,6 +184,7 @@ def scan_file(path: Path, want: dict[tuple[bytes, int], list[int]], own: list[tu
     try:
         for off, n in spans:
             data = os.pread(fd, n, off)
+            drop_cache(fd, off, n)  # read once to hash: keep the host's page cache for its own work
             for i in want.get((blake3.blake3(data).digest(), n), ()):
                 out.setdefault(i, []).append(Spot(path, off))
     except OSError:
