@@ -61,7 +61,6 @@ REVERSE_PROTOCOL_ID = "/autoglm/reverse/1"
 DIRECT_TIMEOUT = 3.0
 #: After a failed direct dial, the peer is reached by reverse dial only for this long.
 DIRECT_RETRY = 60.0
-_REVERSE_TIMEOUT = 10.0  # from the request to the peer's socket arriving
 _NONCE = 32
 _MAX_UNMATCHED = 64
 
@@ -122,7 +121,7 @@ class Reverse:
 
     def __init__(
         self, p2p: P2PNode, host: str, down: RateLimiter, psk: bytes | None, in_session: Callable[[str], bool],
-        per_minute: int = 4,
+        per_minute: int = 4, reverse_timeout: float = 10.0,
     ) -> None:
         self._p2p = p2p
         self._host = host
@@ -130,6 +129,7 @@ class Reverse:
         self._psk = psk
         self._in_session = in_session
         self._per_minute = per_minute
+        self._reverse_timeout = reverse_timeout
         self.stats = PathStats()
         self.port: int | None = None
         self._waiting: dict[bytes, tuple[str, trio.MemorySendChannel[trio.SocketStream]]] = {}
@@ -179,10 +179,10 @@ class Reverse:
                 raise SourceError(f"cannot ask {peer_id} to dial us: {exc}") from exc
             finally:
                 await stream.aclose()
-            with trio.move_on_after(_REVERSE_TIMEOUT):
+            with trio.move_on_after(self._reverse_timeout):
                 sock = await recv.receive()
                 return await handshake_peerwire(sock, token, self._down, self._psk, f"reverse dial from {peer_id}")
-            raise SourceError(f"peer {peer_id} did not dial back within {_REVERSE_TIMEOUT:.0f} s")
+            raise SourceError(f"peer {peer_id} did not dial back within {self._reverse_timeout:.0f} s")
         finally:
             del self._waiting[nonce]
             send.close()
