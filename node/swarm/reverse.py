@@ -63,6 +63,7 @@ DIRECT_TIMEOUT = 3.0
 DIRECT_RETRY = 60.0
 _NONCE = 32
 _MAX_UNMATCHED = 64
+_MAX_REMEMBERED = 4096  # peers remembered per table before expired entries are dropped
 
 
 def may_be_unreachable(listen_hosts: Iterable[str]) -> bool:
@@ -150,6 +151,8 @@ class Reverse:
                     sock = await trio.open_tcp_stream(remote_host, port)
             except (OSError, trio.TooSlowError) as exc:
                 self.stats.failed["direct"] += 1
+                if len(self._no_direct) > _MAX_REMEMBERED:
+                    self._no_direct = {p: t for p, t in self._no_direct.items() if t > now}
                 self._no_direct[peer_id] = now + DIRECT_RETRY
                 log.info("peerwire of %s not reachable at %s:%d (%r); asking it to dial us", peer_id, remote_host, port, exc)
             else:
@@ -283,5 +286,7 @@ class Reverse:
         if len(recent) >= self._per_minute:
             self._asked[peer] = recent
             return False
+        if len(self._asked) > _MAX_REMEMBERED:
+            self._asked = {p: ts for p, ts in self._asked.items() if any(now - t < 60.0 for t in ts)}
         self._asked[peer] = [*recent, now]
         return True
