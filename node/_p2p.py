@@ -339,10 +339,24 @@ class P2PNode:
         return found
 
     def set_control_handler(self, handler: ControlHandler) -> None:
+        self.set_stream_handler(CONTROL_PROTOCOL_ID, handler)
+
+    def set_stream_handler(self, protocol_id: str, handler: ControlHandler) -> None:
+        """Serve another of the node's own protocols (``/autoglm/reverse/1``, node/swarm/reverse.py)."""
+
         async def on_stream(stream: Any) -> None:
             await handler(ControlStream(stream))
 
-        self._host.set_stream_handler(CONTROL_PROTOCOL_ID, on_stream)
+        self._host.set_stream_handler(protocol_id, on_stream)
+
+    async def open_stream(self, peer_id: str, protocol_id: str) -> ControlStream:
+        """A new stream of ``protocol_id`` on the connection to a peer (opened if needed)."""
+        try:
+            with trio.fail_after(_DHT_TIMEOUT):
+                stream = await self._host.new_stream(ID.from_base58(peer_id), [protocol_id])
+        except (trio.TooSlowError, OSError, BaseLibp2pError, ValueError) as exc:
+            raise SourceError(f"cannot open {protocol_id} to {peer_id}: {exc}") from exc
+        return ControlStream(stream)
 
     async def open_control(self, peer: str | PeerAddr) -> ControlStream:
         """Open /autoglm/swarm/1 to a peer (dialling its addrs first if given)."""

@@ -24,7 +24,7 @@ from typing import Protocol
 import trio
 
 from autoglm.node._p2p import ControlStream
-from autoglm.node._peerwire import PeerRejected, PeerwireConnection, connect_peerwire
+from autoglm.node._peerwire import PeerRejected, PeerwireConnection
 from autoglm.node._ratelimit import RateLimiter
 from autoglm.node._sources import FetchRequest, PieceSink, SourceKind
 from autoglm.node.errors import IntegrityError, SourceError
@@ -47,6 +47,7 @@ from autoglm.protocol._frames import NeedData
 from autoglm.protocol._peerwire import RejectReason
 
 from .config import SwarmConfig, SwarmStats
+from .reverse import Reverse
 
 __all__ = ["PeerSource", "Session", "SessionHost"]
 
@@ -70,6 +71,11 @@ class SessionHost(Protocol):
 
     @property
     def down(self) -> RateLimiter: ...
+
+    @property
+    def paths(self) -> Reverse:
+        """Peerwire dialling: direct, else reverse-dialled (a peer behind NAT; node/swarm/reverse.py)."""
+        ...
 
     @property
     def local_peer_id(self) -> str:
@@ -370,7 +376,7 @@ class Session:
             if self.remote_host is None:
                 raise SourceError(f"peer {self.peer_id} has no address to reach its pieces at")
             port = theirs.endpoint.port
-            self._pw = await connect_peerwire(self.remote_host, port, token, self.host.down, self.host.config.swarm_key)
+            self._pw = await self.host.paths.connect(self.peer_id, self.remote_host, port, token)
             return self._pw
 
     async def writer(self) -> None:

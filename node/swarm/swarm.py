@@ -71,6 +71,7 @@ from .dialer import Dialer
 from .discovery import Discovery
 from .fetches import Fetches
 from .held import Held, Serving
+from .reverse import REVERSE_PROTOCOL_ID, Reverse, may_be_unreachable
 from .session import PeerSource, Session
 
 if TYPE_CHECKING:
@@ -109,6 +110,8 @@ class Swarm:
         self.aliases = Aliases(self.sessions, self.fetches, self.held.envelopes)
         self._nursery: trio.Nursery | None = None
         self._rechoke_now = trio.Event()
+        self.paths = Reverse(p2p, self.config.peerwire_host, self.down, self.config.swarm_key,
+                             lambda peer: peer in self.sessions, self.config.budget.peerwire_conns)
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[Swarm] = trio.TASK_STATUS_IGNORED) -> None:
@@ -119,10 +122,12 @@ class Swarm:
                 lambda task_status: serve_peerwire(
                     self.serving, self.serving.redeem, host=self.config.peerwire_host, port=self.config.peerwire_port,
                     up=self.up, psk=self.config.swarm_key, idle_timeout=self.config.budget.peerwire_idle,
-                    task_status=task_status,
+                    inbound=self.paths.inbound, task_status=task_status,
                 )
             )
             self.endpoint = Endpoint(host, port)
+            await nursery.start(self.paths.serve_rendezvous)
+            self.p2p.set_stream_handler(REVERSE_PROTOCOL_ID, self.paths.on_request)
             self.p2p.set_control_handler(self.serve_session)
             nursery.start_soon(self._rechoker)
             nursery.start_soon(self.discovery.run_discoverer)
@@ -275,8 +280,10 @@ class Swarm:
                     self._on_state(s, st.manifest_id)
                 self.aliases.probe(s)
             case Peers():
-                # Advice: dialled only while fetching that manifest.
-                if msg.manifest_id in self.fetches:
+                # Advice: dialled only while fetching that manifest, or holding it from
+                # where others may not reach us (behind NAT: node/swarm/reverse.py).
+                mid = msg.manifest_id
+                if mid in self.fetches or (mid in self.held and may_be_unreachable(self.dialer.listen_hosts())):
                     self.dialer.introduced(s, msg.peers)
             case Claim():
                 fetch = self.fetches.get(msg.manifest_id)
@@ -362,4 +369,5 @@ class Swarm:
             "down_bytes": self.stats.down_bytes,
             "banned": [list(b) for b in self.stats.banned],
             "lost_pieces": self.stats.lost_pieces,
+            "peerwire_paths": self.paths.stats.as_dict(),
         }
