@@ -280,6 +280,7 @@ class Gateway:
             await reply.head(status, out)
             await reply.end()
             return
+        t0 = trio.current_time()
         fl = await self.flights.flight(snap, f)
         self.stats.flights, self.stats.flights_failed = self.flights.started, self.flights.failed
         # Wait for the first bytes (or the end), so that a failure before any byte is a proper error answer.
@@ -304,6 +305,8 @@ class Gateway:
             self.stats.served_by_via[fl.via] = self.stats.served_by_via.get(fl.via, 0) + len(data)
         await reply.end()
         self.stats.flights_failed = self.flights.failed
+        log.info("gateway: served %s@%s %s bytes %d-%d in %.2f s (%s)", repo, snap.commit[:12], f.path, start, end,
+                 trio.current_time() - t0, fl.via)
 
 
 def _tree(files: Sequence[HubFile], prefix: str, recursive: bool) -> list[dict[str, Any]]:
