@@ -380,8 +380,9 @@ def write_hf_cache(cache: Path, prov: Provenance, out_dir: Path, paths: Sequence
                 if blob != f.blob_id:
                     raise IntegrityError(f"{f.path}: git blob id {blob}, the provenance says {f.blob_id}")
             dst = repo_dir / blob_name(f)
-            if dst.is_file() and dst.stat().st_size == f.size:
-                continue
+            if dst.is_file() and dst.stat().st_ino == src.stat().st_ino and dst.stat().st_dev == src.stat().st_dev:
+                continue  # already the fetched file (a link made before the fetch or by an earlier run)
+            # Anything else there (an unverified blob, or a copy) is replaced by the verified file.
             tmp = dst.with_name(f".{dst.name}.autoglm-tmp")
             tmp.unlink(missing_ok=True)
             try:

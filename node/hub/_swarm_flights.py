@@ -228,7 +228,8 @@ def _link_blob(src: Path, fl: Flight, f: HubFile, commit: str) -> None:
         if blob != f.blob_id:
             raise IntegrityError(f"{f.path}: git blob id {blob}, the hub and the provenance say {f.blob_id}")
     dst = fl.blob
-    if not (dst.is_file() and dst.stat().st_size == f.size):
+    same = dst.is_file() and (dst.stat().st_ino, dst.stat().st_dev) == (src.stat().st_ino, src.stat().st_dev)
+    if not same:  # whatever else is there (an unverified blob) is replaced by the verified file
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.autoglm-tmp")
         tmp.unlink(missing_ok=True)

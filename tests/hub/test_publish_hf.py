@@ -164,6 +164,32 @@ print(json.dumps([snap, cfg]))
     assert read(cfg) == hub.files["config.json"]
 
 
+async def test_fetch_hf_cache_reuses_the_blobs_huggingface_hub_already_holds(hub: Hub, tmp_path: Path) -> None:
+    env = clean_env(tmp_path, HF_ENDPOINT=hub.url)
+    await keygen(tmp_path, env)
+    await publish(tmp_path, env, tmp_path / "pubcache", tmp_path / "m.agm")
+    # huggingface_hub itself downloaded the repository into this cache before.
+    cache = tmp_path / "cache"
+    await run_py(f"from huggingface_hub import snapshot_download; snapshot_download({REPO!r}, cache_dir={str(cache)!r})", env)
+    shard = "model-00001-of-00002.safetensors"
+    blob = cache / FOLDER / "blobs" / hashlib.sha256(hub.files[shard]).hexdigest()
+    before_inode = blob.stat().st_ino
+    # One blob there is not the signed bytes (same size): it must be fetched, never adopted.
+    other = "model-00002-of-00002.safetensors"
+    bad = cache / FOLDER / "blobs" / hashlib.sha256(hub.files[other]).hexdigest()
+    bad.write_bytes(b"\0" * len(hub.files[other]))
+    served = origin_bytes(hub)
+    res = await run_cli(["--data-dir", str(tmp_path / "c"), "fetch", str(tmp_path / "m.agm"), "--standalone", "--hf-cache",
+                         "--cache-dir", str(cache), "--trust", str(tmp_path / "key.pub"), "--json"], env)
+    done = json.loads(res.stdout.decode().strip().splitlines()[-1])
+    fetched = origin_bytes(hub) - served
+    # Only the blob that did not match came over the network again (plus HTTP headers).
+    assert len(hub.files[other]) <= fetched < len(hub.files[other]) + 64 * 1024, fetched
+    assert blob.stat().st_ino == before_inode and blob.stat().st_nlink == 2  # reused in place: one copy on disk
+    snap = Path(done["hf_snapshot"])
+    assert {p: (snap / p).read_bytes() for p in hub.files} == hub.files
+
+
 @pytest.mark.integration
 async def test_two_nodes_seed_it_with_the_hub_as_only_web_seed(hub: Hub, tmp_path: Path) -> None:
     from tests.swarm.harness import processes, start_node
