@@ -98,7 +98,8 @@ def cmd_publish_hub(args: argparse.Namespace) -> int:
                     "name": m.name, "version": m.version, "repo": ref.repo, "commit": res.snapshot.commit,
                     "endpoints": list(res.provenance.endpoints), "mirrors": list(res.provenance.mirrors),
                     "files": len(m.files), "pieces": m.piece_count, "size": m.total_size,
-                    "from_cache": res.from_cache, "fetched_bytes": fetched, "seconds": round(seconds, 3),
+                    "from_cache": res.from_cache, "fetched_bytes": fetched, "read_again_bytes": res.read_again,
+                    "seconds": round(seconds, 3),
                     "name_record": name_rec})
     else:
         where = "read from the HF cache" if res.from_cache else f"fetched {human_bytes(fetched)} into the HF cache"
