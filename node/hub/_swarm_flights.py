@@ -36,6 +36,7 @@ from typing import Any
 
 import trio
 
+from autoglm.node._engine import collapse_group
 from autoglm.node._manifests import check_manifest, load_signed_manifest
 from autoglm.node._plan import FetchPlan
 from autoglm.node._progress import Event, FileDone, PieceVerified
@@ -197,8 +198,9 @@ class SwarmFlights:
                 nursery.start_soon(follow)
                 await self.hold(plan, events=send)
         except Exception as exc:
-            error = exc if not isinstance(exc, ExceptionGroup) else SourceError(f"the swarm fetch failed: {exc!r}")
-            log.warning("gateway: the swarm fetch of %s failed: %s", run.manifest.path, exc)
+            err = collapse_group(exc) if isinstance(exc, ExceptionGroup) else exc
+            error = err if isinstance(err, Exception) else SourceError(f"the swarm fetch failed: {err!r}")
+            log.warning("gateway: the swarm fetch of %s failed: %s", run.manifest.path, error)
         for fl, f, snap in batch.values():
             if fl.done or fl.error is not None:
                 continue

@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 FOLDER = "models--" + REPO.replace("/", "--")
 BIG = "big.safetensors"
+BIN = "weights.bin"
 OTHER = "acme/other-model"
 
 
@@ -117,3 +118,46 @@ async def test_gateway_takes_a_published_commit_from_the_peer_not_the_hub(hub: H
     blob = tmp_path / "gwnode" / "hf-home" / "hub" / FOLDER / "blobs" / hashlib.sha256(files[BIG]).hexdigest()
     seeded = tmp_path / "gwnode" / "hf-home" / "hub" / FOLDER / ".autoglm-files" / commit / BIG
     assert blob.read_bytes() == files[BIG] and blob.stat().st_ino == seeded.stat().st_ino
+
+
+async def test_a_manifest_the_node_is_already_fetching_is_served_through_the_hub_fetch(tmp_path: Path) -> None:
+    """`join --seed M.agm --hf-manifest M.agm`: while the seed runs, the node cannot start a second fetch of that
+    manifest; the gateway hands the file to its hub fetch instead of failing the client."""
+    from tests.swarm.harness import processes, start_node
+
+    from .hubserver import HubServer
+    from .test_gateway import SlowTail
+
+    root = tmp_path / "slowroot"
+    cdn = SlowTail(root)
+    cdn.pause = 6.0  # the seed's fetch is still running when the client asks
+    server = HubServer(root, cdn=cdn)
+    files = {"config.json": b'{"model_type": "big"}', BIN: np.random.default_rng(9).bytes(20 << 20)}
+    repo = "acme/seeded"
+    commit = server.add_commit(repo, files)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cdn.serve)
+        await nursery.start(server.serve)
+        url = f"http://127.0.0.1:{server.port}"
+        env = clean_env(tmp_path, HF_ENDPOINT=url)
+        await run_cli(["--data-dir", str(tmp_path / "pub"), "keygen", "--out", str(tmp_path / "key")], env)
+        cdn.pause = 0.0
+        await run_cli(["--data-dir", str(tmp_path / "pub"), "publish", f"hf://{repo}@main", "--key", str(tmp_path / "key"),
+                       "--cache-dir", str(tmp_path / "pubcache"), "--out", str(tmp_path / "m.agm"), "--json"], env)
+        cdn.pause = 6.0
+        pub = {"manifest": tmp_path / "m.agm", "key": tmp_path / "key.pub"}
+
+        def run() -> tuple[str, str]:
+            with processes() as procs:
+                n = start_node(procs, tmp_path, "n", pub, env=clean_env(tmp_path / "node", HF_ENDPOINT=url),
+                               extra=["--hf-gateway", "127.0.0.1:0", "--hf-manifest", str(pub["manifest"])])
+                gw = n.event("ready", 10)["hf_gateway"]
+                snap = _client(f"from huggingface_hub import hf_hub_download\nprint(hf_hub_download({repo!r}, {BIN!r}))\n",
+                               clean_env(tmp_path / "client", HF_ENDPOINT=gw, HF_HUB_DOWNLOAD_TIMEOUT="60"))
+                return snap, n.stderr_tail(20000)
+
+        path, log = await trio.to_thread.run_sync(run)
+        nursery.cancel_scope.cancel()
+    assert Path(path).read_bytes() == files[BIN]  # noqa: ASYNC240
+    assert Path(path).parent.name == commit
+    assert "already fetching" in log, log[-3000:]
