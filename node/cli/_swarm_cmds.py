@@ -55,13 +55,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g = p.add_argument_group("Hugging Face gateway (docs/huggingface.md)")
     g.add_argument("--hf-gateway", metavar="HOST:PORT",
                    help="serve an HF_ENDPOINT for unmodified clients (huggingface_hub, hf download) at this address, e.g. 127.0.0.1:8080")
+    g.add_argument("--hf-manifest", action="append", default=[], type=Path, metavar="PATH",
+                   help="a trusted manifest made by publish hf:// (its .hub.json beside it), or a folder of them: "
+                   "the gateway takes the files of those commits from the swarm, the Hub as web seed (repeatable)")
     g.add_argument("--endpoint", action="append", default=[], metavar="URL",
                    help="the gateway's upstream besides HF_ENDPOINT or the public hub (repeatable; all must agree)")
     g.add_argument("--token-file", type=Path, metavar="FILE",
                    help="the gateway's upstream token (default: HF_TOKEN, then huggingface_hub's stored token)")
-    g.add_argument("--hf-manifest", action="append", default=[], type=Path, metavar="PATH",
-                   help="a trusted manifest made by publish hf:// (its .hub.json beside it), or a folder of them: "
-                   "the gateway takes the files of those commits from the swarm, the Hub as web seed (repeatable)")
     add_trust_args(p)
     p.set_defaults(func=cmd_join)
 
@@ -238,14 +238,17 @@ def cmd_join(args: argparse.Namespace) -> int:
                 if gateway is not None:
                     from functools import partial
 
+                    from autoglm.node._metrics import watch_gateway
                     from autoglm.node.hub._gateway import serve_gateway
 
                     nm = node.metrics  # the gateway's hub bytes and served bytes in /metrics
-                    hub_events = None if nm is None else partial(nm.observe, kind="hub")
+                    hub_events = None if nm is None else partial(nm.observe, as_kind="hub")
                     gw = await nursery.start(partial(serve_gateway, node.node.store, gateway, hold=node.hold, on_event=hub_events))
                     if nm is not None:
-                        nm.watch_gateway(gw.stats)
+                        watch_gateway(nm, gw.stats)
                     extra["hf_gateway"] = f"http://{gw.address[0]}:{gw.address[1]}"
+                    # the repo@commit a --hf-manifest covers: those come from the swarm
+                    extra["hf_gateway_swarm"] = [f"{m.provenance.repo}@{m.provenance.commit[:12]}" for m in gateway.manifests]
                 addrs = node.p2p.addrs()
                 # The first line is the readiness signal and what others join with.
                 metrics = None if node.metrics_addr is None else "http://{}:{}/metrics".format(*node.metrics_addr)
@@ -254,10 +257,8 @@ def cmd_join(args: argparse.Namespace) -> int:
                      peer_id=node.p2p.peer_id, peerwire=node.swarm.status()["peerwire"], metrics=metrics, **extra)
                 if gateway is not None:
                     url = extra["hf_gateway"]
-                    covered = [f"{m.provenance.repo}@{m.provenance.commit[:12]}" for m in gateway.manifests]
                     _say(args, "hf-gateway", f"Hugging Face gateway: HF_ENDPOINT={url} (upstream {', '.join(gateway.endpoints)}; "
-                         "hub-attested" + (f"; from the swarm: {', '.join(covered)}" if covered else "") + ")",
-                         url=url, endpoints=list(gateway.endpoints), swarm=covered)
+                         "hub-attested)", url=url, endpoints=list(gateway.endpoints))
                 for i, m in enumerate(args.seed):
                     nursery.start_soon(_seed, node, args, i, m)
                 async for sig in signals:

@@ -87,7 +87,7 @@ async def test_gateway_takes_a_published_commit_from_the_peer_not_the_hub(hub: H
                                   "--metrics", "127.0.0.1:0"])
             ready = b.event("ready", 10)
             url, metrics_url = ready["hf_gateway"], ready["metrics"]
-            assert b.event("hf-gateway", 10)["swarm"] == [f"{REPO}@{commit[:12]}"]
+            assert ready["hf_gateway_swarm"] == [f"{REPO}@{commit[:12]}"]
             client = tmp_path / "client"
             snap = _client(_snapshot_code(REPO), clean_env(client, HF_ENDPOINT=url))
             during = {k: v - before.get(k, 0) for k, v in hub.cdn.stats.by_path.items()}
