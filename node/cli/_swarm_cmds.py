@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g = p.add_argument_group("Hugging Face gateway (docs/huggingface.md)")
     g.add_argument("--hf-gateway", metavar="HOST:PORT",
                    help="serve an HF_ENDPOINT for unmodified clients (huggingface_hub, hf download) at this address, e.g. 127.0.0.1:8080")
+    g.add_argument("--hf-manifest", action="append", default=[], type=Path, metavar="PATH",
+                   help="a trusted manifest made by publish hf:// (its .hub.json beside it), or a folder of them: "
+                   "the gateway takes the files of those commits from the swarm, the Hub as web seed (repeatable)")
     g.add_argument("--endpoint", action="append", default=[], metavar="URL",
                    help="the gateway's upstream besides HF_ENDPOINT or the public hub (repeatable; all must agree)")
     g.add_argument("--token-file", type=Path, metavar="FILE",
@@ -176,18 +179,22 @@ def _swarm_key(path: Path | None) -> bytes | None:
 def _gateway_config(args: argparse.Namespace) -> Any:
     """The gateway's settings from --hf-gateway (or network.gateway), --endpoint, --token-file; None without it."""
     if not getattr(args, "hf_gateway", None):
-        if args.endpoint or args.token_file:
-            raise ConfigError("--endpoint and --token-file are the gateway's: give --hf-gateway HOST:PORT too")
+        if args.endpoint or args.token_file or args.hf_manifest:
+            raise ConfigError("--endpoint, --token-file and --hf-manifest are the gateway's: give --hf-gateway HOST:PORT too")
         return None
     from autoglm.node.hub._api import default_endpoints, load_token
     from autoglm.node.hub._gateway import GatewayConfig, check_upstreams, parse_hostport
+    from autoglm.node.hub._swarm_flights import load_hub_manifests
 
     host, port = parse_hostport(args.hf_gateway)
     endpoints = tuple(default_endpoints("hf", args.endpoint))
     check_upstreams(host, port, endpoints)
     if host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("the Hugging Face gateway listens on %s, not loopback: anyone who reaches it reads what the node's token can", host)
-    return GatewayConfig(endpoints=endpoints, token=load_token(args.token_file), host=host, port=port)
+    trust = trust_from_args(args)
+    manifests = load_hub_manifests(args.hf_manifest, trust) if args.hf_manifest else ()
+    return GatewayConfig(endpoints=endpoints, token=load_token(args.token_file), host=host, port=port,
+                         manifests=manifests, trust=trust)
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -229,10 +236,19 @@ def cmd_join(args: argparse.Namespace) -> int:
                 nursery.start_soon(show_swarm_events, recv)
                 extra: dict[str, Any] = {}
                 if gateway is not None:
+                    from functools import partial
+
+                    from autoglm.node._metrics import watch_gateway
                     from autoglm.node.hub._gateway import serve_gateway
 
-                    gw = await nursery.start(serve_gateway, node.node.store, gateway)
+                    nm = node.metrics  # the gateway's hub bytes and served bytes in /metrics
+                    hub_events = None if nm is None else partial(nm.observe, as_kind="hub")
+                    gw = await nursery.start(partial(serve_gateway, node.node.store, gateway, hold=node.hold, on_event=hub_events))
+                    if nm is not None:
+                        watch_gateway(nm, gw.stats)
                     extra["hf_gateway"] = f"http://{gw.address[0]}:{gw.address[1]}"
+                    # the repo@commit a --hf-manifest covers: those come from the swarm
+                    extra["hf_gateway_swarm"] = [f"{m.provenance.repo}@{m.provenance.commit[:12]}" for m in gateway.manifests]
                 addrs = node.p2p.addrs()
                 # The first line is the readiness signal and what others join with.
                 metrics = None if node.metrics_addr is None else "http://{}:{}/metrics".format(*node.metrics_addr)
