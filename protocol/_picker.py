@@ -342,8 +342,11 @@ class PiecePicker:
             picked = self._pick_endgame(source_id, src, now)
         for i in picked:
             self._mark_requested(source_id, src, i, now)
-            if src.kind is MIRROR and self.first_copy is not None:
-                self.first_copy.claim_mine(i)
+            if self.first_copy is not None:
+                if src.kind is MIRROR:
+                    self.first_copy.claim_mine(i)
+                elif src.kind is PEER:
+                    self.first_copy.requested(i, now)  # an owner's promise runs from here
         return picked
 
     def take(self, source_id: str, index: int, now: float) -> bool:
