@@ -35,6 +35,7 @@ to others within one request.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -76,7 +77,7 @@ from .session import PeerSource, Session
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-__all__ = ["Swarm"]
+__all__ = ["Swarm", "advertised_host"]
 
 log = logging.getLogger("autoglm.node.swarm")
 
@@ -122,7 +123,7 @@ class Swarm:
                     task_status=task_status,
                 )
             )
-            self.endpoint = Endpoint(host, port)
+            self.endpoint = Endpoint(advertised_host(host, self.p2p.addrs()), port)
             self.p2p.set_control_handler(self.serve_session)
             nursery.start_soon(self._rechoker)
             nursery.start_soon(self.discovery.run_discoverer)
@@ -363,3 +364,33 @@ class Swarm:
             "banned": [list(b) for b in self.stats.banned],
             "lost_pieces": self.stats.lost_pieces,
         }
+
+
+def advertised_host(bound: str, listen: Iterable[str]) -> str:
+    """The peerwire host a Hello names: what the server is reachable at, never a wildcard.
+
+    The bound host when it is concrete; for a wildcard bind (``--peerwire
+    0.0.0.0:P``), the first concrete host of the same family among the libp2p
+    listen multiaddrs (the address peers reached this node's sessions at),
+    else the loopback of that family. Peers reach the bulk channel at the
+    session's remote address and read only the port (docs/security.md), so
+    this is what status shows and what a Hello says, consistent with a
+    listener that advertises only what it binds.
+    """
+    try:
+        ip = ipaddress.ip_address(bound)
+    except ValueError:
+        return bound  # a name: what the operator gave
+    if not ip.is_unspecified:
+        return bound
+    proto = "ip4" if ip.version == 4 else "ip6"
+    for maddr in listen:
+        parts = maddr.split("/")
+        if len(parts) > 2 and parts[1] == proto:
+            try:
+                cand = ipaddress.ip_address(parts[2])
+            except ValueError:
+                continue
+            if not cand.is_unspecified:
+                return str(cand)
+    return "127.0.0.1" if ip.version == 4 else "::1"
