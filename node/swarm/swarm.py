@@ -206,6 +206,10 @@ class Swarm:
         """Never use nor serve ``peer_id`` for ``manifest_id`` again (this process)."""
         self.fetches.ban(peer_id, manifest_id, why)
 
+    def broken_promise(self, peer_id: str, manifest_id: bytes, why: str) -> None:
+        """``peer_id`` refused or stalled on a piece it advertised: repeated, a ban for ``promise_ban``."""
+        self.fetches.broken_promise(peer_id, manifest_id, why)
+
     def availability_changed(self, source: PeerSource) -> None:
         self.fetches.availability_changed(source)
 
@@ -280,11 +284,14 @@ class Swarm:
                 if msg.manifest_id in self.fetches:
                     self.dialer.introduced(s, msg.peers)
             case Claim():
+                if not s.within_rate("Claim"):
+                    return
                 fetch = self.fetches.get(msg.manifest_id)
                 if fetch is not None and not self.is_banned(s.peer_id, msg.manifest_id):
                     fetch.peer_claims(s.peer_id, msg.indices)
             case Have():
-                self.fetches.on_have(s, msg.manifest_id, msg.index)
+                if s.within_rate("Have"):
+                    self.fetches.on_have(s, msg.manifest_id, msg.index)
             case Interested() | NotInterested():
                 self._rechoke_now.set()
             case TokenRequest():
