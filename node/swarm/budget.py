@@ -59,6 +59,10 @@ class PromiseLedger:
         del self._broken[key]
         return True
 
+    def __len__(self) -> int:
+        """(peer, manifest) pairs with broken promises on record."""
+        return len(self._broken)
+
     def count(self, peer: str, manifest_id: bytes, now: float) -> int:
         return sum(1 for t in self._broken.get((peer, manifest_id), ()) if now - t < self.window)
 

@@ -60,7 +60,7 @@ def test_promise_ledger_is_bounded() -> None:
     led = PromiseLedger(limit=5, window=60.0, max_keys=100)
     for k in range(10_000):
         led.broken(f"p{k}", MID, float(k) / 1000)
-    assert len(led._broken) <= 100
+    assert len(led) <= 100
 
 
 # -- the swarm: rates ----------------------------------------------------------------------
