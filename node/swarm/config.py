@@ -54,6 +54,12 @@ class PeerBudget:
     have_burst: int = 8192
     claims_per_second: float = 100.0
     claim_burst: int = 512
+    # TokenRequest (one per peerwire connection an honest peer opens) and
+    # Interested/NotInterested (one per manifest it starts or stops wanting).
+    token_requests_per_second: float = 10.0
+    token_request_burst: int = 64
+    interest_per_second: float = 50.0
+    interest_burst: int = 512
     # Broken promises: requests for a piece the peer advertised that it then
     # refused as not held or stalled on. This many within the window is a lie
     # told repeatedly: the peer is banned for that manifest for promise_ban.
@@ -124,7 +130,7 @@ class SwarmStats:
     bad_pieces: int = 0
     banned: list[tuple[str, str]] = field(default_factory=list)  # (peer id, manifest id hex)
     lost_pieces: int = 0  # pieces a peer advertised and then could not serve
-    over_budget: int = 0  # sessions ended for Have or Claim rates beyond the peer budget
+    over_budget: int = 0  # sessions ended for message rates beyond the peer budget
 
 
 class FetchHandle(Protocol):

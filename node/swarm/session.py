@@ -260,14 +260,16 @@ class Session:
         per_minute = budget.manifest_requests_per_minute
         self._manifest_credit = TokenBucket(per_minute / 60, per_minute, now)
         self.manifest_bytes_queued = 0
-        # Have and Claim rates (node/swarm/budget.py): over either, the session ends.
+        # Message rates (node/swarm/budget.py): over one, the session ends.
         self._rates = {
             "Have": TokenBucket(budget.haves_per_second, budget.have_burst, now),
             "Claim": TokenBucket(budget.claims_per_second, budget.claim_burst, now),
+            "TokenRequest": TokenBucket(budget.token_requests_per_second, budget.token_request_burst, now),
+            "Interested": TokenBucket(budget.interest_per_second, budget.interest_burst, now),
         }
 
     def within_rate(self, what: str) -> bool:
-        """Spend one ``what`` ("Have" or "Claim") from the peer's budget; over it, the session ends (False)."""
+        """Spend one ``what`` (a key of ``_rates``) from the peer's budget; over it, the session ends (False)."""
         if self._rates[what].take(trio.current_time()):
             return True
         if not self.cancel_scope.cancel_called:

@@ -293,9 +293,11 @@ class Swarm:
                 if s.within_rate("Have"):
                     self.fetches.on_have(s, msg.manifest_id, msg.index)
             case Interested() | NotInterested():
-                self._rechoke_now.set()
+                if s.within_rate("Interested"):
+                    self._rechoke_now.set()
             case TokenRequest():
-                s.post(Token(self.serving.issue_token(s.peer_id)))
+                if s.within_rate("TokenRequest"):
+                    s.post(Token(self.serving.issue_token(s.peer_id)))
             case GetManifest():
                 s.serve_manifest(msg, self.held.envelopes.get(msg.manifest_id, b""))
             case ManifestData():

@@ -19,7 +19,17 @@ from autoglm.node._store import Store
 from autoglm.node.swarm import PeerBudget, Swarm, SwarmConfig
 from autoglm.node.swarm.budget import PromiseLedger, TokenBucket
 from autoglm.protocol._bitfield import Bitfield
-from autoglm.protocol._control import Claim, ControlConnection, Have, Hello, ManifestState
+from autoglm.protocol._control import (
+    Claim,
+    ControlConnection,
+    Have,
+    Hello,
+    Interested,
+    ManifestState,
+    NotInterested,
+    TokenRequest,
+    encode_control,
+)
 
 from .test_budgets import _drain, _settled
 from .test_swarm_unit import MemControlStream, RecordingFetch
@@ -78,7 +88,7 @@ async def _flood(tmp_path: Path, budget: PeerBudget, frames: list[object]) -> tu
             theirs, conn = MemControlStream(b, "peerSelf"), ControlConnection(trio.current_time())
             state = ManifestState(MID, PIECES, Bitfield(PIECES, ()).to_bytes())
             data = conn.send(Hello((state,), None, b"t" * 16), 0.0)
-            data += b"".join(conn.send(f, 0.0) for f in frames)  # type: ignore[arg-type]
+            data += b"".join(encode_control(f) for f in frames)  # type: ignore[arg-type]  # (no local checks)
             await theirs.send_all(data)
             got: list[object] = []
             with trio.move_on_after(2.0):
@@ -99,6 +109,10 @@ async def _flood(tmp_path: Path, budget: PeerBudget, frames: list[object]) -> tu
         (PeerBudget(), [Have(MID, k % PIECES) for k in range(2 * PIECES)], False),
         (PeerBudget(claims_per_second=1, claim_burst=50), [Claim(MID, (k % PIECES,)) for k in range(200)], True),
         (PeerBudget(claims_per_second=1, claim_burst=50), [Claim(MID, (k % PIECES,)) for k in range(40)], False),
+        (PeerBudget(), [TokenRequest() for _ in range(2000)], True),
+        (PeerBudget(), [TokenRequest() for _ in range(8)], False),
+        (PeerBudget(), [Interested(MID) if k % 2 else NotInterested(MID) for k in range(5000)], True),
+        (PeerBudget(), [Interested(MID), NotInterested(MID)] * 8, False),
     ],
 )
 async def test_have_and_claim_rates(tmp_path: Path, budget: PeerBudget, frames: list[object], dropped: bool) -> None:
