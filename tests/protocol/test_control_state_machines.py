@@ -16,8 +16,9 @@ from typing import Any
 import msgpack
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from autoglm.protocol._bitfield import Bitfield
 from autoglm.protocol._control import (
     MAX_CONTROL_FRAME,
     Announce,
@@ -59,28 +60,63 @@ def encode_frame(payload: bytes) -> bytes:
 MAX_MANIFESTS = 2
 MAX_BITS = 64  # bytes of bitfields the peer may make us keep
 
-mids = st.sampled_from(MIDS) | st.binary(min_size=0, max_size=40)  # known, or malformed
-counts = st.integers(0, 600)
+# Mostly well-formed, so sessions get past Hello and the interleavings matter;
+# sometimes malformed, which must end the session with a protocol error.
+mids = st.one_of(st.sampled_from(MIDS), st.sampled_from(MIDS), st.sampled_from(MIDS), st.binary(max_size=40))
+tokens = st.one_of(st.binary(min_size=16, max_size=32), st.binary(min_size=16, max_size=32), st.binary(max_size=70))
 
 
 @st.composite
 def states(draw: st.DrawFn) -> ManifestState:
-    n = draw(counts)
+    n = draw(st.integers(0, 600))
     right = (n + 7) // 8
-    size = draw(st.sampled_from([right, right, max(right - 1, 0), right + 1]))
+    size = draw(st.sampled_from([right, right, right, right, right, max(right - 1, 0), right + 1]))
     return ManifestState(draw(mids), n, draw(st.binary(min_size=size, max_size=size)))
 
 
+hellos = st.builds(
+    Hello, st.lists(states(), max_size=3).map(tuple),
+    st.none() | st.builds(Endpoint, st.text(min_size=1, max_size=8), st.integers(1, 65535)), tokens,
+)
+indices = st.integers(0, 700)
+
+
+@st.composite
+def good_states(draw: st.DrawFn) -> ManifestState:
+    n = draw(st.integers(1, 300))
+    held = draw(st.sets(st.integers(0, n - 1), max_size=n))
+    return ManifestState(draw(st.sampled_from(MIDS)), n, Bitfield(n, held).to_bytes())
+
+
+small = st.integers(0, 40)
+known = st.sampled_from(MIDS)
+#: Messages a peer may well send in an open session (they still may name a
+#: manifest it never announced, or a piece past the end).
+plausible: st.SearchStrategy[ControlMessage] = st.one_of(
+    st.builds(Have, known, small),
+    st.builds(Have, known, small),
+    st.builds(Claim, known, st.lists(small, min_size=1, max_size=8).map(tuple)),
+    st.builds(Interested, known),
+    st.builds(NotInterested, known),
+    st.builds(Announce, good_states()),
+    st.just(Choke()), st.just(Unchoke()), st.just(Keepalive()), st.just(TokenRequest()),
+    st.builds(Token, st.binary(min_size=16, max_size=16)),
+    st.builds(GetManifest, known),
+    st.builds(ManifestData, known, st.binary(max_size=64)),
+)
+good_hellos = st.builds(Hello, st.lists(good_states(), max_size=2, unique_by=lambda m: m.manifest_id).map(tuple),
+                        st.none(), st.binary(min_size=16, max_size=16))
 messages: st.SearchStrategy[ControlMessage] = st.one_of(
-    st.builds(Hello, st.lists(states(), max_size=4).map(tuple),
-              st.none() | st.builds(Endpoint, st.text(max_size=8), st.integers(0, 70000)), st.binary(max_size=40)),
+    hellos,
     st.builds(Announce, states()),
-    st.builds(Have, mids, st.integers(0, 700)),
-    st.builds(Claim, mids, st.lists(st.integers(0, 700), max_size=70).map(tuple)),
+    st.builds(Have, mids, indices),
+    st.builds(Have, mids, indices),
+    st.builds(Claim, mids, st.lists(indices, min_size=1, max_size=8).map(tuple)),
+    st.builds(Claim, mids, st.lists(indices, max_size=70).map(tuple)),
     st.builds(Interested, mids),
     st.builds(NotInterested, mids),
     st.just(Choke()), st.just(Unchoke()), st.just(Keepalive()), st.just(TokenRequest()),
-    st.builds(Token, st.binary(max_size=40)),
+    st.builds(Token, tokens),
     st.builds(GetManifest, mids),
     st.builds(ManifestData, mids, st.binary(max_size=64)),
     st.builds(Peers, mids, st.lists(st.builds(PeerInfo, st.text(max_size=12), st.lists(st.text(max_size=12), max_size=3).map(tuple)),
@@ -101,6 +137,15 @@ class HostileControlPeer(RuleBasedStateMachine):
         self.dead = False  # a RemoteProtocolError ended the session, or the stream ended
         self.events: list[object] = []
 
+    @initialize(hello=st.none() | good_hellos, ours=st.none() | good_hellos)
+    def start(self, hello: Hello | None, ours: Hello | None) -> None:
+        """Most sessions begin well (both Hellos), so what follows happens in the open phases."""
+        if ours is not None:
+            self.conn.send(ours, self.now)
+        if hello is not None:
+            self.conn.receive_data(encode_control(hello), self.now)
+            self._drain()
+
     def _drain(self) -> None:
         try:
             while True:
@@ -114,6 +159,17 @@ class HostileControlPeer(RuleBasedStateMachine):
     @precondition(lambda self: not self.dead)
     @rule(msg=messages)
     def peer_sends(self, msg: ControlMessage) -> None:
+        self.wire += encode_control(msg)
+
+    @precondition(lambda self: not self.dead)
+    @rule(msgs=st.lists(plausible, min_size=1, max_size=6))
+    def peer_sends_plausible(self, msgs: list[ControlMessage]) -> None:
+        self.wire += b"".join(encode_control(m) for m in msgs)
+
+    @precondition(lambda self: not self.dead)
+    @rule(msg=hellos)
+    def peer_says_hello(self, msg: Hello) -> None:
+        """Hello again and again: the first opens the session, a second is out of order."""
         self.wire += encode_control(msg)
 
     @precondition(lambda self: not self.dead)
@@ -140,7 +196,7 @@ class HostileControlPeer(RuleBasedStateMachine):
             assert self.conn.theirs.phase is Phase.CLOSED
         self.dead = True  # nothing more comes from a stream that ended
 
-    @rule(dt=st.floats(0.0, 60.0))
+    @rule(dt=st.floats(0.0, 5.0) | st.floats(0.0, 60.0))
     def time_passes(self, dt: float) -> None:
         self.now += dt
         try:
