@@ -176,14 +176,21 @@ async def _attack(p2p: P2PNode, target: PeerAddr, name: str, mid: bytes) -> dict
         frames = ATTACKS[name](mid)
 
         async def send() -> None:
-            for k in range(0, len(frames), 64):
-                await stream.send_all(b"".join(frames[k : k + 64]))
+            nonlocal disconnected
+            try:
+                for k in range(0, len(frames), 64):
+                    await stream.send_all(b"".join(frames[k : k + 64]))
+            except trio.BrokenResourceError:
+                disconnected = True  # the node ended the session while we were still sending
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send)
             with trio.move_on_after(ATTACK_WAIT):
-                while data := await stream.receive_some(1 << 20):
-                    received += len(data)
+                try:
+                    while data := await stream.receive_some(1 << 20):
+                        received += len(data)
+                except trio.BrokenResourceError:
+                    pass  # reset rather than closed: ended all the same
                 disconnected = True
             nursery.cancel_scope.cancel()
     except trio.BrokenResourceError:
