@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,14 +313,18 @@ class P2PNode:
         return verify_name_record(key, best)
 
     async def _values_from_peers(self, key_bytes: bytes) -> list[bytes]:
-        """What the closest peers hold under ``key_bytes``; a silent peer costs one query timeout."""
-        try:
-            peers = await self._dht.peer_routing.find_closest_peers_network(key_bytes)
-        except (BaseLibp2pError, OSError) as exc:
-            log.info("closest-peer lookup failed: %r", exc)
-            return []
+        """What the closest peers hold under ``key_bytes``; a silent peer costs one query timeout.
+
+        Strategy: the peers we already know (the routing table's closest and
+        the connected ones) are asked at once, while the network lookup for
+        closer ones runs beside them with a bound of its own: py-libp2p's
+        lookup waits for every peer of a round, so one peer that connected and
+        went silent held it, and the whole resolution, for the full DHT timeout
+        (issue 11, item 13). Peers the lookup finds in time are asked too.
+        """
         me = self._host.get_id()
         found: list[bytes] = []
+        asked: set[ID] = {me}
 
         async def ask(peer: ID) -> None:
             with trio.move_on_after(_PEER_QUERY_TIMEOUT):
@@ -332,10 +336,25 @@ class P2PNode:
                 if isinstance(value, bytes):
                     found.append(value)
 
-        async with trio.open_nursery() as nursery:
-            for peer in peers[:_VALUE_QUERY_PEERS]:
-                if peer != me:
+        def ask_all(nursery: trio.Nursery, peers: Iterable[ID]) -> None:
+            for peer in peers:
+                if peer not in asked and len(asked) <= _VALUE_QUERY_PEERS:
+                    asked.add(peer)
                     nursery.start_soon(ask, peer)
+
+        async def lookup(nursery: trio.Nursery) -> None:
+            peers: list[ID] = []
+            with trio.move_on_after(_PEER_QUERY_TIMEOUT):
+                try:
+                    peers = await self._dht.peer_routing.find_closest_peers_network(key_bytes)
+                except (BaseLibp2pError, OSError) as exc:
+                    log.info("closest-peer lookup failed: %r", exc)
+            ask_all(nursery, peers)
+
+        known = self._dht.routing_table.find_local_closest_peers(key_bytes, _VALUE_QUERY_PEERS)
+        async with trio.open_nursery() as nursery:
+            ask_all(nursery, [*known, *self._host.get_connected_peers()])
+            nursery.start_soon(lookup, nursery)
         return found
 
     def set_control_handler(self, handler: ControlHandler) -> None:

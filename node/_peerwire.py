@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PeerRejected",
+    "PeerStalled",
     "PeerwireConnection",
     "PieceLocation",
     "AeadStream",
@@ -82,9 +83,13 @@ _RELOCATE_TRIES = 20  # x 10 ms: the rename-then-record window of a finishing fi
 _DIRECT_MIN = 64 * 1024
 
 
+class PeerStalled(SourceError):
+    """The peer sent nothing for ``STALL_TIMEOUT`` with requests in flight."""
+
+
 def _stalled() -> NoReturn:
     # A peer that takes requests and never answers must not hold pieces hostage.
-    raise SourceError(f"peer sent nothing for {STALL_TIMEOUT:.0f} s with requests in flight")
+    raise PeerStalled(f"peer sent nothing for {STALL_TIMEOUT:.0f} s with requests in flight")
 
 
 class PeerRejected(SourceError):

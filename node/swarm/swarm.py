@@ -35,6 +35,7 @@ to others within one request.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -77,7 +78,7 @@ from .session import PeerSource, Session
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-__all__ = ["Swarm"]
+__all__ = ["Swarm", "advertised_host"]
 
 log = logging.getLogger("autoglm.node.swarm")
 
@@ -125,7 +126,7 @@ class Swarm:
                     inbound=self.paths.inbound, task_status=task_status,
                 )
             )
-            self.endpoint = Endpoint(host, port)
+            self.endpoint = Endpoint(advertised_host(host, self.p2p.addrs()), port)
             await nursery.start(self.paths.serve_rendezvous)
             self.p2p.set_stream_handler(REVERSE_PROTOCOL_ID, self.paths.on_request)
             self.p2p.set_control_handler(self.serve_session)
@@ -210,6 +211,10 @@ class Swarm:
         """Never use nor serve ``peer_id`` for ``manifest_id`` again (this process)."""
         self.fetches.ban(peer_id, manifest_id, why)
 
+    def broken_promise(self, peer_id: str, manifest_id: bytes, why: str) -> None:
+        """``peer_id`` refused or stalled on a piece it advertised: repeated, a ban for ``promise_ban``."""
+        self.fetches.broken_promise(peer_id, manifest_id, why)
+
     def availability_changed(self, source: PeerSource) -> None:
         self.fetches.availability_changed(source)
 
@@ -286,15 +291,20 @@ class Swarm:
                 if mid in self.fetches or (mid in self.held and may_be_unreachable(self.dialer.listen_hosts())):
                     self.dialer.introduced(s, msg.peers)
             case Claim():
+                if not s.within_rate("Claim"):
+                    return
                 fetch = self.fetches.get(msg.manifest_id)
                 if fetch is not None and not self.is_banned(s.peer_id, msg.manifest_id):
                     fetch.peer_claims(s.peer_id, msg.indices)
             case Have():
-                self.fetches.on_have(s, msg.manifest_id, msg.index)
+                if s.within_rate("Have"):
+                    self.fetches.on_have(s, msg.manifest_id, msg.index)
             case Interested() | NotInterested():
-                self._rechoke_now.set()
+                if s.within_rate("Interested"):
+                    self._rechoke_now.set()
             case TokenRequest():
-                s.post(Token(self.serving.issue_token(s.peer_id)))
+                if s.within_rate("TokenRequest"):
+                    s.post(Token(self.serving.issue_token(s.peer_id)))
             case GetManifest():
                 s.serve_manifest(msg, self.held.envelopes.get(msg.manifest_id, b""))
             case ManifestData():
@@ -371,3 +381,33 @@ class Swarm:
             "lost_pieces": self.stats.lost_pieces,
             "peerwire_paths": self.paths.stats.as_dict(),
         }
+
+
+def advertised_host(bound: str, listen: Iterable[str]) -> str:
+    """The peerwire host a Hello names: what the server is reachable at, never a wildcard.
+
+    The bound host when it is concrete; for a wildcard bind (``--peerwire
+    0.0.0.0:P``), the first concrete host of the same family among the libp2p
+    listen multiaddrs (the address peers reached this node's sessions at),
+    else the loopback of that family. Peers reach the bulk channel at the
+    session's remote address and read only the port (docs/security.md), so
+    this is what status shows and what a Hello says, consistent with a
+    listener that advertises only what it binds.
+    """
+    try:
+        ip = ipaddress.ip_address(bound)
+    except ValueError:
+        return bound  # a name: what the operator gave
+    if not ip.is_unspecified:
+        return bound
+    proto = "ip4" if ip.version == 4 else "ip6"
+    for maddr in listen:
+        parts = maddr.split("/")
+        if len(parts) > 2 and parts[1] == proto:
+            try:
+                cand = ipaddress.ip_address(parts[2])
+            except ValueError:
+                continue
+            if not cand.is_unspecified:
+                return str(cand)
+    return "127.0.0.1" if ip.version == 4 else "::1"
