@@ -18,7 +18,7 @@ Measured, in one run:
   roll-back `name-publish v1` with a higher seq: time until every `current` is v1 again;
             mirror bytes (goal 0) and peer bytes (0: v1 is a kept version)
 
-    sudo .venv/bin/python bench/rollout_bench.py [--n 8] [--size 256MiB] [--changed 6] [--json out.json]
+    sudo .venv/bin/python bench/rollout_bench.py [--n 8] [--size 256MiB] [--changed 6] [--max-piece 8MiB] [--json out.json]
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="256MiB", help="model size (default 256MiB)")
     ap.add_argument("--changed", type=int, default=6, help="tensors (4 MiB each) that v2 changes (default 6)")
     ap.add_argument("--cap-mib", type=float, default=50.0, help="aggregate mirror egress cap, MiB/s (default 50)")
+    ap.add_argument("--max-piece", default="8MiB", help="publish --max-piece (default 8MiB, the CLI's default)")
     ap.add_argument("--follow-interval", type=float, default=60.0, help="followers' longest poll wait (default 60)")
     ap.add_argument("--json", type=Path, metavar="FILE")
     args = ap.parse_args(argv)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in ("1", "2"):
             ms[v] = run_dir / f"v{v}.agm"
             cli_run("--data-dir", str(run_dir / "pubhome"), "publish", str(models[f"src{v}"]), "--key", str(key),
-                    "--name", NAME, "--version", v, "--out", str(ms[v]))
+                    "--name", NAME, "--version", v, "--out", str(ms[v]), "--max-piece", args.max_piece)
         from autoglm.node._versions import version_dirname
         from autoglm.protocol import decode_signed_manifest
 
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         mirror_url = f"http://{MIRROR_IP}:{mirror.port}/"
         cli = autoglm_cmd()
         log(f"model {fmt_bytes(size)} ({models['tensors']} tensors), v2 changes {len(models['changed_tensors'])} "
-            f"tensors = {fmt_bytes(delta)} of pieces; cap {args.cap_mib:g} MiB/s; {args.n} followers")
+            f"tensors = {fmt_bytes(delta)} of pieces (max piece {args.max_piece}); cap {args.cap_mib:g} MiB/s; {args.n} followers")
         nodes: list[JsonNode] = []
         try:
             p = JsonNode(cli + _verbose_flag() + ["--data-dir", str(run_dir / "P"), "join", "--json"], net.client_ns)
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             ["roll-back to v1", last(rows["rollback"]["times"]), "0 B", fmt_bytes(rows["rollback"]["mirror"]),
              "", "kept version: switch only"],
         ]
-        print_table(f"Roll-out: {args.n} followers, {fmt_bytes(size)} model, mirror capped at {args.cap_mib:g} MiB/s",
+        print_table(f"Roll-out: {args.n} followers, {fmt_bytes(size)} model, max piece {args.max_piece}, mirror capped at {args.cap_mib:g} MiB/s",
                     ["step", "all switched", "needed", "mirror sent", "mirror ÷ needed", "v2 bytes by source (all followers)"],
                     table, note="time from `name-publish` (v1: from the followers' start) until every follower's "
                     "current names the version; mirror sent = nginx bytes incl. headers")

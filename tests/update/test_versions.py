@@ -225,3 +225,46 @@ def test_random_sigkill_of_a_switching_process_while_a_reader_reads(tmp_path: Pa
         t.join(timeout=10)
     assert not problems, problems[:5]
     assert len(set(loads)) == 3, "the reader never saw the switches"
+
+
+_REF_LOOP = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from autoglm.node.hub._cache import write_ref
+    repo = Path(sys.argv[1])
+    print("go", flush=True)
+    i = 0
+    while True:
+        write_ref(repo, "main", ("a" if i % 2 else "b") * 40)
+        i += 1
+""")
+
+
+def test_hf_cache_ref_is_replaced_whole_under_random_sigkill(tmp_path: Path) -> None:
+    """The HF cache layout's switch: refs/main is written to a temp file and renamed, so a reader
+    (huggingface_hub reads refs/<rev> to pick the snapshot) sees one whole commit, never a torn one."""
+    from autoglm.node.hub._cache import write_ref
+
+    write_ref(tmp_path, "main", "a" * 40)
+    stop = threading.Event()
+    seen: set[str] = set()
+
+    def reader() -> None:
+        while not stop.is_set():
+            seen.add((tmp_path / "refs" / "main").read_text())
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    rng = random.Random(7)
+    try:
+        for _ in range(6):
+            p = subprocess.Popen([sys.executable, "-c", _REF_LOOP, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+            assert p.stdout is not None and p.stdout.readline().strip() == "go"
+            time.sleep(rng.uniform(0.0, 0.3))
+            p.send_signal(signal.SIGKILL)
+            p.wait(timeout=30)
+            assert (tmp_path / "refs" / "main").read_text() in ("a" * 40, "b" * 40)
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    assert seen == {"a" * 40, "b" * 40}
