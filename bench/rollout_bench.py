@@ -18,7 +18,7 @@ Measured, in one run:
   roll-back `name-publish v1` with a higher seq: time until every `current` is v1 again;
             mirror bytes (goal 0) and peer bytes (0: v1 is a kept version)
 
-    sudo .venv/bin/python bench/rollout_bench.py [--n 8] [--size 256MiB] [--changed 6] [--max-piece 8MiB] [--json out.json]
+    sudo .venv/bin/python bench/rollout_bench.py [--n 8] [--size 256MiB] [--changed 6] [--max-piece 8MiB] [--preheat] [--json out.json]
 """
 
 from __future__ import annotations
@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--changed", type=int, default=6, help="tensors (4 MiB each) that v2 changes (default 6)")
     ap.add_argument("--cap-mib", type=float, default=50.0, help="aggregate mirror egress cap, MiB/s (default 50)")
     ap.add_argument("--max-piece", default="8MiB", help="publish --max-piece (default 8MiB, the CLI's default)")
+    ap.add_argument("--preheat", action="store_true",
+                    help="the publisher's node fetches each version from the mirror before `name-publish` "
+                         "(Dragonfly's preheat): the followers then find every piece at a peer")
     ap.add_argument("--follow-interval", type=float, default=60.0, help="followers' longest poll wait (default 60)")
     ap.add_argument("--json", type=Path, metavar="FILE")
     args = ap.parse_args(argv)
@@ -202,11 +205,18 @@ def main(argv: list[str] | None = None) -> int:
             if boot is None:
                 raise RuntimeError(f"the publisher's node printed no address: {p.last_line()}")
             pdata = str(run_dir / "P")
-            cli_run("--data-dir", pdata, "name-publish", str(ms["1"]), "--key", str(key), "--seq", "1",
-                    netns=net.client_ns)
+
+            def preheat(v: str) -> None:
+                if args.preheat:  # one copy from the origin, into the publisher's node, before the name moves
+                    cli_run("--data-dir", pdata, "fetch", str(ms[v]), "--mirror", mirror_url, "--trust", str(pub),
+                            "--out", str(run_dir / f"P-v{v}"), netns=net.client_ns)
+
             datas = [run_dir / f"f{i}" for i in range(args.n)]
             mark = mirror.mark()
             t0 = time.perf_counter()
+            preheat("1")
+            cli_run("--data-dir", pdata, "name-publish", str(ms["1"]), "--key", str(key), "--seq", "1",
+                    netns=net.client_ns)
             for d in datas:
                 nodes.append(JsonNode(cli + _verbose_flag() + ["--data-dir", str(d), "join", "--json", "--bootstrap", boot,
                                              "--mirror", mirror_url, "--trust", str(pub), "--follow", NAME,
@@ -221,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             serve_files(models["src2"], mirror_dir)
             mark = mirror.mark()
             t0 = time.perf_counter()
+            preheat("2")
             cli_run("--data-dir", pdata, "name-publish", str(ms["2"]), "--key", str(key), "--seq", "2",
                     netns=net.client_ns)
             t_pub = time.perf_counter() - t0
@@ -264,10 +275,12 @@ def main(argv: list[str] | None = None) -> int:
             ["roll-back to v1", last(rows["rollback"]["times"]), "0 B", fmt_bytes(rows["rollback"]["mirror"]),
              "", "kept version: switch only"],
         ]
-        print_table(f"Roll-out: {args.n} followers, {fmt_bytes(size)} model, max piece {args.max_piece}, mirror capped at {args.cap_mib:g} MiB/s",
+        print_table(f"Roll-out: {args.n} followers, {fmt_bytes(size)} model, max piece {args.max_piece}, "
+                    f"{'preheat on the publisher node, ' if args.preheat else ''}mirror capped at {args.cap_mib:g} MiB/s",
                     ["step", "all switched", "needed", "mirror sent", "mirror ÷ needed", "v2 bytes by source (all followers)"],
-                    table, note="time from `name-publish` (v1: from the followers' start) until every follower's "
-                    "current names the version; mirror sent = nginx bytes incl. headers")
+                    table, note="time from `name-publish` (with --preheat: from the start of the publisher node's fetch; "
+                    "v1: from the followers' start) until every follower's current names the version; "
+                    "mirror sent = nginx bytes incl. headers")
         if args.json:
             args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
             log(f"wrote {args.json}")
