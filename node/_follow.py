@@ -39,7 +39,7 @@ from autoglm.node._plan import FetchPlan
 from autoglm.node._update import UpdateResult, update_to
 from autoglm.node._versions import default_root
 from autoglm.node.errors import AutoglmError, ConfigError
-from autoglm.protocol import SignedManifest, TrustPolicy, key_id
+from autoglm.protocol import SignedManifest, TrustPolicy
 from autoglm.protocol._namerecord import NameRecord, rollout_admits
 
 if TYPE_CHECKING:
@@ -123,11 +123,8 @@ async def node_update(
     return await update_to(signed, plan, root, keep, data_dir, fetch, events, sn.node.store)
 
 
-async def _step(sn: SwarmNode, cfg: FollowConfig, root: Path, trust: TrustPolicy, seen: int) -> tuple[int, bool]:
-    """Resolve once; update if the record is newer and admits this peer. Returns (seen seq, changed)."""
-    rec = await sn.resolve_record(cfg.name, trust)
-    if rec.seq <= seen:
-        return seen, False
+async def _apply(sn: SwarmNode, cfg: FollowConfig, root: Path, rec: NameRecord) -> None:
+    """A newer record: tell the session peers, then update if it admits this peer. Raises on failure."""
     await sn.p2p.push_name_record(rec, sn.p2p.connected_peers())
     if not rollout_admits(sn.p2p.peer_id, rec.manifest_id, rec.rollout):
         log.info("follow %s: seq %d (%s) is staged to %.1f %% of followers; this node is not among them yet",
@@ -137,7 +134,6 @@ async def _step(sn: SwarmNode, cfg: FollowConfig, root: Path, trust: TrustPolicy
         res = await node_update(sn, signed, root, cfg.keep)
         log.info("follow %s: seq %d -> %s%s", cfg.name, rec.seq, res.current, "" if res.switched else " (already current)")
     await trio.to_thread.run_sync(_save_seen, root, rec.seq)
-    return rec.seq, True
 
 
 async def follow(sn: SwarmNode, cfg: FollowConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -146,14 +142,14 @@ async def follow(sn: SwarmNode, cfg: FollowConfig, *, task_status: Any = trio.TA
     if trust is None or not trust.keys:
         raise ConfigError(f"--follow {cfg.name} needs a trusted publisher key (--trust KEY.pub or the trust store)")
     root = cfg.root or default_root(sn.config.data_dir, cfg.name)
-    publishers = {key_id(k) for k in trust.keys}
     seen = await trio.to_thread.run_sync(_load_seen, root)
+    tried = seen  # the highest seq an update was attempted for: pushes of it (or lower) never wake us again
     sched = PollSchedule(cfg.interval_min, cfg.interval_max)
     wake = trio.Event()
 
     def on_record(rec: NameRecord) -> None:
-        nonlocal wake
-        if rec.name == cfg.name and rec.publisher in publishers and rec.seq > seen:
+        current = sn.trust or trust
+        if rec.name == cfg.name and rec.seq > tried and rec.public_key in current.keys:
             sched.pushed(trio.current_time())
             wake.set()
 
@@ -170,13 +166,18 @@ async def follow(sn: SwarmNode, cfg: FollowConfig, *, task_status: Any = trio.TA
                     continue  # woken by a push: the deadline moved; go round once more
             changed = False
             try:
-                seen, changed = await _step(sn, cfg, root, trust, seen)
+                rec = await sn.resolve_record(cfg.name, sn.trust or trust)
+                if rec.seq > seen:
+                    tried = max(tried, rec.seq)
+                    changed = True
+                    await _apply(sn, cfg, root, rec)
+                    seen = rec.seq
             except AutoglmError as exc:
-                # Retried at the next poll; the current version stays in use.
+                # Retried at the next poll (with backoff); the current version stays in use.
                 log.warning("follow %s: %s", cfg.name, exc)
             except Exception:  # the follower's supervisor: a bug here never stops the node
                 log.exception("follow %s failed; retrying at the next poll", cfg.name)
-            sched.polled(trio.current_time(), changed)
+            sched.polled(trio.current_time(), changed and seen == tried)
     finally:
         sn.follow_hooks.remove(on_record)
 
