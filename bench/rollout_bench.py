@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cap-mib", type=float, default=50.0, help="aggregate mirror egress cap, MiB/s (default 50)")
     ap.add_argument("--max-piece", default="8MiB", help="publish --max-piece (default 8MiB, the CLI's default)")
     ap.add_argument("--preheat", action="store_true",
-                    help="the publisher's node fetches each version from the mirror before `name-publish` "
-                         "(Dragonfly's preheat): the followers then find every piece at a peer")
+                    help="`name-publish --preheat`: the publisher's node fetches each version from the mirror before "
+                         "the name moves (Dragonfly's preheat); the followers then find every piece at a peer")
     ap.add_argument("--follow-interval", type=float, default=60.0, help="followers' longest poll wait (default 60)")
     ap.add_argument("--json", type=Path, metavar="FILE")
     args = ap.parse_args(argv)
@@ -206,17 +206,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"the publisher's node printed no address: {p.last_line()}")
             pdata = str(run_dir / "P")
 
-            def preheat(v: str) -> None:
-                if args.preheat:  # one copy from the origin, into the publisher's node, before the name moves
-                    cli_run("--data-dir", pdata, "fetch", str(ms[v]), "--mirror", mirror_url, "--trust", str(pub),
-                            "--out", str(run_dir / f"P-v{v}"), netns=net.client_ns)
+            def publish_name(v: str, seq: int) -> None:
+                # --preheat: one command; P fetches the version (one copy from the origin) before the name moves
+                extra = ["--preheat", str(run_dir / f"P-v{v}"), "--mirror", mirror_url] if args.preheat and seq < 3 else []
+                cli_run("--data-dir", pdata, "name-publish", str(ms[v]), "--key", str(key), "--seq", str(seq), *extra,
+                        netns=net.client_ns)
 
             datas = [run_dir / f"f{i}" for i in range(args.n)]
             mark = mirror.mark()
             t0 = time.perf_counter()
-            preheat("1")
-            cli_run("--data-dir", pdata, "name-publish", str(ms["1"]), "--key", str(key), "--seq", "1",
-                    netns=net.client_ns)
+            publish_name("1", 1)
             for d in datas:
                 nodes.append(JsonNode(cli + _verbose_flag() + ["--data-dir", str(d), "join", "--json", "--bootstrap", boot,
                                              "--mirror", mirror_url, "--trust", str(pub), "--follow", NAME,
@@ -231,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             serve_files(models["src2"], mirror_dir)
             mark = mirror.mark()
             t0 = time.perf_counter()
-            preheat("2")
-            cli_run("--data-dir", pdata, "name-publish", str(ms["2"]), "--key", str(key), "--seq", "2",
-                    netns=net.client_ns)
+            publish_name("2", 2)
             t_pub = time.perf_counter() - t0
             t_v2 = wait_all(datas, dirs["2"], t0, delta / cap * args.n * 3 + 180, nodes)
             served_v2 = mirror.settle(mark)
@@ -245,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             # roll-back: v1 again with a higher seq (the mirror still serves v2: it is not needed)
             mark = mirror.mark()
             t0 = time.perf_counter()
-            cli_run("--data-dir", pdata, "name-publish", str(ms["1"]), "--key", str(key), "--seq", "3",
-                    netns=net.client_ns)
+            publish_name("1", 3)
             t_back = wait_all(datas, dirs["1"], t0, 180, nodes)
             served_back = mirror.settle(mark)
             by_back = peer_bytes(datas, net.client_ns, ids["1"].id.hex())
@@ -278,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(f"Roll-out: {args.n} followers, {fmt_bytes(size)} model, max piece {args.max_piece}, "
                     f"{'preheat on the publisher node, ' if args.preheat else ''}mirror capped at {args.cap_mib:g} MiB/s",
                     ["step", "all switched", "needed", "mirror sent", "mirror ÷ needed", "v2 bytes by source (all followers)"],
-                    table, note="time from `name-publish` (with --preheat: from the start of the publisher node's fetch; "
+                    table, note="time from `name-publish` (with --preheat it includes the publisher node's fetch; "
                     "v1: from the followers' start) until every follower's current names the version; "
                     "mirror sent = nginx bytes incl. headers")
         if args.json:

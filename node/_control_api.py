@@ -15,8 +15,10 @@ connection:
   serving the model afterwards. With ``"name": NAME`` instead of
   ``"manifest"``, the node resolves the signed name record of a trusted
   publisher in the DHT and fetches the manifest itself from peers.
-* ``{"op": "name_publish", "key": KEYFILE, "manifest": PATH, "seq": N or null, "rollout": PPM or null}``
-  -> ``{"event": "name-published", ...}``: NAME now points at this manifest.
+* ``{"op": "name_publish", "key": KEYFILE, "manifest": PATH, "seq": N or null, "rollout": PPM or null,
+  "preheat": {"out": DIR, "mirrors": [...]} or null}``
+  -> ``{"event": "name-published", ...}``: NAME now points at this manifest
+  (with ``preheat``, once this node holds every piece of it: node/_follow.py).
 * ``{"op": "update", "name": NAME | "manifest": PATH|URL, "root": DIR or null, "keep": K, ...fetch fields}``
   -> progress events, then ``{"event": "updated", ...}`` or an error line:
   fetch the version into its own directory, gate it, switch ``current``
@@ -132,6 +134,10 @@ async def _name_publish(stream: trio.SocketStream, node: SwarmNode, req: dict[st
     try:
         key = await trio.to_thread.run_sync(load_private_key, Path(req["key"]))
         signed = await trio.to_thread.run_sync(load_signed_manifest, Path(req["manifest"]))
+        if req.get("preheat"):
+            from autoglm.node._follow import preheat
+
+            await preheat(node, signed, req["preheat"])
         rec = await node.publish_name(key, signed, req.get("seq"), _rollout(req))
     except (AutoglmError, KeyError) as exc:
         await _send(stream, {"event": "error", "message": str(exc), "kind": type(exc).__name__})

@@ -78,6 +78,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--seq", type=int, metavar="N", help="sequence number (default: the manifest's created_at)")
     p.add_argument("--rollout", type=float, metavar="PERCENT",
                    help="staged roll-out: only this share of `join --follow` nodes take it now (default 100)")
+    p.add_argument("--preheat", type=Path, metavar="DIR",
+                   help="first fetch the version into DIR on the running node (peers, then --mirror), so the "
+                   "followers find every changed piece at a peer and the origin serves one copy")
+    p.add_argument("--mirror", action="append", default=[], metavar="URL", help="with --preheat: the mirror (repeatable)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_name_publish)
 
@@ -317,12 +321,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_name_publish(args: argparse.Namespace) -> int:
     req = {"op": "name_publish", "key": str(args.key.resolve()), "manifest": str(args.manifest.resolve()), "seq": args.seq}
+    if args.preheat is not None:
+        req["preheat"] = {"out": str(args.preheat.resolve()), "mirrors": list(args.mirror)}
+    elif args.mirror:
+        raise ConfigError("name-publish --mirror is for --preheat")
     if args.rollout is not None:
         if not 0 < args.rollout <= 100:
             raise ConfigError("--rollout is a percentage above 0 and at most 100")
         req["rollout"] = max(1, round(args.rollout * 10_000))
 
-    reply = _ask(args.data_dir, req, 60)
+    reply = _ask(args.data_dir, req, 3600 if args.preheat is not None else 60)
     if reply.get("event") == "error":
         raise ConfigError(f"name-publish: {reply['message']}")
     if args.json:

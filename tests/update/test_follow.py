@@ -22,7 +22,7 @@ from autoglm.node._versions import resolve_current
 from autoglm.protocol import decode_signed_manifest
 from tests.swarm.harness import CLI, Proc, processes
 
-from ._models import NAME, Mirror, cli, keygen, publish, tree_digest, write_version
+from ._models import NAME, Mirror, changed_bytes, cli, keygen, publish, tree_digest, write_version
 
 pytestmark = pytest.mark.integration
 
@@ -91,10 +91,17 @@ def test_followers_track_versions_jump_roll_back_and_honour_staging(tmp_path: Pa
 
         # F2 goes offline; v2 and v3 are published; F1 follows each
         assert f2.stop() == 0
-        for v, seq in ((2, 2), (3, 3)):
-            _hold(tmp_path, ms[v], srcs[v])
-            _name_publish(tmp_path, ms[v], key, seq)
-            _wait_current(tmp_path, "F1", digests[v], f1)
+        # v2 with one command: name-publish --preheat fetches it on P first; the mirror sends only the delta
+        m = Mirror(srcs[2])
+        try:
+            _name_publish(tmp_path, ms[2], key, 2, "--preheat", str(tmp_path / "P-v2"), "--mirror", m.url)
+        finally:
+            sent = m.stop()
+        assert sent == changed_bytes(ms[2], ms[1])
+        _wait_current(tmp_path, "F1", digests[2], f1)
+        _hold(tmp_path, ms[3], srcs[3])
+        _name_publish(tmp_path, ms[3], key, 3)
+        _wait_current(tmp_path, "F1", digests[3], f1)
 
         # F2 comes back: straight to v3, never fetching v2
         f2 = _follower(procs, tmp_path, "F2", pub, boot)
