@@ -108,8 +108,13 @@ def file_provider_key(sha256: bytes) -> str:
 class _NameRecordValidator(Validator):
     """libp2p's validator hook, backed by the sans-IO checks in protocol/_namerecord."""
 
+    def __init__(self) -> None:
+        self.on_record: Callable[[NameRecord], None] | None = None  # every valid record seen (join --follow)
+
     def validate(self, key: str, value: bytes) -> None:
-        verify_name_record(key, value)
+        rec = verify_name_record(key, value)
+        if self.on_record is not None:
+            self.on_record(rec)
 
     def select(self, key: str, values: list[bytes]) -> int:
         return select_name_record(key, values)
@@ -161,10 +166,39 @@ ControlHandler = Callable[[ControlStream], Awaitable[None]]
 class P2PNode:
     """A running libp2p host with its DHT. Create with :func:`open_p2p`."""
 
-    def __init__(self, host: Any, dht: KadDHT) -> None:
+    def __init__(self, host: Any, dht: KadDHT, names: _NameRecordValidator | None = None) -> None:
         self._host = host
         self._dht = dht
+        self._names = names or _NameRecordValidator()
         self.on_lookup: Callable[[float], None] | None = None  # each provider lookup's seconds (metrics)
+
+    def on_name_record(self, callback: Callable[[NameRecord], None] | None) -> None:
+        """Call ``callback`` (synchronously, cheaply) with every valid name record this node sees:
+        its own puts and gets, and each peer's PUT_VALUE (a push) or GET_VALUE answer."""
+        self._names.on_record = callback
+
+    async def push_name_record(self, record: NameRecord, peers: Sequence[str]) -> int:
+        """PUT_VALUE ``record`` straight to ``peers`` (session peers; join --follow). Returns how many took it.
+
+        Receivers validate it like any DHT put (signature, key, no lower seq).
+        """
+        value = record.encode()
+        ok = 0
+
+        async def one(peer: str) -> None:
+            nonlocal ok
+            with trio.move_on_after(_PEER_QUERY_TIMEOUT):
+                try:
+                    if await self._dht.value_store._store_at_peer(ID.from_base58(peer), record.key.encode(), value):
+                        ok += 1
+                except (BaseLibp2pError, OSError, ValueError) as exc:
+                    log.debug("name record push to %s failed: %r", peer, exc)
+
+        async with trio.open_nursery() as nursery:
+            for p in peers:
+                if p != self.peer_id:
+                    nursery.start_soon(one, p)
+        return ok
 
     @property
     def peer_id(self) -> str:
@@ -420,9 +454,10 @@ async def open_p2p(
         await stack.enter_async_context(host.run(maddrs))
         # The DHT must exist before the first connection, or it misses the peer.
         dht = KadDHT(host, DHTMode.SERVER)
-        dht.validator.add_validator(NAME_NAMESPACE, _NameRecordValidator())  # type: ignore[union-attr]
+        names = _NameRecordValidator()
+        dht.validator.add_validator(NAME_NAMESPACE, names)  # type: ignore[union-attr]
         await stack.enter_async_context(background_trio_service(dht))
-        node = P2PNode(host, dht)
+        node = P2PNode(host, dht, names)
         for addr in bootstrap:
             try:
                 await node.connect(addr)

@@ -62,6 +62,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="the gateway's upstream besides HF_ENDPOINT or the public hub (repeatable; all must agree)")
     g.add_argument("--token-file", type=Path, metavar="FILE",
                    help="the gateway's upstream token (default: HF_TOKEN, then huggingface_hub's stored token)")
+    g = p.add_argument_group("following a name (docs/operations.md: update and rollback)")
+    g.add_argument("--follow", action="append", default=[], metavar="NAME",
+                   help="keep DATA_DIR/models/NAME/current on NAME's newest signed version (repeatable)")
+    g.add_argument("--follow-keep", type=int, default=2, metavar="K", help="earlier versions kept for rollback (default 2)")
+    g.add_argument("--follow-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="longest wait between two DHT polls (backoff from 5 s; default 60); a push from a peer is at once")
     add_trust_args(p)
     p.set_defaults(func=cmd_join)
 
@@ -73,6 +79,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("manifest", type=Path, metavar="MANIFEST")
     p.add_argument("--key", type=Path, required=True, metavar="KEYFILE", help="the publisher key that signed MANIFEST")
     p.add_argument("--seq", type=int, metavar="N", help="sequence number (default: the manifest's created_at)")
+    p.add_argument("--rollout", type=float, metavar="PERCENT",
+                   help="staged roll-out: only this share of `join --follow` nodes take it now (default 100)")
+    p.add_argument("--preheat", type=Path, metavar="DIR",
+                   help="first fetch the version into DIR on the running node (peers, then --mirror), so the "
+                   "followers find every changed piece at a peer and the origin serves one copy")
+    p.add_argument("--mirror", action="append", default=[], metavar="URL", help="with --preheat: the mirror (repeatable)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_name_publish)
 
@@ -261,6 +273,13 @@ def cmd_join(args: argparse.Namespace) -> int:
                          "hub-attested)", url=url, endpoints=list(gateway.endpoints))
                 for i, m in enumerate(args.seed):
                     nursery.start_soon(_seed, node, args, i, m)
+                if args.follow:
+                    from autoglm.node._follow import FollowConfig, follow
+
+                    for name in args.follow:
+                        cfg = FollowConfig(name, keep=args.follow_keep, interval_min=min(5.0, args.follow_interval),
+                                           interval_max=args.follow_interval)
+                        await nursery.start(follow, node, cfg)
                 async for sig in signals:
                     if sig == signal.SIGHUP:
                         _reload(node, args)
@@ -318,12 +337,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_name_publish(args: argparse.Namespace) -> int:
     req = {"op": "name_publish", "key": str(args.key.resolve()), "manifest": str(args.manifest.resolve()), "seq": args.seq}
+    if args.preheat is not None:
+        req["preheat"] = {"out": str(args.preheat.resolve()), "mirrors": list(args.mirror)}
+    elif args.mirror:
+        raise ConfigError("name-publish --mirror is for --preheat")
+    if args.rollout is not None:
+        if not 0 < args.rollout <= 100:
+            raise ConfigError("--rollout is a percentage above 0 and at most 100")
+        req["rollout"] = max(1, round(args.rollout * 10_000))
 
-    reply = _ask(args.data_dir, req, 60)
+    reply = _ask(args.data_dir, req, 3600 if args.preheat is not None else 60)
     if reply.get("event") == "error":
         raise ConfigError(f"name-publish: {reply['message']}")
     if args.json:
         print_json(reply)
     else:
-        console.print(f"{reply['key']} -> {reply['manifest_id'][:16]} (version {reply['version']}, seq {reply['seq']})")
+        share = "" if reply.get("rollout", 1_000_000) >= 1_000_000 else f", roll-out {reply['rollout'] / 10_000:g} %"
+        console.print(f"{reply['key']} -> {reply['manifest_id'][:16]} (version {reply['version']}, seq {reply['seq']}{share})")
     return 0
