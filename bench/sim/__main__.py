@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -46,11 +47,13 @@ def loopback(n: int, seed: int = 1, deliver_timeout: float | None = None, wire: 
 
 
 def fleet(n: int, size: int, piece: int, servers: float, spread: float, churn: float, degree: int | None, seed: int,
-          deliver_timeout: float | None, wire: bool) -> Scenario:
+          deliver_timeout: float | None, wire: bool, owner_timeout: float | None = None) -> Scenario:
     """Servers at 10 Gbit/s, edge devices at 20-100 Mbit/s (symmetric), a 1 Gbit/s origin; WAN-ish latencies."""
     ns = int(round(servers * n))
     fleets = (Fleet(ns, 10 * Gbit, 10 * Gbit), Fleet(n - ns, 20 * Mbit, 20 * Mbit, down_hi=100 * Mbit, up_hi=100 * Mbit))
     params = Params(latency=0.010, origin_rtt=0.100, start_delay=0.5, deliver_timeout=deliver_timeout, wire=wire)
+    if owner_timeout is not None:
+        params = dataclasses.replace(params, owner_timeout=owner_timeout)
     name = f"fleet-{n}-{'spread' if spread else 'once'}-churn{int(churn * 100)}"
     return Scenario(name, tuple(f for f in fleets if f.count), origin=1 * Gbit, size=size, piece=piece,
                     arrival_spread=spread, churn=churn, degree=degree, params=params, seed=seed)
@@ -83,7 +86,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_fleet(args: argparse.Namespace) -> int:
     sc = fleet(args.n, _size(args.size), _size(args.piece), args.servers, args.spread, args.churn, args.degree,
-               args.seed, args.deliver_timeout, not args.no_wire)
+               args.seed, args.deliver_timeout, not args.no_wire, args.owner_timeout)
     t = time.time()
     r: Result = run(sc)
     row = r.row()
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--degree", type=int, default=32, help="sessions per node (warm_sessions is 32); 0: full mesh")
     f.add_argument("--seed", type=int, default=1)
     f.add_argument("--deliver-timeout", type=float, default=None, help="what-if: FirstCopy deliver_timeout (s)")
+    f.add_argument("--owner-timeout", type=float, default=None, help="FetchOptions.owner_timeout (s; default 20)")
     f.add_argument("--no-wire", action="store_true", help="skip the control codec round trip (speed)")
     f.set_defaults(fn=cmd_fleet)
     args = ap.parse_args(argv)

@@ -108,6 +108,7 @@ class Result:
     down_total: float = 0.0  # bytes into all nodes' downlinks
     up_total: float = 0.0  # bytes out of all nodes' uplinks
     origin_total: float = 0.0
+    mirror_why: dict[str, int] = field(default_factory=dict)
 
     def pct(self, q: float) -> float:
         xs = sorted(self.times)
@@ -120,6 +121,7 @@ class Result:
             "last": round(self.last, 2), "bound": round(self.bound, 2), "ratio": round(self.last / self.bound, 3),
             "mean": round(statistics.fmean(self.times), 2) if self.times else None,
             "events": self.events, "wall_s": round(self.wall, 1), "withdrawn_runs": self.withdrawn,
+            "mirror_pieces_why": self.mirror_why,
         }
 
 
@@ -193,7 +195,7 @@ def run(sc: Scenario, horizon: float | None = None) -> Result:
         sc.name, stayed, len(done), sw.origin_bytes() / size, times, last, bound, sw.loop.events,
         time.process_time() - t0, dict(sw.stats.messages), sw.stats.withdrawn_runs,
         [nd.down.bytes for nd in done], sum(nd.down.bytes for nd in sw.nodes.values()),
-        sum(nd.up.bytes for nd in sw.nodes.values()), sw.origin.bytes,
+        sum(nd.up.bytes for nd in sw.nodes.values()), sw.origin.bytes, dict(sw.stats.mirror_why),
     )
 
 

@@ -74,6 +74,9 @@ class Params:
     max_request_bytes: int = _MIRROR.max_request_bytes
     first_request_bytes: int = FIRST_REQUEST_BYTES
     wire: bool = True  # control messages through the real codec
+    # A Have wakes the fetch's scheduler at most once per tick (the engine's task also runs once per
+    # wake-up, however many Haves arrived meanwhile); the scheduler is the simulator's main cost.
+    sched_tick: float = 0.005
     # What-if only (not the node's behaviour): FirstCopy's deliver_timeout, which the picker leaves
     # equal to owner_timeout. None: the real default.
     deliver_timeout: float | None = None
@@ -99,6 +102,8 @@ class Stats:
     messages: dict[str, int] = field(default_factory=dict)
     withdrawn_runs: int = 0
     duplicate_bytes: int = 0  # piece bytes that arrived after the piece was already here
+    # Why each piece asked of the origin was the mirror's to take (see SimNode._why_mirror).
+    mirror_why: dict[str, int] = field(default_factory=dict)
 
 
 class Swarm:
@@ -191,6 +196,8 @@ class SimNode:
         self._mirror_tput: float | None = None
         self.fetchers = 1
         self._wake_at: float | None = None
+        self._poked = False
+        self._missing: int | None = None  # bytes of NONE pieces, within one schedule() pass
         self.from_origin = 0
 
     # -- life cycle ------------------------------------------------------------
@@ -313,6 +320,12 @@ class SimNode:
             self.update_membership()
         else:
             self.picker.peer_progress(src, index, self.sw.loop.now)
+        if not self._poked:
+            self._poked = True
+            self.sw.loop.at(self.sw.loop.now + self.sw.params.sched_tick, self._poke)
+
+    def _poke(self) -> None:
+        self._poked = False
         self.schedule()
 
     # -- membership (protocol/_membership.py, FirstCopy via the picker) ----------
@@ -391,8 +404,9 @@ class SimNode:
         t = self._mirror_tput
         limit = p.first_request_bytes if t is None else int(min(p.max_request_bytes, max(p.first_request_bytes // 4, 2.0 * t)))
         assert self.picker is not None
-        missing = sum(s for i, s in enumerate(self.sw.sizes) if self.picker.state(i) == PieceState.NONE)
-        return min(limit, max(missing // self._max_requests(MIRROR_ID), 1))
+        if self._missing is None:
+            self._missing = sum(s for i, s in enumerate(self.sw.sizes) if self.picker.state(i) == PieceState.NONE)
+        return min(limit, max(self._missing // self._max_requests(MIRROR_ID), 1))
 
     # -- requests --------------------------------------------------------------------
     def schedule(self) -> None:
@@ -410,8 +424,10 @@ class SimNode:
                 picked = pk.pick(sid, self._request_bytes(sid), now)
                 if not picked:
                     continue
+                self._missing = None
                 self._send_req(sid, picked)
                 progress = True
+        self._missing = None
         d = pk.next_deadline()
         if d is not None and d > now and (self._wake_at is None or d < self._wake_at):
             self._wake_at = d
@@ -431,6 +447,9 @@ class SimNode:
         for i in indices:
             self.by_piece.setdefault(i, set()).add(rid)
         if sid == MIRROR_ID:
+            for i in indices:
+                why = self._why_mirror(i)
+                sw.stats.mirror_why[why] = sw.stats.mirror_why.get(why, 0) + 1
             fetching_peers = [p for p in self.peers if len(self.have_of[p]) < len(sw.sizes)]
             for p in fetching_peers:
                 sw.send(self, p, Claim(MID, tuple(indices)))
@@ -438,6 +457,21 @@ class SimNode:
         else:
             sw.send(self, sid[5:], ("request", rid, indices[0]))
         del r
+
+    def _why_mirror(self, index: int) -> str:
+        """Diagnostics only (reads FirstCopy's private state): whose share ``index`` was when the mirror took it."""
+        assert self.picker is not None
+        fc = self.picker.first_copy
+        if fc is None:
+            return "no spreading"
+        o = getattr(fc, "_owner", [self.id] * (index + 1))[index]
+        if o == self.id:
+            return "own share"
+        if o not in getattr(fc, "_seen", {}):
+            return "owner not a member"
+        if o in getattr(fc, "_lapsed", {}):
+            return "owner broke a promise (deliver_timeout)"
+        return "owner silent (owner_timeout)"
 
     def _mirror_next(self, rid: int) -> None:
         r = self.reqs.get(rid)
