@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import sys
 import time
+
+from autoglm.protocol._ownership import FirstCopy
 
 from ._scenario import Fleet, Gbit, GiB, Mbit, MiB, Result, Scenario, run
 from ._swarm import Params
@@ -47,11 +50,13 @@ def loopback(n: int, seed: int = 1, deliver_timeout: float | None = None, wire: 
 
 
 def fleet(n: int, size: int, piece: int, servers: float, spread: float, churn: float, degree: int | None, seed: int,
-          deliver_timeout: float | None, wire: bool, owner_timeout: float | None = None) -> Scenario:
+          deliver_timeout: float | None, wire: bool, owner_timeout: float | None = None, sched_tick: float = 0.05) -> Scenario:
     """Servers at 10 Gbit/s, edge devices at 20-100 Mbit/s (symmetric), a 1 Gbit/s origin; WAN-ish latencies."""
     ns = int(round(servers * n))
     fleets = (Fleet(ns, 10 * Gbit, 10 * Gbit), Fleet(n - ns, 20 * Mbit, 20 * Mbit, down_hi=100 * Mbit, up_hi=100 * Mbit))
-    params = Params(latency=0.010, origin_rtt=0.100, start_delay=0.5, deliver_timeout=deliver_timeout, wire=wire)
+    # A piece takes 0.7-3.4 s at edge speeds: waking the scheduler at most every 50 ms per node changes nothing there.
+    params = Params(latency=0.010, origin_rtt=0.100, start_delay=0.5, deliver_timeout=deliver_timeout, wire=wire,
+                    sched_tick=sched_tick)
     if owner_timeout is not None:
         params = dataclasses.replace(params, owner_timeout=owner_timeout)
     name = f"fleet-{n}-{'spread' if spread else 'once'}-churn{int(churn * 100)}"
@@ -86,13 +91,42 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_fleet(args: argparse.Namespace) -> int:
     sc = fleet(args.n, _size(args.size), _size(args.piece), args.servers, args.spread, args.churn, args.degree,
-               args.seed, args.deliver_timeout, not args.no_wire, args.owner_timeout)
+               args.seed, args.deliver_timeout, not args.no_wire, args.owner_timeout, args.sched_tick)
     t = time.time()
     r: Result = run(sc)
     row = r.row()
     row["wall_clock_s"] = round(time.time() - t, 1)
     print(json.dumps(row))
     return 0 if r.completed == r.n else 1
+
+
+def cmd_owners(args: argparse.Namespace) -> int:
+    """How many nodes think they own each piece when each sees only its own sessions (no time, no links)."""
+    rows = []
+    for n in args.n:
+        rng = random.Random(args.seed)
+        ids = [f"n{k:05d}" for k in range(n)]
+        nb: dict[str, set[str]] = {a: set() for a in ids}
+        for a in ids:
+            for b in rng.sample(ids, min(n, args.degree // 2 + 1)):
+                if a != b:
+                    nb[a].add(b)
+                    nb[b].add(a)
+        owners = [0] * args.pieces
+        sizes = [8 * MiB] * args.pieces
+        for a in ids:
+            fc = FirstCopy(a, sizes)
+            fc.set_members(nb[a], 0.0)
+            for i in range(args.pieces):
+                if fc.owner(i) == a:
+                    owners[i] += 1
+        rows.append({
+            "N": n, "sessions per node": round(sum(map(len, nb.values())) / n, 1), "pieces": args.pieces,
+            "owned by nobody": owners.count(0), "owned by several": sum(1 for o in owners if o > 1),
+            "first copies if every owner fetches": f"{sum(owners) / args.pieces:.2f}×",
+        })
+    print(_md(rows, list(rows[0])))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--seed", type=int, default=1)
     f.add_argument("--deliver-timeout", type=float, default=None, help="what-if: FirstCopy deliver_timeout (s)")
     f.add_argument("--owner-timeout", type=float, default=None, help="FetchOptions.owner_timeout (s; default 20)")
+    f.add_argument("--sched-tick", type=float, default=0.05, help="a Have wakes a node's scheduler at most this often (s)")
     f.add_argument("--no-wire", action="store_true", help="skip the control codec round trip (speed)")
     f.set_defaults(fn=cmd_fleet)
+    o = sub.add_parser("owners", help="first-copy owners agreed when each node sees only its own sessions")
+    o.add_argument("--n", type=int, nargs="+", default=[50, 200, 1000, 10000])
+    o.add_argument("--degree", type=int, default=32)
+    o.add_argument("--pieces", type=int, default=128)
+    o.add_argument("--seed", type=int, default=1)
+    o.set_defaults(fn=cmd_owners)
     args = ap.parse_args(argv)
     if getattr(args, "degree", None) == 0:
         args.degree = None
