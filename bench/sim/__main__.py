@@ -100,28 +100,34 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     return 0 if r.completed == r.n else 1
 
 
+def owner_counts(n: int, degree: int, pieces: int, seed: int = 1) -> tuple[list[int], float]:
+    """For each piece, how many nodes think they own it (FirstCopy over each node's ~``degree`` sessions); mean sessions."""
+    rng = random.Random(seed)
+    ids = [f"n{k:05d}" for k in range(n)]
+    nb: dict[str, set[str]] = {a: set() for a in ids}
+    for a in ids:
+        for b in rng.sample(ids, min(n, degree // 2 + 1)):
+            if a != b:
+                nb[a].add(b)
+                nb[b].add(a)
+    owners = [0] * pieces
+    sizes = [8 * MiB] * pieces
+    for a in ids:
+        fc = FirstCopy(a, sizes)
+        fc.set_members(nb[a], 0.0)
+        for i in range(pieces):
+            if fc.owner(i) == a:
+                owners[i] += 1
+    return owners, sum(map(len, nb.values())) / n
+
+
 def cmd_owners(args: argparse.Namespace) -> int:
     """How many nodes think they own each piece when each sees only its own sessions (no time, no links)."""
     rows = []
     for n in args.n:
-        rng = random.Random(args.seed)
-        ids = [f"n{k:05d}" for k in range(n)]
-        nb: dict[str, set[str]] = {a: set() for a in ids}
-        for a in ids:
-            for b in rng.sample(ids, min(n, args.degree // 2 + 1)):
-                if a != b:
-                    nb[a].add(b)
-                    nb[b].add(a)
-        owners = [0] * args.pieces
-        sizes = [8 * MiB] * args.pieces
-        for a in ids:
-            fc = FirstCopy(a, sizes)
-            fc.set_members(nb[a], 0.0)
-            for i in range(args.pieces):
-                if fc.owner(i) == a:
-                    owners[i] += 1
+        owners, mean = owner_counts(n, args.degree, args.pieces, args.seed)
         rows.append({
-            "N": n, "sessions per node": round(sum(map(len, nb.values())) / n, 1), "pieces": args.pieces,
+            "N": n, "sessions per node": round(mean, 1), "pieces": args.pieces,
             "owned by nobody": owners.count(0), "owned by several": sum(1 for o in owners if o > 1),
             "first copies if every owner fetches": f"{sum(owners) / args.pieces:.2f}×",
         })
