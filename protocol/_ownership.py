@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache
 
 __all__ = ["MAX_PEER_CLAIMS", "FirstCopy"]
 
@@ -94,7 +95,15 @@ class FirstCopy:
         self._lapsed: dict[str, float] = {}  # member -> when it broke a promise (stale from then on)
         self._requested: dict[int, float] = {}  # piece -> when this node first asked a peer for it
         self._claimed: dict[int, str] = {}  # piece -> member that asked a mirror for it
-        self._ranks: dict[str, list[int]] = {me: _ranks(me, n)}
+        self._ranks: dict[str, tuple[int, ...]] = {me: _ranks(me, n)}
+        # Members known only by gossip (no session with this node): their
+        # progress is relayed, i.e. a first Have of one of their pieces from
+        # any session peer (see set_members).
+        self._relayed: set[str] = set()
+        # Members that brought this node a verified piece (or, relayed, whose piece came from a peer):
+        # only they may be given a stale owner's piece, and only their pieces are passed on when stale.
+        self._delivered: set[str] = set()
+        self._order: dict[int, list[str]] = {}  # piece -> members by rendezvous weight (highest first), as needed
         # Where a mirror run starts: small pieces first (config and tokenizer
         # files: one round trip each, which must not be left for the end), then
         # our own pieces by rank (highest first): nodes that start before they
@@ -110,22 +119,34 @@ class FirstCopy:
         """The other nodes sharing the first copy now."""
         return frozenset(p for p in self._ranks if p != self.me)
 
-    def set_members(self, peers: Iterable[str], now: float) -> bool:
+    def set_members(self, peers: Iterable[str], now: float, relayed: Iterable[str] = ()) -> bool:
         """The other nodes holding this manifest now; True when some piece changed owner.
 
-        A newly seen member counts as making progress from ``now``.
+        ``peers``: those in session with this node. ``relayed``: others that
+        fetch or hold the manifest, known by gossip, with no session here
+        (their pieces reach this node through session peers). Both rank
+        alike, so nodes with different sessions but the same gossiped swarm
+        agree on every owner. A newly seen member counts as making progress
+        from ``now``.
         """
-        members = set(peers) - {self.me}
+        direct = set(peers) - {self.me}
+        members = direct | (set(relayed) - {self.me})
+        self._relayed = members - direct
+        for p in members:
+            self._seen.setdefault(p, now)
+        if len(members) + 1 == len(self._ranks) and all(p in self._ranks for p in members):
+            return False  # the same members (some moved between session and gossip): the same owners
+        self._order.clear()
         for p in members:
             if p not in self._ranks:
                 self._ranks[p] = _ranks(p, self._n)
-            self._seen.setdefault(p, now)
         for p in [p for p in self._ranks if p != self.me and p not in members]:
             del self._ranks[p]
             self._seen.pop(p, None)
             self._advertised.pop(p, None)
             self._pending.pop(p, None)
             self._lapsed.pop(p, None)
+            self._delivered.discard(p)
         self._claimed = {i: p for i, p in self._claimed.items() if p in members or p == self.me}
         # Bounded loads: each node owns at most ceil(n / members) pieces, so
         # the shares come out even (plain rendezvous leaves some nodes with
@@ -187,6 +208,21 @@ class FirstCopy:
         if 0 <= index < self._n:
             self._requested.setdefault(index, now)
 
+    def delivered(self, source: str, index: int) -> None:
+        """A peer source brought ``index`` and it verified: that member has shown it delivers.
+
+        ``source`` is the picker's source id: a member id, or a peer source's
+        ``peer:<id>`` (``peer:<id>@alias`` for identical files held under
+        another manifest; node/swarm/session.py PeerSource.id). When the piece
+        is a relayed owner's, the owner delivered too: its first copy reached us.
+        """
+        member = source.removeprefix("peer:").split("@", 1)[0]
+        if member == self.me or member not in self._ranks:
+            return
+        self._delivered.add(member)
+        if 0 <= index < self._n and self.owner(index) in self._relayed:
+            self._delivered.add(self.owner(index))
+
     def piece_done(self, index: int) -> None:
         """``index`` is here: no longer claimed, and delivered whoever advertised it."""
         self._claimed.pop(index, None)
@@ -203,8 +239,16 @@ class FirstCopy:
         arrive here within ``deliver_timeout`` of this node requesting it
         (``unrequested_timeout`` of now if it never does).
         """
-        if peer not in self._seen or not 0 <= index < self._n:
+        if peer not in self._seen or peer in self._relayed or not 0 <= index < self._n:
             return False
+        o = self.owner(index)
+        if o != peer and o in self._relayed:
+            # Relayed progress: the first Have of a gossip-only owner's piece,
+            # from anyone, is its progress and its promise (both as below).
+            self._advance(o, index, now, wanted)
+        return self._advance(peer, index, now, wanted)
+
+    def _advance(self, peer: str, index: int, now: float, wanted: bool) -> bool:
         self._check_promises(peer, now)
         said = self._advertised.setdefault(peer, set())
         if index in said:
@@ -234,7 +278,33 @@ class FirstCopy:
             return True
         self._check_promises(o, now)
         t = self.stale_at(o)
-        return t is None or now >= t
+        if t is None:
+            return True
+        if now < t:
+            return False
+        # A stale owner's piece passes to its successor: the next member in
+        # the piece's rendezvous order that is not stale (nodes that see the
+        # same members and staleness agree on it), which has ``owner_timeout``
+        # to bring it in before any node may take it from a mirror.
+        if o not in self._delivered:
+            return True  # never brought us a piece: its share is the mirror's at once (the liar bounds hold)
+        return self._successor(index, o, now) == self.me or now >= t + self._owner_timeout
+
+    def _successor(self, index: int, owner: str, now: float) -> str:
+        """The first member after ``owner`` in ``index``'s rendezvous order that is not stale now (or this node)."""
+        order = self._order.get(index)
+        if order is None:
+            order = self._order[index] = sorted(self._ranks, key=lambda p: (self._ranks[p][index], p), reverse=True)
+        for p in order:
+            if p == self.me:
+                return p
+            if p == owner or p not in self._delivered:
+                continue
+            self._check_promises(p, now)
+            t = self.stale_at(p)
+            if t is not None and now < t:
+                return p
+        return self.me
 
     def _promise_due(self, peer: str) -> float | None:
         """When the first of ``peer``'s outstanding promises breaks (None: none outstanding)."""
@@ -256,13 +326,17 @@ class FirstCopy:
     def deadlines(self, pieces: Iterable[int]) -> list[float]:
         """When the owners of ``pieces`` go stale (their pieces become the mirror's)."""
         owners = {self.owner(i) for i in pieces}
-        return [t for t in (self.stale_at(o) for o in owners) if t is not None]
+        times = [t for t in (self.stale_at(o) for o in owners) if t is not None]
+        if len(self._ranks) <= 2:
+            return times  # no successor but this node
+        return times + [t + self._owner_timeout for t in times]
 
 
-def _ranks(peer: str, n: int) -> list[int]:
-    """Rendezvous weights of ``peer`` for pieces 0..n-1 (highest weight owns the piece)."""
+@lru_cache(maxsize=4096)
+def _ranks(peer: str, n: int) -> tuple[int, ...]:
+    """Rendezvous weights of ``peer`` for pieces 0..n-1 (highest weight owns the piece); cached, as every fetch of a large swarm ranks the same ids."""
     key = peer.encode()
-    return [
+    return tuple(
         int.from_bytes(hashlib.blake2b(i.to_bytes(8, "big"), digest_size=8, key=key[:64]).digest(), "big")
         for i in range(n)
-    ]
+    )

@@ -169,15 +169,18 @@ class PiecePicker:
         """Which node should bring ``index`` into the swarm from a mirror (None: no spreading)."""
         return None if self.first_copy is None else self.first_copy.owner(index)
 
-    def set_swarm(self, peers: Iterable[str], now: float, complete: Iterable[str] = ()) -> bool:
+    def set_swarm(
+        self, peers: Iterable[str], now: float, complete: Iterable[str] = (), relayed: Iterable[str] = (),
+    ) -> bool:
         """The other nodes holding this manifest now (swarm peer ids); True when some piece changed owner.
 
         ``complete`` peers hold every piece and keep their share until they go
-        stale like any other owner (see FirstCopy.set_members).
+        stale like any other owner; ``relayed``: fetchers known by gossip only,
+        with no session here (see FirstCopy.set_members).
         """
         if self.first_copy is None:
             return False
-        return self.first_copy.set_members([*peers, *complete], now)
+        return self.first_copy.set_members([*peers, *complete], now, relayed)
 
     def peer_claims(self, peer: str, indices: Iterable[int]) -> bool:
         """A swarm peer asked a mirror for these pieces (see FirstCopy.peer_claims)."""
@@ -333,6 +336,8 @@ class PiecePicker:
             self._sources[sid].in_flight.discard(index)
         if self._state[index] != PieceState.DONE:
             self._set_state(index, PieceState.WRITING)
+            if self.first_copy is not None:
+                self.first_copy.delivered(source_id, index)
         return frozenset(by - {source_id})
 
     def piece_done(self, index: int) -> None:

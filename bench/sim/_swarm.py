@@ -80,6 +80,10 @@ class Params:
     # What-if only (not the node's behaviour): FirstCopy's deliver_timeout, which the picker leaves
     # equal to owner_timeout. None: the real default.
     deliver_timeout: float | None = None
+    # The swarm-wide fetcher set (node/swarm/fetches.py ``relayed``: fetchers learned by peer exchange
+    # with no session here): a node that arrives is known to every node this many seconds later, one
+    # that leaves is forgotten after ``member_grace``. None: first-copy members are the sessions only.
+    gossip: float | None = None
 
 
 # node/swarm/session.py PeerSource: QUEUE_TIME seconds of throughput in flight, within [MIN_DEPTH, MAX_DEPTH].
@@ -120,12 +124,37 @@ class Swarm:
         self.nodes: dict[str, SimNode] = {}
         self.rng = random.Random(seed)
         self.stats = Stats()
+        self.known: dict[str, None] = {}  # fetchers gossiped to every node (Params.gossip)
+        self._round = False
 
     def add_node(self, nid: str, up: float, down: float, arrive: float, host: Host | None = None) -> SimNode:
         node = SimNode(self, nid, up, down, host)
         self.nodes[nid] = node
         self.loop.at(arrive, node.arrive)
         return node
+
+    def learn(self, nid: str) -> None:
+        """Gossip: ``nid`` (arrived) is now known to every node."""
+        if self.nodes[nid].alive:
+            self.known[nid] = None
+            self._gossip_round()
+
+    def forget(self, nid: str) -> None:
+        """Gossip: ``nid`` (left) is forgotten, its grace over."""
+        if not self.nodes[nid].alive:
+            self.known.pop(nid, None)
+            self._gossip_round()
+
+    def _gossip_round(self) -> None:
+        if not self._round:
+            self._round = True
+            self.loop.at(self.loop.now + self.params.sched_tick, self._regossip)
+
+    def _regossip(self) -> None:
+        self._round = False
+        for node in self.nodes.values():
+            if node.alive and node.fetching:
+                node.update_membership()
 
     def connect(self, a: str, b: str) -> None:
         """A session-capable pair (the session opens when both are running)."""
@@ -210,6 +239,8 @@ class SimNode:
             if self.sw.nodes[nb].alive:
                 self.sw.send(self, nb, ("hello", frozenset(self.have)))
         self.sw.loop.at(self.sw.loop.now + self.sw.params.start_delay, self.start)
+        if self.sw.params.gossip is not None:
+            self.sw.loop.at(self.sw.loop.now + self.sw.params.gossip, self.sw.learn, self.id)
         self.sw.loop.at(self.sw.loop.now + self.sw.rng.uniform(0, self.sw.params.rechoke_interval), self._rechoke_tick)
 
     def start(self) -> None:
@@ -240,6 +271,8 @@ class SimNode:
         for p in self.peers:
             self.sw.send(self, p, ("bye", self.complete_at is not None))
         self.peers.clear()
+        if self.sw.params.gossip is not None:
+            self.sw.loop.at(self.sw.loop.now + self.sw.params.member_grace, self.sw.forget, self.id)
 
     # -- messages ----------------------------------------------------------------
     def receive(self, src: str, msg: object) -> None:
@@ -339,7 +372,10 @@ class SimNode:
         )
         self.departed = m.departed
         self.fetchers = 1 + len(m.peers)
-        if self.picker.set_swarm(m.peers, self.sw.loop.now, m.complete):
+        relayed: Sequence[str] = ()
+        if self.sw.params.gossip is not None:
+            relayed = [p for p in self.sw.known if p not in self.peers and p not in m.departed and p != self.id]
+        if self.picker.set_swarm(m.peers, self.sw.loop.now, m.complete, relayed):
             self._withdraw_not_ours()
         self.schedule()
 
