@@ -50,6 +50,29 @@ time. The price for honest nodes: an owner whose advertised piece does not
 reach us within ``deliver_timeout`` of our request (it chokes us, or its
 upload is that slow) loses its share here to the mirror.
 
+*Relayed members* (``set_members(..., relayed=...)``): once a swarm is
+larger than one node's sessions, ranking only the sessions makes nodes
+disagree (some pieces owned by nobody, most by several: about
+N / (sessions + 1) first copies; bench/sim ``owners``). So the ranking also
+takes the other fetchers this node knows of by gossip and has no session
+with. Nodes that know the same swarm then agree on every owner whatever
+their sessions. A relayed owner cannot send us a Have; its progress is
+*relayed*: the first Have of one of its pieces from any session peer
+counts as its progress and is a promise for it, kept or broken exactly as
+above. A relayed member that never brings a piece in is stale after
+``owner_timeout``, as a silent member is.
+
+*Successors*: an owner that is stale but has delivered a verified piece to
+this node (``delivered``; for a relayed owner, its piece reached us from a
+peer) is honest and slow, not a liar. Its piece passes to the next member
+in the piece's rendezvous order that is not stale and has delivered too
+(or this node): every node that sees the same members agrees on it, so one
+node takes the piece from a mirror instead of every node that was waiting.
+The successor has ``owner_timeout`` to bring it in, then any node may. A
+stale owner that never delivered anything to this node (a fake member
+among them) loses its share to the mirror at once, as before, so the liar
+bounds above are unchanged.
+
 *Claims* override the hash: a member that says it asked a mirror for a
 piece (the swarm's ``Claim`` message) owns it from then on, so nodes that
 started before they knew of each other do not both bring the same first

@@ -102,8 +102,11 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     return 0 if r.completed == r.n else 1
 
 
-def owner_counts(n: int, degree: int, pieces: int, seed: int = 1) -> tuple[list[int], float]:
-    """For each piece, how many nodes think they own it (FirstCopy over each node's ~``degree`` sessions); mean sessions."""
+def owner_counts(n: int, degree: int, pieces: int, seed: int = 1, gossip: bool = False) -> tuple[list[int], float]:
+    """For each piece, how many nodes think they own it (FirstCopy over each node's ~``degree`` sessions); mean sessions.
+
+    ``gossip``: the other fetchers are relayed members (FirstCopy ``set_members(..., relayed=...)``).
+    """
     rng = random.Random(seed)
     ids = [f"n{k:05d}" for k in range(n)]
     nb: dict[str, set[str]] = {a: set() for a in ids}
@@ -116,7 +119,7 @@ def owner_counts(n: int, degree: int, pieces: int, seed: int = 1) -> tuple[list[
     sizes = [8 * MiB] * pieces
     for a in ids:
         fc = FirstCopy(a, sizes)
-        fc.set_members(nb[a], 0.0)
+        fc.set_members(nb[a], 0.0, relayed=set(ids) - nb[a] if gossip else ())
         for i in range(pieces):
             if fc.owner(i) == a:
                 owners[i] += 1
@@ -127,7 +130,7 @@ def cmd_owners(args: argparse.Namespace) -> int:
     """How many nodes think they own each piece when each sees only its own sessions (no time, no links)."""
     rows = []
     for n in args.n:
-        owners, mean = owner_counts(n, args.degree, args.pieces, args.seed)
+        owners, mean = owner_counts(n, args.degree, args.pieces, args.seed, args.gossip)
         rows.append({
             "N": n, "sessions per node": round(mean, 1), "pieces": args.pieces,
             "owned by nobody": owners.count(0), "owned by several": sum(1 for o in owners if o > 1),
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--degree", type=int, default=32)
     o.add_argument("--pieces", type=int, default=128)
     o.add_argument("--seed", type=int, default=1)
+    o.add_argument("--gossip", action="store_true", help="rank the other fetchers too, as relayed members")
     o.set_defaults(fn=cmd_owners)
     args = ap.parse_args(argv)
     if getattr(args, "degree", None) == 0:

@@ -112,3 +112,20 @@ def test_first_copy_owners_agree_in_a_full_mesh_and_not_beyond_one_nodes_session
     owners, mean = owner_counts(200, 32, 48)
     assert 25 < mean < 40
     assert sum(owners) > 3 * 48
+    # The same sessions, the other fetchers gossiped (FirstCopy relayed members): one owner each again.
+    owners, _ = owner_counts(200, 32, 48, gossip=True)
+    assert owners == [1] * 48
+
+
+def test_gossiped_members_give_one_first_copy_when_sessions_are_partial() -> None:
+    """24 nodes with ~6 sessions each, timeouts off: sessions alone leave pieces ownerless or multiply owned;
+    with the fetchers gossiped (relayed members) each piece comes from the origin exactly once."""
+    off = dict(owner_timeout=1e9, deliver_timeout=1e9, latency=0.005, origin_rtt=0.02, start_delay=0.5)
+    fleet = (Fleet(24, 50e6, 50e6),)
+    shared = run(Scenario("gossip", fleet, origin=100e6, size=128 * MiB, piece=8 * MiB, degree=6,
+                          params=Params(gossip=0.1, **off), seed=3))  # type: ignore[arg-type]
+    assert shared.completed == 24
+    assert shared.egress == pytest.approx(1.0, abs=0.01)
+    alone = run(Scenario("sessions", fleet, origin=100e6, size=128 * MiB, piece=8 * MiB, degree=6,
+                         params=Params(**off), seed=3), horizon=600.0)  # type: ignore[arg-type]
+    assert alone.completed < 24 or alone.egress > 1.2
