@@ -227,6 +227,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     from autoglm.node._engine import collapse_group
     from autoglm.node._metrics import parse_hostport
     from autoglm.node._sdnotify import notify
+    from autoglm.node._startup import resume as resume_gc
     from autoglm.node._swarm_node import JoinConfig, open_swarm_node
     from autoglm.node.swarm import Announced, PeerBanned, SwarmConfig, SwarmEvent
 
@@ -271,6 +272,7 @@ def cmd_join(args: argparse.Namespace) -> int:
                 node.trust = trust_from_args(args)
                 _say(args, "ready", addrs[0] if addrs else "(no listen address)", addrs=addrs,
                      peer_id=node.p2p.peer_id, peerwire=node.swarm.status()["peerwire"], metrics=metrics, **extra)
+                resume_gc()  # start-up is over (node/_startup.py)
                 # Type=notify units: started once the node listens (no-op without NOTIFY_SOCKET).
                 notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=listening on {addrs[0] if addrs else '-'}")
                 if gateway is not None:
