@@ -226,6 +226,18 @@ def tree_rss(pid: int) -> int:
         return 0
 
 
+def peak_rss_of(pid: int) -> int:
+    """The kernel's high-water mark of a live process's resident memory (VmHWM), in bytes; 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def measure(
     argv: Sequence[str],
     *,
