@@ -18,7 +18,9 @@ For each pair, v1 is fetched into a data directory; then v2 is fetched from
 a fresh ``autoglm-node serve-mirror`` of v2 (a real process; its body-byte
 count is the origin egress) into a new output directory on the same data
 directory, so every piece v1 already has comes from the store; and again
-with v2 fetched over v1's output directory (the in-place update). The table
+with v2 fetched over v1's output directory (the in-place update); and over
+v1's files with an empty data directory (the store knows nothing: the old
+files are found by hashing candidate ranges where they lie). The table
 compares that with ``rsync`` (a daemon on 127.0.0.1 serving v2; the client
 holds v1 under the same name, ``--no-whole-file``, bytes from ``--stats``)
 and with a full download (the same fetch with an empty data directory).
@@ -264,6 +266,11 @@ def main() -> int:
             over, t_over = fetch(m2, pub, pw / "data-b", pw / "out-b", pair.v2)
             if (pw / "out-b" / pair.file).read_bytes() != (pair.v2 / pair.file).read_bytes():
                 raise SystemExit("autoglm v2 over v1 differs")
+            # v1's files in place, but an empty data directory: the old files are read where they lie
+            shutil.copytree(pair.v1, pw / "out-c")
+            bare, t_bare = fetch(m2, pub, pw / "data-c", pw / "out-c", pair.v2)
+            if (pw / "out-c" / pair.file).read_bytes() != (pair.v2 / pair.file).read_bytes():
+                raise SystemExit("autoglm v2 over v1 (empty store) differs")
             full, t_full = fetch(m2, pub, pw / "data-empty", pw / "out-full", pair.v2)
             rs, t_rs = rsync_delta(pw, pair, port + i)
             from autoglm.protocol import decode_signed_manifest
@@ -272,23 +279,25 @@ def main() -> int:
             v2size = f2.size
             manifest_bytes = m2.stat().st_size
             res = dict(format=pair.name, edit=pair.what, size=v2size, changed=pair.changed, pieces=len(f2.pieces),
-                       manifest=manifest_bytes, autoglm=delta, autoglm_s=t_delta, over=over, over_s=t_over, rsync=rs, rsync_s=t_rs,
+                       manifest=manifest_bytes, autoglm=delta, autoglm_s=t_delta, over=over, over_s=t_over, bare=bare, bare_s=t_bare, rsync=rs, rsync_s=t_rs,
                        full=full, full_s=t_full, publish_s=t_pub)
             results.append(res)
             rows.append([pair.name, pair.what, fmt_bytes(v2size), fmt_bytes(pair.changed),
                          f"{len(f2.pieces)} / {fmt_bytes(manifest_bytes)}",
                          f"{fmt_bytes(delta)} ({delta / pair.changed:.2f}x) {t_delta:.1f}s",
                          f"{fmt_bytes(over)} ({over / pair.changed:.2f}x) {t_over:.1f}s",
+                         f"{fmt_bytes(bare)} ({bare / pair.changed:.2f}x) {t_bare:.1f}s",
                          f"{fmt_bytes(rs)} ({rs / pair.changed:.2f}x) {t_rs:.1f}s",
                          f"{fmt_bytes(full)} ({full / pair.changed:.1f}x) {t_full:.1f}s"])
             if not args.keep:
                 shutil.rmtree(pw, ignore_errors=True)
     print_table("v1 -> v2: bytes from the origin (ratio to the changed bytes) and wall time",
                 ["format", "edit", "v2 size", "changed", "pieces / manifest", "autoglm, new dir",
-                 "autoglm, over v1's dir",
+                 "autoglm, over v1's dir", "autoglm, over v1's dir, empty store",
                  "rsync daemon", "full download"], rows,
                 note="autoglm: body bytes `serve-mirror` sent for the v2 fetch, v1 fetched before into the same "
-                     "data directory (new dir: v2 into a new output directory; over v1's dir: into v1's); rsync: 'Total bytes received' "
+                     "data directory (new dir: v2 into a new output directory; over v1's dir: into v1's); empty store: v1's files copied "
+                     "into the output directory, no data directory (the old files are read in place); rsync: 'Total bytes received' "
                      "(includes its protocol overhead); full: the same autoglm fetch with an empty data directory.")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -18,9 +18,15 @@ All rows in one run, tools alternating, median of --reps:
   (d) the gateway (`join --hf-gateway`): 1 and 4 `snapshot_download` clients
       through one gateway (cold: fresh node, fresh cache) against 4 clients
       straight at nginx: wall time of the last client, origin egress (bytes
-      nginx served). The 4-node swarm row waits for `publish hf://`.
+      nginx served);
+  (e) the gateway served from the swarm (root: network namespaces and tc): the
+      upstream nginx in its own namespace, its egress capped (htb, --cap,
+      default 50 MiB/s); 4 `hf download` clients, each at its own node of a
+      4-node swarm (`join --hf-gateway --hf-manifest`, the manifest made by
+      `publish hf://`), against 1 and 4 clients straight at the capped
+      upstream: wall of the last client, origin egress.
 
-    .venv/bin/python bench/hub_bench.py [--reps 3] [--size 1GiB] [--parts abcd] [--json out.json]
+    .venv/bin/python bench/hub_bench.py [--reps 3] [--size 1GiB] [--parts abcde] [--cap 50MiB] [--json out.json]
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from _harness import (
     measure,
     measure_many,
     median,
+    netns_prefix,
     on_cleanup,
     print_table,
 )
@@ -108,8 +115,9 @@ FAULT = """            if ($hubfault = 429) { add_header Retry-After 1 always; r
 class HubNginx(Nginx):
     """nginx with the Hub-shaped locations (and, with ``faults``, 20 % of answers 429/502)."""
 
-    def __init__(self, root: Path, confdir: Path, locations: str, faults: bool) -> None:
-        super().__init__(root, confdir)
+    def __init__(self, root: Path, confdir: Path, locations: str, faults: bool, *, listen: str = "127.0.0.1",
+                 netns: str | None = None) -> None:
+        super().__init__(root, confdir, listen=listen, netns=netns)
         self.locations = locations
         self.faults = faults
 
@@ -120,10 +128,14 @@ class HubNginx(Nginx):
         self.access_log.touch()
         split = "10% 429; 10% 502;" if self.faults else ""
         locs = self.locations.replace("@FAULT@", FAULT if self.faults else "").replace("@PORT@", str(self.port))
+        # the CDN on another host name than the API (localhost), or, in a namespace, the same address
+        locs = locs.replace("@CDNHOST@", CDN_IP if self.netns else "localhost")
         conf = self.dir / "nginx.conf"
-        conf.write_text(HUB_CONF.format(dir=self.dir, listen=self.listen, port=self.port, root=self.root,
+        listen = self.listen if not self.netns else f"{self.listen}:{self.port};\n        listen {CDN_IP}"
+        conf.write_text(HUB_CONF.format(dir=self.dir, listen=listen, port=self.port, root=self.root,
                                         fault_split=split, locations=locs))
-        self.proc = PROCS.start([exe, "-p", str(self.dir), "-e", str(self.dir / "error.log"), "-c", str(conf)],
+        self.proc = PROCS.start(netns_prefix(self.netns) + [exe, "-p", str(self.dir), "-e", str(self.dir / "error.log"),
+                                                            "-c", str(conf)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         on_cleanup(self.stop)
         deadline = time.monotonic() + timeout
@@ -230,7 +242,7 @@ def locations(desc: dict[str, Any]) -> str:
 @FAULT@            add_header X-Repo-Commit {commit} always;
             add_header X-Linked-Etag '"{f['sha256']}"' always;
             add_header X-Linked-Size {f['size']} always;
-            return 302 http://localhost:@PORT@/cdn/{f['sha256']};
+            return 302 http://@CDNHOST@:@PORT@/cdn/{f['sha256']};
         }}""")
         else:
             out.append(f"""        location = {loc} {{
@@ -322,17 +334,19 @@ def run_once(tools: Tools, tool: str, ngx: HubNginx, *, kill_at: float | None = 
 class GatewayNode:
     """A cold `autoglm-node join --hf-gateway 127.0.0.1:0` in front of ``upstream``, with its own data dir and HF cache."""
 
-    def __init__(self, work: Path, upstream: str, n: int) -> None:
+    def __init__(self, work: Path, upstream: str, n: int, extra: list[str] | None = None, netns: str | None = None) -> None:
         self.dir = work / "runs" / f"gateway-{n}"
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "proxy" not in k.lower()}
         env.update(HF_ENDPOINT=upstream.rstrip("/"), HF_HOME=str(self.dir / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
-        self.proc = PROCS.start(autoglm_cmd() + ["--data-dir", str(self.dir / "data"), "join", "--json",
-                                                "--hf-gateway", "127.0.0.1:0"],
+        verbose = ["-v"] if netns else []  # (e) counts the swarm fetches in the log
+        self.proc = PROCS.start(netns_prefix(netns) + autoglm_cmd() + [*verbose, "--data-dir", str(self.dir / "data"), "join", "--json",
+                                                                      "--hf-gateway", "127.0.0.1:0", *(extra or [])],
                                 stdout=subprocess.PIPE, stderr=open(self.dir / "stderr", "wb"), env=env)
         assert self.proc.stdout is not None
         self.url = ""
+        self.addrs: list[str] = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
@@ -341,19 +355,183 @@ class GatewayNode:
             ev = json.loads(line)
             if ev.get("event") == "ready":
                 self.url = ev["hf_gateway"]
+                self.addrs = ev.get("addrs", [])
                 break
         if not self.url:
             raise RuntimeError(f"the gateway did not start: {(self.dir / 'stderr').read_text()[-2000:]}")
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.stderr_tail = (self.dir / "stderr").read_text(errors="replace")[-3000:]
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.stderr_text = (self.dir / "stderr").read_text(errors="replace")
+        self.stderr_tail = self.stderr_text[-3000:]
+        if not keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- (e) the gateway served from the swarm, upstream capped ---------------------------
+
+UP_IP, NODE_IP, CDN_IP = "10.201.0.1", "10.201.0.2", "10.201.0.3"  # the CDN: another address, as the Hub's is another host
+
+
+def sh(*argv: str) -> None:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip() or r.stdout.strip()}")
+
+
+class CappedNet:
+    """Namespace gatewayu<tag> (the upstream nginx, egress capped by htb) and gatewayn<tag> (nodes, clients)."""
+
+    def __init__(self, cap_bytes: int, tag: str) -> None:
+        self.cap = cap_bytes
+        self.up_ns, self.node_ns = f"gatewayu{tag}", f"gatewayn{tag}"
+        self.created: list[str] = []
+
+    def up(self) -> CappedNet:
+        on_cleanup(self.down)
+        for ns in (self.up_ns, self.node_ns):
+            sh("ip", "netns", "add", ns)
+            self.created.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        u, n = self.up_ns, self.node_ns
+        sh("ip", "-n", u, "link", "add", u, "type", "veth", "peer", "name", n, "netns", n)  # never in the root namespace
+        sh("ip", "-n", u, "addr", "add", f"{UP_IP}/29", "dev", u)
+        sh("ip", "-n", u, "addr", "add", f"{CDN_IP}/29", "dev", u)
+        sh("ip", "-n", n, "addr", "add", f"{NODE_IP}/29", "dev", n)
+        sh("ip", "-n", u, "link", "set", u, "up")
+        sh("ip", "-n", n, "link", "set", n, "up")
+        bits = self.cap * 8
+        sh("ip", "netns", "exec", u, "tc", "qdisc", "add", "dev", u, "root", "handle", "1:", "htb", "default", "10")
+        sh("ip", "netns", "exec", u, "tc", "class", "add", "dev", u, "parent", "1:", "classid", "1:10", "htb",
+           "rate", f"{bits}bit", "ceil", f"{bits}bit", "quantum", "60000")
+        return self
+
+    def down(self) -> None:
+        while self.created:
+            ns = self.created.pop()
+            try:
+                sh("ip", "netns", "del", ns)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                log(f"could not delete netns {ns}: {exc}")
+
+
+def _hf_download(d: Path, url: str) -> list[str]:
+    """`hf download ORG/REPO` (the CLI users type) into ``d/cache``, its HF_ENDPOINT ``url``."""
+    return ["env", f"HF_ENDPOINT={url.rstrip('/')}", str(Path(sys.executable).with_name("hf")), "download", ORG_REPO,
+            "--cache-dir", str(d / "cache")]
+
+
+def _publish(tools: Tools, local: HubNginx, net: CappedNet, up_url: str) -> tuple[Path, Path]:
+    """`publish hf://` naming the capped upstream, its bytes read from a cache filled from ``local`` (uncapped)."""
+    d = tools.work / "runs" / "publish"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    cli = autoglm_cmd() + ["--data-dir", str(d / "data")]
+    for argv, netns, url in (
+        (cli + ["keygen", "--out", str(d / "key")], None, local.url()),
+        (cli + ["fetch", f"hf://{ORG_REPO}", "--cache-dir", str(d / "cache"), "--json"], None, local.url()),
+        (cli + ["publish", f"hf://{ORG_REPO}@main", "--key", str(d / "key"), "--cache-dir", str(d / "cache"),
+                "--out", str(d / "m.agm"), "--json"], net.node_ns, up_url),
+    ):
+        r = subprocess.run(netns_prefix(netns) + argv, env=tools.env(url), capture_output=True, text=True, timeout=TIMEOUT,
+                           check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {r.stderr[-2000:]}")
+    return d / "m.agm", d / "key.pub"
+
+
+def _wait_mesh(nodes: list[GatewayNode], netns: str, limit: float = 30.0) -> float:
+    """Seconds until every node has a session with every other (bounded)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        ok = True
+        for g in nodes:
+            r = subprocess.run(netns_prefix(netns) + autoglm_cmd() + ["--data-dir", str(g.dir / "data"), "status", "--json"],
+                               capture_output=True, text=True, timeout=20, check=False)
+            try:
+                ok = ok and len(json.loads(r.stdout)["peers"]) >= len(nodes) - 1
+            except (ValueError, KeyError):
+                ok = False
+        if ok:
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    return float("nan")
+
+
+def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int) -> tuple[list[list[str]], dict[str, Any]]:
+    """(e): 1 and 4 clients straight at the capped upstream; 4 clients each at its own node of a 4-node swarm."""
+    total = tools.desc["total"]
+    net = CappedNet(cap, str(os.getpid() % 100000)).up()
+    up = HubNginx(Path(tools.desc["root"]), tools.work / "nginx-capped", locations(tools.desc), faults=False,
+                  listen=UP_IP, netns=net.up_ns).start()
+    manifest, key = _publish(tools, local, net, up.url())
+    cases = [("1 client straight at the upstream (one copy through the cap)", 1, False),
+             ("4 clients straight at the upstream", 4, False),
+             ("4 clients, each at its own node of a 4-node swarm (gateway, publish hf:// manifest)", 4, True)]
+    walls: dict[str, list[float]] = {c[0]: [] for c in cases}
+    egress: dict[str, list[int]] = {c[0]: [] for c in cases}
+    errors: dict[str, str] = {}
+    holds: list[int] = []
+    n = 100
+    for rep in range(reps):
+        for name, clients, via in cases:
+            nodes: list[GatewayNode] = []
+            extra = ["--hf-manifest", str(manifest), "--trust", str(key)]
+            try:
+                if via:
+                    for _ in range(clients):
+                        n += 1
+                        boot = ["--bootstrap", nodes[0].addrs[0]] if nodes else []
+                        nodes.append(GatewayNode(tools.work, up.url(), n, extra + boot, netns=net.node_ns))
+                    log(f"(e) mesh of {len(nodes)} nodes in {_wait_mesh(nodes, net.node_ns):.1f}s")
+                urls = [g.url for g in nodes] if via else [up.url()] * clients
+                dirs = [tools.fresh("hf-download") for _ in range(clients)]
+                mark = up.mark()
+                results = measure_many([_hf_download(d, u) for d, u in zip(dirs, urls, strict=True)], timeout=TIMEOUT,
+                                       env=tools.env(up.url()), netns=net.node_ns)
+            finally:
+                for g in nodes:
+                    g.stop(keep=True)
+            served = up.settle(mark)
+            for g in nodes:
+                holds.append(g.stderr_text.count("file(s) from the swarm"))
+                if os.environ.get("AUTOGLM_BENCH_LOGS"):
+                    keep = tools.work / "logs" / f"{g.dir.name}.stderr"
+                    keep.parent.mkdir(exist_ok=True)
+                    keep.write_text(g.stderr_text)
+                shutil.rmtree(g.dir, ignore_errors=True)
+            if via:
+                log(f"(e) swarm fetches per node: {holds[-len(nodes):]}")
+            ok = all(r.ok for r in results) and all(tools.correct("snapshot_download", d) for d in dirs)
+            wall = max(r.wall for r in results)
+            log(f"(e) {name} rep {rep + 1}: {wall:.2f}s, origin egress {fmt_bytes(served)}, ok={ok}")
+            if ok:
+                walls[name].append(wall)
+                egress[name].append(served)
+            else:
+                bad = next((r for r in results if not r.ok), None)
+                errors[name] = bad.error() if bad is not None else "wrong bytes"
+                for g in nodes:
+                    log(f"(e) node stderr: {g.stderr_tail}")
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
+    up.stop()
+    net.down()
+    one = median(walls[cases[0][0]])
+    rows, out = [], {"cap": cap, "swarm_holds_per_node": holds}
+    for name, clients, _ in cases:
+        m = median(walls[name])
+        e = median([float(x) for x in egress[name]])
+        out[name] = {"clients": clients, "walls": walls[name], "egress": egress[name], "median_wall": m}
+        rows.append([name, fmt_num(m, ".2f", " s"), f"{m / one:.2f}x" if m and one else "n/a",
+                     fmt_bytes(int(e)) if e else "n/a", f"{e / total:.2f}x" if e else "n/a",
+                     ", ".join(f"{w:.1f}" for w in walls[name]), errors.get(name, "")])
+    return rows, out
 
 
 def gateway_rows(tools: Tools, ngx: HubNginx, reps: int) -> tuple[list[list[str]], dict[str, Any]]:
@@ -408,7 +586,8 @@ def main() -> int:
     ap.add_argument("--size", default="1GiB")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "hub")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--parts", default="abcd", help="which parts to run (default abcd)")
+    ap.add_argument("--parts", default="abcd", help="which parts to run (default abcd; e needs root)")
+    ap.add_argument("--cap", default="50MiB", help="(e): the upstream's egress cap per second (default 50MiB)")
     args = ap.parse_args()
     have = check_tools(["nginx", "aria2c"])
     if not have["nginx"]:
@@ -430,6 +609,14 @@ def main() -> int:
                         ["clients", "wall (last client)", "origin egress", "x repository", "walls", "note"], rows,
                         note="cold gateway each time (fresh node and cache); nginx on 127.0.0.1, not rate-capped; "
                              "the 4-node swarm row needs publish hf://")
+        if "e" in args.parts:
+            cap = _parse_size(args.cap)
+            rows, out["swarm_gateway"] = swarm_gateway_rows(tools, ngx, args.reps, cap)
+            print_table(f"(e) the gateway served from the swarm: {fmt_bytes(total)} repository, upstream capped at "
+                        f"{fmt_bytes(cap)}/s, `hf download` clients, median of {args.reps}",
+                        ["clients", "wall (last client)", "x one copy", "origin egress", "x repository", "walls", "note"],
+                        rows, note="cold nodes each time (fresh data dirs and caches); nodes and clients in one namespace, "
+                                   "nginx in another behind htb")
         walls: dict[str, list[float]] = {t: [] for t in tool_names}
         cpus: dict[str, list[float]] = {t: [] for t in tool_names}
         errors: dict[str, str] = {}

@@ -23,9 +23,15 @@ pickers and stops at the first difference in what they pick or report.
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib
+import io
 import random
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -43,11 +49,16 @@ PEERS = 32
 
 
 def load_old(rev: str) -> types.ModuleType:
-    src = subprocess.run(["git", "show", f"{rev}:protocol/_picker.py"], cwd=ROOT, capture_output=True, check=True).stdout
-    mod = types.ModuleType("old_picker")
-    sys.modules["old_picker"] = mod  # dataclasses look their module up
-    exec(compile(src, f"{rev}:protocol/_picker.py", "exec"), mod.__dict__)
-    return mod
+    """The picker at ``rev``, with the protocol package it imports from (a single file or split into modules)."""
+    tmp = Path(tempfile.mkdtemp(prefix="picker-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    tar = subprocess.run(["git", "archive", rev, "protocol"], cwd=ROOT, capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        tf.extractall(tmp, filter="data")
+    pkg = f"old_protocol_{rev.replace('-', '_').replace('~', '_').replace('^', '_')}"
+    (tmp / "protocol").rename(tmp / pkg)
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module(f"{pkg}._picker")
 
 
 def _time(fn: Callable[[int], None], n: int) -> tuple[float, int]:
@@ -126,7 +137,7 @@ def same_behaviour(old: types.ModuleType, new: types.ModuleType, seed: int) -> N
         if op == "add":
             sid, kind = f"s{step}", rng.choice(["peer", "peer", "mirror"])
             have = None if kind == "mirror" else set(rng.sample(range(n), rng.randint(0, n)))
-            a.add_source(sid, kind, have)
+            a.add_source(sid, old.SourceKind(kind) if hasattr(old, "SourceKind") else kind, have)
             b.add_source(sid, new.SourceKind(kind), have)
             kinds[sid] = kind
             continue
@@ -154,9 +165,9 @@ def same_behaviour(old: types.ModuleType, new: types.ModuleType, seed: int) -> N
         elif op == "claims":
             _both(a, b, "peer_claims", rng.choice(["a", "b", "c", "zz"]), [rng.randrange(-1, n + 1) for _ in range(5)])
         elif op == "progress":
-            _both(a, b, "peer_progress", rng.choice("abc"), t)
+            _both(a, b, "peer_progress", rng.choice("abc"), i, t)
         elif op == "take":
-            _both(a, b, "claim", sid, i, t, new_name="take")
+            _both(a, b, "take" if hasattr(a, "take") else "claim", sid, i, t, new_name="take")
         elif op == "lost":
             _both(a, b, "piece_lost", i)
         elif op == "cancel":

@@ -15,8 +15,14 @@ connection:
   serving the model afterwards. With ``"name": NAME`` instead of
   ``"manifest"``, the node resolves the signed name record of a trusted
   publisher in the DHT and fetches the manifest itself from peers.
-* ``{"op": "name_publish", "key": KEYFILE, "manifest": PATH, "seq": N or null}``
-  -> ``{"event": "name-published", ...}``: NAME now points at this manifest.
+* ``{"op": "name_publish", "key": KEYFILE, "manifest": PATH, "seq": N or null, "rollout": PPM or null,
+  "preheat": {"out": DIR, "mirrors": [...]} or null}``
+  -> ``{"event": "name-published", ...}``: NAME now points at this manifest
+  (with ``preheat``, once this node holds every piece of it: node/_follow.py).
+* ``{"op": "update", "name": NAME | "manifest": PATH|URL, "root": DIR or null, "keep": K, ...fetch fields}``
+  -> progress events, then ``{"event": "updated", ...}`` or an error line:
+  fetch the version into its own directory, gate it, switch ``current``
+  (node/_update.py; the fields are those of ``fetch`` but ``out``).
 """
 
 from __future__ import annotations
@@ -75,6 +81,10 @@ async def _handle(stream: trio.SocketStream, node: SwarmNode) -> None:
             await _fetch(stream, node, req)
         elif op == "name_publish":
             await _name_publish(stream, node, req)
+        elif op == "update":
+            from autoglm.node._follow import control_update
+
+            await control_update(stream, node, req)
         else:
             await _send(stream, {"event": "error", "message": f"unknown op {op!r}", "kind": "ConfigError"})
     except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ValueError) as eg:
@@ -124,12 +134,25 @@ async def _name_publish(stream: trio.SocketStream, node: SwarmNode, req: dict[st
     try:
         key = await trio.to_thread.run_sync(load_private_key, Path(req["key"]))
         signed = await trio.to_thread.run_sync(load_signed_manifest, Path(req["manifest"]))
-        rec = await node.publish_name(key, signed, req.get("seq"))
+        if req.get("preheat"):
+            from autoglm.node._follow import preheat
+
+            await preheat(node, signed, req["preheat"])
+        rec = await node.publish_name(key, signed, req.get("seq"), _rollout(req))
     except (AutoglmError, KeyError) as exc:
         await _send(stream, {"event": "error", "message": str(exc), "kind": type(exc).__name__})
         return
     await _send(stream, {"event": "name-published", "key": rec.key, "manifest_id": rec.manifest_id.hex(),
-                         "version": rec.version, "seq": rec.seq})
+                         "version": rec.version, "seq": rec.seq, "rollout": rec.rollout})
+
+
+def _rollout(req: dict[str, Any]) -> int:
+    value = req.get("rollout")
+    if value is None:
+        return 1_000_000
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError("name_publish: rollout is parts per million (an integer)")
+    return value
 
 
 async def serve_control_api(

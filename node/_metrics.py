@@ -57,6 +57,7 @@ __all__ = [
     "parse_hostport",
     "serve_metrics",
     "source_kind",
+    "watch_gateway",
 ]
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,33 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily("autoglm_ready", "1 when /healthz answers ready, 0 when degraded", 1.0 if ready else 0.0)
 
 
+class _GatewayCollector(Collector):
+    """``join --hf-gateway``: bytes served to clients, by where the flight's bytes came from; requests; clients."""
+
+    def __init__(self, stats: Any) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats
+        served = CounterMetricFamily("autoglm_gateway_served_bytes", "File bytes the gateway sent to its clients, "
+                                     "by where the node got them (hub: its hub fetch; swarm: a trusted manifest)",
+                                     labels=["via"])
+        for via, n in sorted(s.served_by_via.items()):
+            served.add_metric([via], n)
+        yield served
+        yield CounterMetricFamily("autoglm_gateway_requests", "HTTP requests to the gateway", s.requests)
+        yield CounterMetricFamily("autoglm_gateway_flights", "Files fetched for gateway clients (one per blob)", s.flights)
+        yield CounterMetricFamily("autoglm_gateway_flights_failed", "Gateway file fetches that failed", s.flights_failed)
+        yield GaugeMetricFamily("autoglm_gateway_clients", "Open gateway client connections", s.clients)
+        yield CounterMetricFamily("autoglm_gateway_refused_clients", "Clients refused over the connection budget",
+                                  s.refused_clients)
+
+
+def watch_gateway(metrics: NodeMetrics, stats: Any) -> None:
+    """Add the Hugging Face gateway's counters (``hub._gateway.GatewayStats``, read at scrape time) to ``metrics``."""
+    metrics.registry.register(_GatewayCollector(stats))
+
+
 class NodeMetrics:
     """One node's registry: event-fed counters plus the live collector."""
 
@@ -218,8 +246,8 @@ class NodeMetrics:
         node.p2p.on_lookup = self.lookup.observe
         r.register(_LiveCollector(node))
 
-    def observe(self, model: str, ev: Event) -> None:
-        """Count one engine event of ``model`` (``name@version``)."""
+    def observe(self, model: str, ev: Event, as_kind: str | None = None) -> None:
+        """Count one engine event of ``model`` (``name@version``); ``as_kind`` overrides the source kind (the gateway's "hub")."""
         if isinstance(ev, FetchStarted):
             # Every series of the model exists from its start (at 0), so rate() and alerts see the first failure.
             for kind in _KINDS:
@@ -231,12 +259,12 @@ class NodeMetrics:
             self.fetches.labels(model)
             self.refetched.labels(model)
         elif isinstance(ev, PieceVerified):
-            kind = source_kind(ev.source_id)
+            kind = as_kind or source_kind(ev.source_id)
             self.fetched.labels(kind, model).inc(ev.nbytes)
             self.pieces.labels(kind, model).inc()
         elif isinstance(ev, SourceFailed):
             reason = "integrity" if ev.integrity else "permanent" if ev.permanent else "transient"
-            self.failed.labels(source_kind(ev.source_id), model, reason).inc()
+            self.failed.labels(as_kind or source_kind(ev.source_id), model, reason).inc()
         elif isinstance(ev, FileDone):
             self.files.labels(model).inc()
         elif isinstance(ev, FetchDone):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +108,13 @@ def file_provider_key(sha256: bytes) -> str:
 class _NameRecordValidator(Validator):
     """libp2p's validator hook, backed by the sans-IO checks in protocol/_namerecord."""
 
+    def __init__(self) -> None:
+        self.on_record: Callable[[NameRecord], None] | None = None  # every valid record seen (join --follow)
+
     def validate(self, key: str, value: bytes) -> None:
-        verify_name_record(key, value)
+        rec = verify_name_record(key, value)
+        if self.on_record is not None:
+            self.on_record(rec)
 
     def select(self, key: str, values: list[bytes]) -> int:
         return select_name_record(key, values)
@@ -161,10 +166,39 @@ ControlHandler = Callable[[ControlStream], Awaitable[None]]
 class P2PNode:
     """A running libp2p host with its DHT. Create with :func:`open_p2p`."""
 
-    def __init__(self, host: Any, dht: KadDHT) -> None:
+    def __init__(self, host: Any, dht: KadDHT, names: _NameRecordValidator | None = None) -> None:
         self._host = host
         self._dht = dht
+        self._names = names or _NameRecordValidator()
         self.on_lookup: Callable[[float], None] | None = None  # each provider lookup's seconds (metrics)
+
+    def on_name_record(self, callback: Callable[[NameRecord], None] | None) -> None:
+        """Call ``callback`` (synchronously, cheaply) with every valid name record this node sees:
+        its own puts and gets, and each peer's PUT_VALUE (a push) or GET_VALUE answer."""
+        self._names.on_record = callback
+
+    async def push_name_record(self, record: NameRecord, peers: Sequence[str]) -> int:
+        """PUT_VALUE ``record`` straight to ``peers`` (session peers; join --follow). Returns how many took it.
+
+        Receivers validate it like any DHT put (signature, key, no lower seq).
+        """
+        value = record.encode()
+        ok = 0
+
+        async def one(peer: str) -> None:
+            nonlocal ok
+            with trio.move_on_after(_PEER_QUERY_TIMEOUT):
+                try:
+                    if await self._dht.value_store._store_at_peer(ID.from_base58(peer), record.key.encode(), value):
+                        ok += 1
+                except (BaseLibp2pError, OSError, ValueError) as exc:
+                    log.debug("name record push to %s failed: %r", peer, exc)
+
+        async with trio.open_nursery() as nursery:
+            for p in peers:
+                if p != self.peer_id:
+                    nursery.start_soon(one, p)
+        return ok
 
     @property
     def peer_id(self) -> str:
@@ -313,14 +347,18 @@ class P2PNode:
         return verify_name_record(key, best)
 
     async def _values_from_peers(self, key_bytes: bytes) -> list[bytes]:
-        """What the closest peers hold under ``key_bytes``; a silent peer costs one query timeout."""
-        try:
-            peers = await self._dht.peer_routing.find_closest_peers_network(key_bytes)
-        except (BaseLibp2pError, OSError) as exc:
-            log.info("closest-peer lookup failed: %r", exc)
-            return []
+        """What the closest peers hold under ``key_bytes``; a silent peer costs one query timeout.
+
+        Strategy: the peers we already know (the routing table's closest and
+        the connected ones) are asked at once, while the network lookup for
+        closer ones runs beside them with a bound of its own: py-libp2p's
+        lookup waits for every peer of a round, so one peer that connected and
+        went silent held it, and the whole resolution, for the full DHT timeout
+        (issue 11, item 13). Peers the lookup finds in time are asked too.
+        """
         me = self._host.get_id()
         found: list[bytes] = []
+        asked: set[ID] = {me}
 
         async def ask(peer: ID) -> None:
             with trio.move_on_after(_PEER_QUERY_TIMEOUT):
@@ -332,17 +370,46 @@ class P2PNode:
                 if isinstance(value, bytes):
                     found.append(value)
 
-        async with trio.open_nursery() as nursery:
-            for peer in peers[:_VALUE_QUERY_PEERS]:
-                if peer != me:
+        def ask_all(nursery: trio.Nursery, peers: Iterable[ID]) -> None:
+            for peer in peers:
+                if peer not in asked and len(asked) <= _VALUE_QUERY_PEERS:
+                    asked.add(peer)
                     nursery.start_soon(ask, peer)
+
+        async def lookup(nursery: trio.Nursery) -> None:
+            peers: list[ID] = []
+            with trio.move_on_after(_PEER_QUERY_TIMEOUT):
+                try:
+                    peers = await self._dht.peer_routing.find_closest_peers_network(key_bytes)
+                except (BaseLibp2pError, OSError) as exc:
+                    log.info("closest-peer lookup failed: %r", exc)
+            ask_all(nursery, peers)
+
+        known = self._dht.routing_table.find_local_closest_peers(key_bytes, _VALUE_QUERY_PEERS)
+        async with trio.open_nursery() as nursery:
+            ask_all(nursery, [*known, *self._host.get_connected_peers()])
+            nursery.start_soon(lookup, nursery)
         return found
 
     def set_control_handler(self, handler: ControlHandler) -> None:
+        self.set_stream_handler(CONTROL_PROTOCOL_ID, handler)
+
+    def set_stream_handler(self, protocol_id: str, handler: ControlHandler) -> None:
+        """Serve another of the node's own protocols (``/autoglm/reverse/1``, node/swarm/reverse.py)."""
+
         async def on_stream(stream: Any) -> None:
             await handler(ControlStream(stream))
 
-        self._host.set_stream_handler(CONTROL_PROTOCOL_ID, on_stream)
+        self._host.set_stream_handler(protocol_id, on_stream)
+
+    async def open_stream(self, peer_id: str, protocol_id: str) -> ControlStream:
+        """A new stream of ``protocol_id`` on the connection to a peer (opened if needed)."""
+        try:
+            with trio.fail_after(_DHT_TIMEOUT):
+                stream = await self._host.new_stream(ID.from_base58(peer_id), [protocol_id])
+        except (trio.TooSlowError, OSError, BaseLibp2pError, ValueError) as exc:
+            raise SourceError(f"cannot open {protocol_id} to {peer_id}: {exc}") from exc
+        return ControlStream(stream)
 
     async def open_control(self, peer: str | PeerAddr) -> ControlStream:
         """Open /autoglm/swarm/1 to a peer (dialling its addrs first if given)."""
@@ -387,9 +454,10 @@ async def open_p2p(
         await stack.enter_async_context(host.run(maddrs))
         # The DHT must exist before the first connection, or it misses the peer.
         dht = KadDHT(host, DHTMode.SERVER)
-        dht.validator.add_validator(NAME_NAMESPACE, _NameRecordValidator())  # type: ignore[union-attr]
+        names = _NameRecordValidator()
+        dht.validator.add_validator(NAME_NAMESPACE, names)  # type: ignore[union-attr]
         await stack.enter_async_context(background_trio_service(dht))
-        node = P2PNode(host, dht)
+        node = P2PNode(host, dht, names)
         for addr in bootstrap:
             try:
                 await node.connect(addr)

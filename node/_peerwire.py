@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PeerRejected",
+    "PeerStalled",
     "PeerwireConnection",
     "PieceLocation",
     "AeadStream",
@@ -65,6 +66,7 @@ __all__ = [
     "ServeGrant",
     "connect_peerwire",
     "derive_keys",
+    "handshake_peerwire",
     "new_token",
     "open_peerwire_connection",
     "serve_peerwire",
@@ -113,9 +115,13 @@ def _from_null() -> Callable[[None, int], bytearray] | None:
 _FROM_NULL = _from_null()
 
 
+class PeerStalled(SourceError):
+    """The peer sent nothing for ``STALL_TIMEOUT`` with requests in flight."""
+
+
 def _stalled() -> NoReturn:
     # A peer that takes requests and never answers must not hold pieces hostage.
-    raise SourceError(f"peer sent nothing for {STALL_TIMEOUT:.0f} s with requests in flight")
+    raise PeerStalled(f"peer sent nothing for {STALL_TIMEOUT:.0f} s with requests in flight")
 
 
 class PeerRejected(SourceError):
@@ -440,19 +446,29 @@ async def serve_peerwire(
     up: RateLimiter | None = None,
     psk: bytes | None = None,
     idle_timeout: float = 120.0,
+    inbound: trio.MemoryReceiveChannel[trio.SocketStream] | None = None,
     task_status: TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve pieces until cancelled; reports the bound (host, port) via ``task_status``.
 
     With ``psk`` (a private swarm's key) every byte after Auth is sealed. An
     authenticated connection with nothing in flight for ``idle_timeout`` is closed.
+    Sockets arriving on ``inbound`` (this node dialled them: a reverse dial,
+    node/swarm/reverse.py) are served like accepted ones.
     """
     st = _ServeState(locator, redeem, up or RateLimiter(None), psk=psk, idle_timeout=idle_timeout)
     listeners = await trio.open_tcp_listeners(port, host=host)
     sockname = listeners[0].socket.getsockname()
     async with trio.open_nursery() as nursery:
         task_status.started((sockname[0], sockname[1]))
+        if inbound is not None:
+            nursery.start_soon(_serve_inbound, inbound, st, nursery)
         await trio.serve_listeners(lambda s: _handle_conn(s, st), listeners, handler_nursery=nursery)
+
+
+async def _serve_inbound(inbound: trio.MemoryReceiveChannel[trio.SocketStream], st: _ServeState, nursery: trio.Nursery) -> None:
+    async for stream in inbound:
+        nursery.start_soon(_handle_conn, stream, st)
 
 
 @dataclass(slots=True)
@@ -615,13 +631,23 @@ async def connect_peerwire(
         stream = await trio.open_tcp_stream(host, port)
     except OSError as exc:
         raise SourceError(f"cannot connect to peer at {host}:{port}: {exc.strerror or exc}") from exc
+    return await handshake_peerwire(stream, token, down, psk, f"{host}:{port}")
+
+
+async def handshake_peerwire(
+    stream: trio.SocketStream, token: bytes, down: RateLimiter | None = None, psk: bytes | None = None, where: str = "peer"
+) -> PeerwireConnection:
+    """Authenticate as the client on a connected socket (dialled, or dialled back by the peer: node/swarm/reverse.py).
+
+    Takes ownership of ``stream``: closed on failure, else owned by the result.
+    """
     conn = PeerwireConnection(stream, down or RateLimiter(None))
     try:
         with trio.fail_after(10):
             await conn._handshake(token, psk)
     except (trio.TooSlowError, trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
         await stream.aclose()
-        raise SourceError(f"peerwire handshake with {host}:{port} failed: {exc!r}") from exc
+        raise SourceError(f"peerwire handshake with {where} failed: {exc!r}") from exc
     except BaseException:
         await stream.aclose()
         raise

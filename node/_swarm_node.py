@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,7 @@ from autoglm.node.api import Node, NodeConfig, open_node
 from autoglm.node.errors import ConfigError, IntegrityError, NoSourceError
 from autoglm.node.swarm import Swarm, SwarmConfig, SwarmEvent
 from autoglm.protocol import SignedManifest, TrustPolicy, decode_signed_manifest, key_id
-from autoglm.protocol._namerecord import NameRecord, sign_name_record
+from autoglm.protocol._namerecord import ROLLOUT_FULL, NameRecord, sign_name_record
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -88,8 +88,15 @@ class SwarmNode:
         self.metrics: NodeMetrics | None = None
         self.metrics_addr: tuple[str, int] | None = None
         self._active = 0  # holds still fetching; drain() waits for none
+        self._fetches: set[Fetch] = set()  # the running fetches drain() stops
         self._idle = trio.Event()
         self._idle.set()
+        self.follow_hooks: list[Callable[[NameRecord], None]] = []  # join --follow (node/_follow.py)
+        p2p.on_name_record(self._name_record_seen)
+
+    def _name_record_seen(self, rec: NameRecord) -> None:
+        for hook in self.follow_hooks:
+            hook(rec)
 
     async def hold(
         self,
@@ -131,8 +138,17 @@ class SwarmNode:
         return plan
 
     async def drain(self) -> None:
-        """Return once no fetch is running (SIGTERM waits for this, bounded, before stopping)."""
-        await self._idle.wait()
+        """Stop every running fetch at its pieces in flight; return once those are verified and recorded.
+
+        SIGTERM waits for this, bounded, before stopping: no new piece starts,
+        and the ones arriving finish (Fetch.drain), so a restart resumes with
+        nothing half-received.
+        """
+        fetches = list(self._fetches)
+        for f in fetches:
+            f.drain()
+        for f in fetches:
+            await f.drained()
 
     async def _hold(
         self,
@@ -164,6 +180,7 @@ class SwarmNode:
         fetch = Fetch(self.node.store, download, mirrors, send, plan.options,
                       on_mirror_claims=lambda indices: self.swarm.post_claims(mid, indices))
         box: list[FetchResult] = []
+        self._fetches.add(fetch)
 
         go = trio.Event()
 
@@ -190,6 +207,7 @@ class SwarmNode:
         except BaseExceptionGroup as eg:
             raise _collapse(eg) from None
         finally:
+            self._fetches.discard(fetch)
             self.swarm.detach(mid)
             if events is not None:
                 await events.aclose()
@@ -227,24 +245,27 @@ class SwarmNode:
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         out = None
 
-    async def publish_name(self, key: Ed25519PrivateKey, signed: SignedManifest, seq: int | None = None) -> NameRecord:
+    async def publish_name(
+        self, key: Ed25519PrivateKey, signed: SignedManifest, seq: int | None = None, rollout: int = ROLLOUT_FULL
+    ) -> NameRecord:
         """Point NAME (the manifest's name) at this manifest in the DHT, signed by the publisher key.
 
-        ``seq`` defaults to the manifest's ``created_at``, so a later publish wins.
+        ``seq`` defaults to the manifest's ``created_at``, so a later publish
+        wins; ``rollout`` (ppm) below ROLLOUT_FULL stages it. The record is
+        also pushed to session peers, so followers among them pick it up at
+        once (node/_follow.py).
         """
         m = signed.manifest
-        rec = sign_name_record(key, m.name, signed.id, m.version, m.created_at if seq is None else seq)
+        rec = sign_name_record(key, m.name, signed.id, m.version, m.created_at if seq is None else seq, rollout)
         if rec.public_key != signed.public_key:
             raise ConfigError("the name record key must be the key that signed the manifest")
         self.swarm.start_holding(signed.id, m.piece_count, (), signed.encode())
         await self.p2p.put_name_record(rec)
+        await self.p2p.push_name_record(rec, self.p2p.connected_peers())
         return rec
 
-    async def resolve_name(self, name: str, trust: TrustPolicy) -> SignedManifest:
-        """The latest manifest named NAME by a trusted publisher key, fetched from peers.
-
-        Raises NoSourceError when no trusted record or no peer with the manifest is found.
-        """
+    async def resolve_record(self, name: str, trust: TrustPolicy) -> NameRecord:
+        """The valid name record with the highest seq among the trusted publisher keys' (DHT)."""
         best: NameRecord | None = None
         for pub in sorted(trust.keys):
             rec = await self.p2p.get_name_record(key_id(pub), name)
@@ -252,13 +273,24 @@ class SwarmNode:
                 best = rec
         if best is None:
             raise NoSourceError(f"no name record for {name!r} by a trusted publisher key in the DHT")
+        return best
+
+    async def manifest_for(self, rec: NameRecord) -> SignedManifest:
+        """The signed manifest a record points at, from a peer that holds it."""
         with trio.move_on_after(_RESOLVE_TIMEOUT):
-            envelope = await self.swarm.fetch_manifest(best.manifest_id)
+            envelope = await self.swarm.fetch_manifest(rec.manifest_id)
             signed = decode_signed_manifest(envelope)
-            if signed.id != best.manifest_id:
+            if signed.id != rec.manifest_id:
                 raise IntegrityError("a peer sent a manifest that does not match the name record")
             return signed
-        raise NoSourceError(f"{name!r} resolves to manifest {best.manifest_id.hex()[:16]} but no peer sent it")
+        raise NoSourceError(f"{rec.name!r} resolves to manifest {rec.manifest_id.hex()[:16]} but no peer sent it")
+
+    async def resolve_name(self, name: str, trust: TrustPolicy) -> SignedManifest:
+        """The latest manifest named NAME by a trusted publisher key, fetched from peers.
+
+        Raises NoSourceError when no trusted record or no peer with the manifest is found.
+        """
+        return await self.manifest_for(await self.resolve_record(name, trust))
 
     def status(self) -> dict[str, Any]:
         st = self.swarm.status()

@@ -439,6 +439,14 @@ def decode_control(payload: bytes) -> ControlMessage:
     return _from_value(decode_frame_payload(payload, _LIMITS))
 
 
+def _our_bitfield(s: ManifestState) -> Bitfield:
+    """The bitfield of a state we are about to send; ours to get right (LocalProtocolError)."""
+    try:
+        return Bitfield.from_bytes(s.bitfield, s.piece_count)
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(f"cannot send this manifest state: {exc}") from exc
+
+
 @dataclass(slots=True)
 class _Side:
     phase: Phase = Phase.IDLE
@@ -506,11 +514,9 @@ class ControlConnection:
         side = self.ours
         match msg:
             case Hello():
-                for s in msg.manifests:
-                    side.manifests[s.manifest_id] = Bitfield.from_bytes(s.bitfield, s.piece_count)
+                side.manifests.update({s.manifest_id: _our_bitfield(s) for s in msg.manifests})
             case Announce():
-                s = msg.state
-                side.manifests[s.manifest_id] = Bitfield.from_bytes(s.bitfield, s.piece_count)
+                side.manifests[msg.state.manifest_id] = _our_bitfield(msg.state)
             case Have():
                 bf = side.manifests.get(msg.manifest_id)
                 if bf is None or msg.index >= bf.size:

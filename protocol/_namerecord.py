@@ -9,10 +9,20 @@ manifest signature can never pass as a name-record signature or back.
 The validator refuses unsigned records, bad signatures, a record stored under
 another publisher's or model's key, and any update whose sequence number is
 lower than the one already held; among valid records the highest ``seq`` wins.
+
+Staged roll-out (record version 2): the signed map also holds ``rollout``,
+the share of followers, in parts per million (1..1,000,000), that take the
+record's manifest now. A v1 record (no ``rollout``) is a full roll-out and is
+what :func:`sign_name_record` still writes when no share is given, so nodes
+that know only v1 keep working with every full roll-out. The share is inside
+the signed bytes: a relay cannot widen or narrow it. :func:`rollout_admits`
+says which followers are in: a pure function of the follower's peer id and
+the manifest id, so the followers in at 10 % are still in at 50 %.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -26,10 +36,12 @@ from ._signing import key_id, verify_signature
 __all__ = [
     "DOMAIN_NAME",
     "NAME_NAMESPACE",
+    "ROLLOUT_FULL",
     "NameRecord",
     "check_name_update",
     "decode_name_record",
     "name_key",
+    "rollout_admits",
     "select_name_record",
     "sign_name_record",
     "verify_name_record",
@@ -38,6 +50,9 @@ __all__ = [
 DOMAIN_NAME: Final = b"autoglm-node/name-record/v1\x00"
 NAME_NAMESPACE: Final = "agname"
 _VERSION: Final = 1
+_VERSION_ROLLOUT: Final = 2
+ROLLOUT_FULL: Final = 1_000_000  # parts per million: every follower
+_ROLLOUT_TAG: Final = b"autoglm-node/rollout/v1\x00"
 _MAX_NAME: Final = 256
 _MAX_RECORD: Final = 2048
 _SEQ_MAX: Final = 2**63 - 1
@@ -51,6 +66,7 @@ class NameRecord:
     version: str
     seq: int
     signature: bytes
+    rollout: int = ROLLOUT_FULL  # parts per million of followers that take it now
 
     @property
     def publisher(self) -> str:
@@ -61,7 +77,7 @@ class NameRecord:
         return name_key(self.publisher, self.name)
 
     def _signed_value(self) -> dict[str, Any]:
-        return {
+        value: dict[str, Any] = {
             "v": _VERSION,
             "key": self.public_key,
             "name": self.name,
@@ -69,6 +85,10 @@ class NameRecord:
             "version": self.version,
             "seq": self.seq,
         }
+        if self.rollout != ROLLOUT_FULL:
+            value["v"] = _VERSION_ROLLOUT
+            value["rollout"] = self.rollout
+        return value
 
     def signed_bytes(self) -> bytes:
         return encode_canonical(self._signed_value())
@@ -84,13 +104,34 @@ def name_key(publisher_key_id: str, name: str) -> str:
     return f"/{NAME_NAMESPACE}/{publisher_key_id}/{name}"
 
 
-def sign_name_record(key: Ed25519PrivateKey, name: str, manifest_id: bytes, version: str, seq: int) -> NameRecord:
-    """A new record; ``seq`` must exceed that of every earlier record for NAME."""
+def sign_name_record(
+    key: Ed25519PrivateKey, name: str, manifest_id: bytes, version: str, seq: int, rollout: int = ROLLOUT_FULL
+) -> NameRecord:
+    """A new record; ``seq`` must exceed that of every earlier record for NAME.
+
+    ``rollout`` (parts per million, 1..ROLLOUT_FULL) below ROLLOUT_FULL makes a
+    v2 record that only that share of followers takes now.
+    """
     if len(manifest_id) != 32 or not 0 <= seq <= _SEQ_MAX or not name or len(name) > _MAX_NAME:
         raise LocalProtocolError("bad name record fields")
+    if isinstance(rollout, bool) or not 1 <= rollout <= ROLLOUT_FULL:
+        raise LocalProtocolError(f"a roll-out share is 1..{ROLLOUT_FULL} parts per million")
     pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    unsigned = NameRecord(pub, name, manifest_id, version, seq, b"")
-    return NameRecord(pub, name, manifest_id, version, seq, key.sign(DOMAIN_NAME + unsigned.signed_bytes()))
+    unsigned = NameRecord(pub, name, manifest_id, version, seq, b"", rollout)
+    return NameRecord(pub, name, manifest_id, version, seq, key.sign(DOMAIN_NAME + unsigned.signed_bytes()), rollout)
+
+
+def rollout_admits(peer_id: str, manifest_id: bytes, rollout: int) -> bool:
+    """Whether the follower ``peer_id`` takes a manifest offered to ``rollout`` ppm of followers.
+
+    The follower's bucket (0..ROLLOUT_FULL-1) is a hash of its peer id and the
+    manifest id, so each version picks its own first followers, and raising
+    the share for the same manifest only adds followers, never drops one.
+    """
+    if rollout >= ROLLOUT_FULL:
+        return True
+    digest = hashlib.sha256(_ROLLOUT_TAG + manifest_id + peer_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % ROLLOUT_FULL < rollout
 
 
 def decode_name_record(data: bytes) -> NameRecord:
@@ -102,10 +143,16 @@ def decode_name_record(data: bytes) -> NameRecord:
         raise RemoteProtocolError("name record is not a map")
     if "sig" not in v:
         raise SignatureError("name record is unsigned")
-    if set(v) != {"v", "key", "name", "manifest", "version", "seq", "sig"}:
+    fields = {"v", "key", "name", "manifest", "version", "seq", "sig"}
+    if isinstance(v.get("v"), bool) or v.get("v") not in (_VERSION, _VERSION_ROLLOUT):
+        raise RemoteProtocolError(f"unsupported name record version {v.get('v')!r}")
+    if set(v) != (fields if v["v"] == _VERSION else fields | {"rollout"}):
         raise RemoteProtocolError("name record has unexpected or missing fields")
-    if v["v"] != _VERSION or isinstance(v["v"], bool):
-        raise RemoteProtocolError(f"unsupported name record version {v['v']!r}")
+    rollout = v.get("rollout", ROLLOUT_FULL)
+    # v2 exists only for a partial roll-out: one meaning has one encoding.
+    if v["v"] == _VERSION_ROLLOUT and (isinstance(rollout, bool) or not isinstance(rollout, int)
+                                       or not 1 <= rollout < ROLLOUT_FULL):
+        raise RemoteProtocolError("name record roll-out share is malformed")
     pub, name, mid, ver, seq, sig = v["key"], v["name"], v["manifest"], v["version"], v["seq"], v["sig"]
     if not (isinstance(pub, bytes) and len(pub) == 32 and isinstance(mid, bytes) and len(mid) == 32):
         raise RemoteProtocolError("name record key or manifest id is not 32 bytes")
@@ -115,7 +162,7 @@ def decode_name_record(data: bytes) -> NameRecord:
         raise RemoteProtocolError("name record sequence number is malformed")
     if not isinstance(sig, bytes) or len(sig) != 64:
         raise SignatureError("name record signature is not 64 bytes")
-    return NameRecord(pub, name, mid, ver, seq, sig)
+    return NameRecord(pub, name, mid, ver, seq, sig, rollout)
 
 
 def verify_name_record(dht_key: str, data: bytes) -> NameRecord:

@@ -20,21 +20,35 @@ the mirror and trade the rest. An owner is stale when
   Have, or a Have for a piece this node already holds (anyone can echo our
   own Haves), is no progress; or
 * it broke a promise: a piece it advertised (a Have that counted as
-  progress) did not reach this node within ``deliver_timeout`` of the Have,
-  from it or from anyone. A Have is a promise this node can check (the
+  progress) did not reach this node, from it or from anyone, within
+  ``deliver_timeout`` of this node first *requesting* it from a peer (or of
+  the Have, if later), or within ``unrequested_timeout`` of the Have if this
+  node never got to request it (no peer that unchokes us held it, or our
+  request slots stayed busy). A Have is a promise this node can check (the
   piece is then held by a peer and comes from peers), so an advertised
   piece that never arrives is a lie, or an owner that will not serve us.
   Either way its share is the mirror's from then on, for as long as it
   stays a member (a new session after ``member_grace`` starts afresh).
 
+The promise clock starts at our request, not at the Have, because under
+load (16 nodes on 2 cores) an honest owner's piece often waits for our
+request slots, or for a peer that unchokes us, longer than it takes to
+arrive once asked for; timing it from the Have moved honest shares to the
+mirror (docs/benchmarks.md, the N=16 egress regression).
+
 So a member that claims pieces and never delivers keeps its share (at most
 ``ceil(pieces / nodes)`` pieces plus ``MAX_PEER_CLAIMS`` claims) off the
-mirror for at most ``owner_timeout`` after it joins if it sends no new Have,
-and at most ``owner_timeout + deliver_timeout`` (40 s) if it does
-(tests/protocol/test_swarm_policy.py simulates 1, 3 and 9 such members for
-an hour of simulated time). The price for honest nodes: an owner that
-advertises a piece and cannot get it to us within ``deliver_timeout`` (it
-chokes us, or its upload is that slow) loses its share here to the mirror.
+mirror for at most ``owner_timeout`` (20 s) after it joins if it sends no
+new Have; if it does, at most ``owner_timeout + deliver_timeout`` (40 s)
+when it unchokes us (its piece is the rarest, so we ask for it at once
+unless every request slot is busy), and ``owner_timeout +
+unrequested_timeout`` (80 s) when it never does; the formal worst case, a
+request at the last moment, is ``owner_timeout + unrequested_timeout +
+deliver_timeout`` (100 s). tests/protocol/test_swarm_policy.py simulates
+1, 3 and 9 such members, choking and unchoking, for an hour of simulated
+time. The price for honest nodes: an owner whose advertised piece does not
+reach us within ``deliver_timeout`` of our request (it chokes us, or its
+upload is that slow) loses its share here to the mirror.
 
 *Claims* override the hash: a member that says it asked a mirror for a
 piece (the swarm's ``Claim`` message) owns it from then on, so nodes that
@@ -60,18 +74,25 @@ class FirstCopy:
     """Owners and claims of one manifest's pieces, as seen by node ``me``."""
 
     def __init__(
-        self, me: str, sizes: Sequence[int], owner_timeout: float = 20.0, deliver_timeout: float | None = None
+        self,
+        me: str,
+        sizes: Sequence[int],
+        owner_timeout: float = 20.0,
+        deliver_timeout: float | None = None,
+        unrequested_timeout: float | None = None,
     ) -> None:
         self.me = me
         self._n = n = len(sizes)
         self._owner_timeout = owner_timeout
         self._deliver_timeout = owner_timeout if deliver_timeout is None else deliver_timeout
+        self._unrequested_timeout = 3 * self._deliver_timeout if unrequested_timeout is None else unrequested_timeout
         self._owner: list[str] = [me] * n
         self._seen: dict[str, float] = {}  # member -> time of its last sign of progress
         self._advertised: dict[str, set[int]] = {}  # member -> pieces it sent a Have for
         # member -> piece -> when it advertised it (a Have that counted): not here yet
         self._pending: dict[str, dict[int, float]] = {}
         self._lapsed: dict[str, float] = {}  # member -> when it broke a promise (stale from then on)
+        self._requested: dict[int, float] = {}  # piece -> when this node first asked a peer for it
         self._claimed: dict[int, str] = {}  # piece -> member that asked a mirror for it
         self._ranks: dict[str, list[int]] = {me: _ranks(me, n)}
         # Where a mirror run starts: small pieces first (config and tokenizer
@@ -161,9 +182,15 @@ class FirstCopy:
         """Pieces this node asked a mirror for and has not finished (what a new member must hear)."""
         return sorted(i for i, p in self._claimed.items() if p == self.me and not done(i))
 
+    def requested(self, index: int, now: float) -> None:
+        """This node asked a peer for ``index``: a promise for it is due ``deliver_timeout`` from now (the first time)."""
+        if 0 <= index < self._n:
+            self._requested.setdefault(index, now)
+
     def piece_done(self, index: int) -> None:
         """``index`` is here: no longer claimed, and delivered whoever advertised it."""
         self._claimed.pop(index, None)
+        self._requested.pop(index, None)
         for pending in self._pending.values():
             pending.pop(index, None)
 
@@ -173,7 +200,8 @@ class FirstCopy:
         It counts only the first time this member names ``index`` and only
         when this node still ``wanted`` the piece (not held here): then the
         member's pieces stay its own a while longer, and the piece must
-        arrive here within ``deliver_timeout``.
+        arrive here within ``deliver_timeout`` of this node requesting it
+        (``unrequested_timeout`` of now if it never does).
         """
         if peer not in self._seen or not 0 <= index < self._n:
             return False
@@ -196,10 +224,8 @@ class FirstCopy:
         if peer in self._lapsed:
             return self._lapsed[peer]
         t = seen + self._owner_timeout
-        pending = self._pending.get(peer)
-        if pending:
-            t = min(t, min(pending.values()) + self._deliver_timeout)
-        return t
+        due = self._promise_due(peer)
+        return t if due is None else min(t, due)
 
     def mirror_may_take(self, index: int, now: float) -> bool:
         """Whether a mirror may fetch ``index`` now (peer holdings aside): ours, or its owner is stale."""
@@ -210,12 +236,21 @@ class FirstCopy:
         t = self.stale_at(o)
         return t is None or now >= t
 
-    def _check_promises(self, peer: str, now: float) -> None:
+    def _promise_due(self, peer: str) -> float | None:
+        """When the first of ``peer``'s outstanding promises breaks (None: none outstanding)."""
         pending = self._pending.get(peer)
-        if peer in self._lapsed or not pending:
+        if not pending:
+            return None
+        asked, deliver, unasked = self._requested, self._deliver_timeout, self._unrequested_timeout
+        return min(
+            max(have, asked[i]) + deliver if i in asked else have + unasked for i, have in pending.items()
+        )
+
+    def _check_promises(self, peer: str, now: float) -> None:
+        if peer in self._lapsed:
             return
-        due = min(pending.values()) + self._deliver_timeout
-        if now >= due:
+        due = self._promise_due(peer)
+        if due is not None and now >= due:
             self._lapsed[peer] = due
 
     def deadlines(self, pieces: Iterable[int]) -> list[float]:

@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("gc", help="remove stale staging files and forget data that is gone")
+    p = sub.add_parser("gc", help="remove stale staging files, versions outside the kept set, and forget data that is gone")
     p.add_argument("--incomplete", action="store_true", help="also drop unfinished downloads (their partial data)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_gc)
@@ -338,10 +338,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from autoglm.node._store import Store
+    from autoglm.node._versions import gc_versions
 
+    # Versions first (never current, never a kept one; node/_versions.py), so
+    # the store then forgets the removed copies.
+    actions = gc_versions(args.data_dir)
     store = Store(args.data_dir)
     try:
-        actions = store.gc(drop_incomplete=args.incomplete)
+        actions += store.gc(drop_incomplete=args.incomplete)
     finally:
         store.close()
     if args.json:

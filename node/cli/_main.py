@@ -19,13 +19,14 @@ __all__ = ["build_parser", "main"]
 
 # Each module defines register(subparsers); a command's handler is
 # args.func(args) -> int. Order sets the order in --help.
-_COMMAND_MODULES = ["_manifest_cmds", "_fetch_cmds", "_swarm_cmds", "_verify_cmds", "_trust_cmds", "_mirror_cmds", "_config_cmds"]
+_COMMAND_MODULES = ["_manifest_cmds", "_fetch_cmds", "_update_cmds", "_swarm_cmds", "_verify_cmds", "_trust_cmds", "_mirror_cmds", "_config_cmds"]
 # Which module registers each command: a command line that names one loads
 # only that module (tests/cli checks this table against the modules).
 COMMANDS = {
     "keygen": "_manifest_cmds", "publish": "_manifest_cmds", "inspect": "_manifest_cmds",
     "verify-manifest": "_manifest_cmds", "sample-model": "_manifest_cmds",
     "fetch": "_fetch_cmds", "ls": "_fetch_cmds", "gc": "_fetch_cmds",
+    "update": "_update_cmds", "rollback": "_update_cmds", "versions": "_update_cmds",
     "join": "_swarm_cmds", "status": "_swarm_cmds", "name-publish": "_swarm_cmds",
     "verify": "_verify_cmds", "doctor": "_verify_cmds", "serve-mirror": "_mirror_cmds",
     "config": "_config_cmds", "trust": "_trust_cmds",

@@ -58,10 +58,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g = p.add_argument_group("Hugging Face gateway (docs/huggingface.md)")
     g.add_argument("--hf-gateway", metavar="HOST:PORT",
                    help="serve an HF_ENDPOINT for unmodified clients (huggingface_hub, hf download) at this address, e.g. 127.0.0.1:8080")
+    g.add_argument("--hf-manifest", action="append", default=[], type=Path, metavar="PATH",
+                   help="a trusted manifest made by publish hf:// (its .hub.json beside it), or a folder of them: "
+                   "the gateway takes the files of those commits from the swarm, the Hub as web seed (repeatable)")
     g.add_argument("--endpoint", action="append", default=[], metavar="URL",
                    help="the gateway's upstream besides HF_ENDPOINT or the public hub (repeatable; all must agree)")
     g.add_argument("--token-file", type=Path, metavar="FILE",
                    help="the gateway's upstream token (default: HF_TOKEN, then huggingface_hub's stored token)")
+    g = p.add_argument_group("following a name (docs/operations.md: update and rollback)")
+    g.add_argument("--follow", action="append", default=[], metavar="NAME",
+                   help="keep DATA_DIR/models/NAME/current on NAME's newest signed version (repeatable)")
+    g.add_argument("--follow-keep", type=int, default=2, metavar="K", help="earlier versions kept for rollback (default 2)")
+    g.add_argument("--follow-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="longest wait between two DHT polls (backoff from 5 s; default 60); a push from a peer is at once")
     add_trust_args(p)
     p.set_defaults(func=cmd_join)
 
@@ -73,6 +82,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("manifest", type=Path, metavar="MANIFEST")
     p.add_argument("--key", type=Path, required=True, metavar="KEYFILE", help="the publisher key that signed MANIFEST")
     p.add_argument("--seq", type=int, metavar="N", help="sequence number (default: the manifest's created_at)")
+    p.add_argument("--rollout", type=float, metavar="PERCENT",
+                   help="staged roll-out: only this share of `join --follow` nodes take it now (default 100)")
+    p.add_argument("--preheat", type=Path, metavar="DIR",
+                   help="first fetch the version into DIR on the running node (peers, then --mirror), so the "
+                   "followers find every changed piece at a peer and the origin serves one copy")
+    p.add_argument("--mirror", action="append", default=[], metavar="URL", help="with --preheat: the mirror (repeatable)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_name_publish)
 
@@ -204,18 +219,22 @@ def _swarm_key(path: Path | None) -> bytes | None:
 def _gateway_config(args: argparse.Namespace) -> Any:
     """The gateway's settings from --hf-gateway (or network.gateway), --endpoint, --token-file; None without it."""
     if not getattr(args, "hf_gateway", None):
-        if args.endpoint or args.token_file:
-            raise ConfigError("--endpoint and --token-file are the gateway's: give --hf-gateway HOST:PORT too")
+        if args.endpoint or args.token_file or args.hf_manifest:
+            raise ConfigError("--endpoint, --token-file and --hf-manifest are the gateway's: give --hf-gateway HOST:PORT too")
         return None
     from autoglm.node.hub._api import default_endpoints, load_token
     from autoglm.node.hub._gateway import GatewayConfig, check_upstreams, parse_hostport
+    from autoglm.node.hub._swarm_flights import load_hub_manifests
 
     host, port = parse_hostport(args.hf_gateway)
     endpoints = tuple(default_endpoints("hf", args.endpoint))
     check_upstreams(host, port, endpoints)
     if host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("the Hugging Face gateway listens on %s, not loopback: anyone who reaches it reads what the node's token can", host)
-    return GatewayConfig(endpoints=endpoints, token=load_token(args.token_file), host=host, port=port)
+    trust = trust_from_args(args)
+    manifests = load_hub_manifests(args.hf_manifest, trust) if args.hf_manifest else ()
+    return GatewayConfig(endpoints=endpoints, token=load_token(args.token_file), host=host, port=port,
+                         manifests=manifests, trust=trust)
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -262,10 +281,19 @@ def cmd_join(args: argparse.Namespace) -> int:
                 nursery.start_soon(show_swarm_events, recv)
                 extra: dict[str, Any] = {}
                 if gateway is not None:
+                    from functools import partial
+
+                    from autoglm.node._metrics import watch_gateway
                     from autoglm.node.hub._gateway import serve_gateway
 
-                    gw = await nursery.start(serve_gateway, node.node.store, gateway)
+                    nm = node.metrics  # the gateway's hub bytes and served bytes in /metrics
+                    hub_events = None if nm is None else partial(nm.observe, as_kind="hub")
+                    gw = await nursery.start(partial(serve_gateway, node.node.store, gateway, hold=node.hold, on_event=hub_events))
+                    if nm is not None:
+                        watch_gateway(nm, gw.stats)
                     extra["hf_gateway"] = f"http://{gw.address[0]}:{gw.address[1]}"
+                    # the repo@commit a --hf-manifest covers: those come from the swarm
+                    extra["hf_gateway_swarm"] = [f"{m.provenance.repo}@{m.provenance.commit[:12]}" for m in gateway.manifests]
                 addrs = node.p2p.addrs()
                 # The first line is the readiness signal and what others join with.
                 metrics = None if node.metrics_addr is None else "http://{}:{}/metrics".format(*node.metrics_addr)
@@ -281,6 +309,13 @@ def cmd_join(args: argparse.Namespace) -> int:
                          "hub-attested)", url=url, endpoints=list(gateway.endpoints))
                 for i, m in enumerate(args.seed):
                     nursery.start_soon(_seed, node, args, i, m)
+                if args.follow:
+                    from autoglm.node._follow import FollowConfig, follow
+
+                    for name in args.follow:
+                        cfg = FollowConfig(name, keep=args.follow_keep, interval_min=min(5.0, args.follow_interval),
+                                           interval_max=args.follow_interval)
+                        await nursery.start(follow, node, cfg)
                 async for sig in signals:
                     if sig == signal.SIGHUP:
                         notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
@@ -341,12 +376,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_name_publish(args: argparse.Namespace) -> int:
     req = {"op": "name_publish", "key": str(args.key.resolve()), "manifest": str(args.manifest.resolve()), "seq": args.seq}
+    if args.preheat is not None:
+        req["preheat"] = {"out": str(args.preheat.resolve()), "mirrors": list(args.mirror)}
+    elif args.mirror:
+        raise ConfigError("name-publish --mirror is for --preheat")
+    if args.rollout is not None:
+        if not 0 < args.rollout <= 100:
+            raise ConfigError("--rollout is a percentage above 0 and at most 100")
+        req["rollout"] = max(1, round(args.rollout * 10_000))
 
-    reply = _ask(args.data_dir, req, 60)
+    reply = _ask(args.data_dir, req, 3600 if args.preheat is not None else 60)
     if reply.get("event") == "error":
         raise ConfigError(f"name-publish: {reply['message']}")
     if args.json:
         print_json(reply)
     else:
-        console.print(f"{reply['key']} -> {reply['manifest_id'][:16]} (version {reply['version']}, seq {reply['seq']})")
+        share = "" if reply.get("rollout", 1_000_000) >= 1_000_000 else f", roll-out {reply['rollout'] / 10_000:g} %"
+        console.print(f"{reply['key']} -> {reply['manifest_id'][:16]} (version {reply['version']}, seq {reply['seq']}{share})")
     return 0

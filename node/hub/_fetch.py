@@ -28,7 +28,7 @@ peers (the store lists only signed manifests for the swarm).
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +52,7 @@ from ._cache import (
     write_ref,
     write_tree,
 )
-from ._verify import Verifier
+from ._verify import Tap, Verifier
 
 __all__ = ["PIECE_SIZE", "HubFetchPlan", "HubFetchResult", "fetch_hub", "hub_manifest", "select_files"]
 
@@ -133,8 +133,13 @@ async def fetch_hub(
     options: FetchOptions | None = None,
     events: trio.MemorySendChannel[Event] | None = None,
     snapshot: RepoSnapshot | None = None,
+    taps: Mapping[str, Tap] | None = None,
 ) -> HubFetchResult:
-    """Fetch a hub snapshot (see the module docstring). ``events`` is not closed here."""
+    """Fetch a hub snapshot (see the module docstring). ``events`` is not closed here.
+
+    ``taps`` (repository path -> :class:`~._verify.Tap`) see each fetched file's bytes in order
+    as the whole-file check reads them (``publish hf://`` hashes its manifest's pieces there).
+    """
     if snapshot is None:
         snapshot = await resolve_snapshot(plan.ref, plan.endpoints, plan.token)
     out_dir, whole, wanted = _layout(plan, snapshot)
@@ -143,7 +148,7 @@ async def fetch_hub(
         # Written before any byte, as huggingface_hub does: an interrupted snapshot reads as incomplete offline.
         await trio.to_thread.run_sync(write_tree, out_dir, snapshot.commit, snapshot.files)
     download = await trio.to_thread.run_sync(store.open_download, manifest, out_dir, list(wanted))
-    verifier = Verifier(download, [whole[f.path] for f in manifest.files])
+    verifier = Verifier(download, [whole[f.path] for f in manifest.files], taps)
     download.file_check = verifier.check
     download.drop_behind = False  # the verifier reads committed pieces back, then drops them
 

@@ -52,7 +52,18 @@ from autoglm.node._progress import Event
 from autoglm.node._publish import hash_file, plan_file
 from autoglm.node._store import Store
 from autoglm.node.errors import ConfigError, IntegrityError, SignatureError, StorageError
-from autoglm.protocol import FileEntry, Manifest, Piece, SignedManifest, key_id, sign_manifest
+from autoglm.protocol import (
+    FileEntry,
+    Manifest,
+    Piece,
+    RemoteProtocolError,
+    SignedManifest,
+    key_id,
+    plan_safetensors,
+    safetensors_header_length,
+    safetensors_tensor_spans,
+    sign_manifest,
+)
 from autoglm.protocol._signing import verify_signature
 
 from ._api import HubFile, HubRef, RepoSnapshot, resolve_snapshot
@@ -248,13 +259,94 @@ def hash_hub_file(path: Path, f: HubFile, max_piece: int, progress: Callable[[in
     return FileEntry(f.path, size, sha, tuple(Piece(o, n, h) for (o, n), h in zip(spans, hashes, strict=True)))
 
 
+_MAX_TAP_HEADER = 64 << 20
+
+
+class PieceTap:
+    """The manifest pieces of one safetensors LFS file, hashed from the fetch's own in-order read (a cold publish).
+
+    The fetch's whole-file SHA-256 check reads every byte in order (``_verify``);
+    this sees the same bytes: the header gives the tensor-aligned plan, then each
+    piece's BLAKE3. Anything unexpected (bytes out of order, a header that does not
+    parse or is too big) leaves it without an entry, and the file is read again.
+    """
+
+    def __init__(self, f: HubFile, max_piece: int) -> None:
+        self.file = f
+        self.max_piece = max_piece
+        self.reset()
+
+    def reset(self) -> None:
+        self.pos = 0  # bytes seen
+        self.done = 0  # bytes hashed into pieces
+        self.failed = False
+        self.head = bytearray()
+        self.spans: list[tuple[int, int]] | None = None
+        self.hashes: list[bytes] = []
+        self.h = blake3.blake3()
+
+    def feed(self, offset: int, data: bytes) -> None:
+        if self.failed:
+            return
+        if offset != self.pos:
+            self.failed = True
+            return
+        self.pos += len(data)
+        if self.spans is None:
+            self.head += data
+            size = self.file.size
+            try:
+                if len(self.head) < 8:
+                    return
+                n = safetensors_header_length(bytes(self.head[:8]), size)
+                if n > _MAX_TAP_HEADER:
+                    raise RemoteProtocolError("header too large to plan from the stream")
+                if len(self.head) < 8 + n:
+                    return
+                self.spans = plan_safetensors(size, n, safetensors_tensor_spans(bytes(self.head[8 : 8 + n]), size), self.max_piece)
+            except RemoteProtocolError:
+                self.failed = True
+                return
+            head, self.head = self.head, bytearray()
+            self._hash(memoryview(head))
+        else:
+            self._hash(memoryview(data))
+
+    def _hash(self, mv: memoryview) -> None:
+        assert self.spans is not None
+        while len(mv):
+            if len(self.hashes) >= len(self.spans):
+                self.failed = True
+                return
+            off, length = self.spans[len(self.hashes)]
+            take = min(len(mv), off + length - self.done)
+            self.h.update(mv[:take])
+            self.done += take
+            mv = mv[take:]
+            if self.done == off + length:
+                self.hashes.append(self.h.digest())
+                self.h = blake3.blake3()
+
+    def entry(self) -> FileEntry | None:
+        """The manifest entry, once every byte was seen; None to read the file instead."""
+        f = self.file
+        if self.failed or self.spans is None or self.pos != f.size or len(self.hashes) != len(self.spans) or f.sha256 is None:
+            return None
+        pieces = tuple(Piece(o, n, h) for (o, n), h in zip(self.spans, self.hashes, strict=True))
+        return FileEntry(f.path, f.size, bytes.fromhex(f.sha256), pieces)
+
+
 def build_hub_manifest(
     snap_dir: Path, snapshot: RepoSnapshot, *, name: str, publisher: str, created_at: int, max_piece: int,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, hashed: dict[str, FileEntry] | None = None,
 ) -> Manifest:
-    """The unsigned manifest of a complete snapshot folder (``snapshots/<commit>/``)."""
+    """The unsigned manifest of a complete snapshot folder (``snapshots/<commit>/``).
+
+    ``hashed`` holds entries already made from the fetch's read (:class:`PieceTap`); the other files are read here.
+    """
     files = sorted(snapshot.files, key=lambda f: f.path.encode())
-    entries = tuple(hash_hub_file(snap_dir / f.path, f, max_piece, progress) for f in files)
+    known = hashed or {}
+    entries = tuple(known.get(f.path) or hash_hub_file(snap_dir / f.path, f, max_piece, progress) for f in files)
     m = Manifest(name=name, version=snapshot.commit, created_at=created_at, publisher=publisher, files=entries,
                  max_piece_size=max_piece)
     try:
@@ -288,6 +380,7 @@ class HubPublishResult:
     snapshot: RepoSnapshot
     from_cache: bool  # the snapshot was complete in the cache: no file bytes fetched
     fetch: FetchResult | None
+    read_again: int = 0  # bytes read from the cache after the fetch to hash them (0 from a warm cache: one read)
 
 
 async def publish_hub(
@@ -319,19 +412,25 @@ async def publish_hub(
     repo_dir = repo_folder(cache, ref)
     fetched: FetchResult | None = None
     from_cache = await trio.to_thread.run_sync(snapshot_complete, repo_dir, snapshot.commit, snapshot.files)
+    hashed: dict[str, FileEntry] = {}
     if not from_cache:
+        # The fetch's whole-file check reads each file once, in order: the safetensors pieces are hashed there too.
+        taps = {f.path: PieceTap(f, max_piece) for f in snapshot.files if f.sha256 is not None and f.path.endswith(".safetensors")}
         store = await trio.to_thread.run_sync(Store, data_dir)
         try:
             plan = HubFetchPlan(ref=ref, endpoints=tuple(snapshot.endpoints), token=token, cache_dir=cache)
-            res = await fetch_hub(store, plan, mirror_config=mirror_config, options=options, events=events, snapshot=snapshot)
+            res = await fetch_hub(store, plan, mirror_config=mirror_config, options=options, events=events, snapshot=snapshot,
+                                  taps=taps)
             fetched = res.fetch
         finally:
             store.close()
+        hashed = {p: e for p, t in taps.items() if (e := t.entry()) is not None}
+    read_again = 0 if from_cache else sum(f.size for f in snapshot.files if f.path not in hashed)
     pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     manifest = await trio.to_thread.run_sync(
         lambda: build_hub_manifest(
             repo_dir / "snapshots" / snapshot.commit, snapshot, name=name or f"hf:{ref.repo}", publisher=key_id(pub),
-            created_at=int(time.time()), max_piece=max_piece, progress=progress,
+            created_at=int(time.time()), max_piece=max_piece, progress=progress, hashed=hashed,
         )
     )
     signed = sign_manifest(manifest, key)
@@ -348,7 +447,7 @@ async def publish_hub(
     side = sidecar_path(out)
     await trio.to_thread.run_sync(write_signed_manifest, out, signed)
     await trio.to_thread.run_sync(atomic_write, side, prov.encode())
-    return HubPublishResult(signed, out, prov, side, snapshot, from_cache, fetched)
+    return HubPublishResult(signed, out, prov, side, snapshot, from_cache, fetched, read_again)
 
 
 # -- fetch M.agm --hf-cache --------------------------------------------------
@@ -380,8 +479,9 @@ def write_hf_cache(cache: Path, prov: Provenance, out_dir: Path, paths: Sequence
                 if blob != f.blob_id:
                     raise IntegrityError(f"{f.path}: git blob id {blob}, the provenance says {f.blob_id}")
             dst = repo_dir / blob_name(f)
-            if dst.is_file() and dst.stat().st_size == f.size:
-                continue
+            if dst.is_file() and dst.stat().st_ino == src.stat().st_ino and dst.stat().st_dev == src.stat().st_dev:
+                continue  # already the fetched file (a link made before the fetch or by an earlier run)
+            # Anything else there (an unverified blob, or a copy) is replaced by the verified file.
             tmp = dst.with_name(f".{dst.name}.autoglm-tmp")
             tmp.unlink(missing_ok=True)
             try:

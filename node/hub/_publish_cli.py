@@ -98,7 +98,8 @@ def cmd_publish_hub(args: argparse.Namespace) -> int:
                     "name": m.name, "version": m.version, "repo": ref.repo, "commit": res.snapshot.commit,
                     "endpoints": list(res.provenance.endpoints), "mirrors": list(res.provenance.mirrors),
                     "files": len(m.files), "pieces": m.piece_count, "size": m.total_size,
-                    "from_cache": res.from_cache, "fetched_bytes": fetched, "seconds": round(seconds, 3),
+                    "from_cache": res.from_cache, "fetched_bytes": fetched, "read_again_bytes": res.read_again,
+                    "seconds": round(seconds, 3),
                     "name_record": name_rec})
     else:
         where = "read from the HF cache" if res.from_cache else f"fetched {human_bytes(fetched)} into the HF cache"
@@ -128,11 +129,62 @@ def prepare_hf_cache_fetch(args: argparse.Namespace) -> Any:
     side = sidecar_path(path)
     if not side.is_file():
         raise ConfigError(f"--hf-cache needs {side} (the provenance publish hf://… writes beside the manifest)")
-    prov = load_provenance(side, load_signed_manifest(path))
+    signed = load_signed_manifest(path)
+    prov = load_provenance(side, signed)
     cache = (args.cache_dir or hub_cache_dir()).expanduser().resolve()
     if args.out is None:
         args.out = files_dir(cache, prov)
+    if not args.variant or args.variant == "all":
+        from autoglm.node._manifests import check_manifest
+        from autoglm.node.cli._manifest_cmds import trust_from_args
+
+        check_manifest(signed, trust_from_args(args))  # nothing is recorded under an untrusted manifest
+        reuse_cached_blobs(args.data_dir, cache, prov, signed, Path(args.out))
     return cache, prov
+
+
+def reuse_cached_blobs(data_dir: Path, cache: Path, prov: Any, signed: Any, out: Path) -> list[str]:
+    """Blobs the Hugging Face cache already holds become the fetch's files: not fetched again, not stored twice.
+
+    Each ``blobs/<etag>`` of the right size whose file is not in ``out`` yet is
+    hard-linked to ``out/<path>`` and recorded in the store only if every piece
+    matches the signed manifest (``Download.adopt``); one that does not is
+    unlinked again and fetched as usual. A blob on another file system is left
+    alone (a copy would not save the disk). Returns the paths reused.
+    """
+    from autoglm.node._store import Store
+
+    from ._cache import repo_folder
+
+    repo_dir = repo_folder(cache, prov.ref)
+    entries = {e.path: e for e in signed.manifest.files}
+    linked: list[str] = []
+    for f in prov.files:
+        blob, dst = repo_dir / "blobs" / f.etag, out / f.path
+        e = entries.get(f.path)
+        try:
+            if e is None or e.size == 0 or dst.exists() or not blob.is_file() or blob.stat().st_size != e.size:
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.hardlink_to(blob)
+        except OSError:
+            continue
+        linked.append(f.path)
+    if not linked:
+        return []
+    store = Store(data_dir)
+    try:
+        download = store.open_download(signed, out, None)
+        try:
+            index = {e.path: fi for fi, e in enumerate(signed.manifest.files)}
+            reused = [p for p in linked if download.adopt(index[p])]
+        finally:
+            download.close()
+    finally:
+        store.close()
+    for p in set(linked) - set(reused):
+        (out / p).unlink(missing_ok=True)  # not the signed bytes: fetched as usual
+    return reused
 
 
 def hf_cache_after_fetch(state: Any, out_dir: Path, files: list[str] | None) -> Path:

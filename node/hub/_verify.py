@@ -18,8 +18,8 @@ import dataclasses
 import hashlib
 import os
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import trio
 
@@ -29,16 +29,25 @@ from autoglm.node.errors import IntegrityError
 
 from ._api import HubFile
 
-__all__ = ["FileHash", "Verifier"]
+__all__ = ["FileHash", "Tap", "Verifier"]
 
 READ = 8 << 20
+
+
+class Tap(Protocol):
+    """Sees a file's bytes in order, once, as the whole-file check reads them (``publish hf://`` hashes its pieces)."""
+
+    def feed(self, offset: int, data: bytes) -> None: ...
+
+    def reset(self) -> None: ...
 
 
 class FileHash:
     """The hub identity of one file, hashed in byte order from a cursor. Thread-safe."""
 
-    def __init__(self, f: HubFile) -> None:
+    def __init__(self, f: HubFile, tap: Tap | None = None) -> None:
         self.file = f
+        self.tap = tap
         if f.sha256 is not None:
             self._h: Any = hashlib.sha256()
             self.want, self.what = f.sha256, "SHA-256"
@@ -54,6 +63,8 @@ class FileHash:
         """Bytes at ``offset``; ignored unless they continue exactly at the cursor (hold ``lock``)."""
         if offset == self.pos and not self.closed:
             self._h.update(data)
+            if self.tap is not None:
+                self.tap.feed(offset, data)
             self.pos += len(data)
 
     def finish(self, fd: int) -> None:
@@ -62,13 +73,17 @@ class FileHash:
             h = self._h if not self.closed else None
             pos = self.pos if h is not None else 0
             if h is None:  # checked before (a rerun of the same file): start over
-                self.__init__(self.file)  # type: ignore[misc]
+                self.__init__(self.file, self.tap)  # type: ignore[misc]
+                if self.tap is not None:
+                    self.tap.reset()
                 h, pos = self._h, 0
             while pos < self.file.size:
                 chunk = os.pread(fd, min(READ, self.file.size - pos), pos)
                 if not chunk:
                     break
                 h.update(chunk)
+                if self.tap is not None:
+                    self.tap.feed(pos, chunk)
                 pos += len(chunk)
             ok = pos == self.file.size and h.hexdigest() == self.want
             self.closed = True
@@ -81,9 +96,9 @@ class FileHash:
 class Verifier:
     """One per hub fetch: a :class:`FileHash` per manifest file, fed from the engine's events."""
 
-    def __init__(self, download: Download, files: Sequence[HubFile]) -> None:
+    def __init__(self, download: Download, files: Sequence[HubFile], taps: Mapping[str, Tap] | None = None) -> None:
         self.download = download
-        self.hashes = [FileHash(f) for f in files]
+        self.hashes = [FileHash(f, (taps or {}).get(f.path)) for f in files]
         self._done: set[int] = set(download.done)
         self._busy: set[int] = set()
 

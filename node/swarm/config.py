@@ -46,6 +46,26 @@ class PeerBudget:
     # GetManifest: replies in flight per peer (bytes queued, not yet written), and requests per minute.
     manifest_reply_bytes: int = 8 * 1024 * 1024
     manifest_requests_per_minute: int = 64
+    # Have and Claim messages per second, with the burst a peer may save up
+    # (token buckets). An honest peer sends one Have per piece it verifies
+    # (a group commit posts a batch at once) and one Claim per mirror request
+    # or, to a new member, its claims in bulk; these are far above that.
+    haves_per_second: float = 2000.0
+    have_burst: int = 8192
+    claims_per_second: float = 100.0
+    claim_burst: int = 512
+    # TokenRequest (one per peerwire connection an honest peer opens) and
+    # Interested/NotInterested (one per manifest it starts or stops wanting).
+    token_requests_per_second: float = 10.0
+    token_request_burst: int = 64
+    interest_per_second: float = 50.0
+    interest_burst: int = 512
+    # Broken promises: requests for a piece the peer advertised that it then
+    # refused as not held or stalled on. This many within the window is a lie
+    # told repeatedly: the peer is banned for that manifest for promise_ban.
+    broken_promises: int = 3
+    broken_promise_window: float = 600.0
+    promise_ban: float = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +130,7 @@ class SwarmStats:
     bad_pieces: int = 0
     banned: list[tuple[str, str]] = field(default_factory=list)  # (peer id, manifest id hex)
     lost_pieces: int = 0  # pieces a peer advertised and then could not serve
+    over_budget: int = 0  # sessions ended for message rates beyond the peer budget
 
 
 class FetchHandle(Protocol):

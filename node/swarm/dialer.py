@@ -29,7 +29,8 @@ __all__ = ["Dialer"]
 log = logging.getLogger("autoglm.node.swarm")
 
 DIAL_BACKOFF = 5.0  # seconds before an unreachable peer is dialled again
-WARM_BACKOFF = 60.0  # ... and before a connected peer that refused a warm session is asked again
+WARM_BACKOFF = 60.0
+INTRO_RETRY = 0.5  # seconds before introducing a peer whose addresses were not known yet  # ... and before a connected peer that refused a warm session is asked again
 
 
 class Dialer:
@@ -214,7 +215,12 @@ class Dialer:
         addrs = self._p2p.peer_addrs(peer_id, MAX_PEX_ADDRS)
         return PeerInfo(peer_id, addrs) if addrs else None
 
-    def introduce(self, s: Session, mid: bytes) -> None:
+    async def _introduce_later(self, s: Session, mid: bytes) -> None:
+        await trio.sleep(INTRO_RETRY)
+        if not s.closed:
+            self.introduce(s, mid, retry=True)
+
+    def introduce(self, s: Session, mid: bytes, retry: bool = False) -> None:
         """``s`` said it holds or fetches ``mid``: introduce it and the other holders to each other.
 
         Every node dials its bootstrap peers first, so a bootstrap node acts
@@ -226,6 +232,11 @@ class Dialer:
         if not others:
             return
         me = self.peer_info(s.peer_id)
+        if me is None and not retry and self._nursery is not None:
+            # A peer that dialled us: its listen addresses come with identify, just after its
+            # Hello. Holders that cannot be dialled (behind NAT) only learn of it this way.
+            self._nursery.start_soon(self._introduce_later, s, mid)
+            return
         infos = []
         for o in others:
             if me is not None:

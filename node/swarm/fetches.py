@@ -11,6 +11,7 @@ as Claim messages.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import trio
@@ -18,6 +19,7 @@ import trio
 from autoglm.protocol._control import MAX_CLAIM, Claim, Interested, NotInterested
 from autoglm.protocol._membership import membership
 
+from .budget import PromiseLedger
 from .config import FetchHandle, PeerBanned, SwarmConfig, SwarmEvent, SwarmStats
 from .session import PeerSource, Session
 
@@ -42,7 +44,10 @@ class Fetches:
         self._emit = emit
         self._fetches: dict[bytes, FetchHandle] = {}
         self.attached_at: dict[bytes, float] = {}
-        self._banned: dict[bytes, set[str]] = {}
+        # manifest -> peer -> banned until (inf: for good, a piece that failed its hash)
+        self._banned: dict[bytes, dict[str, float]] = {}
+        budget = config.budget
+        self._promises = PromiseLedger(budget.broken_promises, budget.broken_promise_window)
         # manifest -> peer -> (when its session ended, whether it was complete): see member_grace
         self._departed: dict[bytes, dict[str, tuple[float, bool]]] = {}
         self.nursery: trio.Nursery | None = None
@@ -64,7 +69,12 @@ class Fetches:
         return bool(self._fetches)
 
     def is_banned(self, peer_id: str, manifest_id: bytes) -> bool:
-        return peer_id in self._banned.get(manifest_id, ())
+        until = self._banned.get(manifest_id, {}).get(peer_id)
+        return until is not None and trio.current_time() < until
+
+    def _banned_now(self, manifest_id: bytes) -> set[str]:
+        now = trio.current_time()
+        return {p for p, until in self._banned.get(manifest_id, {}).items() if now < until}
 
     def live(self, src: PeerSource | None) -> FetchHandle | None:
         """The fetch ``src`` is a source of, if it is attached to it now."""
@@ -163,13 +173,21 @@ class Fetches:
                 self.update_membership(mid)
 
     # -- bans ------------------------------------------------------------------
-    def ban(self, peer_id: str, manifest_id: bytes, why: str) -> None:
-        """Never use nor serve ``peer_id`` for ``manifest_id`` again (this process)."""
-        banned = self._banned.setdefault(manifest_id, set())
-        if peer_id in banned:
+    def ban(self, peer_id: str, manifest_id: bytes, why: str, duration: float | None = None) -> None:
+        """Neither use nor serve ``peer_id`` for ``manifest_id``: for ``duration`` seconds, or for good (None)."""
+        now = trio.current_time()
+        until = math.inf if duration is None else now + duration
+        banned = self._banned.setdefault(manifest_id, {})
+        if banned.get(peer_id, -math.inf) >= until:
             return
-        banned.add(peer_id)
-        self._stats.bad_pieces += 1
+        was = self.is_banned(peer_id, manifest_id)
+        banned[peer_id] = until
+        if duration is None:
+            self._stats.bad_pieces += 1
+        elif self.nursery is not None:
+            self.nursery.start_soon(self._unban_at, peer_id, manifest_id, until)
+        if was:
+            return
         self._stats.banned.append((peer_id, manifest_id.hex()))
         log.warning("banned peer %s for manifest %s: %s", peer_id, manifest_id.hex()[:16], why)
         self._emit(PeerBanned(peer_id, manifest_id, why))
@@ -181,6 +199,25 @@ class Fetches:
                     # Removed from the next task step, so the engine first records
                     # the failure and reports it (SourceFailed, integrity=True).
                     self.nursery.start_soon(_remove_source, fetch, src.id)
+        self.update_membership(manifest_id)
+
+    def broken_promise(self, peer_id: str, manifest_id: bytes, why: str) -> None:
+        """A request for a piece ``peer_id`` advertised ended unserved; ``broken_promises`` in the window: a timed ban."""
+        budget = self._config.budget
+        if self._promises.broken(peer_id, manifest_id, trio.current_time()):
+            self.ban(peer_id, manifest_id, f"{budget.broken_promises} broken promises in "
+                     f"{budget.broken_promise_window:.0f} s (last: {why})", duration=budget.promise_ban)
+
+    async def _unban_at(self, peer_id: str, manifest_id: bytes, until: float) -> None:
+        await trio.sleep_until(until)
+        banned = self._banned.get(manifest_id, {})
+        if banned.get(peer_id) != until:
+            return  # banned again since, or for good
+        del banned[peer_id]
+        log.info("ban of peer %s for manifest %s is over", peer_id, manifest_id.hex()[:16])
+        s = self._sessions.get(peer_id)
+        if s is not None:
+            self.offer(s, manifest_id)
         self.update_membership(manifest_id)
 
     # -- membership and claims ---------------------------------------------------
@@ -196,7 +233,7 @@ class Fetches:
                 holders.append((p, bf.complete))
         m = membership(
             holders, self._departed.get(mid, {}), in_session=self._sessions.keys(),
-            banned=self._banned.get(mid, ()), now=trio.current_time(), grace=self._config.member_grace,
+            banned=self._banned_now(mid), now=trio.current_time(), grace=self._config.member_grace,
         )
         self._departed[mid] = m.departed
         fetch.set_swarm(m.peers, m.complete)

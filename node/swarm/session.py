@@ -24,7 +24,7 @@ from typing import Protocol
 import trio
 
 from autoglm.node._p2p import ControlStream
-from autoglm.node._peerwire import PeerRejected, PeerwireConnection, connect_peerwire
+from autoglm.node._peerwire import PeerRejected, PeerStalled, PeerwireConnection
 from autoglm.node._ratelimit import RateLimiter
 from autoglm.node._sources import FetchRequest, PieceSink, SourceKind
 from autoglm.node.errors import IntegrityError, SourceError
@@ -46,7 +46,9 @@ from autoglm.protocol._control import (
 from autoglm.protocol._frames import NeedData
 from autoglm.protocol._peerwire import RejectReason
 
+from .budget import TokenBucket
 from .config import SwarmConfig, SwarmStats
+from .reverse import Reverse
 
 __all__ = ["PeerSource", "Session", "SessionHost"]
 
@@ -72,6 +74,11 @@ class SessionHost(Protocol):
     def down(self) -> RateLimiter: ...
 
     @property
+    def paths(self) -> Reverse:
+        """Peerwire dialling: direct, else reverse-dialled (a peer behind NAT; node/swarm/reverse.py)."""
+        ...
+
+    @property
     def local_peer_id(self) -> str:
         """This node's own peer id (what the peer's swarm-key proof is bound to)."""
         ...
@@ -79,6 +86,10 @@ class SessionHost(Protocol):
     def is_banned(self, peer_id: str, manifest_id: bytes) -> bool: ...
 
     def ban(self, peer_id: str, manifest_id: bytes, why: str) -> None: ...
+
+    def broken_promise(self, peer_id: str, manifest_id: bytes, why: str) -> None:
+        """The peer refused or stalled on a piece it advertised (repeated: a timed ban)."""
+        ...
 
     def availability_changed(self, source: PeerSource) -> None:
         """``source`` lost a piece it advertised: its fetch must see its new availability."""
@@ -187,7 +198,12 @@ class PeerSource:
             except PeerRejected as exc:
                 if exc.reason is RejectReason.NOT_HAVE:
                     s.lost_piece(self.held_as, theirs)
+                    host.broken_promise(s.peer_id, self.manifest_id, f"refused piece {ref.index} it advertised")
                 self._ready_at = trio.current_time() + 1.0
+                raise
+            except PeerStalled:
+                host.broken_promise(s.peer_id, self.manifest_id, f"stalled on piece {ref.index} it advertised")
+                self._ready_at = trio.current_time() + 2.0
                 raise
             except SourceError:
                 self._ready_at = trio.current_time() + 2.0
@@ -246,8 +262,27 @@ class Session:
         # GetManifest budget: each envelope once per session, requests refilled
         # at manifest_requests_per_minute, reply bytes queued and not yet written.
         self.manifests_sent: set[bytes] = set()
-        self._manifest_credit = (float(budget.manifest_requests_per_minute), trio.current_time())
+        now = trio.current_time()
+        per_minute = budget.manifest_requests_per_minute
+        self._manifest_credit = TokenBucket(per_minute / 60, per_minute, now)
         self.manifest_bytes_queued = 0
+        # Message rates (node/swarm/budget.py): over one, the session ends.
+        self._rates = {
+            "Have": TokenBucket(budget.haves_per_second, budget.have_burst, now),
+            "Claim": TokenBucket(budget.claims_per_second, budget.claim_burst, now),
+            "TokenRequest": TokenBucket(budget.token_requests_per_second, budget.token_request_burst, now),
+            "Interested": TokenBucket(budget.interest_per_second, budget.interest_burst, now),
+        }
+
+    def within_rate(self, what: str) -> bool:
+        """Spend one ``what`` (a key of ``_rates``) from the peer's budget; over it, the session ends (False)."""
+        if self._rates[what].take(trio.current_time()):
+            return True
+        if not self.cancel_scope.cancel_called:
+            log.warning("peer %s sends %s messages beyond its budget; dropping it", self.peer_id, what)
+            self.host.stats.over_budget += 1
+        self.cancel_scope.cancel()
+        return False
 
     # -- what the peer told us -------------------------------------------------
     def holds(self, manifest_id: bytes) -> bool:
@@ -314,14 +349,10 @@ class Session:
         are not answered (the asker bounds its own wait).
         """
         budget = self.host.config.budget
-        now = trio.current_time()
-        left, since = self._manifest_credit
-        left = min(float(budget.manifest_requests_per_minute), left + (now - since) * budget.manifest_requests_per_minute / 60)
-        if left < 1.0:
+        if not self._manifest_credit.take(trio.current_time()):
             log.warning("peer %s asks for manifests faster than %d a minute; dropping it", self.peer_id, budget.manifest_requests_per_minute)
             self.cancel_scope.cancel()
             return
-        self._manifest_credit = (left - 1.0, now)
         if msg.manifest_id in self.manifests_sent:
             return
         if envelope and self.manifest_bytes_queued + len(envelope) > budget.manifest_reply_bytes:
@@ -370,7 +401,7 @@ class Session:
             if self.remote_host is None:
                 raise SourceError(f"peer {self.peer_id} has no address to reach its pieces at")
             port = theirs.endpoint.port
-            self._pw = await connect_peerwire(self.remote_host, port, token, self.host.down, self.host.config.swarm_key)
+            self._pw = await self.host.paths.connect(self.peer_id, self.remote_host, port, token)
             return self._pw
 
     async def writer(self) -> None:

@@ -35,6 +35,7 @@ to others within one request.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -71,12 +72,13 @@ from .dialer import Dialer
 from .discovery import Discovery
 from .fetches import Fetches
 from .held import Held, Serving
+from .reverse import REVERSE_PROTOCOL_ID, Reverse, may_be_unreachable
 from .session import PeerSource, Session
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-__all__ = ["Swarm"]
+__all__ = ["Swarm", "advertised_host"]
 
 log = logging.getLogger("autoglm.node.swarm")
 
@@ -109,6 +111,8 @@ class Swarm:
         self.aliases = Aliases(self.sessions, self.fetches, self.held.envelopes)
         self._nursery: trio.Nursery | None = None
         self._rechoke_now = trio.Event()
+        self.paths = Reverse(p2p, self.config.peerwire_host, self.down, self.config.swarm_key,
+                             lambda peer: peer in self.sessions, self.config.budget.peerwire_conns)
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[Swarm] = trio.TASK_STATUS_IGNORED) -> None:
@@ -119,10 +123,12 @@ class Swarm:
                 lambda task_status: serve_peerwire(
                     self.serving, self.serving.redeem, host=self.config.peerwire_host, port=self.config.peerwire_port,
                     up=self.up, psk=self.config.swarm_key, idle_timeout=self.config.budget.peerwire_idle,
-                    task_status=task_status,
+                    inbound=self.paths.inbound, task_status=task_status,
                 )
             )
-            self.endpoint = Endpoint(host, port)
+            self.endpoint = Endpoint(advertised_host(host, self.p2p.addrs()), port)
+            await nursery.start(self.paths.serve_rendezvous)
+            self.p2p.set_stream_handler(REVERSE_PROTOCOL_ID, self.paths.on_request)
             self.p2p.set_control_handler(self.serve_session)
             nursery.start_soon(self._rechoker)
             nursery.start_soon(self.discovery.run_discoverer)
@@ -205,6 +211,10 @@ class Swarm:
         """Never use nor serve ``peer_id`` for ``manifest_id`` again (this process)."""
         self.fetches.ban(peer_id, manifest_id, why)
 
+    def broken_promise(self, peer_id: str, manifest_id: bytes, why: str) -> None:
+        """``peer_id`` refused or stalled on a piece it advertised: repeated, a ban for ``promise_ban``."""
+        self.fetches.broken_promise(peer_id, manifest_id, why)
+
     def availability_changed(self, source: PeerSource) -> None:
         self.fetches.availability_changed(source)
 
@@ -275,19 +285,26 @@ class Swarm:
                     self._on_state(s, st.manifest_id)
                 self.aliases.probe(s)
             case Peers():
-                # Advice: dialled only while fetching that manifest.
-                if msg.manifest_id in self.fetches:
+                # Advice: dialled only while fetching that manifest, or holding it from
+                # where others may not reach us (behind NAT: node/swarm/reverse.py).
+                mid = msg.manifest_id
+                if mid in self.fetches or (mid in self.held and may_be_unreachable(self.dialer.listen_hosts())):
                     self.dialer.introduced(s, msg.peers)
             case Claim():
+                if not s.within_rate("Claim"):
+                    return
                 fetch = self.fetches.get(msg.manifest_id)
                 if fetch is not None and not self.is_banned(s.peer_id, msg.manifest_id):
                     fetch.peer_claims(s.peer_id, msg.indices)
             case Have():
-                self.fetches.on_have(s, msg.manifest_id, msg.index)
+                if s.within_rate("Have"):
+                    self.fetches.on_have(s, msg.manifest_id, msg.index)
             case Interested() | NotInterested():
-                self._rechoke_now.set()
+                if s.within_rate("Interested"):
+                    self._rechoke_now.set()
             case TokenRequest():
-                s.post(Token(self.serving.issue_token(s.peer_id)))
+                if s.within_rate("TokenRequest"):
+                    s.post(Token(self.serving.issue_token(s.peer_id)))
             case GetManifest():
                 s.serve_manifest(msg, self.held.envelopes.get(msg.manifest_id, b""))
             case ManifestData():
@@ -362,4 +379,35 @@ class Swarm:
             "down_bytes": self.stats.down_bytes,
             "banned": [list(b) for b in self.stats.banned],
             "lost_pieces": self.stats.lost_pieces,
+            "peerwire_paths": self.paths.stats.as_dict(),
         }
+
+
+def advertised_host(bound: str, listen: Iterable[str]) -> str:
+    """The peerwire host a Hello names: what the server is reachable at, never a wildcard.
+
+    The bound host when it is concrete; for a wildcard bind (``--peerwire
+    0.0.0.0:P``), the first concrete host of the same family among the libp2p
+    listen multiaddrs (the address peers reached this node's sessions at),
+    else the loopback of that family. Peers reach the bulk channel at the
+    session's remote address and read only the port (docs/security.md), so
+    this is what status shows and what a Hello says, consistent with a
+    listener that advertises only what it binds.
+    """
+    try:
+        ip = ipaddress.ip_address(bound)
+    except ValueError:
+        return bound  # a name: what the operator gave
+    if not ip.is_unspecified:
+        return bound
+    proto = "ip4" if ip.version == 4 else "ip6"
+    for maddr in listen:
+        parts = maddr.split("/")
+        if len(parts) > 2 and parts[1] == proto:
+            try:
+                cand = ipaddress.ip_address(parts[2])
+            except ValueError:
+                continue
+            if not cand.is_unspecified:
+                return str(cand)
+    return "127.0.0.1" if ip.version == 4 else "::1"

@@ -88,7 +88,7 @@ def test_killed_between_rename_and_record(store: Store, published: Published, tm
     _fill(dl, everything)
     dl.commit(everything)
     # Forget the "file complete" rows, as if the process died right after os.replace.
-    store._q("DELETE FROM files")
+    store.db.query("DELETE FROM files")
     dl2 = _open(store, published, out)
     assert dl2.is_complete()  # the moved files were re-verified and adopted
     assert dl2.missing() == []

@@ -120,10 +120,10 @@ def test_mirror_connections_are_shared_out_across_the_swarm(published: Published
     fetch = Fetch(store, dl, [src], options=FetchOptions(check_space=False))
 
     async def main() -> list[int]:
-        got = [fetch._max_requests(src)]
+        got = [fetch.scheduler.max_requests(src)]
         for n in (1, 3, 7, 15, 40):
             fetch.set_swarm([f"peer{i}" for i in range(n)])
-            got.append(fetch._max_requests(src))
+            got.append(fetch.scheduler.max_requests(src))
         return got
 
     assert trio.run(main) == [16, 8, 4, 2, 2, 2]

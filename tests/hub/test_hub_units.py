@@ -104,3 +104,40 @@ def test_file_hash_cursor_then_rest_from_disk(tmp_path: Path) -> None:
                 bad.finish(fd)
         finally:
             os.close(fd)
+
+
+def test_piece_tap_hashes_the_manifest_pieces_from_an_in_order_read(tmp_path: Path) -> None:
+    """publish hf:// (cold) takes a safetensors file's pieces from the fetch's read: the same as reading the file."""
+    import hashlib
+
+    import numpy as np
+    from safetensors.numpy import save
+
+    from autoglm.node.hub._publish import PieceTap, hash_hub_file
+
+    data = save({f"t{i}": np.arange(i * 5000, dtype=np.float32) for i in range(1, 9)})
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(data)
+    f = HubFile("m.safetensors", len(data), "0" * 40, hashlib.sha256(data).hexdigest())
+    want = hash_hub_file(path, f, 64 << 10)
+    assert len(want.pieces) > 1
+    tap = PieceTap(f, 64 << 10)
+    for off in range(0, len(data), 3000):  # small reads: the header arrives over several of them
+        tap.feed(off, data[off : off + 3000])
+    assert tap.entry() == want
+    # A gap (bytes out of order) leaves no entry: the file is read again instead.
+    tap.reset()
+    tap.feed(0, data[:100])
+    tap.feed(200, data[200:])
+    assert tap.entry() is None
+    # Not all bytes seen: no entry; after reset, a whole pass gives it again.
+    tap.reset()
+    tap.feed(0, data[:-1])
+    assert tap.entry() is None
+    tap.reset()
+    tap.feed(0, data)
+    assert tap.entry() == want
+    # A header that does not parse: no entry (the read path reports the error).
+    bad = PieceTap(HubFile("x.safetensors", 64, "0" * 40, "00" * 32), 64 << 10)
+    bad.feed(0, b"\xff" * 64)
+    assert bad.entry() is None

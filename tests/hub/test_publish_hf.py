@@ -72,6 +72,13 @@ async def test_publish_cold_then_warm_cache_verifies_and_matches_the_hub(hub: Hu
         assert spans == plan_file(snap / f["path"], f["size"], 64 << 10), f["path"]
     shard = next(f for f in info["files"] if f["path"] == "model-00001-of-00002.safetensors")
     assert len(shard["pieces"]) > 1 and shard["pieces"][0]["length"] != 64 << 10  # tensor-aligned, not fixed
+    # The cold publish read each shard once: its pieces were hashed from the fetch's own read, and are
+    # exactly the pieces the warm publish planned and hashed from the cache files.
+    assert cold["read_again_bytes"] == sum(len(d) for p, d in hub.files.items() if not p.endswith(".safetensors"))
+    assert warm["read_again_bytes"] == 0
+    cold_info = json.loads((await run_cli(["inspect", str(tmp_path / "cold.agm"), "--json"], env)).stdout)
+    assert [(f["path"], f["sha256"], f["pieces"]) for f in cold_info["files"]] == \
+        [(f["path"], f["sha256"], f["pieces"]) for f in info["files"]]
 
     # The signed provenance beside it: repo, commit, endpoints, every file's Hub identity; no token.
     prov = json.loads((tmp_path / "warm.agm.hub.json").read_text())
@@ -162,6 +169,32 @@ print(json.dumps([snap, cfg]))
     snap, cfg = json.loads(await run_py(code, offline))
     assert Path(snap).name == hub.commit
     assert read(cfg) == hub.files["config.json"]
+
+
+async def test_fetch_hf_cache_reuses_the_blobs_huggingface_hub_already_holds(hub: Hub, tmp_path: Path) -> None:
+    env = clean_env(tmp_path, HF_ENDPOINT=hub.url)
+    await keygen(tmp_path, env)
+    await publish(tmp_path, env, tmp_path / "pubcache", tmp_path / "m.agm")
+    # huggingface_hub itself downloaded the repository into this cache before.
+    cache = tmp_path / "cache"
+    await run_py(f"from huggingface_hub import snapshot_download; snapshot_download({REPO!r}, cache_dir={str(cache)!r})", env)
+    shard = "model-00001-of-00002.safetensors"
+    blob = cache / FOLDER / "blobs" / hashlib.sha256(hub.files[shard]).hexdigest()
+    before_inode = blob.stat().st_ino
+    # One blob there is not the signed bytes (same size): it must be fetched, never adopted.
+    other = "model-00002-of-00002.safetensors"
+    bad = cache / FOLDER / "blobs" / hashlib.sha256(hub.files[other]).hexdigest()
+    bad.write_bytes(b"\0" * len(hub.files[other]))
+    served = origin_bytes(hub)
+    res = await run_cli(["--data-dir", str(tmp_path / "c"), "fetch", str(tmp_path / "m.agm"), "--standalone", "--hf-cache",
+                         "--cache-dir", str(cache), "--trust", str(tmp_path / "key.pub"), "--json"], env)
+    done = json.loads(res.stdout.decode().strip().splitlines()[-1])
+    fetched = origin_bytes(hub) - served
+    # Only the blob that did not match came over the network again (plus HTTP headers).
+    assert len(hub.files[other]) <= fetched < len(hub.files[other]) + 64 * 1024, fetched
+    assert blob.stat().st_ino == before_inode and blob.stat().st_nlink == 2  # reused in place: one copy on disk
+    snap = Path(done["hf_snapshot"])
+    assert {p: (snap / p).read_bytes() for p in hub.files} == hub.files
 
 
 @pytest.mark.integration

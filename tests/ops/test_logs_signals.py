@@ -146,25 +146,40 @@ def test_sighup_reloads_mirrors_from_the_config_file_and_keeps_peers(tmp_path: P
         assert len(_status(tmp_path / "n")["peers"]) >= len(before["peers"])
 
 
-def test_sigterm_lets_a_running_fetch_finish_then_exits_0(tmp_path: Path, pub: dict[str, Path]) -> None:
+def test_sigterm_finishes_the_pieces_in_flight_then_exits_0(tmp_path: Path, pub: dict[str, Path]) -> None:
+    from autoglm.node._store import Store
+    from autoglm.protocol import decode_signed_manifest
+
     with processes() as procs:
         mirror = start_mirror(procs, tmp_path, pub["model"])
         seed = start_node(procs, tmp_path, "seed", pub, mirrors=[mirror])
         seed.event("complete", 90)
-        # 2 MiB from the peer at 1 MiB/s: the fetch is running when SIGTERM comes, and ends inside the 5 s grace.
+        # 2 MiB in 256 KiB pieces from the peer at 1 MiB/s: pieces are arriving when SIGTERM comes.
         leech = start_node(procs, tmp_path, "leech", pub, bootstrap=[seed.seen[0]["addrs"][0]],
                            extra=["--down-rate", "1MiB"])
-        leech.event("fetch-started", 60)
+        leech.wait_for(lambda ln: ln.get("event") == "progress" and ln["bytes_done"] > 0, 60)
         t0 = time.monotonic()
         leech.p.send_signal(signal.SIGTERM)
         leech.event("stopping", 10)
-        leech.event("complete", 10)  # finished, not cancelled
         leech.event("stopped", 10)
         assert leech.p.wait(timeout=10) == 0
         assert time.monotonic() - t0 < 5 + 3
-        # A fetch that cannot finish in the grace time is stopped at its end; the node still exits 0.
+        # The pieces in flight finished and no other started: the fetch stopped short of its end,
+        # and nothing half-received is left in staging (every byte there is a recorded piece).
+        assert not any(ln.get("event") == "complete" for ln in leech.seen)
+        signed = decode_signed_manifest(pub["manifest"].read_bytes())
+        store = Store(tmp_path / "leech")
+        try:
+            [info] = store.downloads()
+            assert 0 < info.pieces_done < info.pieces_total
+            dl = store.open_download(signed, info.out_dir)
+            assert dl.recover() == [] and dl.partial == {}
+            dl.close()
+        finally:
+            store.close()
+        # A fetch whose piece cannot finish in the grace time is stopped at its end; the node still exits 0.
         slow = start_node(procs, tmp_path, "slow", pub, bootstrap=[seed.seen[0]["addrs"][0]],
-                          extra=["--down-rate", "64KiB"])
+                          extra=["--down-rate", "32KiB"])
         slow.event("fetch-started", 60)
         t0 = time.monotonic()
         slow.p.send_signal(signal.SIGTERM)

@@ -8,6 +8,9 @@ piece store that lies, so everything but the lie is what a real node does:
   verified (so the bytes go out by sendfile, unchecked);
 * ``lie``: claims every piece of the manifest and has none of them (every
   request is refused: NOT_HAVE);
+* ``trickle``: holds every piece, with the right bytes, and sends each one
+  byte every ``TRICKLE_EVERY`` seconds (issue 11, item 14): never silent
+  long enough for the stall timeout, never done;
 * ``attack``: no swarm of its own; opens control sessions to ``--target``
   (a multiaddr) and runs the scripted attacks of issue 11 on each, one
   session per attack (``--attacks``, comma-separated, default all of
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
@@ -32,6 +36,7 @@ from pathlib import Path
 
 import trio
 
+from autoglm.node import _peerwire
 from autoglm.node._manifests import load_signed_manifest
 from autoglm.node._p2p import DEFAULT_LISTEN, ControlStream, P2PNode, PeerAddr, open_p2p
 from autoglm.node._store import PieceLocation
@@ -83,6 +88,16 @@ class LyingStore:
 
     def written_here(self, manifest_id: bytes, index: int) -> bool:
         return True  # "verified and written by this process": served as it is
+
+
+TRICKLE_EVERY = 4.0  # seconds between the bytes of a trickling peer (the stall timeout is 15 s)
+
+
+async def _trickle(sock: trio.socket.SocketType, fd: int, offset: int, count: int) -> None:
+    """Stands in for the peerwire server's sendfile: the right bytes, one every TRICKLE_EVERY seconds."""
+    for k in range(count):
+        await sock.send(os.pread(fd, 1, offset + k))
+        await trio.sleep(TRICKLE_EVERY)
 
 
 def corrupt_copy(model: Path, manifest: Manifest, dest: Path) -> None:
@@ -161,14 +176,21 @@ async def _attack(p2p: P2PNode, target: PeerAddr, name: str, mid: bytes) -> dict
         frames = ATTACKS[name](mid)
 
         async def send() -> None:
-            for k in range(0, len(frames), 64):
-                await stream.send_all(b"".join(frames[k : k + 64]))
+            nonlocal disconnected
+            try:
+                for k in range(0, len(frames), 64):
+                    await stream.send_all(b"".join(frames[k : k + 64]))
+            except trio.BrokenResourceError:
+                disconnected = True  # the node ended the session while we were still sending
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send)
             with trio.move_on_after(ATTACK_WAIT):
-                while data := await stream.receive_some(1 << 20):
-                    received += len(data)
+                try:
+                    while data := await stream.receive_some(1 << 20):
+                        received += len(data)
+                except trio.BrokenResourceError:
+                    pass  # reset rather than closed: ended all the same
                 disconnected = True
             nursery.cancel_scope.cancel()
     except trio.BrokenResourceError:
@@ -199,6 +221,9 @@ async def main(args: argparse.Namespace) -> None:
     if args.mode == "corrupt":
         copy = args.data_dir / "corrupt"
         corrupt_copy(args.model, signed.manifest, copy)
+    elif args.mode == "trickle":
+        copy = args.model  # the right bytes ...
+        _peerwire._sendfile = _trickle  # ... at a trickle (this hostile program's own server)
     store = LyingStore(signed, copy)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_p2p(args.data_dir, (DEFAULT_LISTEN,), tuple(args.bootstrap)) as p2p, trio.open_nursery() as nursery:
@@ -214,7 +239,7 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["corrupt", "lie", "attack"])
+    parser.add_argument("mode", choices=["corrupt", "lie", "trickle", "attack"])
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--manifest", type=Path, required=True)

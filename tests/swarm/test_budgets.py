@@ -200,7 +200,9 @@ async def test_a_re_announce_replaces_and_does_not_add_up(tmp_path: Path) -> Non
 
 
 async def test_tokens_per_peer_are_capped(tmp_path: Path) -> None:
-    swarm = Swarm(None, Store(tmp_path), SwarmConfig())  # type: ignore[arg-type]
+    # The TokenRequest rate budget aside (test_rates_and_bans.py): live tokens alone.
+    budget = PeerBudget(token_request_burst=10_000)
+    swarm = Swarm(None, Store(tmp_path), SwarmConfig(budget=budget))  # type: ignore[arg-type]
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             theirs, conn = await _open(swarm, nursery)

@@ -122,6 +122,10 @@ def test_peer_lying_about_its_bitfield_does_not_stall_anyone(tmp_path: Path, pub
         st = _status(tmp_path, "victim")
     assert same_tree(pub["model"], tmp_path / "victim-out")
     assert st["lost_pieces"] > 0
+    # Refused three pieces it advertised: a lie told repeatedly, banned for a while.
+    liar_id = liar.seen[0]["peer_id"]
+    assert [ln["peer_id"] for ln in victim.seen if ln.get("event") == "banned"] == [liar_id]
+    assert [b[0] for b in st["banned"]] == [liar_id]
     liar_bytes = res["bytes_by_source"].get(f"peer:{liar.seen[0]['peer_id']}", 0)
     assert liar_bytes < res["bytes_total"] // 4
     assert res["seconds"] < 30  # 24 MiB at 4 MiB/s is 6 s: the lies cost little

@@ -1,0 +1,356 @@
+#!/usr/bin/env python3
+"""Peers behind NAT: a namespace topology with iptables MASQUERADE, and which path pieces take.
+
+Topology (root only; every namespace and link is created here and removed on exit):
+
+    PREFIX-pub  "public" segment 11.77.0.0/24 (addresses Python counts as global,
+                 so the dial policy treats them as public; nothing routes out)
+       .2 bootstrap   .3 seeder   .4 .5 public leeches
+          | veth
+    PREFIX-gw   NAT: 11.77.0.1 outside, 10.78.0.1 inside; MASQUERADE out,
+                 FORWARD drops every new connection from outside in
+          | veth
+    PREFIX-priv private segment 10.78.0.0/24: .2 the NATed node (default route via the NAT)
+
+Phases (each an ``autoglm-node join --json --seed M`` process):
+1. the seeder holds the model (its files are already there);
+2. the NATed node fetches it from the seeder (it dials out: direct);
+3. public leech A fetches while both the seeder and the NATed node serve
+   (pieces from the NATed node come over reverse-dialled connections);
+4. the seeder stops; public leech B fetches with the NATed node as the only
+   holder (every piece must come from behind the NAT).
+
+Each node's ``status --json`` says how its peerwire client connections were
+made (``peerwire_paths``) and the bytes each path carried.
+
+    sudo .venv/bin/python bench/nat_bench.py [--size 64MiB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _harness import (  # noqa: E402
+    PROCS,
+    autoglm_cmd,
+    guarded,
+    make_model,
+    on_cleanup,
+    print_table,
+    same_bytes,
+)
+
+PUB_NET, PRIV_NET = "11.77.0", "10.78.0"
+
+
+def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=check, timeout=30)
+
+
+def nat_unavailable() -> str | None:
+    """Why the NAT topology cannot be built here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and iptables)"
+    for tool in ("ip", "iptables"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install iproute2 iptables)"
+    return None
+
+
+@dataclass
+class NatNet:
+    """The three namespaces and their links. ``up()``, then ``down()`` (registered for cleanup)."""
+
+    prefix: str = "nat"
+    made: list[str] = field(default_factory=list)
+
+    @property
+    def pub(self) -> str:
+        return f"{self.prefix}-pub"
+
+    @property
+    def gw(self) -> str:
+        return f"{self.prefix}-gw"
+
+    @property
+    def priv(self) -> str:
+        return f"{self.prefix}-priv"
+
+    def ns(self, ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return _sh("ip", "netns", "exec", ns, *argv, check=check)
+
+    def up(self) -> NatNet:
+        on_cleanup(self.down)
+        for ns in (self.pub, self.gw, self.priv):
+            _sh("ip", "netns", "del", ns, check=False)
+            _sh("ip", "netns", "add", ns)
+            self.made.append(ns)
+            self.ns(ns, "ip", "link", "set", "lo", "up")
+        p = self.prefix
+        # veth names are at most 15 bytes: PREFIX is short (tests use nat + a digit).
+        _sh("ip", "link", "add", f"{p}-gwo", "netns", self.gw, "type", "veth", "peer", "name", f"{p}-pubi", "netns", self.pub)
+        _sh("ip", "link", "add", f"{p}-gwi", "netns", self.gw, "type", "veth", "peer", "name", f"{p}-privi", "netns", self.priv)
+        self.ns(self.pub, "ip", "addr", "add", f"{PUB_NET}.2/24", "dev", f"{p}-pubi")
+        for host in (3, 4, 5, 6):
+            self.ns(self.pub, "ip", "addr", "add", f"{PUB_NET}.{host}/24", "dev", f"{p}-pubi")
+        self.ns(self.pub, "ip", "link", "set", f"{p}-pubi", "up")
+        self.ns(self.gw, "ip", "addr", "add", f"{PUB_NET}.1/24", "dev", f"{p}-gwo")
+        self.ns(self.gw, "ip", "addr", "add", f"{PRIV_NET}.1/24", "dev", f"{p}-gwi")
+        self.ns(self.gw, "ip", "link", "set", f"{p}-gwo", "up")
+        self.ns(self.gw, "ip", "link", "set", f"{p}-gwi", "up")
+        self.ns(self.priv, "ip", "addr", "add", f"{PRIV_NET}.2/24", "dev", f"{p}-privi")
+        self.ns(self.priv, "ip", "link", "set", f"{p}-privi", "up")
+        self.ns(self.priv, "ip", "route", "add", "default", "via", f"{PRIV_NET}.1")
+        self.ns(self.gw, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        ipt = ("iptables", "-w", "5")
+        self.ns(self.gw, *ipt, "-t", "nat", "-A", "POSTROUTING", "-s", f"{PRIV_NET}.0/24", "-o", f"{p}-gwo", "-j", "MASQUERADE")
+        self.ns(self.gw, *ipt, "-A", "FORWARD", "-i", f"{p}-gwo", "-o", f"{p}-gwi", "-m", "conntrack",
+                "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+        self.ns(self.gw, *ipt, "-A", "FORWARD", "-i", f"{p}-gwo", "-o", f"{p}-gwi", "-j", "DROP")
+        return self
+
+    def down(self) -> None:
+        while self.made:
+            _sh("ip", "netns", "del", self.made.pop(), check=False)
+
+    def check(self) -> str | None:
+        """None if the NAT works: private reaches public (seen as the NAT's address), public never reaches private."""
+        probe = (
+            "import socket,sys\n"
+            "s=socket.socket();s.settimeout(2)\n"
+            "try:\n s.connect((sys.argv[1],int(sys.argv[2])));print('connected')\n"
+            "except OSError as e:print('failed',e)\n"
+        )
+        accept = (
+            "import socket,sys\n"
+            "l=socket.socket();l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);l.bind((sys.argv[1],7999));l.listen()\n"
+            "l.settimeout(5);print('up',flush=True)\n"
+            "try:\n c,a=l.accept();print('from',a[0],flush=True)\n"
+            "except OSError:print('none',flush=True)\n"
+        )
+        results = []
+        for listen_ns, host, dial_ns in ((self.pub, f"{PUB_NET}.3", self.priv), (self.priv, f"{PRIV_NET}.2", self.pub)):
+            srv = subprocess.Popen(["ip", "netns", "exec", listen_ns, sys.executable, "-c", accept, host],
+                                   stdout=subprocess.PIPE, text=True)
+            try:
+                assert srv.stdout is not None
+                srv.stdout.readline()
+                self.ns(dial_ns, sys.executable, "-c", probe, host, "7999", check=False)
+                out, _ = srv.communicate(timeout=10)
+            finally:
+                if srv.poll() is None:
+                    srv.kill()
+                    srv.wait()
+            results.append(out.strip())
+        if results[0] != f"from {PUB_NET}.1":
+            return f"private -> public should arrive from the NAT's {PUB_NET}.1: {results[0]!r}"
+        if results[1] != "none":
+            return f"public -> private must fail behind the NAT: {results[1]!r}"
+        return None
+
+
+class Node:
+    """One ``autoglm-node join --json`` in a namespace; JSON events collected as they come."""
+
+    def __init__(self, name: str, ns: str, ip: str, data: Path, extra: list[str]) -> None:
+        self.name, self.ns, self.ip, self.data = name, ns, ip, data
+        argv = ["ip", "netns", "exec", ns, *autoglm_cmd(), "-v", "--data-dir", str(data), "join", "--json",
+                "--listen", f"/ip4/{ip}/tcp/4001", "--peerwire", f"{ip}:0", *extra]
+        self.proc = PROCS.start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        self.events: list[dict[str, Any]] = []
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self.changed:
+                self.lines.append(line)
+                if line.startswith("{"):
+                    try:
+                        self.events.append(json.loads(line))
+                    except ValueError:
+                        pass
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait(self, event: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for ev in self.events:
+                    if ev.get("event") == event:
+                        return ev
+                    if ev.get("event") == "seed-failed":
+                        raise RuntimeError(f"{self.name}: {ev.get('message')}")
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    tail = "".join(self.lines[-8:])
+                    raise RuntimeError(f"{self.name}: no {event!r} in {timeout:.0f} s (rc {self.proc.poll()}):\n{tail}")
+                self.changed.wait(min(left, 1.0))
+
+    def status(self) -> dict[str, Any]:
+        r = subprocess.run(["ip", "netns", "exec", self.ns, *autoglm_cmd(), "--data-dir", str(self.data), "status", "--json"],
+                           capture_output=True, text=True, timeout=30, check=False)
+        try:
+            out: dict[str, Any] = json.loads(r.stdout)
+        except ValueError:
+            return {}
+        return out
+
+    def stop(self) -> None:
+        PROCS.stop(self.proc, grace=10)
+        logs = os.environ.get("AUTOGLM_BENCH_LOGS")
+        if logs:
+            Path(logs).mkdir(parents=True, exist_ok=True)
+            (Path(logs) / f"nat-{self.name}.log").write_text("".join(self.lines))
+
+
+def _paths(st: dict[str, Any]) -> dict[str, Any]:
+    swarm = st.get("swarm", st)
+    found = swarm.get("peerwire_paths") if isinstance(swarm, dict) else None
+    return found or {"connections": {}, "bytes": {}, "failed": {}, "served_by_reverse_dial": 0}
+
+
+def _same_tree(a: Path, b: Path) -> bool:
+    """Every file under ``a`` is under ``b`` with the same bytes."""
+    files = [p for p in a.rglob("*") if p.is_file()]
+    return bool(files) and all(same_bytes(p, b / p.relative_to(a)) for p in files)
+
+
+@dataclass
+class NatRun:
+    """What one run of the scenario measured."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    identical: dict[str, bool] = field(default_factory=dict)
+    peer_ids: dict[str, str] = field(default_factory=dict)  # node name -> libp2p peer id
+
+
+def run_scenario(net: NatNet, model: Any, work: Path, timeout: float = 300.0, leeches: int = 2) -> NatRun:
+    """Phases 1-4 of the module docstring; raises RuntimeError with the node's last lines on failure."""
+    trust = ["--trust", str(model.pub)]
+    man = str(model.manifest)
+    res = NatRun()
+    nodes: list[Node] = []
+    mirror: subprocess.Popen[Any] | None = None
+    try:
+        boot = Node("bootstrap", net.pub, f"{PUB_NET}.2", work / "boot", [])
+        nodes.append(boot)
+        baddr = boot.wait("ready", 60)["addrs"][0]
+        res.peer_ids["bootstrap"] = boot.wait("ready", 1)["peer_id"]
+        # The seeder gets its copy from an HTTP mirror on the public segment, then serves it.
+        mirror = PROCS.start(["ip", "netns", "exec", net.pub, *autoglm_cmd(), "--data-dir", str(work / "mirror"),
+                              "serve-mirror", "--listen", f"{PUB_NET}.6:8080", str(model.dir)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seeder = Node("seeder", net.pub, f"{PUB_NET}.3", work / "seeder",
+                      ["--bootstrap", baddr, "--seed", man, "--mirror", f"http://{PUB_NET}.6:8080/",
+                       "--out", str(work / "seeder-out"), *trust])
+        nodes.append(seeder)
+        seeder.wait("complete", timeout)
+        res.peer_ids["seeder"] = seeder.wait("ready", 1)["peer_id"]
+        PROCS.stop(mirror)  # from here on, pieces come from peers only
+        natted = Node("natted", net.priv, f"{PRIV_NET}.2", work / "natted",
+                      ["--bootstrap", baddr, "--seed", man, "--out", str(work / "natted-out"), *trust])
+        nodes.append(natted)
+        res.peer_ids["natted"] = natted.wait("ready", 60)["peer_id"]
+        t0 = time.monotonic()
+        done = natted.wait("complete", timeout)
+        res.rows.append({"phase": "NATed node fetches", "node": "natted", "seconds": time.monotonic() - t0,
+                         "fetch_s": done.get("seconds"),
+                         "by_source": done.get("bytes_by_source", {}), "paths": _paths(natted.status())})
+        res.identical["natted"] = _same_tree(model.dir, work / "natted-out")
+        for i in range(leeches):
+            last = i == leeches - 1
+            if last:  # the NATed node is left the only holder
+                for n in nodes:
+                    if n.name == "seeder" or n.name.startswith("leech"):
+                        n.stop()
+            name = "public-B (NATed node only holder)" if last else "public-A (seeder + NATed node)"
+            leech = Node(f"leech{i}", net.pub, f"{PUB_NET}.{4 + i}", work / f"leech{i}",
+                         ["--bootstrap", baddr, "--seed", man, "--out", str(work / f"leech{i}-out"), *trust])
+            nodes.append(leech)
+            res.peer_ids[leech.name] = leech.wait("ready", 60)["peer_id"]
+            t0 = time.monotonic()
+            done = leech.wait("complete", timeout)
+            res.rows.append({"phase": name, "node": f"leech{i}", "seconds": time.monotonic() - t0,
+                             "fetch_s": done.get("seconds"),
+                             "by_source": done.get("bytes_by_source", {}), "paths": _paths(leech.status())})
+            res.identical[f"leech{i}"] = _same_tree(model.dir, work / f"leech{i}-out")
+        res.rows.append({"phase": "(NATed node, serving)", "node": "natted", "seconds": None, "by_source": {},
+                         "paths": _paths(natted.status()), "status": natted.status()})
+    finally:
+        for n in reversed(nodes):
+            n.stop()
+        if mirror is not None:
+            PROCS.stop(mirror)
+    return res
+
+
+def _by_role(by_source: dict[str, int], peer_ids: dict[str, str]) -> str:
+    names = {f"peer:{pid}": name for name, pid in peer_ids.items()}
+    total = sum(by_source.values()) or 1
+    return ", ".join(f"{names.get(k, k)} {100 * v / total:.0f} %" for k, v in sorted(by_source.items())) or "-"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="64MiB", help="model size (default 64MiB)")
+    ap.add_argument("--prefix", default="nat", help="namespace name prefix (default nat)")
+    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    why = nat_unavailable()
+    if why:
+        print(f"nat_bench: {why}", file=sys.stderr)
+        return 2
+    with guarded(), tempfile.TemporaryDirectory(prefix="nat-bench-") as tmp:
+        work = Path(tmp)
+        model = make_model(work / "model", args.size, name="nat")
+        if model.manifest is None:
+            print(f"nat_bench: cannot make the model: {model.error}", file=sys.stderr)
+            return 1
+        net = NatNet(args.prefix).up()
+        bad = net.check()
+        if bad:
+            print(f"nat_bench: the NAT is not in place: {bad}", file=sys.stderr)
+            return 1
+        run = run_scenario(net, model, work, args.timeout)
+        rows = []
+        for r in run.rows:
+            paths = r["paths"]
+            b = paths.get("bytes", {})
+            total = sum(b.values()) or 1
+            rows.append([r["phase"], f"{r['seconds']:.1f} s" if r["seconds"] is not None else "-",
+                         f"{r['fetch_s']:.1f} s" if r.get("fetch_s") is not None else "-",
+                         _by_role(r["by_source"], run.peer_ids),
+                         f"{paths.get('connections', {}).get('direct', 0)} / {paths.get('connections', {}).get('reverse', 0)}",
+                         f"{100 * b.get('direct', 0) / total:.0f} % / {100 * b.get('reverse', 0) / total:.0f} %",
+                         str(paths.get("failed", {}).get("direct", 0)), str(paths.get("served_by_reverse_dial", 0)),
+                         str(run.identical.get(r["node"], "-")) if r["seconds"] is not None else "-"])
+        print_table(f"Peers behind NAT, {args.size} model (bench/nat_bench.py)",
+                    ["phase", "start to complete", "fetch", "bytes by source", "conns direct / reverse", "peer bytes direct / reverse",
+                     "direct dials failed", "reverse dials made (serving)", "byte-identical"], rows)
+        if args.json:
+            args.json.write_text(json.dumps({"rows": run.rows, "identical": run.identical}, default=str, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

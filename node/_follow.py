@@ -1,0 +1,259 @@
+"""Following a name: ``join --follow NAME`` keeps ``ROOT/current`` on NAME's newest version.
+
+Theory of operation. A follower task in the joined node learns a new
+sequence number two ways:
+
+* polling: it resolves NAME's signed record in the DHT (every trusted
+  publisher key, highest valid ``seq``). The wait between polls starts at
+  ``interval_min``, doubles while nothing changes and is capped at
+  ``interval_max``; a change resets it (:class:`PollSchedule`, pure, time is
+  a parameter);
+* push: every node that learns a higher ``seq`` for a followed name PUTs the
+  record straight to its session peers (a DHT PUT_VALUE, validated by the
+  receiver like any put); a follower that receives one wakes and resolves
+  at once (at most one wake per ``_WAKE_GAP``: a peer cannot make it spin).
+
+So a follower connected to one that knows the new record picks it up within
+a lookup, and any follower within ``interval_max`` plus a lookup
+(docs/operations.md states the bound). Then the same path as
+``autoglm-node update`` runs (node/_update.py): fetch the delta (peers first),
+the sandbox gate, the atomic switch. A staged record (``rollout`` below
+100 %) is taken only if :func:`rollout_admits` says this peer is in. A
+follower offline for several versions resolves the newest record and jumps
+straight to it. The last sequence number handled is kept in
+``ROOT/follow.json``, so a restart does not undo a local ``rollback``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from autoglm.node._plan import FetchPlan
+from autoglm.node._update import UpdateResult, update_to
+from autoglm.node._versions import default_root
+from autoglm.node.errors import AutoglmError, ConfigError
+from autoglm.protocol import SignedManifest, TrustPolicy
+from autoglm.protocol._namerecord import NameRecord, rollout_admits
+
+if TYPE_CHECKING:
+    from autoglm.node._progress import Event
+    from autoglm.node._swarm_node import SwarmNode
+
+__all__ = ["FollowConfig", "PollSchedule", "follow", "node_update"]
+
+log = logging.getLogger(__name__)
+
+_WAKE_GAP = 0.5  # seconds: the earliest poll after the previous one that a push can cause
+_STATE = "follow.json"
+
+
+@dataclass(frozen=True, slots=True)
+class FollowConfig:
+    name: str
+    root: Path | None = None  # default DATA_DIR/models/<NAME>
+    keep: int = 2
+    interval_min: float = 5.0
+    interval_max: float = 60.0
+
+
+class PollSchedule:
+    """When to resolve the record next: exponential backoff while nothing changes, reset on change.
+
+    Pure: every method takes ``now``. ``deadline`` never lies more than
+    ``hi`` after the previous poll, which is what bounds the pick-up time.
+    """
+
+    def __init__(self, lo: float, hi: float) -> None:
+        if not 0 < lo <= hi:
+            raise ConfigError("follow intervals need 0 < min <= max")
+        self.lo, self.hi = lo, hi
+        self.wait = lo
+        self.last = -math.inf
+        self.deadline = -math.inf  # poll at once on start
+
+    def polled(self, now: float, changed: bool) -> None:
+        self.wait = self.lo if changed else min(self.wait * 2, self.hi)
+        self.last = now
+        self.deadline = now + self.wait
+
+    def pushed(self, now: float) -> None:
+        """A peer pushed a newer record: poll as soon as the wake gap allows."""
+        self.deadline = min(self.deadline, max(now, self.last + _WAKE_GAP))
+
+
+def _load_seen(root: Path) -> int:
+    try:
+        v = json.loads((root / _STATE).read_bytes())
+        return int(v["seq"]) if isinstance(v, dict) else -1
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def _save_seen(root: Path, seq: int) -> None:
+    from autoglm.node._versions import _write_atomic
+
+    root.mkdir(parents=True, exist_ok=True)
+    _write_atomic(root / _STATE, json.dumps({"seq": seq}).encode())
+
+
+async def node_update(
+    sn: SwarmNode,
+    signed: SignedManifest,
+    root: Path | None,
+    keep: int,
+    plan: FetchPlan | None = None,
+    events: trio.MemorySendChannel[Event] | None = None,
+) -> UpdateResult:
+    """The update path inside a joined node: peers first, then mirrors; gate; switch."""
+    data_dir = sn.config.data_dir
+    root = root or default_root(data_dir, signed.manifest.name)
+    trust = sn.trust or TrustPolicy()
+    plan = plan or FetchPlan(signed, root, trust)
+
+    async def fetch(p: FetchPlan, ev: trio.MemorySendChannel[Event] | None) -> Any:
+        return await sn.hold(p, events=ev)
+
+    return await update_to(signed, plan, root, keep, data_dir, fetch, events, sn.node.store)
+
+
+async def _apply(sn: SwarmNode, cfg: FollowConfig, root: Path, rec: NameRecord) -> None:
+    """A newer record: tell the session peers, then update if it admits this peer. Raises on failure."""
+    await sn.p2p.push_name_record(rec, sn.p2p.connected_peers())
+    if not rollout_admits(sn.p2p.peer_id, rec.manifest_id, rec.rollout):
+        log.info("follow %s: seq %d (%s) is staged to %.1f %% of followers; this node is not among them yet",
+                 cfg.name, rec.seq, rec.version, rec.rollout / 10_000)
+    else:
+        signed = await sn.manifest_for(rec)
+        res = await node_update(sn, signed, root, cfg.keep)
+        log.info("follow %s: seq %d -> %s%s", cfg.name, rec.seq, res.current, "" if res.switched else " (already current)")
+    await trio.to_thread.run_sync(_save_seen, root, rec.seq)
+
+
+async def follow(sn: SwarmNode, cfg: FollowConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Follow ``cfg.name`` until cancelled (a task of the joined node)."""
+    trust = sn.trust
+    if trust is None or not trust.keys:
+        raise ConfigError(f"--follow {cfg.name} needs a trusted publisher key (--trust KEY.pub or the trust store)")
+    root = cfg.root or default_root(sn.config.data_dir, cfg.name)
+    seen = await trio.to_thread.run_sync(_load_seen, root)
+    tried = seen  # the highest seq an update was attempted for: pushes of it (or lower) never wake us again
+    sched = PollSchedule(cfg.interval_min, cfg.interval_max)
+    wake = trio.Event()
+
+    def on_record(rec: NameRecord) -> None:
+        current = sn.trust or trust
+        if rec.name == cfg.name and rec.seq > tried and rec.public_key in current.keys:
+            sched.pushed(trio.current_time())
+            wake.set()
+
+    sn.follow_hooks.append(on_record)
+    task_status.started()
+    try:
+        while True:
+            now = trio.current_time()
+            if now < sched.deadline:
+                with trio.move_on_at(sched.deadline):
+                    await wake.wait()
+                wake = trio.Event()
+                if trio.current_time() < sched.deadline:
+                    continue  # woken by a push: the deadline moved; go round once more
+            changed = False
+            try:
+                rec = await sn.resolve_record(cfg.name, sn.trust or trust)
+                if rec.seq > seen:
+                    tried = max(tried, rec.seq)
+                    changed = True
+                    await _apply(sn, cfg, root, rec)
+                    seen = rec.seq
+            except AutoglmError as exc:
+                # Retried at the next poll (with backoff); the current version stays in use.
+                log.warning("follow %s: %s", cfg.name, exc)
+            except Exception:  # the follower's supervisor: a bug here never stops the node
+                log.exception("follow %s failed; retrying at the next poll", cfg.name)
+            sched.polled(trio.current_time(), changed and seen == tried)
+    finally:
+        sn.follow_hooks.remove(on_record)
+
+
+async def control_update(stream: Any, sn: SwarmNode, req: dict[str, Any]) -> None:
+    """The control API's ``update`` op: resolve (name) or load (manifest), then :func:`node_update`.
+
+    An explicit update takes the newest record whatever its roll-out share:
+    the operator asked for it. Progress events stream as for ``fetch``.
+    """
+    from autoglm.node._control_api import _send
+    from autoglm.node._keys import load_trust_policy
+    from autoglm.node._progress import Event, to_json
+    from autoglm.node.api import load_manifest
+
+    send, recv = trio.open_memory_channel[Event](64)
+    try:
+        trust = load_trust_policy(
+            sn.config.data_dir, [Path(p) for p in req.get("trust", [])], [Path(p) for p in req.get("roots", [])],
+            [str(x) for x in req.get("spiffe_ids", [])],
+        )
+        if not trust.keys and not trust.roots and sn.trust is not None:
+            trust = sn.trust
+        keep = req.get("keep", 2)
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+            raise ConfigError("update: keep is a whole number >= 0")
+        root = Path(str(req["root"])) if req.get("root") else None
+        async with trio.open_nursery() as nursery:
+
+            async def forward() -> None:
+                async with recv:
+                    async for ev in recv:
+                        await _send(stream, to_json(ev))
+
+            nursery.start_soon(forward)
+            rec: NameRecord | None = None
+            if "name" in req:
+                rec = await sn.resolve_record(str(req["name"]), trust)
+                signed = await sn.manifest_for(rec)
+            else:
+                signed, _ = await load_manifest(str(req["manifest"]), trust, req.get("headers") or {})
+            root = root or default_root(sn.config.data_dir, signed.manifest.name)
+            plan = FetchPlan.from_wire({**req, "out": str(root), "manifest": "-"}, trust, signed)
+            try:
+                res = await node_update(sn, signed, root, keep, plan, send)
+            except BaseException:
+                await send.aclose()
+                raise
+            if rec is not None:
+                await trio.to_thread.run_sync(_save_seen, root, rec.seq)
+        await _send(stream, {"event": "updated", **_result_value(res)})
+    except* (AutoglmError, KeyError) as eg:
+        exc = eg.exceptions[0]
+        await _send(stream, {"event": "error", "message": str(exc), "kind": type(exc).__name__})
+
+
+def _result_value(res: UpdateResult) -> dict[str, Any]:
+    return {
+        "root": str(res.root), "current": res.current, "previous": res.previous, "switched": res.switched,
+        "manifest_id": res.manifest_id.hex(), "bytes_by_source": res.bytes_by_source,
+        "received_by_source": res.received_by_source, "pruned": res.pruned,
+    }
+
+
+async def preheat(sn: SwarmNode, signed: SignedManifest, spec: Any) -> None:
+    """``name-publish --preheat DIR``: this node fetches the version (peers, then ``mirrors``) before the
+    name moves, so followers find every changed piece at a peer and the origin serves one copy.
+
+    The manifest is trusted for this fetch because it is signed by the key the
+    record is about to be signed with (checked again by ``publish_name``).
+    """
+    if not isinstance(spec, dict) or not isinstance(spec.get("out"), str):
+        raise ConfigError("name_publish: preheat needs {'out': DIR, 'mirrors': [...]}")
+    mirrors = spec.get("mirrors") or []
+    if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
+        raise ConfigError("name_publish: preheat mirrors must be a list of URLs")
+    plan = FetchPlan(signed, Path(spec["out"]), TrustPolicy(keys=frozenset({signed.public_key})), mirrors=tuple(mirrors))
+    res = await sn.hold(plan)
+    log.info("preheated %s %s: %s", signed.manifest.name, signed.manifest.version, res.bytes_by_source)

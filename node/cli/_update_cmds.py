@@ -1,0 +1,197 @@
+"""update, rollback, versions: a model's versions on disk and the atomic switch of ``current``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from autoglm.node.errors import AutoglmError, ConfigError, SourceError
+
+from ._common import console, err_console, human_bytes, print_json
+from ._manifest_cmds import add_trust_args, trust_from_args
+from ._progress_view import FetchView as _Renderer
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "update", help="fetch a new version (only what changed), check it, and switch DIR/current to it atomically",
+        description="NAME (a signed name record; needs `join` running on this data directory) or MANIFEST. "
+        "The version goes into VERSIONS_DIR/versions/<version>-<id>; pieces already in the store are copied, "
+        "not fetched; every file passes the sandbox gate; then VERSIONS_DIR/current is switched with one "
+        "rename(2). Readers see the old version or the new one, never a mix (docs/operations.md).",
+    )
+    p.add_argument("target", metavar="NAME|MANIFEST")
+    p.add_argument("--versions-dir", type=Path, metavar="DIR", help="where the versions live (default DATA_DIR/models/<NAME>)")
+    p.add_argument("--keep", type=int, default=2, metavar="K", help="earlier versions kept for rollback (default 2)")
+    p.add_argument("--mirror", action="append", default=[], metavar="URL", help="mirror base URL (repeatable)")
+    p.add_argument("--standalone", action="store_true", help="do not hand the update to a running node (MANIFEST only)")
+    p.add_argument("--json", action="store_true", help="JSON lines: progress, then an 'updated' summary")
+    add_trust_args(p)
+    p.set_defaults(func=cmd_update)
+
+    p = sub.add_parser("rollback", help="switch DIR/current back to the version used before (fetches nothing)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--versions-dir", type=Path, metavar="DIR", help="where the versions live (default DATA_DIR/models/<NAME>)")
+    p.add_argument("--keep", type=int, default=2, metavar="K", help="earlier versions kept (default 2)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("versions", help="list a model's versions on disk and which is current")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--versions-dir", type=Path, metavar="DIR", help="where the versions live (default DATA_DIR/models/<NAME>)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_versions)
+
+
+def _root(args: argparse.Namespace, name: str) -> Path:
+    from autoglm.node._versions import default_root
+
+    return Path(args.versions_dir).resolve() if args.versions_dir else default_root(Path(args.data_dir), name)
+
+
+def _is_manifest(target: str) -> bool:
+    return target.startswith(("http://", "https://")) or Path(target).exists()
+
+
+def _request(args: argparse.Namespace) -> dict[str, Any]:
+    req: dict[str, Any] = {
+        "op": "update", "keep": args.keep, "mirrors": list(args.mirror),
+        "trust": [str(p.resolve()) for p in args.trust], "roots": [str(p.resolve()) for p in args.root],
+        "spiffe_ids": list(args.spiffe_id),
+    }
+    if _is_manifest(args.target):
+        req["manifest"] = args.target if args.target.startswith(("http://", "https://")) else str(Path(args.target).resolve())
+    else:
+        req["name"] = args.target
+    if args.versions_dir:
+        req["root"] = str(Path(args.versions_dir).resolve())
+    return req
+
+
+def _delegate(args: argparse.Namespace, sock: Any, renderer: _Renderer) -> dict[str, Any]:
+    from autoglm.node._control_client import request as control_request
+
+    from ._fetch_cmds import _remote_error
+
+    for line in control_request(args.data_dir, _request(args), sock=sock):
+        kind = line.get("event")
+        if kind == "updated":
+            return line
+        if kind == "error":
+            raise _remote_error(line)
+        renderer.handle_line(line)
+    raise SourceError("the running node closed the connection before the update finished")
+
+
+def _update_here(args: argparse.Namespace, renderer: _Renderer) -> dict[str, Any]:
+    """No running node: the update with the mirrors alone, in this process."""
+    import trio
+
+    from autoglm.node._engine import collapse_group
+    from autoglm.node._follow import _result_value
+    from autoglm.node._plan import FetchPlan
+    from autoglm.node._progress import Event
+    from autoglm.node._update import update_to
+    from autoglm.node.api import NodeConfig, load_manifest, open_node
+
+    trust = trust_from_args(args)
+    mirrors = list(args.mirror)
+    if not mirrors and args.target.startswith(("http://", "https://")):
+        mirrors = [args.target.rsplit("/", 1)[0] + "/"]
+    if not mirrors:
+        raise ConfigError("update MANIFEST without a running node needs --mirror URL")
+
+    async def main() -> dict[str, Any]:
+        signed, manifest = await load_manifest(args.target, trust, {})
+        root = _root(args, manifest.name)
+        send, recv = trio.open_memory_channel[Event](256)
+        async with open_node(NodeConfig(args.data_dir)) as node, trio.open_nursery() as nursery:
+
+            async def consume() -> None:
+                async with recv:
+                    async for ev in recv:
+                        renderer.handle(ev)
+
+            nursery.start_soon(consume)
+            plan = FetchPlan(signed, root, trust, mirrors=tuple(mirrors))
+
+            async def fetch(p: FetchPlan, ev: trio.MemorySendChannel[Event] | None) -> Any:
+                return await node.run_fetch(p, events=ev)
+
+            try:
+                res = await update_to(signed, plan, root, args.keep, Path(args.data_dir), fetch, send, node.store)
+            except BaseException:
+                await send.aclose()
+                raise
+            return _result_value(res)
+
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as eg:
+        raise collapse_group(eg) from None
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    if args.keep < 0:
+        raise ConfigError("--keep is 0 or more")
+    renderer = _Renderer(args.json, quiet=getattr(args, "quiet", False))
+    t0 = time.perf_counter()
+    try:
+        try:
+            from autoglm.node._control_client import connect
+
+            sock = None if args.standalone else connect(args.data_dir)
+            if sock is None and not _is_manifest(args.target):
+                raise ConfigError(f"update {args.target}: resolving a name needs `autoglm-node join` running on this "
+                                  "data directory (or give the MANIFEST file or URL)")
+            result = _delegate(args, sock, renderer) if sock is not None else _update_here(args, renderer)
+        finally:
+            renderer.close()
+    except AutoglmError as exc:
+        if args.json:
+            print_json({"event": "error", "error": type(exc).__name__, "message": str(exc)})
+        raise
+    result = {k: v for k, v in result.items() if k != "event"}
+    seconds = round(time.perf_counter() - t0, 3)
+    if args.json:
+        print_json({"event": "updated", **result, "seconds": seconds})
+    elif result["switched"]:
+        fetched = sum(v for k, v in result["bytes_by_source"].items() if not k.startswith("local"))
+        console.print(f"{result['root']}/current -> versions/{result['current']} (was {result['previous']}); "
+                      f"fetched {human_bytes(fetched)} in {seconds:.1f}s", soft_wrap=True)
+    else:
+        console.print(f"{result['root']}/current is already {result['current']}", soft_wrap=True)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from autoglm.node._update import rollback
+
+    root = _root(args, args.name)
+    was, now = rollback(root, args.keep)
+    if args.json:
+        print_json({"event": "rolled-back", "root": str(root), "current": now, "previous": was})
+    else:
+        console.print(f"{root}/current -> versions/{now} (was {was}); nothing fetched", soft_wrap=True)
+        err_console.print("a `join --follow` node keeps this until the name gets a higher sequence number")
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from autoglm.node._versions import VersionSet
+
+    root = _root(args, args.name)
+    rows = VersionSet(root).entries()
+    if args.json:
+        for r in rows:
+            print_json({"version": r.dirname, "path": str(r.path), "current": r.current})
+        return 0
+    if not rows:
+        console.print(f"no versions under {root}")
+    for r in rows:
+        console.print(f"{'*' if r.current else ' '} {r.dirname}  {r.path}", soft_wrap=True, markup=False)
+    return 0

@@ -1,0 +1,175 @@
+"""The gateway's HTTP/1.1 server and its per-client budgets (h11 on trio; the routes are ``_gateway``'s).
+
+Budgets per client: at most ``max_clients`` connections (more get 503), a
+request head within ``header_timeout`` (16 KiB at most), ``idle_timeout``
+between requests, ``send_timeout`` without progress while sending; request
+bodies are refused (413), keep-alive otherwise. A handler answers through a
+:class:`Reply`, which knows whether the request was a HEAD (no body sent) and
+adds the headers every answer carries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import h11
+import trio
+
+__all__ = ["Abort", "ClientBudgets", "ClientStats", "HttpServer", "Reply", "close_gracefully"]
+
+log = logging.getLogger("autoglm.node.hub._gateway")
+
+_MAX_HEADER = 16 * 1024
+
+
+class Abort(Exception):
+    """The client's response cannot be completed: close its connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientBudgets:
+    max_clients: int = 64
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    send_timeout: float = 60.0
+
+
+@dataclass(slots=True)
+class ClientStats:
+    clients: int = 0
+    requests: int = 0
+    refused_clients: int = 0
+
+
+class Reply:
+    """The answer to one request on one connection."""
+
+    def __init__(self, stream: trio.SocketStream, conn: h11.Connection, head_only: bool, send_timeout: float,
+                 always: Sequence[tuple[str, str]]) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.head_only = head_only
+        self._send_timeout = send_timeout
+        self._always = list(always)
+
+    @property
+    def started(self) -> bool:
+        """The status line is out: an error can no longer be answered, only the connection cut."""
+        return self.conn.our_state is not h11.SEND_RESPONSE
+
+    async def _send(self, data: bytes | None) -> None:
+        if not data:
+            return
+        with trio.move_on_after(self._send_timeout) as scope:
+            await self.stream.send_all(data)
+        if scope.cancelled_caught:
+            raise Abort("client too slow")
+
+    async def head(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
+        await self._send(self.conn.send(h11.Response(status_code=status, headers=[*headers, *self._always],
+                                                     reason=HTTPStatus(status).phrase)))
+
+    async def data(self, data: bytes) -> None:
+        if not self.head_only:
+            await self._send(self.conn.send(h11.Data(data=data)))
+
+    async def end(self) -> None:
+        await self._send(self.conn.send(h11.EndOfMessage()))
+
+    async def answer(self, status: int, value: Any, extra: Sequence[tuple[str, str]] = ()) -> None:
+        """A whole JSON answer."""
+        body = json.dumps(value).encode()
+        await self.head(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *extra])
+        await self.data(body)
+        await self.end()
+
+
+Handler = Callable[[Reply, str, str, dict[str, str]], Awaitable[None]]
+
+
+class HttpServer:
+    """Serves connections with ``handler(reply, method, target, headers)`` within the budgets."""
+
+    def __init__(self, handler: Handler, budgets: ClientBudgets, stats: ClientStats,
+                 always: Sequence[tuple[str, str]] = ()) -> None:
+        self.handler = handler
+        self.budgets = budgets
+        self.stats = stats
+        self.always = tuple(always)
+
+    async def client(self, stream: trio.SocketStream) -> None:
+        """One client connection (``trio.serve_listeners`` calls this)."""
+        try:
+            if self.stats.clients >= self.budgets.max_clients:
+                self.stats.refused_clients += 1
+                with trio.move_on_after(2):
+                    await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 5\r\n"
+                                          b"Connection: close\r\n\r\n")
+                return
+            self.stats.clients += 1
+            try:
+                await self._connection(stream)
+            finally:
+                self.stats.clients -= 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, Abort):
+            pass
+        except Exception:  # one client's failure must not stop the gateway
+            log.exception("gateway: a client's request failed")
+        finally:
+            await close_gracefully(stream)
+
+    async def _next_request(self, stream: trio.SocketStream, conn: h11.Connection) -> Any:
+        """The next h11 event after waiting for data within the idle and header budgets (None: give up)."""
+        deadline: float | None = None
+        while True:
+            ev = conn.next_event()
+            if ev is not h11.NEED_DATA:
+                return ev
+            wait = self.budgets.idle_timeout if deadline is None else deadline - trio.current_time()
+            with trio.move_on_after(max(wait, 0.0)) as scope:
+                data = await stream.receive_some(65536)
+            if scope.cancelled_caught:
+                return None
+            if deadline is None:
+                deadline = trio.current_time() + self.budgets.header_timeout
+            conn.receive_data(data)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER)
+        while True:
+            ev = await self._next_request(stream, conn)
+            if not isinstance(ev, h11.Request):
+                return  # idle, ConnectionClosed, or PAUSED after a response we could not finish
+            self.stats.requests += 1
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in ev.headers}
+            reply = Reply(stream, conn, ev.method == b"HEAD", self.budgets.send_timeout, self.always)
+            if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+                await reply.answer(413, {"error": "request bodies are not accepted"}, [("Connection", "close")])
+                return
+            while not isinstance(conn.next_event(), h11.EndOfMessage):
+                pass
+            await self.handler(reply, ev.method.decode("latin-1"), ev.target.decode("latin-1"), headers)
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+
+
+async def close_gracefully(stream: trio.SocketStream) -> None:
+    """Close after what was sent is delivered: half-close, drain what the client still sends (briefly), close.
+
+    Closing with unread bytes in the socket would reset the connection, and the
+    client could lose the answer (a 503 or 413) we just sent.
+    """
+    with trio.move_on_after(1.0):
+        try:
+            await stream.send_eof()
+            while await stream.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await trio.aclose_forcefully(stream)

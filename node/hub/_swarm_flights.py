@@ -1,0 +1,243 @@
+"""Gateway flights fed by the swarm: a trusted ``publish hf://`` manifest covers the repository and commit.
+
+``join --hf-gateway … --hf-manifest M.agm`` (a file with its ``M.agm.hub.json``
+beside it, or a folder of them) gives the gateway signed manifests of Hub
+commits. Each is checked at start: the manifest's signature against the node's
+trust, the provenance's signature, manifest id and key (``load_provenance``).
+
+When a client asks for a file of a covered ``(repo, commit)`` and the
+manifest agrees with the Hub's listing for that file (size; the LFS SHA-256 is
+the manifest's signed SHA-256; a small file's git blob id is the signed
+provenance's), the flight is fed by the node's swarm fetch
+(``SwarmNode.hold``): peers first, the Hub endpoints as web seeds (the signed
+provenance's, then the gateway's own upstreams), every piece checked against
+its signed BLAKE3 hash, so every recorded piece is streamed at once.
+
+Requests for files of one manifest arriving together (``snapshot_download``
+asks with 8 workers) are batched into one hold with those files; files asked
+for while a hold runs go into the next (the node runs one fetch per manifest
+at a time; the store keeps what earlier holds verified). The files land in
+``models--ORG--REPO/.autoglm-files/<commit>/`` (the folder the node keeps
+seeding from, as ``fetch M.agm --hf-cache`` writes it) and each blob is a hard
+link to its file: one copy on disk. A hold that cannot start (the manifest is
+already being fetched, e.g. by ``--seed``) or fails before a flight got any
+byte hands that flight to the hub fetch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from autoglm.node._engine import collapse_group
+from autoglm.node._manifests import check_manifest, load_signed_manifest
+from autoglm.node._plan import FetchPlan
+from autoglm.node._progress import Event, FileDone, PieceVerified
+from autoglm.node._store import _staging_dir
+from autoglm.node.errors import AutoglmError, ConfigError, IntegrityError, SourceError
+from autoglm.protocol import SignedManifest, TrustPolicy
+
+from ._api import HubFile, RepoSnapshot
+from ._cache import link_snapshot
+from ._flights import Flight
+from ._publish import (
+    SIDECAR_SUFFIX,
+    Provenance,
+    files_dir,
+    load_provenance,
+    mirror_base,
+    sidecar_path,
+)
+
+__all__ = ["BATCH_WINDOW", "HubManifest", "SwarmFlights", "load_hub_manifests"]
+
+log = logging.getLogger("autoglm.node.hub._gateway")
+
+BATCH_WINDOW = 0.3  # seconds a new hold waits for more requests of the same manifest
+
+Hold = Callable[..., Awaitable[Any]]  # SwarmNode.hold(plan, events=...)
+
+
+@dataclass(frozen=True, slots=True)
+class HubManifest:
+    """A trusted signed manifest of a Hub commit, with its checked provenance."""
+
+    path: Path
+    signed: SignedManifest
+    provenance: Provenance
+
+
+def load_hub_manifests(paths: Sequence[Path], trust: TrustPolicy) -> tuple[HubManifest, ...]:
+    """Each path: a manifest with its ``.hub.json`` beside it, or a folder of them. ConfigError on anything else."""
+    found: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found += sorted(x for x in p.iterdir() if x.is_file() and sidecar_path(x).is_file())
+        elif p.is_file():
+            if not sidecar_path(p).is_file():
+                raise ConfigError(f"--hf-manifest {p}: no {p.name}{SIDECAR_SUFFIX} beside it (made by publish hf://)")
+            found.append(p)
+        else:
+            raise ConfigError(f"--hf-manifest {p}: no such file or folder")
+    out: list[HubManifest] = []
+    for p in found:
+        signed = load_signed_manifest(p)
+        try:
+            check_manifest(signed, trust)
+        except AutoglmError as exc:
+            raise ConfigError(f"--hf-manifest {p}: not trusted: {exc}") from exc
+        out.append(HubManifest(p, signed, load_provenance(sidecar_path(p), signed)))
+    return tuple(out)
+
+
+@dataclass(slots=True)
+class _Run:
+    """The holds of one manifest: requests waiting for the next one, and every file asked for so far."""
+
+    manifest: HubManifest
+    pending: dict[str, tuple[Flight, HubFile, RepoSnapshot]] = field(default_factory=dict)
+    wanted: set[str] = field(default_factory=set)
+    running: bool = False
+
+
+class SwarmFlights:
+    """Flights of covered commits, run through the node's swarm fetch (see the module docstring)."""
+
+    def __init__(self, manifests: Sequence[HubManifest], hold: Hold, *, cache_dir: Path, trust: TrustPolicy,
+                 endpoints: Sequence[str], token: str | None, nursery: trio.Nursery,
+                 fall_back: Callable[[RepoSnapshot, HubFile, Flight], None]) -> None:
+        self.hold = hold
+        self.cache_dir = cache_dir
+        self.trust = trust
+        self.endpoints = tuple(endpoints)
+        self._token = token
+        self.nursery = nursery
+        self.fall_back = fall_back
+        self.manifests = {(m.provenance.repo, m.provenance.commit): m for m in manifests}
+        self._runs: dict[bytes, _Run] = {}
+
+    def covering(self, repo: str, commit: str) -> HubManifest | None:
+        return self.manifests.get((repo, commit))
+
+    def take(self, snap: RepoSnapshot, f: HubFile, repo_dir: Path) -> Flight | None:
+        hm = self.covering(snap.ref.repo, snap.commit)
+        if hm is None:
+            return None
+        entry = next((e for e in hm.signed.manifest.files if e.path == f.path), None)
+        prov = next((p for p in hm.provenance.files if p.path == f.path), None)
+        if entry is None or prov is None or entry.size != f.size or (
+            entry.sha256.hex() != f.sha256 if f.sha256 is not None else prov.blob_id != f.blob_id
+        ):
+            log.warning("gateway: %s@%s %s: the signed manifest %s disagrees with the hub's listing; fetching from the hub",
+                        snap.ref.repo, snap.commit[:12], f.path, hm.path)
+            return None
+        fl = Flight(repo_dir, f, [(p.offset, p.length) for p in entry.pieces], hold_last=False)
+        fl.via = "swarm"
+        run = self._runs.setdefault(hm.signed.id, _Run(hm))
+        run.pending[f.path] = (fl, f, snap)
+        if not run.running:
+            run.running = True
+            self.nursery.start_soon(self._run, run)
+        return fl
+
+    async def _run(self, run: _Run) -> None:
+        try:
+            while run.pending:
+                await trio.sleep(BATCH_WINDOW)  # the other requests of one snapshot_download arrive meanwhile
+                batch, run.pending = run.pending, {}
+                run.wanted |= set(batch)
+                await self._hold(run, batch)
+        finally:
+            run.running = False
+
+    def _plan(self, run: _Run) -> FetchPlan:
+        hm = run.manifest
+        prov = hm.provenance
+        mirrors = list(prov.mirrors)
+        own = [mirror_base(ep, prov.repo, prov.commit) for ep in self.endpoints]
+        mirrors += [m for m in own if m not in mirrors]
+        headers = {m: {"Authorization": f"Bearer {self._token}"} for m in own} if self._token else {}
+        return FetchPlan(hm.signed, files_dir(self.cache_dir, prov), self.trust, mirrors=tuple(mirrors),
+                         mirror_headers=headers, files=tuple(sorted(run.wanted)))
+
+    async def _hold(self, run: _Run, batch: dict[str, tuple[Flight, HubFile, RepoSnapshot]]) -> None:
+        m = run.manifest.signed.manifest
+        plan = self._plan(run)
+        out = plan.out
+        first: dict[str, tuple[int, int]] = {}  # path -> (file index, its first piece's index)
+        n = 0
+        for fi, e in enumerate(m.files):
+            first[e.path] = (fi, n)
+            n += len(e.pieces)
+        send, recv = trio.open_memory_channel[Event](256)
+
+        async def follow() -> None:
+            async with recv:
+                async for ev in recv:
+                    if isinstance(ev, PieceVerified) and ev.path in batch:
+                        fl = batch[ev.path][0]
+                        fi, start = first[ev.path]
+                        if not fl.places:
+                            fl.places = [_staging_dir(out, ev.manifest_id) / f"{fi}.part", out / ev.path]
+                        fl.piece_recorded(ev.index - start)
+                    elif isinstance(ev, FileDone) and ev.path in batch:
+                        await self._complete(out, *batch[ev.path])
+
+        log.info("gateway: %s@%s: %d file(s) from the swarm (%s)", run.manifest.provenance.repo,
+                 run.manifest.provenance.commit[:12], len(batch), ", ".join(sorted(batch)))
+        error: Exception | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(follow)
+                await self.hold(plan, events=send)
+        except Exception as exc:
+            err = collapse_group(exc) if isinstance(exc, ExceptionGroup) else exc
+            error = err if isinstance(err, Exception) else SourceError(f"the swarm fetch failed: {err!r}")
+            log.warning("gateway: the swarm fetch of %s failed: %s", run.manifest.path, error)
+        for fl, f, snap in batch.values():
+            if fl.done or fl.error is not None:
+                continue
+            if error is None:
+                await self._complete(out, fl, f, snap)
+            elif not fl.recorded:
+                self.fall_back(snap, f, fl)  # nothing from the swarm yet: the hub fetch feeds this flight
+            else:
+                fl.finish(error)
+
+    async def _complete(self, out: Path, fl: Flight, f: HubFile, snap: RepoSnapshot) -> None:
+        if fl.done or fl.error is not None:
+            return
+        try:
+            await trio.to_thread.run_sync(_link_blob, out / f.path, fl, f, snap.commit)
+        except (AutoglmError, OSError) as exc:
+            fl.finish(exc if isinstance(exc, AutoglmError) else SourceError(f"{f.path}: {exc}"))
+            return
+        fl.finish()
+
+
+def _link_blob(src: Path, fl: Flight, f: HubFile, commit: str) -> None:
+    """``blobs/<etag>`` as a hard link to the verified file (a copy across file systems), and the snapshot link."""
+    if f.sha256 is None:  # a small file: its blob id from the verified bytes, not from any listing
+        data = src.read_bytes()
+        blob = hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+        if blob != f.blob_id:
+            raise IntegrityError(f"{f.path}: git blob id {blob}, the hub and the provenance say {f.blob_id}")
+    dst = fl.blob
+    same = dst.is_file() and (dst.stat().st_ino, dst.stat().st_dev) == (src.stat().st_ino, src.stat().st_dev)
+    if not same:  # whatever else is there (an unverified blob) is replaced by the verified file
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.autoglm-tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            tmp.hardlink_to(src)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+    link_snapshot(fl.repo_dir, commit, [f])
