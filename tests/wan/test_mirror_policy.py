@@ -1,0 +1,42 @@
+"""Degraded mirrors: starved of work only while a healthy mirror can take it (issue 15's lead)."""
+
+from __future__ import annotations
+
+import random
+
+import trio
+
+from autoglm.node._mirrors import MirrorConfig, MirrorScore, MirrorSource
+
+
+def test_a_degraded_lone_mirror_still_grows_when_slow_per_connection() -> None:
+    s = MirrorScore(MirrorConfig(initial_connections=4, max_connections=16))
+    s.on_response(0.25)  # a far origin: 250 ms to the response head
+    assert s.degraded
+    assert s.on_slow_connection(2e6, others_healthy=False)  # 2 MB/s per connection: more connections help
+    assert s.connections == 6
+    assert not s.on_slow_connection(2e6, others_healthy=True)  # a healthy mirror exists: do not feed this one
+    assert s.connections == 6
+
+
+def test_thresholds_are_configurable() -> None:
+    s = MirrorScore(MirrorConfig(rtt_threshold=0.5, error_threshold=0.2))
+    s.on_response(0.3)
+    s.on_failure(0.0, random.Random(0))
+    assert not s.degraded  # 300 ms and 10 % errors are within these limits
+    s.on_response(2.0)  # the smoothed RTT passes 500 ms
+    assert s.degraded
+
+
+async def test_degraded_mirror_keeps_its_width_unless_a_ready_healthy_one_exists() -> None:
+    group: list[MirrorSource] = []
+    far = MirrorSource("http://127.0.0.1:9/far/", peers=group, config=MirrorConfig(initial_connections=4))
+    far.score.on_response(0.3)
+    assert far.max_requests() == 4  # the only mirror: full width although degraded
+    near = MirrorSource("http://127.0.0.1:9/near/", peers=group, config=MirrorConfig(initial_connections=4))
+    assert far.max_requests() == 1  # a healthy mirror takes the work; one probe request stays
+    near.score.ready_at = trio.current_time() + 30  # the healthy one backs off (a 429 with Retry-After)
+    assert far.max_requests() == 4
+    near.score.ready_at = 0.0
+    near.score.on_response(0.5)  # both degraded: neither is starved
+    assert far.max_requests() == 4 and near.max_requests() == 4
