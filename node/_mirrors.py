@@ -71,6 +71,8 @@ __all__ = ["FileNotOnMirror", "MirrorConfig", "MirrorScore", "MirrorSource", "Re
 USER_AGENT = "autoglm-node/0.1"
 RATE_PROBE = 0.25  # seconds into a request before its own rate is judged
 FIRST_REQUEST_BYTES = 16 << 20  # request size cap until a connection's rate is known
+REQUEST_SECONDS = 2.0  # a request lasts about this long at the measured rate...
+REQUEST_RTTS = 40  # ...and at least this many round trips to the response head (10 s at 250 ms)
 
 
 class FileNotOnMirror(PermanentMirrorError):
@@ -290,12 +292,15 @@ class MirrorSource:
         return 1 if self.no_range else self.score.allowed_requests(self._others_healthy())
 
     def max_request_bytes(self) -> int:
-        # About two seconds of one connection's measured rate: long enough to amortise
-        # the request, short enough that a rate-limited mirror does not end on a long tail.
+        # About two seconds of one connection's measured rate (long enough to amortise the
+        # request, short enough that a rate-limited mirror does not end on a long tail), and
+        # at least REQUEST_RTTS round trips: on a far origin each request costs an idle RTT and
+        # a congestion window restarted after the idle, which a short request never repays.
         tput = self.score.throughput
         if tput is None:
             return min(self.config.max_request_bytes, FIRST_REQUEST_BYTES)
-        return int(min(self.config.max_request_bytes, max(FIRST_REQUEST_BYTES // 4, 2.0 * tput)))
+        seconds = max(REQUEST_SECONDS, REQUEST_RTTS * (self.score.rtt or 0.0))
+        return int(min(self.config.max_request_bytes, max(FIRST_REQUEST_BYTES // 4, seconds * tput)))
 
     def ready_at(self) -> float:
         return self.score.ready_at
