@@ -299,7 +299,9 @@ class MirrorSource:
         tput = self.score.throughput
         if tput is None:
             return min(self.config.max_request_bytes, FIRST_REQUEST_BYTES)
-        seconds = max(REQUEST_SECONDS, REQUEST_RTTS * (self.score.rtt or 0.0))
+        # A degraded mirror's one request is a probe while a healthy mirror takes the work: keep it short.
+        probe = self.score.degraded and self._others_healthy()
+        seconds = max(REQUEST_SECONDS, 0.0 if probe else REQUEST_RTTS * (self.score.rtt or 0.0))
         return int(min(self.config.max_request_bytes, max(FIRST_REQUEST_BYTES // 4, seconds * tput)))
 
     def ready_at(self) -> float:

@@ -42,7 +42,7 @@ async def test_degraded_mirror_keeps_its_width_unless_a_ready_healthy_one_exists
     assert far.max_requests() == 4 and near.max_requests() == 4
 
 
-def test_requests_to_a_far_mirror_last_many_round_trips() -> None:
+async def test_requests_to_a_far_mirror_last_many_round_trips() -> None:
     cfg = MirrorConfig(max_request_bytes=256 << 20)
     near, far = MirrorSource("http://127.0.0.1:9/a/", config=cfg), MirrorSource("http://127.0.0.1:9/b/", config=cfg)
     for m, rtt in ((near, 0.002), (far, 0.25)):
@@ -50,3 +50,8 @@ def test_requests_to_a_far_mirror_last_many_round_trips() -> None:
         m.score.on_success(0.0, 10 << 20, 2.0)  # 5 MiB/s per connection
     assert near.max_request_bytes() == 10 << 20  # two seconds' worth
     assert far.max_request_bytes() == 50 << 20  # forty RTTs (10 s): the idle RTT and window restart amortised
+    group: list[MirrorSource] = []
+    probe, healthy = (MirrorSource(f"http://127.0.0.1:9/{x}/", config=cfg, peers=group) for x in "cd")
+    probe.score.on_response(0.25)
+    probe.score.on_success(0.0, 10 << 20, 2.0)
+    assert probe.max_request_bytes() == 10 << 20  # degraded, a healthy mirror exists: a short probe, not 10 s
