@@ -128,7 +128,7 @@ class PiecePicker:
         self.stream = None if stream_window is None else StreamOrder(self._sizes, file_starts, stream_window)
         order = list(range(n)) if self.first_copy is None else self.first_copy.run_order
         if self.stream is not None:
-            order = self.stream.mirror_order()
+            order = self.stream.mirror_order(order)
         self._runs = MirrorRuns(self._sizes, file_starts, order, mirror_overlap_budget)
 
     # -- queries ---------------------------------------------------------

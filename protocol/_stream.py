@@ -15,8 +15,10 @@ on whose start lies less than ``window`` bytes past the cursor's start.
   does rarest first (rule 2) choose. Pieces past the windows keep rarest
   first, so the swarm still spreads its copies.
 * Mirrors: the start order of mirror runs (protocol/_runs.py) becomes small
-  pieces first, then by offset inside the file, ties by index, instead of
-  the first-copy rank order. Which pieces a mirror may take is unchanged
+  pieces first, then blocks of a quarter window of each file from the
+  front, the first-copy rank order only inside a block (so nodes that start before
+  they know of each other still begin with different pieces, the ones each
+  will likely own). Which pieces a mirror may take is unchanged
   (first-copy ownership, protocol/_ownership.py, and the overlap budget):
   the mirror still fetches only this node's share, now from the front.
 
@@ -54,9 +56,20 @@ class StreamOrder:
                 self._offset[i] = off
                 off += sizes[i]
 
-    def mirror_order(self) -> list[int]:
-        """Every piece in the order mirror runs start from: small pieces, then the front of each file."""
-        return sorted(range(len(self._sizes)), key=lambda i: (self._sizes[i] >= _SMALL_PIECE, self._offset[i], i))
+    def mirror_order(self, base: Sequence[int]) -> list[int]:
+        """Every piece in the order mirror runs start from: small pieces, then each file block by block.
+
+        A block is a quarter of the window (at least a byte). Inside a block
+        pieces keep their ``base`` order, the first-copy rank order: nodes
+        that start before they know of each other then begin with different
+        pieces, as without streaming, instead of all with the first one.
+        """
+        block = max(self.window // 4, 1)
+        pos = [0] * len(self._sizes)
+        for k, i in enumerate(base):
+            pos[i] = k
+        return sorted(range(len(self._sizes)),
+                      key=lambda i: (self._sizes[i] >= _SMALL_PIECE, self._offset[i] // block, pos[i]))
 
     def windows(self, done: Callable[[int], bool]) -> list[int]:
         """The pieces of every window, nearest to their file's cursor first, ties by index.

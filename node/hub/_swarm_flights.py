@@ -191,7 +191,8 @@ class SwarmFlights:
                             fl.places = [_staging_dir(out, ev.manifest_id) / f"{fi}.part", out / ev.path]
                         streamable = fl.ready
                         fl.piece_recorded(ev.index - start)
-                        if not streamable and fl.ready:
+                        half = fl.file.size // 2
+                        if (not streamable and fl.ready) or streamable < half <= fl.ready < fl.file.size:
                             log.info("gateway: %s: first %d byte(s) streamable %.2fs into the swarm fetch (%d of %d pieces)",
                                      ev.path, fl.ready, trio.current_time() - t0, len(fl.recorded), len(fl.pieces))
                     elif isinstance(ev, FileDone) and ev.path in batch:

@@ -94,7 +94,7 @@ def _mirror_picks(pp: PiecePicker, now: float = 0.0) -> list[int]:
 
 def test_the_mirror_fetches_this_nodes_share_from_the_front() -> None:
     sizes = [2 << 20] * 24
-    on = PiecePicker(sizes, [0, 12], mirror_overlap_budget=0, me="me", stream_window=4 << 20)
+    on = PiecePicker(sizes, [0, 12], mirror_overlap_budget=0, me="me", stream_window=16 << 20)
     off = PiecePicker(sizes, [0, 12], mirror_overlap_budget=0, me="me")
     for pp in (on, off):
         pp.set_swarm(["a", "b", "c"], 0.0)
@@ -103,7 +103,10 @@ def test_the_mirror_fetches_this_nodes_share_from_the_front() -> None:
     assert mine == [i for i in range(24) if off.owner(i) == "me"] and 0 < len(mine) < 24
     got, before = _mirror_picks(on), _mirror_picks(off)
     assert sorted(got) == sorted(before) == mine  # the same share, only that
-    assert got == sorted(mine, key=lambda i: (i % 12, i))  # the front of both files first
+    assert off.first_copy is not None
+    rank = off.first_copy.run_order.index
+    # the front of both files first, block by block (a quarter window: two pieces), the first-copy rank order inside
+    assert got == sorted(mine, key=lambda i: ((i % 12) // 2, rank(i)))
 
 
 # -- properties -----------------------------------------------------------------
@@ -195,5 +198,6 @@ def test_ownership_is_the_same_with_and_without_the_window(fetch: tuple[list[int
         pp.add_source("m", MIRROR)
     got, before = _mirror_picks(on), _mirror_picks(off)
     assert sorted(got) == sorted(before) == sorted(i for i in range(len(sizes)) if on.owner(i) == "me" and i not in have)
-    order = on.stream.mirror_order() if on.stream is not None else []
+    assert on.stream is not None and on.first_copy is not None
+    order = on.stream.mirror_order(on.first_copy.run_order)
     assert got == [i for i in order if i in set(got)]
