@@ -226,6 +226,18 @@ def tree_rss(pid: int) -> int:
         return 0
 
 
+def peak_rss_of(pid: int) -> int:
+    """The kernel's high-water mark of a live process's resident memory (VmHWM), in bytes; 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def measure(
     argv: Sequence[str],
     *,
@@ -391,7 +403,7 @@ pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    log_format agbench '$status $bytes_sent $body_bytes_sent "$request" "$http_range" $connection $remote_port $request_time';
+    log_format agbench '$status $bytes_sent $body_bytes_sent "$request" "$http_range" $connection $remote_port $request_time $msec';
     access_log {dir}/access.log agbench;
     client_body_temp_path {dir}/tmp/body;
     proxy_temp_path {dir}/tmp/proxy;
@@ -419,7 +431,8 @@ class Nginx:
     """nginx from Debian with its own config; ``limit_rate`` is per connection."""
 
     def __init__(self, root: Path, confdir: Path, *, listen: str = "127.0.0.1", port: int | None = None,
-                 limit_rate: str | None = None, netns: str | None = None, workers: int = 2) -> None:
+                 limit_rate: str | None = None, netns: str | None = None, workers: int = 2,
+                 location_extra: str = "") -> None:
         self.root = root.resolve()
         self.dir = confdir.resolve()
         self.listen = listen
@@ -427,6 +440,7 @@ class Nginx:
         self.limit_rate = limit_rate
         self.netns = netns
         self.workers = workers
+        self.location_extra = location_extra  # more directives in `location /` (bench/wan_bench.py: a 429 switch)
         self.proc: subprocess.Popen[Any] | None = None
 
     @property
@@ -441,7 +455,7 @@ class Nginx:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "tmp").mkdir(exist_ok=True)
         self.access_log.touch()
-        limit = f"limit_rate {self.limit_rate};" if self.limit_rate else ""
+        limit = (f"limit_rate {self.limit_rate};" if self.limit_rate else "") + self.location_extra
         conf = self.dir / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=self.dir, workers=self.workers, listen=self.listen, port=self.port,
                                           root=self.root, limit=limit))

@@ -59,6 +59,7 @@ from _harness import (
     netns_prefix,
     on_cleanup,
     parse_json_lines,
+    peak_rss_of,
     print_table,
     tree_rss,
 )
@@ -287,6 +288,8 @@ class Bench:
                         by_source[k] = by_source.get(k, 0) + int(v)
             row["bytes_by_source"] = by_source
             row["mesh_wait_s"] = mesh_s
+            # the daemons' own high-water marks (peak_rss above is the fetch commands'); cost_bench reports it
+            row["daemon_peak_rss"] = max(peak_rss_of(p.pid) for p, _ in nodes)
             if row.get("error"):
                 self.unavailable[key] = row["error"]
             return row
@@ -345,6 +348,7 @@ class Bench:
                     next_rss = time.perf_counter() + 0.5
                 time.sleep(0.05)
             cpu = sum(proc_cpu(x.proc.pid) for x in seeds)
+            hwm = max(peak_rss_of(x.proc.pid) for x in seeds)
             served = self.mirror.settle(mark)
             done = [x.events["complete"][0] - t0 if "complete" in x.events else None for x in seeds]
             row: dict[str, Any] = {
@@ -357,6 +361,7 @@ class Bench:
                 "ready_median": _median_event(seeds, "ready", t0),
                 "fetch_started_median": _median_event(seeds, "fetch-started", t0),
                 "note": "N join --seed + 1 empty bootstrap node; CPU = whole daemon",
+                "daemon_peak_rss": hwm,
             }
             by_source: dict[str, int] = {}
             for x in seeds:

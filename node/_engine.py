@@ -92,6 +92,11 @@ class FetchOptions:
     # help against a per-connection limit; against an aggregate cap they just
     # split it finer, into more, smaller socket reads on every node.
     swarm_mirror_connections: int = 16
+    # A reader waits on the files (the Hub gateway streams them to its clients):
+    # the front of each file first, a readahead window of this many bytes
+    # ahead of its first missing piece (picker rule 6, protocol/_stream.py).
+    stream: bool = False
+    stream_window: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +148,7 @@ class Fetch:
             mirror_overlap_budget=self.options.mirror_overlap_budget,
             me=self.options.swarm_id,
             owner_timeout=self.options.owner_timeout,
+            stream_window=self.options.stream_window if self.options.stream else None,
         )
         self._refs: list[PieceRef] = []
         for i, p in enumerate(d.pieces):

@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 MAX_HEAD = 64 * 1024
-RECV_BUF = 1 << 20
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
 MAX_REDIRECTS = 5
 _CREDENTIAL_HEADERS = frozenset(("authorization", "cookie", "proxy-authorization"))
@@ -337,7 +336,9 @@ async def _connect_tcp(host: str, port: int) -> trio.socket.SocketType:
             last = exc
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUF)
+        # No SO_RCVBUF: receive autotuning (bounded by net.ipv4.tcp_rmem) sizes the window to the
+        # path. A fixed buffer locks the window: 1 MiB capped one connection at about 1 MiB per
+        # RTT, 5 MB/s at 200 ms (docs/benchmarks.md, the bulk channel over a long link).
         return sock
     raise MirrorError(f"cannot connect to {host}:{port}: {last.strerror if last else 'no address'}") from last
 

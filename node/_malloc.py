@@ -34,7 +34,14 @@ def tune() -> bool:
     if os.environ.get("AUTOGLM_MALLOC_TUNE", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # glibc's soname first: find_library runs `ldconfig -p` in a subprocess (~0.1 s of start-up wall time).
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            return False
+    try:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False

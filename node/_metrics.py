@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _KINDS = ("peer", "mirror", "hub", "local")
 _REASONS = ("integrity", "permanent", "transient")
+_VERDICTS = {"ok": "ok", "reject": "refused", "error": "error"}  # gate status -> verdict label
 _MAX_CONNECTIONS = 8
 _CONN_DEADLINE = 10.0
 _MAX_REQUEST_HEAD = 16 * 1024
@@ -237,6 +238,11 @@ class NodeMetrics:
                                  buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600), registry=r)
         self.lookup = Histogram("autoglm_dht_lookup_duration_seconds", "DHT provider lookups, until answer or timeout",
                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        # The sandbox gate's verdicts on held files (`join --verify`): file kind x outcome, both small sets.
+        self.verdicts = Counter("autoglm_sandbox_verdicts", "Sandbox gate verdicts on held files, by file kind and outcome",
+                                ["kind", "verdict"], registry=r)
+        for verdict in _VERDICTS.values():
+            self.verdicts.labels("safetensors", verdict)
         node.p2p.on_lookup = self.lookup.observe
         r.register(_LiveCollector(node))
 
@@ -265,6 +271,10 @@ class NodeMetrics:
             self.fetches.labels(model).inc()
             self.refetched.labels(model).inc(ev.refetched_bytes)
             self.seconds.labels(model).observe(ev.seconds)
+
+    def observe_verdict(self, kind: str, status: str) -> None:
+        """Count one sandbox verdict (``status``: the gate's ok / reject / error)."""
+        self.verdicts.labels(kind, _VERDICTS.get(status, "error")).inc()
 
     def scrape(self) -> bytes:
         return generate_latest(self.registry)

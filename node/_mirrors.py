@@ -7,9 +7,13 @@ keep-alive connections and a :class:`MirrorScore`.
 Scoring (pure: every method takes ``now``): exponentially weighted RTT (time
 to the response head), throughput and error rate. A mirror is *degraded* when
 RTT exceeds ``rtt_threshold`` (200 ms) or the error rate exceeds
-``error_threshold`` (5 %); a degraded mirror gets a single request at a time
-while a healthy one exists (work moves away, and that single request is the
-probe that lets it recover). Failures set ``ready_at`` by exponential backoff
+``error_threshold`` (5 %); both are defaults (``mirrors.rtt_threshold`` and
+``mirrors.error_threshold`` in the config file). A degraded mirror gets a single
+request at a time while a healthy mirror is ready to take the work (work moves
+away, and that single request is the probe that lets it recover). When it is
+the only mirror, or every mirror is degraded or backing off, it keeps its full
+width and may grow it: a far or lossy origin is slow per connection, and
+starving it of connections only makes it slower. Failures set ``ready_at`` by exponential backoff
 with jitter; ``Retry-After`` on 429/503 is honoured.
 
 Concurrency adapts per mirror: it starts at ``initial_connections`` and grows
@@ -67,6 +71,8 @@ __all__ = ["FileNotOnMirror", "MirrorConfig", "MirrorScore", "MirrorSource", "Re
 USER_AGENT = "autoglm-node/0.1"
 RATE_PROBE = 0.25  # seconds into a request before its own rate is judged
 FIRST_REQUEST_BYTES = 16 << 20  # request size cap until a connection's rate is known
+REQUEST_SECONDS = 2.0  # a request lasts about this long at the measured rate...
+REQUEST_RTTS = 40  # ...and at least this many round trips to the response head (10 s at 250 ms)
 
 
 class FileNotOnMirror(PermanentMirrorError):
@@ -141,13 +147,15 @@ class MirrorScore:
             if rate < self.config.per_connection_floor and seconds > 0.05:
                 self.connections = min(self.config.max_connections, self.connections + 1)
 
-    def on_slow_connection(self, rate: float) -> bool:
+    def on_slow_connection(self, rate: float, others_healthy: bool = False) -> bool:
         """Mid-request: this connection alone runs under the floor (a per-connection limit).
 
         Returns True when concurrency grew, so the caller can let the engine add a request.
+        A degraded mirror grows too when no healthy one is there to take the work.
         """
         self.throughput = rate if self.throughput is None else 0.7 * self.throughput + 0.3 * rate
-        if rate < self.config.per_connection_floor and self.connections < self.config.max_connections and not self.degraded:
+        if (rate < self.config.per_connection_floor and self.connections < self.config.max_connections
+                and not (self.degraded and others_healthy)):
             # Multiplicative: a rate-limited mirror reaches full width in a few probes.
             self.connections = min(self.config.max_connections, self.connections + max(1, self.connections // 2))
             return True
@@ -200,6 +208,37 @@ def _content_range(value: str) -> tuple[int, int, int | None] | None:
         return None
 
 
+def _check_head(resp: Response, url: Url, start: int, first: PieceRef, last: PieceRef) -> bool:
+    """True when the body is the whole file (200), False for the range (206); else the error to raise."""
+    st = resp.status
+    if st in (404, 410):
+        raise FileNotOnMirror(f"{url}: {st} {resp.reason}: the mirror does not have {first.path}")
+    if st in (401, 403):
+        raise FileNotOnMirror(f"{url}: {st} {resp.reason}: access refused (a private or gated repository needs a token that may read it)")
+    if st in (429, 503):
+        ra = parse_retry_after(resp.headers.get("retry-after"), _epoch())
+        raise RetryLater(f"{url}: {st} {resp.reason}" + (f" (retry after {ra:.0f}s)" if ra is not None else ""), ra)
+    if st not in (200, 206):
+        raise MirrorError(f"{url}: HTTP {st} {resp.reason}")
+    if resp.headers.get("content-type", "").lower().startswith("text/html") and not first.path.lower().endswith((".html", ".htm")):
+        raise FileNotOnMirror(
+            f"{url} answered an HTML page, not the file; check that --mirror points at the directory holding the model files")
+    if st == 206:
+        cr = _content_range(resp.headers.get("content-range", ""))
+        end = last.offset + last.length - 1
+        if cr is None or cr[0] != start or cr[1] != end:
+            raise MirrorError(f"{url}: Content-Range {resp.headers.get('content-range')!r} does not match bytes={start}-{end}")
+        if cr[2] is not None and cr[2] != first.file_size:
+            raise FileNotOnMirror(f"{url}: the mirror's file has {cr[2]} bytes, the manifest says {first.file_size}")
+        if resp.content_length is not None and resp.content_length != end - start + 1:
+            raise MirrorError(f"{url}: Content-Length does not match the range")
+        return False
+    # 200: Range ignored, or If-Range saw a different version of the file.
+    if resp.content_length is not None and resp.content_length != first.file_size:
+        raise FileNotOnMirror(f"{url}: the mirror's file has {resp.content_length} bytes, the manifest says {first.file_size}")
+    return True
+
+
 class MirrorSource:
     """One HTTP mirror. Implements the Source protocol (see ``node/_sources.py``)."""
 
@@ -244,19 +283,26 @@ class MirrorSource:
     def availability(self) -> Collection[int] | None:
         return None
 
+    def _others_healthy(self) -> bool:
+        """Another mirror of the group is healthy and not backing off: it can take this one's work."""
+        now = trio.current_time()
+        return any(not m.score.degraded and m.score.ready_at <= now and not m.no_range for m in self._group if m is not self)
+
     def max_requests(self) -> int:
-        if self.no_range:
-            return 1
-        others = any(not m.score.degraded for m in self._group if m is not self)
-        return self.score.allowed_requests(others)
+        return 1 if self.no_range else self.score.allowed_requests(self._others_healthy())
 
     def max_request_bytes(self) -> int:
-        # About two seconds of one connection's measured rate: long enough to amortise
-        # the request, short enough that a rate-limited mirror does not end on a long tail.
+        # About two seconds of one connection's measured rate (long enough to amortise the
+        # request, short enough that a rate-limited mirror does not end on a long tail), and
+        # at least REQUEST_RTTS round trips: on a far origin each request costs an idle RTT and
+        # a congestion window restarted after the idle, which a short request never repays.
         tput = self.score.throughput
         if tput is None:
             return min(self.config.max_request_bytes, FIRST_REQUEST_BYTES)
-        return int(min(self.config.max_request_bytes, max(FIRST_REQUEST_BYTES // 4, 2.0 * tput)))
+        # A degraded mirror's one request is a probe while a healthy mirror takes the work: keep it short.
+        probe = self.score.degraded and self._others_healthy()
+        seconds = max(REQUEST_SECONDS, 0.0 if probe else REQUEST_RTTS * (self.score.rtt or 0.0))
+        return int(min(self.config.max_request_bytes, max(FIRST_REQUEST_BYTES // 4, seconds * tput)))
 
     def ready_at(self) -> float:
         return self.score.ready_at
@@ -384,53 +430,23 @@ class MirrorSource:
             if conn is not None:
                 await conn.aclose()
 
-    def _gone(self, path: str, message: str) -> FileNotOnMirror:
-        self._missing_files[path] = message
-        return FileNotOnMirror(message)
-
     def _check_response(
         self, resp: Response, url: Url, start: int, first: PieceRef, last: PieceRef, *, sent_if_range: bool
     ) -> bool:
-        """Validate the head; True when the body is the whole file (200), False for the range (206)."""
-        st = resp.status
-        if st in (404, 410):
-            raise self._gone(first.path, f"{url}: {st} {resp.reason}: the mirror does not have {first.path}")
-        if st in (401, 403):
-            raise self._gone(first.path, f"{url}: {st} {resp.reason}: access refused (a private or gated repository needs a token that may read it)")
-        if st in (429, 503):
-            ra = parse_retry_after(resp.headers.get("retry-after"), _epoch())
-            raise RetryLater(f"{url}: {st} {resp.reason}" + (f" (retry after {ra:.0f}s)" if ra is not None else ""), ra)
-        if st not in (200, 206):
-            raise MirrorError(f"{url}: HTTP {st} {resp.reason}")
-        ctype = resp.headers.get("content-type", "").lower()
-        if ctype.startswith("text/html") and not first.path.lower().endswith((".html", ".htm")):
-            raise self._gone(
-                first.path,
-                f"{url} answered an HTML page, not the file; check that --mirror points at the directory holding the model files",
-            )
+        """Validate the head (:func:`_check_head`) and keep what it says about the file: ETag, Range support."""
+        try:
+            whole = _check_head(resp, url, start, first, last)
+        except FileNotOnMirror as exc:
+            self._missing_files[first.path] = str(exc)
+            raise
         etag = resp.headers.get("etag")
-        if st == 206:
-            cr = _content_range(resp.headers.get("content-range", ""))
-            end = last.offset + last.length - 1
-            if cr is None or cr[0] != start or cr[1] != end:
-                raise MirrorError(f"{url}: Content-Range {resp.headers.get('content-range')!r} does not match bytes={start}-{end}")
-            if cr[2] is not None and cr[2] != first.file_size:
-                raise self._gone(first.path, f"{url}: the mirror's file has {cr[2]} bytes, the manifest says {first.file_size}")
-            if resp.content_length is not None and resp.content_length != end - start + 1:
-                raise MirrorError(f"{url}: Content-Length does not match the range")
-            if etag and not etag.startswith("W/"):
-                self._etags[first.path] = etag
-            return False
-        # 200: Range ignored, or If-Range saw a different version of the file.
-        if resp.content_length is not None and resp.content_length != first.file_size:
-            raise self._gone(first.path, f"{url}: the mirror's file has {resp.content_length} bytes, the manifest says {first.file_size}")
-        if first.path in self._etags and etag != self._etags[first.path]:
+        if whole and first.path in self._etags and etag != self._etags[first.path]:
             self.last_error = f"{url}: the file changed on the mirror (ETag {self._etags[first.path]} -> {etag}); pieces are checked by hash"
         if etag and not etag.startswith("W/"):
             self._etags[first.path] = etag
-        if not sent_if_range:
+        if whole and not sent_if_range:
             self.no_range = True
-        return True
+        return whole
 
     async def _stream(self, conn: HttpConnection, whole_file: bool, request: FetchRequest, sink: PieceSink) -> int:
         """Read the body from file offset ``pos``, handing whole pieces to the sink.
@@ -486,7 +502,7 @@ class MirrorSource:
                                 # One look per request: grow concurrency early on a rate-limited
                                 # mirror instead of waiting for 64 MiB requests to finish.
                                 judged = True
-                                if self.score.on_slow_connection(received / (now - t_start)):
+                                if self.score.on_slow_connection(received / (now - t_start), self._others_healthy()):
                                     sink.wake()
                     if pos < cur.offset:
                         pos += filled

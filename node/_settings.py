@@ -104,6 +104,10 @@ KEYS: tuple[Key, ...] = (
         "--max-connections", ("fetch",), minimum=1),
     Key("mirrors.stall_timeout", "float", 20.0, "seconds without progress before a request is given up",
         "stall_timeout", "--stall-timeout", ("fetch",), minimum=0.1),
+    Key("mirrors.rtt_threshold", "float", 0.2, "seconds to a response head above which a mirror is degraded",
+        "mirror_rtt_threshold", "--mirror-rtt-threshold", ("fetch",), minimum=0.001),
+    Key("mirrors.error_threshold", "float", 0.05, "error rate above which a mirror is degraded",
+        "mirror_error_threshold", "--mirror-error-threshold", ("fetch",), minimum=0.0),
     Key("trust.keys", "paths", [], "trusted publisher public keys (DATA_DIR/trust/*.pub are trusted too)",
         "trust", "--trust", _TRUSTERS, env=("AUTOGLM_TRUST",)),
     Key("trust.roots", "paths", [], "trusted root CAs for X.509 publishers", "root", "--root", _TRUSTERS),
@@ -111,6 +115,18 @@ KEYS: tuple[Key, ...] = (
         "spiffe_id", "--spiffe-id", _TRUSTERS),
     Key("join.seed", "seeds", [], "manifests (paths or URLs) the node holds and serves", "seed", "--seed", ("join",)),
     Key("join.out", "path", None, "where seeded models go (default DATA_DIR/models)", "out", "--out", ("join",)),
+    Key("join.verify", "bool", False, "run the sandbox gate on each seeded model once it is complete",
+        "verify", "--verify", ("join",)),
+    Key("join.follow", "list", [], "names whose newest signed version the node keeps current",
+        "follow", "--follow", ("join",)),
+    Key("join.follow_keep", "int", 2, "earlier versions kept for rollback by a followed name",
+        "follow_keep", "--follow-keep", ("join",), minimum=0),
+    Key("join.follow_interval", "float", 60.0, "longest wait in seconds between two polls of a followed name",
+        "follow_interval", "--follow-interval", ("join",), minimum=1.0),
+    Key("hub.endpoints", "urls", [], "the gateway's upstream Hub endpoints besides HF_ENDPOINT (all must agree)",
+        "endpoint", "--endpoint", ("join",)),
+    Key("hub.manifests", "paths", [], "publish hf:// manifests (or folders of them) the gateway takes from the swarm",
+        "hf_manifest", "--hf-manifest", ("join",)),
 )
 
 _BY_NAME = {k.name: k for k in KEYS}
@@ -285,6 +301,10 @@ def _headers(raw: object) -> dict[str, str]:
 def _check(key: Key, raw: object, base: Path) -> Any:
     """A file value as a Python value (ValueError says what is wrong)."""
     kind = key.kind
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise ValueError(f"must be true or false, got {_type_name(raw)}")
+        return raw
     if kind in ("int", "float"):
         ok = isinstance(raw, int) if kind == "int" else isinstance(raw, int | float)
         if not ok or isinstance(raw, bool):

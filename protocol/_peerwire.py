@@ -24,6 +24,7 @@ most :data:`MAX_HEADER_FRAME` bytes.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -294,17 +295,21 @@ class PeerwireClient:
             data = _decompress_piece(raw, p.length)
         return PieceReceived(hdr.req_id, p.manifest_id, p.index, data, hdr.length)
 
-    def start_body_into(self) -> tuple[bytearray, int] | None:
+    def start_body_into(self, alloc: Callable[[int], bytearray] = bytearray) -> tuple[bytearray, int] | None:
         """Zero-copy receive of a raw payload: the buffer to fill and how much of it is filled.
 
         Only while a raw (uncompressed) payload is owed. The caller fills the
         rest of the buffer straight from the socket (``recv_into``) and then
         calls :meth:`body_filled`; no other bytes may be fed in between.
+        ``alloc(n)`` makes the buffer (the IO layer may skip zero-filling
+        memory it overwrites anyway).
         """
         if self._body is None or self._body[0].codec is not Codec.RAW:
             return None
         hdr = self._body[0]
-        buf = bytearray(hdr.length)
+        buf = alloc(hdr.length)
+        if len(buf) != hdr.length:
+            raise LocalProtocolError(f"alloc({hdr.length}) returned {len(buf)} bytes")
         have = self._decoder.take_buffered(hdr.length)
         buf[: len(have)] = have
         self._into = buf

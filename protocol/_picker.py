@@ -35,6 +35,11 @@ mirrors (every piece) or local copies (a fixed set). The rules, in order:
    only when protocol/_ownership.py says this node owns it or its owner is
    stale. :meth:`next_deadline` says when a stale owner's pieces become
    pickable, so the caller knows when to pick again.
+6. Streaming (``stream_window`` set, for a reader that waits on the files,
+   such as the Hub gateway): peers take the pieces of each file's readahead
+   window first, nearest to the file's first missing piece, before rarest
+   first; mirror runs start from the front of the files instead of the
+   first-copy rank order, within the same ownership (protocol/_stream.py).
 
 Time is a parameter: ``pick(..., now)`` records the request time so endgame
 duplicates the piece that has waited longest.
@@ -50,6 +55,7 @@ from ._availability import Availability
 from ._ownership import MAX_PEER_CLAIMS, FirstCopy
 from ._requests import InFlight
 from ._runs import MirrorRuns
+from ._stream import StreamOrder
 
 __all__ = ["LOCAL", "MAX_PEER_CLAIMS", "MIRROR", "PEER", "PieceState", "PiecePicker", "SourceKind"]
 
@@ -100,8 +106,10 @@ class PiecePicker:
         me: str | None = None,
         owner_timeout: float = 20.0,
         endgame_delay: float = 0.0,
+        stream_window: int | None = None,
     ) -> None:
         self._sizes = list(sizes)
+        file_starts = list(file_starts)
         n = len(self._sizes)
         self._state = [PieceState.NONE] * n
         self._wanted = [True] * n if wanted is None else [False] * n
@@ -116,7 +124,11 @@ class PiecePicker:
         self._remaining = sum(1 for i in range(n) if self._wanted[i] and self._state[i] != PieceState.DONE)
         #: First-copy spreading (None: every piece is ours to fetch).
         self.first_copy = None if me is None else FirstCopy(me, self._sizes, owner_timeout)
+        #: Streaming order (rule 6; None: off).
+        self.stream = None if stream_window is None else StreamOrder(self._sizes, file_starts, stream_window)
         order = list(range(n)) if self.first_copy is None else self.first_copy.run_order
+        if self.stream is not None:
+            order = self.stream.mirror_order(order)
         self._runs = MirrorRuns(self._sizes, file_starts, order, mirror_overlap_budget)
 
     # -- queries ---------------------------------------------------------
@@ -272,7 +284,9 @@ class PiecePicker:
         if src.kind is MIRROR:
             picked = self._pick_run(src, max_bytes, now)
         else:
-            picked = self._avail.rarest(src.have, src.failed, self._sizes, max_bytes)
+            picked = [] if self.stream is None else self.stream.pick(
+                self._needs_nothing, lambda i: self._pickable(src, i), max_bytes)
+            picked = picked or self._avail.rarest(src.have, src.failed, self._sizes, max_bytes)
         if not picked and not self._avail.any_open():
             picked = self._pick_endgame(source_id, src, now)
         for i in picked:
@@ -296,6 +310,9 @@ class PiecePicker:
             return False
         self._mark_requested(source_id, src, index, now)
         return True
+
+    def _needs_nothing(self, i: int) -> bool:
+        return not self._wanted[i] or self._state[i] == PieceState.DONE
 
     def _pickable(self, src: _Source, i: int) -> bool:
         return self._wanted[i] and self._state[i] == PieceState.NONE and src.has(i) and i not in src.failed

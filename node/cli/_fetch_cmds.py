@@ -47,6 +47,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--connections", type=int, default=4, metavar="N", help="initial connections per mirror (adapts up to --max-connections)")
     p.add_argument("--max-connections", type=int, default=16, metavar="N")
     p.add_argument("--stall-timeout", type=float, default=20.0, metavar="SECONDS", help="give up on a request with no progress for this long")
+    p.add_argument("--mirror-rtt-threshold", type=float, default=0.2, metavar="SECONDS",
+                   help="a mirror slower than this to answer is degraded: its work moves to a healthy mirror")
+    p.add_argument("--mirror-error-threshold", type=float, default=0.05, metavar="FRACTION",
+                   help="a mirror with more errors than this is degraded")
     p.add_argument("--check-sha256", action="store_true", help="also re-read each finished file and check its SHA-256")
     p.add_argument("--no-space-check", action="store_true", help="skip the free-space preflight (not recommended)")
     p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
@@ -119,6 +123,8 @@ def _plan_wire(args: argparse.Namespace, files: list[str] | None) -> dict[str, A
             "initial_connections": args.connections,
             "max_connections": max(args.connections, args.max_connections),
             "stall_timeout": args.stall_timeout,
+            "rtt_threshold": args.mirror_rtt_threshold,
+            "error_threshold": args.mirror_error_threshold,
         },
         "options": {"check_space": not args.no_space_check, "check_sha256": args.check_sha256},
         "files": files,

@@ -31,6 +31,10 @@ COMMANDS = {
     "verify": "_verify_cmds", "doctor": "_verify_cmds", "serve-mirror": "_mirror_cmds",
     "config": "_config_cmds", "trust": "_trust_cmds",
 }
+# Commands that turn the garbage collector back on themselves once started
+# (node/_startup.py: `join` once it listens); every other command gets it back
+# before it runs.
+_RESUMES_GC = frozenset({"join"})
 # Global options that take a value (skipped when looking for the command word).
 _VALUE_OPTIONS = ("--data-dir", "--config", "--log-format")
 
@@ -241,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(exc)
     settings = args.settings
     _setup_logging(settings["log_level"].value, settings["log_format"].value, args.verbose, args)
+    if command not in _RESUMES_GC:
+        from autoglm.node._startup import resume
+
+        resume()
     try:
         rc: int = args.func(args)
     except KeyboardInterrupt:
@@ -253,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _entry() -> None:  # pragma: no cover
     from autoglm.node._malloc import tune
+    from autoglm.node._startup import pause
 
+    pause()
     tune()
     sys.exit(main())

@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "piece transfers are then sealed with ChaCha20-Poly1305 and need the same key")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus /metrics, /healthz and /livez here (e.g. 127.0.0.1:9464; keep it on loopback)")
+    p.add_argument("--verify", action="store_true",
+                   help="run the sandbox gate (as `verify` does) on each --seed model once it is complete; "
+                   "verdicts are printed and counted in autoglm_sandbox_verdicts_total")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout")
     g = p.add_argument_group("Hugging Face gateway (docs/huggingface.md)")
     g.add_argument("--hf-gateway", metavar="HOST:PORT",
@@ -140,6 +143,31 @@ async def _seed(node: SwarmNode, args: argparse.Namespace, index: int, manifest:
     _say(args, "complete", f"verified {result.out_dir} ({human_bytes(result.bytes_total)} in {result.seconds:.1f}s); serving it",
          manifest_id=result.manifest_id.hex(), out_dir=result.out_dir, bytes_total=result.bytes_total,
          bytes_by_source=result.bytes_by_source, seconds=round(result.seconds, 3))
+    if args.verify:
+        await _gate(node, args, Path(result.out_dir))
+
+
+async def _gate(node: SwarmNode, args: argparse.Namespace, out_dir: Path) -> None:
+    """The sandbox gate over a held model, off the event loop; each verdict counted in the node's metrics."""
+    import trio
+
+    from autoglm.node._gate import VerdictCache, verify_tree
+
+    cache = VerdictCache.in_data_dir(args.data_dir)
+    try:
+        results = await trio.to_thread.run_sync(lambda: verify_tree(out_dir, cache=cache))
+    finally:
+        cache.close()
+    refused = [(p, v) for p, v in results if v.status != "ok"]
+    if node.metrics is not None:
+        for _, v in results:
+            node.metrics.observe_verdict(v.kind, v.status)
+    for path, v in refused:
+        log.warning("sandbox refused %s (%s): %s", path, v.kind, v.reason)
+    text = (f"sandbox: {len(results)} files ok" if not refused
+            else f"[red]sandbox refused {len(refused)} of {len(results)} files[/] in {out_dir}")
+    _say(args, "verified", text, out_dir=str(out_dir), files=len(results),
+         refused=[{"file": str(p.relative_to(out_dir)), "kind": v.kind, "reason": v.reason} for p, v in refused])
 
 
 def _reload(node: SwarmNode, args: argparse.Namespace) -> None:
@@ -210,10 +238,15 @@ def _gateway_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    import os
+    import time
+
     import trio
 
     from autoglm.node._engine import collapse_group
     from autoglm.node._metrics import parse_hostport
+    from autoglm.node._sdnotify import notify
+    from autoglm.node._startup import resume as resume_gc
     from autoglm.node._swarm_node import JoinConfig, open_swarm_node
     from autoglm.node.swarm import Announced, PeerBanned, SwarmConfig, SwarmEvent
 
@@ -267,6 +300,9 @@ def cmd_join(args: argparse.Namespace) -> int:
                 node.trust = trust_from_args(args)
                 _say(args, "ready", addrs[0] if addrs else "(no listen address)", addrs=addrs,
                      peer_id=node.p2p.peer_id, peerwire=node.swarm.status()["peerwire"], metrics=metrics, **extra)
+                resume_gc()  # start-up is over (node/_startup.py)
+                # Type=notify units: started once the node listens (no-op without NOTIFY_SOCKET).
+                notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=listening on {addrs[0] if addrs else '-'}")
                 if gateway is not None:
                     url = extra["hf_gateway"]
                     _say(args, "hf-gateway", f"Hugging Face gateway: HF_ENDPOINT={url} (upstream {', '.join(gateway.endpoints)}; "
@@ -282,8 +318,11 @@ def cmd_join(args: argparse.Namespace) -> int:
                         await nursery.start(follow, node, cfg)
                 async for sig in signals:
                     if sig == signal.SIGHUP:
+                        notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
                         _reload(node, args)
+                        notify("READY=1")
                         continue
+                    notify("STOPPING=1")
                     # Running fetches get SHUTDOWN_GRACE seconds to finish their pieces;
                     # verified pieces are durable either way (a restart resumes).
                     _say(args, "stopping", f"stopping (up to {SHUTDOWN_GRACE:.0f} s for running fetches)",

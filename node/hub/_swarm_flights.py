@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from autoglm.node._engine import collapse_group
+from autoglm.node._engine import FetchOptions, collapse_group
 from autoglm.node._manifests import check_manifest, load_signed_manifest
 from autoglm.node._plan import FetchPlan
 from autoglm.node._progress import Event, FileDone, PieceVerified
@@ -164,8 +164,10 @@ class SwarmFlights:
         own = [mirror_base(ep, prov.repo, prov.commit) for ep in self.endpoints]
         mirrors += [m for m in own if m not in mirrors]
         headers = {m: {"Authorization": f"Bearer {self._token}"} for m in own} if self._token else {}
+        # Clients wait on these files and are served the front of each as it
+        # grows: the streaming order (picker rule 6) fetches the fronts first.
         return FetchPlan(hm.signed, files_dir(self.cache_dir, prov), self.trust, mirrors=tuple(mirrors),
-                         mirror_headers=headers, files=tuple(sorted(run.wanted)))
+                         mirror_headers=headers, files=tuple(sorted(run.wanted)), options=FetchOptions(stream=True))
 
     async def _hold(self, run: _Run, batch: dict[str, tuple[Flight, HubFile, RepoSnapshot]]) -> None:
         m = run.manifest.signed.manifest
@@ -177,6 +179,7 @@ class SwarmFlights:
             first[e.path] = (fi, n)
             n += len(e.pieces)
         send, recv = trio.open_memory_channel[Event](256)
+        t0 = trio.current_time()
 
         async def follow() -> None:
             async with recv:
@@ -186,8 +189,15 @@ class SwarmFlights:
                         fi, start = first[ev.path]
                         if not fl.places:
                             fl.places = [_staging_dir(out, ev.manifest_id) / f"{fi}.part", out / ev.path]
+                        streamable = fl.ready
                         fl.piece_recorded(ev.index - start)
+                        half = fl.file.size // 2
+                        if (not streamable and fl.ready) or streamable < half <= fl.ready < fl.file.size:
+                            log.info("gateway: %s: first %d byte(s) streamable %.2fs into the swarm fetch (%d of %d pieces)",
+                                     ev.path, fl.ready, trio.current_time() - t0, len(fl.recorded), len(fl.pieces))
                     elif isinstance(ev, FileDone) and ev.path in batch:
+                        log.info("gateway: %s: every piece verified %.2fs into the swarm fetch", ev.path,
+                                 trio.current_time() - t0)
                         await self._complete(out, *batch[ev.path])
 
         log.info("gateway: %s@%s: %d file(s) from the swarm (%s)", run.manifest.provenance.repo,

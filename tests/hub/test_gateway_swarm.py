@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import urllib.request
@@ -22,6 +23,8 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import save
+
+from tests.fetch.faultserver import FaultServer
 
 from .conftest import REPO, Hub, clean_env, model_files, run_cli, run_py, tree
 
@@ -161,3 +164,82 @@ async def test_a_manifest_the_node_is_already_fetching_is_served_through_the_hub
     assert Path(path).read_bytes() == files[BIN]  # noqa: ASYNC240
     assert Path(path).parent.name == commit
     assert "already fetching" in log, log[-3000:]
+
+
+class PacedCdn(FaultServer):
+    """A slow upstream: one answer at a time, in the order asked (a fair lock), each 256 KiB ``pace`` seconds apart.
+
+    So the bytes it sent before some range is what the node asked for first.
+    """
+
+    pace = 0.0
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.one_at_a_time = trio.Lock()
+
+    async def _respond(self, stream: trio.SocketStream, method: str, target: str, headers: dict[str, str],
+                       reused: bool = False) -> bool:
+        async with self.one_at_a_time:
+            return await super()._respond(stream, method, target, headers, reused)
+
+    async def _send_body(self, stream: trio.SocketStream, rel: str, data: bytes) -> None:
+        step = 256 << 10
+        for i in range(0, len(data), step):
+            await super()._send_body(stream, rel, data[i : i + step])
+            if self.pace:
+                await trio.sleep(self.pace)
+
+
+async def test_a_swarm_flight_streams_the_front_of_the_file_while_the_fetch_runs(tmp_path: Path) -> None:
+    """The gateway's swarm fetch follows the streaming order (picker rule 6): the client gets the first bytes of a
+    big file when the upstream has sent little of it, and the node logs the file's first streamable bytes well
+    before every piece is verified. (In the first-copy rank order the node asks for the front at a random point:
+    the first MiB came after 25-33 of the 32 MiB in about half the runs; tests/protocol/test_stream_order.py pins
+    the order itself.)"""
+    from tests.swarm.harness import processes, start_node
+
+    from .hubserver import HubServer
+    from .test_gateway import http
+
+    root = tmp_path / "pacedroot"
+    cdn = PacedCdn(root)
+    server = HubServer(root, cdn=cdn)
+    data = np.random.default_rng(11).bytes(32 << 20)
+    files = {"config.json": b'{"model_type": "paced"}', BIN: data}
+    repo = "acme/paced"
+    server.add_commit(repo, files)
+    obj = "objects/" + hashlib.sha256(data).hexdigest()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cdn.serve)
+        await nursery.start(server.serve)
+        url = f"http://127.0.0.1:{server.port}"
+        env = clean_env(tmp_path, HF_ENDPOINT=url)
+        await run_cli(["--data-dir", str(tmp_path / "pub"), "keygen", "--out", str(tmp_path / "key")], env)
+        await run_cli(["--data-dir", str(tmp_path / "pub"), "publish", f"hf://{repo}@main", "--key", str(tmp_path / "key"),
+                       "--cache-dir", str(tmp_path / "pubcache"), "--out", str(tmp_path / "m.agm"), "--max-piece", "1MiB",
+                       "--json"], env)
+        pub = {"manifest": tmp_path / "m.agm", "key": tmp_path / "key.pub"}
+        cdn.pace = 0.05  # 5 MiB/s: the fetch takes seconds
+        with processes() as procs:
+            n = await trio.to_thread.run_sync(lambda: start_node(
+                procs, tmp_path, "n", pub, seed=False, env=clean_env(tmp_path / "node", HF_ENDPOINT=url),
+                extra=["--hf-gateway", "127.0.0.1:0", "--hf-manifest", str(pub["manifest"])]))
+            gw = (await trio.to_thread.run_sync(n.event, "ready", 10))["hf_gateway"]
+            sent_before = cdn.stats.by_path.get(obj, 0)
+            st, h, head = await http(f"{gw}/{repo}/resolve/main/{BIN}", read_until=1 << 20)
+            sent_at_head = cdn.stats.by_path.get(obj, 0) - sent_before
+            assert st == 200 and h["content-length"] == str(len(data))
+            assert head[: 1 << 20] == data[: 1 << 20]
+            # The node's first requests cover the front (it opens 4 connections at once, served in the order they came).
+            assert sent_at_head < len(data) * 3 // 4, (f"the first MiB came after {sent_at_head} of {len(data)} bytes",
+                                                      cdn.stats.log)
+            st, _, body = await http(f"{gw}/{repo}/resolve/main/{BIN}")
+            assert st == 200 and body == data
+
+            log = n.stderr_tail(200_000)
+        nursery.cancel_scope.cancel()
+    first = re.search(rf"{re.escape(BIN)}: first \d+ byte\(s\) streamable ([\d.]+)s", log)
+    every = re.search(rf"{re.escape(BIN)}: every piece verified ([\d.]+)s", log)
+    assert first is not None and every is not None, log[-3000:]
+    assert float(first.group(1)) < float(every.group(1)), (first.group(0), every.group(0))

@@ -171,6 +171,8 @@ async def test_trust_from_the_environment(published: Published, server: FaultSer
         ('[trust]\nkeys = "a.pub"\n', 2, ["trust.keys", "must be an array of strings"]),
         ('[network]\nup_rate = "fast"\n', 2, ["not a size"]),
         ('data_dir = \n', 1, ["not valid TOML", "line 1"]),
+        ('[join]\nverify = "yes"\n', 2, ["join.verify", "must be true or false, got a string"]),
+        ('[join]\nfollow_interval = 0\n', 2, ["join.follow_interval", "must be at least 1"]),
     ],
 )
 async def test_a_bad_file_is_a_config_error_with_its_line(tmp_path: Path, text: str, line: int, words: list[str]) -> None:
@@ -211,6 +213,28 @@ async def test_the_user_config_location_is_read(tmp_path: Path) -> None:
     p = await run({**env, "AUTOGLM_DATA_DIR": str(tmp_path / "y")}, "config", "show", "--json")
     assert json.loads(p.stdout)["settings"]["data_dir"] == {
         "value": str(tmp_path / "y"), "source": "env", "where": "AUTOGLM_DATA_DIR", "reserved": False}
+
+
+async def test_join_follow_verify_and_gateway_keys_come_from_the_file(tmp_path: Path) -> None:
+    """The keys an operator sets once for a following, verifying gateway node reach `join`'s flags."""
+    from autoglm.node.cli._main import _apply_settings, _managed_actions, build_parser
+
+    conf = tmp_path / "c.toml"
+    (tmp_path / "m").mkdir()
+    conf.write_text('[join]\nverify = true\nfollow = ["a", "b"]\nfollow_keep = 3\nfollow_interval = 30\n'
+                    '[hub]\nendpoints = ["http://127.0.0.1:9/"]\nmanifests = ["m"]\n')
+    parser = build_parser("join")
+    actions = _managed_actions(parser, "join")
+    args = parser.parse_args(["--config", str(conf), "join", "--follow-keep", "5"])
+    args.data_dir = None
+    _apply_settings(args, actions)
+    assert args.verify is True and args.follow == ["a", "b"] and args.follow_interval == 30.0
+    assert args.follow_keep == 5  # the flag beats the file
+    assert args.endpoint == ["http://127.0.0.1:9/"] and args.hf_manifest == [tmp_path / "m"]
+    p = await run(_env(tmp_path, AUTOGLM_NODE_CONFIG=str(conf)), "config", "show", "--json")
+    s = json.loads(p.stdout)["settings"]
+    assert s["join.verify"]["value"] is True and s["join.verify"]["where"] == f"{conf}:2"
+    assert s["join.follow_keep"]["source"] == "file"
 
 
 async def test_config_show_text_redacts_header_values(tmp_path: Path) -> None:

@@ -67,7 +67,7 @@ def test_systemd_analyze_security(unit_here: Path) -> None:
 
 def test_unit_hardening_and_command() -> None:
     s = _unit_settings()
-    for key, value in {"Type": "simple", "DynamicUser": "yes", "ProtectSystem": "strict", "NoNewPrivileges": "yes",
+    for key, value in {"Type": "notify", "NotifyAccess": "main", "DynamicUser": "yes", "ProtectSystem": "strict", "NoNewPrivileges": "yes",
                        "StateDirectory": "autoglm-node", "ProtectHome": "yes", "PrivateTmp": "yes"}.items():
         assert s.get(key) == [value], key
     assert set(s["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}

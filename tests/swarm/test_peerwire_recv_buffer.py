@@ -1,0 +1,65 @@
+"""The piece channel's receive buffer: the IO layer allocates it without zero-filling,
+and the protocol still hands out only buffers that the payload filled completely."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from autoglm.node._peerwire import _uninitialised
+from autoglm.protocol import LocalProtocolError
+from autoglm.protocol._frames import NEED_DATA
+from autoglm.protocol._peerwire import Codec, PeerwireClient, PeerwireServer, PieceReceived, Welcome
+
+MID = b"\x01" * 32
+PIECE = os.urandom(300_000)
+
+
+def _owed_payload(split: int) -> tuple[PeerwireClient, bytes, int]:
+    cli, srv = PeerwireClient(), PeerwireServer()
+    srv.receive_data(cli.auth(b"k" * 32) + cli.request(1, MID, 0, len(PIECE), accept_zstd=False))
+    while srv.next_event() is not NEED_DATA:
+        pass
+    cli.receive_data(srv.accept())
+    assert cli.next_event() == Welcome()
+    wire = srv.piece_header(1, Codec.RAW, len(PIECE)) + PIECE
+    head = len(wire) - len(PIECE)
+    cli.receive_data(wire[: head + split])
+    assert cli.next_event() is NEED_DATA
+    return cli, wire, head
+
+
+def test_uninitialised_buffers_are_writable_bytearrays_of_the_size_asked() -> None:
+    for n in (0, 1, 4096, 8 << 20):
+        b = _uninitialised(n)
+        assert type(b) is bytearray and len(b) == n
+        b[-1:] = b"x" if n else b""
+    with pytest.raises(MemoryError):
+        _uninitialised(1 << 62)
+
+
+@pytest.mark.parametrize("split", [0, 1, 4097])
+def test_body_into_with_the_uninitialised_allocator(split: int) -> None:
+    cli, wire, head = _owed_payload(split)
+    asked: list[int] = []
+
+    def alloc(n: int) -> bytearray:
+        asked.append(n)
+        b = _uninitialised(n)
+        b[:] = b"\xaa" * n  # whatever the heap held: the payload must overwrite all of it
+        return b
+
+    started = cli.start_body_into(alloc)
+    assert started is not None and asked == [len(PIECE)]
+    buf, filled = started
+    assert filled == split and bytes(buf[:split]) == PIECE[:split]
+    buf[filled:] = wire[head + split :]
+    assert cli.body_filled() == PieceReceived(1, MID, 0, bytearray(PIECE), len(PIECE))
+
+
+def test_an_allocator_of_the_wrong_size_is_refused() -> None:
+    cli, _, _ = _owed_payload(10)
+    with pytest.raises(LocalProtocolError):
+        cli.start_body_into(lambda n: bytearray(n - 1))
+
