@@ -173,8 +173,13 @@ def fsync_dir(path: Path) -> None:
 
 def in_use(staging: Path) -> bool:
     """Whether a running fetch holds this staging directory's lock."""
+    return is_locked(staging / ".lock")
+
+
+def is_locked(lock_file: Path) -> bool:
+    """Whether another process holds an exclusive flock on ``lock_file`` (a missing file: no)."""
     try:
-        fd = os.open(staging / ".lock", os.O_RDWR)
+        fd = os.open(lock_file, os.O_RDWR)
     except OSError:
         return False
     try:

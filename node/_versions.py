@@ -242,19 +242,9 @@ class VersionSet:
             os.close(fd)
 
     def busy(self) -> bool:
-        import fcntl
+        from autoglm.node._staging import is_locked
 
-        try:
-            fd = os.open(self.root / _LOCK, os.O_RDWR)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return is_locked(self.root / _LOCK)
 
 
 # -- the roots gc knows about -----------------------------------------------------
