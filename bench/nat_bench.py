@@ -55,6 +55,7 @@ from _harness import (  # noqa: E402
 )
 
 PUB_NET, PRIV_NET = "11.77.0", "10.78.0"
+PUB2_NET, PRIV2_NET = "11.79.0", "10.79.0"  # the second NAT's outside link and its private segment
 
 
 def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -76,6 +77,7 @@ class NatNet:
     """The three namespaces and their links. ``up()``, then ``down()`` (registered for cleanup)."""
 
     prefix: str = "nat"
+    segments: int = 1  # NATed segments: 1, or 2 (PREFIX-gw2 and PREFIX-priv2, docs/nat.md)
     made: list[str] = field(default_factory=list)
 
     @property
@@ -90,12 +92,20 @@ class NatNet:
     def priv(self) -> str:
         return f"{self.prefix}-priv"
 
+    @property
+    def gw2(self) -> str:
+        return f"{self.prefix}-gw2"
+
+    @property
+    def priv2(self) -> str:
+        return f"{self.prefix}-priv2"
+
     def ns(self, ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return _sh("ip", "netns", "exec", ns, *argv, check=check)
 
     def up(self) -> NatNet:
         on_cleanup(self.down)
-        for ns in (self.pub, self.gw, self.priv):
+        for ns in (self.pub, self.gw, self.priv, *((self.gw2, self.priv2) if self.segments > 1 else ())):
             _sh("ip", "netns", "del", ns, check=False)
             _sh("ip", "netns", "add", ns)
             self.made.append(ns)
@@ -121,14 +131,41 @@ class NatNet:
         self.ns(self.gw, *ipt, "-A", "FORWARD", "-i", f"{p}-gwo", "-o", f"{p}-gwi", "-m", "conntrack",
                 "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
         self.ns(self.gw, *ipt, "-A", "FORWARD", "-i", f"{p}-gwo", "-o", f"{p}-gwi", "-j", "DROP")
+        if self.segments > 1:
+            self._second_nat()
         return self
+
+    def _second_nat(self) -> None:
+        """PREFIX-gw2 on its own outside link 11.79.0.0/24 (the public namespace routes between the two)."""
+        p = self.prefix
+        _sh("ip", "link", "add", f"{p}-g2o", "netns", self.gw2, "type", "veth", "peer", "name", f"{p}-pub2", "netns", self.pub)
+        _sh("ip", "link", "add", f"{p}-g2i", "netns", self.gw2, "type", "veth", "peer", "name", f"{p}-prv2", "netns", self.priv2)
+        self.ns(self.pub, "ip", "addr", "add", f"{PUB2_NET}.2/24", "dev", f"{p}-pub2")
+        self.ns(self.pub, "ip", "link", "set", f"{p}-pub2", "up")
+        self.ns(self.pub, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        self.ns(self.gw2, "ip", "addr", "add", f"{PUB2_NET}.1/24", "dev", f"{p}-g2o")
+        self.ns(self.gw2, "ip", "addr", "add", f"{PRIV2_NET}.1/24", "dev", f"{p}-g2i")
+        self.ns(self.gw2, "ip", "link", "set", f"{p}-g2o", "up")
+        self.ns(self.gw2, "ip", "link", "set", f"{p}-g2i", "up")
+        self.ns(self.priv2, "ip", "addr", "add", f"{PRIV2_NET}.2/24", "dev", f"{p}-prv2")
+        self.ns(self.priv2, "ip", "link", "set", f"{p}-prv2", "up")
+        self.ns(self.priv2, "ip", "route", "add", "default", "via", f"{PRIV2_NET}.1")
+        # Each NAT reaches the other's outside address through the public namespace.
+        self.ns(self.gw, "ip", "route", "add", "default", "via", f"{PUB_NET}.2")
+        self.ns(self.gw2, "ip", "route", "add", "default", "via", f"{PUB2_NET}.2")
+        self.ns(self.gw2, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        ipt = ("iptables", "-w", "5")
+        self.ns(self.gw2, *ipt, "-t", "nat", "-A", "POSTROUTING", "-s", f"{PRIV2_NET}.0/24", "-o", f"{p}-g2o", "-j", "MASQUERADE")
+        self.ns(self.gw2, *ipt, "-A", "FORWARD", "-i", f"{p}-g2o", "-o", f"{p}-g2i", "-m", "conntrack",
+                "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+        self.ns(self.gw2, *ipt, "-A", "FORWARD", "-i", f"{p}-g2o", "-o", f"{p}-g2i", "-j", "DROP")
 
     def down(self) -> None:
         while self.made:
             _sh("ip", "netns", "del", self.made.pop(), check=False)
 
-    def check(self) -> str | None:
-        """None if the NAT works: private reaches public (seen as the NAT's address), public never reaches private."""
+    def probe(self, listen_ns: str, host: str, dial_ns: str) -> str:
+        """Listen on ``host`` in ``listen_ns``, dial it from ``dial_ns``: 'from IP' (as seen by the listener) or 'none'."""
         probe = (
             "import socket,sys\n"
             "s=socket.socket();s.settimeout(2)\n"
@@ -142,24 +179,29 @@ class NatNet:
             "try:\n c,a=l.accept();print('from',a[0],flush=True)\n"
             "except OSError:print('none',flush=True)\n"
         )
-        results = []
-        for listen_ns, host, dial_ns in ((self.pub, f"{PUB_NET}.3", self.priv), (self.priv, f"{PRIV_NET}.2", self.pub)):
-            srv = subprocess.Popen(["ip", "netns", "exec", listen_ns, sys.executable, "-c", accept, host],
-                                   stdout=subprocess.PIPE, text=True)
-            try:
-                assert srv.stdout is not None
-                srv.stdout.readline()
-                self.ns(dial_ns, sys.executable, "-c", probe, host, "7999", check=False)
-                out, _ = srv.communicate(timeout=10)
-            finally:
-                if srv.poll() is None:
-                    srv.kill()
-                    srv.wait()
-            results.append(out.strip())
-        if results[0] != f"from {PUB_NET}.1":
-            return f"private -> public should arrive from the NAT's {PUB_NET}.1: {results[0]!r}"
-        if results[1] != "none":
-            return f"public -> private must fail behind the NAT: {results[1]!r}"
+        srv = subprocess.Popen(["ip", "netns", "exec", listen_ns, sys.executable, "-c", accept, host],
+                               stdout=subprocess.PIPE, text=True)
+        try:
+            assert srv.stdout is not None
+            srv.stdout.readline()
+            self.ns(dial_ns, sys.executable, "-c", probe, host, "7999", check=False)
+            out, _ = srv.communicate(timeout=10)
+        finally:
+            if srv.poll() is None:
+                srv.kill()
+                srv.wait()
+        return out.strip()
+
+    def check(self) -> str | None:
+        """None if the NATs work: private reaches public (seen as its NAT's address), nothing reaches a private segment."""
+        want = [(self.pub, f"{PUB_NET}.3", self.priv, f"from {PUB_NET}.1"), (self.priv, f"{PRIV_NET}.2", self.pub, "none")]
+        if self.segments > 1:
+            want += [(self.pub, f"{PUB_NET}.3", self.priv2, f"from {PUB2_NET}.1"), (self.priv2, f"{PRIV2_NET}.2", self.pub, "none"),
+                     (self.priv2, f"{PRIV2_NET}.2", self.priv, "none"), (self.priv, f"{PRIV_NET}.2", self.priv2, "none")]
+        for listen_ns, host, dial_ns, expected in want:
+            got = self.probe(listen_ns, host, dial_ns)
+            if got != expected:
+                return f"{dial_ns} -> {host} in {listen_ns}: expected {expected!r}, got {got!r}"
         return None
 
 
@@ -225,7 +267,7 @@ class Node:
 def _paths(st: dict[str, Any]) -> dict[str, Any]:
     swarm = st.get("swarm", st)
     found = swarm.get("peerwire_paths") if isinstance(swarm, dict) else None
-    return found or {"connections": {}, "bytes": {}, "failed": {}, "served_by_reverse_dial": 0}
+    return found or {"connections": {}, "bytes": {}, "failed": {}, "served_by_reverse_dial": 0, "served_relayed": 0}
 
 
 def _same_tree(a: Path, b: Path) -> bool:
@@ -295,6 +337,65 @@ def run_scenario(net: NatNet, model: Any, work: Path, timeout: float = 300.0, le
             res.identical[f"leech{i}"] = _same_tree(model.dir, work / f"leech{i}-out")
         res.rows.append({"phase": "(NATed node, serving)", "node": "natted", "seconds": None, "by_source": {},
                          "paths": _paths(natted.status()), "status": natted.status()})
+    finally:
+        for n in reversed(nodes):
+            n.stop()
+        if mirror is not None:
+            PROCS.stop(mirror)
+    return res
+
+
+def run_two_nats(net: NatNet, model: Any, work: Path, timeout: float = 300.0, public_leech: bool = True) -> NatRun:
+    """Two NATed segments (``NatNet(segments=2)``): pieces between two NATed nodes go through a relay.
+
+    1. the relay (``join --relay``, also everyone's bootstrap peer) starts on the public segment;
+    2. NATed node A fetches the model from an HTTP mirror on the public segment, which then stops;
+    3. NATed node B, behind the other NAT, fetches with A the only holder: neither can dial the
+       other nor be dialled back, so the session and every piece go through the relay;
+    4. (``public_leech``) a public node fetches with A and B holding: reverse-dialled connections.
+    """
+    trust = ["--trust", str(model.pub)]
+    man = str(model.manifest)
+    res = NatRun()
+    nodes: list[Node] = []
+    mirror: subprocess.Popen[Any] | None = None
+
+    def fetch(node: Node, phase: str) -> None:
+        res.peer_ids[node.name] = node.wait("ready", 60)["peer_id"]
+        t0 = time.monotonic()
+        done = node.wait("complete", timeout)
+        res.rows.append({"phase": phase, "node": node.name, "seconds": time.monotonic() - t0, "fetch_s": done.get("seconds"),
+                         "by_source": done.get("bytes_by_source", {}), "paths": _paths(node.status())})
+        res.identical[node.name] = _same_tree(model.dir, work / f"{node.name}-out")
+
+    try:
+        relay = Node("relay", net.pub, f"{PUB_NET}.2", work / "relay", ["--relay"])
+        nodes.append(relay)
+        baddr = relay.wait("ready", 60)["addrs"][0]
+        res.peer_ids["relay"] = relay.wait("ready", 1)["peer_id"]
+        mirror = PROCS.start(["ip", "netns", "exec", net.pub, *autoglm_cmd(), "--data-dir", str(work / "mirror"),
+                              "serve-mirror", "--listen", f"{PUB_NET}.6:8080", str(model.dir)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        nat_a = Node("natA", net.priv, f"{PRIV_NET}.2", work / "natA",
+                     ["--bootstrap", baddr, "--seed", man, "--mirror", f"http://{PUB_NET}.6:8080/",
+                      "--out", str(work / "natA-out"), *trust])
+        nodes.append(nat_a)
+        fetch(nat_a, "NATed A fetches from the mirror")
+        PROCS.stop(mirror)  # from here on, pieces come from peers only
+        nat_b = Node("natB", net.priv2, f"{PRIV2_NET}.2", work / "natB",
+                     ["--bootstrap", baddr, "--seed", man, "--out", str(work / "natB-out"), *trust])
+        nodes.append(nat_b)
+        fetch(nat_b, "NATed B (other NAT), A the only holder")
+        if public_leech:
+            leech = Node("leech0", net.pub, f"{PUB_NET}.4", work / "leech0",
+                         ["--bootstrap", baddr, "--seed", man, "--out", str(work / "leech0-out"), *trust])
+            nodes.append(leech)
+            fetch(leech, "public node, A and B holding")
+        for n in (nat_a, nat_b):
+            res.rows.append({"phase": f"({n.name}, serving)", "node": n.name, "seconds": None, "by_source": {},
+                             "paths": _paths(n.status())})
+        res.rows.append({"phase": "(relay)", "node": "relay", "seconds": None, "by_source": {}, "paths": {},
+                         "status": relay.status()})
     finally:
         for n in reversed(nodes):
             n.stop()

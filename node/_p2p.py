@@ -16,6 +16,7 @@ file, never per piece; libp2p's loggers are silenced by the CLI.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -36,6 +37,9 @@ from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.records.validator import Validator
+from libp2p.relay.circuit_v2 import CircuitV2Protocol, CircuitV2Transport, RelayLimits
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
@@ -52,7 +56,7 @@ from autoglm.protocol._namerecord import (
     verify_name_record,
 )
 
-__all__ = ["DEFAULT_LISTEN", "ControlStream", "P2PNode", "PeerAddr", "load_identity_seed", "open_p2p"]
+__all__ = ["DEFAULT_LISTEN", "ControlStream", "P2PNode", "PeerAddr", "RelayBudget", "load_identity_seed", "open_p2p"]
 
 log = logging.getLogger(__name__)
 apply_libp2p_level()  # importing libp2p reset its logger
@@ -65,6 +69,40 @@ _VALUE_QUERY_PEERS = 20  # closest peers asked for a name record (Kademlia's k)
 
 
 _PROTECT_TAG = "autoglm-session"
+_MAX_RELAYS = 3  # relays a node behind NAT holds a reservation at (and dials others through)
+_RESERVE_EVERY = 300.0  # a reservation is renewed this often (the relay grants 1 h)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayBudget:
+    """What a relay (``join --relay``) grants; every number is per relay node unless it says per peer.
+
+    Circuits carry libp2p connections between two peers that cannot dial each
+    other (both behind NAT): the control session and the relayed peerwire
+    streams (node/swarm/relay.py). The relay never stores or fetches pieces:
+    a circuit moves bytes between two peers, so relaying costs the origin
+    nothing.
+    """
+
+    reservations: int = 32  # peers holding a reservation at once
+    circuits_per_peer: int = 4  # circuits to one reserved peer at once
+    bytes_per_circuit: int = 256 * 1024 * 1024  # both directions together; the circuit is reset past it
+    seconds_per_circuit: int = 600  # the circuit is reset past it
+    reservation_ttl: int = 3600
+
+    def limits(self) -> RelayLimits:
+        return RelayLimits(duration=self.seconds_per_circuit, data=self.bytes_per_circuit,
+                           max_circuit_conns=self.circuits_per_peer, max_reservations=self.reservations,
+                           reservation_ttl=self.reservation_ttl)
+
+
+def _is_relayed(muxed_conn: Any) -> bool:
+    """Whether a libp2p connection runs through a relay (its transport address names /p2p-circuit)."""
+    try:
+        addrs = muxed_conn.get_transport_addresses() or []
+    except (AttributeError, BaseLibp2pError, OSError):
+        return False
+    return any("/p2p-circuit" in str(a) for a in addrs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +166,19 @@ class ControlStream:
         self.peer_id: str = str(stream.muxed_conn.peer_id)
 
     @property
+    def relayed(self) -> bool:
+        """The stream runs over a circuit through a relay (both ends behind NAT, say)."""
+        return _is_relayed(self._stream.muxed_conn)
+
+    @property
     def remote_host(self) -> str | None:
-        """The IP the connection came from (the swarm reaches the peer's bulk channel there)."""
+        """The IP the connection came from (the swarm reaches the peer's bulk channel there).
+
+        None over a relayed connection: the address there is the relay's, and
+        the relay's own ports must never be taken for the peer's.
+        """
+        if self.relayed:
+            return None
         try:
             addr = self._stream.get_remote_address()
         except (AttributeError, OSError):
@@ -166,10 +215,15 @@ ControlHandler = Callable[[ControlStream], Awaitable[None]]
 class P2PNode:
     """A running libp2p host with its DHT. Create with :func:`open_p2p`."""
 
-    def __init__(self, host: Any, dht: KadDHT, names: _NameRecordValidator | None = None) -> None:
+    def __init__(self, host: Any, dht: KadDHT, names: _NameRecordValidator | None = None,
+                 circuits: CircuitV2Transport | None = None) -> None:
         self._host = host
         self._dht = dht
         self._names = names or _NameRecordValidator()
+        self._circuits = circuits
+        #: Relays that hold a reservation for us (we are reachable through them), in order of success.
+        self.relays: list[str] = []
+        self.relayed_dials = 0  # libp2p connections this node opened through a relay
         self.on_lookup: Callable[[float], None] | None = None  # each provider lookup's seconds (metrics)
 
     def on_name_record(self, callback: Callable[[NameRecord], None] | None) -> None:
@@ -266,11 +320,81 @@ class P2PNode:
             with trio.fail_after(_DHT_TIMEOUT):
                 await self._host.connect(info)
         except (trio.TooSlowError, OSError, BaseLibp2pError) as exc:
+            if await self.connect_via_relay(str(info.peer_id)):
+                return str(info.peer_id)
             raise SourceError(f"cannot connect to {addr}: {exc}") from exc
         # py-libp2p can return from a failed dial without raising.
-        if info.peer_id not in self._host.get_connected_peers():
+        if info.peer_id not in self._host.get_connected_peers() and not await self.connect_via_relay(str(info.peer_id)):
             raise SourceError(f"cannot connect to {addr}")
         return str(info.peer_id)
+
+    async def reserve(self, relay_peer: str) -> bool:
+        """Ask a connected relay to hold a reservation for us, so peers can reach us through it."""
+        if self._circuits is None:
+            return False
+        try:
+            rid = ID.from_base58(relay_peer)
+            with trio.fail_after(_PEER_QUERY_TIMEOUT * 2):
+                stream = await self._host.new_stream(rid, [HOP_PROTOCOL_ID])
+                try:
+                    ok = bool(await self._circuits._make_reservation(stream, rid))
+                finally:
+                    with trio.move_on_after(2):
+                        await stream.close()
+        except (trio.TooSlowError, OSError, BaseLibp2pError, ValueError) as exc:
+            log.info("no reservation at %s: %r", relay_peer, exc)
+            return False
+        if ok and relay_peer not in self.relays:
+            self.relays.append(relay_peer)
+        if not ok and relay_peer in self.relays:
+            self.relays.remove(relay_peer)
+        return ok
+
+    async def keep_reservations(self, candidates: Sequence[str]) -> None:
+        """Hold reservations at up to 3 of ``candidates`` (peer ids; the bootstrap peers), renewed every 5 minutes.
+
+        Runs until cancelled; a candidate that is no relay refuses the hop
+        protocol at once and is asked again at the next round.
+        """
+        while True:
+            for peer in candidates[: _MAX_RELAYS * 2]:
+                if len(self.relays) >= _MAX_RELAYS and peer not in self.relays:
+                    continue
+                await self.reserve(peer)
+            await trio.sleep(_RESERVE_EVERY)
+
+    async def connect_via_relay(self, peer_id: str) -> bool:
+        """Open a libp2p connection to ``peer_id`` through a relay we know (ours first); True if one opened.
+
+        The relays tried are the ones that hold a reservation for us: in a
+        fleet behind NAT, peers reserve at the same public nodes (their
+        bootstrap peers), so the peer we cannot dial holds one there too.
+        Streams to the peer then use this connection (the control session,
+        relayed peerwire: node/swarm/relay.py).
+        """
+        if self._circuits is None or peer_id == self.peer_id:
+            return False
+        try:
+            dest = ID.from_base58(peer_id)
+        except (ValueError, BaseLibp2pError):
+            return False
+        for relay in list(self.relays):
+            if relay == peer_id:
+                continue
+            try:
+                rid = ID.from_base58(relay)
+                with trio.fail_after(_PEER_QUERY_TIMEOUT * 2):
+                    raw = await self._circuits.dial_peer_info(
+                        PeerInfo(dest, []), relay_info=PeerInfo(rid, self._host.get_peerstore().addrs(rid)))
+                    await self._host.upgrade_outbound_connection(raw, dest)
+            except (trio.TooSlowError, OSError, BaseLibp2pError, ValueError, ConnectionError) as exc:
+                log.info("no circuit to %s through %s: %r", peer_id, relay, exc)
+                continue
+            if dest in self._host.get_connected_peers():
+                self.relayed_dials += 1
+                log.info("connected to %s through relay %s", peer_id, relay)
+                return True
+        return False
 
     async def _provide(self, key: str) -> bool:
         with trio.move_on_after(_DHT_TIMEOUT):
@@ -411,18 +535,44 @@ class P2PNode:
             raise SourceError(f"cannot open {protocol_id} to {peer_id}: {exc}") from exc
         return ControlStream(stream)
 
+    def is_relayed(self, peer_id: str) -> bool:
+        """Every libp2p connection we hold to ``peer_id`` runs through a relay."""
+        try:
+            conns = self._host.get_network().get_connections(ID.from_base58(peer_id))
+        except (AttributeError, BaseLibp2pError, ValueError, KeyError):
+            return False
+        return bool(conns) and all(_is_relayed(getattr(c, "muxed_conn", c)) for c in conns)
+
     async def open_control(self, peer: str | PeerAddr) -> ControlStream:
         """Open /autoglm/swarm/1 to a peer (dialling its addrs first if given)."""
         if isinstance(peer, PeerAddr):
             if peer.addrs:
                 await self.connect(peer)
             peer = peer.peer_id
+        if ID.from_base58(peer) not in self._host.get_connected_peers():
+            await self.connect_via_relay(peer)  # no-op without relays; new_stream below dials otherwise
         try:
             with trio.fail_after(_DHT_TIMEOUT):
                 stream = await self._host.new_stream(ID.from_base58(peer), [CONTROL_PROTOCOL_ID])
         except (trio.TooSlowError, OSError, BaseLibp2pError) as exc:
             raise SourceError(f"cannot open a control stream to {peer}: {exc}") from exc
         return ControlStream(stream)
+
+
+def _all_private(listen: Sequence[str]) -> bool:
+    """No listen address is public or loopback: peers elsewhere may not reach us (behind NAT)."""
+    hosts = []
+    for a in listen:
+        parts = a.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            hosts.append(parts[2])
+    ips = []
+    for h in hosts:
+        try:
+            ips.append(ipaddress.ip_address(h))
+        except ValueError:
+            continue
+    return bool(ips) and not any(ip.is_global or ip.is_loopback or ip.is_unspecified for ip in ips)
 
 
 def _make_host(seed: bytes) -> Any:
@@ -443,8 +593,15 @@ async def open_p2p(
     data_dir: Path,
     listen: Sequence[str] = (DEFAULT_LISTEN,),
     bootstrap: Sequence[str] = (),
+    relay: RelayBudget | None = None,
 ) -> AsyncIterator[P2PNode]:
-    """Start the host and DHT, dial the bootstrap peers, and yield the node."""
+    """Start the host and DHT, dial the bootstrap peers, and yield the node.
+
+    Every node accepts connections through a relay and can dial through one
+    (circuit relay v2, py-libp2p's); with ``relay`` it also relays for others
+    within that budget. A node whose listen addresses are all private holds
+    reservations at its bootstrap peers that are relays.
+    """
     try:
         maddrs = [multiaddr.Multiaddr(a) for a in listen]
     except (ValueError, TypeError) as exc:
@@ -457,10 +614,21 @@ async def open_p2p(
         names = _NameRecordValidator()
         dht.validator.add_validator(NAME_NAMESPACE, names)  # type: ignore[union-attr]
         await stack.enter_async_context(background_trio_service(dht))
-        node = P2PNode(host, dht, names)
+        budget = relay or RelayBudget()
+        circuit = CircuitV2Protocol(host, budget.limits(), allow_hop=relay is not None)
+        await stack.enter_async_context(background_trio_service(circuit))
+        circuits = CircuitV2Transport(host, circuit, RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT, limits=budget.limits()))
+        node = P2PNode(host, dht, names, circuits)
+        booted: list[str] = []
         for addr in bootstrap:
             try:
-                await node.connect(addr)
+                booted.append(await node.connect(addr))
             except SourceError as exc:
                 log.warning("bootstrap peer unreachable: %s", exc)
-        yield node
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        if booted and _all_private(listen):
+            nursery.start_soon(node.keep_reservations, booted)
+        try:
+            yield node
+        finally:
+            nursery.cancel_scope.cancel()
