@@ -397,11 +397,19 @@ def run_two_nats(net: NatNet, model: Any, work: Path, timeout: float = 300.0, pu
         res.rows.append({"phase": "(relay)", "node": "relay", "seconds": None, "by_source": {}, "paths": {},
                          "status": relay.status()})
     finally:
-        for n in reversed(nodes):
-            n.stop()
+        _stop_all(nodes)
         if mirror is not None:
             PROCS.stop(mirror)
     return res
+
+
+def _stop_all(nodes: list[Node]) -> None:
+    """Stop the nodes at once (each may take its grace period), not one after another."""
+    threads = [threading.Thread(target=n.stop) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def _by_role(by_source: dict[str, int], peer_ids: dict[str, str]) -> str:
