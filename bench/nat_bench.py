@@ -20,10 +20,16 @@ Phases (each an ``autoglm-node join --json --seed M`` process):
 4. the seeder stops; public leech B fetches with the NATed node as the only
    holder (every piece must come from behind the NAT).
 
-Each node's ``status --json`` says how its peerwire client connections were
-made (``peerwire_paths``) and the bytes each path carried.
+With ``--topology two`` (``NatNet(segments=2)``) a second NAT, PREFIX-gw2 on
+its own outside link 11.79.0.0/24, puts PREFIX-priv2 (10.79.0.0/24) behind it,
+and :func:`run_two_nats` runs: a relay (``join --relay``, everyone's bootstrap
+peer), NATed node A fetching from a mirror, NATed node B behind the other NAT
+fetching with A the only holder (through the relay), then a public node.
 
-    sudo .venv/bin/python bench/nat_bench.py [--size 64MiB]
+Each node's ``status --json`` says how its peerwire client connections were
+made (``peerwire_paths``: direct, reverse, relayed) and the bytes each path carried.
+
+    sudo .venv/bin/python bench/nat_bench.py [--size 64MiB] [--topology one|two|both]
 """
 
 from __future__ import annotations
@@ -418,10 +424,35 @@ def _by_role(by_source: dict[str, int], peer_ids: dict[str, str]) -> str:
     return ", ".join(f"{names.get(k, k)} {100 * v / total:.0f} %" for k, v in sorted(by_source.items())) or "-"
 
 
+def _table(title: str, run: NatRun) -> list[list[str]]:
+    rows = []
+    for r in run.rows:
+        paths = r["paths"]
+        if not paths:
+            continue
+        b = paths.get("bytes", {})
+        c = paths.get("connections", {})
+        total = sum(b.values()) or 1
+        rows.append([r["phase"], f"{r['seconds']:.1f} s" if r["seconds"] is not None else "-",
+                     f"{r['fetch_s']:.1f} s" if r.get("fetch_s") is not None else "-",
+                     _by_role(r["by_source"], run.peer_ids),
+                     f"{c.get('direct', 0)} / {c.get('reverse', 0)} / {c.get('relayed', 0)}",
+                     " / ".join(f"{100 * b.get(k, 0) / total:.0f} %" for k in ("direct", "reverse", "relayed")),
+                     str(paths.get("failed", {}).get("direct", 0)),
+                     f"{paths.get('served_by_reverse_dial', 0)} / {paths.get('served_relayed', 0)}",
+                     str(run.identical.get(r["node"], "-")) if r["seconds"] is not None else "-"])
+    print_table(title, ["phase", "start to complete", "fetch", "bytes by source", "conns direct / reverse / relayed",
+                        "peer bytes direct / reverse / relayed", "direct dials failed",
+                        "served: reverse dials / relayed streams", "byte-identical"], rows)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="64MiB", help="model size (default 64MiB)")
     ap.add_argument("--prefix", default="nat", help="namespace name prefix (default nat)")
+    ap.add_argument("--topology", choices=("one", "two", "both"), default="both",
+                    help="one NATed segment (reverse dial), two (relay), or both in turn (default)")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -429,35 +460,32 @@ def main() -> int:
     if why:
         print(f"nat_bench: {why}", file=sys.stderr)
         return 2
+    out: dict[str, Any] = {}
     with guarded(), tempfile.TemporaryDirectory(prefix="nat-bench-") as tmp:
         work = Path(tmp)
         model = make_model(work / "model", args.size, name="nat")
         if model.manifest is None:
             print(f"nat_bench: cannot make the model: {model.error}", file=sys.stderr)
             return 1
-        net = NatNet(args.prefix).up()
-        bad = net.check()
-        if bad:
-            print(f"nat_bench: the NAT is not in place: {bad}", file=sys.stderr)
-            return 1
-        run = run_scenario(net, model, work, args.timeout)
-        rows = []
-        for r in run.rows:
-            paths = r["paths"]
-            b = paths.get("bytes", {})
-            total = sum(b.values()) or 1
-            rows.append([r["phase"], f"{r['seconds']:.1f} s" if r["seconds"] is not None else "-",
-                         f"{r['fetch_s']:.1f} s" if r.get("fetch_s") is not None else "-",
-                         _by_role(r["by_source"], run.peer_ids),
-                         f"{paths.get('connections', {}).get('direct', 0)} / {paths.get('connections', {}).get('reverse', 0)}",
-                         f"{100 * b.get('direct', 0) / total:.0f} % / {100 * b.get('reverse', 0) / total:.0f} %",
-                         str(paths.get("failed", {}).get("direct", 0)), str(paths.get("served_by_reverse_dial", 0)),
-                         str(run.identical.get(r["node"], "-")) if r["seconds"] is not None else "-"])
-        print_table(f"Peers behind NAT, {args.size} model (bench/nat_bench.py)",
-                    ["phase", "start to complete", "fetch", "bytes by source", "conns direct / reverse", "peer bytes direct / reverse",
-                     "direct dials failed", "reverse dials made (serving)", "byte-identical"], rows)
+        for topo in ("one", "two") if args.topology == "both" else (args.topology,):
+            net = NatNet(args.prefix, segments=1 if topo == "one" else 2).up()
+            bad = net.check()
+            if bad:
+                print(f"nat_bench: the NAT is not in place: {bad}", file=sys.stderr)
+                return 1
+            sub = work / topo
+            sub.mkdir()
+            if topo == "one":
+                run = run_scenario(net, model, sub, args.timeout)
+                title = f"Peers behind NAT: one NATed segment, {args.size} model (bench/nat_bench.py)"
+            else:
+                run = run_two_nats(net, model, sub, args.timeout)
+                title = f"Peers behind NAT: two NATed segments and a relay, {args.size} model (bench/nat_bench.py)"
+            net.down()
+            _table(title, run)
+            out[topo] = {"rows": run.rows, "identical": run.identical}
         if args.json:
-            args.json.write_text(json.dumps({"rows": run.rows, "identical": run.identical}, default=str, indent=1))
+            args.json.write_text(json.dumps(out, default=str, indent=1))
     return 0
 
 

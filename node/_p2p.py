@@ -103,6 +103,18 @@ class RelayBudget:
                            reservation_ttl=self.reservation_ttl)
 
 
+class _Relay(CircuitV2Protocol):
+    """py-libp2p's relay, with a reservation always for the peer on the connection.
+
+    py-libp2p reserves for whatever peer id the RESERVE message names, so one
+    connection could take every slot of the budget under made-up ids.
+    """
+
+    async def _handle_reserve(self, stream: Any, msg: Any) -> None:
+        msg.peer.id = stream.muxed_conn.peer_id.to_bytes()
+        await super()._handle_reserve(stream, msg)
+
+
 def _is_relayed(muxed_conn: Any) -> bool:
     """Whether a libp2p connection runs through a relay (its transport address names /p2p-circuit)."""
     try:
@@ -640,7 +652,7 @@ async def open_p2p(
         dht.validator.add_validator(NAME_NAMESPACE, names)  # type: ignore[union-attr]
         await stack.enter_async_context(background_trio_service(dht))
         budget = relay or RelayBudget()
-        circuit = CircuitV2Protocol(host, budget.limits(), allow_hop=relay is not None)
+        circuit = _Relay(host, budget.limits(), allow_hop=relay is not None)
         await stack.enter_async_context(background_trio_service(circuit))
         circuits = CircuitV2Transport(host, circuit, RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT, limits=budget.limits()))
         node = P2PNode(host, dht, names, circuits)

@@ -20,7 +20,12 @@ from autoglm.node._p2p import P2PNode, open_p2p
 from autoglm.node._peerwire import PieceLocation, serve_peerwire
 from autoglm.node._ratelimit import RateLimiter
 from autoglm.node.errors import SourceError
-from autoglm.node.swarm.reverse import PEERWIRE_STREAM_ID, REVERSE_PROTOCOL_ID, Reverse, may_be_unreachable
+from autoglm.node.swarm.reverse import (
+    PEERWIRE_STREAM_ID,
+    REVERSE_PROTOCOL_ID,
+    Reverse,
+    may_be_unreachable,
+)
 from autoglm.protocol._peerwire import RejectReason, verify_piece
 
 MID = b"N" * 32
