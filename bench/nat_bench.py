@@ -483,6 +483,13 @@ def main() -> int:
                 title = f"Peers behind NAT: two NATed segments and a relay, {args.size} model (bench/nat_bench.py)"
             net.down()
             _table(title, run)
+            for r in run.rows:
+                if r["node"] == "relay":
+                    st = r.get("status", {})
+                    swarm = st.get("swarm", st)
+                    relay = swarm.get("relay", {}) if isinstance(swarm, dict) else {}
+                    print(f"relay: {relay.get('relayed_bytes', 0)} bytes copied for circuits (both directions), "
+                          f"{swarm.get('down_bytes', 0) if isinstance(swarm, dict) else 0} piece bytes fetched itself")
             out[topo] = {"rows": run.rows, "identical": run.identical}
         if args.json:
             args.json.write_text(json.dumps(out, default=str, indent=1))

@@ -52,6 +52,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from autoglm.node._logs import apply_libp2p_level
+from autoglm.node._ratelimit import RateLimiter
 from autoglm.node.errors import ConfigError, RemoteProtocolError, SourceError
 from autoglm.protocol._control import CONTROL_PROTOCOL_ID
 from autoglm.protocol._namerecord import (
@@ -96,6 +97,7 @@ class RelayBudget:
     bytes_per_circuit: int = 256 * 1024 * 1024  # both directions together; the circuit is reset past it
     seconds_per_circuit: int = 600  # the circuit is reset past it
     reservation_ttl: int = 3600
+    bytes_per_second: float | None = 16 * 1024 * 1024  # all circuits together (a py-libp2p relay moves ~3 MB/s anyway)
 
     def limits(self) -> RelayLimits:
         return RelayLimits(duration=self.seconds_per_circuit, data=self.bytes_per_circuit,
@@ -110,9 +112,37 @@ class _Relay(CircuitV2Protocol):
     connection could take every slot of the budget under made-up ids.
     """
 
+    def __init__(self, host: Any, budget: RelayBudget, allow_hop: bool) -> None:
+        super().__init__(host, budget.limits(), allow_hop=allow_hop)
+        self.rate = RateLimiter(budget.bytes_per_second)
+        self.relayed_bytes = 0  # bytes this node copied for circuits, both directions
+
     async def _handle_reserve(self, stream: Any, msg: Any) -> None:
         msg.peer.id = stream.muxed_conn.peer_id.to_bytes()
         await super()._handle_reserve(stream, msg)
+
+    async def _relay_data(self, src_stream: Any, *args: Any, **kwargs: Any) -> None:
+        # Every byte a circuit carries is read here: one token bucket for all circuits.
+        paced: Any = _Paced(src_stream, self)
+        await super()._relay_data(paced, *args, **kwargs)
+
+
+class _Paced:
+    """A relayed stream whose reads take their bytes from the relay's token bucket."""
+
+    def __init__(self, stream: Any, relay: _Relay) -> None:
+        self._stream = stream
+        self._relay = relay
+
+    async def read(self, n: int | None = None) -> bytes:
+        data: bytes = await self._stream.read(n)
+        if data:
+            self._relay.relayed_bytes += len(data)
+            await self._relay.rate.acquire(len(data))
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _is_relayed(muxed_conn: Any) -> bool:
@@ -235,7 +265,8 @@ class P2PNode:
     """A running libp2p host with its DHT. Create with :func:`open_p2p`."""
 
     def __init__(self, host: Any, dht: KadDHT, names: _NameRecordValidator | None = None,
-                 circuits: CircuitV2Transport | None = None) -> None:
+                 circuits: CircuitV2Transport | None = None, relay: _Relay | None = None) -> None:
+        self._relay = relay
         self._host = host
         self._dht = dht
         self._names = names or _NameRecordValidator()
@@ -244,6 +275,14 @@ class P2PNode:
         self.relays: list[str] = []
         self.relayed_dials = 0  # libp2p connections this node opened through a relay
         self.on_lookup: Callable[[float], None] | None = None  # each provider lookup's seconds (metrics)
+
+    def relay_status(self) -> dict[str, object]:
+        """Reservations held at relays, connections dialled through them, and (a relay) bytes relayed."""
+        out: dict[str, object] = {"reserved_at": list(self.relays), "relayed_dials": self.relayed_dials}
+        if self._relay is not None and self._relay.allow_hop:
+            out["relayed_bytes"] = self._relay.relayed_bytes
+            out["circuits_now"] = len(self._relay._active_relays)
+        return out
 
     def on_name_record(self, callback: Callable[[NameRecord], None] | None) -> None:
         """Call ``callback`` (synchronously, cheaply) with every valid name record this node sees:
@@ -652,10 +691,10 @@ async def open_p2p(
         dht.validator.add_validator(NAME_NAMESPACE, names)  # type: ignore[union-attr]
         await stack.enter_async_context(background_trio_service(dht))
         budget = relay or RelayBudget()
-        circuit = _Relay(host, budget.limits(), allow_hop=relay is not None)
+        circuit = _Relay(host, budget, allow_hop=relay is not None)
         await stack.enter_async_context(background_trio_service(circuit))
         circuits = CircuitV2Transport(host, circuit, RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT, limits=budget.limits()))
-        node = P2PNode(host, dht, names, circuits)
+        node = P2PNode(host, dht, names, circuits, circuit)
         booted: list[str] = []
         for addr in bootstrap:
             try:

@@ -381,6 +381,7 @@ class Swarm:
             "banned": [list(b) for b in self.stats.banned],
             "lost_pieces": self.stats.lost_pieces,
             "peerwire_paths": self.paths.stats.as_dict(),
+            "relay": self.p2p.relay_status() if self.p2p is not None else {},  # docs/nat.md
         }
 
 
