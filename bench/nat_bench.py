@@ -84,6 +84,9 @@ class NatNet:
 
     prefix: str = "nat"
     segments: int = 1  # NATed segments: 1, or 2 (PREFIX-gw2 and PREFIX-priv2, docs/nat.md)
+    #: The NATs drop new connections to their own outside address, as a home router does,
+    #: instead of answering with a reset (Linux with no INPUT rules).
+    silent: bool = False
     made: list[str] = field(default_factory=list)
 
     @property
@@ -139,6 +142,9 @@ class NatNet:
         self.ns(self.gw, *ipt, "-A", "FORWARD", "-i", f"{p}-gwo", "-o", f"{p}-gwi", "-j", "DROP")
         if self.segments > 1:
             self._second_nat()
+        if self.silent:
+            for gw, out in ((self.gw, f"{p}-gwo"), *(((self.gw2, f"{p}-g2o"),) if self.segments > 1 else ())):
+                self.ns(gw, *ipt, "-A", "INPUT", "-i", out, "-p", "tcp", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
         return self
 
     def _second_nat(self) -> None:
@@ -398,8 +404,9 @@ def run_two_nats(net: NatNet, model: Any, work: Path, timeout: float = 300.0, pu
             nodes.append(leech)
             fetch(leech, "public node, A and B holding")
         for n in (nat_a, nat_b):
+            st = n.status()
             res.rows.append({"phase": f"({n.name}, serving)", "node": n.name, "seconds": None, "by_source": {},
-                             "paths": _paths(n.status())})
+                             "paths": _paths(st), "status": st})
         res.rows.append({"phase": "(relay)", "node": "relay", "seconds": None, "by_source": {}, "paths": {},
                          "status": relay.status()})
     finally:
@@ -424,6 +431,9 @@ def _by_role(by_source: dict[str, int], peer_ids: dict[str, str]) -> str:
     return ", ".join(f"{names.get(k, k)} {100 * v / total:.0f} %" for k, v in sorted(by_source.items())) or "-"
 
 
+_PATH_KEYS = ("direct", "reverse", "libp2p", "relayed")  # libp2p: peerwire on a direct (hole-punched) libp2p connection
+
+
 def _table(title: str, run: NatRun) -> list[list[str]]:
     rows = []
     for r in run.rows:
@@ -436,13 +446,13 @@ def _table(title: str, run: NatRun) -> list[list[str]]:
         rows.append([r["phase"], f"{r['seconds']:.1f} s" if r["seconds"] is not None else "-",
                      f"{r['fetch_s']:.1f} s" if r.get("fetch_s") is not None else "-",
                      _by_role(r["by_source"], run.peer_ids),
-                     f"{c.get('direct', 0)} / {c.get('reverse', 0)} / {c.get('relayed', 0)}",
-                     " / ".join(f"{100 * b.get(k, 0) / total:.0f} %" for k in ("direct", "reverse", "relayed")),
+                     " / ".join(str(c.get(k, 0)) for k in _PATH_KEYS),
+                     " / ".join(f"{100 * b.get(k, 0) / total:.0f} %" for k in _PATH_KEYS),
                      str(paths.get("failed", {}).get("direct", 0)),
                      f"{paths.get('served_by_reverse_dial', 0)} / {paths.get('served_relayed', 0)}",
                      str(run.identical.get(r["node"], "-")) if r["seconds"] is not None else "-"])
-    print_table(title, ["phase", "start to complete", "fetch", "bytes by source", "conns direct / reverse / relayed",
-                        "peer bytes direct / reverse / relayed", "direct dials failed",
+    print_table(title, ["phase", "start to complete", "fetch", "bytes by source", "conns direct / reverse / libp2p / relayed",
+                        "peer bytes direct / reverse / libp2p / relayed", "direct dials failed",
                         "served: reverse dials / relayed streams", "byte-identical"], rows)
     return rows
 
@@ -453,6 +463,8 @@ def main() -> int:
     ap.add_argument("--prefix", default="nat", help="namespace name prefix (default nat)")
     ap.add_argument("--topology", choices=("one", "two", "both"), default="both",
                     help="one NATed segment (reverse dial), two (relay), or both in turn (default)")
+    ap.add_argument("--silent", action="store_true",
+                    help="the NATs drop new connections to their outside address (a home router) instead of resetting them")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -468,7 +480,7 @@ def main() -> int:
             print(f"nat_bench: cannot make the model: {model.error}", file=sys.stderr)
             return 1
         for topo in ("one", "two") if args.topology == "both" else (args.topology,):
-            net = NatNet(args.prefix, segments=1 if topo == "one" else 2).up()
+            net = NatNet(args.prefix, segments=1 if topo == "one" else 2, silent=args.silent).up()
             bad = net.check()
             if bad:
                 print(f"nat_bench: the NAT is not in place: {bad}", file=sys.stderr)
@@ -490,6 +502,11 @@ def main() -> int:
                     relay = swarm.get("relay", {}) if isinstance(swarm, dict) else {}
                     print(f"relay: {relay.get('relayed_bytes', 0)} bytes copied for circuits (both directions), "
                           f"{swarm.get('down_bytes', 0) if isinstance(swarm, dict) else 0} piece bytes fetched itself")
+                if r["node"] in ("natA", "natB") and r["seconds"] is None:
+                    st = r.get("status", {})
+                    relay = (st.get("swarm") or st).get("relay", {})
+                    print(f"{r['node']}: hole punches tried {relay.get('hole_punch_tried', 0)}, "
+                          f"direct connections from them {relay.get('hole_punched', 0)}")
             out[topo] = {"rows": run.rows, "identical": run.identical}
         if args.json:
             args.json.write_text(json.dumps(out, default=str, indent=1))

@@ -44,7 +44,12 @@ from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.records.validator import Validator
-from libp2p.relay.circuit_v2 import CircuitV2Protocol, CircuitV2Transport, RelayLimits
+from libp2p.relay.circuit_v2 import (
+    CircuitV2Protocol,
+    CircuitV2Transport,
+    DCUtRProtocol,
+    RelayLimits,
+)
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -79,6 +84,7 @@ _VALUE_QUERY_PEERS = 20  # closest peers asked for a name record (Kademlia's k)
 _PROTECT_TAG = "autoglm-session"
 _MAX_RELAYS = 3  # relays a node behind NAT holds a reservation at (and dials others through)
 _RESERVE_EVERY = 300.0  # a reservation is renewed this often (the relay grants 1 h)
+_PUNCH_TIMEOUT = 8.0  # a hole punch that has not given a direct connection by then has failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,8 +271,10 @@ class P2PNode:
     """A running libp2p host with its DHT. Create with :func:`open_p2p`."""
 
     def __init__(self, host: Any, dht: KadDHT, names: _NameRecordValidator | None = None,
-                 circuits: CircuitV2Transport | None = None, relay: _Relay | None = None) -> None:
+                 circuits: CircuitV2Transport | None = None, relay: _Relay | None = None,
+                 dcutr: DCUtRProtocol | None = None) -> None:
         self._relay = relay
+        self._dcutr = dcutr
         self._host = host
         self._dht = dht
         self._names = names or _NameRecordValidator()
@@ -282,6 +290,10 @@ class P2PNode:
         if self._relay is not None and self._relay.allow_hop:
             out["relayed_bytes"] = self._relay.relayed_bytes
             out["circuits_now"] = len(self._relay._active_relays)
+        if self._dcutr is not None:
+            # py-libp2p keeps these per peer until it disconnects: peers now, not totals.
+            out["hole_punch_tried"] = len(self._dcutr._hole_punch_attempts)
+            out["hole_punched"] = len(self._dcutr._direct_connections)
         return out
 
     def on_name_record(self, callback: Callable[[NameRecord], None] | None) -> None:
@@ -604,6 +616,21 @@ class P2PNode:
             raise SourceError(f"cannot open {protocol_id} to {peer_id}: {exc}") from exc
         return ControlStream(stream)
 
+    async def upgrade_direct(self, peer_id: str) -> bool:
+        """Over a relayed connection, try a hole punch (DCUtR) to a direct one; True if one now exists.
+
+        Streams opened afterwards go over the direct connection (py-libp2p
+        prefers it), and py-libp2p closes the relayed one after a grace period.
+        """
+        if self._dcutr is None or not self.is_relayed(peer_id):
+            return False
+        with trio.move_on_after(_PUNCH_TIMEOUT):
+            try:
+                return bool(await self._dcutr.initiate_hole_punch(ID.from_base58(peer_id)))
+            except (BaseLibp2pError, OSError, ValueError) as exc:
+                log.info("hole punch to %s failed: %r", peer_id, exc)
+        return False
+
     def is_relayed(self, peer_id: str) -> bool:
         """Every libp2p connection we hold to ``peer_id`` runs through a relay."""
         try:
@@ -694,7 +721,11 @@ async def open_p2p(
         circuit = _Relay(host, budget, allow_hop=relay is not None)
         await stack.enter_async_context(background_trio_service(circuit))
         circuits = CircuitV2Transport(host, circuit, RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT, limits=budget.limits()))
-        node = P2PNode(host, dht, names, circuits, circuit)
+        # Hole punching: over a relayed connection, both ends dial each other's
+        # predicted outside address from their listen port at once (docs/nat.md).
+        dcutr = DCUtRProtocol(host)
+        await stack.enter_async_context(background_trio_service(dcutr))
+        node = P2PNode(host, dht, names, circuits, circuit, dcutr)
         booted: list[str] = []
         for addr in bootstrap:
             try:

@@ -13,7 +13,8 @@ the public node asks *it* to dial:
 
 1. The fetching node (A) tries the direct dial (the session's IP, the port
    from Hello) for at most :data:`DIRECT_TIMEOUT`. A peer whose direct dial
-   failed is not tried directly again for :data:`DIRECT_RETRY` seconds.
+   failed is not tried directly again for :data:`DIRECT_RETRY` seconds (nor
+   by reverse dial, after a failed one).
 2. A opens ``/autoglm/reverse/1`` to the peer (B) over libp2p and sends a
    fresh 32-byte nonce and the port of its rendezvous listener.
 3. B dials A at the IP its own libp2p connection to A comes from (never an
@@ -73,7 +74,7 @@ DIRECT_RETRY = 60.0
 _NONCE = 32
 _MAX_UNMATCHED = 64
 _MAX_REMEMBERED = 4096  # peers remembered per table before expired entries are dropped
-_PATHS = ("direct", "reverse", "relayed")
+_PATHS = ("direct", "reverse", "libp2p", "relayed")  # libp2p: peerwire on a direct libp2p connection (hole-punched, say)
 
 
 def may_be_unreachable(listen_hosts: Iterable[str]) -> bool:
@@ -147,6 +148,7 @@ class Reverse:
         self.port: int | None = None
         self._waiting: dict[bytes, tuple[str, trio.MemorySendChannel[trio.SocketStream]]] = {}
         self._no_direct: dict[str, float] = {}  # peer -> until when only reverse dials are tried
+        self._no_reverse: dict[str, float] = {}  # peer -> until when only libp2p streams are tried
         self._asked: dict[str, list[float]] = {}  # peer -> times of its recent reverse requests
         self._busy: set[str] = set()
         self._streams: dict[str, int] = {}  # peer -> peerwire streams over libp2p we serve it now
@@ -180,10 +182,15 @@ class Reverse:
                 conn = await handshake_peerwire(sock, token, self._down, self._psk, f"{remote_host}:{port}")
                 self.stats.add("direct", conn)
                 return conn
+        if self._no_reverse.get(peer_id, 0.0) > now:
+            return await self._over_libp2p(peer_id, token)
         try:
             conn = await self._reverse(peer_id, token)
         except SourceError as exc:
             self.stats.failed["reverse"] += 1
+            if len(self._no_reverse) > _MAX_REMEMBERED:
+                self._no_reverse = {p: t for p, t in self._no_reverse.items() if t > now}
+            self._no_reverse[peer_id] = now + DIRECT_RETRY
             log.info("reverse dial from %s failed (%s); peerwire over libp2p instead", peer_id, exc)
             return await self._over_libp2p(peer_id, token)
         self.stats.add("reverse", conn)
@@ -193,19 +200,22 @@ class Reverse:
         """Peerwire on a libp2p stream over the connection the session uses (relayed or not)."""
         if self._nursery is None:
             raise SourceError("no nursery for relayed peerwire streams")
+        # Both ends behind NAT: a hole punch first, so the stream below goes direct if it works.
+        await self._p2p.upgrade_direct(peer_id)
         try:
             stream = await self._p2p.open_stream(peer_id, PEERWIRE_STREAM_ID)
         except SourceError:
             self.stats.failed["relayed"] += 1
             raise
+        path = "relayed" if stream.relayed else "libp2p"
         mine, theirs = open_bridge()
         self._nursery.start_soon(bridge, stream, theirs)
         try:
             conn = await handshake_peerwire(mine, token, self._down, self._psk, f"peerwire over libp2p to {peer_id}")
         except SourceError:
-            self.stats.failed["relayed"] += 1
+            self.stats.failed[path] += 1
             raise
-        self.stats.add("relayed", conn)
+        self.stats.add(path, conn)
         return conn
 
     async def _reverse(self, peer_id: str, token: bytes) -> PeerwireConnection:

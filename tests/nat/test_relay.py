@@ -43,7 +43,7 @@ def test_two_natted_nodes_exchange_a_model_through_a_relay(tmp_path: Path) -> No
     _a_fetch, b_fetch, a_serving, _b_serving, relay = run.rows
     # A was the only holder: every byte B got is A's, and all of it came over the relayed path.
     assert b_fetch["by_source"] == {f"peer:{nat_a}": model.total_size}
-    assert b_fetch["paths"]["bytes"] == {"direct": 0, "reverse": 0, "relayed": model.total_size}
+    assert b_fetch["paths"]["bytes"] == {"direct": 0, "reverse": 0, "libp2p": 0, "relayed": model.total_size}
     assert b_fetch["paths"]["connections"]["relayed"] >= 1
     assert a_serving["paths"]["served_relayed"] >= 1
     # The bytes crossed the relay (its copy loop counts them), and the relay fetched nothing itself.

@@ -108,9 +108,9 @@ async def test_reverse_dial_carries_verified_pieces(tmp_path: Path) -> None:
                 await conn.aclose()
             assert grant.sent == list(range(8))
             st = p.rev_a.stats.as_dict()
-            assert st["connections"] == {"direct": 0, "reverse": 1, "relayed": 0}
-            assert st["failed"] == {"direct": 1, "reverse": 0, "relayed": 0}
-            assert st["bytes"] == {"direct": 0, "reverse": 8 * PIECE, "relayed": 0}
+            assert st["connections"] == {"direct": 0, "reverse": 1, "libp2p": 0, "relayed": 0}
+            assert st["failed"] == {"direct": 1, "reverse": 0, "libp2p": 0, "relayed": 0}
+            assert st["bytes"] == {"direct": 0, "reverse": 8 * PIECE, "libp2p": 0, "relayed": 0}
             assert p.rev_b.stats.served_reverse == 1
             # Within DIRECT_RETRY the direct dial is not tried again.
             token2 = b"u" * 32
@@ -130,7 +130,7 @@ async def test_no_reverse_dial_nor_stream_for_a_peer_without_a_session(tmp_path:
                 await p.rev_a.connect(p.b.peer_id, "127.0.0.1", _closed_port(), b"t" * 32)
             assert p.rev_b.stats.served_reverse == 0
             assert p.rev_b.stats.served_relayed == 0
-            assert p.rev_a.stats.failed == {"direct": 1, "reverse": 1, "relayed": 1}
+            assert p.rev_a.stats.failed == {"direct": 1, "reverse": 1, "libp2p": 1, "relayed": 0}
 
 
 async def test_peerwire_over_libp2p_carries_verified_pieces(tmp_path: Path) -> None:
@@ -147,8 +147,8 @@ async def test_peerwire_over_libp2p_carries_verified_pieces(tmp_path: Path) -> N
                 await conn.aclose()
             assert grant.sent == list(range(8))
             st = p.rev_a.stats.as_dict()
-            assert st["connections"] == {"direct": 0, "reverse": 0, "relayed": 1}
-            assert st["bytes"] == {"direct": 0, "reverse": 0, "relayed": 8 * PIECE}
+            assert st["connections"] == {"direct": 0, "reverse": 0, "libp2p": 1, "relayed": 0}
+            assert st["bytes"] == {"direct": 0, "reverse": 0, "libp2p": 8 * PIECE, "relayed": 0}
             assert p.rev_b.stats.served_relayed == 1
             # A wrong token is refused by the server as on TCP: the grant is the token's.
             with pytest.raises(SourceError):
