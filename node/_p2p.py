@@ -645,13 +645,19 @@ class P2PNode:
             if peer.addrs:
                 await self.connect(peer)
             peer = peer.peer_id
-        if ID.from_base58(peer) not in self._host.get_connected_peers():
-            await self.connect_via_relay(peer)  # no-op without relays; new_stream below dials otherwise
         try:
             with trio.fail_after(_DHT_TIMEOUT):
                 stream = await self._host.new_stream(ID.from_base58(peer), [CONTROL_PROTOCOL_ID])
         except (trio.TooSlowError, OSError, BaseLibp2pError) as exc:
-            raise SourceError(f"cannot open a control stream to {peer}: {exc}") from exc
+            # new_stream dialled the addresses the peerstore holds; a peer behind
+            # another NAT is reached through a relay, if one of ours knows it.
+            if not await self.connect_via_relay(peer):
+                raise SourceError(f"cannot open a control stream to {peer}: {exc}") from exc
+            try:
+                with trio.fail_after(_DHT_TIMEOUT):
+                    stream = await self._host.new_stream(ID.from_base58(peer), [CONTROL_PROTOCOL_ID])
+            except (trio.TooSlowError, OSError, BaseLibp2pError) as exc2:
+                raise SourceError(f"cannot open a control stream to {peer} through a relay: {exc2}") from exc2
         return ControlStream(stream)
 
 

@@ -50,3 +50,4 @@ def test_two_natted_nodes_exchange_a_model_through_a_relay(tmp_path: Path) -> No
     swarm = relay["status"].get("swarm", relay["status"])
     assert swarm["relay"]["relayed_bytes"] >= model.total_size
     assert swarm["down_bytes"] == 0
+
