@@ -23,7 +23,7 @@ from autoglm.node._engine import Fetch, FetchResult, _collapse
 from autoglm.node._logs import log_model
 from autoglm.node._metrics import NodeMetrics, health, serve_metrics
 from autoglm.node._mirrors import MirrorSource
-from autoglm.node._p2p import DEFAULT_LISTEN, P2PNode, open_p2p
+from autoglm.node._p2p import DEFAULT_LISTEN, P2PNode, RelayBudget, open_p2p
 from autoglm.node._plan import FetchPlan
 from autoglm.node._progress import (
     Event,
@@ -60,6 +60,7 @@ class JoinConfig:
     control_api: bool = True
     mirrors: tuple[str, ...] = ()  # the node's own mirrors (health; SIGHUP reloads them)
     metrics: tuple[str, int] | None = None  # serve /metrics and /healthz here (node/_metrics.py)
+    relay: RelayBudget | None = None  # relay circuits for peers behind NAT (join --relay; docs/nat.md)
 
 
 @dataclass(slots=True)
@@ -341,7 +342,7 @@ async def open_swarm_node(
         running.close()
         raise ConfigError(f"a node is already running with data directory {config.data_dir}; use another --data-dir")
     async with open_node(NodeConfig(config.data_dir)) as node:
-        async with open_p2p(config.data_dir, config.listen, config.bootstrap) as p2p:
+        async with open_p2p(config.data_dir, config.listen, config.bootstrap, config.relay) as p2p:
             swarm = Swarm(p2p, node.store, config.swarm, events)
             async with trio.open_nursery() as nursery:
                 await nursery.start(swarm.run)

@@ -72,7 +72,7 @@ from .dialer import Dialer
 from .discovery import Discovery
 from .fetches import Fetches
 from .held import Held, Serving
-from .reverse import REVERSE_PROTOCOL_ID, Reverse, may_be_unreachable
+from .reverse import PEERWIRE_STREAM_ID, REVERSE_PROTOCOL_ID, Reverse, may_be_unreachable
 from .session import PeerSource, Session
 
 if TYPE_CHECKING:
@@ -129,6 +129,7 @@ class Swarm:
             self.endpoint = Endpoint(advertised_host(host, self.p2p.addrs()), port)
             await nursery.start(self.paths.serve_rendezvous)
             self.p2p.set_stream_handler(REVERSE_PROTOCOL_ID, self.paths.on_request)
+            self.p2p.set_stream_handler(PEERWIRE_STREAM_ID, self.paths.on_stream)
             self.p2p.set_control_handler(self.serve_session)
             nursery.start_soon(self._rechoker)
             nursery.start_soon(self.discovery.run_discoverer)
@@ -380,6 +381,7 @@ class Swarm:
             "banned": [list(b) for b in self.stats.banned],
             "lost_pieces": self.stats.lost_pieces,
             "peerwire_paths": self.paths.stats.as_dict(),
+            "relay": self.p2p.relay_status() if self.p2p is not None else {},  # docs/nat.md
         }
 
 
