@@ -50,6 +50,7 @@ __all__ = ["FollowConfig", "PollSchedule", "follow", "node_update"]
 
 log = logging.getLogger(__name__)
 
+_FLEET_POLL = 0.05  # seconds between looks at the sessions while an update waits for the fleet
 _WAKE_GAP = 0.5  # seconds: the earliest poll after the previous one that a push can cause
 _STATE = "follow.json"
 
@@ -117,10 +118,79 @@ async def node_update(
     trust = sn.trust or TrustPolicy()
     plan = plan or FetchPlan(signed, root, trust)
 
-    async def fetch(p: FetchPlan, ev: trio.MemorySendChannel[Event] | None) -> Any:
-        return await sn.hold(p, events=ev)
+    old = await trio.to_thread.run_sync(_current_manifest, sn, root)
 
-    return await update_to(signed, plan, root, keep, data_dir, fetch, events, sn.node.store)
+    async def before_start(mid: bytes) -> None:
+        if old is not None and old != mid:
+            await _await_fleet(sn, old, mid)
+
+    async def fetch(p: FetchPlan, ev: trio.MemorySendChannel[Event] | None) -> Any:
+        return await sn.hold(p, events=ev, before_start=before_start)
+
+    res = await update_to(signed, plan, root, keep, data_dir, fetch, events, sn.node.store)
+    if res.pruned:
+        await _unannounce(sn, res.pruned, root)
+    return res
+
+
+def _current_manifest(sn: SwarmNode, root: Path) -> bytes | None:
+    """The id of the manifest ``root``'s current version was fetched as, if this node holds it. Blocking."""
+    from autoglm.node._versions import VersionSet
+
+    cur = VersionSet(root).current()
+    return None if cur is None else _held_id(sn, cur)
+
+
+def _held_id(sn: SwarmNode, dirname: str) -> bytes | None:
+    """The held manifest a version directory ``<version>-<id[:16]>`` is named after."""
+    prefix = dirname.rsplit("-", 1)[-1]
+    found = [m for m in sn.swarm.held.ids() if m.hex()[:16] == prefix]
+    return found[0] if len(found) == 1 else None
+
+
+async def _await_fleet(sn: SwarmNode, old: bytes, new: bytes) -> None:
+    """Before an update's first request: the rest of the fleet (session peers holding ``old``) is in the new
+    manifest's swarm, so every follower shares the changed pieces' first copies over the same members
+    (protocol/_rollout.py; bounded by ROLLOUT_BOUND)."""
+    from autoglm.node.swarm.fetches import is_idle
+    from autoglm.protocol._rollout import rollout_waiting
+
+    t0 = trio.current_time()
+    announced: dict[str, float] = {}
+    while True:
+        now = trio.current_time()
+        fleet: list[str] = []
+        members: set[str] = set()
+        for p, s in list(sn.swarm.sessions.items()):
+            bf = s.bitfield(old)
+            if s.closed:
+                continue
+            if bf is not None and len(bf) > 0:
+                fleet.append(p)
+            if s.bitfield(new) is not None:
+                announced.setdefault(p, now)
+                if not is_idle(s, new) and not sn.swarm.is_banned(p, new):
+                    members.add(p)
+        w = rollout_waiting(fleet, announced, members, now, started=t0)
+        if w.recheck is None:
+            log.info("%s: %d of %d fleet peer(s) in the swarm after %.2f s%s", new.hex()[:16],
+                     sum(1 for p in fleet if p in members), len(fleet), now - t0,
+                     "" if not (set(fleet) - members - set(announced)) else
+                     f"; {len(set(fleet) - members - set(announced))} never announced it (staged out, or down)")
+            return
+        await trio.sleep_until(min(w.recheck, now + _FLEET_POLL))
+
+
+async def _unannounce(sn: SwarmNode, pruned: list[str], root: Path) -> None:
+    """Versions pruned from ``root``: peers and the DHT stop hearing of their pieces (what the store still
+    holds of them elsewhere, another output directory, stays announced)."""
+    for dirname in pruned:
+        mid = _held_id(sn, dirname)
+        if mid is None:
+            continue
+        await sn.swarm.withdraw(mid)
+        if mid not in sn.swarm.held:
+            log.info("%s: version %s removed; its manifest is no longer announced", root, dirname)
 
 
 async def _apply(sn: SwarmNode, cfg: FollowConfig, root: Path, rec: NameRecord) -> None:
