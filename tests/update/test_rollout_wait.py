@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autoglm.protocol._membership import membership
-from autoglm.protocol._rollout import RolloutWait, rollout_waiting
+from autoglm.protocol._namerecord import ROLLOUT_FULL, rollout_admits
+from autoglm.protocol._rollout import RolloutWait, fleet_for, rollout_waiting
 
 B, G = 4.0, 0.5  # bound, idle grace
 
@@ -75,3 +76,15 @@ def test_idle_announcers_are_no_first_copy_members(
 ) -> None:
     m = membership(holders, {}, in_session={p for p, _ in holders}, banned=set(), now=0.0, grace=5.0, idle=set(idle))
     assert (m.peers, m.complete) == (tuple(peers), tuple(complete))
+
+
+def test_the_fleet_is_the_old_versions_holders_the_record_admits() -> None:
+    mid = b"\x05" * 32
+    holders = [f"peer{i}" for i in range(200)]
+    assert fleet_for(holders, mid) == frozenset(holders)  # a full roll-out, or an update by manifest
+    assert fleet_for(holders, mid, 0) == frozenset()
+    tenth = fleet_for(holders, mid, ROLLOUT_FULL // 10)
+    # exactly the followers that will take it (the rule each of them applies to itself)
+    assert tenth == {p for p in holders if rollout_admits(p, mid, ROLLOUT_FULL // 10)}
+    assert 5 <= len(tenth) <= 40
+    assert tenth <= fleet_for(holders, mid, ROLLOUT_FULL // 2)  # a larger share only adds peers
