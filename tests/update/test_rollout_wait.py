@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from autoglm.protocol._membership import membership
 from autoglm.protocol._namerecord import ROLLOUT_FULL, rollout_admits
+from autoglm.protocol._ownership import FirstCopy
 from autoglm.protocol._rollout import RolloutWait, fleet_for, rollout_waiting
 
 B, G = 4.0, 0.5  # bound, idle grace
@@ -88,3 +89,17 @@ def test_the_fleet_is_the_old_versions_holders_the_record_admits() -> None:
     assert tenth == {p for p in holders if rollout_admits(p, mid, ROLLOUT_FULL // 10)}
     assert 5 <= len(tenth) <= 40
     assert tenth <= fleet_for(holders, mid, ROLLOUT_FULL // 2)  # a larger share only adds peers
+
+
+def test_time_spent_waiting_for_the_fleet_is_no_owners_silence() -> None:
+    """Members are known while an update waits; an owner's owner_timeout runs from the first request."""
+    fc = FirstCopy("me", [1 << 22] * 8, owner_timeout=20.0)
+    fc.set_members(["a", "b"], now=0.0)
+    theirs = [i for i in range(8) if fc.owner(i) != "me"]
+    assert theirs and not fc.mirror_may_take(theirs[0], 19.0)
+    assert fc.mirror_may_take(theirs[0], 20.0)  # without the restart: stale 20 s after it was first seen
+    fc.restart_clock(15.0)  # the fetch starts 15 s later (the fleet wait)
+    assert not any(fc.mirror_may_take(i, 34.9) for i in theirs)
+    assert all(fc.mirror_may_take(i, 35.0) for i in theirs)
+    fc.restart_clock(5.0)  # never moves a clock back
+    assert all(fc.mirror_may_take(i, 35.0) for i in theirs)
