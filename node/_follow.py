@@ -123,7 +123,10 @@ async def node_update(
     trust = sn.trust or TrustPolicy()
     plan = plan or FetchPlan(signed, root, trust)
 
-    old = await trio.to_thread.run_sync(_current_manifest, sn, root)
+    from autoglm.node._versions import VersionSet
+
+    cur = await trio.to_thread.run_sync(VersionSet(root).current)
+    old = None if cur is None else _held_id(sn, cur)  # the version being replaced, as this node holds it
 
     async def before_start(mid: bytes) -> None:
         if old is not None and old != mid:
@@ -136,14 +139,6 @@ async def node_update(
     if res.pruned:
         await _unannounce(sn, res.pruned, root)
     return res
-
-
-def _current_manifest(sn: SwarmNode, root: Path) -> bytes | None:
-    """The id of the manifest ``root``'s current version was fetched as, if this node holds it. Blocking."""
-    from autoglm.node._versions import VersionSet
-
-    cur = VersionSet(root).current()
-    return None if cur is None else _held_id(sn, cur)
 
 
 def _held_id(sn: SwarmNode, dirname: str) -> bytes | None:
