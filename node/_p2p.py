@@ -488,6 +488,22 @@ class P2PNode:
     async def provide_manifest(self, manifest_id: bytes) -> bool:
         return await self._provide(manifest_provider_key(manifest_id))
 
+    def unprovide_manifest(self, manifest_id: bytes) -> None:
+        """Stop providing a manifest: no more republishing, and this node's own record is dropped locally.
+
+        Kademlia has no withdrawal: records already stored at other nodes expire (48 h).
+        """
+        from libp2p.kad_dht.kad_dht import _encode_key
+
+        store = self._dht.provider_store
+        key = _encode_key(manifest_provider_key(manifest_id))
+        store.providing_keys.discard(key)
+        mine = store.providers.get(key)
+        if mine is not None:
+            mine.pop(str(store.local_peer_id), None)
+            if not mine:
+                del store.providers[key]
+
     async def provide_file(self, sha256: bytes) -> bool:
         return await self._provide(file_provider_key(sha256))
 

@@ -168,6 +168,23 @@ class Swarm:
         """Re-read a manifest's verified pieces from the store."""
         await self.held.refresh(mid)
 
+    async def withdraw(self, mid: bytes) -> None:
+        """Pieces of ``mid`` were removed here (a version pruned by ``update --keep``): tell peers what is left.
+
+        Peers hear the new bitfield as an Announce; when nothing is left the
+        manifest is no longer held (not in a Hello, its provider record no longer
+        renewed in the DHT and dropped from this node's own provider store).
+        """
+        state = await self.held.withdraw(mid)
+        if state is None:
+            return
+        if mid not in self.held:
+            self.discovery.forget(mid)
+            self.p2p.unprovide_manifest(mid)
+        for s in list(self.sessions.values()):
+            if mid in s.announced:
+                s.post(Announce(state))
+
     # -- fetching ------------------------------------------------------------------
     def attach(self, manifest_id: bytes, fetch: FetchHandle) -> None:
         """Make peers that hold ``manifest_id`` sources of ``fetch`` (now and as they appear)."""
@@ -303,6 +320,9 @@ class Swarm:
             case Interested() | NotInterested():
                 if s.within_rate("Interested"):
                     self._rechoke_now.set()
+                    # A peer with nothing of the manifest is a first-copy member only while it fetches it.
+                    self.fetches.update_membership(msg.manifest_id)
+                    self.discovery.peers_changed()
             case TokenRequest():
                 if s.within_rate("TokenRequest"):
                     s.post(Token(self.serving.issue_token(s.peer_id)))
