@@ -453,9 +453,9 @@ async def publish_hub(
 # -- fetch M.agm --hf-cache --------------------------------------------------
 
 
-def files_dir(cache: Path, prov: Provenance) -> Path:
+def files_dir(cache: Path, repo: str, commit: str) -> Path:
     """Where ``fetch M.agm --hf-cache`` has the engine write (hidden in the repo folder; the blobs are hard links)."""
-    return repo_folder(cache, prov.ref) / ".autoglm-files" / prov.commit
+    return repo_folder(cache, HubRef("hf", repo, commit)) / ".autoglm-files" / commit
 
 
 def write_hf_cache(cache: Path, prov: Provenance, out_dir: Path, paths: Sequence[str] | None = None) -> Path:
