@@ -120,6 +120,19 @@ class Flight:
             self.failed_at = trio.current_time()
         self.bump()
 
+    def open(self) -> int:
+        """Worker thread: a descriptor of the file holding the recorded bytes (the blob once complete).
+
+        The staging file is renamed into place (output, then ``blobs/``), so the
+        descriptor keeps reading the same bytes while the flight goes on.
+        """
+        for p in [self.blob] if self.done else [*self.places, self.blob]:
+            try:
+                return os.open(p, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # moved on meanwhile
+        raise OSError(errno.EIO, f"{self.file.path}: the recorded bytes are not readable")
+
     def read(self, pos: int, n: int) -> bytes:
         """Worker thread: ``n`` bytes at ``pos`` from the blob (complete) or where the recorded prefix is."""
         paths = [self.blob] if self.done else [*self.places, self.blob]

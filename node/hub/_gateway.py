@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -76,7 +77,7 @@ log = logging.getLogger(__name__)
 
 GATEWAY_HEADER = "X-Autoglm-Gateway"
 PROBE_PATH = "/api/autoglm-gateway"
-_CHUNK = 1 << 20
+_CHUNK = 16 << 20  # bytes per sendfile span (the flight's state is checked between spans)
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::", "[::1]"}
 
 
@@ -304,18 +305,23 @@ class Gateway:
             return
         await reply.head(status, out)
         pos = start
-        while pos < end:
-            if fl.error is not None:
-                raise Abort(f"{f.path}: {fl.error}")
-            avail = min(fl.ready, end)
-            if pos >= avail:
-                await fl.changed.wait()
-                continue
-            data = await trio.to_thread.run_sync(fl.read, pos, min(_CHUNK, avail - pos))
-            await reply.data(data)
-            pos += len(data)
-            self.stats.bytes_served += len(data)
-            self.stats.served_by_via[fl.via] = self.stats.served_by_via.get(fl.via, 0) + len(data)
+        fd = await trio.to_thread.run_sync(fl.open) if start < end else -1
+        try:
+            while pos < end:
+                if fl.error is not None:
+                    raise Abort(f"{f.path}: {fl.error}")
+                avail = min(fl.ready, end)
+                if pos >= avail:
+                    await fl.changed.wait()
+                    continue
+                n = min(_CHUNK, avail - pos)
+                await reply.file(fd, pos, n)
+                pos += n
+                self.stats.bytes_served += n
+                self.stats.served_by_via[fl.via] = self.stats.served_by_via.get(fl.via, 0) + n
+        finally:
+            if fd >= 0:
+                os.close(fd)
         await reply.end()
         self.stats.flights_failed = self.flights.failed
         log.info("gateway: served %s@%s %s bytes %d-%d in %.2f s (%s)", repo, snap.commit[:12], f.path, start, end,
