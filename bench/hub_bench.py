@@ -559,6 +559,13 @@ def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int) -> tu
                     f"{ov['cut_requests']} requests cut short ({fmt_bytes(ov['cut_bytes'])}); largest repeats: {ov['where']}")
                 log(f"(e) node CPU seconds: {[round(g.cpu_at_stop, 1) for g in nodes]}")
                 overlaps.append({**ov, "node_cpu": [g.cpu_at_stop for g in nodes]})
+            if via:
+                import re
+
+                done = [m.group(1) for g in nodes for m in re.finditer(r"fetch done: \d+ bytes in ([\d.]+) s", g.stderr_text)]
+                log(f"(e) swarm fetch done (s after its start) per node: {done}; client CPU seconds: "
+                    f"{[round(r.cpu, 1) for r in results]}; client walls: {[round(r.wall, 1) for r in results]}")
+                overlaps[-1].update(fetch_done=done, client_cpu=[r.cpu for r in results])
             for g in nodes:
                 holds.append(g.stderr_text.count("file(s) from the swarm"))
                 if os.environ.get("AUTOGLM_BENCH_LOGS"):
