@@ -116,7 +116,7 @@ class NameCovers:
             lk.at = trio.current_time()
             lk.done.set()
         if lk.commit is None:
-            log.info("gateway: %s: %s (%.2fs); the hub serves it", name, why, lk.at - t0)
+            log.info("gateway: %s: %s (%.2fs); no manifest found by name: the hub serves its commits", name, why, lk.at - t0)
 
     async def _find(self, repo: str, name: str, lk: _Lookup) -> str:
         rec = await self.source.resolve_record(name, self.trust)

@@ -14,8 +14,9 @@ provenance's, then the gateway's own upstreams), every piece checked against
 its signed BLAKE3 hash, so every recorded piece is streamed at once.
 
 Requests for files of one manifest arriving together (``snapshot_download``
-asks with 8 workers) are batched into one hold with those files; files asked
-for while a hold runs go into the next (the node runs one fetch per manifest
+asks with 8 workers) are batched into one hold with those files (a hold starts
+once no new file was asked for ``BATCH_WINDOW`` seconds, at most ``BATCH_MAX``
+after the first); files asked for while a hold runs go into the next (the node runs one fetch per manifest
 at a time; the store keeps what earlier holds verified). The files land in
 ``models--ORG--REPO/.autoglm-files/<commit>/`` (the folder the node keeps
 seeding from, as ``fetch M.agm --hf-cache`` writes it) and each blob is a hard
@@ -57,11 +58,12 @@ from ._publish import (
     sidecar_path,
 )
 
-__all__ = ["BATCH_WINDOW", "HubManifest", "SwarmFlights", "load_hub_manifests"]
+__all__ = ["BATCH_MAX", "BATCH_WINDOW", "HubManifest", "SwarmFlights", "load_hub_manifests"]
 
 log = logging.getLogger("autoglm.node.hub._gateway")
 
-BATCH_WINDOW = 0.3  # seconds a new hold waits for more requests of the same manifest
+BATCH_WINDOW = 0.3  # a new hold starts once no new file of its manifest was asked for this long ...
+BATCH_MAX = 2.0  # ... or this long after its first request
 
 Hold = Callable[..., Awaitable[Any]]  # SwarmNode.hold(plan, events=...)
 
@@ -122,6 +124,7 @@ class _Run:
     pending: dict[str, tuple[Flight, HubFile, RepoSnapshot]] = field(default_factory=dict)
     wanted: set[str] = field(default_factory=set)
     running: bool = False
+    asked: trio.Event = field(default_factory=trio.Event)  # set when a file joins ``pending``
 
 
 class SwarmFlights:
@@ -144,8 +147,8 @@ class SwarmFlights:
 
     def look_ahead(self, repo: str) -> None:
         """A revision of ``repo`` was resolved: start its name lookup now, beside the clients' next requests."""
-        if self.names is not None:
-            self.names.look_ahead(repo)
+        if self.names is not None and not any(r == repo for r, _ in self.manifests):
+            self.names.look_ahead(repo)  # (a repository --hf-manifest covers is looked up only for other commits)
 
     async def cover(self, snap: RepoSnapshot) -> HubManifest | None:
         """The trusted manifest covering the snapshot's commit: ``--hf-manifest``, else the name record's (bounded wait)."""
@@ -173,6 +176,7 @@ class SwarmFlights:
         fl.via = "swarm"
         run = self._runs.setdefault(hm.signed.id, _Run(hm))
         run.pending[f.path] = (fl, f, snap)
+        run.asked.set()
         if not run.running:
             run.running = True
             self.nursery.start_soon(self._run, run)
@@ -181,7 +185,15 @@ class SwarmFlights:
     async def _run(self, run: _Run) -> None:
         try:
             while run.pending:
-                await trio.sleep(BATCH_WINDOW)  # the other requests of one snapshot_download arrive meanwhile
+                # The other requests of one snapshot_download (8 workers) arrive meanwhile; on a busy machine
+                # they spread over more than a window, and a file left for the next hold waits for this one.
+                with trio.move_on_after(BATCH_MAX):
+                    while True:
+                        run.asked = trio.Event()
+                        with trio.move_on_after(BATCH_WINDOW):
+                            await run.asked.wait()
+                        if not run.asked.is_set():
+                            break
                 batch, run.pending = run.pending, {}
                 run.wanted |= set(batch)
                 await self._hold(run, batch)
