@@ -133,22 +133,6 @@ class Flight:
                 continue  # moved on meanwhile
         raise OSError(errno.EIO, f"{self.file.path}: the recorded bytes are not readable")
 
-    def read(self, pos: int, n: int) -> bytes:
-        """Worker thread: ``n`` bytes at ``pos`` from the blob (complete) or where the recorded prefix is."""
-        paths = [self.blob] if self.done else [*self.places, self.blob]
-        for p in paths:
-            try:
-                fd = os.open(p, os.O_RDONLY)
-            except FileNotFoundError:
-                continue  # moved on (staging -> output -> blobs/) meanwhile
-            try:
-                data = os.pread(fd, n, pos)
-            finally:
-                os.close(fd)
-            if len(data) == n:
-                return data
-        raise OSError(errno.EIO, f"{self.file.path}: bytes {pos}..{pos + n} are not readable")
-
 
 class SwarmFeed(Protocol):
     """Where swarm flights come from (``_swarm_flights.SwarmFlights``)."""

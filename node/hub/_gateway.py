@@ -305,7 +305,10 @@ class Gateway:
             return
         await reply.head(status, out)
         pos = start
-        fd = await trio.to_thread.run_sync(fl.open) if start < end else -1
+        try:
+            fd = await trio.to_thread.run_sync(fl.open) if start < end else -1
+        except OSError as exc:
+            raise Abort(f"{f.path}: {exc}") from exc
         try:
             while pos < end:
                 if fl.error is not None:
