@@ -85,6 +85,12 @@ class Reply:
         No copy through Python and no worker thread: h11 passes the span through
         (``send_with_data_passthrough``) and counts it against the Content-Length.
         The file must hold the bytes (a short file ends the connection).
+
+        Strategy: each ``sendfile`` call runs in the event loop and sends at most
+        what the socket buffer takes, so bytes not in the page cache are read
+        from disk there, one socket buffer at a time (nginx's ``sendfile`` without
+        aio does the same); a worker thread per call would cost more than it
+        saves for bytes that were just written.
         """
         if self.head_only or not count:
             return
