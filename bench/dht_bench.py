@@ -99,10 +99,15 @@ async def _worker(args: argparse.Namespace) -> None:
             if op == "provide":
                 mid = bytes.fromhex(cmd["manifest"])
                 mine = [n for n in nodes if n.peer_id in set(cmd["who"])]
+                oks: list[bool] = []
+
+                async def provide(n: P2PNode, mid: bytes = mid, oks: list[bool] = oks) -> None:
+                    oks.append(await n.provide_manifest(mid))
+
                 async with trio.open_nursery() as n2:
                     for n in mine:
-                        n2.start_soon(n.provide_manifest, mid)
-                say(ev="provided", n=len(mine))
+                        n2.start_soon(provide, n)
+                say(ev="provided", n=len(mine), ok=sum(oks))
             elif op == "converge":
                 mid = bytes.fromhex(cmd["manifest"])
                 want = set(cmd["holders"])
@@ -178,6 +183,18 @@ async def _worker(args: argparse.Namespace) -> None:
                         for n in nodes:
                             n2.start_soon(resolve, n)
                 say(ev="resolved", lat=lat, found=sum(hits))
+            elif op == "idle":
+                # Every node idle: CPU of this process (its hosts) over the window, and the table sizes.
+                import resource
+
+                def cpu() -> float:
+                    r = resource.getrusage(resource.RUSAGE_SELF)
+                    return r.ru_utime + r.ru_stime
+
+                c0, t = cpu(), time.perf_counter()
+                await trio.sleep(float(cmd["seconds"]))
+                say(ev="idled", cpu=cpu() - c0, seconds=time.perf_counter() - t, hosts=len(nodes),
+                    table=[n.dht_size() for n in nodes])
             elif op == "stop":
                 nursery.cancel_scope.cancel()
 
@@ -233,6 +250,7 @@ def main() -> int:
     ap.add_argument("--poll", type=float, default=1.0, help="seconds between a node's DHT lookups while converging")
     ap.add_argument("--lookups", type=int, default=1, help="lookups per node in each latency phase")
     ap.add_argument("--timeout", type=float, default=60.0, help="bound on the convergence phase")
+    ap.add_argument("--idle", type=float, default=30.0, help="seconds of the idle CPU window at the end")
     ap.add_argument("--json", type=Path, help="write the raw results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
@@ -271,9 +289,9 @@ def main() -> int:
         t0 = time.time()
         for w in workers:
             w.send(op="provide", manifest=mid, who=holders)
-        for w in workers:
-            w.expect("provided")
+        provided_ok = sum(w.expect("provided")["ok"] for w in workers)
         t_provide = time.time() - t0
+        log(f"provide: {provided_ok} of {len(holders)} holders placed a record in {t_provide:.1f} s")
         for w in workers:
             w.send(op="converge", manifest=mid, holders=holders, t0=t0)
         conv: list[float] = []
@@ -319,6 +337,18 @@ def main() -> int:
             m = w.expect("resolved")
             nlat += m["lat"]
             nfound += m["found"]
+        # 4. idle: every host quiet (the routing-table refreshes at 0 and 30 s after start are over)
+        for w in workers:
+            w.send(op="idle", seconds=args.idle)
+        idle_cpu = idle_s = 0.0
+        tables_end: list[int] = []
+        for w in workers:
+            m = w.expect("idled")
+            idle_cpu += m["cpu"]
+            idle_s = max(idle_s, m["seconds"])
+            tables_end += m["table"]
+        idle_pct = 100 * idle_cpu / idle_s / args.nodes
+        log(f"idle: {idle_pct:.2f} % of a core per host; routing tables p50 {_pct([float(t) for t in tables_end], 0.5)}")
         for w in workers:
             w.send(op="stop")
         for w in workers:
@@ -340,13 +370,16 @@ def main() -> int:
             ["nodes", "provide (all holders)", "p50", "p90", "last", f"never (in {args.timeout:.0f} s)", "lookups"],
             [[str(args.nodes), f"{t_provide:.1f} s", f"{c50:.1f} s" if c50 is not None else "-",
               f"{c90:.1f} s" if c90 is not None else "-", f"{max(conv):.1f} s" if conv else "-", str(missing), str(asks)]],
-            note=f"start-up of all nodes {t_up:.1f} s; holders known at the end (of {len(holders)}): p50 {known_p50}, "
+            note=f"idle CPU per host {idle_pct:.2f} % of a core over {idle_s:.0f} s; routing table size at the end p50 "
+                 f"{_pct([float(t) for t in tables_end], 0.5)} (min {min(tables_end, default=0)}); "
+                 f"start-up of all nodes {t_up:.1f} s; holders known at the end (of {len(holders)}): p50 {known_p50}, "
                  f"min {min(knew, default=0)}; name record put {put['seconds']:.1f} s ({'ok' if put['ok'] else 'timed out'})",
         )
         if args.json:
             args.json.write_text(json.dumps({"nodes": args.nodes, "provider_lat": lat, "name_lat": nlat, "converge": conv,
                                              "missing": missing, "startup_s": t_up, "provide_s": t_provide,
-                                             "holders_known": knew, "put_s": put["seconds"], "put_ok": put["ok"]}))
+                                             "holders_known": knew, "idle_cpu_pct_per_host": idle_pct,
+                                             "tables_start": tables, "tables_end": tables_end, "put_s": put["seconds"], "put_ok": put["ok"]}))
     return 0
 
 

@@ -1,0 +1,153 @@
+"""One Kademlia lookup as a state machine: which peers to ask next, and when it is over.
+
+Theory of operation. A lookup walks towards a 256-bit *target* point. It
+keeps every peer it has heard of, sorted by XOR distance of the peer's point
+to the target (points are SHA-256 of the key or of the peer id's bytes, the
+keyspace py-libp2p's servers sort by). At most ``alpha`` queries are in
+flight, always to the closest peers not yet asked among the ``k`` closest
+that have not failed. Each answer brings closer peers (FIND_NODE and
+GET_PROVIDERS both return them); each query has its own deadline, after
+which the peer counts as failed and its slot goes to the next candidate, so
+one silent peer costs one slot for ``query_timeout``, not the whole round
+(py-libp2p's own lookup waits for the slowest query of every round).
+
+The lookup is over when the ``need`` closest live peers it knows have all
+answered (``need`` starts at ``beta``: go-libp2p-kad-dht's resiliency, the
+number of closest peers that must respond for a query to end; a provider
+walk that has all the providers it wants sets it to 0), when nothing is left
+to ask, or when ``budget`` seconds have passed since it started. Requiring
+all ``k`` closest to answer instead costs about ``k`` queries per lookup
+however small the network: at 32 hosts to a 2-core machine that alone
+pushed provides past their bound.
+
+Sans-IO: the caller passes ``now`` in, starts the queries that
+:meth:`Lookup.next_queries` returns, reports each outcome, and wakes up at
+:meth:`Lookup.next_deadline` to call :meth:`Lookup.handle_timer`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["Lookup", "LookupParams", "key_point"]
+
+
+def key_point(data: bytes) -> bytes:
+    """A key's or a peer id's place in the keyspace."""
+    return hashlib.sha256(data).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class LookupParams:
+    alpha: int = 3  # queries in flight
+    k: int = 20  # closest peers a lookup converges on (and provider records go to)
+    beta: int = 3  # closest peers that must answer before a provider walk with results stops
+    query_timeout: float = 5.0  # one peer's answer
+    budget: float = 15.0  # the whole lookup
+    max_candidates: int = 80  # peers kept (the closest); a hostile answer cannot grow it further
+
+
+_NEW, _ASKED, _ANSWERED, _FAILED = range(4)
+
+
+class Lookup:
+    """An iterative lookup of ``target`` (a 32-byte point), seeded with known peers."""
+
+    def __init__(self, target: bytes, seeds: Iterable[tuple[str, bytes]], now: float,
+                 params: LookupParams = LookupParams(), exclude: Iterable[str] = ()) -> None:
+        self.params = params
+        self.need = params.beta
+        self._target = int.from_bytes(target, "big")
+        self._dist: dict[str, int] = {}
+        self._state: dict[str, int] = {}
+        self._sent: dict[str, float] = {}
+        self._exclude = set(exclude)
+        self._deadline = now + params.budget
+        self.timed_out = False
+        self.queries = 0
+        self.answers = 0
+        self._add(seeds)
+
+    # -- inputs -----------------------------------------------------------------
+    def _add(self, peers: Iterable[tuple[str, bytes]]) -> None:
+        for peer, point in peers:
+            if peer in self._state or peer in self._exclude or len(point) != 32:
+                continue
+            self._dist[peer] = self._target ^ int.from_bytes(point, "big")
+            self._state[peer] = _NEW
+        if len(self._state) > self.params.max_candidates:
+            # Drop the farthest peers nobody has asked yet.
+            keep = sorted(self._state, key=self._dist.__getitem__)
+            for peer in keep[self.params.max_candidates:]:
+                if self._state[peer] == _NEW:
+                    del self._state[peer], self._dist[peer]
+
+    def on_response(self, peer: str, closer: Iterable[tuple[str, bytes]], now: float) -> None:
+        """``peer`` answered, naming ``closer`` peers (id, point)."""
+        if self._state.get(peer) != _ASKED:
+            return
+        self._state[peer] = _ANSWERED
+        self._sent.pop(peer, None)
+        self.answers += 1
+        self._add(closer)
+
+    def on_failure(self, peer: str, now: float) -> None:
+        if self._state.get(peer) == _ASKED:
+            self._state[peer] = _FAILED
+            self._sent.pop(peer, None)
+
+    def handle_timer(self, now: float) -> None:
+        for peer, sent in list(self._sent.items()):
+            if now >= sent + self.params.query_timeout:
+                self.on_failure(peer, now)
+        if now >= self._deadline:
+            self.timed_out = True
+
+    # -- outputs ----------------------------------------------------------------
+    def _live(self) -> list[str]:
+        return sorted((p for p, s in self._state.items() if s != _FAILED), key=self._dist.__getitem__)
+
+    def next_queries(self, now: float) -> list[str]:
+        """Peers to ask now (each marked as asked); empty once done or while alpha are in flight."""
+        if self.done:
+            return []
+        out = []
+        slots = self.params.alpha - len(self._sent)
+        for peer in self._live()[: self.params.k]:
+            if slots <= 0:
+                break
+            if self._state[peer] == _NEW:
+                self._state[peer] = _ASKED
+                self._sent[peer] = now
+                self.queries += 1
+                out.append(peer)
+                slots -= 1
+        return out
+
+    def next_deadline(self) -> float:
+        return min([self._deadline, *(t + self.params.query_timeout for t in self._sent.values())])
+
+    @property
+    def done(self) -> bool:
+        if self.timed_out:
+            return True
+        live = self._live()
+        closest = live[: self.need]
+        if all(self._state[p] == _ANSWERED for p in closest):
+            return True
+        # Nothing left to ask and nothing in flight: the walk cannot get further.
+        return not self._sent and not any(self._state[p] == _NEW for p in live[: self.params.k])
+
+    def closest(self, count: int | None = None) -> list[str]:
+        """The closest peers that answered, nearest first."""
+        answered = [p for p in self._live() if self._state[p] == _ANSWERED]
+        return answered[: self.params.k if count is None else count]
+
+    def known_closest(self, count: int | None = None) -> list[str]:
+        """The closest peers not known to have failed (answered, asked or not yet), nearest first."""
+        return self._live()[: self.params.k if count is None else count]
+
+    def in_flight(self) -> int:
+        return len(self._sent)

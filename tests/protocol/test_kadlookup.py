@@ -1,0 +1,145 @@
+"""protocol/_kadlookup: the iterative Kademlia lookup as a pure state machine (time passed in)."""
+
+from __future__ import annotations
+
+import random
+
+from autoglm.protocol._kadlookup import Lookup, LookupParams, key_point
+
+P = LookupParams(alpha=3, k=8, beta=3, query_timeout=5.0, budget=15.0, max_candidates=32)
+
+
+def _net(n: int, seed: int = 1) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    return {f"p{i}": key_point(rng.randbytes(8)) for i in range(n)}
+
+
+def _dist(a: bytes, b: bytes) -> int:
+    return int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+
+
+def _closest(net: dict[str, bytes], target: bytes, count: int) -> list[str]:
+    return sorted(net, key=lambda p: _dist(net[p], target))[:count]
+
+
+def _answer(net: dict[str, bytes], peer: str, target: bytes, k: int) -> list[tuple[str, bytes]]:
+    # An ideal server: its k closest to the target among everyone (itself excluded).
+    return [(p, net[p]) for p in _closest(net, target, k + 1) if p != peer][:k]
+
+
+def _drive(lookup: Lookup, net: dict[str, bytes], target: bytes, silent: frozenset[str] = frozenset()) -> float:
+    """Run to the end, every answer 1 s after its query; silent peers never answer. Returns the end time."""
+    now = 0.0
+    pending: dict[str, float] = {}
+    while True:
+        lookup.handle_timer(now)
+        if lookup.done:
+            return now
+        for peer in lookup.next_queries(now):
+            if peer not in silent:
+                pending[peer] = now + 1.0
+        assert lookup.in_flight() <= lookup.params.alpha
+        now = min([lookup.next_deadline(), *pending.values()])
+        for peer, at in list(pending.items()):
+            if at <= now:
+                del pending[peer]
+                lookup.on_response(peer, _answer(net, peer, target, lookup.params.k), now)
+
+
+def test_full_walk_finds_the_true_k_closest_from_one_far_seed() -> None:
+    net = _net(300)
+    target = key_point(b"some key")
+    far = _closest(net, target, 300)[-1]
+    lookup = Lookup(target, [(far, net[far])], 0.0, P)
+    lookup.need = P.k
+    _drive(lookup, net, target)
+    assert lookup.closest() == _closest(net, target, P.k)
+    assert not lookup.timed_out
+    assert lookup.queries < 40  # not the whole network
+
+
+def test_beta_termination_stops_early_with_the_closest_three_answered() -> None:
+    net = _net(300)
+    target = key_point(b"another key")
+    far = _closest(net, target, 300)[-1]
+    full = Lookup(target, [(far, net[far])], 0.0, P)
+    full.need = P.k
+    _drive(full, net, target)
+    short = Lookup(target, [(far, net[far])], 0.0, P)
+    _drive(short, net, target)
+    assert short.closest(3) == _closest(net, target, 3)
+    assert short.queries < full.queries
+
+
+def test_a_silent_peer_costs_one_slot_for_the_query_timeout() -> None:
+    net = _net(50)
+    target = key_point(b"k")
+    seeds = _closest(net, target, 4)
+    silent = frozenset(seeds[:1])
+    lookup = Lookup(target, [(p, net[p]) for p in seeds], 0.0, P)
+    assert lookup.next_queries(0.0) == seeds[:3]
+    assert lookup.next_queries(0.0) == []  # alpha in flight
+    assert lookup.next_deadline() == 5.0
+    lookup.on_response(seeds[1], [], 1.0)
+    lookup.on_response(seeds[2], [], 1.0)
+    assert lookup.next_queries(1.0) == [seeds[3]]
+    lookup.handle_timer(4.99)
+    assert lookup.in_flight() == 2
+    lookup.handle_timer(5.0)  # the silent peer's deadline frees its slot
+    assert lookup.in_flight() == 1 and not lookup.done
+    end = _drive(lookup, net, target, silent)
+    assert silent.isdisjoint(lookup.closest())
+    assert end < P.budget
+
+
+def test_the_budget_ends_a_lookup_whose_peers_never_answer() -> None:
+    net = _net(40)
+    target = key_point(b"k")
+    lookup = Lookup(target, list(net.items()), 0.0, P)
+    end = _drive(lookup, net, target, frozenset(net))
+    assert lookup.done and lookup.timed_out and lookup.closest() == []
+    assert end == P.budget
+    # Every failed slot was refilled: alpha new queries per query_timeout (at 0, 5 and 10 s).
+    assert lookup.queries == 3 * P.alpha
+
+
+def test_budget_cuts_a_slow_walk_exactly() -> None:
+    net = _net(40)
+    target = key_point(b"k")
+    lookup = Lookup(target, list(net.items()), 0.0, LookupParams(alpha=1, k=8, query_timeout=10.0, budget=15.0))
+    assert len(lookup.next_queries(0.0)) == 1
+    lookup.handle_timer(14.9)
+    assert not lookup.done
+    lookup.handle_timer(15.0)
+    assert lookup.done and lookup.timed_out and lookup.next_queries(15.0) == []
+
+
+def test_a_flood_of_closer_peers_is_capped_and_self_is_never_asked() -> None:
+    target = key_point(b"k")
+    lookup = Lookup(target, [("seed", key_point(b"seed")), ("me", key_point(b"me"))], 0.0, P, exclude=["me"])
+    assert lookup.next_queries(0.0) == ["seed"]
+    flood = [(f"x{i}", key_point(b"x%d" % i)) for i in range(1000)]
+    lookup.on_response("seed", [*flood, ("me", key_point(b"me")), ("bad", b"short")], 1.0)
+    kept = set(lookup.known_closest(10_000))
+    assert "me" not in kept and "bad" not in kept and "seed" in kept  # the answered seed is never dropped
+    everyone = [*flood, ("seed", key_point(b"seed"))]
+    nearest = sorted(everyone, key=lambda x: _dist(x[1], target))[: P.max_candidates]
+    assert kept == {"seed", *(p for p, _ in nearest)}
+
+
+def test_enough_results_end_the_walk_at_once() -> None:
+    net = _net(30)
+    target = key_point(b"k")
+    lookup = Lookup(target, list(net.items()), 0.0, P)
+    first = lookup.next_queries(0.0)
+    lookup.on_response(first[0], [], 0.5)
+    lookup.need = 0  # the caller has all the providers it wants
+    assert lookup.done and lookup.next_queries(0.5) == []
+
+
+def test_late_or_unasked_answers_are_ignored() -> None:
+    net = _net(10)
+    target = key_point(b"k")
+    lookup = Lookup(target, list(net.items())[:2], 0.0, P)
+    lookup.on_response("nobody-asked", list(net.items()), 0.0)
+    assert len(lookup.known_closest()) == 2

@@ -1,0 +1,56 @@
+"""The DHT walk (node/_p2p.py over protocol/_kadlookup.py) with real py-libp2p hosts on 127.0.0.1.
+
+Twelve hosts joined as a chain (each bootstraps from the one before), two of
+them provide one manifest; then three late hosts join as a chain of their
+own hanging off the first, and the last of them looks the manifest up. It
+never connected to either provider, and neither it nor the host it
+bootstrapped from holds a record: only a walk over closer peers
+(GET_PROVIDERS answers that name closer peers) finds them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import trio
+
+from autoglm.node._p2p import P2PNode, manifest_provider_key, open_p2p
+
+logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+
+
+def _holds_record(node: P2PNode, mid: bytes) -> bool:
+    from libp2p.kad_dht.kad_dht import _encode_key
+
+    return bool(node._dht.provider_store.get_providers(_encode_key(manifest_provider_key(mid))))
+
+
+async def test_a_provider_is_found_over_a_multi_hop_walk(tmp_path: Path) -> None:
+    mid = os.urandom(32)
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            chain: list[P2PNode] = []
+            for i in range(12):
+                boot = chain[-1].addrs() if chain else []
+                chain.append(await stack.enter_async_context(open_p2p(tmp_path / f"n{i}", bootstrap=boot)))
+            holder_a, holder_b = chain[-1], chain[5]
+            assert await holder_a.provide_manifest(mid)
+            assert await holder_b.provide_manifest(mid)
+
+            # A holder's own record is in its local store; it still learns of the other holder.
+            assert holder_b.peer_id in {p.peer_id for p in await holder_a.find_manifest_providers(mid)}
+
+            late: list[P2PNode] = []
+            for i in range(3):
+                boot = late[-1].addrs() if late else chain[0].addrs()
+                late.append(await stack.enter_async_context(open_p2p(tmp_path / f"late{i}", bootstrap=boot)))
+            seeker, via = late[-1], late[-2]
+            assert {holder_a.peer_id, holder_b.peer_id}.isdisjoint(seeker.connected_peers())
+            assert not _holds_record(seeker, mid) and not _holds_record(via, mid)
+
+            found = {p.peer_id: p for p in await seeker.find_manifest_providers(mid)}
+            assert {holder_a.peer_id, holder_b.peer_id} <= set(found)
+            assert found[holder_a.peer_id].addrs  # dialable: the answer carried its addresses
