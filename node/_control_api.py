@@ -58,6 +58,13 @@ async def _send(stream: trio.abc.Stream, value: dict[str, Any]) -> None:
     await stream.send_all(json.dumps(value, sort_keys=True).encode() + b"\n")
 
 
+async def _forward(stream: trio.abc.Stream, recv: trio.MemoryReceiveChannel[Event]) -> None:
+    """Relay each progress event on ``recv`` to the client as a JSON line, until the sender closes."""
+    async with recv:
+        async for ev in recv:
+            await _send(stream, to_json(ev))
+
+
 async def _read_line(stream: trio.abc.Stream) -> bytes:
     buf = b""
     while b"\n" not in buf:
@@ -103,13 +110,7 @@ async def _fetch(stream: trio.SocketStream, node: SwarmNode, req: dict[str, Any]
             [str(x) for x in req.get("spiffe_ids", [])],
         )
         async with trio.open_nursery() as nursery:
-
-            async def forward() -> None:
-                async with recv:
-                    async for ev in recv:
-                        await _send(stream, to_json(ev))
-
-            nursery.start_soon(forward)
+            nursery.start_soon(_forward, stream, recv)
             resolved = None if "manifest" in req else await node.resolve_name(str(req["name"]), trust)
             plan = FetchPlan.from_wire(req, trust, resolved)
             result = await node.hold(plan, events=send)
