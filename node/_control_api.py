@@ -58,13 +58,6 @@ async def _send(stream: trio.abc.Stream, value: dict[str, Any]) -> None:
     await stream.send_all(json.dumps(value, sort_keys=True).encode() + b"\n")
 
 
-async def _forward(stream: trio.abc.Stream, recv: trio.MemoryReceiveChannel[Event]) -> None:
-    """Relay each progress event on ``recv`` to the client as a JSON line, until the sender closes."""
-    async with recv:
-        async for ev in recv:
-            await _send(stream, to_json(ev))
-
-
 async def _read_line(stream: trio.abc.Stream) -> bytes:
     buf = b""
     while b"\n" not in buf:
@@ -102,6 +95,13 @@ async def _handle(stream: trio.SocketStream, node: SwarmNode) -> None:
         await stream.aclose()
 
 
+async def _forward(stream: trio.abc.Stream, recv: trio.MemoryReceiveChannel[Event]) -> None:
+    """Relay each progress event on ``recv`` to the client as a JSON line, until the sender closes."""
+    async with recv:
+        async for ev in recv:
+            await _send(stream, to_json(ev))
+
+
 async def _fetch(stream: trio.SocketStream, node: SwarmNode, req: dict[str, Any]) -> None:
     send, recv = trio.open_memory_channel[Event](64)
     try:
@@ -110,6 +110,7 @@ async def _fetch(stream: trio.SocketStream, node: SwarmNode, req: dict[str, Any]
             [str(x) for x in req.get("spiffe_ids", [])],
         )
         async with trio.open_nursery() as nursery:
+
             nursery.start_soon(_forward, stream, recv)
             resolved = None if "manifest" in req else await node.resolve_name(str(req["name"]), trust)
             plan = FetchPlan.from_wire(req, trust, resolved)
