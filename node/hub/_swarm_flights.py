@@ -239,5 +239,6 @@ def _link_blob(src: Path, fl: Flight, f: HubFile, commit: str) -> None:
         blob = hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
         if blob != f.blob_id:
             raise IntegrityError(f"{f.path}: git blob id {blob}, the hub and the provenance say {f.blob_id}")
-    link_blob(src, fl.blob)
+    dst = fl.blob
+    link_blob(src, dst)
     link_snapshot(fl.repo_dir, commit, [f])
