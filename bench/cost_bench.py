@@ -20,6 +20,20 @@ Peak RSS: autoglm, the largest daemon's VmHWM; libtorrent, the process's peak ÷
 
     sudo .venv/bin/python bench/cost_bench.py [--n 8] [--size 1GiB] [--tools lt1,autoglm,autoglm-seed] [--json F]
 
+A smaller mode for profiling one receiver (no root, no namespaces, 127.0.0.1):
+``--pair`` starts one `join --seed` node that adopts the model where it lies
+(no transfer), then one `join` node bootstrapped from it with no mirror, and
+times a `fetch` handed to the second node: every byte crosses peerwire once.
+It reports CPU per GiB of the receiving daemon (its main thread and its worker
+threads, user and system apart), of the `fetch` command and of the sender;
+``--py-spy FILE`` also records the receiver with py-spy (``--threads``,
+``--idle`` off) into FILE (speedscope format), and the sender into FILE with
+the suffix ``.sender.json``; ``--perf FILE`` records it with
+``perf record -g`` instead (the kernel's side of the system time). ``--repeat K`` runs K fetches
+(fresh output directories, same two daemons) and prints every one.
+
+    .venv/bin/python bench/cost_bench.py --pair [--size 512MiB] [--repeat 3] [--py-spy prof.json]
+
 CPU-seconds are robust to a busy machine (times are not): the table says the load average.
 """
 
@@ -29,7 +43,9 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +58,7 @@ import host_costs
 import swarm_bench
 from _harness import (
     DEFAULT_WORKDIR,
+    PROCS,
     MiB,
     check_tools,
     fmt_bytes,
@@ -116,6 +133,130 @@ def host_floor(total: int, where: Path) -> dict[str, float]:
     return out
 
 
+def _cpu_split(pid: int) -> dict[str, float]:
+    """CPU-seconds of a process so far: its main thread and the rest (worker threads, live and dead), user/system."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def times(path: str) -> tuple[float, float]:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime
+
+    pu, ps = times(f"/proc/{pid}/stat")  # the whole process, exited threads included
+    mu, ms = times(f"/proc/{pid}/task/{pid}/stat")
+    return {"main_user": mu, "main_sys": ms, "threads_user": pu - mu, "threads_sys": ps - ms}
+
+
+def run_pair(args: argparse.Namespace) -> int:
+    """One sender, one receiver, on 127.0.0.1: where a receiving node's CPU goes (see the module's docstring)."""
+    cli = swarm_bench.autoglm_cmd()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    run_dir = args.workdir / f"cost-pair-{os.getpid()}"
+    runs: list[dict[str, Any]] = []
+    with guarded():
+        on_cleanup(lambda: shutil.rmtree(run_dir, ignore_errors=True))
+        run_dir.mkdir(parents=True)
+        model = make_model(args.workdir / "cost-models", args.size)
+        if model.manifest is None or model.pub is None:
+            print(f"the model has no manifest: {model.error}", file=sys.stderr)
+            return 2
+        gib = model.total_size / GiB
+        seed = swarm_bench.JsonNode(cli + ["--data-dir", str(run_dir / "A"), "join", "--json", "--seed", str(model.manifest),
+                                           "--trust", str(model.pub), "--out", str(model.dir)], "")
+        _wait_event(seed, "complete", 600)
+        addr = seed.addr()
+        mirror_url = None
+        if args.source == "mirror":  # our own serve-mirror (its CPU is not counted); the receiver joins alone
+            mirror = swarm_bench.JsonNode(cli + ["serve-mirror", str(model.dir)], "")
+            deadline = time.monotonic() + 30
+            while mirror_url is None and time.monotonic() < deadline and mirror.proc.poll() is None:
+                mirror_url = next((w for ln in mirror.lines for w in ln.split() if w.startswith("http://")), None)
+                time.sleep(0.1)
+            if mirror_url is None:
+                print(f"serve-mirror printed no URL: {mirror.last_line()}", file=sys.stderr)
+                return 1
+        for k in range(args.repeat):
+            data = run_dir / f"B{k}"  # a fresh receiver each run: nothing of the model in its store
+            boot = ["--bootstrap", str(addr)] if mirror_url is None else []
+            recv = swarm_bench.JsonNode(cli + ["--data-dir", str(data), "join", "--json", *boot], "")
+            _wait_event(recv, "ready", 120)
+            if mirror_url is None and swarm_bench.wait_for_mesh(cli, [data], "", 1, 30.0) is None:
+                print("the receiver found no session with the sender in 30 s", file=sys.stderr)
+                return 1
+            time.sleep(1.0)  # start-up's tail (DHT, announcements) out of the measurement
+            i0, ia0, t_idle = sum(_cpu_split(recv.proc.pid).values()), sum(_cpu_split(seed.proc.pid).values()), time.monotonic()
+            time.sleep(args.idle)
+            t_idle = time.monotonic() - t_idle
+            idle = (sum(_cpu_split(recv.proc.pid).values()) - i0) / t_idle
+            idle_seed = (sum(_cpu_split(seed.proc.pid).values()) - ia0) / t_idle
+            a0, b0 = _cpu_split(seed.proc.pid), _cpu_split(recv.proc.pid)
+            spy = spy2 = None
+            if args.py_spy and k == 0:
+                spy = PROCS.start([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(recv.proc.pid),
+                                   "--threads", "--rate", "200", "--format", "speedscope", "-o", str(args.py_spy)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                spy2 = PROCS.start([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(seed.proc.pid),
+                                    "--threads", "--rate", "200", "--format", "speedscope",
+                                    "-o", str(args.py_spy.with_suffix(".sender.json"))],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)
+            if args.perf and k == 0:
+                spy = PROCS.start(["perf", "record", "-g", "-F", "499", "-p", str(recv.proc.pid), "-o", str(args.perf)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)
+            out = run_dir / f"out{k}"
+            r = swarm_bench.measure(cli + ["--data-dir", str(data), "fetch", str(model.manifest), "--trust",
+                                           str(model.pub), "--out", str(out), "--json",
+                                           *(["--mirror", mirror_url] if mirror_url else [])], timeout=1800)
+            a1, b1 = _cpu_split(seed.proc.pid), _cpu_split(recv.proc.pid)
+            for p in (spy, spy2):
+                if p is not None:
+                    p.send_signal(signal.SIGINT)
+                    p.wait(60)
+            if not r.ok:
+                print(f"fetch failed: {r.error()}", file=sys.stderr)
+                return 1
+            d = {key: (b1[key] - b0[key]) / gib for key in b0}
+            row = {"wall": r.wall, **{f"recv_{key}": v for key, v in d.items()},
+                   "recv_daemon": sum(d.values()), "fetch_cmd": r.cpu / gib,
+                   "sender": sum(a1.values()) - sum(a0.values())}
+            row["sender"] /= gib
+            kinds: dict[str, int] = {}
+            for ev in swarm_bench.parse_json_lines(r.stdout):
+                kinds[str(ev.get("event"))] = kinds.get(str(ev.get("event")), 0) + 1
+            row["events"] = kinds
+            row["idle_cpu_per_s"], row["idle_cpu_per_s_sender"] = idle, idle_seed
+            row["recv_total"] = row["recv_daemon"] + row["fetch_cmd"]
+            runs.append(row)
+            log(f"run {k}: {r.wall:.1f} s; receiver {row['recv_total']:.2f} CPU-s/GiB (main {d['main_user']:.2f} user + "
+                f"{d['main_sys']:.2f} sys, threads {d['threads_user']:.2f} user + {d['threads_sys']:.2f} sys, "
+                f"fetch command {row['fetch_cmd']:.2f}), sender {row['sender']:.2f}; events {kinds}; idle CPU-s per s: receiver {idle:.3f}, sender {idle_seed:.3f}")
+            PROCS.stop(recv.proc, grace=10)
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(data, ignore_errors=True)
+        PROCS.stop(seed.proc, grace=10)
+    load = os.getloadavg()
+    rows = [[str(k), f"{r['wall']:.1f} s", f"{r['recv_main_user']:.2f} + {r['recv_main_sys']:.2f}",
+             f"{r['recv_threads_user']:.2f} + {r['recv_threads_sys']:.2f}", f"{r['fetch_cmd']:.2f}",
+             f"**{r['recv_total']:.2f}**", f"{r['sender']:.2f}"] for k, r in enumerate(runs)]
+    print_table(f"One receiver, one sender on 127.0.0.1: {fmt_bytes(model.total_size)} over peerwire "
+                f"(load average {load[0]:.1f})",
+                ["run", "time", "receiver main thread, user + sys", "receiver worker threads, user + sys",
+                 "fetch command", "receiver total", "sender"], rows, note="CPU-seconds per GiB received.")
+    if args.json:
+        args.json.write_text(json.dumps({"argv": sys.argv, "load_after": load, "runs": runs}, indent=2) + "\n")
+    return 0
+
+
+def _wait_event(node: swarm_bench.JsonNode, name: str, limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while name not in node.events:
+        if node.proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"no {name!r} event (exit {node.proc.poll()}): {node.last_line()}")
+        node.changed.wait(0.5)
+        node.changed.clear()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
@@ -125,7 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tools", default="lt1,autoglm,autoglm-seed")
     ap.add_argument("--no-floor", action="store_true", help="skip the host floor rows")
     ap.add_argument("--json", type=Path, metavar="FILE")
+    ap.add_argument("--pair", action="store_true", help="one sender, one receiver on 127.0.0.1 (no root); see above")
+    ap.add_argument("--repeat", type=int, default=1, help="--pair: fetches to run (default 1)")
+    ap.add_argument("--py-spy", type=Path, metavar="FILE", help="--pair: record the receiver's first fetch with py-spy")
+    ap.add_argument("--source", choices=["peer", "mirror"], default="peer",
+                    help="--pair: receive from the seed node over peerwire (default), or from a local serve-mirror alone")
+    ap.add_argument("--idle", type=float, default=3.0, help="--pair: seconds to measure both daemons idle first (default 3)")
+    ap.add_argument("--perf", type=Path, metavar="FILE", help="--pair: record the receiver's first fetch with perf record -g")
     args = ap.parse_args(argv)
+    if args.pair:
+        return run_pair(args)
     if os.geteuid() != 0:
         print("cost_bench needs root (network namespaces, tc)", file=sys.stderr)
         return 2

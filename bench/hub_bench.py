@@ -24,9 +24,13 @@ All rows in one run, tools alternating, median of --reps:
       default 50 MiB/s); 4 `hf download` clients, each at its own node of a
       4-node swarm (`join --hf-gateway --hf-manifest`, the manifest made by
       `publish hf://`), against 1 and 4 clients straight at the capped
-      upstream: wall of the last client, origin egress.
+      upstream: wall of the last client, origin egress (and what the upstream
+      sent twice, from its access log; each node's CPU);
+  (f) the gateway's serving cost: a gateway that already holds the repository
+      serves its shards to 4 curl clients at once: the node's CPU seconds per
+      GiB served.
 
-    .venv/bin/python bench/hub_bench.py [--reps 3] [--size 1GiB] [--parts abcde] [--cap 50MiB] [--json out.json]
+    .venv/bin/python bench/hub_bench.py [--reps 3] [--size 1GiB] [--parts abcdef] [--cap 50MiB] [--json out.json]
 """
 
 from __future__ import annotations
@@ -362,7 +366,16 @@ class GatewayNode:
         if not self.url:
             raise RuntimeError(f"the gateway did not start: {(self.dir / 'stderr').read_text()[-2000:]}")
 
+    def cpu(self) -> float:
+        """CPU seconds (user + system) the node process used so far (``ip netns exec`` execs, so the pid is the node's)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self, keep: bool = False) -> None:
+        self.cpu_at_stop = self.cpu()
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(30)
@@ -415,6 +428,47 @@ def _publish(tools: Tools, local: HubNginx, net: CappedNet, up_url: str) -> tupl
     return d / "m.agm", d / "key.pub"
 
 
+def egress_overlap(rows: list[dict[str, Any]], desc: dict[str, Any]) -> dict[str, Any]:
+    """What the upstream sent more than once, from its access log: per file, bytes sent minus the bytes covered.
+
+    ``cut`` counts requests whose body ended before the range asked for (the
+    client closed the connection: a request cancelled mid-way, its bytes in
+    flight wasted); ``dup`` the file bytes sent twice or more, ``where`` the
+    largest such ranges.
+    """
+    import re
+
+    by_path: dict[str, list[tuple[int, int]]] = {}
+    cut, cut_bytes, sent = 0, 0, 0
+    for r in rows:
+        m = re.match(r"GET (\S+) ", r["request"])
+        if r["status"] not in (200, 206) or m is None or r["body"] <= 0:
+            continue
+        path = m.group(1).rsplit("/", 1)[-1]
+        start, want = 0, None
+        rm = re.match(r"bytes=(\d+)-(\d*)", r["range"] or "")
+        if rm:
+            start = int(rm.group(1))
+            want = int(rm.group(2)) + 1 - start if rm.group(2) else None
+        if want is not None and r["body"] < want:
+            cut += 1
+            cut_bytes += r["body"]
+        by_path.setdefault(path, []).append((start, start + r["body"]))
+        sent += r["body"]
+    dup = 0
+    where: list[tuple[int, str, int, int]] = []
+    for path, spans in by_path.items():
+        bounds = sorted({x for s in spans for x in s})
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            k = sum(1 for s, e in spans if s <= a and b <= e)
+            if k > 1:
+                dup += (k - 1) * (b - a)
+                where.append(((k - 1) * (b - a), path[:16], a, b))
+    where.sort(reverse=True)
+    return {"body_bytes": sent, "dup_bytes": dup, "cut_requests": cut, "cut_bytes": cut_bytes,
+            "where": [f"{p}… {a}-{b} ({n} B again)" for n, p, a, b in where[:8]]}
+
+
 def _wait_mesh(nodes: list[GatewayNode], netns: str, limit: float = 30.0) -> float:
     """Seconds until every node has a session with every other (bounded)."""
     t0 = time.monotonic()
@@ -447,6 +501,7 @@ def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int) -> tu
     egress: dict[str, list[int]] = {c[0]: [] for c in cases}
     errors: dict[str, str] = {}
     holds: list[int] = []
+    overlaps: list[dict[str, Any]] = []
     n = 100
     for rep in range(reps):
         for name, clients, via in cases:
@@ -468,6 +523,19 @@ def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int) -> tu
                 for g in nodes:
                     g.stop(keep=True)
             served = up.settle(mark)
+            if via:
+                ov = egress_overlap(up.requests_since(mark), tools.desc)
+                log(f"(e) upstream bodies {fmt_bytes(ov['body_bytes'])}: sent twice {fmt_bytes(ov['dup_bytes'])}, "
+                    f"{ov['cut_requests']} requests cut short ({fmt_bytes(ov['cut_bytes'])}); largest repeats: {ov['where']}")
+                log(f"(e) node CPU seconds: {[round(g.cpu_at_stop, 1) for g in nodes]}")
+                overlaps.append({**ov, "node_cpu": [g.cpu_at_stop for g in nodes]})
+            if via:
+                import re
+
+                done = [m.group(1) for g in nodes for m in re.finditer(r"fetch done: \d+ bytes in ([\d.]+) s", g.stderr_text)]
+                log(f"(e) swarm fetch done (s after its start) per node: {done}; client CPU seconds: "
+                    f"{[round(r.cpu, 1) for r in results]}; client walls: {[round(r.wall, 1) for r in results]}")
+                overlaps[-1].update(fetch_done=done, client_cpu=[r.cpu for r in results])
             for g in nodes:
                 holds.append(g.stderr_text.count("file(s) from the swarm"))
                 if os.environ.get("AUTOGLM_BENCH_LOGS"):
@@ -493,7 +561,7 @@ def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int) -> tu
     up.stop()
     net.down()
     one = median(walls[cases[0][0]])
-    rows, out = [], {"cap": cap, "swarm_holds_per_node": holds}
+    rows, out = [], {"cap": cap, "swarm_holds_per_node": holds, "overlaps": overlaps}
     for name, clients, _ in cases:
         m = median(walls[name])
         e = median([float(x) for x in egress[name]])
@@ -501,6 +569,41 @@ def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int) -> tu
         rows.append([name, fmt_num(m, ".2f", " s"), f"{m / one:.2f}x" if m and one else "n/a",
                      fmt_bytes(int(e)) if e else "n/a", f"{e / total:.2f}x" if e else "n/a",
                      ", ".join(f"{w:.1f}" for w in walls[name]), errors.get(name, "")])
+    return rows, out
+
+
+def serving_rows(tools: Tools, ngx: HubNginx, reps: int) -> tuple[list[list[str]], dict[str, Any]]:
+    """(f): a gateway that holds the repository serves it to 4 curl clients at once: the node's CPU per GiB served."""
+    desc = tools.desc
+    shards = [p for p, f in desc["files"].items() if f["sha256"] is not None]
+    gw = GatewayNode(tools.work, ngx.url(), 900)
+    out: dict[str, Any] = {"walls": [], "cpu_per_gib": []}
+    try:
+        warm = tools.fresh("hf-download")
+        r = measure(_hf_download(warm, gw.url), timeout=TIMEOUT, env=tools.env(gw.url))
+        if not (r.ok and tools.correct("snapshot_download", warm)):
+            raise RuntimeError(f"(f) warming the gateway failed: {r.error()}")
+        shutil.rmtree(warm, ignore_errors=True)
+        commit = desc["commit"]
+        urls = [f"{gw.url}/{ORG_REPO}/resolve/{commit}/{p}" for p in shards]
+        served = 4 * sum(desc["files"][p]["size"] for p in shards)
+        for rep in range(reps):
+            c0 = gw.cpu()
+            curl = ["curl", "-sSf", *[x for u in urls for x in ("-o", "/dev/null", u)]]
+            results = measure_many([curl] * 4, timeout=TIMEOUT)
+            cpu = gw.cpu() - c0
+            wall = max(x.wall for x in results)
+            ok = all(x.ok for x in results)
+            log(f"(f) rep {rep + 1}: 4 x {fmt_bytes(served // 4)} in {wall:.2f}s, gateway CPU {cpu:.2f}s, ok={ok}")
+            if ok:
+                out["walls"].append(wall)
+                out["cpu_per_gib"].append(cpu / (served / (1 << 30)))
+    finally:
+        gw.stop()
+    m, c = median(out["walls"]), median(out["cpu_per_gib"])
+    rows = [["4 curl clients, each reading every shard, from a gateway that holds them", fmt_num(m, ".2f", " s"),
+             f"{4 * sum(desc['files'][p]['size'] for p in shards) / m / 1e6:.0f} MB/s" if m else "n/a",
+             fmt_num(c, ".2f", " s"), ", ".join(f"{x:.2f}" for x in out["cpu_per_gib"])]]
     return rows, out
 
 
@@ -579,6 +682,11 @@ def main() -> int:
                         ["clients", "wall (last client)", "origin egress", "x repository", "walls", "note"], rows,
                         note="cold gateway each time (fresh node and cache); nginx on 127.0.0.1, not rate-capped; "
                              "the 4-node swarm row needs publish hf://")
+        if "f" in args.parts:
+            rows, out["serving"] = serving_rows(tools, ngx, args.reps)
+            print_table(f"(f) the gateway's serving cost: {fmt_bytes(total)} repository held by the node, median of {args.reps}",
+                        ["clients", "wall (last client)", "together", "node CPU per GiB served", "each rep"], rows,
+                        note="the node's CPU (user + system) while serving, from /proc; curl writes to /dev/null")
         if "e" in args.parts:
             cap = _parse_size(args.cap)
             rows, out["swarm_gateway"] = swarm_gateway_rows(tools, ngx, args.reps, cap)

@@ -20,10 +20,16 @@ Phases (each an ``autoglm-node join --json --seed M`` process):
 4. the seeder stops; public leech B fetches with the NATed node as the only
    holder (every piece must come from behind the NAT).
 
-Each node's ``status --json`` says how its peerwire client connections were
-made (``peerwire_paths``) and the bytes each path carried.
+With ``--topology two`` (``NatNet(segments=2)``) a second NAT, PREFIX-gw2 on
+its own outside link 11.79.0.0/24, puts PREFIX-priv2 (10.79.0.0/24) behind it,
+and :func:`run_two_nats` runs: a relay (``join --relay``, everyone's bootstrap
+peer), NATed node A fetching from a mirror, NATed node B behind the other NAT
+fetching with A the only holder (through the relay), then a public node.
 
-    sudo .venv/bin/python bench/nat_bench.py [--size 64MiB]
+Each node's ``status --json`` says how its peerwire client connections were
+made (``peerwire_paths``: direct, reverse, relayed) and the bytes each path carried.
+
+    sudo .venv/bin/python bench/nat_bench.py [--size 64MiB] [--topology one|two|both]
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from _harness import (  # noqa: E402
 )
 
 PUB_NET, PRIV_NET = "11.77.0", "10.78.0"
+PUB2_NET, PRIV2_NET = "11.79.0", "10.79.0"  # the second NAT's outside link and its private segment
 
 
 def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -76,6 +83,10 @@ class NatNet:
     """The three namespaces and their links. ``up()``, then ``down()`` (registered for cleanup)."""
 
     prefix: str = "nat"
+    segments: int = 1  # NATed segments: 1, or 2 (PREFIX-gw2 and PREFIX-priv2, docs/nat.md)
+    #: The NATs drop new connections to their own outside address, as a home router does,
+    #: instead of answering with a reset (Linux with no INPUT rules).
+    silent: bool = False
     made: list[str] = field(default_factory=list)
 
     @property
@@ -90,12 +101,20 @@ class NatNet:
     def priv(self) -> str:
         return f"{self.prefix}-priv"
 
+    @property
+    def gw2(self) -> str:
+        return f"{self.prefix}-gw2"
+
+    @property
+    def priv2(self) -> str:
+        return f"{self.prefix}-priv2"
+
     def ns(self, ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return _sh("ip", "netns", "exec", ns, *argv, check=check)
 
     def up(self) -> NatNet:
         on_cleanup(self.down)
-        for ns in (self.pub, self.gw, self.priv):
+        for ns in (self.pub, self.gw, self.priv, *((self.gw2, self.priv2) if self.segments > 1 else ())):
             _sh("ip", "netns", "del", ns, check=False)
             _sh("ip", "netns", "add", ns)
             self.made.append(ns)
@@ -121,14 +140,44 @@ class NatNet:
         self.ns(self.gw, *ipt, "-A", "FORWARD", "-i", f"{p}-gwo", "-o", f"{p}-gwi", "-m", "conntrack",
                 "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
         self.ns(self.gw, *ipt, "-A", "FORWARD", "-i", f"{p}-gwo", "-o", f"{p}-gwi", "-j", "DROP")
+        if self.segments > 1:
+            self._second_nat()
+        if self.silent:
+            for gw, out in ((self.gw, f"{p}-gwo"), *(((self.gw2, f"{p}-g2o"),) if self.segments > 1 else ())):
+                self.ns(gw, *ipt, "-A", "INPUT", "-i", out, "-p", "tcp", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
         return self
+
+    def _second_nat(self) -> None:
+        """PREFIX-gw2 on its own outside link 11.79.0.0/24 (the public namespace routes between the two)."""
+        p = self.prefix
+        _sh("ip", "link", "add", f"{p}-g2o", "netns", self.gw2, "type", "veth", "peer", "name", f"{p}-pub2", "netns", self.pub)
+        _sh("ip", "link", "add", f"{p}-g2i", "netns", self.gw2, "type", "veth", "peer", "name", f"{p}-prv2", "netns", self.priv2)
+        self.ns(self.pub, "ip", "addr", "add", f"{PUB2_NET}.2/24", "dev", f"{p}-pub2")
+        self.ns(self.pub, "ip", "link", "set", f"{p}-pub2", "up")
+        self.ns(self.pub, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        self.ns(self.gw2, "ip", "addr", "add", f"{PUB2_NET}.1/24", "dev", f"{p}-g2o")
+        self.ns(self.gw2, "ip", "addr", "add", f"{PRIV2_NET}.1/24", "dev", f"{p}-g2i")
+        self.ns(self.gw2, "ip", "link", "set", f"{p}-g2o", "up")
+        self.ns(self.gw2, "ip", "link", "set", f"{p}-g2i", "up")
+        self.ns(self.priv2, "ip", "addr", "add", f"{PRIV2_NET}.2/24", "dev", f"{p}-prv2")
+        self.ns(self.priv2, "ip", "link", "set", f"{p}-prv2", "up")
+        self.ns(self.priv2, "ip", "route", "add", "default", "via", f"{PRIV2_NET}.1")
+        # Each NAT reaches the other's outside address through the public namespace.
+        self.ns(self.gw, "ip", "route", "add", "default", "via", f"{PUB_NET}.2")
+        self.ns(self.gw2, "ip", "route", "add", "default", "via", f"{PUB2_NET}.2")
+        self.ns(self.gw2, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        ipt = ("iptables", "-w", "5")
+        self.ns(self.gw2, *ipt, "-t", "nat", "-A", "POSTROUTING", "-s", f"{PRIV2_NET}.0/24", "-o", f"{p}-g2o", "-j", "MASQUERADE")
+        self.ns(self.gw2, *ipt, "-A", "FORWARD", "-i", f"{p}-g2o", "-o", f"{p}-g2i", "-m", "conntrack",
+                "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+        self.ns(self.gw2, *ipt, "-A", "FORWARD", "-i", f"{p}-g2o", "-o", f"{p}-g2i", "-j", "DROP")
 
     def down(self) -> None:
         while self.made:
             _sh("ip", "netns", "del", self.made.pop(), check=False)
 
-    def check(self) -> str | None:
-        """None if the NAT works: private reaches public (seen as the NAT's address), public never reaches private."""
+    def probe(self, listen_ns: str, host: str, dial_ns: str) -> str:
+        """Listen on ``host`` in ``listen_ns``, dial it from ``dial_ns``: 'from IP' (as seen by the listener) or 'none'."""
         probe = (
             "import socket,sys\n"
             "s=socket.socket();s.settimeout(2)\n"
@@ -142,24 +191,29 @@ class NatNet:
             "try:\n c,a=l.accept();print('from',a[0],flush=True)\n"
             "except OSError:print('none',flush=True)\n"
         )
-        results = []
-        for listen_ns, host, dial_ns in ((self.pub, f"{PUB_NET}.3", self.priv), (self.priv, f"{PRIV_NET}.2", self.pub)):
-            srv = subprocess.Popen(["ip", "netns", "exec", listen_ns, sys.executable, "-c", accept, host],
-                                   stdout=subprocess.PIPE, text=True)
-            try:
-                assert srv.stdout is not None
-                srv.stdout.readline()
-                self.ns(dial_ns, sys.executable, "-c", probe, host, "7999", check=False)
-                out, _ = srv.communicate(timeout=10)
-            finally:
-                if srv.poll() is None:
-                    srv.kill()
-                    srv.wait()
-            results.append(out.strip())
-        if results[0] != f"from {PUB_NET}.1":
-            return f"private -> public should arrive from the NAT's {PUB_NET}.1: {results[0]!r}"
-        if results[1] != "none":
-            return f"public -> private must fail behind the NAT: {results[1]!r}"
+        srv = subprocess.Popen(["ip", "netns", "exec", listen_ns, sys.executable, "-c", accept, host],
+                               stdout=subprocess.PIPE, text=True)
+        try:
+            assert srv.stdout is not None
+            srv.stdout.readline()
+            self.ns(dial_ns, sys.executable, "-c", probe, host, "7999", check=False)
+            out, _ = srv.communicate(timeout=10)
+        finally:
+            if srv.poll() is None:
+                srv.kill()
+                srv.wait()
+        return out.strip()
+
+    def check(self) -> str | None:
+        """None if the NATs work: private reaches public (seen as its NAT's address), nothing reaches a private segment."""
+        want = [(self.pub, f"{PUB_NET}.3", self.priv, f"from {PUB_NET}.1"), (self.priv, f"{PRIV_NET}.2", self.pub, "none")]
+        if self.segments > 1:
+            want += [(self.pub, f"{PUB_NET}.3", self.priv2, f"from {PUB2_NET}.1"), (self.priv2, f"{PRIV2_NET}.2", self.pub, "none"),
+                     (self.priv2, f"{PRIV2_NET}.2", self.priv, "none"), (self.priv, f"{PRIV_NET}.2", self.priv2, "none")]
+        for listen_ns, host, dial_ns, expected in want:
+            got = self.probe(listen_ns, host, dial_ns)
+            if got != expected:
+                return f"{dial_ns} -> {host} in {listen_ns}: expected {expected!r}, got {got!r}"
         return None
 
 
@@ -225,7 +279,7 @@ class Node:
 def _paths(st: dict[str, Any]) -> dict[str, Any]:
     swarm = st.get("swarm", st)
     found = swarm.get("peerwire_paths") if isinstance(swarm, dict) else None
-    return found or {"connections": {}, "bytes": {}, "failed": {}, "served_by_reverse_dial": 0}
+    return found or {"connections": {}, "bytes": {}, "failed": {}, "served_by_reverse_dial": 0, "served_relayed": 0}
 
 
 def _same_tree(a: Path, b: Path) -> bool:
@@ -303,16 +357,114 @@ def run_scenario(net: NatNet, model: Any, work: Path, timeout: float = 300.0, le
     return res
 
 
+def run_two_nats(net: NatNet, model: Any, work: Path, timeout: float = 300.0, public_leech: bool = True) -> NatRun:
+    """Two NATed segments (``NatNet(segments=2)``): pieces between two NATed nodes go through a relay.
+
+    1. the relay (``join --relay``, also everyone's bootstrap peer) starts on the public segment;
+    2. NATed node A fetches the model from an HTTP mirror on the public segment, which then stops;
+    3. NATed node B, behind the other NAT, fetches with A the only holder: neither can dial the
+       other nor be dialled back, so the session and every piece go through the relay;
+    4. (``public_leech``) a public node fetches with A and B holding: reverse-dialled connections.
+    """
+    trust = ["--trust", str(model.pub)]
+    man = str(model.manifest)
+    res = NatRun()
+    nodes: list[Node] = []
+    mirror: subprocess.Popen[Any] | None = None
+
+    def fetch(node: Node, phase: str) -> None:
+        res.peer_ids[node.name] = node.wait("ready", 60)["peer_id"]
+        t0 = time.monotonic()
+        done = node.wait("complete", timeout)
+        res.rows.append({"phase": phase, "node": node.name, "seconds": time.monotonic() - t0, "fetch_s": done.get("seconds"),
+                         "by_source": done.get("bytes_by_source", {}), "paths": _paths(node.status())})
+        res.identical[node.name] = _same_tree(model.dir, work / f"{node.name}-out")
+
+    try:
+        relay = Node("relay", net.pub, f"{PUB_NET}.2", work / "relay", ["--relay"])
+        nodes.append(relay)
+        baddr = relay.wait("ready", 60)["addrs"][0]
+        res.peer_ids["relay"] = relay.wait("ready", 1)["peer_id"]
+        mirror = PROCS.start(["ip", "netns", "exec", net.pub, *autoglm_cmd(), "--data-dir", str(work / "mirror"),
+                              "serve-mirror", "--listen", f"{PUB_NET}.6:8080", str(model.dir)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        nat_a = Node("natA", net.priv, f"{PRIV_NET}.2", work / "natA",
+                     ["--bootstrap", baddr, "--seed", man, "--mirror", f"http://{PUB_NET}.6:8080/",
+                      "--out", str(work / "natA-out"), *trust])
+        nodes.append(nat_a)
+        fetch(nat_a, "NATed A fetches from the mirror")
+        PROCS.stop(mirror)  # from here on, pieces come from peers only
+        nat_b = Node("natB", net.priv2, f"{PRIV2_NET}.2", work / "natB",
+                     ["--bootstrap", baddr, "--seed", man, "--out", str(work / "natB-out"), *trust])
+        nodes.append(nat_b)
+        fetch(nat_b, "NATed B (other NAT), A the only holder")
+        if public_leech:
+            leech = Node("leech0", net.pub, f"{PUB_NET}.4", work / "leech0",
+                         ["--bootstrap", baddr, "--seed", man, "--out", str(work / "leech0-out"), *trust])
+            nodes.append(leech)
+            fetch(leech, "public node, A and B holding")
+        for n in (nat_a, nat_b):
+            st = n.status()
+            res.rows.append({"phase": f"({n.name}, serving)", "node": n.name, "seconds": None, "by_source": {},
+                             "paths": _paths(st), "status": st})
+        res.rows.append({"phase": "(relay)", "node": "relay", "seconds": None, "by_source": {}, "paths": {},
+                         "status": relay.status()})
+    finally:
+        _stop_all(nodes)
+        if mirror is not None:
+            PROCS.stop(mirror)
+    return res
+
+
+def _stop_all(nodes: list[Node]) -> None:
+    """Stop the nodes at once (each may take its grace period), not one after another."""
+    threads = [threading.Thread(target=n.stop) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _by_role(by_source: dict[str, int], peer_ids: dict[str, str]) -> str:
     names = {f"peer:{pid}": name for name, pid in peer_ids.items()}
     total = sum(by_source.values()) or 1
     return ", ".join(f"{names.get(k, k)} {100 * v / total:.0f} %" for k, v in sorted(by_source.items())) or "-"
 
 
+_PATH_KEYS = ("direct", "reverse", "libp2p", "relayed")  # libp2p: peerwire on a direct (hole-punched) libp2p connection
+
+
+def _table(title: str, run: NatRun) -> list[list[str]]:
+    rows = []
+    for r in run.rows:
+        paths = r["paths"]
+        if not paths:
+            continue
+        b = paths.get("bytes", {})
+        c = paths.get("connections", {})
+        total = sum(b.values()) or 1
+        rows.append([r["phase"], f"{r['seconds']:.1f} s" if r["seconds"] is not None else "-",
+                     f"{r['fetch_s']:.1f} s" if r.get("fetch_s") is not None else "-",
+                     _by_role(r["by_source"], run.peer_ids),
+                     " / ".join(str(c.get(k, 0)) for k in _PATH_KEYS),
+                     " / ".join(f"{100 * b.get(k, 0) / total:.0f} %" for k in _PATH_KEYS),
+                     str(paths.get("failed", {}).get("direct", 0)),
+                     f"{paths.get('served_by_reverse_dial', 0)} / {paths.get('served_relayed', 0)}",
+                     str(run.identical.get(r["node"], "-")) if r["seconds"] is not None else "-"])
+    print_table(title, ["phase", "start to complete", "fetch", "bytes by source", "conns direct / reverse / libp2p / relayed",
+                        "peer bytes direct / reverse / libp2p / relayed", "direct dials failed",
+                        "served: reverse dials / relayed streams", "byte-identical"], rows)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="64MiB", help="model size (default 64MiB)")
     ap.add_argument("--prefix", default="nat", help="namespace name prefix (default nat)")
+    ap.add_argument("--topology", choices=("one", "two", "both"), default="both",
+                    help="one NATed segment (reverse dial), two (relay), or both in turn (default)")
+    ap.add_argument("--silent", action="store_true",
+                    help="the NATs drop new connections to their outside address (a home router) instead of resetting them")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -320,35 +472,44 @@ def main() -> int:
     if why:
         print(f"nat_bench: {why}", file=sys.stderr)
         return 2
+    out: dict[str, Any] = {}
     with guarded(), tempfile.TemporaryDirectory(prefix="nat-bench-") as tmp:
         work = Path(tmp)
         model = make_model(work / "model", args.size, name="nat")
         if model.manifest is None:
             print(f"nat_bench: cannot make the model: {model.error}", file=sys.stderr)
             return 1
-        net = NatNet(args.prefix).up()
-        bad = net.check()
-        if bad:
-            print(f"nat_bench: the NAT is not in place: {bad}", file=sys.stderr)
-            return 1
-        run = run_scenario(net, model, work, args.timeout)
-        rows = []
-        for r in run.rows:
-            paths = r["paths"]
-            b = paths.get("bytes", {})
-            total = sum(b.values()) or 1
-            rows.append([r["phase"], f"{r['seconds']:.1f} s" if r["seconds"] is not None else "-",
-                         f"{r['fetch_s']:.1f} s" if r.get("fetch_s") is not None else "-",
-                         _by_role(r["by_source"], run.peer_ids),
-                         f"{paths.get('connections', {}).get('direct', 0)} / {paths.get('connections', {}).get('reverse', 0)}",
-                         f"{100 * b.get('direct', 0) / total:.0f} % / {100 * b.get('reverse', 0) / total:.0f} %",
-                         str(paths.get("failed", {}).get("direct", 0)), str(paths.get("served_by_reverse_dial", 0)),
-                         str(run.identical.get(r["node"], "-")) if r["seconds"] is not None else "-"])
-        print_table(f"Peers behind NAT, {args.size} model (bench/nat_bench.py)",
-                    ["phase", "start to complete", "fetch", "bytes by source", "conns direct / reverse", "peer bytes direct / reverse",
-                     "direct dials failed", "reverse dials made (serving)", "byte-identical"], rows)
+        for topo in ("one", "two") if args.topology == "both" else (args.topology,):
+            net = NatNet(args.prefix, segments=1 if topo == "one" else 2, silent=args.silent).up()
+            bad = net.check()
+            if bad:
+                print(f"nat_bench: the NAT is not in place: {bad}", file=sys.stderr)
+                return 1
+            sub = work / topo
+            sub.mkdir()
+            if topo == "one":
+                run = run_scenario(net, model, sub, args.timeout)
+                title = f"Peers behind NAT: one NATed segment, {args.size} model (bench/nat_bench.py)"
+            else:
+                run = run_two_nats(net, model, sub, args.timeout)
+                title = f"Peers behind NAT: two NATed segments and a relay, {args.size} model (bench/nat_bench.py)"
+            net.down()
+            _table(title, run)
+            for r in run.rows:
+                if r["node"] == "relay":
+                    st = r.get("status", {})
+                    swarm = st.get("swarm", st)
+                    relay = swarm.get("relay", {}) if isinstance(swarm, dict) else {}
+                    print(f"relay: {relay.get('relayed_bytes', 0)} bytes copied for circuits (both directions), "
+                          f"{swarm.get('down_bytes', 0) if isinstance(swarm, dict) else 0} piece bytes fetched itself")
+                if r["node"] in ("natA", "natB") and r["seconds"] is None:
+                    st = r.get("status", {})
+                    relay = (st.get("swarm") or st).get("relay", {})
+                    print(f"{r['node']}: hole punches tried {relay.get('hole_punch_tried', 0)}, "
+                          f"direct connections from them {relay.get('hole_punched', 0)}")
+            out[topo] = {"rows": run.rows, "identical": run.identical}
         if args.json:
-            args.json.write_text(json.dumps({"rows": run.rows, "identical": run.identical}, default=str, indent=1))
+            args.json.write_text(json.dumps(out, default=str, indent=1))
     return 0
 
 

@@ -127,14 +127,21 @@ def wait_all(datas: list[Path], want: str, t0: float, limit: float, nodes: list[
     return done
 
 
-def peer_bytes(datas: list[Path], netns: str, mid: str) -> dict[str, int]:
-    """Bytes each kind of source delivered for manifest ``mid``, summed over the followers (control API status)."""
+def peer_bytes(datas: list[Path], netns: str, mid: str, per_follower: list[int] | None = None) -> dict[str, int]:
+    """Bytes each kind of source delivered for manifest ``mid``, summed over the followers (control API status).
+
+    ``per_follower`` (if given) gets each follower's mirror bytes, in order.
+    """
     total: dict[str, int] = {}
     for d in datas:
         st = json.loads(cli_run("--data-dir", str(d), "status", "--json", netns=netns, timeout=60))
+        mine = 0
         for k, v in (st.get("models", {}).get(mid, {}).get("bytes_by_source") or {}).items():
             kind = k.split(":", 1)[0]
             total[kind] = total.get(kind, 0) + int(v)
+            mine += int(v) if kind == "mirror" else 0
+        if per_follower is not None:
+            per_follower.append(mine)
     return total
 
 
@@ -233,10 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             t_pub = time.perf_counter() - t0
             t_v2 = wait_all(datas, dirs["2"], t0, delta / cap * args.n * 3 + 180, nodes)
             served_v2 = mirror.settle(mark)
-            by_v2 = peer_bytes(datas, net.client_ns, ids["2"].id.hex())
+            mirror_each: list[int] = []
+            by_v2 = peer_bytes(datas, net.client_ns, ids["2"].id.hex(), mirror_each)
             rows["v2"] = {"times": t_v2, "mirror": served_v2, "ratio": served_v2 / delta, "publish_s": t_pub,
-                          "by_source": by_v2}
-            log(f"v2 everywhere: {t_v2}; mirror sent {fmt_bytes(served_v2)} = {served_v2 / delta:.3f}× changed; {by_v2}")
+                          "by_source": by_v2, "mirror_by_follower": mirror_each}
+            log(f"v2 everywhere: {t_v2}; mirror sent {fmt_bytes(served_v2)} = {served_v2 / delta:.3f}× changed; {by_v2}; "
+                f"mirror bytes by follower {[fmt_bytes(b) for b in mirror_each]}")
 
             # roll-back: v1 again with a higher seq (the mirror still serves v2: it is not needed)
             mark = mirror.mark()

@@ -39,7 +39,7 @@ from autoglm.node._control_client import socket_path
 from autoglm.node._keys import load_private_key, load_trust_policy
 from autoglm.node._manifests import load_signed_manifest
 from autoglm.node._plan import FetchPlan
-from autoglm.node._progress import Event, to_json
+from autoglm.node._progress import Event, ProgressSnapshot, to_json
 from autoglm.node.errors import AutoglmError, ConfigError
 
 if TYPE_CHECKING:
@@ -52,6 +52,8 @@ __all__ = ["serve_control_api"]
 log = logging.getLogger(__name__)
 
 _MAX_LINE = 64 * 1024
+#: A fetch's events reach its client in at most one write per this many seconds (see _forward).
+FORWARD_INTERVAL = 0.1
 
 
 async def _send(stream: trio.abc.Stream, value: dict[str, Any]) -> None:
@@ -95,11 +97,51 @@ async def _handle(stream: trio.SocketStream, node: SwarmNode) -> None:
         await stream.aclose()
 
 
-async def _forward(stream: trio.abc.Stream, recv: trio.MemoryReceiveChannel[Event]) -> None:
-    """Relay each progress event on ``recv`` to the client as a JSON line, until the sender closes."""
+async def _forward(stream: trio.abc.Stream, recv: trio.MemoryReceiveChannel[Event], interval: float = FORWARD_INTERVAL) -> None:
+    """Relay a fetch's events to the client: every event, in order, in at most one write per ``interval``.
+
+    Strategy: a write wakes the client process, which reads, parses and
+    prints; one write per event costs both processes a context switch each
+    time. The first event of a batch waits at most ``interval`` for others,
+    and a progress snapshot superseded by a later one in the same batch is
+    left out (the later one carries every counter). The channel's end (the
+    fetch is over) flushes at once; so does a cancellation, shielded and
+    bounded, so the client sees the last events before the error line.
+    """
+    batch: list[Event] = []
     async with recv:
-        async for ev in recv:
-            await _send(stream, to_json(ev))
+        try:
+            while True:
+                try:
+                    batch.append(await recv.receive())
+                except trio.EndOfChannel:
+                    return
+                over = False
+                with trio.move_on_after(interval):
+                    while not over:
+                        try:
+                            batch.append(await recv.receive())
+                        except trio.EndOfChannel:
+                            over = True
+                await _send_batch(stream, batch)
+                batch = []
+                if over:
+                    return
+        except BaseException:
+            if batch:  # cancelled (the fetch failed): what it said before goes out first
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    try:
+                        await _send_batch(stream, batch)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+            raise
+
+
+async def _send_batch(stream: trio.abc.Stream, batch: list[Event]) -> None:
+    last_progress = max((i for i, ev in enumerate(batch) if isinstance(ev, ProgressSnapshot)), default=-1)
+    lines = [json.dumps(to_json(ev), sort_keys=True).encode() + b"\n" for i, ev in enumerate(batch)
+             if i == last_progress or not isinstance(ev, ProgressSnapshot)]
+    await stream.send_all(b"".join(lines))
 
 
 async def _fetch(stream: trio.SocketStream, node: SwarmNode, req: dict[str, Any]) -> None:

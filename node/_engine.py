@@ -344,6 +344,7 @@ class Fetch:
         log.debug("%s: prepared in %.3f s", d.manifest_id.hex()[:16], trio.current_time() - t0)
         if go is not None:
             await go.wait()
+            self.picker.fetch_started(trio.current_time())
         # Local copies count as done (they are verified and committed), though not as present before the run.
         self.stats.bytes_done = d.total_bytes - d.missing_bytes()
         total = d.total_bytes

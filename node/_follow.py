@@ -40,7 +40,7 @@ from autoglm.node._update import UpdateResult, update_to
 from autoglm.node._versions import default_root
 from autoglm.node.errors import AutoglmError, ConfigError
 from autoglm.protocol import SignedManifest, TrustPolicy
-from autoglm.protocol._namerecord import NameRecord, rollout_admits
+from autoglm.protocol._namerecord import ROLLOUT_FULL, NameRecord, rollout_admits
 
 if TYPE_CHECKING:
     from autoglm.node._progress import Event
@@ -50,6 +50,7 @@ __all__ = ["FollowConfig", "PollSchedule", "follow", "node_update"]
 
 log = logging.getLogger(__name__)
 
+_FLEET_POLL = 0.05  # seconds between looks at the sessions while an update waits for the fleet
 _WAKE_GAP = 0.5  # seconds: the earliest poll after the previous one that a push can cause
 _STATE = "follow.json"
 
@@ -110,17 +111,87 @@ async def node_update(
     keep: int,
     plan: FetchPlan | None = None,
     events: trio.MemorySendChannel[Event] | None = None,
+    rollout: int = ROLLOUT_FULL,
 ) -> UpdateResult:
-    """The update path inside a joined node: peers first, then mirrors; gate; switch."""
+    """The update path inside a joined node: peers first, then mirrors; gate; switch.
+
+    ``rollout``: the share (ppm) of followers the name record admits; the
+    update waits only for those (protocol/_rollout.py).
+    """
     data_dir = sn.config.data_dir
     root = root or default_root(data_dir, signed.manifest.name)
     trust = sn.trust or TrustPolicy()
     plan = plan or FetchPlan(signed, root, trust)
 
-    async def fetch(p: FetchPlan, ev: trio.MemorySendChannel[Event] | None) -> Any:
-        return await sn.hold(p, events=ev)
+    from autoglm.node._versions import VersionSet
 
-    return await update_to(signed, plan, root, keep, data_dir, fetch, events, sn.node.store)
+    cur = await trio.to_thread.run_sync(VersionSet(root).current)
+    old = None if cur is None else _held_id(sn, cur)  # the version being replaced, as this node holds it
+
+    async def before_start(mid: bytes) -> None:
+        if old is not None and old != mid:
+            await _await_fleet(sn, old, mid, rollout)
+
+    async def fetch(p: FetchPlan, ev: trio.MemorySendChannel[Event] | None) -> Any:
+        return await sn.hold(p, events=ev, before_start=before_start)
+
+    res = await update_to(signed, plan, root, keep, data_dir, fetch, events, sn.node.store)
+    if res.pruned:
+        await _unannounce(sn, res.pruned, root)
+    return res
+
+
+def _held_id(sn: SwarmNode, dirname: str) -> bytes | None:
+    """The held manifest a version directory ``<version>-<id[:16]>`` is named after."""
+    prefix = dirname.rsplit("-", 1)[-1]
+    found = [m for m in sn.swarm.held.ids() if m.hex()[:16] == prefix]
+    return found[0] if len(found) == 1 else None
+
+
+async def _await_fleet(sn: SwarmNode, old: bytes, new: bytes, rollout: int) -> None:
+    """Before an update's first request: the rest of the fleet (session peers holding ``old``) is in the new
+    manifest's swarm, so every follower shares the changed pieces' first copies over the same members
+    (protocol/_rollout.py; bounded by ROLLOUT_BOUND)."""
+    from autoglm.node.swarm.fetches import is_idle
+    from autoglm.protocol._rollout import fleet_for, rollout_waiting
+
+    t0 = trio.current_time()
+    announced: dict[str, float] = {}
+    while True:
+        now = trio.current_time()
+        holders: list[str] = []
+        members: set[str] = set()
+        for p, s in list(sn.swarm.sessions.items()):
+            bf = s.bitfield(old)
+            if s.closed:
+                continue
+            if bf is not None and len(bf) > 0:
+                holders.append(p)
+            if s.bitfield(new) is not None:
+                announced.setdefault(p, now)
+                if not is_idle(s, new) and not sn.swarm.is_banned(p, new):
+                    members.add(p)
+        fleet = fleet_for(holders, new, rollout)
+        w = rollout_waiting(fleet, announced, members, now, started=t0)
+        if w.recheck is None:
+            log.info("%s: %d of %d fleet peer(s) in the swarm after %.2f s%s", new.hex()[:16],
+                     sum(1 for p in fleet if p in members), len(fleet), now - t0,
+                     "" if not (set(fleet) - members - set(announced)) else
+                     f"; {len(set(fleet) - members - set(announced))} never announced it (down, or not following)")
+            return
+        await trio.sleep_until(min(w.recheck, now + _FLEET_POLL))
+
+
+async def _unannounce(sn: SwarmNode, pruned: list[str], root: Path) -> None:
+    """Versions pruned from ``root``: peers and the DHT stop hearing of their pieces (what the store still
+    holds of them elsewhere, another output directory, stays announced)."""
+    for dirname in pruned:
+        mid = _held_id(sn, dirname)
+        if mid is None:
+            continue
+        await sn.swarm.withdraw(mid)
+        if mid not in sn.swarm.held:
+            log.info("%s: version %s removed; its manifest is no longer announced", root, dirname)
 
 
 async def _apply(sn: SwarmNode, cfg: FollowConfig, root: Path, rec: NameRecord) -> None:
@@ -131,7 +202,7 @@ async def _apply(sn: SwarmNode, cfg: FollowConfig, root: Path, rec: NameRecord) 
                  cfg.name, rec.seq, rec.version, rec.rollout / 10_000)
     else:
         signed = await sn.manifest_for(rec)
-        res = await node_update(sn, signed, root, cfg.keep)
+        res = await node_update(sn, signed, root, cfg.keep, rollout=rec.rollout)
         log.info("follow %s: seq %d -> %s%s", cfg.name, rec.seq, res.current, "" if res.switched else " (already current)")
     await trio.to_thread.run_sync(_save_seen, root, rec.seq)
 
@@ -216,7 +287,7 @@ async def control_update(stream: Any, sn: SwarmNode, req: dict[str, Any]) -> Non
             root = root or default_root(sn.config.data_dir, signed.manifest.name)
             plan = FetchPlan.from_wire({**req, "out": str(root), "manifest": "-"}, trust, signed)
             try:
-                res = await node_update(sn, signed, root, keep, plan, send)
+                res = await node_update(sn, signed, root, keep, plan, send, rec.rollout if rec is not None else ROLLOUT_FULL)
             except BaseException:
                 await send.aclose()
                 raise

@@ -42,6 +42,7 @@ Faults and what happens:
 
 from __future__ import annotations
 
+import mmap
 import random
 import time
 import urllib.parse
@@ -64,6 +65,7 @@ from autoglm.node._http import (
     request_target,
 )
 from autoglm.node._sources import FetchRequest, PieceRef, PieceSink, PieceWriter, SourceKind
+from autoglm.node._staging import DIRECT_ALIGN
 from autoglm.node.errors import IntegrityError, MirrorError
 
 __all__ = ["FileNotOnMirror", "MirrorConfig", "MirrorScore", "MirrorSource", "RetryLater", "file_url"]
@@ -460,8 +462,13 @@ class MirrorSource:
         pieces = sink.file_pieces(request.pieces[0].path) if whole_file else request.pieces
         requested = {p.index for p in request.pieces}
         requested_end = request.pieces[-1].offset + request.pieces[-1].length
-        buf = bytearray(self.config.recv_buffer)
-        view = memoryview(buf)
+        # The buffer sits DIRECT_ALIGN bytes bigger than a read, and each read
+        # starts at the file position's offset within a block: the store then
+        # writes the block-aligned middle straight from it with O_DIRECT, no copy
+        # (node/_staging.py, DIRECT_IO). An anonymous mmap starts on a page.
+        size = self.config.recv_buffer
+        whole = memoryview(mmap.mmap(-1, size + DIRECT_ALIGN))
+        view = whole[:size]
         stall = self.config.stall_timeout
         received = 0
         it = iter(pieces)
@@ -475,15 +482,17 @@ class MirrorSource:
         try:
             with scope:
                 while cur is not None:
+                    shift = pos % DIRECT_ALIGN
+                    view = whole[shift : shift + size]
                     if pos < cur.offset:  # bytes between tracked pieces (not for 206 bodies)
-                        want = min(len(buf), cur.offset - pos)
+                        want = min(size, cur.offset - pos)
                     else:
                         if writer is None and (wrote == 0 or wrote == skip == pos - cur.offset):
                             if cur.index in requested or sink.take(cur.index):
                                 writer = sink.open_piece(cur.index, wrote)
                             elif whole_file and pos >= requested_end:
                                 break  # nothing of ours is left in this body: stop reading it
-                        want = min(len(buf), cur.length - wrote)
+                        want = min(size, cur.length - wrote)
                     # Fill the buffer up to a piece boundary, then hand it over in one
                     # call: the sink hashes and pwrites big blocks off the trio thread.
                     filled = 0

@@ -10,12 +10,20 @@ Pitfalls handled here (py-libp2p 0.8.1): only Noise is offered (the default
 also accepts plaintext); one connection per peer (avoids a 250 ms delay per
 dial); the DHT exists before the first connection; ADD_PROVIDER is
 rate-limited by receivers (10 per 10 s), so we announce per manifest and per
-file, never per piece; libp2p's loggers are silenced by the CLI.
+file, never per piece; libp2p's loggers are silenced by the CLI; one dial
+retry, not three (an unreachable address failed after 15 s).
+
+Circuit relay v2 (py-libp2p's ``libp2p.relay.circuit_v2``): every node runs
+the STOP side (accepts connections through a relay) and dials through the
+relays that hold a reservation for it when a direct dial fails; a node with
+``RelayBudget`` (``join --relay``) also relays, within that budget. A node
+whose listen addresses are all private reserves at its bootstrap peers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -31,16 +39,25 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
-from libp2p.network.config import ConnectionConfig
+from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.records.validator import Validator
+from libp2p.relay.circuit_v2 import (
+    CircuitV2Protocol,
+    CircuitV2Transport,
+    DCUtRProtocol,
+    RelayLimits,
+)
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from autoglm.node._logs import apply_libp2p_level
+from autoglm.node._ratelimit import RateLimiter
 from autoglm.node.errors import ConfigError, RemoteProtocolError, SourceError
 from autoglm.protocol._control import CONTROL_PROTOCOL_ID
 from autoglm.protocol._namerecord import (
@@ -52,7 +69,7 @@ from autoglm.protocol._namerecord import (
     verify_name_record,
 )
 
-__all__ = ["DEFAULT_LISTEN", "ControlStream", "P2PNode", "PeerAddr", "load_identity_seed", "open_p2p"]
+__all__ = ["DEFAULT_LISTEN", "ControlStream", "P2PNode", "PeerAddr", "RelayBudget", "load_identity_seed", "open_p2p"]
 
 log = logging.getLogger(__name__)
 apply_libp2p_level()  # importing libp2p reset its logger
@@ -65,6 +82,82 @@ _VALUE_QUERY_PEERS = 20  # closest peers asked for a name record (Kademlia's k)
 
 
 _PROTECT_TAG = "autoglm-session"
+_MAX_RELAYS = 3  # relays a node behind NAT holds a reservation at (and dials others through)
+_RESERVE_EVERY = 300.0  # a reservation is renewed this often (the relay grants 1 h)
+_PUNCH_TIMEOUT = 8.0  # a hole punch that has not given a direct connection by then has failed
+
+
+@dataclass(frozen=True, slots=True)
+class RelayBudget:
+    """What a relay (``join --relay``) grants; every number is per relay node unless it says per peer.
+
+    Circuits carry libp2p connections between two peers that cannot dial each
+    other (both behind NAT): the control session and the relayed peerwire
+    streams (node/swarm/relay.py). The relay never stores or fetches pieces:
+    a circuit moves bytes between two peers, so relaying costs the origin
+    nothing.
+    """
+
+    reservations: int = 32  # peers holding a reservation at once
+    circuits_per_peer: int = 4  # circuits to one reserved peer at once
+    bytes_per_circuit: int = 256 * 1024 * 1024  # both directions together; the circuit is reset past it
+    seconds_per_circuit: int = 600  # the circuit is reset past it
+    reservation_ttl: int = 3600
+    bytes_per_second: float | None = 16 * 1024 * 1024  # all circuits together (a py-libp2p relay moves ~3 MB/s anyway)
+
+    def limits(self) -> RelayLimits:
+        return RelayLimits(duration=self.seconds_per_circuit, data=self.bytes_per_circuit,
+                           max_circuit_conns=self.circuits_per_peer, max_reservations=self.reservations,
+                           reservation_ttl=self.reservation_ttl)
+
+
+class _Relay(CircuitV2Protocol):
+    """py-libp2p's relay, with a reservation always for the peer on the connection.
+
+    py-libp2p reserves for whatever peer id the RESERVE message names, so one
+    connection could take every slot of the budget under made-up ids.
+    """
+
+    def __init__(self, host: Any, budget: RelayBudget, allow_hop: bool) -> None:
+        super().__init__(host, budget.limits(), allow_hop=allow_hop)
+        self.rate = RateLimiter(budget.bytes_per_second)
+        self.relayed_bytes = 0  # bytes this node copied for circuits, both directions
+
+    async def _handle_reserve(self, stream: Any, msg: Any) -> None:
+        msg.peer.id = stream.muxed_conn.peer_id.to_bytes()
+        await super()._handle_reserve(stream, msg)
+
+    async def _relay_data(self, src_stream: Any, *args: Any, **kwargs: Any) -> None:
+        # Every byte a circuit carries is read here: one token bucket for all circuits.
+        paced: Any = _Paced(src_stream, self)
+        await super()._relay_data(paced, *args, **kwargs)
+
+
+class _Paced:
+    """A relayed stream whose reads take their bytes from the relay's token bucket."""
+
+    def __init__(self, stream: Any, relay: _Relay) -> None:
+        self._stream = stream
+        self._relay = relay
+
+    async def read(self, n: int | None = None) -> bytes:
+        data: bytes = await self._stream.read(n)
+        if data:
+            self._relay.relayed_bytes += len(data)
+            await self._relay.rate.acquire(len(data))
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _is_relayed(muxed_conn: Any) -> bool:
+    """Whether a libp2p connection runs through a relay (its transport address names /p2p-circuit)."""
+    try:
+        addrs = muxed_conn.get_transport_addresses() or []
+    except (AttributeError, BaseLibp2pError, OSError):
+        return False
+    return any("/p2p-circuit" in str(a) for a in addrs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +221,19 @@ class ControlStream:
         self.peer_id: str = str(stream.muxed_conn.peer_id)
 
     @property
+    def relayed(self) -> bool:
+        """The stream runs over a circuit through a relay (both ends behind NAT, say)."""
+        return _is_relayed(self._stream.muxed_conn)
+
+    @property
     def remote_host(self) -> str | None:
-        """The IP the connection came from (the swarm reaches the peer's bulk channel there)."""
+        """The IP the connection came from (the swarm reaches the peer's bulk channel there).
+
+        None over a relayed connection: the address there is the relay's, and
+        the relay's own ports must never be taken for the peer's.
+        """
+        if self.relayed:
+            return None
         try:
             addr = self._stream.get_remote_address()
         except (AttributeError, OSError):
@@ -166,11 +270,31 @@ ControlHandler = Callable[[ControlStream], Awaitable[None]]
 class P2PNode:
     """A running libp2p host with its DHT. Create with :func:`open_p2p`."""
 
-    def __init__(self, host: Any, dht: KadDHT, names: _NameRecordValidator | None = None) -> None:
+    def __init__(self, host: Any, dht: KadDHT, names: _NameRecordValidator | None = None,
+                 circuits: CircuitV2Transport | None = None, relay: _Relay | None = None,
+                 dcutr: DCUtRProtocol | None = None) -> None:
+        self._relay = relay
+        self._dcutr = dcutr
         self._host = host
         self._dht = dht
         self._names = names or _NameRecordValidator()
+        self._circuits = circuits
+        #: Relays that hold a reservation for us (we are reachable through them), in order of success.
+        self.relays: list[str] = []
+        self.relayed_dials = 0  # libp2p connections this node opened through a relay
         self.on_lookup: Callable[[float], None] | None = None  # each provider lookup's seconds (metrics)
+
+    def relay_status(self) -> dict[str, object]:
+        """Reservations held at relays, connections dialled through them, and (a relay) bytes relayed."""
+        out: dict[str, object] = {"reserved_at": list(self.relays), "relayed_dials": self.relayed_dials}
+        if self._relay is not None and self._relay.allow_hop:
+            out["relayed_bytes"] = self._relay.relayed_bytes
+            out["circuits_now"] = len(self._relay._active_relays)
+        if self._dcutr is not None:
+            # py-libp2p keeps these per peer until it disconnects: peers now, not totals.
+            out["hole_punch_tried"] = len(self._dcutr._hole_punch_attempts)
+            out["hole_punched"] = len(self._dcutr._direct_connections)
+        return out
 
     def on_name_record(self, callback: Callable[[NameRecord], None] | None) -> None:
         """Call ``callback`` (synchronously, cheaply) with every valid name record this node sees:
@@ -266,11 +390,92 @@ class P2PNode:
             with trio.fail_after(_DHT_TIMEOUT):
                 await self._host.connect(info)
         except (trio.TooSlowError, OSError, BaseLibp2pError) as exc:
+            log.debug("direct dial to %s failed (%r); trying relays %s", info.peer_id, exc, self.relays)
+            if await self.connect_via_relay(str(info.peer_id)):
+                return str(info.peer_id)
             raise SourceError(f"cannot connect to {addr}: {exc}") from exc
         # py-libp2p can return from a failed dial without raising.
-        if info.peer_id not in self._host.get_connected_peers():
+        if info.peer_id not in self._host.get_connected_peers() and not await self.connect_via_relay(str(info.peer_id)):
             raise SourceError(f"cannot connect to {addr}")
         return str(info.peer_id)
+
+    async def reserve(self, relay_peer: str) -> bool:
+        """Ask a connected relay to hold a reservation for us, so peers can reach us through it."""
+        if self._circuits is None:
+            return False
+        try:
+            rid = ID.from_base58(relay_peer)
+            with trio.fail_after(_PEER_QUERY_TIMEOUT * 2):
+                stream = await self._host.new_stream(rid, [HOP_PROTOCOL_ID])
+                try:
+                    ok = bool(await self._circuits._make_reservation(stream, rid))
+                finally:
+                    with trio.move_on_after(2):
+                        await stream.close()
+        except (trio.TooSlowError, OSError, BaseLibp2pError, ValueError) as exc:
+            log.info("no reservation at %s: %r", relay_peer, exc)
+            return False
+        if ok and relay_peer not in self.relays:
+            log.info("reserved a relay slot at %s", relay_peer)
+            self.relays.append(relay_peer)
+        if not ok and relay_peer in self.relays:
+            self.relays.remove(relay_peer)
+        return ok
+
+    async def keep_reservations(self, candidates: Sequence[str]) -> None:
+        """Hold reservations at up to 3 of ``candidates`` (peer ids; the bootstrap peers), renewed every 5 minutes.
+
+        The first round is :meth:`reserve_round`, which ``open_p2p`` awaits
+        before it yields (so a fetch that starts at once can dial through a
+        relay); this loop renews.
+
+        Runs until cancelled; a candidate that is no relay refuses the hop
+        protocol at once and is asked again at the next round.
+        """
+        while True:
+            await trio.sleep(_RESERVE_EVERY)
+            await self.reserve_round(candidates)
+
+    async def reserve_round(self, candidates: Sequence[str]) -> None:
+        for peer in candidates[: _MAX_RELAYS * 2]:
+            if len(self.relays) >= _MAX_RELAYS and peer not in self.relays:
+                continue
+            await self.reserve(peer)
+
+    async def connect_via_relay(self, peer_id: str) -> bool:
+        """Open a libp2p connection to ``peer_id`` through a relay we know (ours first); True if one opened.
+
+        The relays tried are the ones that hold a reservation for us: in a
+        fleet behind NAT, peers reserve at the same public nodes (their
+        bootstrap peers), so the peer we cannot dial holds one there too.
+        Streams to the peer then use this connection (the control session,
+        relayed peerwire: node/swarm/relay.py).
+        """
+        if self._circuits is None or peer_id == self.peer_id:
+            return False
+        try:
+            dest = ID.from_base58(peer_id)
+        except (ValueError, BaseLibp2pError):
+            return False
+        if dest in self._host.get_connected_peers():
+            return True  # a connection (relayed, say) exists: streams use it
+        for relay in list(self.relays):
+            if relay == peer_id:
+                continue
+            try:
+                rid = ID.from_base58(relay)
+                with trio.fail_after(_PEER_QUERY_TIMEOUT * 2):
+                    raw = await self._circuits.dial_peer_info(
+                        PeerInfo(dest, []), relay_info=PeerInfo(rid, self._host.get_peerstore().addrs(rid)))
+                    await self._host.upgrade_outbound_connection(raw, dest)
+            except (trio.TooSlowError, OSError, BaseLibp2pError, ValueError, ConnectionError) as exc:
+                log.info("no circuit to %s through %s: %r", peer_id, relay, exc)
+                continue
+            if dest in self._host.get_connected_peers():
+                self.relayed_dials += 1
+                log.info("connected to %s through relay %s", peer_id, relay)
+                return True
+        return False
 
     async def _provide(self, key: str) -> bool:
         with trio.move_on_after(_DHT_TIMEOUT):
@@ -282,6 +487,22 @@ class P2PNode:
 
     async def provide_manifest(self, manifest_id: bytes) -> bool:
         return await self._provide(manifest_provider_key(manifest_id))
+
+    def unprovide_manifest(self, manifest_id: bytes) -> None:
+        """Stop providing a manifest: no more republishing, and this node's own record is dropped locally.
+
+        Kademlia has no withdrawal: records already stored at other nodes expire (48 h).
+        """
+        from libp2p.kad_dht.kad_dht import _encode_key
+
+        store = self._dht.provider_store
+        key = _encode_key(manifest_provider_key(manifest_id))
+        store.providing_keys.discard(key)
+        mine = store.providers.get(key)
+        if mine is not None:
+            mine.pop(str(store.local_peer_id), None)
+            if not mine:
+                del store.providers[key]
 
     async def provide_file(self, sha256: bytes) -> bool:
         return await self._provide(file_provider_key(sha256))
@@ -411,6 +632,29 @@ class P2PNode:
             raise SourceError(f"cannot open {protocol_id} to {peer_id}: {exc}") from exc
         return ControlStream(stream)
 
+    async def upgrade_direct(self, peer_id: str) -> bool:
+        """Over a relayed connection, try a hole punch (DCUtR) to a direct one; True if one now exists.
+
+        Streams opened afterwards go over the direct connection (py-libp2p
+        prefers it), and py-libp2p closes the relayed one after a grace period.
+        """
+        if self._dcutr is None or not self.is_relayed(peer_id):
+            return False
+        with trio.move_on_after(_PUNCH_TIMEOUT):
+            try:
+                return bool(await self._dcutr.initiate_hole_punch(ID.from_base58(peer_id)))
+            except (BaseLibp2pError, OSError, ValueError) as exc:
+                log.info("hole punch to %s failed: %r", peer_id, exc)
+        return False
+
+    def is_relayed(self, peer_id: str) -> bool:
+        """Every libp2p connection we hold to ``peer_id`` runs through a relay."""
+        try:
+            conns = self._host.get_network().get_connections(ID.from_base58(peer_id))
+        except (AttributeError, BaseLibp2pError, ValueError, KeyError):
+            return False
+        return bool(conns) and all(_is_relayed(getattr(c, "muxed_conn", c)) for c in conns)
+
     async def open_control(self, peer: str | PeerAddr) -> ControlStream:
         """Open /autoglm/swarm/1 to a peer (dialling its addrs first if given)."""
         if isinstance(peer, PeerAddr):
@@ -421,14 +665,38 @@ class P2PNode:
             with trio.fail_after(_DHT_TIMEOUT):
                 stream = await self._host.new_stream(ID.from_base58(peer), [CONTROL_PROTOCOL_ID])
         except (trio.TooSlowError, OSError, BaseLibp2pError) as exc:
-            raise SourceError(f"cannot open a control stream to {peer}: {exc}") from exc
+            # new_stream dialled the addresses the peerstore holds; a peer behind
+            # another NAT is reached through a relay, if one of ours knows it.
+            if not await self.connect_via_relay(peer):
+                raise SourceError(f"cannot open a control stream to {peer}: {exc}") from exc
+            try:
+                with trio.fail_after(_DHT_TIMEOUT):
+                    stream = await self._host.new_stream(ID.from_base58(peer), [CONTROL_PROTOCOL_ID])
+            except (trio.TooSlowError, OSError, BaseLibp2pError) as exc2:
+                raise SourceError(f"cannot open a control stream to {peer} through a relay: {exc2}") from exc2
         return ControlStream(stream)
+
+
+def _all_private(listen: Sequence[str]) -> bool:
+    """No listen address is public or loopback: peers elsewhere may not reach us (behind NAT)."""
+    hosts = []
+    for a in listen:
+        parts = a.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            hosts.append(parts[2])
+    ips = []
+    for h in hosts:
+        try:
+            ips.append(ipaddress.ip_address(h))
+        except ValueError:
+            continue
+    return bool(ips) and not any(ip.is_global or ip.is_loopback or ip.is_unspecified for ip in ips)
 
 
 def _make_host(seed: bytes) -> Any:
     kp = create_new_key_pair(seed)
     noise = NoiseTransport(kp, noise_privkey=create_x25519_key_pair().private_key)
-    return new_host(
+    host = new_host(
         key_pair=kp,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_preference="YAMUX",
@@ -436,6 +704,13 @@ def _make_host(seed: bytes) -> Any:
         enable_mDNS=False,
         enable_upnp=False,
     )
+    # py-libp2p's default (3 retries) turns an unreachable address (a peer's
+    # private address behind another NAT: "network unreachable" in under a
+    # millisecond) into a 15 s failure, measured; one retry fails in 0.1 s,
+    # and the relayed dial that follows starts that much sooner.
+    network: Any = host.get_network()
+    network.retry_config = RetryConfig(max_retries=1)
+    return host
 
 
 @asynccontextmanager
@@ -443,8 +718,15 @@ async def open_p2p(
     data_dir: Path,
     listen: Sequence[str] = (DEFAULT_LISTEN,),
     bootstrap: Sequence[str] = (),
+    relay: RelayBudget | None = None,
 ) -> AsyncIterator[P2PNode]:
-    """Start the host and DHT, dial the bootstrap peers, and yield the node."""
+    """Start the host and DHT, dial the bootstrap peers, and yield the node.
+
+    Every node accepts connections through a relay and can dial through one
+    (circuit relay v2, py-libp2p's); with ``relay`` it also relays for others
+    within that budget. A node whose listen addresses are all private holds
+    reservations at its bootstrap peers that are relays.
+    """
     try:
         maddrs = [multiaddr.Multiaddr(a) for a in listen]
     except (ValueError, TypeError) as exc:
@@ -457,10 +739,27 @@ async def open_p2p(
         names = _NameRecordValidator()
         dht.validator.add_validator(NAME_NAMESPACE, names)  # type: ignore[union-attr]
         await stack.enter_async_context(background_trio_service(dht))
-        node = P2PNode(host, dht, names)
+        budget = relay or RelayBudget()
+        circuit = _Relay(host, budget, allow_hop=relay is not None)
+        await stack.enter_async_context(background_trio_service(circuit))
+        circuits = CircuitV2Transport(host, circuit, RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT, limits=budget.limits()))
+        # Hole punching: over a relayed connection, both ends dial each other's
+        # predicted outside address from their listen port at once (docs/nat.md).
+        dcutr = DCUtRProtocol(host)
+        await stack.enter_async_context(background_trio_service(dcutr))
+        node = P2PNode(host, dht, names, circuits, circuit, dcutr)
+        booted: list[str] = []
         for addr in bootstrap:
             try:
-                await node.connect(addr)
+                booted.append(await node.connect(addr))
             except SourceError as exc:
                 log.warning("bootstrap peer unreachable: %s", exc)
-        yield node
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        if booted and _all_private(listen):
+            with trio.move_on_after(_PEER_QUERY_TIMEOUT):
+                await node.reserve_round(booted)
+            nursery.start_soon(node.keep_reservations, booted)
+        try:
+            yield node
+        finally:
+            nursery.cancel_scope.cancel()

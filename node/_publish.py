@@ -54,7 +54,7 @@ from autoglm.protocol._gguf import GGUF_MAX_HEADER, GGUF_PREAMBLE
 if TYPE_CHECKING:
     from autoglm.protocol import CdcParams
 
-__all__ = ["VariantSpec", "build_manifest", "hash_file", "list_model_files", "plan_file"]
+__all__ = ["VariantSpec", "build_manifest", "hash_file", "list_model_files", "plan_file", "plan_read"]
 
 CHUNK = 4 * 1024 * 1024
 NBUF = 4
@@ -109,35 +109,40 @@ def plan_file(path: Path, size: int, max_piece: int) -> list[tuple[int, int]]:
     chunks for everything else and for the bytes between tensors or members.
     A GGUF or zip file that does not parse is planned as generic bytes.
     """
-    if path.suffix == ".safetensors":
-        try:
-            with open(path, "rb") as f:
-                n = safetensors_header_length(f.read(8), size)
-                header = f.read(n)
-            return plan_safetensors(size, n, safetensors_tensor_spans(header, size), max_piece)
-        except RemoteProtocolError as exc:
-            raise ConfigError(f"{path} is not a valid safetensors file: {exc}") from exc
-    params = cdc_params_for(max_piece)
     with open(path, "rb") as f:
 
         def read(off: int, n: int) -> bytes:
             f.seek(off)
             return f.read(n)
 
-        def gap(off: int, n: int) -> list[tuple[int, int]]:
-            return plan_fixed(n, max_piece) if params is None else plan_cdc_file(read, off, n, params)
+        return plan_read(read, size, max_piece, path.suffix == ".safetensors", str(path))
 
-        magic = read(0, 4)
-        if magic == b"GGUF":
-            with contextlib.suppress(RemoteProtocolError):
-                return _plan_gguf(read, size, max_piece, gap)
-        elif magic == b"PK\x03\x04":
-            with contextlib.suppress(RemoteProtocolError):
-                (cd_off, cd_len), members = zip_member_spans(read, size)
-                return plan_runs(size, members, max_piece, gap, cuts=(cd_off, cd_off + cd_len))
-        if params is None:
-            return plan_fixed(size, max_piece)
-        return plan_cdc_file(read, 0, size, params)
+
+def plan_read(read: Callable[[int, int], bytes], size: int, max_piece: int, safetensors: bool, where: str) -> list[tuple[int, int]]:
+    """:func:`plan_file` of bytes given by ``read(offset, n)`` (``publish hf://`` plans small files from memory)."""
+    if safetensors:
+        try:
+            n = safetensors_header_length(read(0, 8), size)
+            header = read(8, n)
+            return plan_safetensors(size, n, safetensors_tensor_spans(header, size), max_piece)
+        except RemoteProtocolError as exc:
+            raise ConfigError(f"{where} is not a valid safetensors file: {exc}") from exc
+    params = cdc_params_for(max_piece)
+
+    def gap(off: int, n: int) -> list[tuple[int, int]]:
+        return plan_fixed(n, max_piece) if params is None else plan_cdc_file(read, off, n, params)
+
+    magic = read(0, 4)
+    if magic == b"GGUF":
+        with contextlib.suppress(RemoteProtocolError):
+            return _plan_gguf(read, size, max_piece, gap)
+    elif magic == b"PK\x03\x04":
+        with contextlib.suppress(RemoteProtocolError):
+            (cd_off, cd_len), members = zip_member_spans(read, size)
+            return plan_runs(size, members, max_piece, gap, cuts=(cd_off, cd_off + cd_len))
+    if params is None:
+        return plan_fixed(size, max_piece)
+    return plan_cdc_file(read, 0, size, params)
 
 
 def plan_cdc_file(

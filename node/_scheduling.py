@@ -99,6 +99,7 @@ class SourceScheduler:
         self._fetchers = 1  # nodes fetching this manifest, this one included (set_fetchers)
         # Peers far slower than the other sources lose their requests (protocol/_slowsource.py).
         self._slow = SlowSources()
+        self._unrequested: int | None = None  # cache of _unrequested_bytes() within one schedule() pass
         self.nursery: trio.Nursery | None = None
         #: Stopping (Fetch.drain): no request starts; requests in flight end with their current piece.
         self.draining = False
@@ -195,9 +196,15 @@ class SourceScheduler:
         limit = src.max_request_bytes()
         if src.kind is SourceKind.MIRROR:
             conns = sum(self.max_requests(s) for s in self.sources.values() if s.kind is SourceKind.MIRROR) or 1
-            missing = sum(self._refs[i].length for i in range(len(self._refs)) if self._picker.state(i) == PieceState.NONE)
-            limit = min(limit, max(missing // conns, 1))
+            limit = min(limit, max(self._unrequested_bytes() // conns, 1))
         return limit
+
+    def _unrequested_bytes(self) -> int:
+        """Bytes of the pieces nobody has asked for yet; computed once per pass until a pick changes them."""
+        if self._unrequested is None:
+            state = self._picker.state
+            self._unrequested = sum(ref.length for ref in self._refs if state(ref.index) == PieceState.NONE)
+        return self._unrequested
 
     def _order(self) -> list[Source]:
         rank = {SourceKind.LOCAL: 0, SourceKind.PEER: 1, SourceKind.MIRROR: 2}
@@ -216,6 +223,9 @@ class SourceScheduler:
         if self.draining:
             return
         now = trio.current_time()
+        # The picker's states change only through the picks below while this
+        # runs: the scan for unrequested bytes is done once, again after a pick.
+        self._unrequested = None
         active: dict[str, int] = {}
         for r in self._requests.values():
             active[r.source_id] = active.get(r.source_id, 0) + 1
@@ -233,7 +243,10 @@ class SourceScheduler:
         """Ask the picker for a request for ``src`` and start it; False when there is none."""
         if src.ready_at() > now or self._slow.snubbed(src.id, now):
             return False
-        picked = self._local_first(src, self._picker.pick(src.id, self._request_bytes(src), now))
+        picked = self._picker.pick(src.id, self._request_bytes(src), now)
+        if picked:
+            self._unrequested = None
+        picked = self._local_first(src, picked)
         if not picked:
             return False
         rid = self._next_req

@@ -58,6 +58,25 @@ MIN_RESUME = 16 << 10
 # runs at ~2 GB/s (docs/benchmarks.md). AUTOGLM_KEEP_PAGE_CACHE=1 turns it off.
 DROP_BEHIND = os.environ.get("AUTOGLM_KEEP_PAGE_CACHE", "0") != "1"
 
+# Direct I/O for big writes: the block-aligned middle of a write of at least
+# DIRECT_MIN bytes goes to the disk with O_DIRECT, through a second fd on the
+# same staging file, and skips the page cache altogether: no page allocated,
+# filled, written back and dropped again. On the development VM, 8 MiB pieces
+# cost 0.39-0.42 CPU-s per GiB with pwrite + fdatasync + DONTNEED, 0.08-0.09
+# with O_DIRECT + fdatasync, and 0.20 when each piece is first copied into an
+# aligned buffer (as here, unless the caller's buffer happens to be aligned).
+# Durability is unchanged: a commit still fdatasyncs the file (the extents a
+# direct write allocated, the device's cache) before it records a piece. The
+# unaligned head and tail of a write go through the page cache; the kernel
+# keeps both paths coherent. A filesystem that refuses O_DIRECT (tmpfs on old
+# kernels, some FUSE) gets buffered writes. AUTOGLM_DIRECT_IO=0 turns it off;
+# so does AUTOGLM_KEEP_PAGE_CACHE=1 (a caller that wants the pages cached).
+DIRECT_IO = DROP_BEHIND and os.environ.get("AUTOGLM_DIRECT_IO", "1") != "0" and hasattr(os, "O_DIRECT")
+DIRECT_ALIGN = 4096  # offset, length and memory alignment; covers 512-byte and 4Kn devices
+DIRECT_MIN = 1 << 20
+_BOUNCE = 4 << 20  # the aligned buffer of a worker thread, reused
+_bounce = threading.local()
+
 
 def drop_cache(fd: int, offset: int, length: int) -> None:
     """Advise the kernel to drop clean cached pages of this range (no-op when disabled)."""
@@ -220,6 +239,31 @@ def remove_staging(out_dir: Path, staging: Path) -> None:
         pass
 
 
+def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view = view[n:]
+        pos += n
+
+
+def _aligned(view: memoryview) -> bool:
+    """Whether a writable buffer starts on a DIRECT_ALIGN boundary (a read-only one: unknown, so no)."""
+    if view.readonly or not view.c_contiguous:
+        return False
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
+
+
+def _bounce_buffer() -> memoryview:
+    buf: memoryview | None = getattr(_bounce, "view", None)
+    if buf is None:
+        import mmap
+
+        buf = _bounce.view = memoryview(mmap.mmap(-1, _BOUNCE))  # page-aligned
+    return buf
+
+
 class Staging:
     """The staging files of one download, their open fds and which need an fdatasync. Thread-safe; blocking."""
 
@@ -228,6 +272,8 @@ class Staging:
         self.path = staging_dir(out_dir, manifest_id)
         self._sizes = sizes
         self._fds: dict[int, int] = {}
+        self._direct: dict[int, int | None] = {}  # O_DIRECT fd per file; None: cannot be opened there
+        self._no_direct: set[int] = set()  # files where a direct write was refused (EINVAL)
         self._dirty: set[int] = set()
         self._fd_lock = threading.Lock()
         self._lock_fd: int | None = None
@@ -272,20 +318,79 @@ class Staging:
         """The staging file's fd, no longer kept here (to finish the file): the caller closes it."""
         self.fd(fi)
         with self._fd_lock:
+            dfd = self._direct.pop(fi, None)
+            if dfd is not None:
+                os.close(dfd)
             return self._fds.pop(fi)
 
-    def write(self, fi: int, pos: int, data: bytes | bytearray | memoryview, what: str) -> None:
-        """pwrite ``data`` at ``pos`` of file ``fi``'s staging file."""
+    def _direct_fd(self, fi: int, fd: int) -> int | None:
+        """A second fd on the same staging file, opened with O_DIRECT; None where the filesystem refuses it."""
+        with self._fd_lock:
+            if fi in self._no_direct:
+                return None
+            if fi in self._direct:
+                return self._direct[fi]
+            dfd: int | None = None
+            try:
+                # The open file itself, reopened (no path in OUT is followed again).
+                dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                a, b = os.fstat(fd), os.fstat(dfd)
+                if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+                    os.close(dfd)
+                    dfd = None
+            except OSError:
+                dfd = None
+            self._direct[fi] = dfd
+            return dfd
+
+    def _refuse_direct(self, fi: int) -> None:
+        # The fd stays open until take() or close(): another thread may be writing through it now.
+        with self._fd_lock:
+            self._no_direct.add(fi)
+
+    def write(self, fi: int, pos: int, data: bytes | bytearray | memoryview, what: str, *, direct: bool = True) -> None:
+        """pwrite ``data`` at ``pos`` of file ``fi``'s staging file (see DIRECT_IO; ``direct=False``: never)."""
         fd = self.fd(fi)
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         try:
-            while view:
-                n = os.pwrite(fd, view, pos)
-                view = view[n:]
-                pos += n
+            if direct and DIRECT_IO and len(view) >= DIRECT_MIN:
+                a = -(-pos // DIRECT_ALIGN) * DIRECT_ALIGN
+                b = (pos + len(view)) // DIRECT_ALIGN * DIRECT_ALIGN
+                if b - a >= DIRECT_MIN and self._write_direct(fi, fd, view[a - pos : b - pos], a):
+                    _pwrite_all(fd, view[: a - pos], pos)
+                    _pwrite_all(fd, view[b - pos :], b)
+                    self.mark_dirty(fi)
+                    return
+            _pwrite_all(fd, view, pos)
         except OSError as exc:
             raise_os(exc, f"writing {what}")
         self.mark_dirty(fi)
+
+    def _write_direct(self, fi: int, fd: int, view: memoryview, pos: int) -> bool:
+        """Write an aligned range with O_DIRECT; False (nothing promised written) where the filesystem refuses it."""
+        dfd = self._direct_fd(fi, fd)
+        if dfd is None:
+            return False
+        zero_copy = _aligned(view)
+        bounce = None if zero_copy else _bounce_buffer()
+        try:
+            while view:
+                if bounce is None:
+                    chunk = view
+                else:
+                    chunk = bounce[: min(len(bounce), len(view))]
+                    chunk[:] = view[: len(chunk)]
+                n = os.pwrite(dfd, chunk, pos)
+                if n < len(chunk):  # a short direct write: the rest of this chunk through the page cache
+                    _pwrite_all(fd, view[n : len(chunk)], pos + n)
+                view = view[len(chunk) :]
+                pos += len(chunk)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._refuse_direct(fi)  # alignment or O_DIRECT itself refused here: buffered from now on
+            return False
+        return True
 
     def mark_dirty(self, fi: int) -> None:
         with self._fd_lock:
@@ -376,6 +481,10 @@ class Staging:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            for dfd in self._direct.values():
+                if dfd is not None:
+                    os.close(dfd)
+            self._direct.clear()
             if self._dir_fd is not None:
                 os.close(self._dir_fd)
                 self._dir_fd = None

@@ -533,7 +533,8 @@ class Download:
     def write(self, index: int, offset_in_piece: int, data: bytes | bytearray | memoryview) -> None:
         """pwrite bytes of piece ``index`` at ``offset_in_piece`` (no hashing here)."""
         fi = self._pm.file_of[index]
-        self.staging_files.write(fi, self._pm.pieces[index].offset + offset_in_piece, data, self.manifest.files[fi].path)
+        self.staging_files.write(fi, self._pm.pieces[index].offset + offset_in_piece, data, self.manifest.files[fi].path,
+                                 direct=self.drop_behind)  # a caller that reads the pieces back wants them cached
 
     def read(self, index: int) -> bytes:
         p = self._pm.pieces[index]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ from autoglm.node._engine import Fetch, FetchResult, _collapse
 from autoglm.node._logs import log_model
 from autoglm.node._metrics import NodeMetrics, health, serve_metrics
 from autoglm.node._mirrors import MirrorSource
-from autoglm.node._p2p import DEFAULT_LISTEN, P2PNode, open_p2p
+from autoglm.node._p2p import DEFAULT_LISTEN, P2PNode, RelayBudget, open_p2p
 from autoglm.node._plan import FetchPlan
 from autoglm.node._progress import (
     Event,
@@ -60,6 +60,7 @@ class JoinConfig:
     control_api: bool = True
     mirrors: tuple[str, ...] = ()  # the node's own mirrors (health; SIGHUP reloads them)
     metrics: tuple[str, int] | None = None  # serve /metrics and /healthz here (node/_metrics.py)
+    relay: RelayBudget | None = None  # relay circuits for peers behind NAT (join --relay; docs/nat.md)
 
 
 @dataclass(slots=True)
@@ -103,11 +104,15 @@ class SwarmNode:
         plan: FetchPlan,
         *,
         events: trio.MemorySendChannel[Event] | None = None,
+        before_start: Callable[[bytes], Awaitable[None]] | None = None,
         task_status: TaskStatus[Fetch] = trio.TASK_STATUS_IGNORED,
     ) -> FetchResult:
         """Fetch what the plan misses (peers first, mirrors for the rest), then keep serving it.
 
         ``events`` gets the engine's progress events and is closed at the end;
+        ``before_start(manifest_id)`` (bounded by the caller) runs once the
+        manifest is announced and attached and its holders found, before the
+        first request (an update waits for the rest of the fleet: node/_follow.py);
         ``task_status.started`` hands over the running :class:`Fetch`.
         """
         t0 = trio.current_time()
@@ -123,7 +128,7 @@ class SwarmNode:
         self._idle = trio.Event() if self._active == 1 else self._idle
         try:
             with log_model(f"{m.name}@{m.version}"):
-                return await self._hold(plan, signed, download, events, task_status, t0)
+                return await self._hold(plan, signed, download, events, task_status, t0, before_start)
         finally:
             self._active -= 1
             if self._active == 0:
@@ -158,6 +163,7 @@ class SwarmNode:
         events: trio.MemorySendChannel[Event] | None,
         task_status: TaskStatus[Fetch],
         t0: float,
+        before_start: Callable[[bytes], Awaitable[None]] | None = None,
     ) -> FetchResult:
         m = download.manifest
         mid = download.manifest_id
@@ -201,6 +207,8 @@ class SwarmNode:
                     # matters while many nodes start at once on a loaded host.
                     with trio.move_on_after(DISCOVER_FIRST_BOUND):
                         await self.swarm.discover_first(mid)
+                    if before_start is not None:
+                        await before_start(mid)
                     log.info("%s: %d holder(s) known %.2f s after the request; fetching", mid.hex()[:16],
                              len(self.swarm.holders(mid)), trio.current_time() - t0)
                 go.set()
@@ -341,7 +349,7 @@ async def open_swarm_node(
         running.close()
         raise ConfigError(f"a node is already running with data directory {config.data_dir}; use another --data-dir")
     async with open_node(NodeConfig(config.data_dir)) as node:
-        async with open_p2p(config.data_dir, config.listen, config.bootstrap) as p2p:
+        async with open_p2p(config.data_dir, config.listen, config.bootstrap, config.relay) as p2p:
             swarm = Swarm(p2p, node.store, config.swarm, events)
             async with trio.open_nursery() as nursery:
                 await nursery.start(swarm.run)

@@ -186,6 +186,17 @@ class FirstCopy:
         self._owner = owner
         return changed
 
+    def restart_clock(self, now: float) -> None:
+        """This node's first request goes out now: every member counts as making progress from now.
+
+        Members are known before that (a fetch is attached while it waits for
+        its peers: discovery, or an update waiting for the rest of the fleet,
+        protocol/_rollout.py); the time spent waiting is nobody's silence, and
+        counting it made owners stale while their first piece was on its way.
+        """
+        for p, t in self._seen.items():
+            self._seen[p] = max(t, now)
+
     def peer_claims(self, peer: str, indices: Iterable[int], *, done: Callable[[int], bool], requested: Callable[[int], bool]) -> bool:
         """A member asked a mirror for these pieces: each is its own from now on.
 

@@ -194,6 +194,11 @@ class PiecePicker:
             return False
         return self.first_copy.set_members([*peers, *complete], now, relayed)
 
+    def fetch_started(self, now: float) -> None:
+        """The first request goes out now: owners' silence counts from here (see FirstCopy.restart_clock)."""
+        if self.first_copy is not None:
+            self.first_copy.restart_clock(now)
+
     def peer_claims(self, peer: str, indices: Iterable[int]) -> bool:
         """A swarm peer asked a mirror for these pieces (see FirstCopy.peer_claims)."""
         if self.first_copy is None:

@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="where --seed models go (default DATA_DIR/models); with several seeds, DIR/NAME@VERSION")
     p.add_argument("--listen", action="append", default=[], metavar="MULTIADDR", help=f"libp2p listen address (default {DEFAULT_LISTEN})")
     p.add_argument("--peerwire", default="127.0.0.1:0", metavar="HOST:PORT", help="bulk piece transport address (default 127.0.0.1:0)")
+    p.add_argument("--relay", action="store_true",
+                   help="relay circuits for peers behind NAT, within a per-peer budget (docs/nat.md, docs/security.md)")
     p.add_argument("--upload-slots", type=int, default=8, metavar="N", help="peers served at once (default 8)")
     p.add_argument("--up-rate", type=parse_size, metavar="BYTES/S", help="global upload limit, e.g. 50MiB")
     p.add_argument("--down-rate", type=parse_size, metavar="BYTES/S", help="global download limit from peers")
@@ -245,6 +247,7 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     from autoglm.node._engine import collapse_group
     from autoglm.node._metrics import parse_hostport
+    from autoglm.node._p2p import RelayBudget
     from autoglm.node._sdnotify import notify
     from autoglm.node._startup import resume as resume_gc
     from autoglm.node._swarm_node import JoinConfig, open_swarm_node
@@ -261,6 +264,7 @@ def cmd_join(args: argparse.Namespace) -> int:
                           peerwire_host=host, peerwire_port=int(port), swarm_key=_swarm_key(args.swarm_key)),
         mirrors=tuple(args.mirror),
         metrics=None if args.metrics is None else parse_hostport(args.metrics),
+        relay=RelayBudget() if args.relay else None,
     )
 
     async def show_swarm_events(recv: trio.MemoryReceiveChannel[SwarmEvent]) -> None:
@@ -288,7 +292,8 @@ def cmd_join(args: argparse.Namespace) -> int:
 
                     nm = node.metrics  # the gateway's hub bytes and served bytes in /metrics
                     hub_events = None if nm is None else partial(nm.observe, as_kind="hub")
-                    gw = await nursery.start(partial(serve_gateway, node.node.store, gateway, hold=node.hold, on_event=hub_events))
+                    gw = await nursery.start(partial(serve_gateway, node.node.store, gateway, hold=node.hold, names=node,
+                                                     on_event=hub_events))
                     if nm is not None:
                         watch_gateway(nm, gw.stats)
                     extra["hf_gateway"] = f"http://{gw.address[0]}:{gw.address[1]}"

@@ -30,6 +30,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--mirror", action="append", default=[], metavar="URL", help="mirror base URL (repeatable)")
     p.add_argument("--standalone", action="store_true", help="do not hand the update to a running node (MANIFEST only)")
     p.add_argument("--json", action="store_true", help="JSON lines: progress, then an 'updated' summary")
+    p.add_argument("--hf-cache", action="store_true",
+                   help="also write the Hugging Face cache layout (a MANIFEST published from hf://, its .hub.json "
+                   "beside it): blobs are hard links to the new version's files, then refs/<revision> is replaced "
+                   "with one rename(2), as `fetch --hf-cache` does")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help="with --hf-cache: the Hugging Face cache (default: HF_HUB_CACHE, or HF_HOME/hub)")
     add_trust_args(p)
     p.set_defaults(func=cmd_update)
 
@@ -124,9 +130,39 @@ def _update_here(args: argparse.Namespace, renderer: _Renderer) -> dict[str, Any
         raise collapse_group(eg) from None
 
 
+def _hf_cache_state(args: argparse.Namespace) -> tuple[Path, Any]:
+    """``update --hf-cache``: the cache folder and the checked provenance beside the manifest."""
+    from autoglm.node._manifests import load_signed_manifest
+    from autoglm.node.hub._cache import hub_cache_dir
+    from autoglm.node.hub._publish import load_provenance, sidecar_path
+
+    if args.target.startswith(("http://", "https://")) or not Path(args.target).is_file():
+        raise ConfigError("update --hf-cache needs the MANIFEST file with its .hub.json beside it (written by publish hf://)")
+    path = Path(args.target)
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise ConfigError(f"--hf-cache needs {side} (the provenance publish hf://… writes beside the manifest)")
+    prov = load_provenance(side, load_signed_manifest(path))
+    return (args.cache_dir or hub_cache_dir()).expanduser().resolve(), prov
+
+
+def _write_hf_cache(state: tuple[Path, Any], result: dict[str, Any]) -> str:
+    """The new version (now ``current``) into the HF cache layout; refs/<revision> last, in one rename."""
+    from autoglm.node.hub._publish import write_hf_cache
+
+    cache, prov = state
+    return str(write_hf_cache(cache, prov, Path(result["root"]) / "versions" / str(result["current"])))
+
+
 def cmd_update(args: argparse.Namespace) -> int:
     if args.keep < 0:
         raise ConfigError("--keep is 0 or more")
+    hf_state = _hf_cache_state(args) if args.hf_cache else None
+    if _is_manifest(args.target) and not args.target.startswith(("http://", "https://")):
+        # publish hf://: the Hub endpoints named in the signed provenance are web seeds
+        from autoglm.node.hub._publish import with_sidecar_mirrors
+
+        args.mirror = list(with_sidecar_mirrors(args.target, args.mirror))
     renderer = _Renderer(args.json, quiet=getattr(args, "quiet", False))
     t0 = time.perf_counter()
     with errors_reported(renderer.close, args.json):
@@ -138,6 +174,8 @@ def cmd_update(args: argparse.Namespace) -> int:
                               "data directory (or give the MANIFEST file or URL)")
         result = _delegate(args, sock, renderer) if sock is not None else _update_here(args, renderer)
     result = {k: v for k, v in result.items() if k != "event"}
+    if hf_state is not None:
+        result["hf_snapshot"] = _write_hf_cache(hf_state, result)
     seconds = round(time.perf_counter() - t0, 3)
     if args.json:
         print_json({"event": "updated", **result, "seconds": seconds})

@@ -29,7 +29,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -120,28 +120,33 @@ class Flight:
             self.failed_at = trio.current_time()
         self.bump()
 
-    def read(self, pos: int, n: int) -> bytes:
-        """Worker thread: ``n`` bytes at ``pos`` from the blob (complete) or where the recorded prefix is."""
-        paths = [self.blob] if self.done else [*self.places, self.blob]
-        for p in paths:
+    def open(self) -> int:
+        """Worker thread: a descriptor of the file holding the recorded bytes (the blob once complete).
+
+        The staging file is renamed into place (output, then ``blobs/``), so the
+        descriptor keeps reading the same bytes while the flight goes on.
+        """
+        for p in [self.blob] if self.done else [*self.places, self.blob]:
             try:
-                fd = os.open(p, os.O_RDONLY)
+                return os.open(p, os.O_RDONLY)
             except FileNotFoundError:
-                continue  # moved on (staging -> output -> blobs/) meanwhile
-            try:
-                data = os.pread(fd, n, pos)
-            finally:
-                os.close(fd)
-            if len(data) == n:
-                return data
-        raise OSError(errno.EIO, f"{self.file.path}: bytes {pos}..{pos + n} are not readable")
+                continue  # moved on meanwhile
+        raise OSError(errno.EIO, f"{self.file.path}: the recorded bytes are not readable")
 
 
 class SwarmFeed(Protocol):
     """Where swarm flights come from (``_swarm_flights.SwarmFlights``)."""
 
-    def take(self, snap: RepoSnapshot, f: HubFile, repo_dir: Path) -> Flight | None:
-        """A flight fed by the swarm when a trusted manifest covers ``snap`` and ``f``, else None."""
+    def look_ahead(self, repo: str) -> None:
+        """A revision of ``repo`` was resolved: start finding what covers it."""
+        ...
+
+    async def cover(self, snap: RepoSnapshot) -> Any:
+        """What covers the snapshot's commit (a trusted manifest) or None; waits a bounded time."""
+        ...
+
+    def take(self, snap: RepoSnapshot, f: HubFile, repo_dir: Path, cover: Any) -> Flight | None:
+        """A flight fed by the swarm when ``cover`` covers ``f``, else None."""
         ...
 
 
@@ -185,6 +190,8 @@ class Flights:
         if res.error is not None:
             raise res.error
         assert res.snapshot is not None
+        if self.swarm is not None:
+            self.swarm.look_ahead(ref.repo)
         return res.snapshot
 
     async def _resolve(self, ref: HubRef, res: _Resolution) -> None:
@@ -219,27 +226,38 @@ class Flights:
         """The flight of ``f``'s blob: a running one, a completed one, or a new one (swarm first, else the hub)."""
         key = (snap.ref.repo, f.etag)
         fl = self._flights.get(key)
-        if fl is not None:
-            if fl.error is not None and trio.current_time() - fl.failed_at > self.settings.failure_ttl:
+        if fl is not None and (self._stale(fl) or (fl.done and not await trio.to_thread.run_sync(fl.blob.is_file))):
+            fl = None  # failed long enough ago, or removed from the cache since
+        repo_dir = repo_folder(self.settings.cache_dir, snap.ref)
+        if fl is None and self.swarm is not None:
+            cover = await self.swarm.cover(snap)  # may wait (bounded) on a name lookup: meanwhile another request may start it
+            fl = self._flights.get(key)
+            if fl is not None and self._stale(fl):
                 fl = None
-            elif fl.done and not await trio.to_thread.run_sync(fl.blob.is_file):
-                fl = None  # removed from the cache since
-        if fl is None:
-            repo_dir = repo_folder(self.settings.cache_dir, snap.ref)
-            fl = self.swarm.take(snap, f, repo_dir) if self.swarm is not None else None
             if fl is None:
-                fl = Flight(repo_dir, f, plan_fixed(f.size, self.settings.piece_size), hold_last=True)
-                self.nursery.start_soon(self._run_hub, snap, f, fl)
-            self._flights[key] = fl
-            self.started += 1
-            self.by_via[fl.via] = self.by_via.get(fl.via, 0) + 1
-            self.nursery.start_soon(self._after, snap, fl)
+                fl = self.swarm.take(snap, f, repo_dir, cover)
+                if fl is not None:
+                    self._start(key, snap, fl)
+                    return fl
+        if fl is None:
+            fl = Flight(repo_dir, f, plan_fixed(f.size, self.settings.piece_size), hold_last=True)
+            self.nursery.start_soon(self._run_hub, snap, f, fl)
+            self._start(key, snap, fl)
         elif fl.done:
             # Another path with the same bytes (one blob): link it as huggingface_hub would.
             await trio.to_thread.run_sync(link_quietly, fl.repo_dir, snap.commit, [f])
         else:
             fl.also[(snap.commit, f.path)] = f  # linked when the flight is done
         return fl
+
+    def _stale(self, fl: Flight) -> bool:
+        return fl.error is not None and trio.current_time() - fl.failed_at > self.settings.failure_ttl
+
+    def _start(self, key: tuple[str, str], snap: RepoSnapshot, fl: Flight) -> None:
+        self._flights[key] = fl
+        self.started += 1
+        self.by_via[fl.via] = self.by_via.get(fl.via, 0) + 1
+        self.nursery.start_soon(self._after, snap, fl)
 
     def fall_back(self, snap: RepoSnapshot, f: HubFile, fl: Flight) -> None:
         """A swarm flight that could not start (nothing fetched): the hub fetch feeds the same flight."""

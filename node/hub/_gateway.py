@@ -3,7 +3,8 @@
 Unmodified clients (``HF_ENDPOINT=http://127.0.0.1:PORT hf download ORG/REPO``,
 ``snapshot_download``, ``hf_hub_download``, transformers, vLLM) get their files
 through the node: from the swarm when a trusted signed manifest made by
-``publish hf://`` covers the repository and commit (``--hf-manifest``), else
+``publish hf://`` covers the repository and commit (``--hf-manifest``, or the
+signed name record ``hf:ORG/REPO`` by a trusted key: ``_names``), else
 through the node's own hub fetch; verified either way, and stored once, in the
 node's Hugging Face cache.
 
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -63,6 +65,7 @@ from ._cache import hub_cache_dir
 from ._fetch import PIECE_SIZE
 from ._flights import Flights, FlightSettings
 from ._gwhttp import Abort, ClientBudgets, ClientStats, HttpServer, Reply
+from ._names import NameCovers, NameSource
 from ._swarm_flights import Hold, HubManifest, SwarmFlights
 
 if TYPE_CHECKING:
@@ -74,7 +77,7 @@ log = logging.getLogger(__name__)
 
 GATEWAY_HEADER = "X-Autoglm-Gateway"
 PROBE_PATH = "/api/autoglm-gateway"
-_CHUNK = 1 << 20
+_CHUNK = 16 << 20  # bytes per sendfile span (the flight's state is checked between spans)
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::", "[::1]"}
 
 
@@ -94,7 +97,10 @@ class GatewayConfig:
     failure_ttl: float = 30.0  # a failed file is answered 502 this long before it is fetched again
     probe_timeout: float = 5.0
     manifests: tuple[HubManifest, ...] = ()  # trusted publish hf:// manifests: their commits come from the swarm
-    trust: TrustPolicy | None = None  # the node's trust, for those manifests' swarm fetches
+    trust: TrustPolicy | None = None  # the node's trust, for those manifests' swarm fetches and the name records
+    name_ttl: float = 30.0  # a name record lookup (found or not) is reused this long
+    name_wait: float = 3.0  # a flight waits at most this long for a running lookup, then goes to the hub
+    name_timeout: float = 30.0  # a lookup is given up after this long (an answer "none")
 
 
 @dataclass(slots=True)
@@ -129,10 +135,12 @@ class Gateway:
     """Routes and answers; the flights and the HTTP budgets are its parts. Run with :meth:`serve`.
 
     ``hold`` is the node's swarm fetch (``SwarmNode.hold``), needed for ``config.manifests``;
-    ``on_event`` gets the hub flights' engine events (the node's metrics).
+    ``names`` the node's name records (the ``SwarmNode``): with ``hold`` and trusted keys, the
+    record ``hf:ORG/REPO`` finds covering manifests too; ``on_event`` gets the hub flights'
+    engine events (the node's metrics).
     """
 
-    def __init__(self, store: Store, config: GatewayConfig, *, hold: Hold | None = None,
+    def __init__(self, store: Store, config: GatewayConfig, *, hold: Hold | None = None, names: NameSource | None = None,
                  on_event: Callable[[str, Event], None] | None = None) -> None:
         self.store = store
         self.config = config
@@ -142,6 +150,8 @@ class Gateway:
         self.address: tuple[str, int] = (config.host, config.port)
         self.flights: Flights | None = None
         self._hold = hold
+        self._names = names
+        self.name_covers: NameCovers | None = None
         self._on_event = on_event
         budgets = ClientBudgets(config.max_clients, config.header_timeout, config.idle_timeout, config.send_timeout)
         self._http = HttpServer(self._route, budgets, self.stats, always=[(GATEWAY_HEADER, self.id)])
@@ -165,10 +175,14 @@ class Gateway:
             self.flights = Flights(self.store, FlightSettings(cfg.endpoints, cfg.token, self.cache_dir, cfg.piece_size,
                                                               cfg.revision_ttl, cfg.failure_ttl),
                                    nursery, on_event=self._on_event)
-            if cfg.manifests and self._hold is not None:
+            trust = cfg.trust or TrustPolicy()
+            if self._names is not None and self._hold is not None and trust.keys:
+                self.name_covers = NameCovers(self._names, trust, nursery, ttl=cfg.name_ttl, wait=cfg.name_wait,
+                                              timeout=cfg.name_timeout)
+            if (cfg.manifests or self.name_covers is not None) and self._hold is not None:
                 self.flights.swarm = SwarmFlights(cfg.manifests, self._hold, cache_dir=self.cache_dir,
-                                                  trust=cfg.trust or TrustPolicy(), endpoints=cfg.endpoints,
-                                                  token=cfg.token, nursery=nursery, fall_back=self.flights.fall_back)
+                                                  trust=trust, endpoints=cfg.endpoints, token=cfg.token, nursery=nursery,
+                                                  fall_back=self.flights.fall_back, names=self.name_covers)
             await nursery.start(trio.serve_listeners, self._http.client, listeners)
             try:
                 await self._probe_loops()
@@ -291,18 +305,26 @@ class Gateway:
             return
         await reply.head(status, out)
         pos = start
-        while pos < end:
-            if fl.error is not None:
-                raise Abort(f"{f.path}: {fl.error}")
-            avail = min(fl.ready, end)
-            if pos >= avail:
-                await fl.changed.wait()
-                continue
-            data = await trio.to_thread.run_sync(fl.read, pos, min(_CHUNK, avail - pos))
-            await reply.data(data)
-            pos += len(data)
-            self.stats.bytes_served += len(data)
-            self.stats.served_by_via[fl.via] = self.stats.served_by_via.get(fl.via, 0) + len(data)
+        try:
+            fd = await trio.to_thread.run_sync(fl.open) if start < end else -1
+        except OSError as exc:
+            raise Abort(f"{f.path}: {exc}") from exc
+        try:
+            while pos < end:
+                if fl.error is not None:
+                    raise Abort(f"{f.path}: {fl.error}")
+                avail = min(fl.ready, end)
+                if pos >= avail:
+                    await fl.changed.wait()
+                    continue
+                n = min(_CHUNK, avail - pos)
+                await reply.file(fd, pos, n)
+                pos += n
+                self.stats.bytes_served += n
+                self.stats.served_by_via[fl.via] = self.stats.served_by_via.get(fl.via, 0) + n
+        finally:
+            if fd >= 0:
+                os.close(fd)
         await reply.end()
         self.stats.flights_failed = self.flights.failed
         log.info("gateway: served %s@%s %s bytes %d-%d in %.2f s (%s)", repo, snap.commit[:12], f.path, start, end,
@@ -335,11 +357,11 @@ def _tree(files: Sequence[HubFile], prefix: str, recursive: bool) -> list[dict[s
 
 
 async def serve_gateway(
-    store: Store, config: GatewayConfig, *, hold: Hold | None = None, on_event: Callable[[str, Event], None] | None = None,
-    task_status: TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
+    store: Store, config: GatewayConfig, *, hold: Hold | None = None, names: NameSource | None = None,
+    on_event: Callable[[str, Event], None] | None = None, task_status: TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a gateway until cancelled; reports the :class:`Gateway` (its ``address`` bound) once listening."""
-    gw = Gateway(store, config, hold=hold, on_event=on_event)
+    gw = Gateway(store, config, hold=hold, names=names, on_event=on_event)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(gw.serve)

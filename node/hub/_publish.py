@@ -32,6 +32,7 @@ its verified bytes. The repo and commit are in the signed name and version.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -49,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from autoglm.node._engine import FetchOptions, FetchResult
 from autoglm.node._mirrors import MirrorConfig
 from autoglm.node._progress import Event
-from autoglm.node._publish import hash_file, plan_file
+from autoglm.node._publish import hash_file, plan_file, plan_read
 from autoglm.node._store import Store
 from autoglm.node.errors import ConfigError, IntegrityError, SignatureError, StorageError
 from autoglm.protocol import (
@@ -336,6 +337,44 @@ class PieceTap:
         return FileEntry(f.path, f.size, bytes.fromhex(f.sha256), pieces)
 
 
+class SmallTap:
+    """A small file's manifest entry from the fetch's own in-order read (a cold publish): bytes kept in memory.
+
+    Up to ``_SMALL`` bytes, the whole file is collected as the whole-file check
+    reads it (``_verify``), then planned (``plan_read``: the same plan as
+    ``plan_file`` from the cache file) and hashed from memory. Bytes out of
+    order leave it without an entry, and the file is read again.
+    """
+
+    def __init__(self, f: HubFile, max_piece: int) -> None:
+        self.file = f
+        self.max_piece = max_piece
+        self.reset()
+
+    def reset(self) -> None:
+        self.buf = bytearray()
+        self.failed = False
+
+    def feed(self, offset: int, data: bytes) -> None:
+        if self.failed or offset != len(self.buf) or len(self.buf) + len(data) > self.file.size:
+            self.failed = True
+            return
+        self.buf += data
+
+    def entry(self) -> FileEntry | None:
+        f = self.file
+        if self.failed or len(self.buf) != f.size:
+            return None
+        data = bytes(self.buf)
+        self.buf = bytearray()
+        mv = memoryview(data)
+        spans = plan_read(lambda o, n: data[o : o + n], f.size, self.max_piece, f.path.endswith(".safetensors"), f.path) if f.size else []
+        sha = hashlib.sha256(data).digest()
+        if f.sha256 is not None and sha.hex() != f.sha256:  # the fetch's check passed on these bytes: a bug if so
+            return None
+        return FileEntry(f.path, f.size, sha, tuple(Piece(o, n, blake3.blake3(mv[o : o + n]).digest()) for o, n in spans))
+
+
 def build_hub_manifest(
     snap_dir: Path, snapshot: RepoSnapshot, *, name: str, publisher: str, created_at: int, max_piece: int,
     progress: Callable[[int], None] | None = None, hashed: dict[str, FileEntry] | None = None,
@@ -415,7 +454,13 @@ async def publish_hub(
     hashed: dict[str, FileEntry] = {}
     if not from_cache:
         # The fetch's whole-file check reads each file once, in order: the safetensors pieces are hashed there too.
-        taps = {f.path: PieceTap(f, max_piece) for f in snapshot.files if f.sha256 is not None and f.path.endswith(".safetensors")}
+        # Small files (up to 64 MiB) are kept in memory as that read passes and planned and hashed there.
+        taps: dict[str, PieceTap | SmallTap] = {}
+        for f in snapshot.files:
+            if f.sha256 is not None and f.path.endswith(".safetensors"):
+                taps[f.path] = PieceTap(f, max_piece)
+            elif f.size <= _SMALL:
+                taps[f.path] = SmallTap(f, max_piece)
         store = await trio.to_thread.run_sync(Store, data_dir)
         try:
             plan = HubFetchPlan(ref=ref, endpoints=tuple(snapshot.endpoints), token=token, cache_dir=cache)
@@ -425,6 +470,11 @@ async def publish_hub(
         finally:
             store.close()
         hashed = {p: e for p, t in taps.items() if (e := t.entry()) is not None}
+        # Paths with the same bytes are one blob, fetched and read once: they share its entry.
+        by_etag = {f.etag: hashed[f.path] for f in snapshot.files if f.path in hashed}
+        for f in snapshot.files:
+            if f.path not in hashed and f.etag in by_etag:
+                hashed[f.path] = dataclasses.replace(by_etag[f.etag], path=f.path)
     read_again = 0 if from_cache else sum(f.size for f in snapshot.files if f.path not in hashed)
     pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     manifest = await trio.to_thread.run_sync(
@@ -453,9 +503,9 @@ async def publish_hub(
 # -- fetch M.agm --hf-cache --------------------------------------------------
 
 
-def files_dir(cache: Path, prov: Provenance) -> Path:
+def files_dir(cache: Path, repo: str, commit: str) -> Path:
     """Where ``fetch M.agm --hf-cache`` has the engine write (hidden in the repo folder; the blobs are hard links)."""
-    return repo_folder(cache, prov.ref) / ".autoglm-files" / prov.commit
+    return repo_folder(cache, HubRef("hf", repo, commit)) / ".autoglm-files" / commit
 
 
 def link_blob(src: Path, dst: Path) -> None:

@@ -133,7 +133,7 @@ def prepare_hf_cache_fetch(args: argparse.Namespace) -> Any:
     prov = load_provenance(side, signed)
     cache = (args.cache_dir or hub_cache_dir()).expanduser().resolve()
     if args.out is None:
-        args.out = files_dir(cache, prov)
+        args.out = files_dir(cache, prov.repo, prov.commit)
     if not args.variant or args.variant == "all":
         from autoglm.node._manifests import check_manifest
         from autoglm.node.cli._manifest_cmds import trust_from_args

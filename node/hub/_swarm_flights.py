@@ -14,8 +14,9 @@ provenance's, then the gateway's own upstreams), every piece checked against
 its signed BLAKE3 hash, so every recorded piece is streamed at once.
 
 Requests for files of one manifest arriving together (``snapshot_download``
-asks with 8 workers) are batched into one hold with those files; files asked
-for while a hold runs go into the next (the node runs one fetch per manifest
+asks with 8 workers) are batched into one hold with those files (a hold starts
+once no new file was asked for ``BATCH_WINDOW`` seconds, at most ``BATCH_MAX``
+after the first); files asked for while a hold runs go into the next (the node runs one fetch per manifest
 at a time; the store keeps what earlier holds verified). The files land in
 ``models--ORG--REPO/.autoglm-files/<commit>/`` (the folder the node keeps
 seeding from, as ``fetch M.agm --hf-cache`` writes it) and each blob is a hard
@@ -46,6 +47,7 @@ from autoglm.protocol import SignedManifest, TrustPolicy
 from ._api import HubFile, RepoSnapshot
 from ._cache import link_snapshot
 from ._flights import Flight
+from ._names import NameCovers
 from ._publish import (
     SIDECAR_SUFFIX,
     Provenance,
@@ -56,22 +58,39 @@ from ._publish import (
     sidecar_path,
 )
 
-__all__ = ["BATCH_WINDOW", "HubManifest", "SwarmFlights", "load_hub_manifests"]
+__all__ = ["BATCH_MAX", "BATCH_WINDOW", "HubManifest", "SwarmFlights", "load_hub_manifests"]
 
 log = logging.getLogger("autoglm.node.hub._gateway")
 
-BATCH_WINDOW = 0.3  # seconds a new hold waits for more requests of the same manifest
+BATCH_WINDOW = 0.3  # a new hold starts once no new file of its manifest was asked for this long ...
+BATCH_MAX = 2.0  # ... or this long after its first request
 
 Hold = Callable[..., Awaitable[Any]]  # SwarmNode.hold(plan, events=...)
 
 
 @dataclass(frozen=True, slots=True)
 class HubManifest:
-    """A trusted signed manifest of a Hub commit, with its checked provenance."""
+    """A trusted signed manifest of a Hub commit, with its checked provenance (``--hf-manifest``).
 
-    path: Path
+    Found through the name record instead (``_names``), it has neither a file
+    nor a provenance: its signed name ``hf:ORG/REPO`` and version (the commit)
+    say what it covers, and the gateway's own upstreams are its web seeds.
+    """
+
+    path: Path | None
     signed: SignedManifest
-    provenance: Provenance
+    provenance: Provenance | None = None
+
+    @property
+    def repo(self) -> str:
+        return self.provenance.repo if self.provenance is not None else self.signed.manifest.name.removeprefix("hf:")
+
+    @property
+    def commit(self) -> str:
+        return self.provenance.commit if self.provenance is not None else self.signed.manifest.version
+
+    def __str__(self) -> str:
+        return str(self.path) if self.path is not None else f"manifest {self.signed.id.hex()[:16]} (name record {self.signed.manifest.name})"
 
 
 def load_hub_manifests(paths: Sequence[Path], trust: TrustPolicy) -> tuple[HubManifest, ...]:
@@ -105,6 +124,7 @@ class _Run:
     pending: dict[str, tuple[Flight, HubFile, RepoSnapshot]] = field(default_factory=dict)
     wanted: set[str] = field(default_factory=set)
     running: bool = False
+    asked: trio.Event = field(default_factory=trio.Event)  # set when a file joins ``pending``
 
 
 class SwarmFlights:
@@ -112,7 +132,7 @@ class SwarmFlights:
 
     def __init__(self, manifests: Sequence[HubManifest], hold: Hold, *, cache_dir: Path, trust: TrustPolicy,
                  endpoints: Sequence[str], token: str | None, nursery: trio.Nursery,
-                 fall_back: Callable[[RepoSnapshot, HubFile, Flight], None]) -> None:
+                 fall_back: Callable[[RepoSnapshot, HubFile, Flight], None], names: NameCovers | None = None) -> None:
         self.hold = hold
         self.cache_dir = cache_dir
         self.trust = trust
@@ -120,28 +140,43 @@ class SwarmFlights:
         self._token = token
         self.nursery = nursery
         self.fall_back = fall_back
-        self.manifests = {(m.provenance.repo, m.provenance.commit): m for m in manifests}
+        self.manifests = {(m.repo, m.commit): m for m in manifests}
+        self.names = names
+        self._by_name: dict[bytes, HubManifest] = {}
         self._runs: dict[bytes, _Run] = {}
 
-    def covering(self, repo: str, commit: str) -> HubManifest | None:
-        return self.manifests.get((repo, commit))
+    def look_ahead(self, repo: str) -> None:
+        """A revision of ``repo`` was resolved: start its name lookup now, beside the clients' next requests."""
+        if self.names is not None and not any(r == repo for r, _ in self.manifests):
+            self.names.look_ahead(repo)  # (a repository --hf-manifest covers is looked up only for other commits)
 
-    def take(self, snap: RepoSnapshot, f: HubFile, repo_dir: Path) -> Flight | None:
-        hm = self.covering(snap.ref.repo, snap.commit)
+    async def cover(self, snap: RepoSnapshot) -> HubManifest | None:
+        """The trusted manifest covering the snapshot's commit: ``--hf-manifest``, else the name record's (bounded wait)."""
+        hm = self.manifests.get((snap.ref.repo, snap.commit))
+        if hm is not None or self.names is None or snap.ref.hub != "hf":
+            return hm
+        signed = await self.names.covering(snap.ref.repo, snap.commit)
+        if signed is None:
+            return None
+        return self._by_name.setdefault(signed.id, HubManifest(None, signed))
+
+    def take(self, snap: RepoSnapshot, f: HubFile, repo_dir: Path, hm: HubManifest | None) -> Flight | None:
+        """A swarm flight of ``f`` if ``hm`` covers it and agrees with the hub's listing, else None."""
         if hm is None:
             return None
         entry = next((e for e in hm.signed.manifest.files if e.path == f.path), None)
-        prov = next((p for p in hm.provenance.files if p.path == f.path), None)
-        if entry is None or prov is None or entry.size != f.size or (
-            entry.sha256.hex() != f.sha256 if f.sha256 is not None else prov.blob_id != f.blob_id
-        ):
+        # A small file's git blob id: the signed provenance's; without one (a name record's manifest) it is
+        # checked against the hub's listing from the verified bytes before the blob is linked (_link_blob).
+        blob_ok = hm.provenance is None or any(p.path == f.path and p.blob_id == f.blob_id for p in hm.provenance.files)
+        if entry is None or entry.size != f.size or (entry.sha256.hex() != f.sha256 if f.sha256 is not None else not blob_ok):
             log.warning("gateway: %s@%s %s: the signed manifest %s disagrees with the hub's listing; fetching from the hub",
-                        snap.ref.repo, snap.commit[:12], f.path, hm.path)
+                        snap.ref.repo, snap.commit[:12], f.path, hm)
             return None
         fl = Flight(repo_dir, f, [(p.offset, p.length) for p in entry.pieces], hold_last=False)
         fl.via = "swarm"
         run = self._runs.setdefault(hm.signed.id, _Run(hm))
         run.pending[f.path] = (fl, f, snap)
+        run.asked.set()
         if not run.running:
             run.running = True
             self.nursery.start_soon(self._run, run)
@@ -150,7 +185,15 @@ class SwarmFlights:
     async def _run(self, run: _Run) -> None:
         try:
             while run.pending:
-                await trio.sleep(BATCH_WINDOW)  # the other requests of one snapshot_download arrive meanwhile
+                # The other requests of one snapshot_download (8 workers) arrive meanwhile; on a busy machine
+                # they spread over more than a window, and a file left for the next hold waits for this one.
+                with trio.move_on_after(BATCH_MAX):
+                    while True:
+                        run.asked = trio.Event()
+                        with trio.move_on_after(BATCH_WINDOW):
+                            await run.asked.wait()
+                        if not run.asked.is_set():
+                            break
                 batch, run.pending = run.pending, {}
                 run.wanted |= set(batch)
                 await self._hold(run, batch)
@@ -159,14 +202,13 @@ class SwarmFlights:
 
     def _plan(self, run: _Run) -> FetchPlan:
         hm = run.manifest
-        prov = hm.provenance
-        mirrors = list(prov.mirrors)
-        own = [mirror_base(ep, prov.repo, prov.commit) for ep in self.endpoints]
+        mirrors = list(hm.provenance.mirrors) if hm.provenance is not None else []
+        own = [mirror_base(ep, hm.repo, hm.commit) for ep in self.endpoints]
         mirrors += [m for m in own if m not in mirrors]
         headers = {m: {"Authorization": f"Bearer {self._token}"} for m in own} if self._token else {}
         # Clients wait on these files and are served the front of each as it
         # grows: the streaming order (picker rule 6) fetches the fronts first.
-        return FetchPlan(hm.signed, files_dir(self.cache_dir, prov), self.trust, mirrors=tuple(mirrors),
+        return FetchPlan(hm.signed, files_dir(self.cache_dir, hm.repo, hm.commit), self.trust, mirrors=tuple(mirrors),
                          mirror_headers=headers, files=tuple(sorted(run.wanted)), options=FetchOptions(stream=True))
 
     async def _hold(self, run: _Run, batch: dict[str, tuple[Flight, HubFile, RepoSnapshot]]) -> None:
@@ -200,8 +242,8 @@ class SwarmFlights:
                                  trio.current_time() - t0)
                         await self._complete(out, *batch[ev.path])
 
-        log.info("gateway: %s@%s: %d file(s) from the swarm (%s)", run.manifest.provenance.repo,
-                 run.manifest.provenance.commit[:12], len(batch), ", ".join(sorted(batch)))
+        log.info("gateway: %s@%s: %d file(s) from the swarm (%s)", run.manifest.repo,
+                 run.manifest.commit[:12], len(batch), ", ".join(sorted(batch)))
         error: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -210,7 +252,7 @@ class SwarmFlights:
         except Exception as exc:
             err = collapse_group(exc) if isinstance(exc, ExceptionGroup) else exc
             error = err if isinstance(err, Exception) else SourceError(f"the swarm fetch failed: {err!r}")
-            log.warning("gateway: the swarm fetch of %s failed: %s", run.manifest.path, error)
+            log.warning("gateway: the swarm fetch of %s failed: %s", run.manifest, error)
         for fl, f, snap in batch.values():
             if fl.done or fl.error is not None:
                 continue
@@ -238,7 +280,7 @@ def _link_blob(src: Path, fl: Flight, f: HubFile, commit: str) -> None:
         data = src.read_bytes()
         blob = hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
         if blob != f.blob_id:
-            raise IntegrityError(f"{f.path}: git blob id {blob}, the hub and the provenance say {f.blob_id}")
+            raise IntegrityError(f"{f.path}: git blob id {blob}, the hub says {f.blob_id}")
     dst = fl.blob
     link_blob(src, dst)
     link_snapshot(fl.repo_dir, commit, [f])

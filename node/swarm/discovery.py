@@ -54,6 +54,10 @@ class Discovery:
         self._peers_changed.set()
         self._peers_changed = trio.Event()
 
+    def forget(self, mid: bytes) -> None:
+        """``mid`` is no longer held: provide it afresh if it ever is again."""
+        self._provided.pop(mid, None)
+
     def wanted_changed(self) -> None:
         self._wanted_changed.set()
 

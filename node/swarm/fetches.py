@@ -23,7 +23,7 @@ from .budget import PromiseLedger
 from .config import FetchHandle, PeerBanned, SwarmConfig, SwarmEvent, SwarmStats
 from .session import PeerSource, Session
 
-__all__ = ["Fetches"]
+__all__ = ["Fetches", "is_idle"]
 
 log = logging.getLogger("autoglm.node.swarm")
 
@@ -234,6 +234,7 @@ class Fetches:
         m = membership(
             holders, self._departed.get(mid, {}), in_session=self._sessions.keys(),
             banned=self._banned_now(mid), now=trio.current_time(), grace=self._config.member_grace,
+            idle=[p for p, s in self._sessions.items() if is_idle(s, mid)],
         )
         self._departed[mid] = m.departed
         fetch.set_swarm(m.peers, m.complete)
@@ -250,7 +251,7 @@ class Fetches:
         now = trio.current_time()
         redial = False
         for mid, bf in s.manifests().items():
-            if mid in self._fetches and s.peer_id not in self._sessions:
+            if mid in self._fetches and s.peer_id not in self._sessions and not is_idle(s, mid):
                 redial = True
                 self._departed.setdefault(mid, {})[s.peer_id] = (now, bf.complete)
                 if self.nursery is not None:
@@ -273,6 +274,16 @@ class Fetches:
                 continue
             for k in range(0, len(indices), MAX_CLAIM):
                 s.post(Claim(mid, tuple(indices[k : k + MAX_CLAIM])))
+
+
+def is_idle(s: Session, mid: bytes) -> bool:
+    """``s`` announced ``mid`` but holds none of it and is not fetching it (never said Interested).
+
+    Such a peer (the publisher's node keeping a new version's envelope) is
+    no first-copy member (protocol/_membership.py).
+    """
+    bf = s.bitfield(mid)
+    return bf is not None and len(bf) == 0 and mid not in s.conn.theirs.interested
 
 
 async def _remove_source(fetch: FetchHandle, source_id: str) -> None:

@@ -77,6 +77,28 @@ class Held:
         self._changed()
         return True
 
+    async def withdraw(self, manifest_id: bytes) -> ManifestState | None:
+        """Re-read ``manifest_id`` after pieces were removed; stop holding it when none is left.
+
+        Returns the state peers must hear (an empty bitfield once it is no
+        longer held), or None when it was not held.
+        """
+        h = self._held.get(manifest_id)
+        if h is None:
+            return None
+        try:
+            bits = await trio.to_thread.run_sync(self._store.bitfield, manifest_id)
+            have = Bitfield.from_bytes(bits, h.piece_count)
+        except (AutoglmError, ValueError):  # the store no longer knows it: nothing is left
+            have = Bitfield(h.piece_count)
+        if len(have) == 0:
+            del self._held[manifest_id]
+            self.envelopes.pop(manifest_id, None)
+        else:
+            self._held[manifest_id] = _Manifest(h.piece_count, have)
+        self._changed()
+        return ManifestState(manifest_id, h.piece_count, have.to_bytes())
+
     def add_piece(self, manifest_id: bytes, index: int) -> bool:
         """A piece is verified here; True when it is news."""
         h = self._held.get(manifest_id)

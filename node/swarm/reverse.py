@@ -13,7 +13,8 @@ the public node asks *it* to dial:
 
 1. The fetching node (A) tries the direct dial (the session's IP, the port
    from Hello) for at most :data:`DIRECT_TIMEOUT`. A peer whose direct dial
-   failed is not tried directly again for :data:`DIRECT_RETRY` seconds.
+   failed is not tried directly again for :data:`DIRECT_RETRY` seconds (nor
+   by reverse dial, after a failed one).
 2. A opens ``/autoglm/reverse/1`` to the peer (B) over libp2p and sends a
    fresh 32-byte nonce and the port of its rendezvous listener.
 3. B dials A at the IP its own libp2p connection to A comes from (never an
@@ -31,6 +32,11 @@ at most 64 unmatched sockets at once.
 
 The nonce is a capability sent only over the Noise-authenticated libp2p
 stream, and the token still authenticates the peerwire session itself.
+
+When neither works (both peers behind NAT, or a session that runs over a
+relayed libp2p connection and so has no peer IP at all), the third path is
+peerwire over a libp2p stream on the connection the session uses, relayed or
+not (node/swarm/relay.py).
 """
 
 from __future__ import annotations
@@ -49,10 +55,14 @@ from autoglm.node._peerwire import PeerwireConnection, handshake_peerwire
 from autoglm.node._ratelimit import RateLimiter
 from autoglm.node.errors import SourceError
 
+from .relay import PEERWIRE_STREAM_ID, bridge, open_bridge
+
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-__all__ = ["DIRECT_RETRY", "DIRECT_TIMEOUT", "REVERSE_PROTOCOL_ID", "PathStats", "Reverse", "may_be_unreachable"]
+__all__ = [
+    "DIRECT_RETRY", "DIRECT_TIMEOUT", "PEERWIRE_STREAM_ID", "REVERSE_PROTOCOL_ID", "PathStats", "Reverse", "may_be_unreachable",
+]
 
 log = logging.getLogger("autoglm.node.swarm")
 
@@ -64,6 +74,7 @@ DIRECT_RETRY = 60.0
 _NONCE = 32
 _MAX_UNMATCHED = 64
 _MAX_REMEMBERED = 4096  # peers remembered per table before expired entries are dropped
+_PATHS = ("direct", "reverse", "libp2p", "relayed")  # libp2p: peerwire on a direct libp2p connection (hole-punched, say)
 
 
 def may_be_unreachable(listen_hosts: Iterable[str]) -> bool:
@@ -89,11 +100,12 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 class PathStats:
     """How this node's peerwire client connections were made, and the piece bytes each path carried."""
 
-    connections: dict[str, int] = field(default_factory=lambda: {"direct": 0, "reverse": 0})
-    failed: dict[str, int] = field(default_factory=lambda: {"direct": 0, "reverse": 0})
+    connections: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PATHS, 0))
+    failed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PATHS, 0))
     served_reverse: int = 0  # reverse dials this node made to serve a peer
+    served_relayed: int = 0  # peerwire streams over libp2p this node served
     _conns: list[tuple[str, PeerwireConnection]] = field(default_factory=list)
-    _closed_bytes: dict[str, int] = field(default_factory=lambda: {"direct": 0, "reverse": 0})
+    _closed_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PATHS, 0))
 
     def add(self, path: str, conn: PeerwireConnection) -> None:
         self.connections[path] += 1
@@ -114,7 +126,8 @@ class PathStats:
 
     def as_dict(self) -> dict[str, object]:
         return {"connections": dict(self.connections), "failed": dict(self.failed),
-                "bytes": self.bytes_by_path(), "served_by_reverse_dial": self.served_reverse}
+                "bytes": self.bytes_by_path(), "served_by_reverse_dial": self.served_reverse,
+                "served_relayed": self.served_relayed}
 
 
 class Reverse:
@@ -135,15 +148,24 @@ class Reverse:
         self.port: int | None = None
         self._waiting: dict[bytes, tuple[str, trio.MemorySendChannel[trio.SocketStream]]] = {}
         self._no_direct: dict[str, float] = {}  # peer -> until when only reverse dials are tried
+        self._no_reverse: dict[str, float] = {}  # peer -> until when only libp2p streams are tried
         self._asked: dict[str, list[float]] = {}  # peer -> times of its recent reverse requests
         self._busy: set[str] = set()
+        self._streams: dict[str, int] = {}  # peer -> peerwire streams over libp2p we serve it now
+        self._nursery: trio.Nursery | None = None  # the bridges of our relayed client connections
         self._unmatched = trio.CapacityLimiter(_MAX_UNMATCHED)
         # Sockets this node dialled to serve a peer: serve_peerwire serves them like accepted ones.
         self.inbound_send, self.inbound = trio.open_memory_channel[trio.SocketStream](0)
 
     # -- the fetching side ---------------------------------------------------------
-    async def connect(self, peer_id: str, remote_host: str, port: int, token: bytes) -> PeerwireConnection:
-        """A peerwire client connection to ``peer_id``: direct if it answers, else reverse-dialled."""
+    async def connect(self, peer_id: str, remote_host: str | None, port: int, token: bytes) -> PeerwireConnection:
+        """A peerwire client connection to ``peer_id``: direct if it answers, else reverse-dialled, else over libp2p.
+
+        ``remote_host`` is None when the session runs over a relayed libp2p
+        connection: there is no IP of the peer's to dial or be dialled from.
+        """
+        if remote_host is None:
+            return await self._over_libp2p(peer_id, token)
         now = trio.current_time()
         if self._no_direct.get(peer_id, 0.0) <= now:
             try:
@@ -160,12 +182,40 @@ class Reverse:
                 conn = await handshake_peerwire(sock, token, self._down, self._psk, f"{remote_host}:{port}")
                 self.stats.add("direct", conn)
                 return conn
+        if self._no_reverse.get(peer_id, 0.0) > now:
+            return await self._over_libp2p(peer_id, token)
         try:
             conn = await self._reverse(peer_id, token)
-        except SourceError:
+        except SourceError as exc:
             self.stats.failed["reverse"] += 1
-            raise
+            if len(self._no_reverse) > _MAX_REMEMBERED:
+                self._no_reverse = {p: t for p, t in self._no_reverse.items() if t > now}
+            self._no_reverse[peer_id] = now + DIRECT_RETRY
+            log.info("reverse dial from %s failed (%s); peerwire over libp2p instead", peer_id, exc)
+            return await self._over_libp2p(peer_id, token)
         self.stats.add("reverse", conn)
+        return conn
+
+    async def _over_libp2p(self, peer_id: str, token: bytes) -> PeerwireConnection:
+        """Peerwire on a libp2p stream over the connection the session uses (relayed or not)."""
+        if self._nursery is None:
+            raise SourceError("no nursery for relayed peerwire streams")
+        # Both ends behind NAT: a hole punch first, so the stream below goes direct if it works.
+        await self._p2p.upgrade_direct(peer_id)
+        try:
+            stream = await self._p2p.open_stream(peer_id, PEERWIRE_STREAM_ID)
+        except SourceError:
+            self.stats.failed["relayed"] += 1
+            raise
+        path = "relayed" if stream.relayed else "libp2p"
+        mine, theirs = open_bridge()
+        self._nursery.start_soon(bridge, stream, theirs)
+        try:
+            conn = await handshake_peerwire(mine, token, self._down, self._psk, f"peerwire over libp2p to {peer_id}")
+        except SourceError:
+            self.stats.failed[path] += 1
+            raise
+        self.stats.add(path, conn)
         return conn
 
     async def _reverse(self, peer_id: str, token: bytes) -> PeerwireConnection:
@@ -204,6 +254,7 @@ class Reverse:
         # Our own accept loop: trio.serve_listeners closes a socket when its handler
         # returns, and a matched socket lives on as a peerwire connection.
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             task_status.started(self.port)
             for listener in listeners[1:]:
                 nursery.start_soon(self._accept, listener, nursery)
@@ -277,6 +328,30 @@ class Reverse:
             log.info("reverse dial to %s at %s:%s failed: %r", peer, host, buf[_NONCE:].hex(), exc)
         finally:
             self._busy.discard(peer)
+
+    async def on_stream(self, stream: ControlStream) -> None:
+        """A peer asks for peerwire on a libp2p stream (it cannot reach our TCP endpoint, nor we its)."""
+        peer = stream.peer_id
+        if not self._in_session(peer) or self._streams.get(peer, 0) >= self._per_minute:
+            log.info("peerwire stream from %s refused", peer)
+            await stream.aclose()
+            return
+        self._streams[peer] = self._streams.get(peer, 0) + 1
+        try:
+            mine, theirs = open_bridge()
+            with trio.move_on_after(5) as waited:  # serve_peerwire takes it as soon as it can start a task
+                await self.inbound_send.send(mine)
+            if waited.cancelled_caught:
+                await mine.aclose()
+                await theirs.aclose()
+                await stream.aclose()
+                return
+            self.stats.served_relayed += 1
+            await bridge(stream, theirs)
+        finally:
+            left = self._streams.pop(peer, 1) - 1
+            if left > 0:
+                self._streams[peer] = left
 
     def _admit(self, peer: str) -> bool:
         if not self._in_session(peer) or peer in self._busy:

@@ -398,8 +398,7 @@ class Session:
             # The host is where this Noise-authenticated session came from, never
             # what the peer names (any string, a hostname, a third party's address):
             # only the port is the peer's word.
-            if self.remote_host is None:
-                raise SourceError(f"peer {self.peer_id} has no address to reach its pieces at")
+            # None over a relayed libp2p connection: paths.connect then uses a libp2p stream.
             port = theirs.endpoint.port
             self._pw = await self.host.paths.connect(self.peer_id, self.remote_host, port, token)
             return self._pw

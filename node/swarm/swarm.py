@@ -72,7 +72,7 @@ from .dialer import Dialer
 from .discovery import Discovery
 from .fetches import Fetches
 from .held import Held, Serving
-from .reverse import REVERSE_PROTOCOL_ID, Reverse, may_be_unreachable
+from .reverse import PEERWIRE_STREAM_ID, REVERSE_PROTOCOL_ID, Reverse, may_be_unreachable
 from .session import PeerSource, Session
 
 if TYPE_CHECKING:
@@ -129,6 +129,7 @@ class Swarm:
             self.endpoint = Endpoint(advertised_host(host, self.p2p.addrs()), port)
             await nursery.start(self.paths.serve_rendezvous)
             self.p2p.set_stream_handler(REVERSE_PROTOCOL_ID, self.paths.on_request)
+            self.p2p.set_stream_handler(PEERWIRE_STREAM_ID, self.paths.on_stream)
             self.p2p.set_control_handler(self.serve_session)
             nursery.start_soon(self._rechoker)
             nursery.start_soon(self.discovery.run_discoverer)
@@ -166,6 +167,23 @@ class Swarm:
     async def refresh_held(self, mid: bytes) -> None:
         """Re-read a manifest's verified pieces from the store."""
         await self.held.refresh(mid)
+
+    async def withdraw(self, mid: bytes) -> None:
+        """Pieces of ``mid`` were removed here (a version pruned by ``update --keep``): tell peers what is left.
+
+        Peers hear the new bitfield as an Announce; when nothing is left the
+        manifest is no longer held (not in a Hello, its provider record no longer
+        renewed in the DHT and dropped from this node's own provider store).
+        """
+        state = await self.held.withdraw(mid)
+        if state is None:
+            return
+        if mid not in self.held:
+            self.discovery.forget(mid)
+            self.p2p.unprovide_manifest(mid)
+        for s in list(self.sessions.values()):
+            if mid in s.announced:
+                s.post(Announce(state))
 
     # -- fetching ------------------------------------------------------------------
     def attach(self, manifest_id: bytes, fetch: FetchHandle) -> None:
@@ -302,6 +320,9 @@ class Swarm:
             case Interested() | NotInterested():
                 if s.within_rate("Interested"):
                     self._rechoke_now.set()
+                    # A peer with nothing of the manifest is a first-copy member only while it fetches it.
+                    self.fetches.update_membership(msg.manifest_id)
+                    self.discovery.peers_changed()
             case TokenRequest():
                 if s.within_rate("TokenRequest"):
                     s.post(Token(self.serving.issue_token(s.peer_id)))
@@ -380,6 +401,7 @@ class Swarm:
             "banned": [list(b) for b in self.stats.banned],
             "lost_pieces": self.stats.lost_pieces,
             "peerwire_paths": self.paths.stats.as_dict(),
+            "relay": self.p2p.relay_status() if self.p2p is not None else {},  # docs/nat.md
         }
 
 

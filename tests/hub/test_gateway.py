@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import trio
 
@@ -411,3 +412,40 @@ async def test_client_budgets(tmp_path: Path) -> None:
         await c.aclose()
         await trio.sleep(0.2)
         assert gw.stats.clients == 0
+
+
+async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(hub: Hub, tmp_path: Path) -> None:
+    """Bodies go out with sendfile: a client that stops reading fills its socket, the gateway waits for it at most
+    send_timeout, then closes it and frees its slot; a client reading at the same time gets the whole file."""
+    import socket
+
+    from autoglm.node._store import Store
+    from autoglm.node.hub._gateway import GatewayConfig, serve_gateway
+
+    data = np.random.default_rng(21).bytes(48 * MIB)
+    hub.server.add_commit(BIG, {"config.json": b"{}", "weights.bin": data})
+    store = Store(tmp_path / "data")
+    try:
+        async with trio.open_nursery() as nursery:
+            cfg = GatewayConfig(endpoints=(hub.url,), cache_dir=tmp_path / "cache", send_timeout=1.0, probe_timeout=0.5)
+            gw = await nursery.start(serve_gateway, store, cfg)
+            url = f"http://127.0.0.1:{gw.address[1]}/{BIG}/resolve/main/weights.bin"
+            st, _, body = await http(url)  # the node fetches it once; then it is served from the blob
+            assert st == 200 and body == data
+            stuck = trio.socket.socket()
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            await stuck.connect(("127.0.0.1", gw.address[1]))
+            await stuck.send(f"GET /{BIG}/resolve/main/weights.bin HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            st, _, body = await http(url)  # served meanwhile, whole
+            assert st == 200 and body == data
+            await trio.sleep(cfg.send_timeout + 2.0)  # the time the budget needs to run out: nothing to wait on
+            assert gw.stats.clients == 0  # the stuck client was dropped and its slot freed
+            got = 0
+            with trio.fail_after(10):
+                while chunk := await stuck.recv(1 << 20):
+                    got += len(chunk)
+            assert 0 < got < len(data)  # what the socket buffers held, then the end of the connection
+            stuck.close()
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()

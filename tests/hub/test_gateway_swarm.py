@@ -243,3 +243,57 @@ async def test_a_swarm_flight_streams_the_front_of_the_file_while_the_fetch_runs
     every = re.search(rf"{re.escape(BIN)}: every piece verified ([\d.]+)s", log)
     assert first is not None and every is not None, log[-3000:]
     assert float(first.group(1)) < float(every.group(1)), (first.group(0), every.group(0))
+
+
+async def test_gateway_finds_the_covering_manifest_through_the_signed_name_record(hub: Hub, tmp_path: Path) -> None:
+    """No --hf-manifest: `publish hf://… --name-publish` wrote the record hf:ORG/REPO; a gateway node that trusts
+    the publisher's key looks it up, fetches the manifest from a peer, and serves the commit from the swarm. A
+    repository with no record is served through the hub fetch."""
+    from tests.swarm.harness import CLI, processes, start_node
+
+    files = {**hub.files, BIG: save({"w": np.random.default_rng(6).integers(0, 255, size=(6 << 20) // 4, dtype=np.int32)})}
+    commit = hub.server.add_commit(REPO, files)
+    other = hub.server.add_commit(OTHER, model_files(seed=9))
+    big_obj = "objects/" + hashlib.sha256(files[BIG]).hexdigest()
+    env = clean_env(tmp_path, HF_ENDPOINT=hub.url)
+    await run_cli(["--data-dir", str(tmp_path / "a"), "keygen", "--out", str(tmp_path / "key")], env)
+    pub = {"manifest": tmp_path / "m.agm", "key": tmp_path / "key.pub"}
+
+    def swarm() -> tuple[dict[str, int], dict[str, int], str, str, str]:
+        with processes() as procs:
+            a = start_node(procs, tmp_path, "a", pub, seed=False, env=env)  # the publisher's node
+            boot = a.seen[0]["addrs"][0]
+            done = subprocess.run([*CLI, "--data-dir", str(tmp_path / "a"), "publish", f"hf://{REPO}@main", "--key",
+                                   str(tmp_path / "key"), "--cache-dir", str(tmp_path / "pubcache"), "--out",
+                                   str(pub["manifest"]), "--max-piece", "1MiB", "--name-publish", "--json"],
+                                  capture_output=True, timeout=120, env=env)
+            assert done.returncode == 0, done.stderr.decode()[-3000:]
+            b = start_node(procs, tmp_path, "b", pub, bootstrap=[boot], env=env)  # a seed of the manifest
+            b.event("complete", 120)
+            before = dict(hub.cdn.stats.by_path)
+            g = start_node(procs, tmp_path, "g", pub, seed=False, bootstrap=[boot],
+                           env=clean_env(tmp_path / "gwnode", HF_ENDPOINT=hub.url),
+                           extra=["--hf-gateway", "127.0.0.1:0"])  # no --hf-manifest; --trust key.pub
+            url = g.event("ready", 10)["hf_gateway"]
+            snap = _client(_snapshot_code(REPO), clean_env(tmp_path / "client", HF_ENDPOINT=url))
+            during = {k: v - before.get(k, 0) for k, v in hub.cdn.stats.by_path.items()}
+            mid = dict(hub.cdn.stats.by_path)
+            got_other = _client(_snapshot_code(OTHER), clean_env(tmp_path / "client-other", HF_ENDPOINT=url))
+            after = {k: v - mid.get(k, 0) for k, v in hub.cdn.stats.by_path.items()}
+            return during, after, snap, got_other, g.stderr_tail(200_000)
+
+    during, after, snap, got_other, log = await trio.to_thread.run_sync(swarm)
+    assert Path(snap).name == commit
+    for path, data in files.items():
+        assert (Path(snap) / path).read_bytes() == data, path
+    # Covered through the record: the big file came from the peers, the Hub sent none of it.
+    assert during.get(big_obj, 0) == 0, during
+    assert f"{REPO}@{commit[:12]} is covered by manifest" in log, log[-3000:]
+    assert "file(s) from the swarm" in log
+    # The repository with no record: its shards came from the Hub (its CDN), through the gateway's hub fetch.
+    assert Path(got_other).name == other
+    assert sum(after.values()) >= sum(len(d) for p, d in model_files(seed=9).items() if p.endswith(".safetensors"))
+    assert f"hf:{OTHER}: " in log and "no manifest found by name" in log
+    blob = tmp_path / "gwnode" / "hf-home" / "hub" / FOLDER / "blobs" / hashlib.sha256(files[BIG]).hexdigest()
+    seeded = tmp_path / "gwnode" / "hf-home" / "hub" / FOLDER / ".autoglm-files" / commit / BIG
+    assert blob.read_bytes() == files[BIG] and blob.stat().st_ino == seeded.stat().st_ino

@@ -141,3 +141,31 @@ def test_piece_tap_hashes_the_manifest_pieces_from_an_in_order_read(tmp_path: Pa
     bad = PieceTap(HubFile("x.safetensors", 64, "0" * 40, "00" * 32), 64 << 10)
     bad.feed(0, b"\xff" * 64)
     assert bad.entry() is None
+
+
+def test_small_tap_plans_and_hashes_a_small_file_as_reading_it_would(tmp_path: Path) -> None:
+    """publish hf:// (cold) takes a small file's entry from the fetch's read: plan (CDC for big enough text) and hashes."""
+    import hashlib
+
+    from autoglm.node.hub._publish import SmallTap, git_blob_id, hash_hub_file
+
+    data = b"".join(b'{"token%d": %d},\n' % (i, i * 7919 % 1000) for i in range(40000))  # ~800 KB of JSON
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(data)
+    f = HubFile("tokenizer.json", len(data), git_blob_id(data), None)
+    want = hash_hub_file(path, f, 64 << 10)
+    assert len(want.pieces) > 1 and want.sha256 == hashlib.sha256(data).digest()
+    tap = SmallTap(f, 64 << 10)
+    for off in range(0, len(data), 5000):
+        tap.feed(off, data[off : off + 5000])
+    assert tap.entry() == want
+    tap.reset()
+    tap.feed(0, data[:100])
+    tap.feed(200, data[200:])  # a gap: no entry, the file is read again
+    assert tap.entry() is None
+    tap.reset()
+    tap.feed(0, data[:-1])
+    assert tap.entry() is None
+    tap.reset()
+    tap.feed(0, data + b"x")  # more than the Hub's size: no entry
+    assert tap.entry() is None

@@ -60,6 +60,6 @@ def test_natted_node_fetches_and_serves(tmp_path: Path) -> None:
     # The last public node found only the NATed node holding the model: every byte
     # came from it, over reverse-dialled connections, after the direct dial failed.
     assert only["by_source"] == {f"peer:{natted}": model.total_size}
-    assert only["paths"]["bytes"] == {"direct": 0, "reverse": model.total_size}
+    assert only["paths"]["bytes"] == {"direct": 0, "reverse": model.total_size, "libp2p": 0, "relayed": 0}
     assert only["paths"]["failed"]["direct"] >= 1
     assert serving["paths"]["served_by_reverse_dial"] >= 1

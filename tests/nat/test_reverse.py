@@ -20,7 +20,12 @@ from autoglm.node._p2p import P2PNode, open_p2p
 from autoglm.node._peerwire import PieceLocation, serve_peerwire
 from autoglm.node._ratelimit import RateLimiter
 from autoglm.node.errors import SourceError
-from autoglm.node.swarm.reverse import REVERSE_PROTOCOL_ID, Reverse, may_be_unreachable
+from autoglm.node.swarm.reverse import (
+    PEERWIRE_STREAM_ID,
+    REVERSE_PROTOCOL_ID,
+    Reverse,
+    may_be_unreachable,
+)
 from autoglm.protocol._peerwire import RejectReason, verify_piece
 
 MID = b"N" * 32
@@ -83,6 +88,7 @@ async def _pair(tmp_path: Path, b_in_session: bool = True) -> AsyncIterator[Pair
         rev_b = Reverse(b, "127.0.0.1", RateLimiter(None), None, lambda p: b_in_session and p == a.peer_id)
         await nursery.start(rev_a.serve_rendezvous)
         b.set_stream_handler(REVERSE_PROTOCOL_ID, rev_b.on_request)
+        b.set_stream_handler(PEERWIRE_STREAM_ID, rev_b.on_stream)
         await nursery.start(lambda task_status: serve_peerwire(
             loc, grants.pop, inbound=rev_b.inbound, task_status=task_status))
         yield Pair(a, b, rev_a, rev_b, grants, loc)
@@ -102,9 +108,9 @@ async def test_reverse_dial_carries_verified_pieces(tmp_path: Path) -> None:
                 await conn.aclose()
             assert grant.sent == list(range(8))
             st = p.rev_a.stats.as_dict()
-            assert st["connections"] == {"direct": 0, "reverse": 1}
-            assert st["failed"] == {"direct": 1, "reverse": 0}
-            assert st["bytes"] == {"direct": 0, "reverse": 8 * PIECE}
+            assert st["connections"] == {"direct": 0, "reverse": 1, "libp2p": 0, "relayed": 0}
+            assert st["failed"] == {"direct": 1, "reverse": 0, "libp2p": 0, "relayed": 0}
+            assert st["bytes"] == {"direct": 0, "reverse": 8 * PIECE, "libp2p": 0, "relayed": 0}
             assert p.rev_b.stats.served_reverse == 1
             # Within DIRECT_RETRY the direct dial is not tried again.
             token2 = b"u" * 32
@@ -115,14 +121,38 @@ async def test_reverse_dial_carries_verified_pieces(tmp_path: Path) -> None:
             assert p.rev_a.stats.connections["reverse"] == 2
 
 
-async def test_no_reverse_dial_for_a_peer_without_a_session(tmp_path: Path) -> None:
+async def test_no_reverse_dial_nor_stream_for_a_peer_without_a_session(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with _pair(tmp_path, b_in_session=False) as p:
             p.grants[b"t" * 32] = Grant(p.a.peer_id)
-            with pytest.raises(SourceError, match="did not dial back"):
+            # Reverse dial refused, then the peerwire stream over libp2p refused too.
+            with pytest.raises(SourceError, match="peerwire handshake"):
                 await p.rev_a.connect(p.b.peer_id, "127.0.0.1", _closed_port(), b"t" * 32)
             assert p.rev_b.stats.served_reverse == 0
-            assert p.rev_a.stats.failed["reverse"] == 1
+            assert p.rev_b.stats.served_relayed == 0
+            assert p.rev_a.stats.failed == {"direct": 1, "reverse": 1, "libp2p": 1, "relayed": 0}
+
+
+async def test_peerwire_over_libp2p_carries_verified_pieces(tmp_path: Path) -> None:
+    """No peer IP (a session over a relayed connection): peerwire runs on a libp2p stream, bridged to sockets."""
+    with trio.fail_after(60):
+        async with _pair(tmp_path) as p:
+            token = b"r" * 32
+            p.grants[token] = grant = Grant(p.a.peer_id)
+            conn = await p.rev_a.connect(p.b.peer_id, None, 0, token)
+            try:
+                for i in range(8):
+                    verify_piece(bytes(await conn.fetch(MID, i, PIECE)), p.loc.hashes[i])
+            finally:
+                await conn.aclose()
+            assert grant.sent == list(range(8))
+            st = p.rev_a.stats.as_dict()
+            assert st["connections"] == {"direct": 0, "reverse": 0, "libp2p": 1, "relayed": 0}
+            assert st["bytes"] == {"direct": 0, "reverse": 0, "libp2p": 8 * PIECE, "relayed": 0}
+            assert p.rev_b.stats.served_relayed == 1
+            # A wrong token is refused by the server as on TCP: the grant is the token's.
+            with pytest.raises(SourceError):
+                await p.rev_a.connect(p.b.peer_id, None, 0, b"w" * 32)
 
 
 async def test_rendezvous_drops_a_socket_without_a_known_nonce(tmp_path: Path) -> None:

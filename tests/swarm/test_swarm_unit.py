@@ -225,7 +225,7 @@ async def test_claims_reach_fetching_peers_both_ways(swarm: Swarm) -> None:
 
 async def test_fetchers_share_the_first_copy(swarm: Swarm) -> None:
     """A peer fetching the same manifest joins the fetch's swarm; Have is progress; done, it is complete; gone, it leaves."""
-    from autoglm.protocol._control import Have
+    from autoglm.protocol._control import Have, Interested
 
     mid = b"\x07" * 32
     swarm.start_holding(mid, 2)
@@ -237,6 +237,10 @@ async def test_fetchers_share_the_first_copy(swarm: Swarm) -> None:
             theirs, peer = _session_with_peer_b(nursery, swarm)
             assert isinstance(await _next(peer, theirs), Hello)
             await theirs.send_all(peer.send(Hello((ManifestState(mid, 2, b"\x00"),), None, b"t" * 16), trio.current_time()))
+            await trio.testing.wait_all_tasks_blocked()
+            # Nothing of it and not fetching it (the publisher's node keeping an envelope): no member yet
+            assert fetch.swarms[-1] == set()
+            await theirs.send_all(peer.send(Interested(mid), trio.current_time()))  # it fetches
             await trio.testing.wait_all_tasks_blocked()
             assert fetch.swarms[-1] == {"peerB"}
             await theirs.send_all(peer.send(Have(mid, 0), trio.current_time()))

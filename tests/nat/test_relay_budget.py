@@ -1,0 +1,29 @@
+"""The relay's reservation budget (node/_p2p.py RelayBudget) with real libp2p hosts on 127.0.0.1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from autoglm.node._p2p import RelayBudget, open_p2p
+
+
+async def test_reservations_are_bounded_and_renewable(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with open_p2p(tmp_path / "r", relay=RelayBudget(reservations=1)) as relay:
+            addr = relay.addrs()[0]
+            async with open_p2p(tmp_path / "b", bootstrap=[addr]) as b, open_p2p(tmp_path / "c", bootstrap=[addr]) as c:
+                assert await b.reserve(relay.peer_id)
+                assert b.relays == [relay.peer_id]
+                # The one slot is b's: c is refused, b renews it.
+                assert not await c.reserve(relay.peer_id)
+                assert c.relays == []
+                assert await b.reserve(relay.peer_id)
+
+
+async def test_a_node_without_relay_refuses_reservations(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with open_p2p(tmp_path / "r") as plain, open_p2p(tmp_path / "b", bootstrap=[plain.addrs()[0]]) as b:
+            assert not await b.reserve(plain.peer_id)
+            assert b.relays == []

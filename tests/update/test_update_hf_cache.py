@@ -1,0 +1,87 @@
+"""`update M.agm --hf-cache`: a model published from hf:// moves to a new Hub commit in the HF cache layout.
+
+A real Hub-shaped server (tests/hub/hubserver.py); v2 is a new commit that
+changes one shard. `update --hf-cache` fetches only that shard's changed
+pieces, switches `current`, then writes the cache: the blobs are hard links
+to the new version's files and refs/main names the new commit (replaced in
+one rename). huggingface_hub, offline, then loads the new commit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+from safetensors.numpy import save
+
+from autoglm.node._versions import resolve_current
+from tests.hub.conftest import REPO, Hub, clean_env, run_cli, run_py, tensors
+from tests.hub.conftest import hub as hub  # the fixture
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+FOLDER = f"models--{REPO.replace('/', '--')}"
+SHARD = "model-00002-of-00002.safetensors"
+
+
+def origin_bytes(h: Hub) -> int:
+    return h.server.stats.body_bytes + h.cdn.stats.body_bytes
+
+
+async def _publish(tmp: Path, env: dict[str, str], out: Path) -> None:
+    await run_cli(["--data-dir", str(tmp / "pub"), "publish", f"hf://{REPO}@main", "--key", str(tmp / "key"),
+                   "--cache-dir", str(tmp / "pubcache"), "--out", str(out), "--max-piece", "64KiB", "--json"], env)
+
+
+async def _update(tmp: Path, env: dict[str, str], manifest: Path, cache: Path) -> dict[str, object]:
+    res = await run_cli(["--data-dir", str(tmp / "node"), "update", str(manifest), "--standalone", "--hf-cache",
+                         "--cache-dir", str(cache), "--trust", str(tmp / "key.pub"), "--json"], env)
+    return json.loads(res.stdout.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+async def test_update_moves_the_hf_cache_ref_to_the_new_commit_fetching_only_the_delta(hub: Hub, tmp_path: Path) -> None:
+    env = clean_env(tmp_path, HF_ENDPOINT=hub.url)
+    await run_cli(["--data-dir", str(tmp_path / "pub"), "keygen", "--out", str(tmp_path / "key")], env)
+    c1 = hub.commit
+    await _publish(tmp_path, env, tmp_path / "v1.agm")
+    cache = tmp_path / "ours"
+    up1 = await _update(tmp_path, env, tmp_path / "v1.agm", cache)
+    assert up1["hf_snapshot"] == str(cache / FOLDER / "snapshots" / c1)
+    assert (cache / FOLDER / "refs" / "main").read_text() == c1
+
+    # v2: a new commit that rewrites one shard
+    files2 = {**hub.files, SHARD: save({f"b.{k}": v for k, v in tensors(202).items()})}
+    c2 = hub.server.add_commit(REPO, files2)
+    await _publish(tmp_path, env, tmp_path / "v2.agm")
+    before = origin_bytes(hub)
+    up2 = await _update(tmp_path, env, tmp_path / "v2.agm", cache)
+    fetched = origin_bytes(hub) - before
+    assert up2["switched"] is True and up2["previous"] == up1["current"]
+    assert 0 < fetched <= len(files2[SHARD]) + 64 * 1024, fetched  # the changed shard (at most), nothing else
+    assert (cache / FOLDER / "refs" / "main").read_text() == c2
+    assert up2["hf_snapshot"] == str(cache / FOLDER / "snapshots" / c2)
+    cur = resolve_current(Path(str(up2["root"])))
+    assert cur is not None and cur.name == up2["current"]
+    # one copy on disk: the blob is the version's file
+    blob = cache / FOLDER / "snapshots" / c2 / SHARD
+    assert blob.resolve().stat().st_ino == (cur / SHARD).stat().st_ino
+
+    offline = clean_env(tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    code = f"""
+import json
+from huggingface_hub import snapshot_download, try_to_load_from_cache
+snap = snapshot_download({REPO!r}, cache_dir={str(cache)!r})
+print(json.dumps([snap, try_to_load_from_cache({REPO!r}, {SHARD!r}, cache_dir={str(cache)!r})]))
+"""
+    snap, shard = json.loads(await run_py(code, offline))
+    assert Path(snap).name == c2
+    assert await trio.Path(shard).read_bytes() == files2[SHARD]
+
+
+async def test_update_hf_cache_needs_the_provenance(tmp_path: Path) -> None:
+    (tmp_path / "m.agm").write_bytes(b"not used")
+    res = await run_cli(["--data-dir", str(tmp_path / "node"), "update", str(tmp_path / "m.agm"), "--standalone",
+                         "--hf-cache", "--mirror", "http://127.0.0.1:9/"], clean_env(tmp_path), check=False)
+    assert res.returncode != 0 and b"hub.json" in res.stderr
