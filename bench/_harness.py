@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = Path("/tmp/autoglm-bench")
@@ -550,6 +550,72 @@ class Nginx:
             last = served
             time.sleep(0.2)
         return self.served_since(mark)
+
+
+# --------------------------------------------------------------------------- capped network
+
+MIRROR_IP, CLIENT_IP = "10.200.0.1", "10.200.0.2"
+
+
+def sh(*argv: str, timeout: float = 30) -> None:
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip() or r.stdout.strip()}")
+
+
+class CappedNet:
+    """Two namespaces joined by a veth pair; htb caps the mirror side's egress at ``cap`` bytes/s.
+
+    The mirror side holds ``mirror_ips`` (the first is :attr:`mirror_ip`), the
+    client side ``client_ip``. The pair is made inside the mirror namespace and
+    its peer moved straight into the client one, so the root namespace never
+    sees either end. :meth:`up` registers :meth:`down` for cleanup.
+    """
+
+    def __init__(self, cap_bytes: int, mirror_ns: str, client_ns: str, *, mirror_ips: Sequence[str] = (MIRROR_IP,),
+                 client_ip: str = CLIENT_IP, prefix: int = 30) -> None:
+        self.cap = cap_bytes
+        self.mirror_ns, self.client_ns = mirror_ns, client_ns
+        self.mirror_ips, self.client_ip, self.prefix = tuple(mirror_ips), client_ip, prefix
+        self.created: list[str] = []
+
+    @property
+    def mirror_ip(self) -> str:
+        return self.mirror_ips[0]
+
+    def up(self) -> Self:
+        on_cleanup(self.down)
+        for ns in (self.mirror_ns, self.client_ns):
+            sh("ip", "netns", "add", ns)
+            self.created.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        m, c = self.mirror_ns, self.client_ns
+        sh("ip", "-n", m, "link", "add", m, "type", "veth", "peer", "name", c, "netns", c)
+        for ip in self.mirror_ips:
+            sh("ip", "-n", m, "addr", "add", f"{ip}/{self.prefix}", "dev", m)
+        sh("ip", "-n", c, "addr", "add", f"{self.client_ip}/{self.prefix}", "dev", c)
+        sh("ip", "-n", m, "link", "set", m, "up")
+        sh("ip", "-n", c, "link", "set", c, "up")
+        bits = self.cap * 8
+        sh("ip", "netns", "exec", m, "tc", "qdisc", "add", "dev", m, "root", "handle", "1:", "htb", "default", "10")
+        sh("ip", "netns", "exec", m, "tc", "class", "add", "dev", m, "parent", "1:", "classid", "1:10", "htb",
+           "rate", f"{bits}bit", "ceil", f"{bits}bit", "quantum", "60000")
+        return self
+
+    def down(self) -> None:
+        while self.created:
+            ns = self.created.pop()
+            try:
+                sh("ip", "netns", "del", ns)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                log(f"could not delete netns {ns}: {exc}")
+
+
+def start_mirror(root: Path, confdir: Path, netns: str, ip: str, *, nginx: Callable[..., Nginx] = Nginx,
+                 **opts: Any) -> Nginx:
+    """nginx (``nginx``: Nginx or a subclass) serving ``root`` on ``ip``:8080 inside the benchmark's namespace
+    ``netns``; stopped at cleanup. The mirror every namespaced benchmark starts (CappedNet's or a WAN bed's)."""
+    return nginx(root, confdir, listen=ip, netns=netns, **opts).start()
 
 
 # --------------------------------------------------------------------------- model

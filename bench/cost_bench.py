@@ -60,7 +60,6 @@ from _harness import (
     DEFAULT_WORKDIR,
     PROCS,
     MiB,
-    Nginx,
     check_tools,
     fmt_bytes,
     guarded,
@@ -295,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True)
         model = make_model(run_dir / "models", args.size)
         gib = model.total_size / GiB
-        net = swarm_bench.Network(int(args.cap_mib * MiB), f"{os.getpid() % 1_000_000}").up()
-        mirror = Nginx(model.dir, run_dir / "nginx", listen=swarm_bench.MIRROR_IP, port=8080, netns=net.mirror_ns).start()
+        tag = f"{os.getpid() % 1_000_000}"
+        net = swarm_bench.CappedNet(int(args.cap_mib * MiB), f"agm{tag}", f"agc{tag}").up()
+        mirror = swarm_bench.start_mirror(model.dir, run_dir / "nginx", net.mirror_ns, net.mirror_ip)
         bench = swarm_bench.Bench(argparse.Namespace(), model, net, mirror, run_dir)
         if "lt1" in wanted:
             err = bench.make_torrent()

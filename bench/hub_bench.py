@@ -67,7 +67,9 @@ from _harness import (
     netns_prefix,
     on_cleanup,
     print_table,
+    start_mirror,
 )
+from _harness import CappedNet as _CappedNet
 
 ORG_REPO = "bench/hub-1g"
 TIMEOUT = 900.0
@@ -391,46 +393,14 @@ class GatewayNode:
 UP_IP, NODE_IP, CDN_IP = "10.201.0.1", "10.201.0.2", "10.201.0.3"  # the CDN: another address, as the Hub's is another host
 
 
-def sh(*argv: str) -> None:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip() or r.stdout.strip()}")
-
-
-class CappedNet:
-    """Namespace gatewayu<tag> (the upstream nginx, egress capped by htb) and gatewayn<tag> (nodes, clients)."""
+class CappedNet(_CappedNet):
+    """Namespace gatewayu<tag> (the upstream nginx, egress capped by htb; the CDN's address too) and gatewayn<tag>
+    (nodes, clients)."""
 
     def __init__(self, cap_bytes: int, tag: str) -> None:
-        self.cap = cap_bytes
-        self.up_ns, self.node_ns = f"gatewayu{tag}", f"gatewayn{tag}"
-        self.created: list[str] = []
-
-    def up(self) -> CappedNet:
-        on_cleanup(self.down)
-        for ns in (self.up_ns, self.node_ns):
-            sh("ip", "netns", "add", ns)
-            self.created.append(ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        u, n = self.up_ns, self.node_ns
-        sh("ip", "-n", u, "link", "add", u, "type", "veth", "peer", "name", n, "netns", n)  # never in the root namespace
-        sh("ip", "-n", u, "addr", "add", f"{UP_IP}/29", "dev", u)
-        sh("ip", "-n", u, "addr", "add", f"{CDN_IP}/29", "dev", u)
-        sh("ip", "-n", n, "addr", "add", f"{NODE_IP}/29", "dev", n)
-        sh("ip", "-n", u, "link", "set", u, "up")
-        sh("ip", "-n", n, "link", "set", n, "up")
-        bits = self.cap * 8
-        sh("ip", "netns", "exec", u, "tc", "qdisc", "add", "dev", u, "root", "handle", "1:", "htb", "default", "10")
-        sh("ip", "netns", "exec", u, "tc", "class", "add", "dev", u, "parent", "1:", "classid", "1:10", "htb",
-           "rate", f"{bits}bit", "ceil", f"{bits}bit", "quantum", "60000")
-        return self
-
-    def down(self) -> None:
-        while self.created:
-            ns = self.created.pop()
-            try:
-                sh("ip", "netns", "del", ns)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                log(f"could not delete netns {ns}: {exc}")
+        super().__init__(cap_bytes, f"gatewayu{tag}", f"gatewayn{tag}", mirror_ips=(UP_IP, CDN_IP), client_ip=NODE_IP,
+                         prefix=29)
+        self.up_ns, self.node_ns = self.mirror_ns, self.client_ns
 
 
 def _hf_download(d: Path, url: str) -> list[str]:
@@ -521,8 +491,8 @@ def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int) -> tu
     """(e): 1 and 4 clients straight at the capped upstream; 4 clients each at its own node of a 4-node swarm."""
     total = tools.desc["total"]
     net = CappedNet(cap, str(os.getpid() % 100000)).up()
-    up = HubNginx(Path(tools.desc["root"]), tools.work / "nginx-capped", locations(tools.desc), faults=False,
-                  listen=UP_IP, netns=net.up_ns).start()
+    up = start_mirror(Path(tools.desc["root"]), tools.work / "nginx-capped", net.up_ns, UP_IP, nginx=HubNginx,
+                      locations=locations(tools.desc), faults=False)
     manifest, key = _publish(tools, local, net, up.url())
     cases = [("1 client straight at the upstream (one copy through the cap)", 1, False),
              ("4 clients straight at the upstream", 4, False),

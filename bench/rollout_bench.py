@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (
     DEFAULT_WORKDIR,
     PROCS,
+    CappedNet,
     MiB,
-    Nginx,
     _parse_size,
     autoglm_cmd,
     check_tools,
@@ -49,8 +49,9 @@ from _harness import (
     netns_prefix,
     on_cleanup,
     print_table,
+    start_mirror,
 )
-from swarm_bench import MIRROR_IP, JsonNode, Network, _verbose_flag
+from swarm_bench import MIRROR_IP, JsonNode, _verbose_flag
 
 NAME = "bench/rollout"
 TENSOR = 4 * MiB
@@ -191,11 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         mirror_dir.mkdir()
         serve_files(models["src1"], mirror_dir)
 
-        net = Network(cap, "")
         tag = f"{os.getpid() % 100000}"
-        net.mirror_ns, net.client_ns = f"versionsm{tag}", f"versionsc{tag}"
-        net.up()
-        mirror = Nginx(mirror_dir, run_dir / "nginx", listen=MIRROR_IP, port=8080, netns=net.mirror_ns).start()
+        net = CappedNet(cap, f"versionsm{tag}", f"versionsc{tag}").up()
+        mirror = start_mirror(mirror_dir, run_dir / "nginx", net.mirror_ns, net.mirror_ip)
         mirror_url = f"http://{MIRROR_IP}:{mirror.port}/"
         cli = autoglm_cmd()
         log(f"model {fmt_bytes(size)} ({models['tensors']} tensors), v2 changes {len(models['changed_tensors'])} "

@@ -41,8 +41,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (
+    CLIENT_IP,
     DEFAULT_WORKDIR,
+    MIRROR_IP,
     PROCS,
+    CappedNet,
     MiB,
     Model,
     Nginx,
@@ -61,56 +64,13 @@ from _harness import (
     parse_json_lines,
     peak_rss_of,
     print_table,
+    start_mirror,
     tree_rss,
 )
 
 HERE = Path(__file__).resolve().parent
 LT_PYTHON = "/usr/bin/python3"  # Debian's python3-libtorrent is only importable there
-MIRROR_IP, CLIENT_IP = "10.200.0.1", "10.200.0.2"
 MULTIADDR_RE = re.compile(r"/ip[46]/[^\s\"',]+/p2p/[A-Za-z0-9]+")
-
-
-def sh(*argv: str, timeout: float = 20) -> None:
-    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip() or r.stdout.strip()}")
-
-
-class Network:
-    """Two namespaces joined by a veth pair; htb caps the mirror side's egress."""
-
-    def __init__(self, cap_bytes: int, tag: str) -> None:
-        self.cap = cap_bytes
-        self.mirror_ns, self.client_ns = f"agm{tag}", f"agc{tag}"
-        self.created: list[str] = []
-
-    def up(self) -> Network:
-        on_cleanup(self.down)
-        for ns in (self.mirror_ns, self.client_ns):
-            sh("ip", "netns", "add", ns)
-            self.created.append(ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        m, c = self.mirror_ns, self.client_ns
-        # created inside the mirror namespace, peer moved straight into the client one:
-        # the root namespace never sees either end
-        sh("ip", "-n", m, "link", "add", m, "type", "veth", "peer", "name", c, "netns", c)
-        sh("ip", "-n", m, "addr", "add", f"{MIRROR_IP}/30", "dev", m)
-        sh("ip", "-n", c, "addr", "add", f"{CLIENT_IP}/30", "dev", c)
-        sh("ip", "-n", m, "link", "set", m, "up")
-        sh("ip", "-n", c, "link", "set", c, "up")
-        bits = self.cap * 8
-        sh("ip", "netns", "exec", m, "tc", "qdisc", "add", "dev", m, "root", "handle", "1:", "htb", "default", "10")
-        sh("ip", "netns", "exec", m, "tc", "class", "add", "dev", m, "parent", "1:", "classid", "1:10", "htb",
-           "rate", f"{bits}bit", "ceil", f"{bits}bit", "quantum", "60000")
-        return self
-
-    def down(self) -> None:
-        while self.created:
-            ns = self.created.pop()
-            try:
-                sh("ip", "netns", "del", ns)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                log(f"could not delete netns {ns}: {exc}")
 
 
 def _verbose_flag() -> list[str]:
@@ -133,7 +93,7 @@ class EgressTrace:
              "while time.monotonic()<end:\n"
              " f.seek(0); print(f'{time.monotonic():.3f} {f.read().strip()}', flush=True); time.sleep(0.05)\n")
 
-    def __init__(self, net: Network, limit: float) -> None:
+    def __init__(self, net: CappedNet, limit: float) -> None:
         self.lines: list[str] = []
         self.proc = PROCS.start(netns_prefix(net.mirror_ns) + ["python3", "-c", self._LOOP, net.mirror_ns, str(limit)],
                                 stdout=subprocess.PIPE, text=True)
@@ -154,7 +114,7 @@ class EgressTrace:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, model: Model, net: Network, mirror: Nginx, run_dir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, model: Model, net: CappedNet, mirror: Nginx, run_dir: Path) -> None:
         self.args = args
         self.model = model
         self.net = net
@@ -516,8 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         on_cleanup(lambda: shutil.rmtree(run_dir, ignore_errors=True))
         run_dir.mkdir(parents=True)
         model = make_model(models, args.size)
-        net = Network(cap, f"{os.getpid() % 1_000_000}").up()
-        mirror = Nginx(model.dir, run_dir / "nginx", listen=MIRROR_IP, port=8080, netns=net.mirror_ns).start()
+        tag = f"{os.getpid() % 1_000_000}"
+        net = CappedNet(cap, f"agm{tag}", f"agc{tag}").up()
+        mirror = start_mirror(model.dir, run_dir / "nginx", net.mirror_ns, net.mirror_ip)
         bench = Bench(args, model, net, mirror, run_dir)
         log(f"model {fmt_bytes(model.big_size)}, cap {args.cap_mib:g} MiB/s, floor {bench.floor:.1f} s; "
             f"mirror {mirror.url()} in netns {net.mirror_ns}; clients in {net.client_ns}; "

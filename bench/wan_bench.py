@@ -45,7 +45,6 @@ from _harness import (
     PROCS,
     MiB,
     Model,
-    Nginx,
     autoglm_cmd,
     check_tools,
     guarded,
@@ -55,6 +54,7 @@ from _harness import (
     on_cleanup,
     parse_json_lines,
     print_table,
+    start_mirror,
 )
 from _wan import Link, WanBed, mathis, tcp_transfer, unavailable
 
@@ -111,8 +111,7 @@ def run_rows(args: argparse.Namespace, model: Model, run_dir: Path, report: dict
         tcp = tcp_check(bed, link)
         checks.append([link.label(), f"{tcp['cubic'] / 1e6:.2f} MB/s", f"{tcp['mathis'] / 1e6:.2f} MB/s",
                        f"{tcp['bbr'] / 1e6:.2f} MB/s"])
-        mirror = Nginx(model.dir, run_dir / f"nginx-{rtt_ms}-{loss}", listen=bed.origin_ip(0), port=8080,
-                       netns=bed.origin_ns[0]).start()
+        mirror = start_mirror(model.dir, run_dir / f"nginx-{rtt_ms}-{loss}", bed.origin_ns[0], bed.origin_ip(0))
         bench = sb.Bench(args, model, _Net(bed, cap), mirror, run_dir)  # type: ignore[arg-type]
         bench.timeout = lambda n, per_copy=False: 600.0  # type: ignore[method-assign]
         if wanted & {"lt", "lt1"} and not bench.torrent.exists():
@@ -165,9 +164,9 @@ def run_switch(args: argparse.Namespace, model: Model, run_dir: Path, report: di
     good = Link(0.02, 0.0, cap)
     bed = _bed([good, good])
     busy = run_dir / "nginx-a" / "busy"
-    a = Nginx(model.dir, run_dir / "nginx-a", listen=bed.origin_ip(0), port=8080, netns=bed.origin_ns[0],
-              location_extra=f"if (-f {busy}) {{ add_header Retry-After 1 always; return 429; }}").start()
-    b = Nginx(model.dir, run_dir / "nginx-b", listen=bed.origin_ip(1), port=8080, netns=bed.origin_ns[1]).start()
+    a = start_mirror(model.dir, run_dir / "nginx-a", bed.origin_ns[0], bed.origin_ip(0),
+                     location_extra=f"if (-f {busy}) {{ add_header Retry-After 1 always; return 429; }}")
+    b = start_mirror(model.dir, run_dir / "nginx-b", bed.origin_ns[1], bed.origin_ip(1))
     assert model.manifest is not None and model.pub is not None
     out = run_dir / "switch-out"
     shutil.rmtree(out, ignore_errors=True)
@@ -257,7 +256,7 @@ def run_bulk(args: argparse.Namespace, model: Model, run_dir: Path, report: dict
     link = Link(0.2, 0.01, None)
     bed = _bed([link])
     tcp = tcp_check(bed, link, seconds=15)
-    nginx = Nginx(model.dir, run_dir / "nginx-bulk", listen=bed.origin_ip(0), port=8080, netns=bed.origin_ns[0]).start()
+    nginx = start_mirror(model.dir, run_dir / "nginx-bulk", bed.origin_ns[0], bed.origin_ip(0))
     assert model.manifest is not None and model.pub is not None
     size = model.total_size
     cli = autoglm_cmd()

@@ -259,9 +259,9 @@ async def control_update(stream: Any, sn: SwarmNode, req: dict[str, Any]) -> Non
     An explicit update takes the newest record whatever its roll-out share:
     the operator asked for it. Progress events stream as for ``fetch``.
     """
-    from autoglm.node._control_api import _send
+    from autoglm.node._control_api import _forward, _send
     from autoglm.node._keys import load_trust_policy
-    from autoglm.node._progress import Event, to_json
+    from autoglm.node._progress import Event
     from autoglm.node.api import load_manifest
 
     send, recv = trio.open_memory_channel[Event](64)
@@ -277,13 +277,7 @@ async def control_update(stream: Any, sn: SwarmNode, req: dict[str, Any]) -> Non
             raise ConfigError("update: keep is a whole number >= 0")
         root = Path(str(req["root"])) if req.get("root") else None
         async with trio.open_nursery() as nursery:
-
-            async def forward() -> None:
-                async with recv:
-                    async for ev in recv:
-                        await _send(stream, to_json(ev))
-
-            nursery.start_soon(forward)
+            nursery.start_soon(_forward, stream, recv)
             rec: NameRecord | None = None
             if "name" in req:
                 rec = await sn.resolve_record(str(req["name"]), trust)

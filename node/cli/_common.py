@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from autoglm.node.errors import (
@@ -17,9 +20,13 @@ from autoglm.node.errors import (
     VerificationRefused,
 )
 
-__all__ = ["EXIT", "console", "err_console", "exit_code_for", "human_bytes", "print_json"]
+__all__ = [
+    "EXIT", "console", "err_console", "errors_reported", "exit_code_for", "human_bytes", "print_json", "relay_control",
+]
 
 if TYPE_CHECKING:
+    import socket
+
     from rich.console import Console
 
 
@@ -97,3 +104,52 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+_ERROR_KINDS = ("ConfigError", "IntegrityError", "TrustError", "SignatureError", "ProtocolError",
+                "RemoteProtocolError", "SourceError", "MirrorError", "NoSourceError", "StorageError", "DiskFullError")
+
+
+def _remote_error(line: dict[str, Any]) -> AutoglmError:
+    """The running node's error, as the same class (so the exit code is the same as a local fetch's)."""
+    from autoglm.node import errors
+
+    kind = str(line.get("kind"))
+    cls = getattr(errors, kind) if kind in _ERROR_KINDS else SourceError
+    return cls(f"the running node could not fetch: {line.get('message')}")
+
+
+def relay_control(
+    data_dir: Path, request: dict[str, Any], sock: socket.socket | None, on_line: Callable[[dict[str, Any]], None],
+    *, final: str, what: str,
+) -> dict[str, Any]:
+    """Send ``request`` to the running node; pass its progress lines to ``on_line`` until the ``final`` event.
+
+    Returns the line whose ``event`` is ``final``. An ``error`` line is raised as
+    the node's own error class; a connection that ends first is a SourceError
+    (``what``: the operation, for that message).
+    """
+    from autoglm.node._control_client import request as control_request
+
+    for line in control_request(data_dir, request, sock=sock):
+        kind = line.get("event")
+        if kind == final:
+            return line
+        if kind == "error":
+            raise _remote_error(line)
+        on_line(line)
+    raise SourceError(f"the running node closed the connection before the {what} finished")
+
+
+@contextmanager
+def errors_reported(close: Callable[[], None], as_json: bool) -> Iterator[None]:
+    """Run a command's work; ``close`` its progress view, then, with --json, say any error as a line before it propagates."""
+    try:
+        try:
+            yield
+        finally:
+            close()
+    except AutoglmError as exc:
+        if as_json:
+            print_json({"event": "error", "error": type(exc).__name__, "message": str(exc)})
+        raise

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autoglm.node.errors import AutoglmError, ConfigError, SourceError
+from autoglm.node.errors import ConfigError
 
-from ._common import console, err_console, human_bytes, print_json
+from ._common import console, err_console, errors_reported, human_bytes, print_json, relay_control
 from ._manifest_cmds import add_trust_args, trust_from_args
 from ._progress_view import FetchView as _Renderer
 
@@ -153,27 +153,12 @@ def _absolute(manifest: str) -> str:
     return manifest if manifest.startswith(("http://", "https://")) else str(Path(manifest).resolve())
 
 
-_ERROR_KINDS = ("ConfigError", "IntegrityError", "TrustError", "SignatureError", "ProtocolError",
-                "RemoteProtocolError", "SourceError", "MirrorError", "NoSourceError", "StorageError", "DiskFullError")
-
-
-def _remote_error(line: dict[str, Any]) -> AutoglmError:
-    """The running node's error, as the same class (so the exit code is the same as a local fetch's)."""
-    from autoglm.node import errors
-
-    kind = str(line.get("kind"))
-    cls = getattr(errors, kind) if kind in _ERROR_KINDS else SourceError
-    return cls(f"the running node could not fetch: {line.get('message')}")
-
-
 def _delegate(args: argparse.Namespace, sock: socket.socket, renderer: _Renderer) -> dict[str, Any]:
     """Hand the fetch to the `join` node running on this data directory; relay its events.
 
     Blocking and light: no event loop, engine or manifest parsing here (the
     node checks the manifest and the trust itself).
     """
-    from autoglm.node._control_client import request as control_request
-
     files = _files_for_variant(args, _load_manifest_here(args)[1]) if args.variant and args.variant != "all" else None
     request = {
         "op": "fetch", **_plan_wire(args, files), "trust": [str(p.resolve()) for p in args.trust],
@@ -182,14 +167,7 @@ def _delegate(args: argparse.Namespace, sock: socket.socket, renderer: _Renderer
     if _is_name(args.manifest):  # the node resolves the signed name record (publish hf://… --name-publish)
         del request["manifest"]
         request["name"] = args.manifest
-    for line in control_request(args.data_dir, request, sock=sock):
-        kind = line.get("event")
-        if kind == "result":
-            return line
-        if kind == "error":
-            raise _remote_error(line)
-        renderer.handle_line(line)
-    raise SourceError("the running node closed the connection before the fetch finished")
+    return relay_control(args.data_dir, request, sock, renderer.handle_line, final="result", what="fetch")
 
 
 def _load_manifest_here(args: argparse.Namespace) -> Any:
@@ -230,30 +208,23 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     if args.out is None:
         raise ConfigError("fetch MANIFEST needs --out DIR")
     t0 = time.perf_counter()
-    try:
-        try:
-            sock = None
-            if not args.standalone:
-                from autoglm.node._control_client import connect
+    with errors_reported(renderer.close, args.json):
+        sock = None
+        if not args.standalone:
+            from autoglm.node._control_client import connect
 
-                sock = connect(args.data_dir)
-            if sock is None and _is_name(args.manifest):
-                raise ConfigError(f"fetch {args.manifest}: resolving a name needs `autoglm-node join` running on this data directory")
-            if sock is not None:
-                line = _delegate(args, sock, renderer)
-                result = {k: line.get(k) for k in ("bytes_total", "bytes_by_source", "received_by_source")}
-                result.update(out=line.get("out_dir"), refetched_bytes=0)
-            else:
-                res = _fetch_here(args, renderer)
-                result = {"bytes_total": res.bytes_total, "bytes_by_source": res.bytes_by_source,
-                          "received_by_source": res.received_by_source, "out": res.out_dir,
-                          "refetched_bytes": res.refetched_bytes}
-        finally:
-            renderer.close()
-    except AutoglmError as exc:
-        if args.json:
-            print_json({"event": "error", "error": type(exc).__name__, "message": str(exc)})
-        raise
+            sock = connect(args.data_dir)
+        if sock is None and _is_name(args.manifest):
+            raise ConfigError(f"fetch {args.manifest}: resolving a name needs `autoglm-node join` running on this data directory")
+        if sock is not None:
+            line = _delegate(args, sock, renderer)
+            result = {k: line.get(k) for k in ("bytes_total", "bytes_by_source", "received_by_source")}
+            result.update(out=line.get("out_dir"), refetched_bytes=0)
+        else:
+            res = _fetch_here(args, renderer)
+            result = {"bytes_total": res.bytes_total, "bytes_by_source": res.bytes_by_source,
+                      "received_by_source": res.received_by_source, "out": res.out_dir,
+                      "refetched_bytes": res.refetched_bytes}
     if hf_state is not None:
         from autoglm.node.hub._publish_cli import hf_cache_after_fetch
 

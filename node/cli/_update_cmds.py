@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from autoglm.node.errors import AutoglmError, ConfigError, SourceError
+from autoglm.node.errors import ConfigError
 
-from ._common import console, err_console, human_bytes, print_json
+from ._common import console, err_console, errors_reported, human_bytes, print_json, relay_control
 from ._manifest_cmds import add_trust_args, trust_from_args
 from ._progress_view import FetchView as _Renderer
 
@@ -79,18 +79,7 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _delegate(args: argparse.Namespace, sock: Any, renderer: _Renderer) -> dict[str, Any]:
-    from autoglm.node._control_client import request as control_request
-
-    from ._fetch_cmds import _remote_error
-
-    for line in control_request(args.data_dir, _request(args), sock=sock):
-        kind = line.get("event")
-        if kind == "updated":
-            return line
-        if kind == "error":
-            raise _remote_error(line)
-        renderer.handle_line(line)
-    raise SourceError("the running node closed the connection before the update finished")
+    return relay_control(args.data_dir, _request(args), sock, renderer.handle_line, final="updated", what="update")
 
 
 def _update_here(args: argparse.Namespace, renderer: _Renderer) -> dict[str, Any]:
@@ -176,21 +165,14 @@ def cmd_update(args: argparse.Namespace) -> int:
         args.mirror = list(with_sidecar_mirrors(args.target, args.mirror))
     renderer = _Renderer(args.json, quiet=getattr(args, "quiet", False))
     t0 = time.perf_counter()
-    try:
-        try:
-            from autoglm.node._control_client import connect
+    with errors_reported(renderer.close, args.json):
+        from autoglm.node._control_client import connect
 
-            sock = None if args.standalone else connect(args.data_dir)
-            if sock is None and not _is_manifest(args.target):
-                raise ConfigError(f"update {args.target}: resolving a name needs `autoglm-node join` running on this "
-                                  "data directory (or give the MANIFEST file or URL)")
-            result = _delegate(args, sock, renderer) if sock is not None else _update_here(args, renderer)
-        finally:
-            renderer.close()
-    except AutoglmError as exc:
-        if args.json:
-            print_json({"event": "error", "error": type(exc).__name__, "message": str(exc)})
-        raise
+        sock = None if args.standalone else connect(args.data_dir)
+        if sock is None and not _is_manifest(args.target):
+            raise ConfigError(f"update {args.target}: resolving a name needs `autoglm-node join` running on this "
+                              "data directory (or give the MANIFEST file or URL)")
+        result = _delegate(args, sock, renderer) if sock is not None else _update_here(args, renderer)
     result = {k: v for k, v in result.items() if k != "event"}
     if hf_state is not None:
         result["hf_snapshot"] = _write_hf_cache(hf_state, result)

@@ -508,6 +508,26 @@ def files_dir(cache: Path, repo: str, commit: str) -> Path:
     return repo_folder(cache, HubRef("hf", repo, commit)) / ".autoglm-files" / commit
 
 
+def link_blob(src: Path, dst: Path) -> None:
+    """The cache blob ``dst`` becomes the verified file ``src``: a hard link (a copy across file systems).
+
+    A link to ``src`` already there (made before the fetch or by an earlier run)
+    is kept; anything else (an unverified blob, or a copy) is replaced atomically.
+    """
+    if dst.is_file() and (dst.stat().st_ino, dst.stat().st_dev) == (src.stat().st_ino, src.stat().st_dev):
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.autoglm-tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        tmp.hardlink_to(src)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
 def write_hf_cache(cache: Path, prov: Provenance, out_dir: Path, paths: Sequence[str] | None = None) -> Path:
     """Turn fetched files in ``out_dir`` into the HF cache layout: blobs by etag, snapshot links, ref, tree.
 
@@ -528,19 +548,7 @@ def write_hf_cache(cache: Path, prov: Provenance, out_dir: Path, paths: Sequence
                 blob = git_blob_id(src.read_bytes())
                 if blob != f.blob_id:
                     raise IntegrityError(f"{f.path}: git blob id {blob}, the provenance says {f.blob_id}")
-            dst = repo_dir / blob_name(f)
-            if dst.is_file() and dst.stat().st_ino == src.stat().st_ino and dst.stat().st_dev == src.stat().st_dev:
-                continue  # already the fetched file (a link made before the fetch or by an earlier run)
-            # Anything else there (an unverified blob, or a copy) is replaced by the verified file.
-            tmp = dst.with_name(f".{dst.name}.autoglm-tmp")
-            tmp.unlink(missing_ok=True)
-            try:
-                tmp.hardlink_to(src)
-            except OSError:
-                import shutil
-
-                shutil.copyfile(src, tmp)
-            tmp.replace(dst)
+            link_blob(src, repo_dir / blob_name(f))
         snap = link_snapshot(repo_dir, prov.commit, wanted)
         write_ref(repo_dir, prov.revision, prov.commit)
     except OSError as exc:

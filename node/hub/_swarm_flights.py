@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from ._publish import (
     SIDECAR_SUFFIX,
     Provenance,
     files_dir,
+    link_blob,
     load_provenance,
     mirror_base,
     sidecar_path,
@@ -282,14 +282,5 @@ def _link_blob(src: Path, fl: Flight, f: HubFile, commit: str) -> None:
         if blob != f.blob_id:
             raise IntegrityError(f"{f.path}: git blob id {blob}, the hub says {f.blob_id}")
     dst = fl.blob
-    same = dst.is_file() and (dst.stat().st_ino, dst.stat().st_dev) == (src.stat().st_ino, src.stat().st_dev)
-    if not same:  # whatever else is there (an unverified blob) is replaced by the verified file
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.autoglm-tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            tmp.hardlink_to(src)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        tmp.replace(dst)
+    link_blob(src, dst)
     link_snapshot(fl.repo_dir, commit, [f])

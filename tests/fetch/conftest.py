@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,19 +42,43 @@ class Published:
             assert got == (self.root / f.path).read_bytes(), f.path
 
 
+class Publisher:
+    """A fresh publisher key: it signs manifests of a folder, and ``trust`` trusts it."""
+
+    def __init__(self) -> None:
+        self.key = generate_private_key()
+        self.pem = encode_public_key(self.key)
+        self.raw = parse_public_key(self.pem)
+        self.trust = TrustPolicy(keys=frozenset({self.raw}))
+
+    def sign(self, root: Path, path: Path, version: str = "1", piece: int = PIECE) -> SignedManifest:
+        """The signed manifest of ``root`` (the model test/model), written to ``path``."""
+        m = build_manifest(root, name="test/model", version=version, publisher=key_id(self.raw),
+                           created_at=int(time.time()), max_piece=piece)
+        signed = sign_manifest(m, self.key)
+        path.write_bytes(signed.encode())
+        return signed
+
+
 def publish(tmp: Path, size: int = 1 << 20, piece: int = PIECE, seed: bytes = b"t") -> Published:
     root = tmp / "published"
     write_sample_model(root, size=size, seed=seed)
-    key = generate_private_key()
-    pub_pem = encode_public_key(key)
-    raw = parse_public_key(pub_pem)
-    m = build_manifest(root, name="test/model", version="1", publisher=key_id(raw), created_at=int(time.time()), max_piece=piece)
-    signed = sign_manifest(m, key)
+    who = Publisher()
     mpath = tmp / "model.agm"
-    mpath.write_bytes(signed.encode())
+    signed = who.sign(root, mpath, piece=piece)
     pub_path = tmp / "publisher.pub"
-    pub_path.write_bytes(pub_pem)
-    return Published(root, mpath, signed, TrustPolicy(keys=frozenset({raw})), pub_path)
+    pub_path.write_bytes(who.pem)
+    return Published(root, mpath, signed, who.trust, pub_path)
+
+
+@asynccontextmanager
+async def serving(root: Path, prefix: str = "/") -> AsyncIterator[FaultServer]:
+    """A FaultServer of ``root`` on 127.0.0.1 for the length of the block."""
+    srv = FaultServer(root, prefix=prefix)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.serve)
+        yield srv
+        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture
@@ -63,17 +88,11 @@ def published(tmp_path: Path) -> Published:
 
 @pytest.fixture
 async def server(published: Published) -> AsyncIterator[FaultServer]:
-    srv = FaultServer(published.root)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(srv.serve)
+    async with serving(published.root) as srv:
         yield srv
-        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture
 async def server2(published: Published) -> AsyncIterator[FaultServer]:
-    srv = FaultServer(published.root, prefix="/m2/")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(srv.serve)
+    async with serving(published.root, prefix="/m2/") as srv:
         yield srv
-        nursery.cancel_scope.cancel()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,22 +17,12 @@ import pytest
 import trio
 
 from autoglm.node._mirrors import MirrorConfig
-from autoglm.node._publish import build_manifest
 from autoglm.node._sample import write_safetensors
 from autoglm.node.api import FetchOptions, NodeConfig, open_node
-from autoglm.protocol import (
-    SignedManifest,
-    TrustPolicy,
-    encode_public_key,
-    generate_private_key,
-    key_id,
-    parse_public_key,
-    sign_manifest,
-)
 
+from .conftest import Publisher, serving
 from .faultserver import FaultServer
 
-PIECE = 64 * 1024
 FAST = MirrorConfig(stall_timeout=2.0, backoff_base=0.01, backoff_cap=0.2, max_request_bytes=256 << 10)
 HIDDEN = 256
 
@@ -54,10 +43,8 @@ class Versions:
     """v1 and v2 of one model, signed by one key; v2 moves every tensor and changes one."""
 
     def __init__(self, tmp: Path) -> None:
-        key = generate_private_key()
-        pem = encode_public_key(key)
-        raw = parse_public_key(pem)
-        self.trust = TrustPolicy(keys=frozenset({raw}))
+        who = Publisher()
+        self.trust = who.trust
         self.v1, self.v2 = tmp / "v1", tmp / "v2"
         for root, extra in ((self.v1, False), (self.v2, True)):
             root.mkdir()
@@ -70,16 +57,9 @@ class Versions:
         assert start > 0
         data[start : start + 4096] = hashlib.sha256(b"changed").digest() * 128
         (self.v2 / "model.safetensors").write_bytes(bytes(data))
-        self.m1 = self._sign(self.v1, "1", key, raw, tmp / "v1.agm")
-        self.m2 = self._sign(self.v2, "2", key, raw, tmp / "v2.agm")
+        self.m1 = who.sign(self.v1, tmp / "v1.agm", version="1")
+        self.m2 = who.sign(self.v2, tmp / "v2.agm", version="2")
         self.m2_path = tmp / "v2.agm"
-
-    @staticmethod
-    def _sign(root: Path, version: str, key, raw: bytes, path: Path) -> SignedManifest:  # type: ignore[no-untyped-def]
-        m = build_manifest(root, name="test/model", version=version, publisher=key_id(raw), created_at=int(time.time()), max_piece=PIECE)
-        signed = sign_manifest(m, key)
-        path.write_bytes(signed.encode())
-        return signed
 
     def changed_bytes(self) -> int:
         """Bytes of v2's pieces whose hash no v1 piece has: what must come from the network."""
@@ -98,11 +78,8 @@ def versions(tmp_path: Path) -> Versions:
 
 @pytest.fixture
 async def mirror(versions: Versions) -> AsyncIterator[FaultServer]:
-    srv = FaultServer(versions.v2)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(srv.serve)
+    async with serving(versions.v2) as srv:
         yield srv
-        nursery.cancel_scope.cancel()
 
 
 async def _fetch(v: Versions, manifest: Path, data: Path, out: Path, mirror: FaultServer):  # type: ignore[no-untyped-def]
@@ -153,11 +130,8 @@ async def test_v2_from_the_hf_cache(versions: Versions, mirror: FaultServer, tmp
 
 async def test_tampered_local_copy_is_refused_and_fetched_from_the_mirror(versions: Versions, mirror: FaultServer, tmp_path: Path) -> None:
     data = tmp_path / "data"
-    v1_mirror = FaultServer(versions.v1)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(v1_mirror.serve)
+    async with serving(versions.v1) as v1_mirror:
         await _fetch(versions, tmp_path / "v1.agm", data, tmp_path / "out1", v1_mirror)
-        nursery.cancel_scope.cancel()
     # The store records v1 in out1. Someone changes one byte of a piece v2 shares:
     # the store still points at it, so only reading it again can tell.
     shared = {p.hash for _, p in versions.m2.manifest.iter_pieces()}
