@@ -314,9 +314,15 @@ class FirstCopy:
         member = source.removeprefix("peer:").split("@", 1)[0]
         if member == self.me or member not in self._ranks:
             return
-        self._delivered.add(member)
+        who = [member]
         if 0 <= index < self._n and self.owner(index) in self._relayed:
-            self._delivered.add(self.owner(index))
+            who.append(self.owner(index))
+        for m in who:
+            self._delivered.add(m)
+            if m in self._owners and m not in self._shown and not self._advertised.get(m):
+                # A holder that sends no Haves (complete: a seed) shows itself by delivering, for the pace.
+                self._shown.add(m)
+                self._scale = None
 
     def piece_done(self, index: int) -> None:
         """``index`` is here: no longer claimed, and delivered whoever advertised it."""
@@ -360,7 +366,8 @@ class FirstCopy:
             # One of its own first copies: the pace counts these only (how long owners take to show each).
             self._gaps.append(max(0.0, now - self._shown_at.get(peer, self._seen[peer])))
             self._shown_at[peer] = now
-            self._shown.add(peer)
+            if peer in self._owners:
+                self._shown.add(peer)
             self._scale = None
         self._seen[peer] = now
         self._pending.setdefault(peer, {}).setdefault(index, now)

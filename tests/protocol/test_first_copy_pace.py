@@ -169,3 +169,15 @@ def test_an_owner_is_never_stale_early_and_always_stale_by_max_scale(shows: list
             assert not fc.mirror_may_take(i, now), (p, now)
         if now >= last[p] + MAX_SCALE * T:
             assert fc.mirror_may_take(i, now), (p, now)
+
+
+def test_a_complete_holder_that_serves_us_counts_as_shown() -> None:
+    """A seed sends no Haves (it has every piece); once it delivers a piece, the pace no longer waits for it."""
+    fc, own = _swarm()
+    for p in ("a", "b"):
+        fc.progress(p, own[p][0], 2.0, wanted=True)
+    assert fc.scale() == MAX_SCALE  # c (complete) has shown nothing
+    fc.delivered("peer:c", own["a"][1])
+    assert fc.scale() == 1.0
+    fc.delivered("peer:stranger", own["a"][2])  # not a member: nothing
+    assert fc.scale() == 1.0
