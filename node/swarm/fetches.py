@@ -10,7 +10,9 @@ are not in session here are *relayed* members (protocol/_ownership.py), so
 nodes with different sessions rank the same swarm; a Peers entry with no
 address says that peer left (its introducer's session with it ended and
 did not come back within ``member_grace``: node/swarm/dialer.py
-``departed``), and it stops being a member.
+``departed``), and it stops being a member. At most ``MAX_RELAYED`` per
+manifest (``MAX_RELAYED_PER_PEER`` named by one peer), applied at most
+every ``GOSSIP_SETTLE`` seconds.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from .session import PeerSource, Session
 __all__ = ["MAX_RELAYED", "Fetches"]
 
 MAX_RELAYED = 4096  # peers known by peer exchange only, per manifest (each one is a first-copy member)
+MAX_RELAYED_PER_PEER = 2048  # ... of which one peer in session may have named
+# Peer exchange changes the members at most this often (each change re-ranks every piece over every member).
+GOSSIP_SETTLE = 1.0
 
 log = logging.getLogger("autoglm.node.swarm")
 
@@ -57,8 +62,9 @@ class Fetches:
         self._promises = PromiseLedger(budget.broken_promises, budget.broken_promise_window)
         # manifest -> peer -> (when its session ended, whether it was complete): see member_grace
         self._departed: dict[bytes, dict[str, tuple[float, bool]]] = {}
-        # manifest -> holders named by peer exchange (insertion order), until a departure names them
-        self._gossiped: dict[bytes, dict[str, None]] = {}
+        # manifest -> holder named by peer exchange -> the peer that named it, until a departure names it
+        self._gossiped: dict[bytes, dict[str, str]] = {}
+        self._settling: set[bytes] = set()  # manifests whose membership update from peer exchange is due
         self.nursery: trio.Nursery | None = None
 
     # -- queries ---------------------------------------------------------------
@@ -182,22 +188,38 @@ class Fetches:
                 # peer that already "had" everything is no progress (a liar goes stale).
                 self.update_membership(mid)
 
-    def on_peers(self, mid: bytes, peers: Sequence[PeerInfo]) -> None:
-        """Peer exchange named holders of ``mid`` (with addresses) or departures (without): relayed members."""
+    def on_peers(self, by: str, mid: bytes, peers: Sequence[PeerInfo]) -> None:
+        """Peer ``by`` named holders of ``mid`` (with addresses) or departures (without): relayed members.
+
+        Applied at most every ``GOSSIP_SETTLE`` seconds per manifest (a swarm
+        of a thousand nodes joining must not re-rank the pieces a thousand times).
+        """
         if mid not in self._fetches:
             return
         known = self._gossiped.setdefault(mid, {})
-        before = len(known)
-        gone = False
+        named = sum(1 for v in known.values() if v == by)
+        changed = False
         for info in peers:
             if not info.addrs:
                 if info.peer_id in known:
                     del known[info.peer_id]
-                    gone = True
-            elif info.peer_id not in known and len(known) < MAX_RELAYED:
-                known[info.peer_id] = None
-        if gone or len(known) != before:
+                    changed = True
+            elif info.peer_id not in known and len(known) < MAX_RELAYED and named < MAX_RELAYED_PER_PEER:
+                known[info.peer_id] = by
+                named += 1
+                changed = True
+        if not changed or mid in self._settling:
+            return
+        if self.nursery is None:
             self.update_membership(mid)
+            return
+        self._settling.add(mid)
+        self.nursery.start_soon(self._settle, mid)
+
+    async def _settle(self, mid: bytes) -> None:
+        await trio.sleep(GOSSIP_SETTLE)
+        self._settling.discard(mid)
+        self.update_membership(mid)
 
     # -- bans ------------------------------------------------------------------
     def ban(self, peer_id: str, manifest_id: bytes, why: str, duration: float | None = None) -> None:

@@ -291,7 +291,7 @@ class Swarm:
                 mid = msg.manifest_id
                 if mid in self.fetches or (mid in self.held and may_be_unreachable(self.dialer.listen_hosts())):
                     self.dialer.introduced(s, msg.peers)
-                self.fetches.on_peers(mid, msg.peers)  # first-copy members known by peer exchange
+                self.fetches.on_peers(s.peer_id, mid, msg.peers)  # first-copy members known by peer exchange
             case Claim():
                 if not s.within_rate("Claim"):
                     return
