@@ -78,8 +78,10 @@ a piece in within seconds. In a fleet of edge devices at 20 Mbit/s an honest
 owner's first copy shares its downlink with a dozen peer downloads and
 shows only after 30-60 s; the fixed rule made every waiting node take it
 from the mirror (14x origin egress at 50 nodes, docs/benchmarks.md). So
-every timer is multiplied by ``scale()`` (``pace_scale``): while some owner
-has not shown a first copy yet, ``MAX_SCALE`` (8: 160 s); once every owner
+every timer is multiplied by ``scale()`` (``pace_scale``): 1 while no
+owner has shown a first copy (nothing says the swarm moves: a lone liar
+gets the fixed bounds); while some have and others not yet, ``MAX_SCALE``
+(8: 160 s); once every owner
 has, ``PACE_FACTOR`` (4) times the longest gap an owner took before one
 of its recent first copies, at least 1 and at most ``MAX_SCALE``. A first
 copy is a progress Have (above) for a piece the sender owns. An owner that
@@ -95,7 +97,8 @@ the others go on is stale after the pace's timeout (20 s in a fast swarm),
 and one that leaves loses its pieces with its membership (its session, or
 peer exchange's departure for a relayed member). The price: every liar
 bound above is ``MAX_SCALE`` times longer when liars are owners that never
-show (they keep the pace unknown), e.g. 160 s for a silent fake member.
+show among honest owners that do (they keep the pace unknown), e.g. 160 s
+for a silent fake member.
 ``max_scale=1`` gives the fixed timers.
 
 *Claims* override the hash: a member that says it asked a mirror for a
@@ -130,13 +133,15 @@ def pace_scale(gaps: Sequence[float], shown: int, owners: int, floor: float, *,
 
     ``gaps``: the silences the swarm's owners showed before each of their
     recent first copies (from joining to the first, then between them);
-    ``shown``: how many of the ``owners`` showed one at all. While fewer than
+    ``shown``: how many of the ``owners`` showed one at all. While none has,
+    nothing says waiting helps (a lone liar, or a swarm that does not move):
+    1, the fixed timers. While fewer than
     ``PACE_QUANTILE`` of the owners have shown anything, the swarm's slow
     tail is not known yet (the silent owners' gaps are longer than anything
     seen): ``max_scale``. Otherwise ``factor`` times that quantile of the
     gaps, over ``floor``.
     """
-    if owners <= 0:
+    if owners <= 0 or shown <= 0:
         return 1.0
     if shown < PACE_QUANTILE * owners or not gaps:
         return max_scale

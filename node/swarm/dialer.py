@@ -259,7 +259,10 @@ class Dialer:
             return
         mids = list(s.manifests())
         if mids:
-            self._nursery.start_soon(self._tell_departed, s.peer_id, mids)
+            try:
+                self._nursery.start_soon(self._tell_departed, s.peer_id, mids)
+            except RuntimeError:  # the node is stopping (its nursery closed): nobody left to tell
+                pass
 
     async def _tell_departed(self, peer_id: str, mids: list[bytes]) -> None:
         await trio.sleep(self._config.member_grace)

@@ -213,8 +213,11 @@ class Fetches:
         if self.nursery is None:
             self.update_membership(mid)
             return
+        try:
+            self.nursery.start_soon(self._settle, mid)
+        except RuntimeError:  # the node is stopping (its nursery closed)
+            return
         self._settling.add(mid)
-        self.nursery.start_soon(self._settle, mid)
 
     async def _settle(self, mid: bytes) -> None:
         await trio.sleep(GOSSIP_SETTLE)

@@ -22,7 +22,8 @@ T = 20.0  # owner_timeout
     ("gaps", "shown", "owners", "expected"),
     [
         ([], 0, 0, 1.0),  # no other owner: nothing to wait for
-        ([], 0, 3, MAX_SCALE),  # nobody has shown a first copy yet: the pace is unknown
+        ([], 0, 3, 1.0),  # nobody has shown a first copy yet: nothing says waiting helps
+        ([5.0], 1, 3, MAX_SCALE),  # one has, two not yet: the pace is unknown
         ([1.0, 2.0], 2, 3, MAX_SCALE),  # one owner still silent: the slow tail is unknown
         ([1.0, 2.0, 3.0], 3, 3, 1.0),  # everyone showed within 3 s: 4 x 3 s < 20 s, the floor
         ([1.0, 2.0, 10.0], 3, 3, PACE_FACTOR * 10.0 / T),  # the slowest showed after 10 s: 40 s
@@ -45,8 +46,10 @@ def test_pace_scale_is_bounded_and_grows_with_the_gaps(gaps: list[float], owners
     k = pace_scale(gaps, shown, owners, T)
     assert 1.0 <= k <= MAX_SCALE
     assert pace_scale([*gaps, more], shown, owners, T) >= k or not gaps or shown < owners
-    if owners and shown < owners:
+    if owners and 0 < shown < owners:
         assert k == MAX_SCALE
+    if shown == 0:
+        assert k == 1.0
 
 
 def _swarm(n: int = 30) -> tuple[FirstCopy, dict[str, list[int]]]:
@@ -176,8 +179,19 @@ def test_a_complete_holder_that_serves_us_counts_as_shown() -> None:
     fc, own = _swarm()
     for p in ("a", "b"):
         fc.progress(p, own[p][0], 2.0, wanted=True)
-    assert fc.scale() == MAX_SCALE  # c (complete) has shown nothing
+    assert fc.scale() == MAX_SCALE  # c (complete) has shown nothing yet
     fc.delivered("peer:c", own["a"][1])
     assert fc.scale() == 1.0
     fc.delivered("peer:stranger", own["a"][2])  # not a member: nothing
     assert fc.scale() == 1.0
+
+
+def test_a_lone_silent_member_gets_the_fixed_timers() -> None:
+    """No owner has shown anything (a liar alone with us, tests/swarm: claims everything, never unchokes):
+    nothing says the swarm moves, so its share is the mirror's after owner_timeout, not 8 x that."""
+    fc = FirstCopy("me", [SIZE] * 16, owner_timeout=T)
+    fc.set_members(["liar"], 0.0)
+    theirs = [i for i in range(16) if fc.owner(i) == "liar"]
+    assert fc.scale() == 1.0
+    assert not fc.mirror_may_take(theirs[0], T - 0.1)
+    assert fc.mirror_may_take(theirs[0], T)
