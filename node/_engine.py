@@ -197,8 +197,11 @@ class Fetch:
             self.picker.source_bitfield(source_id, indices)
             self._wake()
 
-    def set_swarm(self, peers: Iterable[str], complete: Iterable[str] = ()) -> None:
+    def set_swarm(self, peers: Iterable[str], complete: Iterable[str] = (), relayed: Iterable[str] = ()) -> None:
         """The peers fetching this manifest too: re-share the first copy among them.
+
+        ``relayed``: fetchers known by peer exchange only, with no session here
+        (first-copy members whose pieces reach us through others: FirstCopy).
 
         Pieces already asked of a mirror stay ours (the swarm told every
         member with a Claim, and tells a new member when it announces the
@@ -207,7 +210,7 @@ class Fetch:
         """
         peers = list(peers)
         self.scheduler.set_fetchers(1 + len(peers))
-        if not self.picker.set_swarm(peers, trio.current_time(), complete):
+        if not self.picker.set_swarm(peers, trio.current_time(), complete, relayed):
             return
         self.scheduler.withdraw_not_ours()
         self._wake()

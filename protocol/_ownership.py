@@ -73,6 +73,34 @@ stale owner that never delivered anything to this node (a fake member
 among them) loses its share to the mirror at once, as before, so the liar
 bounds above are unchanged.
 
+*The swarm's pace*: the fixed timers above (20 s) suit owners that bring
+a piece in within seconds. In a fleet of edge devices at 20 Mbit/s an honest
+owner's first copy shares its downlink with a dozen peer downloads and
+shows only after 30-60 s; the fixed rule made every waiting node take it
+from the mirror (14x origin egress at 50 nodes, docs/benchmarks.md). So
+every timer is multiplied by ``scale()`` (``pace_scale``): 1 while no
+owner has shown a first copy (nothing says the swarm moves: a lone liar
+gets the fixed bounds); while some have and others not yet, ``MAX_SCALE``
+(8: 160 s); once every owner
+has, ``PACE_FACTOR`` (4) times the longest gap an owner took before one
+of its recent first copies, at least 1 and at most ``MAX_SCALE``. A first
+copy is a progress Have (above) for a piece the sender owns. An owner that
+sends Haves for pieces this node holds (it is receiving, only slowly) is
+alive, not progressing: those keep it from going stale on the pace's
+timeout, never for longer than ``MAX_SCALE x owner_timeout`` after its
+last real progress. The promise timers stretch by the same scale, or to
+``PACE_FACTOR`` times the median time this node's own peer requests take
+to be served (a slow downlink makes every promise slow), within
+``MAX_SCALE`` times ``deliver_timeout``. So owners that are merely slow
+keep their pieces while the swarm is that slow, an owner that stops while
+the others go on is stale after the pace's timeout (20 s in a fast swarm),
+and one that leaves loses its pieces with its membership (its session, or
+peer exchange's departure for a relayed member). The price: every liar
+bound above is ``MAX_SCALE`` times longer when liars are owners that never
+show among honest owners that do (they keep the pace unknown), e.g. 160 s
+for a silent fake member.
+``max_scale=1`` gives the fixed timers.
+
 *Claims* override the hash: a member that says it asked a mirror for a
 piece (the swarm's ``Claim`` message) owns it from then on, so nodes that
 started before they knew of each other do not both bring the same first
@@ -85,13 +113,41 @@ keep the mirror from a piece.
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
-__all__ = ["MAX_PEER_CLAIMS", "FirstCopy"]
+__all__ = ["MAX_PEER_CLAIMS", "MAX_SCALE", "PACE_FACTOR", "FirstCopy", "pace_scale"]
 
 MAX_PEER_CLAIMS = 64  # outstanding claims honoured per swarm peer
 _SMALL_PIECE = 1 << 20  # pieces below this go first in a mirror's order
+PACE_FACTOR = 4.0  # an owner is stale when silent this many times the swarm's typical gap
+MAX_SCALE = 8.0  # ... but never later than this many times the fixed timers
+_PACE_SAMPLES = 64  # the latest owner gaps the pace is taken from
+PACE_QUANTILE = 1.0  # the pace is the time this fraction of the owners' gaps were within
+
+
+def pace_scale(gaps: Sequence[float], shown: int, owners: int, floor: float, *,
+               factor: float = PACE_FACTOR, max_scale: float = MAX_SCALE) -> float:
+    """How much longer than ``floor`` (``owner_timeout``) an owner may stay silent: in [1, max_scale].
+
+    ``gaps``: the silences the swarm's owners showed before each of their
+    recent first copies (from joining to the first, then between them);
+    ``shown``: how many of the ``owners`` showed one at all. While none has,
+    nothing says waiting helps (a lone liar, or a swarm that does not move):
+    1, the fixed timers. While fewer than
+    ``PACE_QUANTILE`` of the owners have shown anything, the swarm's slow
+    tail is not known yet (the silent owners' gaps are longer than anything
+    seen): ``max_scale``. Otherwise ``factor`` times that quantile of the
+    gaps, over ``floor``.
+    """
+    if owners <= 0 or shown <= 0:
+        return 1.0
+    if shown < PACE_QUANTILE * owners or not gaps:
+        return max_scale
+    xs = sorted(gaps)
+    q = xs[min(len(xs) - 1, int(PACE_QUANTILE * len(xs)))]
+    return min(max_scale, max(1.0, factor * q / floor))
 
 
 class FirstCopy:
@@ -104,6 +160,9 @@ class FirstCopy:
         owner_timeout: float = 20.0,
         deliver_timeout: float | None = None,
         unrequested_timeout: float | None = None,
+        *,
+        max_scale: float = MAX_SCALE,
+        pace_factor: float = PACE_FACTOR,
     ) -> None:
         self.me = me
         self._n = n = len(sizes)
@@ -127,6 +186,17 @@ class FirstCopy:
         # only they may be given a stale owner's piece, and only their pieces are passed on when stale.
         self._delivered: set[str] = set()
         self._order: dict[int, list[str]] = {}  # piece -> members by rendezvous weight (highest first), as needed
+        # The swarm's pace (see pace_scale): every timer above is multiplied by the scale.
+        self._max_scale = max_scale
+        self._pace_factor = pace_factor
+        self._owners: set[str] = set()  # members that own some piece by rendezvous (this node aside)
+        self._shown: set[str] = set()  # ... of which showed one of its first copies at least once
+        self._shown_at: dict[str, float] = {}  # member -> when it last showed one of its first copies
+        self._gaps: deque[float] = deque(maxlen=_PACE_SAMPLES)  # owners' silences before their progress
+        self._scale: float | None = None  # cached pace_scale (None: recompute)
+        self._alive: dict[str, float] = {}  # member -> its last first Have of any piece (wanted here or not)
+        self._waits: deque[float] = deque(maxlen=_PACE_SAMPLES)  # our peer requests: first request to arrival
+        self._now = 0.0  # the latest time any call gave
         # Where a mirror run starts: small pieces first (config and tokenizer
         # files: one round trip each, which must not be left for the end), then
         # our own pieces by rank (highest first): nodes that start before they
@@ -155,6 +225,7 @@ class FirstCopy:
         direct = set(peers) - {self.me}
         members = direct | (set(relayed) - {self.me})
         self._relayed = members - direct
+        self._now = max(self._now, now)
         for p in members:
             self._seen.setdefault(p, now)
         if len(members) + 1 == len(self._ranks) and all(p in self._ranks for p in members):
@@ -166,6 +237,8 @@ class FirstCopy:
         for p in [p for p in self._ranks if p != self.me and p not in members]:
             del self._ranks[p]
             self._seen.pop(p, None)
+            self._alive.pop(p, None)
+            self._shown_at.pop(p, None)
             self._advertised.pop(p, None)
             self._pending.pop(p, None)
             self._lapsed.pop(p, None)
@@ -184,6 +257,9 @@ class FirstCopy:
             owner.append(o)
         changed = owner != self._owner
         self._owner = owner
+        self._owners = set(owner) - {self.me}
+        self._shown &= self._owners
+        self._scale = None
         return changed
 
     def restart_clock(self, now: float) -> None:
@@ -239,6 +315,7 @@ class FirstCopy:
 
     def requested(self, index: int, now: float) -> None:
         """This node asked a peer for ``index``: a promise for it is due ``deliver_timeout`` from now (the first time)."""
+        self._now = max(self._now, now)
         if 0 <= index < self._n:
             self._requested.setdefault(index, now)
 
@@ -253,14 +330,23 @@ class FirstCopy:
         member = source.removeprefix("peer:").split("@", 1)[0]
         if member == self.me or member not in self._ranks:
             return
-        self._delivered.add(member)
+        who = [member]
         if 0 <= index < self._n and self.owner(index) in self._relayed:
-            self._delivered.add(self.owner(index))
+            who.append(self.owner(index))
+        for m in who:
+            self._delivered.add(m)
+            if m in self._owners and m not in self._shown and not self._advertised.get(m):
+                # A holder that sends no Haves (complete: a seed) shows itself by delivering, for the pace.
+                self._shown.add(m)
+                self._scale = None
 
     def piece_done(self, index: int) -> None:
         """``index`` is here: no longer claimed, and delivered whoever advertised it."""
         self._claimed.pop(index, None)
-        self._requested.pop(index, None)
+        asked = self._requested.pop(index, None)
+        if asked is not None:
+            self._waits.append(max(0.0, self._now - asked))  # how long our peer requests take to be served
+            self._scale = None
         for pending in self._pending.values():
             pending.pop(index, None)
 
@@ -283,16 +369,32 @@ class FirstCopy:
         return self._advance(peer, index, now, wanted)
 
     def _advance(self, peer: str, index: int, now: float, wanted: bool) -> bool:
+        self._now = max(self._now, now)
         self._check_promises(peer, now)
         said = self._advertised.setdefault(peer, set())
         if index in said:
             return False
         said.add(index)
+        self._alive[peer] = now  # a sign of life, not of progress: anyone can echo the pieces we hold
         if not wanted:
             return False
+        if self.owner(index) == peer or self._owner[index] == peer:
+            # One of its own first copies: the pace counts these only (how long owners take to show each).
+            self._gaps.append(max(0.0, now - self._shown_at.get(peer, self._seen[peer])))
+            self._shown_at[peer] = now
+            if peer in self._owners:
+                self._shown.add(peer)
+            self._scale = None
         self._seen[peer] = now
         self._pending.setdefault(peer, {}).setdefault(index, now)
         return True
+
+    def scale(self) -> float:
+        """How many times the fixed timers an owner may take now, from the swarm's pace (see pace_scale)."""
+        if self._scale is None:
+            self._scale = pace_scale(self._gaps, len(self._shown), len(self._owners), self._owner_timeout,
+                                     factor=self._pace_factor, max_scale=self._max_scale)
+        return self._scale
 
     def stale_at(self, peer: str) -> float | None:
         """When member ``peer`` is (or was) stale from, unless it makes progress first (None: not a member)."""
@@ -301,12 +403,16 @@ class FirstCopy:
             return None
         if peer in self._lapsed:
             return self._lapsed[peer]
-        t = seen + self._owner_timeout
+        # Silent (no Have at all) for the pace's timeout, or no real progress for the longest one:
+        # an owner that shows it is alive but slow keeps its pieces up to max_scale x owner_timeout.
+        alive = max(seen, self._alive.get(peer, seen))
+        t = min(alive + self._owner_timeout * self.scale(), seen + self._owner_timeout * self._max_scale)
         due = self._promise_due(peer)
         return t if due is None else min(t, due)
 
     def mirror_may_take(self, index: int, now: float) -> bool:
         """Whether a mirror may fetch ``index`` now (peer holdings aside): ours, or its owner is stale."""
+        self._now = max(self._now, now)
         o = self.owner(index)
         if o == self.me:
             return True
@@ -322,7 +428,7 @@ class FirstCopy:
         # to bring it in before any node may take it from a mirror.
         if o not in self._delivered:
             return True  # never brought us a piece: its share is the mirror's at once (the liar bounds hold)
-        return self._successor(index, o, now) == self.me or now >= t + self._owner_timeout
+        return self._successor(index, o, now) == self.me or now >= t + self._owner_timeout * self.scale()
 
     def _successor(self, index: int, owner: str, now: float) -> str:
         """The first member after ``owner`` in ``index``'s rendezvous order that is not stale now (or this node)."""
@@ -345,10 +451,21 @@ class FirstCopy:
         pending = self._pending.get(peer)
         if not pending:
             return None
-        asked, deliver, unasked = self._requested, self._deliver_timeout, self._unrequested_timeout
+        asked, deliver = self._requested, self._deliver()
+        unasked = self._unrequested_timeout * deliver / self._deliver_timeout
         return min(
             max(have, asked[i]) + deliver if i in asked else have + unasked for i, have in pending.items()
         )
+
+    def _deliver(self) -> float:
+        """The promise timeout now: ``deliver_timeout`` times the pace's scale, or ``pace_factor`` times the
+        median time our peer requests take to be served, whichever is longer, within ``max_scale`` times it."""
+        d = self._deliver_timeout
+        k = self.scale()
+        if self._waits:
+            xs = sorted(self._waits)
+            k = max(k, self._pace_factor * xs[len(xs) // 2] / d)
+        return d * min(k, self._max_scale)
 
     def _check_promises(self, peer: str, now: float) -> None:
         if peer in self._lapsed:
@@ -363,7 +480,8 @@ class FirstCopy:
         times = [t for t in (self.stale_at(o) for o in owners) if t is not None]
         if len(self._ranks) <= 2:
             return times  # no successor but this node
-        return times + [t + self._owner_timeout for t in times]
+        wait = self._owner_timeout * self.scale()
+        return times + [t + wait for t in times]
 
 
 @lru_cache(maxsize=4096)

@@ -51,15 +51,18 @@ def loopback(n: int, seed: int = 1, deliver_timeout: float | None = None, wire: 
 
 def fleet(n: int, size: int, piece: int, servers: float, spread: float, churn: float, degree: int | None, seed: int,
           deliver_timeout: float | None, wire: bool, owner_timeout: float | None = None, sched_tick: float = 0.05,
-          gossip: float | None = None) -> Scenario:
+          gossip: float | None = None, max_scale: float | None = None, pace_factor: float | None = None,
+          endgame_copies: int | None = None) -> Scenario:
     """Servers at 10 Gbit/s, edge devices at 20-100 Mbit/s (symmetric), a 1 Gbit/s origin; WAN-ish latencies."""
     ns = int(round(servers * n))
     fleets = (Fleet(ns, 10 * Gbit, 10 * Gbit), Fleet(n - ns, 20 * Mbit, 20 * Mbit, down_hi=100 * Mbit, up_hi=100 * Mbit))
     # A piece takes 0.7-3.4 s at edge speeds: waking the scheduler at most every 50 ms per node changes nothing there.
     params = Params(latency=0.010, origin_rtt=0.100, start_delay=0.5, deliver_timeout=deliver_timeout, wire=wire,
-                    sched_tick=sched_tick, gossip=gossip)
+                    sched_tick=sched_tick, gossip=gossip, max_scale=max_scale, pace_factor=pace_factor)
     if owner_timeout is not None:
         params = dataclasses.replace(params, owner_timeout=owner_timeout)
+    if endgame_copies is not None:
+        params = dataclasses.replace(params, endgame_copies=endgame_copies)
     name = f"fleet-{n}-{'spread' if spread else 'once'}-churn{int(churn * 100)}"
     return Scenario(name, tuple(f for f in fleets if f.count), origin=1 * Gbit, size=size, piece=piece,
                     arrival_spread=spread, churn=churn, degree=degree, params=params, seed=seed)
@@ -93,7 +96,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_fleet(args: argparse.Namespace) -> int:
     sc = fleet(args.n, _size(args.size), _size(args.piece), args.servers, args.spread, args.churn, args.degree,
                args.seed, args.deliver_timeout, not args.no_wire, args.owner_timeout, args.sched_tick,
-               None if args.gossip < 0 else args.gossip)
+               None if args.gossip < 0 else args.gossip, args.max_scale, args.pace_factor, args.endgame_copies)
     t = time.time()
     r: Result = run(sc)
     row = r.row()
@@ -164,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--gossip", type=float, default=-1.0,
                    help="first-copy members include every fetcher, learned by gossip this many seconds after it "
                         "arrives (FirstCopy relayed members); negative: sessions only")
+    f.add_argument("--max-scale", type=float, default=None,
+                   help="what-if: FirstCopy max_scale (1: the fixed timers of before the pace rule)")
+    f.add_argument("--pace-factor", type=float, default=None, help="what-if: FirstCopy pace_factor")
+    f.add_argument("--endgame-copies", type=int, default=None,
+                   help="what-if: FetchOptions.endgame_copies (1: no endgame duplicates; default 2)")
     f.set_defaults(fn=cmd_fleet)
     o = sub.add_parser("owners", help="first-copy owners agreed when each node sees only its own sessions")
     o.add_argument("--n", type=int, nargs="+", default=[50, 200, 1000, 10000])

@@ -80,6 +80,10 @@ class Params:
     # What-if only (not the node's behaviour): FirstCopy's deliver_timeout, which the picker leaves
     # equal to owner_timeout. None: the real default.
     deliver_timeout: float | None = None
+    # What-if: FirstCopy's max_scale (1.0: the fixed 20 s timers of before; None: the node's default)
+    # and pace_factor (None: the default).
+    max_scale: float | None = None
+    pace_factor: float | None = None
     # The swarm-wide fetcher set (node/swarm/fetches.py ``relayed``: fetchers learned by peer exchange
     # with no session here): a node that arrives is known to every node this many seconds later, one
     # that leaves is forgotten after ``member_grace``. None: first-copy members are the sessions only.
@@ -252,8 +256,13 @@ class SimNode:
             sw.sizes, sw.file_starts, endgame_copies=p.endgame_copies, mirror_overlap_budget=0, me=self.id,
             owner_timeout=p.owner_timeout, endgame_delay=p.endgame_delay,
         )
-        if p.deliver_timeout is not None:
-            self.picker.first_copy = FirstCopy(self.id, sw.sizes, p.owner_timeout, p.deliver_timeout)
+        if p.deliver_timeout is not None or p.max_scale is not None or p.pace_factor is not None:
+            kw: dict[str, float] = {}
+            if p.max_scale is not None:
+                kw["max_scale"] = p.max_scale
+            if p.pace_factor is not None:
+                kw["pace_factor"] = p.pace_factor
+            self.picker.first_copy = FirstCopy(self.id, sw.sizes, p.owner_timeout, p.deliver_timeout, **kw)
         self.picker.add_source(MIRROR_ID, MIRROR)
         self.fetching = True
         for peer in sorted(self.peers):

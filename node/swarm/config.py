@@ -144,8 +144,8 @@ class FetchHandle(Protocol):
 
     def source_bitfield(self, source_id: str, indices: Iterable[int]) -> None: ...
 
-    def set_swarm(self, peers: Iterable[str], complete: Iterable[str] = ()) -> None:
-        """The peers fetching this manifest, and those that hold all of it (first-copy spreading)."""
+    def set_swarm(self, peers: Iterable[str], complete: Iterable[str] = (), relayed: Iterable[str] = ()) -> None:
+        """The peers fetching this manifest, those that hold all of it, and those known by peer exchange only."""
         ...
 
     def peer_progress(self, peer: str, index: int) -> None:

@@ -247,6 +247,32 @@ class Dialer:
         for i in range(0, len(infos), MAX_PEX_PEERS):
             s.post(Peers(mid, tuple(infos[i : i + MAX_PEX_PEERS])))
 
+    def departed(self, s: Session) -> None:
+        """``s`` ended: unless its peer is back within ``member_grace``, tell the other holders it left.
+
+        A departure is a Peers entry with no address (nodes that do not know
+        it find nothing to dial in it). Receivers drop the peer from the
+        members they know by peer exchange only (node/swarm/fetches.py
+        ``on_peers``), as a session's end drops it after the same grace.
+        """
+        if self._nursery is None or s.peer_id == getattr(self._p2p, "peer_id", None):
+            return
+        mids = list(s.manifests())
+        if mids:
+            try:
+                self._nursery.start_soon(self._tell_departed, s.peer_id, mids)
+            except RuntimeError:  # the node is stopping (its nursery closed): nobody left to tell
+                pass
+
+    async def _tell_departed(self, peer_id: str, mids: list[bytes]) -> None:
+        await trio.sleep(self._config.member_grace)
+        if peer_id in self.sessions:
+            return  # back (a reset stream dialled again): not a departure
+        gone = (PeerInfo(peer_id, ()),)
+        for mid in mids:
+            for p in self.holders(mid):
+                self.sessions[p].post(Peers(mid, gone))
+
     def listen_hosts(self) -> list[str]:
         """The IPs this node listens on (the dial policy's reference: protocol/_dialpolicy.py)."""
         return [h for h in (multiaddr_host(a) for a in self._p2p.addrs()) if h is not None]

@@ -5,7 +5,14 @@ holds that manifest, a :class:`PeerSource` joins the fetch while the peer
 unchokes us, and the peer's Have messages reach the fetch as availability.
 Peers that hold or fetch the manifest are the fetch's first-copy membership
 (protocol/_membership.py); the pieces a fetch asks a mirror for go to them
-as Claim messages.
+as Claim messages. Holders that peer exchange names (Peers messages) and that
+are not in session here are *relayed* members (protocol/_ownership.py), so
+nodes with different sessions rank the same swarm; a Peers entry with no
+address says that peer left (its introducer's session with it ended and
+did not come back within ``member_grace``: node/swarm/dialer.py
+``departed``), and it stops being a member. At most ``MAX_RELAYED`` per
+manifest (``MAX_RELAYED_PER_PEER`` named by one peer), applied at most
+every ``GOSSIP_SETTLE`` seconds.
 """
 
 from __future__ import annotations
@@ -16,14 +23,19 @@ from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
-from autoglm.protocol._control import MAX_CLAIM, Claim, Interested, NotInterested
+from autoglm.protocol._control import MAX_CLAIM, Claim, Interested, NotInterested, PeerInfo
 from autoglm.protocol._membership import membership
 
 from .budget import PromiseLedger
 from .config import FetchHandle, PeerBanned, SwarmConfig, SwarmEvent, SwarmStats
 from .session import PeerSource, Session
 
-__all__ = ["Fetches", "is_idle"]
+__all__ = ["MAX_RELAYED", "Fetches", "is_idle"]
+
+MAX_RELAYED = 4096  # peers known by peer exchange only, per manifest (each one is a first-copy member)
+MAX_RELAYED_PER_PEER = 2048  # ... of which one peer in session may have named
+# Peer exchange changes the members at most this often (each change re-ranks every piece over every member).
+GOSSIP_SETTLE = 1.0
 
 log = logging.getLogger("autoglm.node.swarm")
 
@@ -50,6 +62,9 @@ class Fetches:
         self._promises = PromiseLedger(budget.broken_promises, budget.broken_promise_window)
         # manifest -> peer -> (when its session ended, whether it was complete): see member_grace
         self._departed: dict[bytes, dict[str, tuple[float, bool]]] = {}
+        # manifest -> holder named by peer exchange -> the peer that named it, until a departure names it
+        self._gossiped: dict[bytes, dict[str, str]] = {}
+        self._settling: set[bytes] = set()  # manifests whose membership update from peer exchange is due
         self.nursery: trio.Nursery | None = None
 
     # -- queries ---------------------------------------------------------------
@@ -90,6 +105,7 @@ class Fetches:
 
     def detach(self, manifest_id: bytes) -> None:
         self._fetches.pop(manifest_id, None)
+        self._gossiped.pop(manifest_id, None)
         self.attached_at.pop(manifest_id, None)
         for s in list(self._sessions.values()):
             src = s.sources.pop(manifest_id, None)
@@ -172,6 +188,42 @@ class Fetches:
                 # peer that already "had" everything is no progress (a liar goes stale).
                 self.update_membership(mid)
 
+    def on_peers(self, by: str, mid: bytes, peers: Sequence[PeerInfo]) -> None:
+        """Peer ``by`` named holders of ``mid`` (with addresses) or departures (without): relayed members.
+
+        Applied at most every ``GOSSIP_SETTLE`` seconds per manifest (a swarm
+        of a thousand nodes joining must not re-rank the pieces a thousand times).
+        """
+        if mid not in self._fetches:
+            return
+        known = self._gossiped.setdefault(mid, {})
+        named = sum(1 for v in known.values() if v == by)
+        changed = False
+        for info in peers:
+            if not info.addrs:
+                if info.peer_id in known:
+                    del known[info.peer_id]
+                    changed = True
+            elif info.peer_id not in known and len(known) < MAX_RELAYED and named < MAX_RELAYED_PER_PEER:
+                known[info.peer_id] = by
+                named += 1
+                changed = True
+        if not changed or mid in self._settling:
+            return
+        if self.nursery is None:
+            self.update_membership(mid)
+            return
+        try:
+            self.nursery.start_soon(self._settle, mid)
+        except RuntimeError:  # the node is stopping (its nursery closed)
+            return
+        self._settling.add(mid)
+
+    async def _settle(self, mid: bytes) -> None:
+        await trio.sleep(GOSSIP_SETTLE)
+        self._settling.discard(mid)
+        self.update_membership(mid)
+
     # -- bans ------------------------------------------------------------------
     def ban(self, peer_id: str, manifest_id: bytes, why: str, duration: float | None = None) -> None:
         """Neither use nor serve ``peer_id`` for ``manifest_id``: for ``duration`` seconds, or for good (None)."""
@@ -237,7 +289,9 @@ class Fetches:
             idle=[p for p, s in self._sessions.items() if is_idle(s, mid)],
         )
         self._departed[mid] = m.departed
-        fetch.set_swarm(m.peers, m.complete)
+        banned = self._banned_now(mid)
+        relayed = [p for p in self._gossiped.get(mid, ()) if p not in self._sessions and p not in m.departed and p not in banned]
+        fetch.set_swarm(m.peers, m.complete, relayed)
 
     def session_ended(self, s: Session) -> bool:
         """``s`` is gone: stop using it; holders of what we fetch stay members for the grace period.

@@ -273,6 +273,7 @@ class Swarm:
         if self.dialer.unregister(s):
             self.serving.forget_peer(s.peer_id)
         s.closed = True
+        self.dialer.departed(s)
         if self.fetches.session_ended(s):
             self.dialer.reconnect(s.peer_id)
         self._rechoke_now.set()
@@ -308,6 +309,7 @@ class Swarm:
                 mid = msg.manifest_id
                 if mid in self.fetches or (mid in self.held and may_be_unreachable(self.dialer.listen_hosts())):
                     self.dialer.introduced(s, msg.peers)
+                self.fetches.on_peers(s.peer_id, mid, msg.peers)  # first-copy members known by peer exchange
             case Claim():
                 if not s.within_rate("Claim"):
                     return

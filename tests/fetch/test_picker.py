@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from autoglm.protocol._ownership import FirstCopy
 from autoglm.protocol._picker import LOCAL, MIRROR, PEER, PiecePicker, PieceState
 
 SIZE = 100
@@ -263,6 +264,8 @@ def test_random_operations_keep_invariant(ops: list[tuple[str, str, int, int]]) 
 
 def spread_picker(n: int, me: str = "me", peers: tuple[str, ...] = ("a", "b", "c"), timeout: float = 10.0) -> PiecePicker:
     pp = PiecePicker([SIZE] * n, mirror_overlap_budget=0, me=me, owner_timeout=timeout)
+    # The fixed timers (no pace scaling, protocol/_ownership.py FirstCopy.scale): these tests check exact times.
+    pp.first_copy = FirstCopy(me, [SIZE] * n, owner_timeout=timeout, max_scale=1.0)
     assert pp.set_swarm(peers, now=0.0) == bool(peers)
     pp.add_source("m", MIRROR)
     return pp

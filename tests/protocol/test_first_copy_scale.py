@@ -58,7 +58,7 @@ def test_moving_between_session_and_gossip_changes_no_owner() -> None:
 
 
 def _relayed_owner(n: int = 16) -> tuple[FirstCopy, list[int]]:
-    fc = FirstCopy("me", [SIZE] * n, owner_timeout=20.0, deliver_timeout=10.0)
+    fc = FirstCopy("me", [SIZE] * n, owner_timeout=20.0, deliver_timeout=10.0, max_scale=1.0)
     fc.set_members(["s"], 0.0, relayed=["r"])
     theirs = [i for i in range(n) if fc.owner(i) == "r"]
     assert len(theirs) >= 2
@@ -96,7 +96,7 @@ def test_a_relayed_have_is_a_promise_for_the_owner(asked: float | None, done: bo
 
 def _three(me: str = "me") -> tuple[FirstCopy, str, int, list[int]]:
     """Members a, b and this node; a piece owned by a whose next in rendezvous order is b; the other pieces."""
-    fc = FirstCopy(me, [SIZE] * 64, owner_timeout=20.0)
+    fc = FirstCopy(me, [SIZE] * 64, owner_timeout=20.0, max_scale=1.0)
     fc.set_members(["a", "b"], 0.0)
     w = {p: _ranks(p, 64) for p in ("b", me)}
     i = next(i for i in range(64) if fc.owner(i) == "a" and (w["b"][i], "b") > (w[me][i], me))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from autoglm.protocol._choking import choose_unchoked
 from autoglm.protocol._membership import membership
-from autoglm.protocol._ownership import MAX_PEER_CLAIMS, FirstCopy
+from autoglm.protocol._ownership import MAX_PEER_CLAIMS, MAX_SCALE, FirstCopy
 from autoglm.protocol._picker import MIRROR, PEER, PiecePicker, PieceState
 
 # -- membership ------------------------------------------------------------------
@@ -130,7 +130,7 @@ def test_shares_are_even_and_all_agree(n_members: int) -> None:
 
 
 def test_stale_owner_exact_time() -> None:
-    fc = FirstCopy("me", [SIZE] * 8, owner_timeout=20.0)
+    fc = FirstCopy("me", [SIZE] * 8, owner_timeout=20.0, max_scale=1.0)
     fc.set_members(["a"], now=10.0)
     theirs = [i for i in range(8) if fc.owner(i) == "a"]
     assert theirs and not fc.mirror_may_take(theirs[0], 29.999)
@@ -184,7 +184,7 @@ def test_ownership_properties(members: list[set[str]], claims: list[tuple[str, l
 
 
 def test_a_repeated_have_is_no_progress() -> None:
-    fc = FirstCopy("me", [SIZE] * 8, owner_timeout=20.0)
+    fc = FirstCopy("me", [SIZE] * 8, owner_timeout=20.0, max_scale=1.0)
     fc.set_members(["a"], now=0.0)
     theirs = [i for i in range(8) if fc.owner(i) == "a"]
     assert fc.progress("a", theirs[0], 5.0, wanted=True)
@@ -196,7 +196,7 @@ def test_a_repeated_have_is_no_progress() -> None:
 
 def test_a_have_for_a_piece_we_hold_is_no_progress() -> None:
     """Echoing our own Haves (pieces we already hold) keeps nothing from the mirror."""
-    fc = FirstCopy("me", [SIZE] * 8, owner_timeout=20.0)
+    fc = FirstCopy("me", [SIZE] * 8, owner_timeout=20.0, max_scale=1.0)
     fc.set_members(["a"], now=0.0)
     theirs = [i for i in range(8) if fc.owner(i) == "a"]
     assert not fc.progress("a", 0, 15.0, wanted=False)
@@ -204,7 +204,7 @@ def test_a_have_for_a_piece_we_hold_is_no_progress() -> None:
 
 
 def test_an_advertised_piece_that_never_arrives_makes_its_owner_stale() -> None:
-    fc = FirstCopy("me", [SIZE] * 8, owner_timeout=20.0, deliver_timeout=10.0)
+    fc = FirstCopy("me", [SIZE] * 8, owner_timeout=20.0, deliver_timeout=10.0, max_scale=1.0)
     fc.set_members(["a"], now=0.0)
     theirs = [i for i in range(8) if fc.owner(i) == "a"]
     for k, t in enumerate((1.0, 5.0, 9.0)):  # fresh Haves, each requested at once, none delivered
@@ -223,7 +223,7 @@ def test_an_advertised_piece_that_never_arrives_makes_its_owner_stale() -> None:
 
 def test_a_promise_we_never_get_to_request_breaks_after_unrequested_timeout() -> None:
     """A member that advertises and chokes us: no request ever starts the clock, the Have does (3 x deliver_timeout)."""
-    fc = FirstCopy("me", [SIZE] * 64, owner_timeout=20.0, deliver_timeout=10.0)
+    fc = FirstCopy("me", [SIZE] * 64, owner_timeout=20.0, deliver_timeout=10.0, max_scale=1.0)
     fc.set_members(["a"], now=0.0)
     theirs = [i for i in range(64) if fc.owner(i) == "a"]
     for k in range(5):  # a fresh Have every 8 s keeps owner_timeout away
@@ -234,7 +234,7 @@ def test_a_promise_we_never_get_to_request_breaks_after_unrequested_timeout() ->
 
 def test_a_request_before_the_have_does_not_shorten_the_promise() -> None:
     """We asked another holder for the piece before its owner advertised it: the owner's clock starts at its Have."""
-    fc = FirstCopy("me", [SIZE] * 8, owner_timeout=20.0, deliver_timeout=10.0)
+    fc = FirstCopy("me", [SIZE] * 8, owner_timeout=20.0, deliver_timeout=10.0, max_scale=1.0)
     fc.set_members(["a"], now=0.0)
     theirs = [i for i in range(8) if fc.owner(i) == "a"]
     fc.requested(theirs[0], 1.0)
@@ -268,6 +268,7 @@ def test_the_promise_runs_from_our_request_not_from_the_have(
 ) -> None:
     n = 16
     pp = PiecePicker([SIZE] * n, mirror_overlap_budget=0, me="me", owner_timeout=20.0)
+    pp.first_copy = FirstCopy("me", [SIZE] * n, owner_timeout=20.0, max_scale=1.0)  # the fixed timers: exact times
     pp.set_swarm(["a"], now=0.0)
     pp.add_source("a", PEER, have=())
     theirs = [i for i in range(n) if pp.owner(i) == "a"]
@@ -294,7 +295,7 @@ def test_the_promise_runs_from_our_request_not_from_the_have(
 
 
 def test_a_delivered_promise_keeps_the_owner() -> None:
-    fc = FirstCopy("me", [SIZE] * 8, owner_timeout=20.0, deliver_timeout=10.0)
+    fc = FirstCopy("me", [SIZE] * 8, owner_timeout=20.0, deliver_timeout=10.0, max_scale=1.0)
     fc.set_members(["a"], now=0.0)
     theirs = [i for i in range(8) if fc.owner(i) == "a"]
     assert fc.progress("a", theirs[0], 1.0, wanted=True)
@@ -402,8 +403,12 @@ def _simulate(n: int, fakes: list[_Fake], horizon: float, mirror_latency: float 
 # their delay on top. The pieces an unchoking liar advertised stay with it as
 # a source until the engine drops it (FAILURES stalled requests in a row):
 # bounded, not by the first-copy rule.
+#
+# The pace rule (FirstCopy.scale) stretches every timer by up to MAX_SCALE
+# while the swarm's owners are slow or silent, and fakes are owners that
+# never show a verified piece: the bounds are MAX_SCALE times those.
 def _bound(fakes: list[_Fake]) -> float:
-    return 40.0 if all(f.unchokes for f in fakes) else 80.0
+    return (40.0 if all(f.unchokes for f in fakes) else 80.0) * MAX_SCALE
 
 
 @pytest.mark.parametrize("k", [1, 3, 9])

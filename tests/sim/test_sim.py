@@ -129,3 +129,17 @@ def test_gossiped_members_give_one_first_copy_when_sessions_are_partial() -> Non
     alone = run(Scenario("sessions", fleet, origin=100e6, size=128 * MiB, piece=8 * MiB, degree=6,
                          params=Params(**off), seed=3), horizon=600.0)  # type: ignore[arg-type]
     assert alone.completed < 24 or alone.egress > 1.2
+
+
+def test_first_copy_timers_at_the_swarms_pace_keep_slow_owners() -> None:
+    """12 nodes, 80 % edge devices at 20-100 Mbit/s: the fixed 20 s timers (max_scale=1) send the edge owners'
+    pieces to the origin again and again; the pace rule (FirstCopy's default) keeps them theirs: one copy."""
+    from bench.sim.__main__ import fleet
+
+    def egress(max_scale: float | None) -> float:
+        r = run(fleet(12, 256 * MiB, 8 * MiB, 0.2, 0, 0, 32, 1, None, False, None, 0.05, 0.3, max_scale=max_scale))
+        assert r.completed == r.n == 12
+        return r.egress
+
+    assert egress(1.0) > 1.5
+    assert egress(None) == pytest.approx(1.0, abs=0.01)

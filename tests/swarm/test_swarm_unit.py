@@ -165,6 +165,7 @@ class RecordingFetch:
         self.progress: list[str] = []
         self.claims: list[tuple[str, list[int]]] = []  # Claims the swarm passed on
         self.mine: list[int] = []  # what mirror_claims reports
+        self.relayed: list[set[str]] = []  # members known by peer exchange only
 
     def add_source(self, source: object) -> None:
         pass
@@ -178,9 +179,10 @@ class RecordingFetch:
     def source_bitfield(self, source_id: str, indices: object) -> None:
         pass
 
-    def set_swarm(self, peers: Any, complete: Any = ()) -> None:
+    def set_swarm(self, peers: Any, complete: Any = (), relayed: Any = ()) -> None:
         self.swarms.append(set(peers))
         self.complete.append(set(complete))
+        self.relayed.append(set(relayed))
 
     def peer_progress(self, peer: str, index: int) -> None:
         self.progress.append(peer)
@@ -477,4 +479,70 @@ async def test_a_peer_holding_our_pieces_under_another_manifest_becomes_an_alias
             await their_end.send_all(peer.send(Have(other, 1), 0.0))  # their piece 1 is our piece 2
             await trio.testing.wait_all_tasks_blocked()
             assert fetch.haves == [(src.id, 2)]
+            nursery.cancel_scope.cancel()
+
+
+async def _hello_session(nursery: trio.Nursery, swarm: Swarm, name: str, mid: bytes) -> tuple[MemControlStream, ControlConnection]:
+    """A session from ``name`` that announces ``mid`` (fetching: no pieces yet); the test's end of it."""
+    a, b = trio.testing.memory_stream_pair()
+    conn = ControlConnection(trio.current_time())
+    ours = MemControlStream(b, "peerSelf")
+    nursery.start_soon(swarm.serve_session, MemControlStream(a, name))
+    assert isinstance(await _next(conn, ours), Hello)
+    await ours.send_all(conn.send(Hello((ManifestState(mid, 2, b"\x00"),), None, b"t" * 16), trio.current_time()))
+    await trio.testing.wait_all_tasks_blocked()
+    return ours, conn
+
+
+async def test_peer_exchange_feeds_relayed_members_and_departures_remove_them(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Holders named in Peers become relayed first-copy members; a Peers entry with no address removes one."""
+    from autoglm.node.swarm.fetches import GOSSIP_SETTLE
+    from autoglm.protocol._control import PeerInfo, Peers
+
+    swarm = Swarm(IntroP2P(), Store(tmp_path), SwarmConfig(member_grace=0.3))  # type: ignore[arg-type]
+    mid = b"\x0d" * 32
+    swarm.start_holding(mid, 2)
+    fetch = RecordingFetch()
+    swarm.attach(mid, fetch)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            swarm.use_nursery(nursery)
+            theirs, peer = await _hello_session(nursery, swarm, "peerB", mid)
+            assert fetch.swarms[-1] == {"peerB"} and fetch.relayed[-1] == set()
+            addr = ("/ip4/127.0.0.1/tcp/4001/p2p/peerR",)
+            await theirs.send_all(peer.send(Peers(mid, (PeerInfo("peerR", addr), PeerInfo("peerB", addr))), 0.0))
+            await trio.testing.wait_all_tasks_blocked()
+            assert fetch.relayed[-1] == set()  # applied once GOSSIP_SETTLE is over (one re-rank per burst)
+            await trio.sleep(GOSSIP_SETTLE + 0.1)
+            # peerR has no session here (its dial fails in this test): relayed; peerB is in session: not relayed.
+            assert fetch.relayed[-1] == {"peerR"} and fetch.swarms[-1] == {"peerB"}
+            await theirs.send_all(peer.send(Peers(mid, (PeerInfo("peerR", ()),)), 0.0))  # peerR left
+            await trio.sleep(GOSSIP_SETTLE + 0.1)
+            assert fetch.relayed[-1] == set()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_holder_that_leaves_is_announced_gone_after_member_grace(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The introducer tells the other holders when one leaves (and does not come back within member_grace)."""
+    from autoglm.protocol._control import PeerInfo, Peers
+
+    swarm = Swarm(IntroP2P(), Store(tmp_path), SwarmConfig(member_grace=0.3))  # type: ignore[arg-type]
+    mid = b"\x0e" * 32
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            swarm.use_nursery(nursery)
+            b_stream, b_conn = await _hello_session(nursery, swarm, "peerB", mid)
+            c_stream, c_conn = await _hello_session(nursery, swarm, "peerC", mid)
+            intro = await _next(b_conn, b_stream)
+            assert isinstance(intro, Peers) and intro.peers[0].peer_id == "peerC" and intro.peers[0].addrs
+            await c_stream.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.move_on_after(0.25):  # within the grace: nothing yet
+                msg = await _next(b_conn, b_stream)
+                raise AssertionError(f"early: {msg}")
+            assert await _next(b_conn, b_stream) == Peers(mid, (PeerInfo("peerC", ()),))
             nursery.cancel_scope.cancel()
