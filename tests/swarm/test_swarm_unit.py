@@ -482,14 +482,18 @@ async def test_a_peer_holding_our_pieces_under_another_manifest_becomes_an_alias
             nursery.cancel_scope.cancel()
 
 
-async def _hello_session(nursery: trio.Nursery, swarm: Swarm, name: str, mid: bytes) -> tuple[MemControlStream, ControlConnection]:
-    """A session from ``name`` that announces ``mid`` (fetching: no pieces yet); the test's end of it."""
+async def _hello_session(
+    nursery: trio.Nursery, swarm: Swarm, name: str, mid: bytes, interested: bool = False
+) -> tuple[MemControlStream, ControlConnection]:
+    """A session from ``name`` that announces ``mid`` (no pieces yet; fetching it if ``interested``); the test's end of it."""
     a, b = trio.testing.memory_stream_pair()
     conn = ControlConnection(trio.current_time())
     ours = MemControlStream(b, "peerSelf")
     nursery.start_soon(swarm.serve_session, MemControlStream(a, name))
     assert isinstance(await _next(conn, ours), Hello)
     await ours.send_all(conn.send(Hello((ManifestState(mid, 2, b"\x00"),), None, b"t" * 16), trio.current_time()))
+    if interested:  # a peer that holds nothing and never says Interested is no member (protocol/_membership.py)
+        await ours.send_all(conn.send(Interested(mid), trio.current_time()))
     await trio.testing.wait_all_tasks_blocked()
     return ours, conn
 
@@ -509,7 +513,7 @@ async def test_peer_exchange_feeds_relayed_members_and_departures_remove_them(
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             swarm.use_nursery(nursery)
-            theirs, peer = await _hello_session(nursery, swarm, "peerB", mid)
+            theirs, peer = await _hello_session(nursery, swarm, "peerB", mid, interested=True)
             assert fetch.swarms[-1] == {"peerB"} and fetch.relayed[-1] == set()
             addr = ("/ip4/127.0.0.1/tcp/4001/p2p/peerR",)
             await theirs.send_all(peer.send(Peers(mid, (PeerInfo("peerR", addr), PeerInfo("peerB", addr))), 0.0))
