@@ -113,6 +113,40 @@ def _both(a: Any, b: Any, name: str, *args: Any, new_name: str | None = None) ->
     assert ra == rb, (name, args, ra, rb)
 
 
+class _Swarmed:
+    """The new picker and the FirstCopy its caller holds, answering the first-copy calls the old picker had.
+
+    The old picker forwarded owner / set_swarm / peer_claims / my_claims /
+    peer_progress / mirror_may_take to its FirstCopy; the node's Fetch now
+    makes those calls itself, exactly as here.
+    """
+
+    def __init__(self, new: types.ModuleType, sizes: list[int], starts: list[int], me: str | None,
+                 owner_timeout: float, **kw: Any) -> None:
+        from autoglm.protocol._ownership import FirstCopy
+
+        self.fc = None if me is None else FirstCopy(me, sizes, owner_timeout)
+        self.pp = new.PiecePicker(sizes, starts, first_copy=self.fc, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pp, name)
+
+    def owner(self, i: int) -> str | None:
+        return None if self.fc is None else self.fc.owner(i)
+
+    def set_swarm(self, peers: list[str], now: float, complete: list[str]) -> bool:
+        return self.fc is not None and self.fc.set_members([*peers, *complete], now)
+
+    def peer_claims(self, peer: str, indices: list[int]) -> bool:
+        return self.fc is not None and self.fc.peer_claims(peer, indices, done=self.pp.done, requested=self.pp.taken)
+
+    def my_claims(self) -> list[int]:
+        return [] if self.fc is None else self.fc.my_claims(self.pp.done)
+
+    def peer_progress(self, peer: str, i: int, now: float) -> bool:
+        return self.fc is not None and self.fc.progress(peer, i, now, wanted=self.pp.wants(i))
+
+
 def same_behaviour(old: types.ModuleType, new: types.ModuleType, seed: int) -> None:
     """One random sequence of operations on both pickers: every pick, state, owner, claim and deadline must agree."""
     rng = random.Random(seed)
@@ -124,11 +158,11 @@ def same_behaviour(old: types.ModuleType, new: types.ModuleType, seed: int) -> N
         "wanted": None if rng.random() < 0.5 else rng.sample(range(n), rng.randint(1, n)),
         "endgame_copies": rng.choice([1, 2, 3]),
         "mirror_overlap_budget": rng.choice([None, 0, 2]),
-        "me": None if rng.random() < 0.5 else "me",
-        "owner_timeout": 5.0,
         "endgame_delay": rng.choice([0.0, 1.0]),
     }
-    a, b = old.PiecePicker(sizes, starts, **kw), new.PiecePicker(sizes, starts, **kw)
+    me = None if rng.random() < 0.5 else "me"
+    a = old.PiecePicker(sizes, starts, me=me, owner_timeout=5.0, **kw)
+    b = _Swarmed(new, sizes, starts, me, 5.0, **kw)
     kinds: dict[str, str] = {}
     t = 0.0
     for step in range(200):

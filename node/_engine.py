@@ -58,6 +58,7 @@ from autoglm.node._store import (
     preflight,
 )
 from autoglm.node.errors import AutoglmError, StorageError
+from autoglm.protocol._ownership import FirstCopy
 from autoglm.protocol._picker import PiecePicker
 
 if TYPE_CHECKING:
@@ -138,17 +139,20 @@ class Fetch:
         self.options = options or FetchOptions()
         self._events = events
         d = download
+        sizes = [p.length for p in d.pieces]
+        opts = self.options
+        #: Who brings each piece into the swarm (None: not a swarm fetch); the picker consults it.
+        self.first_copy = None if opts.swarm_id is None else FirstCopy(opts.swarm_id, sizes, opts.owner_timeout)
         self.picker = PiecePicker(
-            [p.length for p in d.pieces],
+            sizes,
             d.file_starts,
             have=d.done,
             wanted=d.wanted,
-            endgame_copies=self.options.endgame_copies,
-            endgame_delay=self.options.endgame_delay,
-            mirror_overlap_budget=self.options.mirror_overlap_budget,
-            me=self.options.swarm_id,
-            owner_timeout=self.options.owner_timeout,
-            stream_window=self.options.stream_window if self.options.stream else None,
+            endgame_copies=opts.endgame_copies,
+            endgame_delay=opts.endgame_delay,
+            mirror_overlap_budget=opts.mirror_overlap_budget,
+            first_copy=self.first_copy,
+            stream_window=opts.stream_window if opts.stream else None,
         )
         self._refs: list[PieceRef] = []
         for i, p in enumerate(d.pieces):
@@ -210,17 +214,21 @@ class Fetch:
         """
         peers = list(peers)
         self.scheduler.set_fetchers(1 + len(peers))
-        if not self.picker.set_swarm(peers, trio.current_time(), complete, relayed):
+        # complete peers keep their share until they go stale like any other owner
+        if self.first_copy is None or not self.first_copy.set_members([*peers, *complete], trio.current_time(), relayed):
             return
         self.scheduler.withdraw_not_ours()
         self._wake()
 
     def peer_progress(self, peer: str, index: int) -> None:
-        self.picker.peer_progress(peer, index, trio.current_time())
+        """A swarm peer sent a Have for ``index`` (see FirstCopy.progress)."""
+        if self.first_copy is not None:
+            self.first_copy.progress(peer, index, trio.current_time(), wanted=self.picker.wants(index))
 
     def peer_claims(self, peer: str, indices: Iterable[int]) -> None:
         """A swarm peer asked a mirror for these pieces: leave them to it (withdrawing ours if it wins the tie)."""
-        if self.picker.peer_claims(peer, indices):
+        fc = self.first_copy
+        if fc is not None and fc.peer_claims(peer, indices, done=self.picker.done, requested=self.picker.taken):
             self.scheduler.withdraw_not_ours()
             self._wake()
 
@@ -236,7 +244,7 @@ class Fetch:
 
     def mirror_claims(self) -> list[int]:
         """Pieces this fetch has asked a mirror for and not finished (a new swarm member hears them)."""
-        return self.picker.my_claims()
+        return [] if self.first_copy is None else self.first_copy.my_claims(self.picker.done)
 
     def drain(self) -> None:
         """Stop: no new request or piece starts; the pieces in flight finish and are committed.
@@ -347,7 +355,8 @@ class Fetch:
         log.debug("%s: prepared in %.3f s", d.manifest_id.hex()[:16], trio.current_time() - t0)
         if go is not None:
             await go.wait()
-            self.picker.fetch_started(trio.current_time())
+            if self.first_copy is not None:  # owners' silence counts from our first request
+                self.first_copy.restart_clock(trio.current_time())
         # Local copies count as done (they are verified and committed), though not as present before the run.
         self.stats.bytes_done = d.total_bytes - d.missing_bytes()
         total = d.total_bytes

@@ -6,7 +6,7 @@ The CLI renders them (rich bars or ``--json`` lines); the swarm turns
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = [
@@ -96,16 +96,27 @@ _NAMES = {
 }
 
 
+# Field names per event type. to_json runs for every verified piece a fetch
+# reports (the control API relays each one): a flat copy of the fields, not
+# dataclasses.asdict's recursive deep copy (the fields are flat: numbers,
+# strings, bytes, tuples, dicts of numbers).
+_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in _NAMES}
+
+
 def to_json(ev: Event) -> dict[str, Any]:
-    d = asdict(ev)
-    for k, v in list(d.items()):
+    d: dict[str, Any] = {"event": _NAMES[type(ev)]}
+    for k in _FIELDS[type(ev)]:
+        v = getattr(ev, k)
         if isinstance(v, bytes):
-            d[k] = v.hex()
+            v = v.hex()
+        elif isinstance(v, dict):
+            v = dict(v)
+        d[k] = v
     if isinstance(ev, ProgressSnapshot | FetchDone):
         for k in ("rate", "seconds"):
             if k in d:
                 d[k] = round(d[k], 3)
-    return {"event": _NAMES[type(ev)], **d}
+    return d
 
 
 _TYPES = {name: cls for cls, name in _NAMES.items()}

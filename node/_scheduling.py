@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
 import trio
 
@@ -58,6 +58,12 @@ class _Scored(Protocol):
 
     @property
     def score(self) -> MirrorScore: ...
+
+
+# Source type -> whether it is _Scored: isinstance against a runtime-checkable
+# Protocol walks the class's attributes on every call (~20 us), and _order runs
+# for every source on every wake-up; the answer depends on the type only.
+_SCORED: dict[type, bool] = {}
 
 
 @dataclass(slots=True)
@@ -150,11 +156,14 @@ class SourceScheduler:
 
     def withdraw_not_ours(self) -> None:
         """Cancel each mirror request none of whose pieces this node may still bring in (another node owns them)."""
+        fc = self._picker.first_copy
+        if fc is None:
+            return
         now = trio.current_time()
         for req in self._requests.values():
             src = self.sources.get(req.source_id)
             if src is not None and src.kind is SourceKind.MIRROR and not req.withdrawn:
-                if not any(self._picker.mirror_may_take(i, now) for i in req.indices):
+                if not any(fc.mirror_may_take(i, now) for i in req.indices):
                     req.withdrawn = True
                     req.scope.cancel()
 
@@ -210,7 +219,10 @@ class SourceScheduler:
         rank = {SourceKind.LOCAL: 0, SourceKind.PEER: 1, SourceKind.MIRROR: 2}
 
         def key(s: Source) -> tuple[int, float]:
-            return rank[s.kind], -(s.score.value if isinstance(s, _Scored) else 0.0)
+            scored = _SCORED.get(type(s))
+            if scored is None:
+                scored = _SCORED[type(s)] = isinstance(s, _Scored)
+            return rank[s.kind], -(cast(_Scored, s).score.value if scored else 0.0)
 
         return sorted(self.sources.values(), key=key)
 

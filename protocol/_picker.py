@@ -31,7 +31,7 @@ mirrors (every piece) or local copies (a fixed set). The rules, in order:
    ``endgame_copies`` concurrent requesters per piece, once the first request
    is ``endgame_delay`` old (protocol/_requests.py keeps who was asked for
    what, since when).
-5. First-copy spreading (swarm fetches, ``me`` set): a mirror takes a piece
+5. First-copy spreading (swarm fetches, a ``first_copy`` given): a mirror takes a piece
    only when protocol/_ownership.py says this node owns it or its owner is
    stale. :meth:`next_deadline` says when a stale owner's pieces become
    pickable, so the caller knows when to pick again.
@@ -103,8 +103,7 @@ class PiecePicker:
         wanted: Iterable[int] | None = None,
         endgame_copies: int = 2,
         mirror_overlap_budget: int | None = None,
-        me: str | None = None,
-        owner_timeout: float = 20.0,
+        first_copy: FirstCopy | None = None,
         endgame_delay: float = 0.0,
         stream_window: int | None = None,
     ) -> None:
@@ -113,17 +112,17 @@ class PiecePicker:
         n = len(self._sizes)
         self._state = [PieceState.NONE] * n
         self._wanted = [True] * n if wanted is None else [False] * n
-        if wanted is not None:
-            for i in wanted:
-                self._wanted[i] = True
+        for i in wanted or ():
+            self._wanted[i] = True
         for i in have:
             self._state[i] = PieceState.DONE
         self._avail = Availability(self._state, self._wanted, PieceState.NONE)
         self._asked = InFlight(endgame_copies, endgame_delay)
         self._sources: dict[str, _Source] = {}
         self._remaining = sum(1 for i in range(n) if self._wanted[i] and self._state[i] != PieceState.DONE)
-        #: First-copy spreading (None: every piece is ours to fetch).
-        self.first_copy = None if me is None else FirstCopy(me, self._sizes, owner_timeout)
+        #: First-copy spreading (None: every piece is ours to fetch). The caller
+        #: holds it too and tells it about the swarm (members, claims, Haves).
+        self.first_copy = first_copy
         #: Streaming order (rule 6; None: off).
         self.stream = None if stream_window is None else StreamOrder(self._sizes, file_starts, stream_window)
         order = list(range(n)) if self.first_copy is None else self.first_copy.run_order
@@ -165,65 +164,24 @@ class PiecePicker:
 
     def can_serve_missing(self) -> bool:
         """Whether some source could still provide every piece that is not DONE (False: the fetch cannot complete)."""
-        for i, st in enumerate(self._state):
-            if not self._wanted[i] or st == PieceState.DONE:
-                continue
-            if not any(s.has(i) and i not in s.failed for s in self._sources.values()):
-                return False
-        return True
+        srcs = self._sources.values()
+        return all(any(s.has(i) and i not in s.failed for s in srcs) for i in range(len(self._state)) if self.wants(i))
 
     def break_runs_at(self, indices: Iterable[int]) -> None:
         """Mirror runs never continue into these pieces (a piece resumed mid-way starts its own run)."""
         self._runs.break_at(indices)
 
-    # -- first-copy spreading (protocol/_ownership.py) ----------------------
-    def owner(self, index: int) -> str | None:
-        """Which node should bring ``index`` into the swarm from a mirror (None: no spreading)."""
-        return None if self.first_copy is None else self.first_copy.owner(index)
+    # Predicates for the caller's FirstCopy (claims, progress), which knows nothing of piece states.
+    def done(self, index: int) -> bool:
+        return self._state[index] == PieceState.DONE
 
-    def set_swarm(
-        self, peers: Iterable[str], now: float, complete: Iterable[str] = (), relayed: Iterable[str] = (),
-    ) -> bool:
-        """The other nodes holding this manifest now (swarm peer ids); True when some piece changed owner.
+    def taken(self, index: int) -> bool:
+        """Requested, being written or done (not NONE)."""
+        return self._state[index] != PieceState.NONE
 
-        ``complete`` peers hold every piece and keep their share until they go
-        stale like any other owner; ``relayed``: fetchers known by gossip only,
-        with no session here (see FirstCopy.set_members).
-        """
-        if self.first_copy is None:
-            return False
-        return self.first_copy.set_members([*peers, *complete], now, relayed)
-
-    def fetch_started(self, now: float) -> None:
-        """The first request goes out now: owners' silence counts from here (see FirstCopy.restart_clock)."""
-        if self.first_copy is not None:
-            self.first_copy.restart_clock(now)
-
-    def peer_claims(self, peer: str, indices: Iterable[int]) -> bool:
-        """A swarm peer asked a mirror for these pieces (see FirstCopy.peer_claims)."""
-        if self.first_copy is None:
-            return False
-        return self.first_copy.peer_claims(
-            peer, indices, done=lambda i: self._state[i] == PieceState.DONE,
-            requested=lambda i: self._state[i] != PieceState.NONE,
-        )
-
-    def my_claims(self) -> list[int]:
-        """Pieces this node asked a mirror for and has not yet finished (what a new member must hear)."""
-        if self.first_copy is None:
-            return []
-        return self.first_copy.my_claims(lambda i: self._state[i] == PieceState.DONE)
-
-    def peer_progress(self, peer: str, index: int, now: float) -> bool:
-        """A swarm peer sent a HAVE for ``index``; True when it counts as progress (see FirstCopy.progress)."""
-        if self.first_copy is None or not 0 <= index < len(self._state):
-            return False
-        wanted = self._wanted[index] and self._state[index] != PieceState.DONE
-        return self.first_copy.progress(peer, index, now, wanted=wanted)
-
-    def mirror_may_take(self, index: int, now: float) -> bool:
-        """Whether the first-copy rule lets a mirror fetch ``index`` now (peer holdings aside)."""
-        return self.first_copy is None or self.first_copy.mirror_may_take(index, now)
+    def wants(self, index: int) -> bool:
+        """A wanted piece that is not DONE yet (False out of range)."""
+        return 0 <= index < len(self._state) and self._wanted[index] and self._state[index] != PieceState.DONE
 
     def next_deadline(self) -> float | None:
         """When picking again may give more: a stale owner's pieces free up, or an endgame duplicate is due."""
@@ -290,7 +248,7 @@ class PiecePicker:
             picked = self._pick_run(src, max_bytes, now)
         else:
             picked = [] if self.stream is None else self.stream.pick(
-                self._needs_nothing, lambda i: self._pickable(src, i), max_bytes)
+                lambda i: not self.wants(i), lambda i: self._pickable(src, i), max_bytes)
             picked = picked or self._avail.rarest(src.have, src.failed, self._sizes, max_bytes)
         if not picked and not self._avail.any_open():
             picked = self._pick_endgame(source_id, src, now)
@@ -316,17 +274,17 @@ class PiecePicker:
         self._mark_requested(source_id, src, index, now)
         return True
 
-    def _needs_nothing(self, i: int) -> bool:
-        return not self._wanted[i] or self._state[i] == PieceState.DONE
-
     def _pickable(self, src: _Source, i: int) -> bool:
         return self._wanted[i] and self._state[i] == PieceState.NONE and src.has(i) and i not in src.failed
 
     def _pick_run(self, src: _Source, max_bytes: int, now: float) -> list[int]:
         return self._runs.pick(
-            max_bytes, free=lambda i: self._pickable(src, i) and self.mirror_may_take(i, now), held=self._avail.count,
+            max_bytes, free=lambda i: self._pickable(src, i) and self._may_take(i, now), held=self._avail.count,
             any_unheld=self._avail.any_unheld(), endgame=not self._avail.any_open(),
         )
+
+    def _may_take(self, i: int, now: float) -> bool:
+        return self.first_copy is None or self.first_copy.mirror_may_take(i, now)
 
     def _pick_endgame(self, source_id: str, src: _Source, now: float) -> list[int]:
         mirror, count = src.kind is MIRROR, self._avail.count
@@ -336,7 +294,7 @@ class PiecePicker:
                 return False
             if mirror and self._runs.overlap_budget is not None and count[i] != 0:
                 return False
-            return not mirror or self.mirror_may_take(i, now)
+            return not mirror or self._may_take(i, now)
 
         i = self._asked.endgame_pick(source_id, may_send, now)
         return [] if i is None else [i]

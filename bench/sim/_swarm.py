@@ -214,6 +214,7 @@ class SimNode:
         self.departed: dict[str, tuple[float, bool]] = {}
         self.have: set[int] = set()
         self.picker: PiecePicker | None = None
+        self.first_copy: FirstCopy | None = None
         # uploading
         self.interested: set[str] = set()
         self.unchoked: set[str] = set()
@@ -252,17 +253,16 @@ class SimNode:
             return
         sw = self.sw
         p = sw.params
+        kw: dict[str, float] = {}  # what-ifs (None: the node's default)
+        if p.max_scale is not None:
+            kw["max_scale"] = p.max_scale
+        if p.pace_factor is not None:
+            kw["pace_factor"] = p.pace_factor
+        self.first_copy = FirstCopy(self.id, sw.sizes, p.owner_timeout, p.deliver_timeout, **kw)
         self.picker = PiecePicker(
-            sw.sizes, sw.file_starts, endgame_copies=p.endgame_copies, mirror_overlap_budget=0, me=self.id,
-            owner_timeout=p.owner_timeout, endgame_delay=p.endgame_delay,
+            sw.sizes, sw.file_starts, endgame_copies=p.endgame_copies, mirror_overlap_budget=0,
+            first_copy=self.first_copy, endgame_delay=p.endgame_delay,
         )
-        if p.deliver_timeout is not None or p.max_scale is not None or p.pace_factor is not None:
-            kw: dict[str, float] = {}
-            if p.max_scale is not None:
-                kw["max_scale"] = p.max_scale
-            if p.pace_factor is not None:
-                kw["pace_factor"] = p.pace_factor
-            self.picker.first_copy = FirstCopy(self.id, sw.sizes, p.owner_timeout, p.deliver_timeout, **kw)
         self.picker.add_source(MIRROR_ID, MIRROR)
         self.fetching = True
         for peer in sorted(self.peers):
@@ -300,7 +300,8 @@ class SimNode:
         if isinstance(msg, Have):
             self._have(src, msg.index)
         elif isinstance(msg, Claim):
-            if self.picker is not None and self.fetching and self.picker.peer_claims(src, msg.indices):
+            pk, fc = self.picker, self.first_copy
+            if pk is not None and fc is not None and self.fetching and fc.peer_claims(src, msg.indices, done=pk.done, requested=pk.taken):
                 self._withdraw_not_ours()
                 self.schedule()
         elif isinstance(msg, Interested):
@@ -327,8 +328,8 @@ class SimNode:
             self.sw.send(self, src, ("hello-reply", frozenset(self.have)))
         if new and self.fetching:
             self.sw.send(self, src, Interested(MID))
-            assert self.picker is not None
-            mine = self.picker.my_claims()
+            assert self.picker is not None and self.first_copy is not None
+            mine = self.first_copy.my_claims(self.picker.done)
             if mine:
                 self.sw.send(self, src, Claim(MID, tuple(mine[:64])))
         self.update_membership()
@@ -361,7 +362,8 @@ class SimNode:
         if len(have) == len(self.sw.sizes):
             self.update_membership()
         else:
-            self.picker.peer_progress(src, index, self.sw.loop.now)
+            assert self.first_copy is not None
+            self.first_copy.progress(src, index, self.sw.loop.now, wanted=self.picker.wants(index))
         if not self._poked:
             self._poked = True
             self.sw.loop.at(self.sw.loop.now + self.sw.params.sched_tick, self._poke)
@@ -370,7 +372,7 @@ class SimNode:
         self._poked = False
         self.schedule()
 
-    # -- membership (protocol/_membership.py, FirstCopy via the picker) ----------
+    # -- membership (protocol/_membership.py, then FirstCopy) ----------------------
     def update_membership(self) -> None:
         if not self.fetching or self.picker is None:
             return
@@ -384,16 +386,18 @@ class SimNode:
         relayed: Sequence[str] = ()
         if self.sw.params.gossip is not None:
             relayed = [p for p in self.sw.known if p not in self.peers and p not in m.departed and p != self.id]
-        if self.picker.set_swarm(m.peers, self.sw.loop.now, m.complete, relayed):
+        assert self.first_copy is not None
+        if self.first_copy.set_members([*m.peers, *m.complete], self.sw.loop.now, relayed):
             self._withdraw_not_ours()
         self.schedule()
 
     def _withdraw_not_ours(self) -> None:
         """node/_engine.py _withdraw_not_ours: a mirror run none of whose pieces is ours any more is cancelled."""
-        assert self.picker is not None
+        fc = self.first_copy
+        assert fc is not None
         now = self.sw.loop.now
         for rid, r in list(self.reqs.items()):
-            if r.sid == MIRROR_ID and not any(self.picker.mirror_may_take(i, now) for i in r.indices):
+            if r.sid == MIRROR_ID and not any(fc.mirror_may_take(i, now) for i in r.indices):
                 self.sw.stats.withdrawn_runs += 1
                 self._end_req(rid, cancel=True)
 
@@ -505,8 +509,7 @@ class SimNode:
 
     def _why_mirror(self, index: int) -> str:
         """Diagnostics only (reads FirstCopy's private state): whose share ``index`` was when the mirror took it."""
-        assert self.picker is not None
-        fc = self.picker.first_copy
+        fc = self.first_copy
         if fc is None:
             return "no spreading"
         o = getattr(fc, "_owner", [self.id] * (index + 1))[index]

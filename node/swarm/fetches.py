@@ -319,7 +319,7 @@ class Fetches:
         self.update_membership(mid)
 
     def post_claims(self, mid: bytes, indices: Sequence[int], only: Session | None = None) -> None:
-        """Tell the peers fetching ``mid`` which pieces we just asked a mirror for (see PiecePicker.peer_claims)."""
+        """Tell the peers fetching ``mid`` which pieces we just asked a mirror for (see FirstCopy.peer_claims)."""
         if not indices:
             return
         for s in [only] if only is not None else list(self._sessions.values()):

@@ -125,6 +125,8 @@ class PeerSource:
         self._rate = 0.0  # bytes/s, EWMA over piece inter-arrival times
         self._last: float | None = None
         self._piece_len = 0
+        # Fixed for the source's life; the scheduler reads it for every source on every wake-up.
+        self.id = f"peer:{session.peer_id}" + ("" if alias is None else f"@{alias[0].hex()[:8]}")
 
     def measure(self, nbytes: int, now: float) -> None:
         """A piece of ``nbytes`` arrived at ``now``: update the throughput estimate."""
@@ -145,15 +147,7 @@ class PeerSource:
     def peer_id(self) -> str:
         return self._session.peer_id
 
-    @property
-    def id(self) -> str:
-        if self.alias is not None:
-            return f"peer:{self._session.peer_id}@{self.alias[0].hex()[:8]}"
-        return f"peer:{self._session.peer_id}"
-
-    @property
-    def kind(self) -> SourceKind:
-        return SourceKind.PEER
+    kind = SourceKind.PEER
 
     def availability(self) -> Collection[int] | None:
         bf = self._session.bitfield(self.held_as)

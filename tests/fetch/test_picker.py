@@ -7,6 +7,8 @@ pieces already DONE with "1".
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -263,12 +265,37 @@ def test_random_operations_keep_invariant(ops: list[tuple[str, str, int, int]]) 
 
 
 def spread_picker(n: int, me: str = "me", peers: tuple[str, ...] = ("a", "b", "c"), timeout: float = 10.0) -> PiecePicker:
-    pp = PiecePicker([SIZE] * n, mirror_overlap_budget=0, me=me, owner_timeout=timeout)
     # The fixed timers (no pace scaling, protocol/_ownership.py FirstCopy.scale): these tests check exact times.
-    pp.first_copy = FirstCopy(me, [SIZE] * n, owner_timeout=timeout, max_scale=1.0)
-    assert pp.set_swarm(peers, now=0.0) == bool(peers)
+    pp = PiecePicker([SIZE] * n, mirror_overlap_budget=0, first_copy=FirstCopy(me, [SIZE] * n, timeout, max_scale=1.0))
+    assert set_swarm(pp, peers, now=0.0) == bool(peers)
     pp.add_source("m", MIRROR)
     return pp
+
+
+# The first-copy calls node/_engine.py's Fetch makes on the FirstCopy it gives the picker.
+def _fc(pp: PiecePicker) -> FirstCopy:
+    assert pp.first_copy is not None
+    return pp.first_copy
+
+
+def owner(pp: PiecePicker, i: int) -> str:
+    return _fc(pp).owner(i)
+
+
+def set_swarm(pp: PiecePicker, peers: tuple[str, ...], now: float, complete: tuple[str, ...] = ()) -> bool:
+    return _fc(pp).set_members([*peers, *complete], now)
+
+
+def peer_claims(pp: PiecePicker, peer: str, indices: Iterable[int]) -> bool:
+    return _fc(pp).peer_claims(peer, indices, done=pp.done, requested=pp.taken)
+
+
+def my_claims(pp: PiecePicker) -> list[int]:
+    return _fc(pp).my_claims(pp.done)
+
+
+def peer_progress(pp: PiecePicker, peer: str, i: int, now: float) -> bool:
+    return _fc(pp).progress(peer, i, now, wanted=pp.wants(i))
 
 
 def drain_mirror(pp: PiecePicker, now: float) -> list[int]:
@@ -286,7 +313,7 @@ def test_rendezvous_partitions_the_first_copy() -> None:
     for me in nodes:
         pp = spread_picker(64, me, tuple(p for p in nodes if p != me))
         got = drain_mirror(pp, now=0.0)
-        assert sorted(got) == [i for i in range(64) if pp.owner(i) == me]
+        assert sorted(got) == [i for i in range(64) if owner(pp, i) == me]
         assert len(got) == 64 // 4  # bounded loads: an even share each
         taken += got
     assert sorted(taken) == list(range(64))  # every piece exactly once: one copy through the mirror
@@ -303,7 +330,7 @@ def test_spreading_still_prefers_peers(availability: str, expected: str) -> None
     pp = spread_picker(len(availability))
     pp.add_source("p0", PEER, [i for i, c in enumerate(availability) if c == "1"])
     got = drain_mirror(pp, now=0.0)
-    assert sorted(got) == ([i for i in range(len(availability)) if pp.owner(i) == "me"] if expected else [])
+    assert sorted(got) == ([i for i in range(len(availability)) if owner(pp, i) == "me"] if expected else [])
 
 
 def test_stale_owner_goes_back_to_source() -> None:
@@ -311,11 +338,11 @@ def test_stale_owner_goes_back_to_source() -> None:
     mine = drain_mirror(pp, now=0.0)
     assert pp.next_deadline() == 10.0
     assert drain_mirror(pp, now=9.9) == []  # owners still in time: wait for them
-    pp.peer_progress("a", next(i for i in range(32) if pp.owner(i) == "a"), 9.0)  # a new HAVE keeps a's pieces a's
-    owners = [pp.owner(i) for i in range(32)]  # asking a mirror for a piece makes it ours
+    peer_progress(pp, "a", next(i for i in range(32) if owner(pp, i) == "a"), 9.0)  # a new HAVE keeps a's pieces a's
+    owners = [owner(pp, i) for i in range(32)]  # asking a mirror for a piece makes it ours
     late = drain_mirror(pp, now=10.0)
     assert late and all(owners[i] in ("b", "c") for i in late)
-    assert all(pp.owner(i) == "me" for i in late)
+    assert all(owner(pp, i) == "me" for i in late)
     assert not set(late) & set(mine)
     assert pp.next_deadline() == 19.0
     assert {owners[i] for i in drain_mirror(pp, now=19.0)} == {"a"}
@@ -323,13 +350,13 @@ def test_stale_owner_goes_back_to_source() -> None:
 
 def test_departed_owner_share_moves_mostly_only_its_share() -> None:
     pp = spread_picker(48)
-    before = [pp.owner(i) for i in range(48)]
-    assert pp.set_swarm(("a", "b"), now=1.0)  # c left
-    after = [pp.owner(i) for i in range(48)]
+    before = [owner(pp, i) for i in range(48)]
+    assert set_swarm(pp, ("a", "b"), now=1.0)  # c left
+    after = [owner(pp, i) for i in range(48)]
     moved = sum(x != y for x, y in zip(before, after, strict=True) if x != "c")
     assert moved <= 48 // 4  # stable enough that in-flight work mostly stays put
     assert "c" not in after and {after.count(p) for p in ("me", "a", "b")} == {16}
-    assert not pp.set_swarm(("a", "b"), now=2.0)
+    assert not set_swarm(pp, ("a", "b"), now=2.0)
 
 
 def test_lone_node_owns_everything() -> None:
@@ -344,7 +371,7 @@ def test_endgame_mirror_duplicates_only_pickable_pieces() -> None:
     pp.add_source("m2", MIRROR)
     dup = pp.pick("m2", SIZE, now=0.0)
     # Not endgame (others' pieces are still NONE): a second mirror takes nothing it may not take.
-    assert dup == [] or pp.owner(dup[0]) == "me"
+    assert dup == [] or owner(pp, dup[0]) == "me"
     assert set(dup) <= set(mine) or not dup
 
 
@@ -352,11 +379,11 @@ def test_complete_peer_keeps_its_share_until_it_goes_stale() -> None:
     """A peer that holds everything keeps its share (it comes from peers), unless it never serves us."""
     pp = spread_picker(32, timeout=10.0)
     mine = drain_mirror(pp, now=0.0)
-    assert not pp.set_swarm(("a", "b"), now=1.0, complete=("c",))  # c finished: same owners
+    assert not set_swarm(pp, ("a", "b"), now=1.0, complete=("c",))  # c finished: same owners
     assert drain_mirror(pp, now=9.0) == []
     for k, p in enumerate(("a", "b")):
-        pp.peer_progress(p, k, 50.0)
-    owners = [pp.owner(i) for i in range(32)]
+        peer_progress(pp, p, k, 50.0)
+    owners = [owner(pp, i) for i in range(32)]
     late = drain_mirror(pp, now=55.0)  # c sent no Have and did not unchoke us (no source): stale
     assert late and {owners[i] for i in late} == {"c"}
     assert not set(late) & set(mine)
@@ -367,41 +394,41 @@ def test_complete_peer_keeps_its_share_until_it_goes_stale() -> None:
 
 def test_a_claimed_piece_is_left_to_its_claimer() -> None:
     pp = spread_picker(16)
-    ours = [i for i in range(16) if pp.owner(i) == "me"]
-    assert pp.peer_claims("a", ours[:2] + [99, -1])  # out of range: ignored
-    assert not pp.peer_claims("a", ours[:2])  # nothing new
-    assert not pp.peer_claims("stranger", ours[2:])  # not a member: ignored
+    ours = [i for i in range(16) if owner(pp, i) == "me"]
+    assert peer_claims(pp, "a", ours[:2] + [99, -1])  # out of range: ignored
+    assert not peer_claims(pp, "a", ours[:2])  # nothing new
+    assert not peer_claims(pp, "stranger", ours[2:])  # not a member: ignored
     got = drain_mirror(pp, now=0.0)
-    assert got == ours[2:] and pp.owner(ours[0]) == "a"
-    assert pp.my_claims() == ours[2:]  # what we asked a mirror for, for members that come later
+    assert got == ours[2:] and owner(pp, ours[0]) == "a"
+    assert my_claims(pp) == ours[2:]  # what we asked a mirror for, for members that come later
 
 
 def test_claims_survive_a_new_member_and_leave_with_their_peer() -> None:
     """A late member does not move what is already asked of a mirror; a departed claimer's pieces go back."""
     pp = spread_picker(24, peers=("a", "b"))
     mine = pp.pick("m", SIZE, now=0.0)
-    a_piece = next(i for i in range(24) if pp.owner(i) == "b")
-    pp.peer_claims("a", [a_piece])
-    assert pp.set_swarm(("a", "b", "late"), now=1.0)
-    assert pp.owner(mine[0]) == "me" and pp.owner(a_piece) == "a"
-    pp.set_swarm(("b", "late"), now=2.0)  # a left
-    assert pp.owner(a_piece) != "a"
+    a_piece = next(i for i in range(24) if owner(pp, i) == "b")
+    peer_claims(pp, "a", [a_piece])
+    assert set_swarm(pp, ("a", "b", "late"), now=1.0)
+    assert owner(pp, mine[0]) == "me" and owner(pp, a_piece) == "a"
+    set_swarm(pp, ("b", "late"), now=2.0)  # a left
+    assert owner(pp, a_piece) != "a"
 
 
 @pytest.mark.parametrize(("peer", "keeps"), [("zz", "me"), ("aa", "aa")])
 def test_both_asked_a_mirror_the_smaller_id_keeps_the_piece(peer: str, keeps: str) -> None:
     pp = spread_picker(8, peers=("aa", "zz"))
     [p] = pp.pick("m", SIZE, now=0.0)[:1]
-    pp.peer_claims(peer, [p])
-    assert pp.owner(p) == keeps  # the peer applies the same rule with the roles swapped
+    peer_claims(pp, peer, [p])
+    assert owner(pp, p) == keeps  # the peer applies the same rule with the roles swapped
 
 
 def test_a_stale_claimer_loses_its_claims() -> None:
     pp = spread_picker(16, timeout=10.0)
-    theirs = [i for i in range(16) if pp.owner(i) == "me"][:3]
-    pp.peer_claims("a", theirs)
-    pp.peer_progress("b", 0, 10.0)
-    pp.peer_progress("c", 1, 10.0)
+    theirs = [i for i in range(16) if owner(pp, i) == "me"][:3]
+    peer_claims(pp, "a", theirs)
+    peer_progress(pp, "b", 0, 10.0)
+    peer_progress(pp, "c", 1, 10.0)
     assert not set(drain_mirror(pp, now=5.0)) & set(theirs)
     assert set(theirs) <= set(drain_mirror(pp, now=10.0))  # a sent no Have for owner_timeout
 
@@ -411,10 +438,10 @@ def test_claims_per_peer_are_capped() -> None:
 
     n = MAX_PEER_CLAIMS + 40
     pp = spread_picker(n)
-    before = [pp.owner(i) for i in range(n)]
-    pp.peer_claims("a", range(n))
-    assert all(pp.owner(i) == "a" for i in range(MAX_PEER_CLAIMS))
-    assert [pp.owner(i) for i in range(MAX_PEER_CLAIMS, n)] == before[MAX_PEER_CLAIMS:]  # the rest ignored
+    before = [owner(pp, i) for i in range(n)]
+    peer_claims(pp, "a", range(n))
+    assert all(owner(pp, i) == "a" for i in range(MAX_PEER_CLAIMS))
+    assert [owner(pp, i) for i in range(MAX_PEER_CLAIMS, n)] == before[MAX_PEER_CLAIMS:]  # the rest ignored
 
 
 def test_nodes_alone_start_on_different_pieces() -> None:
@@ -426,7 +453,7 @@ def test_nodes_alone_start_on_different_pieces() -> None:
         firsts.append(set(pp.pick("m", SIZE, now=0.0) + pp.pick("m", SIZE, now=0.0)))
     assert len(set().union(*firsts)) >= 12  # of 16 requests (index order: all on pieces 0 and 1)
     together = spread_picker(128, "n0", tuple(nodes[1:]))
-    assert sum(together.owner(i) == "n0" for i in firsts[0]) >= 1  # and mostly pieces n0 keeps
+    assert sum(owner(together, i) == "n0" for i in firsts[0]) >= 1  # and mostly pieces n0 keeps
 
 
 def test_endgame_duplicate_waits_for_endgame_delay() -> None:
@@ -443,7 +470,7 @@ def test_endgame_duplicate_waits_for_endgame_delay() -> None:
 def test_small_pieces_go_first_when_spreading() -> None:
     """Config and tokenizer files take one round trip each: never left for the end."""
     sizes = [8 << 20] * 6 + [77, 58]
-    pp = PiecePicker(sizes, [0, 6, 7], mirror_overlap_budget=0, me="me")
+    pp = PiecePicker(sizes, [0, 6, 7], mirror_overlap_budget=0, first_copy=FirstCopy("me", sizes))
     pp.add_source("m", MIRROR)
     first = pp.pick("m", 1, now=0.0) + pp.pick("m", 1, now=0.0)
     assert sorted(first) == [6, 7]
@@ -454,6 +481,6 @@ def test_our_claims_outlive_membership_changes() -> None:
     pp = spread_picker(32)
     mine = pp.pick("m", SIZE, now=0.0)
     for peers in (("a", "b", "c", "d"), ("a",), ("a", "b", "c")):
-        pp.set_swarm(peers, now=1.0)
-        assert pp.owner(mine[0]) == "me"
-        assert mine[0] in pp.my_claims()
+        set_swarm(pp, peers, now=1.0)
+        assert owner(pp, mine[0]) == "me"
+        assert mine[0] in my_claims(pp)

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from autoglm.protocol._ownership import FirstCopy
 from autoglm.protocol._picker import MIRROR, PEER, PiecePicker, PieceState
 from autoglm.protocol._stream import StreamOrder
 
@@ -94,17 +95,17 @@ def _mirror_picks(pp: PiecePicker, now: float = 0.0) -> list[int]:
 
 def test_the_mirror_fetches_this_nodes_share_from_the_front() -> None:
     sizes = [2 << 20] * 24
-    on = PiecePicker(sizes, [0, 12], mirror_overlap_budget=0, me="me", stream_window=16 << 20)
-    off = PiecePicker(sizes, [0, 12], mirror_overlap_budget=0, me="me")
-    for pp in (on, off):
-        pp.set_swarm(["a", "b", "c"], 0.0)
+    fc_on, fc_off = FirstCopy("me", sizes), FirstCopy("me", sizes)
+    on = PiecePicker(sizes, [0, 12], mirror_overlap_budget=0, first_copy=fc_on, stream_window=16 << 20)
+    off = PiecePicker(sizes, [0, 12], mirror_overlap_budget=0, first_copy=fc_off)
+    for pp, fc in ((on, fc_on), (off, fc_off)):
+        fc.set_members(["a", "b", "c"], 0.0)
         pp.add_source("m", MIRROR)
-    mine = [i for i in range(24) if on.owner(i) == "me"]
-    assert mine == [i for i in range(24) if off.owner(i) == "me"] and 0 < len(mine) < 24
+    mine = [i for i in range(24) if fc_on.owner(i) == "me"]
+    assert mine == [i for i in range(24) if fc_off.owner(i) == "me"] and 0 < len(mine) < 24
     got, before = _mirror_picks(on), _mirror_picks(off)
     assert sorted(got) == sorted(before) == mine  # the same share, only that
-    assert off.first_copy is not None
-    rank = off.first_copy.run_order.index
+    rank = fc_off.run_order.index
     # the front of both files first, block by block (a quarter window: two pieces), the first-copy rank order inside
     assert got == sorted(mine, key=lambda i: ((i % 12) // 2, rank(i)))
 
@@ -191,13 +192,14 @@ def test_ownership_is_the_same_with_and_without_the_window(fetch: tuple[list[int
                                                             members: list[str]) -> None:
     """The mirror takes exactly this node's share either way (first-copy rules untouched), small pieces and file fronts first."""
     sizes, starts, have, window = fetch
-    on = PiecePicker(sizes, starts, have=have, mirror_overlap_budget=0, me="me", stream_window=window)
-    off = PiecePicker(sizes, starts, have=have, mirror_overlap_budget=0, me="me")
-    for pp in (on, off):
-        pp.set_swarm(members, 0.0)
+    fc_on, fc_off = FirstCopy("me", sizes), FirstCopy("me", sizes)
+    on = PiecePicker(sizes, starts, have=have, mirror_overlap_budget=0, first_copy=fc_on, stream_window=window)
+    off = PiecePicker(sizes, starts, have=have, mirror_overlap_budget=0, first_copy=fc_off)
+    for pp, fc in ((on, fc_on), (off, fc_off)):
+        fc.set_members(members, 0.0)
         pp.add_source("m", MIRROR)
     got, before = _mirror_picks(on), _mirror_picks(off)
-    assert sorted(got) == sorted(before) == sorted(i for i in range(len(sizes)) if on.owner(i) == "me" and i not in have)
-    assert on.stream is not None and on.first_copy is not None
-    order = on.stream.mirror_order(on.first_copy.run_order)
+    assert sorted(got) == sorted(before) == sorted(i for i in range(len(sizes)) if fc_on.owner(i) == "me" and i not in have)
+    assert on.stream is not None
+    order = on.stream.mirror_order(fc_on.run_order)
     assert got == [i for i in order if i in set(got)]

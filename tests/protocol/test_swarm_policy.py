@@ -267,11 +267,11 @@ def test_the_promise_runs_from_our_request_not_from_the_have(
     events: list[tuple[float, str, int]], stale_from: float | None
 ) -> None:
     n = 16
-    pp = PiecePicker([SIZE] * n, mirror_overlap_budget=0, me="me", owner_timeout=20.0)
-    pp.first_copy = FirstCopy("me", [SIZE] * n, owner_timeout=20.0, max_scale=1.0)  # the fixed timers: exact times
-    pp.set_swarm(["a"], now=0.0)
+    fc = FirstCopy("me", [SIZE] * n, owner_timeout=20.0, max_scale=1.0)  # the fixed timers: exact times
+    pp = PiecePicker([SIZE] * n, mirror_overlap_budget=0, first_copy=fc)
+    fc.set_members(["a"], now=0.0)
     pp.add_source("a", PEER, have=())
-    theirs = [i for i in range(n) if pp.owner(i) == "a"]
+    theirs = [i for i in range(n) if fc.owner(i) == "a"]
     probe = theirs[-1]  # a piece a never advertised: the mirror's only if a is stale
     steps = iter(events)
     step = next(steps, None)
@@ -282,7 +282,7 @@ def test_the_promise_runs_from_our_request_not_from_the_have(
             i = theirs[k]
             if what == "have":
                 pp.source_have("a", i)
-                assert pp.peer_progress("a", i, t)
+                assert fc.progress("a", i, t, wanted=pp.wants(i))
             elif what == "request":
                 assert pp.pick("a", SIZE, t) == [i]
             else:
@@ -290,7 +290,7 @@ def test_the_promise_runs_from_our_request_not_from_the_have(
                 pp.piece_done(i)
             step = next(steps, None)
         expect = stale_from is not None and t >= stale_from
-        assert pp.mirror_may_take(probe, t) is expect, t
+        assert fc.mirror_may_take(probe, t) is expect, t
         t += 0.5
 
 
@@ -324,8 +324,9 @@ def _simulate(n: int, fakes: list[_Fake], horizon: float, mirror_latency: float 
     Returns when every piece is here (None: never) and when every piece no
     fake advertised was (their shares).
     """
-    pp = PiecePicker([SIZE] * n, mirror_overlap_budget=0, me="me", owner_timeout=20.0)
-    pp.set_swarm([f.name for f in fakes], now=0.0)
+    fc = FirstCopy("me", [SIZE] * n, owner_timeout=20.0)
+    pp = PiecePicker([SIZE] * n, mirror_overlap_budget=0, first_copy=fc)
+    fc.set_members([f.name for f in fakes], now=0.0)
     pp.add_source("m", MIRROR)
     for f in fakes:
         if f.unchokes:
@@ -344,14 +345,14 @@ def _simulate(n: int, fakes: list[_Fake], horizon: float, mirror_latency: float 
         advertised.add(i)
         if pp.has_source(f.name):
             pp.source_have(f.name, i)
-        pp.peer_progress(f.name, i, t)
+        fc.progress(f.name, i, t, wanted=pp.wants(i))
 
     while t <= horizon:
         for f in fakes:
             if t < next_lie[f.name]:
                 continue
             next_lie[f.name] = t + f.period
-            mine = [i for i in range(n) if pp.owner(i) == f.name and pp.state(i) != PieceState.DONE]
+            mine = [i for i in range(n) if fc.owner(i) == f.name and pp.state(i) != PieceState.DONE]
             if mine:
                 have(f, mine[0])  # the same Have as last time, or a first one
             if f.fresh:
@@ -361,7 +362,8 @@ def _simulate(n: int, fakes: list[_Fake], horizon: float, mirror_latency: float 
                     have(f, named[f.name])
                     named[f.name] += 1
             if f.claims:
-                pp.peer_claims(f.name, [i for i in range(n) if pp.state(i) != PieceState.DONE][:MAX_PEER_CLAIMS])
+                fc.peer_claims(f.name, [i for i in range(n) if pp.state(i) != PieceState.DONE][:MAX_PEER_CLAIMS],
+                               done=pp.done, requested=pp.taken)
         for f in fakes:  # requests of an unchoking liar stall, fail, and are asked again
             if not f.unchokes:
                 continue

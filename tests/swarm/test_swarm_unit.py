@@ -102,11 +102,12 @@ def autojump_clock() -> trio.testing.MockClock:
 def test_pipeline_depth_follows_measured_throughput(swarm: Swarm) -> None:
     from autoglm.node.swarm import PeerSource
 
-    class _S:  # the one attribute PeerSource reads from its session for this
+    class _S:  # the attributes PeerSource reads from its session for this
         pass
 
     sess = _S()
     sess.host = swarm  # type: ignore[attr-defined]
+    sess.peer_id = "p"  # type: ignore[attr-defined]
     src = PeerSource(sess, b"\x00" * 32)  # type: ignore[arg-type]
     assert src.pipeline_depth() == swarm.config.pipeline  # nothing measured yet
     t = 0.0
