@@ -158,11 +158,14 @@ class Swarm:
 
     def piece_verified(self, manifest_id: bytes, index: int) -> None:
         """A piece is durable and verified here: tell every peer."""
-        if not self.held.add_piece(manifest_id, index):
-            return
+        if self.held.add_piece(manifest_id, index):
+            self._tell(manifest_id, Have(manifest_id, index))
+
+    def _tell(self, mid: bytes, msg: ControlMessage) -> None:
+        """``msg`` to every peer we announced ``mid`` to."""
         for s in list(self.sessions.values()):
-            if manifest_id in s.announced:
-                s.post(Have(manifest_id, index))
+            if mid in s.announced:
+                s.post(msg)
 
     async def refresh_held(self, mid: bytes) -> None:
         """Re-read a manifest's verified pieces from the store."""
@@ -181,9 +184,7 @@ class Swarm:
         if mid not in self.held:
             self.discovery.forget(mid)
             self.p2p.unprovide_manifest(mid)
-        for s in list(self.sessions.values()):
-            if mid in s.announced:
-                s.post(Announce(state))
+        self._tell(mid, Announce(state))
 
     # -- fetching ------------------------------------------------------------------
     def attach(self, manifest_id: bytes, fetch: FetchHandle) -> None:
@@ -382,29 +383,34 @@ class Swarm:
 
     def status(self) -> dict[str, object]:
         """A JSON-ready snapshot for `autoglm-node status`."""
-        return {
-            "peer_id": self.p2p.peer_id,
-            "addrs": self.p2p.addrs(),
-            "peerwire": None if self.endpoint is None else f"{self.endpoint.host}:{self.endpoint.port}",
-            "dht_size": self.p2p.dht_size(),
-            "peers": [
-                {
-                    "peer_id": p,
-                    "unchoked_by_us": s.unchoking,
-                    "unchoking_us": s.unchoking_us,
-                    "manifests": {m.hex(): len(bf) for m, bf in s.manifests().items()},
-                    "served_bytes": self.serving.served.get(p, 0),
-                }
-                for p, s in self.sessions.items()
-            ],
-            "held": self.held.status(),
-            "up_bytes": self.stats.up_bytes,
-            "down_bytes": self.stats.down_bytes,
-            "banned": [list(b) for b in self.stats.banned],
-            "lost_pieces": self.stats.lost_pieces,
-            "peerwire_paths": self.paths.stats.as_dict(),
-            "relay": self.p2p.relay_status() if self.p2p is not None else {},  # docs/nat.md
-        }
+        return swarm_status(self)
+
+
+def swarm_status(sw: Swarm) -> dict[str, object]:
+    """Swarm.status: peers, held manifests, transfer counters, peerwire paths and relay state."""
+    return {
+        "peer_id": sw.p2p.peer_id,
+        "addrs": sw.p2p.addrs(),
+        "peerwire": None if sw.endpoint is None else f"{sw.endpoint.host}:{sw.endpoint.port}",
+        "dht_size": sw.p2p.dht_size(),
+        "peers": [
+            {
+                "peer_id": p,
+                "unchoked_by_us": s.unchoking,
+                "unchoking_us": s.unchoking_us,
+                "manifests": {m.hex(): len(bf) for m, bf in s.manifests().items()},
+                "served_bytes": sw.serving.served.get(p, 0),
+            }
+            for p, s in sw.sessions.items()
+        ],
+        "held": sw.held.status(),
+        "up_bytes": sw.stats.up_bytes,
+        "down_bytes": sw.stats.down_bytes,
+        "banned": [list(b) for b in sw.stats.banned],
+        "lost_pieces": sw.stats.lost_pieces,
+        "peerwire_paths": sw.paths.stats.as_dict(),
+        "relay": sw.p2p.relay_status() if sw.p2p is not None else {},  # docs/nat.md
+    }
 
 
 def advertised_host(bound: str, listen: Iterable[str]) -> str:
