@@ -340,14 +340,15 @@ def run_once(tools: Tools, tool: str, ngx: HubNginx, *, kill_at: float | None = 
 class GatewayNode:
     """A cold `autoglm-node join --hf-gateway 127.0.0.1:0` in front of ``upstream``, with its own data dir and HF cache."""
 
-    def __init__(self, work: Path, upstream: str, n: int, extra: list[str] | None = None, netns: str | None = None) -> None:
+    def __init__(self, work: Path, upstream: str, n: int, extra: list[str] | None = None, netns: str | None = None,
+                 cmd: list[str] | None = None) -> None:
         self.dir = work / "runs" / f"gateway-{n}"
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "proxy" not in k.lower()}
         env.update(HF_ENDPOINT=upstream.rstrip("/"), HF_HOME=str(self.dir / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
         verbose = ["-v"] if netns else []  # (e) counts the swarm fetches in the log
-        self.proc = PROCS.start(netns_prefix(netns) + autoglm_cmd() + [*verbose, "--data-dir", str(self.dir / "data"), "join", "--json",
+        self.proc = PROCS.start(netns_prefix(netns) + (cmd or autoglm_cmd()) + [*verbose, "--data-dir", str(self.dir / "data"), "join", "--json",
                                                                       "--hf-gateway", "127.0.0.1:0", *(extra or [])],
                                 stdout=subprocess.PIPE, stderr=open(self.dir / "stderr", "wb"), env=env)
         assert self.proc.stdout is not None
@@ -366,6 +367,13 @@ class GatewayNode:
         if not self.url:
             raise RuntimeError(f"the gateway did not start: {(self.dir / 'stderr').read_text()[-2000:]}")
 
+    def profile(self, out: Path) -> None:
+        """Sample the node with py-spy (AUTOGLM_BENCH_PYSPY) until it exits: a speedscope profile at ``out``."""
+        spy = Path(sys.executable).with_name("py-spy")
+        self.spy = PROCS.start([str(spy), "record", "--pid", str(self.proc.pid), "--rate", "200", "--nonblocking",
+                                "--format", "speedscope", "--output", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def cpu(self) -> float:
         """CPU seconds (user + system) the node process used so far (``ip netns exec`` execs, so the pid is the node's)."""
         try:
@@ -382,6 +390,14 @@ class GatewayNode:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        spy = getattr(self, "spy", None)
+        if spy is not None:
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+            PROCS.forget(spy)
         self.stderr_text = (self.dir / "stderr").read_text(errors="replace")
         self.stderr_tail = self.stderr_text[-3000:]
         if not keep:
@@ -487,24 +503,43 @@ def _wait_mesh(nodes: list[GatewayNode], netns: str, limit: float = 30.0) -> flo
     return float("nan")
 
 
-def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int) -> tuple[list[list[str]], dict[str, Any]]:
-    """(e): 1 and 4 clients straight at the capped upstream; 4 clients each at its own node of a 4-node swarm."""
+SWARM_ROW = "4 clients, each at its own node of a 4-node swarm (gateway, publish hf:// manifest)"
+
+
+def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int, *, rows: str = "1,4,swarm",
+                       compare: Path | None = None) -> tuple[list[list[str]], dict[str, Any]]:
+    """(e): 1 and 4 clients straight at the capped upstream; 4 clients each at its own node of a 4-node swarm.
+
+    ``rows`` picks the rows (``1``, ``4``, ``swarm``; the first is always run: the others are compared with it);
+    ``compare``: another checkout (with its .venv) whose nodes run the swarm row too, alternating with ours
+    in every rep, so that a before/after pair shares the machine's load.
+    """
     total = tools.desc["total"]
     net = CappedNet(cap, str(os.getpid() % 100000)).up()
     up = start_mirror(Path(tools.desc["root"]), tools.work / "nginx-capped", net.up_ns, UP_IP, nginx=HubNginx,
                       locations=locations(tools.desc), faults=False)
     manifest, key = _publish(tools, local, net, up.url())
-    cases = [("1 client straight at the upstream (one copy through the cap)", 1, False),
-             ("4 clients straight at the upstream", 4, False),
-             ("4 clients, each at its own node of a 4-node swarm (gateway, publish hf:// manifest)", 4, True)]
+    want = set(rows.split(","))
+    ours: list[str] | None = None
+    cases: list[tuple[str, int, bool, list[str] | None]] = [
+        ("1 client straight at the upstream (one copy through the cap)", 1, False, None)]
+    if "4" in want:
+        cases.append(("4 clients straight at the upstream", 4, False, None))
+    if "swarm" in want:
+        if compare is not None:
+            cases.append((f"{SWARM_ROW}, {compare.name}", 4, True, [str(compare / ".venv" / "bin" / "autoglm-node")]))
+        cases.append((SWARM_ROW, 4, True, ours))
+    pyspy = os.environ.get("AUTOGLM_BENCH_PYSPY")
     walls: dict[str, list[float]] = {c[0]: [] for c in cases}
     egress: dict[str, list[int]] = {c[0]: [] for c in cases}
+    client_cpu: dict[str, list[float]] = {c[0]: [] for c in cases}
+    node_cpu: dict[str, list[float]] = {c[0]: [] for c in cases}
     errors: dict[str, str] = {}
     holds: list[int] = []
     overlaps: list[dict[str, Any]] = []
     n = 100
     for rep in range(reps):
-        for name, clients, via in cases:
+        for name, clients, via, cmd in cases:
             nodes: list[GatewayNode] = []
             extra = ["--hf-manifest", str(manifest), "--trust", str(key)]
             try:
@@ -512,8 +547,12 @@ def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int) -> tu
                     for _ in range(clients):
                         n += 1
                         boot = ["--bootstrap", nodes[0].addrs[0]] if nodes else []
-                        nodes.append(GatewayNode(tools.work, up.url(), n, extra + boot, netns=net.node_ns))
+                        nodes.append(GatewayNode(tools.work, up.url(), n, extra + boot, netns=net.node_ns, cmd=cmd))
                     log(f"(e) mesh of {len(nodes)} nodes in {_wait_mesh(nodes, net.node_ns):.1f}s")
+                    if pyspy:
+                        Path(pyspy).mkdir(parents=True, exist_ok=True)
+                        for g in nodes:
+                            g.profile(Path(pyspy) / f"{'base' if cmd else 'ours'}-{rep}-{g.dir.name}.json")
                 urls = [g.url for g in nodes] if via else [up.url()] * clients
                 dirs = [tools.fresh("hf-download") for _ in range(clients)]
                 mark = up.mark()
@@ -528,7 +567,8 @@ def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int) -> tu
                 log(f"(e) upstream bodies {fmt_bytes(ov['body_bytes'])}: sent twice {fmt_bytes(ov['dup_bytes'])}, "
                     f"{ov['cut_requests']} requests cut short ({fmt_bytes(ov['cut_bytes'])}); largest repeats: {ov['where']}")
                 log(f"(e) node CPU seconds: {[round(g.cpu_at_stop, 1) for g in nodes]}")
-                overlaps.append({**ov, "node_cpu": [g.cpu_at_stop for g in nodes]})
+                overlaps.append({**ov, "row": name, "node_cpu": [g.cpu_at_stop for g in nodes]})
+                node_cpu[name] += [g.cpu_at_stop for g in nodes]
             if via:
                 import re
 
@@ -547,10 +587,12 @@ def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int) -> tu
                 log(f"(e) swarm fetches per node: {holds[-len(nodes):]}")
             ok = all(r.ok for r in results) and all(tools.correct("snapshot_download", d) for d in dirs)
             wall = max(r.wall for r in results)
-            log(f"(e) {name} rep {rep + 1}: {wall:.2f}s, origin egress {fmt_bytes(served)}, ok={ok}")
+            log(f"(e) {name} rep {rep + 1}: {wall:.2f}s, origin egress {fmt_bytes(served)}, ok={ok}, "
+                f"client CPU {[round(r.cpu, 1) for r in results]}, load {os.getloadavg()[0]:.1f}")
             if ok:
                 walls[name].append(wall)
                 egress[name].append(served)
+                client_cpu[name] += [r.cpu for r in results]
             else:
                 bad = next((r for r in results if not r.ok), None)
                 errors[name] = bad.error() if bad is not None else "wrong bytes"
@@ -562,10 +604,11 @@ def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int) -> tu
     net.down()
     one = median(walls[cases[0][0]])
     rows, out = [], {"cap": cap, "swarm_holds_per_node": holds, "overlaps": overlaps}
-    for name, clients, _ in cases:
+    for name, clients, _, _ in cases:
         m = median(walls[name])
         e = median([float(x) for x in egress[name]])
-        out[name] = {"clients": clients, "walls": walls[name], "egress": egress[name], "median_wall": m}
+        out[name] = {"clients": clients, "walls": walls[name], "egress": egress[name], "median_wall": m,
+                     "client_cpu": client_cpu[name], "node_cpu": node_cpu[name]}
         rows.append([name, fmt_num(m, ".2f", " s"), f"{m / one:.2f}x" if m and one else "n/a",
                      fmt_bytes(int(e)) if e else "n/a", f"{e / total:.2f}x" if e else "n/a",
                      ", ".join(f"{w:.1f}" for w in walls[name]), errors.get(name, "")])
@@ -614,6 +657,8 @@ def gateway_rows(tools: Tools, ngx: HubNginx, reps: int) -> tuple[list[list[str]
              ("4 clients through one gateway", 4, True)]
     walls: dict[str, list[float]] = {c[0]: [] for c in cases}
     egress: dict[str, list[int]] = {c[0]: [] for c in cases}
+    client_cpu: dict[str, list[float]] = {c[0]: [] for c in cases}
+    node_cpu: dict[str, list[float]] = {c[0]: [] for c in cases}
     errors: dict[str, str] = {}
     n = 0
     for rep in range(reps):
@@ -644,10 +689,11 @@ def gateway_rows(tools: Tools, ngx: HubNginx, reps: int) -> tuple[list[list[str]
             for d in dirs:
                 shutil.rmtree(d, ignore_errors=True)
     rows, out = [], {}
-    for name, clients, _ in cases:
+    for name, clients, _, _ in cases:
         m = median(walls[name])
         e = median([float(x) for x in egress[name]])
-        out[name] = {"clients": clients, "walls": walls[name], "egress": egress[name], "median_wall": m}
+        out[name] = {"clients": clients, "walls": walls[name], "egress": egress[name], "median_wall": m,
+                     "client_cpu": client_cpu[name], "node_cpu": node_cpu[name]}
         rows.append([name, fmt_num(m, ".2f", " s"), fmt_bytes(int(e)) if e else "n/a",
                      f"{e / total:.2f}x" if e else "n/a", ", ".join(f"{w:.1f}" for w in walls[name]), errors.get(name, "")])
     return rows, out
@@ -661,6 +707,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--parts", default="abcd", help="which parts to run (default abcd; e needs root)")
     ap.add_argument("--cap", default="50MiB", help="(e): the upstream's egress cap per second (default 50MiB)")
+    ap.add_argument("--e-rows", default="1,4,swarm", help="(e): which rows (default 1,4,swarm; the 1-client row always runs)")
+    ap.add_argument("--e-compare", type=Path, help="(e): another checkout (with .venv) whose nodes run the swarm row too, "
+                                                    "alternating with this one (before/after under the same load)")
     args = ap.parse_args()
     have = check_tools(["nginx", "aria2c"])
     if not have["nginx"]:
@@ -689,7 +738,8 @@ def main() -> int:
                         note="the node's CPU (user + system) while serving, from /proc; curl writes to /dev/null")
         if "e" in args.parts:
             cap = _parse_size(args.cap)
-            rows, out["swarm_gateway"] = swarm_gateway_rows(tools, ngx, args.reps, cap)
+            rows, out["swarm_gateway"] = swarm_gateway_rows(tools, ngx, args.reps, cap, rows=args.e_rows,
+                                                            compare=args.e_compare)
             print_table(f"(e) the gateway served from the swarm: {fmt_bytes(total)} repository, upstream capped at "
                         f"{fmt_bytes(cap)}/s, `hf download` clients, median of {args.reps}",
                         ["clients", "wall (last client)", "x one copy", "origin egress", "x repository", "walls", "note"],

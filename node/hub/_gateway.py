@@ -78,6 +78,19 @@ log = logging.getLogger(__name__)
 GATEWAY_HEADER = "X-Autoglm-Gateway"
 PROBE_PATH = "/api/autoglm-gateway"
 _CHUNK = 16 << 20  # bytes per sendfile span (the flight's state is checked between spans)
+# Keeping a waiting client's read alive: huggingface_hub gives up on a read after
+# HF_HUB_DOWNLOAD_TIMEOUT (10 s) without a byte, sleeps 1 s and asks again with Range,
+# five times at most. A streamed file's prefix can stand still longer than that (its
+# next piece comes from a slow owner, or the machine is busy). So while a flight is
+# under way, the last _RESERVE verified bytes of what a response may send are held
+# back, and after _DRIP_AFTER seconds without new bytes _DRIP of them go out: the
+# client's read never waits 10 s while the reserve lasts (32 drips: over 2 minutes).
+# Only verified bytes are ever sent; the reserve costs the client nothing it could use
+# sooner but those 2 MiB, sent when the next piece arrives.
+_RESERVE = 2 << 20
+_DRIP = 64 << 10
+_DRIP_AFTER = 4.0
+_HEAD_WAIT = 4.0  # the status line goes out after this long without a first byte (its own read timeout)
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::", "[::1]"}
 
 
@@ -108,6 +121,7 @@ class GatewayStats(ClientStats):
     flights: int = 0
     flights_failed: int = 0
     bytes_served: int = 0
+    drips: int = 0  # small sends from the held-back reserve to a client whose stream stood still (_DRIP_AFTER)
     served_by_via: dict[str, int] = field(default_factory=lambda: {"hub": 0, "swarm": 0})
 
 
@@ -297,27 +311,39 @@ class Gateway:
         t0 = trio.current_time()
         fl = await self.flights.flight(snap, f)
         self.stats.flights, self.stats.flights_failed = self.flights.started, self.flights.failed
-        # Wait for the first bytes (or the end), so that a failure before any byte is a proper error answer.
-        while not (fl.done or fl.error or fl.ready > start or start == end):
-            await fl.changed.wait()
+        # Wait for the first bytes (or the end), so that a failure before any byte is a proper error
+        # answer; but not past the client's own read timeout (the body's reads get the drip below).
+        with trio.move_on_after(_HEAD_WAIT):
+            while not (fl.done or fl.error or fl.ready > start or start == end):
+                await fl.changed.wait()
         if fl.error is not None:
             await self._error(reply, fl.error, snap.commit)
             return
         await reply.head(status, out)
         pos = start
-        try:
-            fd = await trio.to_thread.run_sync(fl.open) if start < end else -1
-        except OSError as exc:
-            raise Abort(f"{f.path}: {exc}") from exc
+        fd = -1
+        drips = 0
         try:
             while pos < end:
                 if fl.error is not None:
                     raise Abort(f"{f.path}: {fl.error}")
-                avail = min(fl.ready, end)
+                ready = min(fl.ready, end)
+                avail = ready if fl.done or ready >= end else ready - _RESERVE
                 if pos >= avail:
-                    await fl.changed.wait()
-                    continue
-                n = min(_CHUNK, avail - pos)
+                    changed = fl.changed
+                    with trio.move_on_after(_DRIP_AFTER):
+                        await changed.wait()
+                    if changed.is_set() or pos >= min(fl.ready, end):
+                        continue
+                    n = min(_DRIP, min(fl.ready, end) - pos)  # still nothing new: a little of the reserve
+                    drips += 1
+                else:
+                    n = min(_CHUNK, avail - pos)
+                if fd < 0:
+                    try:
+                        fd = await trio.to_thread.run_sync(fl.open)
+                    except OSError as exc:
+                        raise Abort(f"{f.path}: {exc}") from exc
                 await reply.file(fd, pos, n)
                 pos += n
                 self.stats.bytes_served += n
@@ -325,10 +351,11 @@ class Gateway:
         finally:
             if fd >= 0:
                 os.close(fd)
+            self.stats.drips += drips
         await reply.end()
         self.stats.flights_failed = self.flights.failed
-        log.info("gateway: served %s@%s %s bytes %d-%d in %.2f s (%s)", repo, snap.commit[:12], f.path, start, end,
-                 trio.current_time() - t0, fl.via)
+        log.info("gateway: served %s@%s %s bytes %d-%d in %.2f s (%s%s)", repo, snap.commit[:12], f.path, start, end,
+                 trio.current_time() - t0, fl.via, f"; {drips} drip(s) while its stream stood still" if drips else "")
 
 
 def _tree(files: Sequence[HubFile], prefix: str, recursive: bool) -> list[dict[str, Any]]:

@@ -317,6 +317,34 @@ async def test_wrong_upstream_bytes_are_never_served_whole(
     assert not (tmp_path / "gw" / "hf-home" / "hub" / ("models--" + BIG.replace("/", "--")) / "blobs" / sha).exists()
 
 
+async def test_a_client_waiting_on_a_stalled_stream_is_kept_reading_not_timed_out(
+    big_hub: tuple[HubServer, FaultServer, dict[str, bytes], str], tmp_path: Path
+) -> None:
+    """The file's tail stands still upstream longer than the client's read timeout: the gateway
+    holds back a little of the verified prefix and drips it, so the real client's one request
+    completes instead of timing out and asking again with Range."""
+    server, cdn, files, commit = big_hub
+    cdn.pause = 10.0  # the tail (past 16 MiB) arrives 10 s late
+    name = "big.safetensors"
+    code = (
+        "import logging\n"
+        "seen = []\n"
+        "class Seen(logging.Handler):\n"
+        "    def emit(self, record): seen.append(record.getMessage())\n"
+        "logging.getLogger('huggingface_hub').addHandler(Seen())\n"
+        "from huggingface_hub import hf_hub_download\n"
+        f"p = hf_hub_download({BIG!r}, {name!r})\n"
+        "print(p)\n"
+        "print(sum('resume' in m for m in seen))\n"
+    )
+    async with gateway(tmp_path, f"http://127.0.0.1:{server.port}") as gw:
+        # huggingface_hub gives up on a read after HF_HUB_DOWNLOAD_TIMEOUT seconds without a byte (10 by default)
+        out = await run_py(code, clean_env(tmp_path / "client", HF_ENDPOINT=gw.url, HF_HUB_DOWNLOAD_TIMEOUT="6"))
+    path, resumes = out.split()
+    assert Path(path).read_bytes() == files[name]  # noqa: ASYNC240
+    assert resumes == "0", "the client's read timed out and it asked again"
+
+
 async def test_a_gateway_whose_upstream_is_itself_refuses_to_start(tmp_path: Path) -> None:
     import socket
 
