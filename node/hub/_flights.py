@@ -141,6 +141,10 @@ class SwarmFeed(Protocol):
         """A revision of ``repo`` was resolved: start finding what covers it."""
         ...
 
+    def expect(self, snap: RepoSnapshot, f: HubFile) -> None:
+        """A client asked HEAD for ``f`` (its GET will likely follow)."""
+        ...
+
     async def cover(self, snap: RepoSnapshot) -> Any:
         """What covers the snapshot's commit (a trusted manifest) or None; waits a bounded time."""
         ...

@@ -305,6 +305,8 @@ class Gateway:
         if status == 206:
             out.append(("Content-Range", f"bytes {start}-{end - 1}/{f.size}"))
         if reply.head_only:
+            if self.flights.swarm is not None:
+                self.flights.swarm.expect(snap, f)
             await reply.head(status, out)
             await reply.end()
             return
@@ -323,6 +325,7 @@ class Gateway:
         pos = start
         fd = -1
         drips = 0
+        waited = 0.0  # seconds this response had sent all it could and waited for the next verified bytes
         try:
             while pos < end:
                 if fl.error is not None:
@@ -331,8 +334,10 @@ class Gateway:
                 avail = ready if fl.done or ready >= end else ready - _RESERVE
                 if pos >= avail:
                     changed = fl.changed
+                    w0 = trio.current_time()
                     with trio.move_on_after(_DRIP_AFTER):
                         await changed.wait()
+                    waited += trio.current_time() - w0
                     if changed.is_set() or pos >= min(fl.ready, end):
                         continue
                     n = min(_DRIP, min(fl.ready, end) - pos)  # still nothing new: a little of the reserve
@@ -354,8 +359,9 @@ class Gateway:
             self.stats.drips += drips
         await reply.end()
         self.stats.flights_failed = self.flights.failed
-        log.info("gateway: served %s@%s %s bytes %d-%d in %.2f s (%s%s)", repo, snap.commit[:12], f.path, start, end,
-                 trio.current_time() - t0, fl.via, f"; {drips} drip(s) while its stream stood still" if drips else "")
+        log.info("gateway: served %s@%s %s bytes %d-%d in %.2f s (%s; %.2f s of it waiting for verified bytes%s)", repo,
+                 snap.commit[:12], f.path, start, end, trio.current_time() - t0, fl.via, waited,
+                 f", {drips} drip(s) while its stream stood still" if drips else "")
 
 
 def _tree(files: Sequence[HubFile], prefix: str, recursive: bool) -> list[dict[str, Any]]:

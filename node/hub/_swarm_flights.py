@@ -16,7 +16,9 @@ its signed BLAKE3 hash, so every recorded piece is streamed at once.
 Requests for files of one manifest arriving together (``snapshot_download``
 asks with 8 workers) are batched into one hold with those files (a hold starts
 once no new file was asked for ``BATCH_WINDOW`` seconds, at most ``BATCH_MAX``
-after the first); files asked for while a hold runs go into the next (the node runs one fetch per manifest
+after the first; ``BATCH_QUICK`` seconds once every file the clients asked
+``HEAD`` for is among them, since ``hf_hub_download`` sends ``HEAD`` before
+``GET``); files asked for while a hold runs go into the next (the node runs one fetch per manifest
 at a time; the store keeps what earlier holds verified). The files land in
 ``models--ORG--REPO/.autoglm-files/<commit>/`` (the folder the node keeps
 seeding from, as ``fetch M.agm --hf-cache`` writes it) and each blob is a hard
@@ -58,12 +60,13 @@ from ._publish import (
     sidecar_path,
 )
 
-__all__ = ["BATCH_MAX", "BATCH_WINDOW", "HubManifest", "SwarmFlights", "load_hub_manifests"]
+__all__ = ["BATCH_MAX", "BATCH_QUICK", "BATCH_WINDOW", "HubManifest", "SwarmFlights", "load_hub_manifests"]
 
 log = logging.getLogger("autoglm.node.hub._gateway")
 
 BATCH_WINDOW = 0.3  # a new hold starts once no new file of its manifest was asked for this long ...
 BATCH_MAX = 2.0  # ... or this long after its first request
+BATCH_QUICK = 0.05  # ... or this long, once every file asked HEAD for (and not fetched yet) was asked for
 
 Hold = Callable[..., Awaitable[Any]]  # SwarmNode.hold(plan, events=...)
 
@@ -123,6 +126,7 @@ class _Run:
     manifest: HubManifest
     pending: dict[str, tuple[Flight, HubFile, RepoSnapshot]] = field(default_factory=dict)
     wanted: set[str] = field(default_factory=set)
+    expected: set[str] = field(default_factory=set)  # asked HEAD for, not in a hold yet: their GETs will follow
     running: bool = False
     asked: trio.Event = field(default_factory=trio.Event)  # set when a file joins ``pending``
 
@@ -160,6 +164,17 @@ class SwarmFlights:
             return None
         return self._by_name.setdefault(signed.id, HubManifest(None, signed))
 
+    def expect(self, snap: RepoSnapshot, f: HubFile) -> None:
+        """A client asked HEAD for ``f``: its GET will likely follow, so a hold being gathered waits for it."""
+        hm = self.manifests.get((snap.ref.repo, snap.commit)) or next(
+            (m for m in self._by_name.values() if (m.repo, m.commit) == (snap.ref.repo, snap.commit)), None)
+        if hm is None:
+            return
+        run = self._runs.setdefault(hm.signed.id, _Run(hm))
+        if f.path not in run.wanted and f.path not in run.pending and len(run.expected) < 4096:
+            run.expected.add(f.path)
+            run.asked.set()  # a batch being gathered looks again: it now waits for this GET too
+
     def take(self, snap: RepoSnapshot, f: HubFile, repo_dir: Path, hm: HubManifest | None) -> Flight | None:
         """A swarm flight of ``f`` if ``hm`` covers it and agrees with the hub's listing, else None."""
         if hm is None:
@@ -187,15 +202,18 @@ class SwarmFlights:
             while run.pending:
                 # The other requests of one snapshot_download (8 workers) arrive meanwhile; on a busy machine
                 # they spread over more than a window, and a file left for the next hold waits for this one.
+                # hf_hub_download asks HEAD before GET: once every file asked HEAD for is here, a short pause is enough.
                 with trio.move_on_after(BATCH_MAX):
                     while True:
                         run.asked = trio.Event()
-                        with trio.move_on_after(BATCH_WINDOW):
+                        quick = bool(run.expected) and run.expected.issubset(run.pending)
+                        with trio.move_on_after(BATCH_QUICK if quick else BATCH_WINDOW):
                             await run.asked.wait()
                         if not run.asked.is_set():
                             break
                 batch, run.pending = run.pending, {}
                 run.wanted |= set(batch)
+                run.expected -= run.wanted
                 await self._hold(run, batch)
         finally:
             run.running = False
@@ -233,8 +251,8 @@ class SwarmFlights:
                             fl.places = [_staging_dir(out, ev.manifest_id) / f"{fi}.part", out / ev.path]
                         streamable = fl.ready
                         fl.piece_recorded(ev.index - start)
-                        half = fl.file.size // 2
-                        if (not streamable and fl.ready) or streamable < half <= fl.ready < fl.file.size:
+                        eighth = max(fl.file.size // 8, 1)  # the prefix's progress in eighths of the file
+                        if (not streamable and fl.ready) or streamable // eighth < fl.ready // eighth < 8:
                             log.info("gateway: %s: first %d byte(s) streamable %.2fs into the swarm fetch (%d of %d pieces)",
                                      ev.path, fl.ready, trio.current_time() - t0, len(fl.recorded), len(fl.pieces))
                     elif isinstance(ev, FileDone) and ev.path in batch:

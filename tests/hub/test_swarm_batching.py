@@ -17,7 +17,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from autoglm.node._plan import FetchPlan
 from autoglm.node.hub._api import HubFile, HubRef, RepoSnapshot
-from autoglm.node.hub._swarm_flights import BATCH_MAX, BATCH_WINDOW, HubManifest, SwarmFlights
+from autoglm.node.hub._swarm_flights import (
+    BATCH_MAX,
+    BATCH_QUICK,
+    BATCH_WINDOW,
+    HubManifest,
+    SwarmFlights,
+)
 from autoglm.protocol import FileEntry, Manifest, Piece, TrustPolicy, key_id, sign_manifest
 
 REPO, COMMIT = "acme/batched", "3" * 40
@@ -41,8 +47,11 @@ def _setup(tmp: Path) -> tuple[HubManifest, RepoSnapshot, TrustPolicy]:
     return HubManifest(None, signed), snap, TrustPolicy(keys=frozenset({pub}))
 
 
-async def _scenario(tmp: Path, gaps: list[float]) -> tuple[float, list[tuple[float, tuple[str, ...]]]]:
-    """Requests for PATHS[0], PATHS[1], ... with ``gaps`` seconds between them; the holds started (the first runs on)."""
+async def _scenario(tmp: Path, gaps: list[float], heads: int = 0) -> tuple[float, list[tuple[float, tuple[str, ...]]]]:
+    """Requests for PATHS[0], PATHS[1], ... with ``gaps`` seconds between them; the holds started (the first runs on).
+
+    ``heads``: first, HEAD requests for PATHS[:heads] (``hf_hub_download`` asks HEAD before GET).
+    """
     hm, snap, trust = _setup(tmp)
     holds: list[tuple[float, tuple[str, ...]]] = []
 
@@ -52,8 +61,10 @@ async def _scenario(tmp: Path, gaps: list[float]) -> tuple[float, list[tuple[flo
             await trio.sleep_forever()  # a swarm fetch still running: the next batch waits for it
 
     async with trio.open_nursery() as nursery:
-        sf = SwarmFlights([], hold, cache_dir=tmp, trust=trust, endpoints=snap.endpoints, token=None,
+        sf = SwarmFlights([hm], hold, cache_dir=tmp, trust=trust, endpoints=snap.endpoints, token=None,
                           nursery=nursery, fall_back=lambda *a: None)
+        for f in snap.files[:heads]:
+            sf.expect(snap, f)
         t0 = trio.current_time()
         for i, gap in enumerate([0.0, *gaps]):
             await trio.sleep(gap)
@@ -77,3 +88,15 @@ async def test_requests_arriving_one_after_another_share_one_hold_until_they_sto
     n = int(BATCH_MAX / gap) + 1
     assert n < len(PATHS) and len(holds) == 1
     assert holds[0][0] == pytest.approx(t0 + BATCH_MAX) and set(holds[0][1]) == set(PATHS[:n])
+
+
+async def test_a_hold_starts_at_once_when_every_file_asked_head_for_was_asked_for(
+        tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    # Four HEADs, then their four GETs within the window: the hold starts BATCH_QUICK after the last GET.
+    gap = BATCH_WINDOW * 0.6
+    t0, holds = await _scenario(tmp_path / "a", [gap] * 3, heads=4)
+    assert len(holds) == 1 and holds[0][0] == pytest.approx(t0 + 3 * gap + BATCH_QUICK)
+    assert set(holds[0][1]) == set(PATHS[:4])
+    # A fifth file was asked HEAD for but its GET has not come: the hold waits the whole window for it.
+    t0, holds = await _scenario(tmp_path / "b", [gap] * 3, heads=5)
+    assert len(holds) == 1 and holds[0][0] == pytest.approx(t0 + 3 * gap + BATCH_WINDOW)
