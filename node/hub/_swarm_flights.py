@@ -16,9 +16,13 @@ its signed BLAKE3 hash, so every recorded piece is streamed at once.
 Requests for files of one manifest arriving together (``snapshot_download``
 asks with 8 workers) are batched into one hold with those files (a hold starts
 once no new file was asked for ``BATCH_WINDOW`` seconds, at most ``BATCH_MAX``
-after the first; ``BATCH_QUICK`` seconds once every file the clients asked
-``HEAD`` for is among them, since ``hf_hub_download`` sends ``HEAD`` before
-``GET``); files asked for while a hold runs go into the next (the node runs one fetch per manifest
+after the first). Two refinements: once every file of the manifest was asked
+for, nothing can come later, so the hold starts ``BATCH_QUICK`` seconds after
+the last request; and a file a client asked ``HEAD`` for in the last
+``BATCH_MAX`` seconds (``hf_hub_download`` sends ``HEAD`` before ``GET``) is
+waited for past the window, up to ``BATCH_MAX``, since its ``GET`` is on its
+way (on a busy machine one worker's ``HEAD`` can come after another's ``GET``).
+Files asked for while a hold runs go into the next (the node runs one fetch per manifest
 at a time; the store keeps what earlier holds verified). The files land in
 ``models--ORG--REPO/.autoglm-files/<commit>/`` (the folder the node keeps
 seeding from, as ``fetch M.agm --hf-cache`` writes it) and each blob is a hard
@@ -66,7 +70,7 @@ log = logging.getLogger("autoglm.node.hub._gateway")
 
 BATCH_WINDOW = 0.3  # a new hold starts once no new file of its manifest was asked for this long ...
 BATCH_MAX = 2.0  # ... or this long after its first request
-BATCH_QUICK = 0.05  # ... or this long, once every file asked HEAD for (and not fetched yet) was asked for
+BATCH_QUICK = 0.05  # ... or this long once every file of the manifest was asked for
 
 Hold = Callable[..., Awaitable[Any]]  # SwarmNode.hold(plan, events=...)
 
@@ -126,7 +130,7 @@ class _Run:
     manifest: HubManifest
     pending: dict[str, tuple[Flight, HubFile, RepoSnapshot]] = field(default_factory=dict)
     wanted: set[str] = field(default_factory=set)
-    expected: set[str] = field(default_factory=set)  # asked HEAD for, not in a hold yet: their GETs will follow
+    expected: dict[str, float] = field(default_factory=dict)  # asked HEAD for (when), not in a hold yet: GETs to come
     running: bool = False
     asked: trio.Event = field(default_factory=trio.Event)  # set when a file joins ``pending``
 
@@ -172,7 +176,7 @@ class SwarmFlights:
             return
         run = self._runs.setdefault(hm.signed.id, _Run(hm))
         if f.path not in run.wanted and f.path not in run.pending and len(run.expected) < 4096:
-            run.expected.add(f.path)
+            run.expected[f.path] = trio.current_time()
             run.asked.set()  # a batch being gathered looks again: it now waits for this GET too
 
     def take(self, snap: RepoSnapshot, f: HubFile, repo_dir: Path, hm: HubManifest | None) -> Flight | None:
@@ -202,21 +206,34 @@ class SwarmFlights:
             while run.pending:
                 # The other requests of one snapshot_download (8 workers) arrive meanwhile; on a busy machine
                 # they spread over more than a window, and a file left for the next hold waits for this one.
-                # hf_hub_download asks HEAD before GET: once every file asked HEAD for is here, a short pause is enough.
                 with trio.move_on_after(BATCH_MAX):
                     while True:
                         run.asked = trio.Event()
-                        quick = bool(run.expected) and run.expected.issubset(run.pending)
-                        with trio.move_on_after(BATCH_QUICK if quick else BATCH_WINDOW):
+                        with trio.move_on_after(self._window(run)):
                             await run.asked.wait()
                         if not run.asked.is_set():
                             break
                 batch, run.pending = run.pending, {}
                 run.wanted |= set(batch)
-                run.expected -= run.wanted
+                for p in batch:
+                    run.expected.pop(p, None)
                 await self._hold(run, batch)
         finally:
             run.running = False
+
+    @staticmethod
+    def _window(run: _Run) -> float:
+        """How long a batch being gathered waits for the next request (see the module docstring)."""
+        asked = run.wanted.union(run.pending)
+        if all(e.path in asked for e in run.manifest.signed.manifest.files):
+            return BATCH_QUICK  # the whole manifest: nothing more can come
+        now = trio.current_time()
+        for p, t in list(run.expected.items()):
+            if now - t >= BATCH_MAX:
+                del run.expected[p]  # a HEAD with no GET (the client had the file): forgotten
+            elif p not in run.pending:
+                return BATCH_MAX  # its GET is on its way (bounded by BATCH_MAX after the first request)
+        return BATCH_WINDOW
 
     def _plan(self, run: _Run) -> FetchPlan:
         hm = run.manifest

@@ -90,13 +90,23 @@ async def test_requests_arriving_one_after_another_share_one_hold_until_they_sto
     assert holds[0][0] == pytest.approx(t0 + BATCH_MAX) and set(holds[0][1]) == set(PATHS[:n])
 
 
-async def test_a_hold_starts_at_once_when_every_file_asked_head_for_was_asked_for(
+async def test_a_hold_starts_at_once_when_the_whole_manifest_was_asked_for(
         tmp_path: Path, clock: trio.testing.MockClock) -> None:
-    # Four HEADs, then their four GETs within the window: the hold starts BATCH_QUICK after the last GET.
+    # Every file, one every 0.1 s: nothing more can come, so the hold starts BATCH_QUICK after the last.
+    gap = 0.1
+    t0, holds = await _scenario(tmp_path / "a", [gap] * (len(PATHS) - 1))
+    assert len(holds) == 1 and holds[0][0] == pytest.approx(t0 + (len(PATHS) - 1) * gap + BATCH_QUICK)
+    assert set(holds[0][1]) == set(PATHS)
+
+
+async def test_a_file_asked_head_for_is_waited_for_past_the_window(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    # HEADs for five files; four GETs, then the fifth 0.9 s later (three windows): still one hold, the window after it.
     gap = BATCH_WINDOW * 0.6
-    t0, holds = await _scenario(tmp_path / "a", [gap] * 3, heads=4)
-    assert len(holds) == 1 and holds[0][0] == pytest.approx(t0 + 3 * gap + BATCH_QUICK)
-    assert set(holds[0][1]) == set(PATHS[:4])
-    # A fifth file was asked HEAD for but its GET has not come: the hold waits the whole window for it.
+    late = BATCH_WINDOW * 3
+    t0, holds = await _scenario(tmp_path / "a", [gap, gap, gap, late], heads=5)
+    assert len(holds) == 1 and set(holds[0][1]) == set(PATHS[:5])
+    assert holds[0][0] == pytest.approx(t0 + 3 * gap + late + BATCH_WINDOW)
+    # The fifth GET never comes (the client had that file): the hold starts BATCH_MAX after the first request.
     t0, holds = await _scenario(tmp_path / "b", [gap] * 3, heads=5)
-    assert len(holds) == 1 and holds[0][0] == pytest.approx(t0 + 3 * gap + BATCH_WINDOW)
+    assert len(holds) == 1 and set(holds[0][1]) == set(PATHS[:4])
+    assert holds[0][0] == pytest.approx(t0 + BATCH_MAX)
