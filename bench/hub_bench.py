@@ -25,7 +25,11 @@ All rows in one run, tools alternating, median of --reps:
       4-node swarm (`join --hf-gateway --hf-manifest`, the manifest made by
       `publish hf://`), against 1 and 4 clients straight at the capped
       upstream: wall of the last client, origin egress (and what the upstream
-      sent twice, from its access log; each node's CPU);
+      sent twice, from its access log; each node's CPU); --e-rows picks rows,
+      --e-compare CHECKOUT runs another checkout's nodes in the swarm row too,
+      alternating with ours (before/after under the same load);
+      AUTOGLM_BENCH_PYSPY=DIR samples every node with py-spy (speedscope files;
+      py-spy is a profiling tool to pip-install by hand, not a dependency);
   (f) the gateway's serving cost: a gateway that already holds the repository
       serves its shards to 4 curl clients at once: the node's CPU seconds per
       GiB served.
