@@ -36,7 +36,10 @@ from autoglm.node.errors import StorageError
 
 from ._api import HubFile, HubRef
 
-__all__ = ["hub_cache_dir", "link_snapshot", "local_dir_metadata", "repo_folder", "write_ref", "write_tree"]
+__all__ = [
+    "hub_cache_dir", "link_snapshot", "local_dir_metadata", "repo_dir", "repo_folder", "snapshot_problem", "write_ref",
+    "write_tree",
+]
 
 
 def hub_cache_dir() -> Path:
@@ -50,7 +53,12 @@ def hub_cache_dir() -> Path:
 
 
 def repo_folder(cache: Path, ref: HubRef) -> Path:
-    return cache / ("models--" + ref.repo.replace("/", "--"))
+    return repo_dir(cache, ref.repo)
+
+
+def repo_dir(cache: Path, repo: str) -> Path:
+    """``models--ORG--REPO`` under ``cache``."""
+    return cache / ("models--" + repo.replace("/", "--"))
 
 
 def blob_name(f: HubFile) -> str:
@@ -124,6 +132,37 @@ def write_ref(repo_dir: Path, revision: str, commit: str) -> None:
         _atomic_write(path, commit)
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def snapshot_problem(repo_dir: Path, commit: str) -> str | None:
+    """Why ``snapshots/<commit>`` cannot be loaded offline (a file or blob missing or short), or None.
+
+    With ``trees/<commit>.json`` every listed file must be there at its size
+    (what huggingface_hub checks offline); without it, every link in the
+    snapshot must reach a blob.
+    """
+    snap = repo_dir / "snapshots" / commit
+    if not snap.is_dir():
+        return f"{snap} is gone"
+    try:
+        listing = json.loads((repo_dir / "trees" / f"{commit}.json").read_bytes())
+        files = listing["files"] if isinstance(listing, dict) and isinstance(listing.get("files"), dict) else None
+    except (OSError, ValueError, KeyError):
+        files = None
+    try:
+        if files is not None:
+            for path, entry in files.items():
+                size = entry.get("size") if isinstance(entry, dict) else None
+                f = snap / path
+                if not f.is_file() or (isinstance(size, int) and f.stat().st_size != size):
+                    return f"{f} is missing or incomplete"
+            return None
+        for f in snap.rglob("*"):
+            if f.is_symlink() and not f.exists():
+                return f"{f} points at a missing blob"
+    except OSError as exc:
+        return f"cannot read {snap}: {exc.strerror}"
+    return None
 
 
 def local_dir_metadata(local_dir: Path, commit: str, files: Iterable[HubFile]) -> None:
