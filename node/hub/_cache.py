@@ -65,9 +65,9 @@ def blob_name(f: HubFile) -> str:
     return "blobs/" + f.etag
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str, tmp_dir: Path | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -122,14 +122,20 @@ def link_snapshot(repo_dir: Path, commit: str, files: Iterable[HubFile]) -> Path
 
 
 def write_ref(repo_dir: Path, revision: str, commit: str) -> None:
-    """``refs/<revision>`` holds the commit (no newline), as huggingface_hub writes it; none for a commit."""
+    """``refs/<revision>`` holds the commit (no newline), as huggingface_hub writes it; none for a commit.
+
+    Replaced whole by rename(2) from a temp file in the repo folder, not in
+    ``refs/``: huggingface_hub reads every file under ``refs/`` as a ref, so a
+    temp file left there by a killed process would be a ref to nothing
+    (``hf cache scan`` then calls the repo corrupted).
+    """
     if revision == commit:
         return
     path = repo_dir / "refs" / revision
     try:
         if path.is_file() and path.read_text() == commit:
             return
-        _atomic_write(path, commit)
+        _atomic_write(path, commit, tmp_dir=repo_dir)
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
 

@@ -351,3 +351,32 @@ def test_hf_cache_ref_is_replaced_whole_under_random_sigkill(tmp_path: Path) -> 
         stop.set()
         t.join(timeout=10)
     assert seen == {"a" * 40, "b" * 40}
+
+
+_REF_KILLED = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from autoglm.node.hub import _cache
+    def die(*a, **k):
+        os.kill(os.getpid(), signal.SIGKILL)
+    _cache.os.replace = die  # killed with the new ref written to its temp file, before the rename
+    _cache.write_ref(Path(sys.argv[1]), "main", "b" * 40)
+""")
+
+
+def test_a_ref_write_killed_before_its_rename_leaves_nothing_under_refs(tmp_path: Path) -> None:
+    """huggingface_hub reads every file under refs/ as a ref: the temp file lives beside refs/, not in it."""
+    repo = tmp_path / "models--o--r"
+    from autoglm.node.hub._cache import write_ref
+
+    (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    write_ref(repo, "main", "a" * 40)
+    p = subprocess.run([sys.executable, "-c", _REF_KILLED, str(repo)], capture_output=True, timeout=60, check=False)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert [f.name for f in (repo / "refs").rglob("*")] == ["main"]
+    assert (repo / "refs" / "main").read_text() == "a" * 40
+    assert len(list(repo.glob(".main.*.tmp"))) == 1  # what the kill left, outside refs/
+    scan = subprocess.run([sys.executable, "-c", "import sys; from huggingface_hub import scan_cache_dir; "
+                           "r = scan_cache_dir(sys.argv[1]); print(len(r.warnings), sorted(r.repos)[0].refs)",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60, check=True)
+    assert scan.stdout.startswith("0 "), scan.stdout
