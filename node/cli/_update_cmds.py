@@ -256,13 +256,19 @@ def cmd_versions(args: argparse.Namespace) -> int:
     from autoglm.node._versions import VersionSet
 
     root = _root(args, args.name)
-    rows = VersionSet(root).entries()
+    vs = VersionSet(root)
+    rows = vs.entries()
+    pins = {r.dirname: vs.hub_pin(r.dirname) for r in rows}
     if args.json:
         for r in rows:
-            print_json({"version": r.dirname, "path": str(r.path), "current": r.current})
+            pin = pins[r.dirname]
+            print_json({"version": r.dirname, "path": str(r.path), "current": r.current,
+                        "hf_commit": pin.commit if pin is not None else None})
         return 0
     if not rows:
         console.print(f"no versions under {root}")
     for r in rows:
-        console.print(f"{'*' if r.current else ' '} {r.dirname}  {r.path}", soft_wrap=True, markup=False)
+        pin = pins[r.dirname]
+        hf = f"  (hf {pin.repo}@{pin.commit[:12]})" if pin is not None else ""
+        console.print(f"{'*' if r.current else ' '} {r.dirname}  {r.path}{hf}", soft_wrap=True, markup=False)
     return 0

@@ -80,6 +80,8 @@ async def test_update_moves_the_hf_cache_ref_to_the_new_commit_fetching_only_the
     vdir = ["--versions-dir", str(up2["root"])]
     back = json.loads((await run_cli([*node, "rollback", REPO, *vdir, "--json"], env)).stdout)
     assert back["current"] == up1["current"] and back["hf_commit"] == c1
+    listed = [json.loads(x) for x in (await run_cli([*node, "versions", REPO, *vdir, "--json"], env)).stdout.splitlines()]
+    assert [(x["version"], x["hf_commit"]) for x in listed] == [(up1["current"], c1), (up2["current"], c2)]
     assert (cache / FOLDER / "refs" / "main").read_text() == c1
     assert not list((cache / FOLDER / "refs").glob(".*"))  # no temp file left beside the ref
     assert await _offline_load(tmp_path, cache) == (c1, files1[SHARD])
