@@ -234,7 +234,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     told = tell_node_withdrawn(Path(args.data_dir), res.withdrawn)
     ref = None
     if res.hub is not None:
-        ref = f"{res.hub.cache}/models--{res.hub.repo.replace('/', '--')}/refs/{res.hub.revision}"
+        from autoglm.node.hub._cache import repo_dir
+
+        ref = str(repo_dir(Path(res.hub.cache), res.hub.repo) / "refs" / res.hub.revision)
     if args.json:
         print_json({"event": "rolled-back", "root": str(root), "current": res.current, "previous": res.previous,
                     "pruned": res.pruned, "withdrawn": [m.hex() for m in res.withdrawn],
