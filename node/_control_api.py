@@ -23,6 +23,10 @@ connection:
   -> progress events, then ``{"event": "updated", ...}`` or an error line:
   fetch the version into its own directory, gate it, switch ``current``
   (node/_update.py; the fields are those of ``fetch`` but ``out``).
+* ``{"op": "withdraw", "manifest_ids": [hex, ...]}`` -> ``{"event": "withdrawn", "unheld": [hex, ...]}``:
+  the store forgot these manifests' downloads (``gc`` or ``rollback`` removed
+  versions); the node re-reads what it holds of each and tells peers, and
+  stops announcing those with nothing left (``unheld``).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ __all__ = ["serve_control_api"]
 log = logging.getLogger(__name__)
 
 _MAX_LINE = 64 * 1024
+_MAX_WITHDRAW = 1024  # manifest ids in one withdraw request
 #: A fetch's events reach its client in at most one write per this many seconds (see _forward).
 FORWARD_INTERVAL = 0.1
 
@@ -87,6 +92,8 @@ async def _handle(stream: trio.SocketStream, node: SwarmNode) -> None:
             from autoglm.node._follow import control_update
 
             await control_update(stream, node, req)
+        elif op == "withdraw":
+            await _withdraw(stream, node, req)
         else:
             await _send(stream, {"event": "error", "message": f"unknown op {op!r}", "kind": "ConfigError"})
     except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ValueError) as eg:
@@ -188,6 +195,25 @@ async def _name_publish(stream: trio.SocketStream, node: SwarmNode, req: dict[st
         return
     await _send(stream, {"event": "name-published", "key": rec.key, "manifest_id": rec.manifest_id.hex(),
                          "version": rec.version, "seq": rec.seq, "rollout": rec.rollout})
+
+
+async def _withdraw(stream: trio.SocketStream, node: SwarmNode, req: dict[str, Any]) -> None:
+    ids = req.get("manifest_ids")
+    try:
+        if not isinstance(ids, list) or len(ids) > _MAX_WITHDRAW or not all(isinstance(x, str) for x in ids):
+            raise ValueError
+        mids = [bytes.fromhex(x) for x in ids]
+    except ValueError:
+        await _send(stream, {"event": "error", "message": f"withdraw: manifest_ids is a list of at most "
+                             f"{_MAX_WITHDRAW} hex ids", "kind": "ConfigError"})
+        return
+    unheld = []
+    for mid in mids:
+        if mid in node.swarm.held:
+            await node.swarm.withdraw(mid)
+            if mid not in node.swarm.held:
+                unheld.append(mid.hex())
+    await _send(stream, {"event": "withdrawn", "unheld": unheld})
 
 
 def _rollout(req: dict[str, Any]) -> int:

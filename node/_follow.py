@@ -243,6 +243,9 @@ async def follow(sn: SwarmNode, cfg: FollowConfig, *, task_status: Any = trio.TA
                     changed = True
                     await _apply(sn, cfg, root, rec)
                     seen = rec.seq
+                elif sched.last == -math.inf:  # the first poll since start: say why nothing moves
+                    log.info("follow %s: seq %d already handled (follow.json); the current version stays until "
+                             "a higher seq", cfg.name, rec.seq)
             except AutoglmError as exc:
                 # Retried at the next poll (with backoff); the current version stays in use.
                 log.warning("follow %s: %s", cfg.name, exc)

@@ -7,6 +7,10 @@ hash is already in the store (the previous version, any other model) is
 copied locally, so only the changed pieces travel. Then the sandbox gate
 checks every file (node/_gate.py), and only a version that passed becomes
 ``current`` (node/_versions.py). A refused version never becomes current.
+
+:func:`rollback` switches ``current`` back and, for a version installed with
+``update --hf-cache``, points the Hugging Face cache's ``refs/<revision>``
+back at that version's commit, replaced last, as an update writes it.
 """
 
 from __future__ import annotations
@@ -23,14 +27,20 @@ import trio
 from autoglm.node._engine import FetchResult
 from autoglm.node._plan import FetchPlan
 from autoglm.node._progress import Event
-from autoglm.node._versions import VersionSet, register_root, version_dirname
-from autoglm.node.errors import VerificationRefused
+from autoglm.node._versions import (
+    HubPin,
+    VersionSet,
+    forget_in_store,
+    register_root,
+    version_dirname,
+)
+from autoglm.node.errors import StorageError, VerificationRefused
 from autoglm.protocol import SignedManifest
 
 if TYPE_CHECKING:
     from autoglm.node._store import Store
 
-__all__ = ["Fetcher", "UpdateResult", "rollback", "update_to"]
+__all__ = ["Fetcher", "RollbackResult", "UpdateResult", "rollback", "update_to"]
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +106,7 @@ async def update_to(
         res = await fetch(dataclasses.replace(plan, manifest=signed, out=target), events)
         await trio.to_thread.run_sync(_gate, target, data_dir)
         before = {e.dirname for e in await trio.to_thread.run_sync(vs.entries)}
-        await trio.to_thread.run_sync(vs.switch, dirname, keep)
+        await trio.to_thread.run_sync(vs.switch, dirname, keep, lambda dirs: forget_in_store(data_dir, dirs))
         after = {e.dirname for e in await trio.to_thread.run_sync(vs.entries)}
     pruned = sorted(before - after)
     if pruned and store is not None:
@@ -106,9 +116,49 @@ async def update_to(
                         dict(res.received_by_source), pruned)
 
 
-def rollback(root: Path, keep: int) -> tuple[str | None, str]:
-    """Switch ``root`` back to the version used before; fetches nothing. Returns (from, to). Blocking."""
+@dataclass(frozen=True, slots=True)
+class RollbackResult:
+    root: Path
+    previous: str | None  # the version rolled back from
+    current: str
+    pruned: list[str] = field(default_factory=list)  # versions that fell out of the kept set
+    withdrawn: list[bytes] = field(default_factory=list)  # manifest ids the store forgot with them
+    hub: HubPin | None = None  # refs/<revision> now names hub.commit
+    hub_left: HubPin | None = None  # the cache ref rolled-from pinned, left alone: ``current`` has no pin
+
+
+def rollback(root: Path, keep: int, data_dir: Path | None = None) -> RollbackResult:
+    """Switch ``root`` back to the version used before; fetches nothing. Blocking.
+
+    With a Hugging Face cache pin (``update --hf-cache``) on the version
+    rolled back to, its snapshot must still be complete (StorageError before
+    anything changes, e.g. after ``hf cache delete``); ``refs/<revision>`` is
+    then replaced (temp file, rename) after ``current``. With ``data_dir``
+    the store forgets the versions pruned here before they are removed.
+    """
+    from autoglm.node.hub._cache import repo_dir, snapshot_problem, write_ref
+
     vs = VersionSet(root)
     with vs.locked():
         was = vs.current()
-        return was, vs.rollback(keep)
+        target = vs.previous()
+        pin = vs.hub_pin(target)
+        if pin is not None:
+            problem = snapshot_problem(repo_dir(Path(pin.cache), pin.repo), pin.commit)
+            if problem is not None:
+                raise StorageError(f"cannot roll back to {target}: its Hugging Face cache snapshot {pin.commit[:12]} "
+                                   f"is not complete ({problem}); nothing was changed. Run `update` with its "
+                                   "manifest and --hf-cache to restore it")
+        withdrawn: list[bytes] = []
+
+        def forget(dirs: list[Path]) -> None:
+            if data_dir is not None:
+                withdrawn.extend(forget_in_store(data_dir, dirs))
+
+        before = {e.dirname for e in vs.entries()}
+        vs.rollback(keep, forget)
+        pruned = sorted(before - {e.dirname for e in vs.entries()})
+        if pin is not None:
+            write_ref(repo_dir(Path(pin.cache), pin.repo), pin.revision, pin.commit)
+        left = vs.hub_pin(was) if pin is None and was is not None else None
+    return RollbackResult(root, was, target, pruned, withdrawn, pin, left)

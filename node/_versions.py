@@ -20,7 +20,16 @@ steps (:func:`plan_switch`) applied in order; a crash between any two of them
 leaves a valid ``current`` (tests/update kills a process after each step).
 
 Version roots are listed in ``DATA_DIR/version-roots`` so ``gc`` finds them
-and removes only versions outside the kept set.
+and removes only versions outside the kept set. Before a version directory is
+removed (by a switch's prune step, a rollback's or ``gc``) the store forgets
+the downloads into it (:func:`forget_in_store`): a crash in between leaves a
+directory nobody points at (gc's to remove), never a store that still lists
+removed pieces, so a node starting later does not announce them.
+
+``ROOT/hf-cache.json`` records, per version installed with ``update
+--hf-cache``, where its Hugging Face cache layout lives (cache, repo,
+revision, commit), so ``rollback`` can point ``refs/<revision>`` back at the
+rolled-back version's commit (node/_update.py).
 """
 
 from __future__ import annotations
@@ -29,17 +38,20 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from autoglm.node.errors import ConfigError, StorageError
 
 __all__ = [
     "CURRENT",
+    "HubPin",
     "VersionSet",
     "apply_steps",
+    "forget_in_store",
     "known_roots",
     "plan_switch",
     "register_root",
@@ -51,6 +63,7 @@ CURRENT = "current"
 VERSIONS = "versions"
 HISTORY = "history.json"
 ROOTS_FILE = "version-roots"
+HF_FILE = "hf-cache.json"
 _LOCK = ".update.lock"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -106,15 +119,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # -- the switch, as steps ---------------------------------------------------------
 
 Step = tuple[str, Callable[[], None]]
+#: Called with the version directories about to be removed, before they are (see forget_in_store).
+Forget = Callable[[list[Path]], object]
 
 
-def plan_switch(root: Path, dirname: str, history: list[str], keep: int) -> list[Step]:
+def plan_switch(root: Path, dirname: str, history: list[str], keep: int, forget: Forget | None = None) -> list[Step]:
     """The steps that make ``versions/<dirname>`` current and keep ``keep`` earlier versions.
 
     Each step is (what, action). Order matters: the new ``current`` is a new
     symlink renamed over the old one (one rename(2): atomic); history follows;
     only then are the versions that fell out of the kept set removed, so a
     crash at any point leaves ``current`` valid and every kept version intact.
+    ``forget`` hears of the directories the prune removes before it removes them.
     """
     tmp = root / f".{CURRENT}.{os.getpid()}.tmp"
     target = f"{VERSIONS}/{dirname}"
@@ -136,9 +152,11 @@ def plan_switch(root: Path, dirname: str, history: list[str], keep: int) -> list
     def prune() -> None:
         # Only versions that fall out of the kept set here: a directory that
         # was never current (a fetch in progress or refused) is gc's to judge.
-        for name in history:
-            if name not in kept and name != dirname:
-                shutil.rmtree(root / VERSIONS / name, ignore_errors=True)
+        gone = [root / VERSIONS / name for name in history if name not in kept and name != dirname]
+        if gone and forget is not None:
+            forget(gone)
+        for d in gone:
+            shutil.rmtree(d, ignore_errors=True)
 
     return [("link", make_link), ("swap", swap), ("record", record), ("prune", prune)]
 
@@ -153,6 +171,24 @@ def _version_dirs(root: Path) -> list[Path]:
     if not vdir.is_dir():
         return []
     return sorted(p for p in vdir.iterdir() if p.is_dir() and not p.is_symlink())
+
+
+@dataclass(frozen=True, slots=True)
+class HubPin:
+    """A version's place in the Hugging Face cache: ``<cache>/models--ORG--REPO/refs/<revision>`` names ``commit``."""
+
+    cache: str
+    repo: str
+    revision: str
+    commit: str
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        v = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return v if isinstance(v, dict) else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,26 +230,48 @@ class VersionSet:
         others = [p.name for p in _version_dirs(self.root) if p.name not in hist]
         return [VersionInfo(d, self.path_for(d), d == cur) for d in [*hist, *others]]
 
-    def switch(self, dirname: str, keep: int) -> None:
-        """Make ``dirname`` (an existing, complete version directory) current; keep ``keep`` earlier ones."""
+    def switch(self, dirname: str, keep: int, forget: Forget | None = None) -> None:
+        """Make ``dirname`` (an existing, complete version directory) current; keep ``keep`` earlier ones.
+
+        ``forget`` is called with the versions that fall out of the kept set, before they are removed.
+        """
         if keep < 0:
             raise ConfigError("--keep is 0 or more")
         if not self.path_for(dirname).is_dir():
             raise StorageError(f"{self.path_for(dirname)} does not exist")
         try:
-            apply_steps(plan_switch(self.root, dirname, self.history(), keep))
+            apply_steps(plan_switch(self.root, dirname, self.history(), keep, forget))
         except OSError as exc:
             raise StorageError(f"cannot switch {self.root / CURRENT}: {exc.strerror}") from exc
 
-    def rollback(self, keep: int) -> str:
-        """Switch back to the version used before ``current``; returns its directory name."""
+    def previous(self) -> str:
+        """The version used before ``current`` (what :meth:`rollback` switches to); ConfigError if none is kept."""
         hist = self.history()
         if len(hist) < 2:
             raise ConfigError(f"{self.root}: no earlier version is kept to roll back to")
-        prev = hist[1]
+        return hist[1]
+
+    def rollback(self, keep: int, forget: Forget | None = None) -> str:
+        """Switch back to the version used before ``current``; returns its directory name."""
+        prev = self.previous()
         # The rolled-back-from version stays kept: history puts it second.
-        self.switch(prev, max(keep, 1))
+        self.switch(prev, max(keep, 1), forget)
         return prev
+
+    def hub_pin(self, dirname: str) -> HubPin | None:
+        """Where ``dirname``'s Hugging Face cache layout lives (``update --hf-cache``), or None."""
+        v = _read_json(self.root / HF_FILE).get(dirname)
+        fields = ("cache", "repo", "revision", "commit")
+        if not isinstance(v, dict) or set(v) != set(fields) or not all(isinstance(v[f], str) for f in fields):
+            return None
+        return HubPin(v["cache"], v["repo"], v["revision"], v["commit"])
+
+    def pin_hub(self, dirname: str, pin: HubPin) -> None:
+        """Record ``pin`` for ``dirname``; records of versions no longer on disk are dropped."""
+        on_disk = {p.name for p in _version_dirs(self.root)}
+        pins = {d: v for d, v in _read_json(self.root / HF_FILE).items() if d in on_disk and d != dirname}
+        pins[dirname] = asdict(pin)
+        _write_atomic(self.root / HF_FILE, json.dumps(pins, indent=1, sort_keys=True).encode())
 
     def kept(self, keep: int | None = None) -> set[str]:
         """Directory names that must stay: ``current`` and the versions in history."""
@@ -268,9 +326,39 @@ def known_roots(data_dir: Path) -> list[Path]:
     return [Path(line) for line in text.splitlines() if line.strip()]
 
 
-def gc_versions(data_dir: Path) -> list[str]:
-    """Remove version directories outside each root's kept set; never ``current`` or history."""
+def forget_in_store(data_dir: Path, dirs: Iterable[Path]) -> list[bytes]:
+    """The store forgets every download into ``dirs`` (or below); returns their manifest ids. Blocking.
+
+    Called before the directories are removed, so the store never lists
+    pieces that are gone (a node reads the store at start to say what it
+    holds). A running node still announces them until told (``withdraw``).
+    """
+    from autoglm.node._storedb import StoreDB
+
+    targets = [d.resolve() for d in dirs]
+    if not targets or not (data_dir / "store.sqlite").exists():
+        return []
+    db = StoreDB(data_dir)
+    try:
+        mids: list[bytes] = []
+        for did, mid, out_dir in db.query("SELECT id, manifest_id, out_dir FROM downloads"):
+            od = Path(str(out_dir))
+            if any(od == t or od.is_relative_to(t) for t in targets):
+                db.forget(int(did))
+                mids.append(bytes(mid))
+        return mids
+    finally:
+        db.close()
+
+
+def collect_versions(data_dir: Path) -> tuple[list[str], list[bytes]]:
+    """Remove version directories outside each root's kept set; never ``current`` or history.
+
+    Returns what was done (one line each) and the manifest ids of the
+    downloads the store forgot with them (a running node must withdraw them).
+    """
     done: list[str] = []
+    forgotten: list[bytes] = []
     for root in known_roots(data_dir):
         vs = VersionSet(root)
         if not root.is_dir():
@@ -279,8 +367,14 @@ def gc_versions(data_dir: Path) -> list[str]:
             done.append(f"skipped versions of {root}: an update is running")
             continue
         for p in vs.stale():
+            forgotten += forget_in_store(data_dir, [p])
             shutil.rmtree(p, ignore_errors=True)
             done.append(f"removed version {p} (not current, not kept)")
         for tmp in root.glob(f".{CURRENT}.*.tmp"):
             tmp.unlink(missing_ok=True)
-    return done
+    return done, forgotten
+
+
+def gc_versions(data_dir: Path) -> list[str]:
+    """:func:`collect_versions`, what was done only."""
+    return collect_versions(data_dir)[0]

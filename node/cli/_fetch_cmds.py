@@ -315,16 +315,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from autoglm.node._store import Store
-    from autoglm.node._versions import gc_versions
+    from autoglm.node._versions import collect_versions
+
+    from ._update_cmds import tell_node_withdrawn
 
     # Versions first (never current, never a kept one; node/_versions.py), so
-    # the store then forgets the removed copies.
-    actions = gc_versions(args.data_dir)
+    # the store then forgets the removed copies; a running node withdraws them.
+    actions, gone = collect_versions(args.data_dir)
     store = Store(args.data_dir)
     try:
+        before = set(store.manifest_ids())
         actions += store.gc(drop_incomplete=args.incomplete)
+        gone += before - set(store.manifest_ids())
     finally:
         store.close()
+    actions += tell_node_withdrawn(args.data_dir, gone)
     if args.json:
         print_json({"actions": actions})
     else:

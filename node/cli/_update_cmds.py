@@ -147,11 +147,49 @@ def _hf_cache_state(args: argparse.Namespace) -> tuple[Path, Any]:
 
 
 def _write_hf_cache(state: tuple[Path, Any], result: dict[str, Any]) -> str:
-    """The new version (now ``current``) into the HF cache layout; refs/<revision> last, in one rename."""
+    """The new version (now ``current``) into the HF cache layout; refs/<revision> last, in one rename.
+
+    The version's pin (cache, repo, revision, commit) is recorded first, so
+    ``rollback`` to it later moves the ref back (or says its snapshot is gone).
+    """
+    from autoglm.node._versions import HubPin, VersionSet
     from autoglm.node.hub._publish import write_hf_cache
 
     cache, prov = state
-    return str(write_hf_cache(cache, prov, Path(result["root"]) / "versions" / str(result["current"])))
+    vs = VersionSet(Path(result["root"]))
+    vs.pin_hub(str(result["current"]), HubPin(str(cache), prov.repo, prov.revision, prov.commit))
+    return str(write_hf_cache(cache, prov, vs.path_for(str(result["current"]))))
+
+
+def tell_node_withdrawn(data_dir: Path, manifest_ids: list[bytes]) -> list[str]:
+    """A `join` node running on ``data_dir`` stops announcing ``manifest_ids`` (their pieces were removed here).
+
+    The store already forgot them (node/_versions.forget_in_store), so a
+    node started later never announces them; a running one re-reads and
+    withdraws (peers hear an empty bitfield, Hello and the DHT drop them).
+    Returns what was done, one line each; nothing when no node runs. A node
+    that cannot be told is said in a line (the removal itself is done).
+    """
+    from autoglm.node._control_client import connect, request
+    from autoglm.node.errors import AutoglmError
+
+    if not manifest_ids:
+        return []
+    sock = connect(data_dir)
+    if sock is None:
+        return []
+    req = {"op": "withdraw", "manifest_ids": sorted({m.hex() for m in manifest_ids})}
+    why = "it closed the connection"
+    try:
+        for line in request(data_dir, req, timeout=30, sock=sock):
+            if line.get("event") == "withdrawn":
+                return [f"the running node no longer announces {str(m)[:16]}" for m in line.get("unheld", [])]
+            if line.get("event") == "error":
+                why = str(line.get("message"))
+                break
+    except AutoglmError as exc:
+        why = str(exc)
+    return [f"warning: the running node may still announce the removed versions ({why}); restart it"]
 
 
 def cmd_update(args: argparse.Namespace) -> int:
@@ -192,12 +230,27 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from autoglm.node._update import rollback
 
     root = _root(args, args.name)
-    was, now = rollback(root, args.keep)
+    res = rollback(root, args.keep, Path(args.data_dir))
+    told = tell_node_withdrawn(Path(args.data_dir), res.withdrawn)
+    ref = None
+    if res.hub is not None:
+        from autoglm.node.hub._cache import repo_dir
+
+        ref = str(repo_dir(Path(res.hub.cache), res.hub.repo) / "refs" / res.hub.revision)
     if args.json:
-        print_json({"event": "rolled-back", "root": str(root), "current": now, "previous": was})
-    else:
-        console.print(f"{root}/current -> versions/{now} (was {was}); nothing fetched", soft_wrap=True)
-        err_console.print("a `join --follow` node keeps this until the name gets a higher sequence number")
+        print_json({"event": "rolled-back", "root": str(root), "current": res.current, "previous": res.previous,
+                    "pruned": res.pruned, "withdrawn": [m.hex() for m in res.withdrawn],
+                    "hf_ref": ref, "hf_commit": res.hub.commit if res.hub is not None else None})
+        return 0
+    console.print(f"{root}/current -> versions/{res.current} (was {res.previous}); nothing fetched", soft_wrap=True)
+    if res.hub is not None:
+        console.print(f"{ref} -> {res.hub.commit}", soft_wrap=True, markup=False)
+    elif res.hub_left is not None:
+        err_console.print(f"{res.current} was not installed with --hf-cache: the Hugging Face cache still names "
+                          f"{res.hub_left.commit[:12]} ({res.previous})")
+    for line in [*(f"removed version {d} (out of the kept set)" for d in res.pruned), *told]:
+        console.print(line, soft_wrap=True, markup=False)
+    err_console.print("a `join --follow` node keeps this until the name gets a higher sequence number")
     return 0
 
 
@@ -205,13 +258,19 @@ def cmd_versions(args: argparse.Namespace) -> int:
     from autoglm.node._versions import VersionSet
 
     root = _root(args, args.name)
-    rows = VersionSet(root).entries()
+    vs = VersionSet(root)
+    rows = vs.entries()
+    pins = {r.dirname: vs.hub_pin(r.dirname) for r in rows}
     if args.json:
         for r in rows:
-            print_json({"version": r.dirname, "path": str(r.path), "current": r.current})
+            pin = pins[r.dirname]
+            print_json({"version": r.dirname, "path": str(r.path), "current": r.current,
+                        "hf_commit": pin.commit if pin is not None else None})
         return 0
     if not rows:
         console.print(f"no versions under {root}")
     for r in rows:
-        console.print(f"{'*' if r.current else ' '} {r.dirname}  {r.path}", soft_wrap=True, markup=False)
+        pin = pins[r.dirname]
+        hf = f"  (hf {pin.repo}@{pin.commit[:12]})" if pin is not None else ""
+        console.print(f"{'*' if r.current else ' '} {r.dirname}  {r.path}{hf}", soft_wrap=True, markup=False)
     return 0

@@ -36,7 +36,10 @@ from autoglm.node.errors import StorageError
 
 from ._api import HubFile, HubRef
 
-__all__ = ["hub_cache_dir", "link_snapshot", "local_dir_metadata", "repo_folder", "write_ref", "write_tree"]
+__all__ = [
+    "hub_cache_dir", "link_snapshot", "local_dir_metadata", "repo_dir", "repo_folder", "snapshot_problem", "write_ref",
+    "write_tree",
+]
 
 
 def hub_cache_dir() -> Path:
@@ -50,16 +53,21 @@ def hub_cache_dir() -> Path:
 
 
 def repo_folder(cache: Path, ref: HubRef) -> Path:
-    return cache / ("models--" + ref.repo.replace("/", "--"))
+    return repo_dir(cache, ref.repo)
+
+
+def repo_dir(cache: Path, repo: str) -> Path:
+    """``models--ORG--REPO`` under ``cache``."""
+    return cache / ("models--" + repo.replace("/", "--"))
 
 
 def blob_name(f: HubFile) -> str:
     return "blobs/" + f.etag
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str, tmp_dir: Path | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -114,16 +122,53 @@ def link_snapshot(repo_dir: Path, commit: str, files: Iterable[HubFile]) -> Path
 
 
 def write_ref(repo_dir: Path, revision: str, commit: str) -> None:
-    """``refs/<revision>`` holds the commit (no newline), as huggingface_hub writes it; none for a commit."""
+    """``refs/<revision>`` holds the commit (no newline), as huggingface_hub writes it; none for a commit.
+
+    Replaced whole by rename(2) from a temp file in the repo folder, not in
+    ``refs/``: huggingface_hub reads every file under ``refs/`` as a ref, so a
+    temp file left there by a killed process would be a ref to nothing
+    (``hf cache scan`` then calls the repo corrupted).
+    """
     if revision == commit:
         return
     path = repo_dir / "refs" / revision
     try:
         if path.is_file() and path.read_text() == commit:
             return
-        _atomic_write(path, commit)
+        _atomic_write(path, commit, tmp_dir=repo_dir)
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def snapshot_problem(repo_dir: Path, commit: str) -> str | None:
+    """Why ``snapshots/<commit>`` cannot be loaded offline (a file or blob missing or short), or None.
+
+    With ``trees/<commit>.json`` every listed file must be there at its size
+    (what huggingface_hub checks offline); without it, every link in the
+    snapshot must reach a blob.
+    """
+    snap = repo_dir / "snapshots" / commit
+    if not snap.is_dir():
+        return f"{snap} is gone"
+    try:
+        listing = json.loads((repo_dir / "trees" / f"{commit}.json").read_bytes())
+        files = listing["files"] if isinstance(listing, dict) and isinstance(listing.get("files"), dict) else None
+    except (OSError, ValueError, KeyError):
+        files = None
+    try:
+        if files is not None:
+            for path, entry in files.items():
+                size = entry.get("size") if isinstance(entry, dict) else None
+                f = snap / path
+                if not f.is_file() or (isinstance(size, int) and f.stat().st_size != size):
+                    return f"{f} is missing or incomplete"
+            return None
+        for f in snap.rglob("*"):
+            if f.is_symlink() and not f.exists():
+                return f"{f} points at a missing blob"
+    except OSError as exc:
+        return f"cannot read {snap}: {exc.strerror}"
+    return None
 
 
 def local_dir_metadata(local_dir: Path, commit: str, files: Iterable[HubFile]) -> None:

@@ -215,9 +215,15 @@ class Discovery:
         while True:
             now = trio.current_time()
             for mid in self._held.ids():
+                if mid not in self._held:
+                    continue  # withdrawn while this round ran
                 if self._needs_provide(mid, now):
                     size = self._p2p.dht_size()
-                    if await self._provide_paced(self._p2p.provide_manifest, mid):
+                    sent = await self._provide_paced(self._p2p.provide_manifest, mid)
+                    if mid not in self._held:  # withdrawn during the provide: take our own record back
+                        self._p2p.unprovide_manifest(mid)
+                        continue
+                    if sent:
                         self._provided[mid] = (trio.current_time(), size)
                         self._emit(Announced("manifest", mid))
                         self._provided_files.difference_update(self._held.file_hashes(mid))

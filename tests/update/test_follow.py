@@ -6,7 +6,8 @@ or by polling, fetch only the changed pieces from P, gate and switch. A
 follower offline for two versions jumps straight to the newest; republishing
 v1 with a higher seq rolls everyone back without fetching; a staged record
 that does not admit a follower leaves it where it is; a record signed by an
-untrusted key is never followed.
+untrusted key is never followed. A local `rollback` on a follower holds
+across a restart until the name gets a higher sequence number.
 """
 
 from __future__ import annotations
@@ -141,6 +142,18 @@ def test_followers_track_versions_jump_roll_back_and_honour_staging(tmp_path: Pa
         _name_publish(tmp_path, ms[3], key, 6)
         _wait_current(tmp_path, "F1", digests[3], f1)
         _wait_current(tmp_path, "F2", digests[3], f2)
+
+        # a local rollback on a follower holds across a restart until the name gets a higher seq: F1 restarted
+        # resolves seq 6 at once and leaves it (had it forgotten handling it, it would switch back to v3)
+        cli("--data-dir", str(tmp_path / "F1"), "rollback", NAME)
+        assert tree_digest(_current(tmp_path, "F1")) == digests[1]  # type: ignore[arg-type]
+        assert f1.stop() == 0
+        f1 = _follower(procs, tmp_path, "F1", pub, boot)
+        deadline = time.monotonic() + BOUND
+        while "seq 6 already handled" not in f1.stderr_tail(200_000):
+            assert time.monotonic() < deadline, f1.stderr_tail()
+            time.sleep(0.2)
+        assert tree_digest(_current(tmp_path, "F1")) == digests[1]  # type: ignore[arg-type]
 
 
 def test_follow_without_a_trusted_key_is_a_clear_error(tmp_path: Path) -> None:

@@ -5,11 +5,15 @@ changes one shard. `update --hf-cache` fetches only that shard's changed
 pieces, switches `current`, then writes the cache: the blobs are hard links
 to the new version's files and refs/main names the new commit (replaced in
 one rename). huggingface_hub, offline, then loads the new commit.
+`rollback` moves refs/main back with `current` (huggingface_hub loads the old
+commit), `gc` keeps the kept versions' snapshots, and a rollback to a version
+whose snapshot was deleted from the cache fails before changing anything.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,6 +49,7 @@ async def test_update_moves_the_hf_cache_ref_to_the_new_commit_fetching_only_the
     env = clean_env(tmp_path, HF_ENDPOINT=hub.url)
     await run_cli(["--data-dir", str(tmp_path / "pub"), "keygen", "--out", str(tmp_path / "key")], env)
     c1 = hub.commit
+    files1 = dict(hub.files)
     await _publish(tmp_path, env, tmp_path / "v1.agm")
     cache = tmp_path / "ours"
     up1 = await _update(tmp_path, env, tmp_path / "v1.agm", cache)
@@ -68,16 +73,45 @@ async def test_update_moves_the_hf_cache_ref_to_the_new_commit_fetching_only_the
     blob = cache / FOLDER / "snapshots" / c2 / SHARD
     assert blob.resolve().stat().st_ino == (cur / SHARD).stat().st_ino
 
-    offline = clean_env(tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    assert await _offline_load(tmp_path, cache) == (c2, files2[SHARD])
+
+    # rollback: current and refs/main go back to v1; huggingface_hub, offline, loads c1
+    node = ["--data-dir", str(tmp_path / "node")]
+    vdir = ["--versions-dir", str(up2["root"])]
+    back = json.loads((await run_cli([*node, "rollback", REPO, *vdir, "--json"], env)).stdout)
+    assert back["current"] == up1["current"] and back["hf_commit"] == c1
+    listed = [json.loads(x) for x in (await run_cli([*node, "versions", REPO, *vdir, "--json"], env)).stdout.splitlines()]
+    assert [(x["version"], x["hf_commit"]) for x in listed] == [(up1["current"], c1), (up2["current"], c2)]
+    assert (cache / FOLDER / "refs" / "main").read_text() == c1
+    assert not list((cache / FOLDER / "refs").glob(".*"))  # no temp file left beside the ref
+    assert await _offline_load(tmp_path, cache) == (c1, files1[SHARD])
+    # gc keeps the kept versions and their snapshots
+    await run_cli([*node, "gc", "--json"], env)
+    assert await _offline_load(tmp_path, cache) == (c1, files1[SHARD])
+    fwd = json.loads((await run_cli([*node, "rollback", REPO, *vdir, "--json"], env)).stdout)
+    assert fwd["current"] == up2["current"] and (cache / FOLDER / "refs" / "main").read_text() == c2
+
+    # v1's snapshot deleted from the cache (as `hf cache delete` does): the rollback fails, nothing changes
+    shutil.rmtree(cache / FOLDER / "snapshots" / c1)
+    res = await run_cli([*node, "rollback", REPO, *vdir], env, check=False)
+    assert res.returncode != 0 and b"snapshot" in res.stderr and c1[:12].encode() in res.stderr, res.stderr
+    assert (cache / FOLDER / "refs" / "main").read_text() == c2
+    cur = resolve_current(Path(str(up2["root"])))
+    assert cur is not None and cur.name == up2["current"]
+    assert await _offline_load(tmp_path, cache) == (c2, files2[SHARD])
+
+
+async def _offline_load(tmp: Path, cache: Path) -> tuple[str, bytes]:
+    """What huggingface_hub, offline, loads from ``cache``: (the snapshot's commit, the second shard's bytes)."""
+    offline = clean_env(tmp, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
     code = f"""
 import json
 from huggingface_hub import snapshot_download, try_to_load_from_cache
-snap = snapshot_download({REPO!r}, cache_dir={str(cache)!r})
+snap = snapshot_download({REPO!r}, cache_dir={str(cache)!r}, local_files_only=True)
 print(json.dumps([snap, try_to_load_from_cache({REPO!r}, {SHARD!r}, cache_dir={str(cache)!r})]))
 """
     snap, shard = json.loads(await run_py(code, offline))
-    assert Path(snap).name == c2
-    assert await trio.Path(shard).read_bytes() == files2[SHARD]
+    return Path(snap).name, await trio.Path(shard).read_bytes()
 
 
 async def test_update_hf_cache_needs_the_provenance(tmp_path: Path) -> None:

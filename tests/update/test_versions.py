@@ -8,6 +8,7 @@ times. After each, ``current`` must name one complete version.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -19,15 +20,22 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from autoglm.node._store import Store
 from autoglm.node._versions import (
     CURRENT,
+    HubPin,
     VersionSet,
+    collect_versions,
+    forget_in_store,
     gc_versions,
     register_root,
     resolve_current,
 )
 from autoglm.node.errors import ConfigError
+from autoglm.node.hub._cache import snapshot_problem
+from autoglm.protocol import FileEntry, Manifest, Piece, SignedManifest, key_id, sign_manifest
 
 FILES = ("config.json", "model-00001.safetensors", "model-00002.safetensors", "tokenizer.json")
 
@@ -112,6 +120,81 @@ def test_gc_removes_only_versions_outside_the_kept_set(tmp_path: Path) -> None:
     assert not (root / ".current.999.tmp").is_symlink()
     assert _check_one_version(root) == "v3"
     assert gc_versions(data) == []  # nothing more to do: kept versions stay
+
+
+def _signed(version: str) -> SignedManifest:
+    key = Ed25519PrivateKey.generate()
+    f = FileEntry("w.bin", 4, bytes(32), (Piece(0, 4, bytes(32)),))
+    return sign_manifest(Manifest(name="t/m", version=version, created_at=1, publisher=key_id(
+        key.public_key().public_bytes_raw()), files=(f,), max_piece_size=1 << 20), key)
+
+
+def test_the_store_forgets_a_version_before_it_is_removed(tmp_path: Path) -> None:
+    """Prune and gc: the store's downloads into a removed version go first (a node reads the store at start
+    to say what it holds); a crash in between leaves only a directory nobody points at."""
+    data, root = tmp_path / "data", tmp_path / "m"
+    vs = VersionSet(root)
+    for v in ("v1", "v2", "v3", "stale"):
+        _make_version(root, v)
+    register_root(data, root)
+    ms = {v: _signed(v) for v in ("v1", "v2", "v3", "stale")}
+    store = Store(data)
+    for v, m in ms.items():
+        store.open_download(m, root / "versions" / v).close()
+    store.open_download(ms["v1"], tmp_path / "elsewhere").close()  # v1 is also held outside the root
+    store.close()
+    seen: list[tuple[str, bool]] = []
+
+    def forget(dirs: list[Path]) -> None:
+        seen.extend((d.name, d.is_dir()) for d in dirs)
+        forget_in_store(data, dirs)
+
+    vs.switch("v1", keep=0, forget=forget)
+    vs.switch("v2", keep=0, forget=forget)
+    assert seen == [("v1", True)]  # told while it was still there
+    vs.switch("v3", keep=1, forget=forget)
+    done, forgotten = collect_versions(data)
+    assert forgotten == [ms["stale"].id] and any("stale" in a for a in done)
+    store = Store(data)
+    try:
+        left = {(i.manifest_id, i.out_dir.name) for i in store.downloads()}
+    finally:
+        store.close()
+    assert left == {(ms["v1"].id, "elsewhere"), (ms["v2"].id, "v2"), (ms["v3"].id, "v3")}
+    assert forget_in_store(data, [root / "versions" / "v2"]) == [ms["v2"].id]
+    assert forget_in_store(tmp_path / "no-store", [root]) == []  # no store: nothing to forget, none created
+    assert not (tmp_path / "no-store").exists()
+
+
+def test_hub_pins_are_kept_per_version(tmp_path: Path) -> None:
+    vs = VersionSet(tmp_path)
+    for v in ("v1", "v2"):
+        _make_version(tmp_path, v)
+    pin = HubPin("/c", "org/repo", "main", "a" * 40)
+    vs.pin_hub("v1", pin)
+    vs.pin_hub("v2", HubPin("/c", "org/repo", "main", "b" * 40))
+    assert vs.hub_pin("v1") == pin and vs.hub_pin("v3") is None
+    (tmp_path / "hf-cache.json").write_text('{"v1": {"cache": 1}}')  # damaged: no pin, never a crash
+    assert vs.hub_pin("v1") is None
+
+
+def test_snapshot_problem_names_what_is_missing(tmp_path: Path) -> None:
+    repo = tmp_path / "models--o--r"
+    c = "c" * 40
+    assert snapshot_problem(repo, c) is not None
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "e1").write_bytes(b"12345")
+    (repo / "snapshots" / c).mkdir(parents=True)
+    (repo / "snapshots" / c / "a.bin").symlink_to("../../blobs/e1")
+    assert snapshot_problem(repo, c) is None
+    (repo / "trees").mkdir()
+    (repo / "trees" / f"{c}.json").write_text(json.dumps({"format_version": 1, "files": {
+        "a.bin": {"size": 5}, "b.bin": {"size": 1}}}))
+    assert "b.bin" in str(snapshot_problem(repo, c))
+    (repo / "trees" / f"{c}.json").write_text(json.dumps({"format_version": 1, "files": {"a.bin": {"size": 5}}}))
+    assert snapshot_problem(repo, c) is None
+    (repo / "blobs" / "e1").unlink()  # a blob deleted under the snapshot
+    assert "a.bin" in str(snapshot_problem(repo, c))
 
 
 def test_gc_skips_a_root_with_an_update_running(tmp_path: Path) -> None:
@@ -268,3 +351,32 @@ def test_hf_cache_ref_is_replaced_whole_under_random_sigkill(tmp_path: Path) -> 
         stop.set()
         t.join(timeout=10)
     assert seen == {"a" * 40, "b" * 40}
+
+
+_REF_KILLED = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from autoglm.node.hub import _cache
+    def die(*a, **k):
+        os.kill(os.getpid(), signal.SIGKILL)
+    _cache.os.replace = die  # killed with the new ref written to its temp file, before the rename
+    _cache.write_ref(Path(sys.argv[1]), "main", "b" * 40)
+""")
+
+
+def test_a_ref_write_killed_before_its_rename_leaves_nothing_under_refs(tmp_path: Path) -> None:
+    """huggingface_hub reads every file under refs/ as a ref: the temp file lives beside refs/, not in it."""
+    repo = tmp_path / "models--o--r"
+    from autoglm.node.hub._cache import write_ref
+
+    (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    write_ref(repo, "main", "a" * 40)
+    p = subprocess.run([sys.executable, "-c", _REF_KILLED, str(repo)], capture_output=True, timeout=60, check=False)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert [f.name for f in (repo / "refs").rglob("*")] == ["main"]
+    assert (repo / "refs" / "main").read_text() == "a" * 40
+    assert len(list(repo.glob(".main.*.tmp"))) == 1  # what the kill left, outside refs/
+    scan = subprocess.run([sys.executable, "-c", "import sys; from huggingface_hub import scan_cache_dir; "
+                           "r = scan_cache_dir(sys.argv[1]); print(len(r.warnings), sorted(r.repos)[0].refs)",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60, check=True)
+    assert scan.stdout.startswith("0 "), scan.stdout
