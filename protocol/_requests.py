@@ -11,18 +11,27 @@ requesters per piece, when two things hold:
 * **the request is late** against this node's own piece times: older than
   ``late`` × the time a piece of its size takes from that *kind* of source
   (peer, mirror), as this fetch measured it, and never younger than
-  ``delay``. With no piece measured yet from that kind, ``delay`` alone (a
-  swarm on a LAN gets a piece from a peer in tens of milliseconds; on a
-  20 Mbit/s link a piece takes seconds, so a fixed delay would duplicate
-  every last piece and drop the loser's bytes);
+  ``delay``. With no piece measured yet from that kind, a request is late
+  after ``delay`` only if it has received nothing at all (a stall): one
+  whose bytes are moving gives no evidence that another source would be
+  faster. (A swarm on a LAN gets a piece from a peer in tens of
+  milliseconds; on a 20 Mbit/s link shared by a node's whole pipeline every
+  piece takes minutes, and a fixed delay would duplicate every piece in
+  flight and drop the loser's bytes.)
 * **the duplicate is expected to finish sooner**: the new source's own
   expected time for the piece is no longer than what the outstanding request
   still needs. Where the caller reports the piece's bytes received so far
-  (``progress``), that is the rest at the rate the request has had: a
-  request that is moving, only slower than before because this node's link
-  is shared by more requests now, is not duplicated (a duplicate would take
-  a share of the same link and drop the loser's bytes), and one from a
-  source that sends slowly or has stopped is. With no bytes yet, the request
+  (``progress``), that is the rest at the rate the request has had, and the
+  new source's time is at least the time this node's link needs for the
+  rest of every other request in flight plus the whole piece, at the rate
+  those requests have had (a duplicate shares the link with them: while the
+  link is busy, the time a source took when it was quiet says nothing, and
+  a duplicate only helps once the request would end after everything else).
+  A request with no bytes at all is judged without that floor, so a stall
+  is rescued as soon as it is late. So a request that is moving, only slower than
+  before because this node's link is shared by more requests now, is not
+  duplicated (a duplicate would take a share of the same link and drop the
+  loser's bytes), and one from a source that sends slowly or has stopped is. With no bytes yet, the request
   is expected at its source's own time while that is ahead, and once
   overdue to need as long again as it has waited (a request that stalled is
   expected to take ever longer, so any source that delivers at all rescues
@@ -114,6 +123,7 @@ class InFlight:
         self.times = PieceTimes()
         #: Bytes of a piece received so far by its furthest requester (None: not reported).
         self.progress: Callable[[int], int] | None = None
+        self._load: tuple[float, float, float] | None = None  # (now, bytes still to come, bytes/s coming) then
         self._by: dict[int, dict[str, float]] = {}  # piece -> requester -> when asked
 
     def requesters(self, index: int) -> frozenset[str]:
@@ -147,10 +157,14 @@ class InFlight:
     def _first(self, by: Mapping[str, float]) -> tuple[float, str]:
         return min((t, s) for s, t in by.items())
 
-    def _late_after(self, index: int, sid: str, size: Size, kind_of: KindOf) -> float:
-        """Seconds after its request at which a request of ``sid`` for ``index`` counts as late."""
+    def _late_after(self, index: int, sid: str, size: Size, kind_of: KindOf) -> float | None:
+        """Seconds after its request at which a request of ``sid`` for ``index`` counts as late (None: not while it moves)."""
         typical = self.times.kind(kind_of(sid), size(index))
-        return self.delay if typical is None else max(self.delay, self.late * typical)
+        if typical is not None:
+            return max(self.delay, self.late * typical)
+        if self.progress is not None and self.progress(index) > 0:
+            return None  # nothing measured to call it late against, and its bytes are coming
+        return self.delay
 
     def endgame_pick(
         self, source_id: str, may_send: Callable[[int], bool], now: float, size: Size, kind_of: KindOf,
@@ -167,13 +181,38 @@ class InFlight:
             at, first = self._first(by)
             if best is not None and (at, i) >= best:
                 continue
-            if now < at + self._late_after(i, first, size, kind_of) or not may_send(i):  # the instant endgame_due gives
+            late = self._late_after(i, first, size, kind_of)
+            if late is None or now < at + late or not may_send(i):  # at + late: the instant endgame_due gives
                 continue
             mine = self.times.source(source_id, size(i))
+            if self.progress is not None and (got := self.progress(i)) > 0:
+                # A moving request: a duplicate shares this node's link with every other request.
+                rest, rate = self._link(now, size)
+                age = now - at
+                rest, rate = rest - (size(i) - got), rate - (got / age if age > 0 else 0.0)
+                if rate > 0:
+                    mine = max(mine or 0.0, (rest + size(i)) / rate)
             if mine is not None and not all(self._sooner(mine, i, t, s, now, size) for s, t in by.items()):
                 continue
             best = (at, i)
         return None if best is None else best[1]
+
+    def _link(self, now: float, size: Size) -> tuple[float, float]:
+        """This node's requests in flight: bytes still to come, and bytes/s coming (each request's rate so far).
+
+        Scanned once per instant.
+        """
+        if self._load is None or self._load[0] != now:
+            rest = rate = 0.0
+            if self.progress is not None:
+                for i, by in self._by.items():
+                    got = self.progress(i)
+                    rest += max(0, size(i) - got)
+                    age = now - min(by.values())
+                    if got > 0 and age > 0:
+                        rate += got / age
+            self._load = (now, rest, rate)
+        return self._load[1], self._load[2]
 
     def _sooner(self, mine: float, index: int, at: float, sid: str, now: float, size: Size) -> bool:
         """Whether ``mine`` seconds from ``now`` is no later than the request of ``sid`` made at ``at`` is expected to end.
@@ -203,8 +242,11 @@ class InFlight:
             if len(by) >= self.copies:
                 continue
             at, first = self._first(by)
+            late = self._late_after(i, first, size, kind_of)
+            if late is None:
+                continue  # the next piece to arrive gives a measurement, and a pick
             # (request time, seconds after it): only a positive wait is an instant at which something changes.
-            waits = [(at, self._late_after(i, first, size, kind_of))]
+            waits = [(at, late)]
             waits += [(t, own) for s, t in by.items() if (own := self.times.source(s, size(i))) is not None]
             mine = [m for c in candidates(i) if c not in by and (m := self.times.source(c, size(i))) is not None]
             if mine:

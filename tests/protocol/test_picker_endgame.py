@@ -327,3 +327,35 @@ def test_a_request_at_this_links_share_is_never_duplicated(got: int, took: float
     else:
         # Slower than b's pieces: duplicated exactly when b's whole piece beats the rest at its rate.
         assert (picked == [2]) == (took * got <= (SIZE - got) * now)
+
+
+def test_with_nothing_measured_only_a_request_with_no_bytes_is_late() -> None:
+    """A node whose whole pipeline shares one slow link: every piece in flight moves slowly, none is duplicated."""
+    got = {0: 10, 1: 0}
+    pp = PiecePicker([SIZE] * 2, endgame_delay=1.0)
+    pp.progress = lambda i: got[i]
+    for sid in ("a", "b"):
+        pp.add_source(sid, PEER, [0, 1])
+    assert pp.pick("a", 2 * SIZE, 0.0) == [0, 1]
+    assert pp.pick("b", SIZE, 0.5) == []  # younger than endgame_delay
+    assert pp.next_deadline(0.5) == 1.0  # piece 1 (no bytes) turns late then; piece 0 never by time alone
+    assert pp.pick("b", SIZE, 100.0) == [1]
+    assert pp.pick("b", SIZE, 100.0) == []  # piece 0 is moving: no duplicate
+    assert pp.next_deadline(100.0) is None
+
+
+@pytest.mark.parametrize(
+    ("got", "expected"),
+    [
+        # Pieces took 1 s when the link was quiet; now four requests share it and each has 100 of 1000
+        # bytes after 4 s. All late (2 × 1 s), all moving alike: a duplicate would get the same share.
+        ({2: 100, 3: 100, 4: 100, 5: 100}, []),
+        # One of them gets a tenth of the others' rate (its source is slow): b duplicates it.
+        ({2: 100, 3: 100, 4: 10, 5: 100}, [4]),
+    ],
+)
+def test_requests_sharing_a_busy_link_alike_are_not_duplicated(got: dict[int, int], expected: list[int]) -> None:
+    pp = warmed(6, {"a": 1.0, "b": 1.0})
+    pp.progress = lambda i: got.get(i, 0)
+    assert pp.pick("a", 4 * SIZE, 10.0) == [2, 3, 4, 5]
+    assert pp.pick("b", SIZE, 14.0) == expected
