@@ -9,7 +9,17 @@ import pytest
 
 from bench.sim.__main__ import LOOPBACK_ORIGIN, loopback, owner_counts
 from bench.sim._flows import Link, Loop, Net
-from bench.sim._scenario import Fleet, Gbit, GiB, Mbit, MiB, Scenario, fluid_bound, run, sample_pieces
+from bench.sim._scenario import (
+    Fleet,
+    Gbit,
+    GiB,
+    Mbit,
+    MiB,
+    Scenario,
+    fluid_bound,
+    run,
+    sample_pieces,
+)
 from bench.sim._swarm import Params
 
 
