@@ -129,9 +129,6 @@ class InFlight:
     def requesters(self, index: int) -> frozenset[str]:
         return frozenset(self._by.get(index, ()))
 
-    def asked_at(self, index: int, source_id: str) -> float | None:
-        return self._by.get(index, {}).get(source_id)
-
     def add(self, index: int, source_id: str, now: float) -> None:
         self._by.setdefault(index, {}).setdefault(source_id, now)
 
