@@ -275,7 +275,7 @@ class Delivery:
 
     def piece_written(self, source_id: str, index: int) -> None:
         """Piece ``index`` from ``source_id`` matched its hash and is in the staging file: queue its commit."""
-        others = self.picker.piece_written(source_id, index)
+        others = self.picker.piece_written(source_id, index, now=trio.current_time())
         self._file_sources.setdefault(self.download.file_of[index], set()).add(source_id)
         self.download.partial.pop(index, None)
         self._pending[index] = source_id

@@ -163,6 +163,7 @@ class Fetch:
         self.stats = FetchStats(self._refs)
         self.delivery = Delivery(d, self.picker, self._refs, self.stats, send=self._send, wake=self._wake,
                                  on_written=self._piece_written, commit_interval=self.options.commit_interval)
+        self.picker.progress = self.delivery.written  # the endgame judges a request by its bytes so far
         self.scheduler = SourceScheduler(self.picker, self.delivery, self.stats, self.options,
                                          send_nowait=self._send_nowait, on_mirror_claims=on_mirror_claims)
         for s in sources:

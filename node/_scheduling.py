@@ -178,7 +178,7 @@ class SourceScheduler:
         """When a backed-off or snubbed source becomes usable again, or a piece owner's time runs out."""
         deadline = min((t for s in self.sources.values() if (t := s.ready_at()) > now), default=float("inf"))
         deadline = min([deadline, *(t for s in self.sources if (t := self._slow.snubbed_until(s)) > now)])
-        owner_due = self._picker.next_deadline()
+        owner_due = self._picker.next_deadline(now)
         if owner_due is not None and owner_due > now:
             deadline = min(deadline, owner_due)
         return deadline

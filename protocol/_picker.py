@@ -29,8 +29,14 @@ mirrors (every piece) or local copies (a fixed set). The rules, in order:
 4. Endgame: once no wanted piece is NONE, a source may duplicate a piece that
    is REQUESTED (not WRITING) by others, oldest request first, up to
    ``endgame_copies`` concurrent requesters per piece, once the first request
-   is ``endgame_delay`` old (protocol/_requests.py keeps who was asked for
-   what, since when).
+   is late against this fetch's own piece times (``endgame_late`` × how long
+   a piece of that size takes from that kind of source, never before
+   ``endgame_delay``) and only to a source expected to finish it sooner than
+   the outstanding request, judged by the bytes it has received so far where
+   the caller reports them (``progress``): a request moving at this link's
+   shared rate is left alone, a trickling or stalled one is duplicated
+   (protocol/_requests.py keeps who was asked for what, since when, and the
+   measured piece times; :meth:`piece_written` with ``now`` feeds them).
 5. First-copy spreading (swarm fetches, a ``first_copy`` given): a mirror takes a piece
    only when protocol/_ownership.py says this node owns it or its owner is
    stale. :meth:`next_deadline` says when a stale owner's pieces become
@@ -42,13 +48,14 @@ mirrors (every piece) or local copies (a fixed set). The rules, in order:
    first-copy rank order, within the same ownership (protocol/_stream.py).
 
 Time is a parameter: ``pick(..., now)`` records the request time so endgame
-duplicates the piece that has waited longest.
+duplicates the piece that has waited longest, and ``piece_written(..., now=)``
+measures how long each source took.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ._availability import Availability
@@ -106,6 +113,8 @@ class PiecePicker:
         first_copy: FirstCopy | None = None,
         endgame_delay: float = 0.0,
         stream_window: int | None = None,
+        endgame_late: float = 2.0,
+        progress: Callable[[int], int] | None = None,
     ) -> None:
         self._sizes = list(sizes)
         file_starts = list(file_starts)
@@ -117,7 +126,8 @@ class PiecePicker:
         for i in have:
             self._state[i] = PieceState.DONE
         self._avail = Availability(self._state, self._wanted, PieceState.NONE)
-        self._asked = InFlight(endgame_copies, endgame_delay)
+        self._asked = InFlight(endgame_copies, endgame_delay, endgame_late)
+        self.progress = progress
         self._sources: dict[str, _Source] = {}
         self._remaining = sum(1 for i in range(n) if self._wanted[i] and self._state[i] != PieceState.DONE)
         #: First-copy spreading (None: every piece is ours to fetch). The caller
@@ -129,6 +139,15 @@ class PiecePicker:
         if self.stream is not None:
             order = self.stream.mirror_order(order)
         self._runs = MirrorRuns(self._sizes, file_starts, order, mirror_overlap_budget)
+
+    @property
+    def progress(self) -> Callable[[int], int] | None:
+        """Bytes of a REQUESTED piece received so far by its furthest requester, as the caller sees them (endgame)."""
+        return self._asked.progress
+
+    @progress.setter
+    def progress(self, fn: Callable[[int], int] | None) -> None:
+        self._asked.progress = fn
 
     # -- queries ---------------------------------------------------------
     @property
@@ -183,14 +202,30 @@ class PiecePicker:
         """A wanted piece that is not DONE yet (False out of range)."""
         return 0 <= index < len(self._state) and self._wanted[index] and self._state[index] != PieceState.DONE
 
-    def next_deadline(self) -> float | None:
-        """When picking again may give more: a stale owner's pieces free up, or an endgame duplicate is due."""
+    def expected_time(self, source_id: str, index: int) -> float | None:
+        """Seconds a request of ``source_id`` for piece ``index`` is expected to take (None: none measured)."""
+        return self._asked.times.source(source_id, self._sizes[index])
+
+    def next_deadline(self, now: float | None = None) -> float | None:
+        """When picking again may give more: a stale owner's pieces free up, or an endgame duplicate is due.
+
+        With ``now``, only instants after it (an endgame request may turn late, or overdue, later).
+        """
         times: list[float] = []
-        if self._asked.delay > 0 and not self._avail.any_open():
-            times += self._asked.endgame_due()
+        if not self._avail.any_open():
+            times += self._asked.endgame_due(-float("inf") if now is None else now, self._duplicators,
+                                             self._sizes.__getitem__, self._kind_of)
         if self.first_copy is not None:
             times += self.first_copy.deadlines(self._avail.open_pieces())
+        if now is not None:
+            times = [t for t in times if t > now]
         return min(times, default=None)
+
+    def _kind_of(self, source_id: str) -> SourceKind:
+        return self._sources[source_id].kind
+
+    def _duplicators(self, index: int) -> Iterable[str]:
+        return (sid for sid, src in self._sources.items() if src.has(index) and index not in src.failed)
 
     # -- sources ---------------------------------------------------------
     def add_source(self, source_id: str, kind: SourceKind, have: Iterable[int] | None = None) -> None:
@@ -212,6 +247,7 @@ class PiecePicker:
         if src.kind is PEER and src.have is not None:
             self._avail.add(src.have, -1)
         del self._sources[source_id]
+        self._asked.times.forget(source_id)
         return released
 
     def source_have(self, source_id: str, index: int) -> None:
@@ -296,7 +332,7 @@ class PiecePicker:
                 return False
             return not mirror or self._may_take(i, now)
 
-        i = self._asked.endgame_pick(source_id, may_send, now)
+        i = self._asked.endgame_pick(source_id, may_send, now, self._sizes.__getitem__, self._kind_of)
         return [] if i is None else [i]
 
     def _mark_requested(self, source_id: str, src: _Source, i: int, now: float) -> None:
@@ -305,20 +341,24 @@ class PiecePicker:
         self._set_state(i, PieceState.REQUESTED)
 
     # -- outcomes --------------------------------------------------------
-    def piece_written(self, source_id: str, index: int) -> frozenset[str]:
+    def piece_written(self, source_id: str, index: int, now: float | None = None) -> frozenset[str]:
         """The hash matched and the bytes went to the store (commit pending).
 
         Returns the other sources that still have this piece requested
-        (endgame duplicates); the caller may cancel those requests.
+        (endgame duplicates); the caller may cancel those requests. ``now``
+        measures the source's piece time (the endgame's lateness rule).
         """
         by = self._asked.clear(index)
+        at = by.get(source_id)
+        if now is not None and at is not None and source_id in self._sources:
+            self._asked.times.sample(source_id, self._sources[source_id].kind, now - at, self._sizes[index])
         for sid in by:
             self._sources[sid].in_flight.discard(index)
         if self._state[index] != PieceState.DONE:
             self._set_state(index, PieceState.WRITING)
             if self.first_copy is not None:
                 self.first_copy.delivered(source_id, index)
-        return frozenset(by - {source_id})
+        return frozenset(by.keys() - {source_id})
 
     def piece_done(self, index: int) -> None:
         """The piece is durable and recorded: it counts as verified."""

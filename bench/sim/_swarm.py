@@ -264,6 +264,7 @@ class SimNode:
             first_copy=self.first_copy, endgame_delay=p.endgame_delay,
         )
         self.picker.add_source(MIRROR_ID, MIRROR)
+        self.picker.progress = self._progress  # node/_engine.py: Delivery.written
         self.fetching = True
         for peer in sorted(self.peers):
             sw.send(self, peer, Interested(MID))
@@ -477,10 +478,20 @@ class SimNode:
                 self._send_req(sid, picked)
                 progress = True
         self._missing = None
-        d = pk.next_deadline()
+        d = pk.next_deadline(now)
         if d is not None and d > now and (self._wake_at is None or d < self._wake_at):
             self._wake_at = d
             self.sw.loop.at(d, self._wake, d)
+
+    def _progress(self, index: int) -> int:
+        """Bytes of piece ``index`` its furthest request has received (node/_delivery.py ``written``)."""
+        now, got = self.sw.loop.now, 0.0
+        for rid in self.by_piece.get(index, ()):
+            r = self.reqs[rid]
+            f = r.flow
+            if f is not None and r.indices[r.pos if r.sid == MIRROR_ID else 0] == index:
+                got = max(got, self.sw.sizes[index] - max(0.0, f.left - f.rate * (now - f.t)))
+        return int(got)
 
     def _wake(self, d: float) -> None:
         if self._wake_at == d:
@@ -624,7 +635,7 @@ class SimNode:
         if pk.state(index) == PieceState.DONE:
             self.sw.stats.duplicate_bytes += self.sw.sizes[index]
             return
-        others = pk.piece_written(sid, index)
+        others = pk.piece_written(sid, index, now=self.sw.loop.now)
         pk.piece_done(index)
         self.have.add(index)
         for rid in list(self.by_piece.get(index, ())):

@@ -9,7 +9,17 @@ import pytest
 
 from bench.sim.__main__ import LOOPBACK_ORIGIN, loopback, owner_counts
 from bench.sim._flows import Link, Loop, Net
-from bench.sim._scenario import Fleet, GiB, MiB, Scenario, fluid_bound, run, sample_pieces
+from bench.sim._scenario import (
+    Fleet,
+    Gbit,
+    GiB,
+    Mbit,
+    MiB,
+    Scenario,
+    fluid_bound,
+    run,
+    sample_pieces,
+)
 from bench.sim._swarm import Params
 
 
@@ -143,3 +153,20 @@ def test_first_copy_timers_at_the_swarms_pace_keep_slow_owners() -> None:
 
     assert egress(1.0) > 1.5
     assert egress(None) == pytest.approx(1.0, abs=0.01)
+
+
+def test_endgame_does_not_duplicate_pieces_moving_on_a_slow_shared_link() -> None:
+    """2 servers and 6 edge devices (20-100 Mbit/s): every edge node's pipeline shares its downlink, so
+    every piece takes far longer than the old fixed 1 s endgame delay. The endgame now duplicates only a
+    request late against the node's own piece times and to a sooner source: no node receives a piece's
+    bytes twice (the fixed delay gave the slowest node 1.63x its bytes and 1.80x the fluid bound)."""
+    sc = Scenario(
+        "endgame", (Fleet(2, 10 * Gbit, 10 * Gbit), Fleet(6, 20 * Mbit, 20 * Mbit, down_hi=100 * Mbit, up_hi=100 * Mbit)),
+        origin=1 * Gbit, size=64 * MiB, piece=8 * MiB, seed=1,
+        params=Params(latency=0.01, origin_rtt=0.1, start_delay=0.5, wire=False, sched_tick=0.005, gossip=0.3),
+    )
+    r = run(sc)
+    assert r.completed == r.n == 8
+    assert r.egress == pytest.approx(1.0)
+    assert max(r.received) <= 1.05 * 64 * MiB
+    assert r.last / r.bound < 1.6
