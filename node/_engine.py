@@ -164,7 +164,7 @@ class Fetch:
         self.delivery = Delivery(d, self.picker, self._refs, self.stats, send=self._send, wake=self._wake,
                                  on_written=self._piece_written, commit_interval=self.options.commit_interval)
         self.scheduler = SourceScheduler(self.picker, self.delivery, self.stats, self.options,
-                                         send_nowait=self._send_nowait, on_mirror_claims=on_mirror_claims)
+                                         send_nowait=self._send_nowait, on_mirror_claims=self._mirror_claims_hook(on_mirror_claims))
         for s in sources:
             self.add_source(s)
 
@@ -219,6 +219,22 @@ class Fetch:
             return
         self.scheduler.withdraw_not_ours()
         self._wake()
+
+    def _mirror_claims_hook(self, post: Callable[[list[int]], None] | None) -> Callable[[list[int]], None] | None:
+        """``post`` (the swarm's Claim), after logging why the first-copy rules let a mirror take each piece."""
+        fc = self.first_copy
+        if post is None or fc is None:
+            return post
+
+        def hook(indices: list[int]) -> None:
+            if log.isEnabledFor(logging.INFO):
+                mid = self.download.manifest_id.hex()[:16]
+                for i in indices:
+                    log.info("%s: mirror takes %d: %s, %d requester(s)", mid, i, fc.mirror_reason(i),
+                             len(self.picker.requesters(i)))
+            post(indices)
+
+        return hook
 
     def peer_progress(self, peer: str, index: int) -> None:
         """A swarm peer sent a Have for ``index`` (see FirstCopy.progress)."""

@@ -197,6 +197,7 @@ class FirstCopy:
         self._alive: dict[str, float] = {}  # member -> its last first Have of any piece (wanted here or not)
         self._waits: deque[float] = deque(maxlen=_PACE_SAMPLES)  # our peer requests: first request to arrival
         self._now = 0.0  # the latest time any call gave
+        self._why: dict[int, str] = {}  # piece -> why a mirror last might take it (mirror_reason)
         # Where a mirror run starts: small pieces first (config and tokenizer
         # files: one round trip each, which must not be left for the end), then
         # our own pieces by rank (highest first): nodes that start before they
@@ -414,21 +415,36 @@ class FirstCopy:
         """Whether a mirror may fetch ``index`` now (peer holdings aside): ours, or its owner is stale."""
         self._now = max(self._now, now)
         o = self.owner(index)
+        why = self._why
         if o == self.me:
+            why[index] = "claimed" if self._claimed.get(index) == o else "own share"
             return True
         self._check_promises(o, now)
         t = self.stale_at(o)
         if t is None:
+            why[index] = "owner not a member"
             return True
         if now < t:
             return False
+        cause = "owner broke a promise" if o in self._lapsed else "owner silent"
         # A stale owner's piece passes to its successor: the next member in
         # the piece's rendezvous order that is not stale (nodes that see the
         # same members and staleness agree on it), which has ``owner_timeout``
         # to bring it in before any node may take it from a mirror.
         if o not in self._delivered:
+            why[index] = cause + ", never delivered"
             return True  # never brought us a piece: its share is the mirror's at once (the liar bounds hold)
-        return self._successor(index, o, now) == self.me or now >= t + self._owner_timeout * self.scale()
+        if self._successor(index, o, now) == self.me:
+            why[index] = cause + ", successor is me"
+            return True
+        if now >= t + self._owner_timeout * self.scale():
+            why[index] = cause + ", successor late"
+            return True
+        return False
+
+    def mirror_reason(self, index: int) -> str:
+        """Why the last ``mirror_may_take(index)`` that said yes did, and whose share it is (diagnostics: logged)."""
+        return f"{self._why.get(index, '?')} (share of {self._owner[index][-6:]})"
 
     def _successor(self, index: int, owner: str, now: float) -> str:
         """The first member after ``owner`` in ``index``'s rendezvous order that is not stale now (or this node)."""
