@@ -59,7 +59,7 @@ from autoglm.node._store import (
 )
 from autoglm.node.errors import AutoglmError, StorageError
 from autoglm.protocol._ownership import FirstCopy
-from autoglm.protocol._picker import PiecePicker
+from autoglm.protocol._picker import PiecePicker, SourceKind
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -229,9 +229,12 @@ class Fetch:
         def hook(indices: list[int]) -> None:
             if log.isEnabledFor(logging.INFO):
                 mid = self.download.manifest_id.hex()[:16]
+                peers = [s for s in self.scheduler.sources.values() if s.kind is SourceKind.PEER]
                 for i in indices:
-                    log.info("%s: mirror takes %d: %s, %d requester(s)", mid, i, fc.mirror_reason(i),
-                             len(self.picker.requesters(i)))
+                    held = sum(1 for s in peers if (a := s.availability()) is None or i in a)
+                    log.info("%s: mirror takes %d: %s, %d requester(s) %d member(s) %d peer source(s) %d holding it",
+                             mid, i, fc.mirror_reason(i), len(self.picker.requesters(i)), len(fc.members()),
+                             len(peers), held)
             post(indices)
 
         return hook
