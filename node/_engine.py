@@ -227,12 +227,12 @@ class Fetch:
             return post
 
         def hook(indices: list[int]) -> None:
-            if log.isEnabledFor(logging.INFO):
+            if log.isEnabledFor(logging.DEBUG):  # one line per piece a mirror takes (docs/benchmarks.md, N=16)
                 mid = self.download.manifest_id.hex()[:16]
                 peers = [s for s in self.scheduler.sources.values() if s.kind is SourceKind.PEER]
                 for i in indices:
                     held = sum(1 for s in peers if (a := s.availability()) is None or i in a)
-                    log.info("%s: mirror takes %d: %s, %d requester(s) %d member(s) %d peer source(s) %d holding it",
+                    log.debug("%s: mirror takes %d: %s, %d requester(s) %d member(s) %d peer source(s) %d holding it",
                              mid, i, fc.mirror_reason(i), len(self.picker.requesters(i)), len(fc.members()),
                              len(peers), held)
             post(indices)

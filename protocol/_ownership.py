@@ -200,12 +200,10 @@ class FirstCopy:
     def set_members(self, peers: Iterable[str], now: float, relayed: Iterable[str] = ()) -> bool:
         """The other nodes holding this manifest now; True when some piece changed owner.
 
-        ``peers``: those in session with this node. ``relayed``: others that
-        fetch or hold the manifest, known by gossip, with no session here
-        (their pieces reach this node through session peers). Both rank
-        alike, so nodes with different sessions but the same gossiped swarm
-        agree on every owner. A newly seen member counts as making progress
-        from ``now``.
+        ``peers``: those in session with this node. ``relayed``: others that fetch or hold the manifest, known
+        by gossip, with no session here (their pieces reach us through session peers). Both rank alike, so
+        nodes with different sessions but the same gossiped swarm agree on every owner. A newly seen member
+        counts as making progress from ``now``.
         """
         direct = set(peers) - {self.me}
         members = direct | (set(relayed) - {self.me})
@@ -303,11 +301,9 @@ class FirstCopy:
     def progress(self, peer: str, index: int, now: float, *, wanted: bool) -> bool:
         """A member sent a Have for ``index``; True when it counts as progress.
 
-        It counts only the first time this member names ``index`` and only
-        when this node still ``wanted`` the piece (not held here): then the
-        member's pieces stay its own a while longer, and the piece must
-        arrive here within ``deliver_timeout`` of this node requesting it
-        (``unrequested_timeout`` of now if it never does).
+        It counts only the first time this member names ``index`` and only when this node still ``wanted``
+        the piece (not held here): then the member's pieces stay its own a while longer, and the piece must
+        arrive within ``deliver_timeout`` of our request for it (``unrequested_timeout`` of now if none).
         """
         if peer not in self._seen or peer in self._relayed or not 0 <= index < self._n:
             return False
@@ -438,6 +434,9 @@ class FirstCopy:
             self._check_promises(m, self._now)
             return m not in self._lapsed
 
+        pieces = [i for i in pieces if self._promises.heard(i, any_record=True)]
+        if not pieces:
+            return []
         times = [self._promises.piece_due(i, deliver, unasked, credible) for i in pieces]
         times += [self._promises.gone_due(i, self._deliver_timeout, self._unrequested_timeout) for i in pieces]
         return [t for t in times if t is not None]
@@ -499,9 +498,13 @@ class Promises:
         self._gone.pop(index, None)
         return self._asked.pop(index, None)
 
-    def heard(self, index: int) -> str:
-        """Diagnostics: who said ``index`` is in the swarm (Haves of members; a Have or claim of one that left)."""
-        return f"{len(self._by_piece.get(index, ()))} have(s), {'a' if index in self._gone else 'no'} gone record"
+    def heard(self, index: int, *, any_record: bool = False) -> str:
+        """Who said ``index`` is in the swarm (Haves of members; a Have or claim of one that left), for diagnostics;
+        with ``any_record``, "" when nobody did (the fast path of every mirror pick)."""
+        haves = len(self._by_piece.get(index, ()))
+        if any_record and not haves and index not in self._gone:
+            return ""
+        return f"{haves} have(s), {'a' if index in self._gone else 'no'} gone record"
 
     def claimed(self, member: str, index: int, at: float) -> None:
         """``member`` said at ``at`` that it asked a mirror for ``index`` (kept, like a promise, if it leaves)."""

@@ -62,6 +62,7 @@ class Pace:
         self._gaps: deque[float] = deque(maxlen=_PACE_SAMPLES)  # owners' silences before their progress
         self._waits: deque[float] = deque(maxlen=_PACE_SAMPLES)  # our peer requests: first request to arrival
         self._scale: float | None = None  # cached pace_scale (None: recompute)
+        self._median_wait: float | None = None  # cached median of _waits (None: recompute)
 
     def set_owners(self, owners: set[str]) -> None:
         """The members that own some piece now (a new membership)."""
@@ -90,6 +91,7 @@ class Pace:
     def served(self, wait: float) -> None:
         """One of our peer requests was served ``wait`` seconds after we first asked."""
         self._waits.append(max(0.0, wait))
+        self._median_wait = None
 
     def scale(self) -> float:
         """How many times the fixed timers an owner may take now (see pace_scale)."""
@@ -103,6 +105,8 @@ class Pace:
         median time our peer requests take to be served, whichever is longer, within ``max_scale`` times it."""
         k = self.scale()
         if self._waits:
-            xs = sorted(self._waits)
-            k = max(k, self.factor * xs[len(xs) // 2] / timeout)
+            if self._median_wait is None:
+                xs = sorted(self._waits)
+                self._median_wait = xs[len(xs) // 2]
+            k = max(k, self.factor * self._median_wait / timeout)
         return timeout * min(k, self.max_scale)
