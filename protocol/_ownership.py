@@ -364,8 +364,9 @@ class FirstCopy:
             return True
         self._check_promises(o, now)
         t = self.stale_at(o)
+        if t is None:
+            why[index] = "owner not a member"
         if t is None or now < t:
-            why[index] = "owner not a member" if t is None else ""
             return t is None
         why[index] = "owner broke a promise" if o in self._lapsed else "owner silent"
         # A stale owner's piece passes to its successor: the next member in the piece's rendezvous order
@@ -416,7 +417,7 @@ class FirstCopy:
             self._lapsed[peer] = due
 
     def deadlines(self, pieces: Iterable[int]) -> list[float]:
-        """When the owners of ``pieces`` go stale (their pieces become the mirror's)."""
+        """When the owners of ``pieces`` go stale, or their promises are due (their pieces become the mirror's)."""
         pieces = list(pieces)
         owners = {self.owner(i) for i in pieces}
         times = [t for t in (self.stale_at(o) for o in owners) if t is not None]
@@ -427,6 +428,9 @@ class FirstCopy:
 
     def _swarm_due(self, pieces: Iterable[int]) -> list[float]:
         """When the promises that brought ``pieces`` into the swarm are due: members' (paced), those that left (fixed)."""
+        pieces = [i for i in pieces if self._promises.heard(i, any_record=True)]
+        if not pieces:
+            return []
         deliver = self.pace.deliver(self._deliver_timeout)
         unasked = self._unrequested_timeout * deliver / self._deliver_timeout
 
@@ -434,9 +438,6 @@ class FirstCopy:
             self._check_promises(m, self._now)
             return m not in self._lapsed
 
-        pieces = [i for i in pieces if self._promises.heard(i, any_record=True)]
-        if not pieces:
-            return []
         times = [self._promises.piece_due(i, deliver, unasked, credible) for i in pieces]
         times += [self._promises.gone_due(i, self._deliver_timeout, self._unrequested_timeout) for i in pieces]
         return [t for t in times if t is not None]
