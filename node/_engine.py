@@ -59,7 +59,7 @@ from autoglm.node._store import (
 )
 from autoglm.node.errors import AutoglmError, StorageError
 from autoglm.protocol._ownership import FirstCopy
-from autoglm.protocol._picker import PiecePicker
+from autoglm.protocol._picker import PiecePicker, SourceKind
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -165,7 +165,7 @@ class Fetch:
                                  on_written=self._piece_written, commit_interval=self.options.commit_interval)
         self.picker.progress = self.delivery.written  # the endgame judges a request by its bytes so far
         self.scheduler = SourceScheduler(self.picker, self.delivery, self.stats, self.options,
-                                         send_nowait=self._send_nowait, on_mirror_claims=on_mirror_claims)
+                                         send_nowait=self._send_nowait, on_mirror_claims=self._mirror_claims_hook(on_mirror_claims))
         for s in sources:
             self.add_source(s)
 
@@ -220,6 +220,25 @@ class Fetch:
             return
         self.scheduler.withdraw_not_ours()
         self._wake()
+
+    def _mirror_claims_hook(self, post: Callable[[list[int]], None] | None) -> Callable[[list[int]], None] | None:
+        """``post`` (the swarm's Claim), after logging why the first-copy rules let a mirror take each piece."""
+        fc = self.first_copy
+        if post is None or fc is None:
+            return post
+
+        def hook(indices: list[int]) -> None:
+            if log.isEnabledFor(logging.DEBUG):  # one line per piece a mirror takes (docs/benchmarks.md, N=16)
+                mid = self.download.manifest_id.hex()[:16]
+                peers = [s for s in self.scheduler.sources.values() if s.kind is SourceKind.PEER]
+                for i in indices:
+                    held = sum(1 for s in peers if (a := s.availability()) is None or i in a)
+                    log.debug("%s: mirror takes %d: %s, %d requester(s) %d member(s) %d peer source(s) %d holding it",
+                             mid, i, fc.mirror_reason(i), len(self.picker.requesters(i)), len(fc.members()),
+                             len(peers), held)
+            post(indices)
+
+        return hook
 
     def peer_progress(self, peer: str, index: int) -> None:
         """A swarm peer sent a Have for ``index`` (see FirstCopy.progress)."""

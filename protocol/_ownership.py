@@ -36,6 +36,22 @@ request slots, or for a peer that unchokes us, longer than it takes to
 arrive once asked for; timing it from the Have moved honest shares to the
 mirror (docs/benchmarks.md, the N=16 egress regression).
 
+*Pieces already in the swarm*: a Have that is a promise (above) also
+says that the piece's first copy is in the swarm, whoever's share it is.
+No mirror takes that piece here, this node's own share included, until
+the promise is due (``Promises.piece_due``: the first such Have, timed as
+above), unless every member that sent one broke a promise since (a liar's
+Haves hold nothing back). The record outlives the member, and so does a
+claim (its copy is on its way): a holder or claimer whose session broke
+(streams reset under load; ``member_grace`` is 5 s) leaves the members
+while its copy still reaches us through others, and without the record
+the piece's rendezvous owner, now this node, took it from the mirror
+again (docs/benchmarks.md, "Duplicate first copies at N=16"). What a
+member that left holds back is due on the fixed timers
+(``Promises.gone_due``; nobody is left to be merely slow), and a member
+that broke a promise before it left holds nothing back. A piece no peer
+delivers is late by at most that timeout, never stuck.
+
 So a member that claims pieces and never delivers keeps its share (at most
 ``ceil(pieces / nodes)`` pieces plus ``MAX_PEER_CLAIMS`` claims) off the
 mirror for at most ``owner_timeout`` (20 s) after it joins if it sends no
@@ -78,7 +94,8 @@ a piece in within seconds. In a fleet of edge devices at 20 Mbit/s an honest
 owner's first copy shares its downlink with a dozen peer downloads and
 shows only after 30-60 s; the fixed rule made every waiting node take it
 from the mirror (14x origin egress at 50 nodes, docs/benchmarks.md). So
-every timer is multiplied by ``scale()`` (``pace_scale``): 1 while no
+every timer is multiplied by ``scale()`` (protocol/_pace.py, ``Pace``
+and ``pace_scale``): 1 while no
 owner has shown a first copy (nothing says the swarm moves: a lone liar
 gets the fixed bounds); while some have and others not yet, ``MAX_SCALE``
 (8: 160 s); once every owner
@@ -113,41 +130,16 @@ keep the mirror from a piece.
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+import heapq
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
-__all__ = ["MAX_PEER_CLAIMS", "MAX_SCALE", "PACE_FACTOR", "FirstCopy", "pace_scale"]
+from ._pace import MAX_SCALE, PACE_FACTOR, PACE_QUANTILE, Pace, pace_scale
+
+__all__ = ["MAX_PEER_CLAIMS", "MAX_SCALE", "PACE_FACTOR", "PACE_QUANTILE", "FirstCopy", "Promises", "pace_scale"]
 
 MAX_PEER_CLAIMS = 64  # outstanding claims honoured per swarm peer
 _SMALL_PIECE = 1 << 20  # pieces below this go first in a mirror's order
-PACE_FACTOR = 4.0  # an owner is stale when silent this many times the swarm's typical gap
-MAX_SCALE = 8.0  # ... but never later than this many times the fixed timers
-_PACE_SAMPLES = 64  # the latest owner gaps the pace is taken from
-PACE_QUANTILE = 1.0  # the pace is the time this fraction of the owners' gaps were within
-
-
-def pace_scale(gaps: Sequence[float], shown: int, owners: int, floor: float, *,
-               factor: float = PACE_FACTOR, max_scale: float = MAX_SCALE) -> float:
-    """How much longer than ``floor`` (``owner_timeout``) an owner may stay silent: in [1, max_scale].
-
-    ``gaps``: the silences the swarm's owners showed before each of their
-    recent first copies (from joining to the first, then between them);
-    ``shown``: how many of the ``owners`` showed one at all. While none has,
-    nothing says waiting helps (a lone liar, or a swarm that does not move):
-    1, the fixed timers. While fewer than
-    ``PACE_QUANTILE`` of the owners have shown anything, the swarm's slow
-    tail is not known yet (the silent owners' gaps are longer than anything
-    seen): ``max_scale``. Otherwise ``factor`` times that quantile of the
-    gaps, over ``floor``.
-    """
-    if owners <= 0 or shown <= 0:
-        return 1.0
-    if shown < PACE_QUANTILE * owners or not gaps:
-        return max_scale
-    xs = sorted(gaps)
-    q = xs[min(len(xs) - 1, int(PACE_QUANTILE * len(xs)))]
-    return min(max_scale, max(1.0, factor * q / floor))
 
 
 class FirstCopy:
@@ -172,10 +164,9 @@ class FirstCopy:
         self._owner: list[str] = [me] * n
         self._seen: dict[str, float] = {}  # member -> time of its last sign of progress
         self._advertised: dict[str, set[int]] = {}  # member -> pieces it sent a Have for
-        # member -> piece -> when it advertised it (a Have that counted): not here yet
-        self._pending: dict[str, dict[int, float]] = {}
+        # member -> piece -> when it advertised it (a Have that counted): not here yet; and when we first asked
+        self._promises = Promises()
         self._lapsed: dict[str, float] = {}  # member -> when it broke a promise (stale from then on)
-        self._requested: dict[int, float] = {}  # piece -> when this node first asked a peer for it
         self._claimed: dict[int, str] = {}  # piece -> member that asked a mirror for it
         self._ranks: dict[str, tuple[int, ...]] = {me: _ranks(me, n)}
         # Members known only by gossip (no session with this node): their
@@ -186,17 +177,11 @@ class FirstCopy:
         # only they may be given a stale owner's piece, and only their pieces are passed on when stale.
         self._delivered: set[str] = set()
         self._order: dict[int, list[str]] = {}  # piece -> members by rendezvous weight (highest first), as needed
-        # The swarm's pace (see pace_scale): every timer above is multiplied by the scale.
-        self._max_scale = max_scale
-        self._pace_factor = pace_factor
-        self._owners: set[str] = set()  # members that own some piece by rendezvous (this node aside)
-        self._shown: set[str] = set()  # ... of which showed one of its first copies at least once
-        self._shown_at: dict[str, float] = {}  # member -> when it last showed one of its first copies
-        self._gaps: deque[float] = deque(maxlen=_PACE_SAMPLES)  # owners' silences before their progress
-        self._scale: float | None = None  # cached pace_scale (None: recompute)
+        # The swarm's pace (protocol/_pace.py): every timer above is multiplied by its scale.
+        self.pace = Pace(owner_timeout, max_scale=max_scale, factor=pace_factor)
         self._alive: dict[str, float] = {}  # member -> its last first Have of any piece (wanted here or not)
-        self._waits: deque[float] = deque(maxlen=_PACE_SAMPLES)  # our peer requests: first request to arrival
         self._now = 0.0  # the latest time any call gave
+        self._why: dict[int, str] = {}  # piece -> why a mirror last might take it (mirror_reason)
         # Where a mirror run starts: small pieces first (config and tokenizer
         # files: one round trip each, which must not be left for the end), then
         # our own pieces by rank (highest first): nodes that start before they
@@ -215,12 +200,10 @@ class FirstCopy:
     def set_members(self, peers: Iterable[str], now: float, relayed: Iterable[str] = ()) -> bool:
         """The other nodes holding this manifest now; True when some piece changed owner.
 
-        ``peers``: those in session with this node. ``relayed``: others that
-        fetch or hold the manifest, known by gossip, with no session here
-        (their pieces reach this node through session peers). Both rank
-        alike, so nodes with different sessions but the same gossiped swarm
-        agree on every owner. A newly seen member counts as making progress
-        from ``now``.
+        ``peers``: those in session with this node. ``relayed``: others that fetch or hold the manifest, known
+        by gossip, with no session here (their pieces reach us through session peers). Both rank alike, so
+        nodes with different sessions but the same gossiped swarm agree on every owner. A newly seen member
+        counts as making progress from ``now``.
         """
         direct = set(peers) - {self.me}
         members = direct | (set(relayed) - {self.me})
@@ -238,68 +221,39 @@ class FirstCopy:
             del self._ranks[p]
             self._seen.pop(p, None)
             self._alive.pop(p, None)
-            self._shown_at.pop(p, None)
+            self.pace.forget(p)
             self._advertised.pop(p, None)
-            self._pending.pop(p, None)
+            self._check_promises(p, now)
+            self._promises.forget(p, keep=p not in self._lapsed)  # it left, it did not lie: its pieces are out there
             self._lapsed.pop(p, None)
             self._delivered.discard(p)
         self._claimed = {i: p for i, p in self._claimed.items() if p in members or p == self.me}
-        # Bounded loads: each node owns at most ceil(n / members) pieces, so
-        # the shares come out even (plain rendezvous leaves some nodes with
-        # twice the mean and the last of them alone on the mirror).
-        cols = list(self._ranks.items())
-        cap = -(-self._n // len(cols))
-        load = dict.fromkeys(self._ranks, 0)
-        owner = []
-        for i in range(self._n):
-            o = max((c for c in cols if load[c[0]] < cap), key=lambda c: (c[1][i], c[0]))[0]
-            load[o] += 1
-            owner.append(o)
+        owner = _shares(self._ranks, self._n)
         changed = owner != self._owner
         self._owner = owner
-        self._owners = set(owner) - {self.me}
-        self._shown &= self._owners
-        self._scale = None
+        self.pace.set_owners(set(owner) - {self.me})
         return changed
 
     def restart_clock(self, now: float) -> None:
         """This node's first request goes out now: every member counts as making progress from now.
 
-        Members are known before that (a fetch is attached while it waits for
-        its peers: discovery, or an update waiting for the rest of the fleet,
-        protocol/_rollout.py); the time spent waiting is nobody's silence, and
-        counting it made owners stale while their first piece was on its way.
+        Members are known before that (waiting for discovery, or for the fleet: protocol/_rollout.py);
+        that wait is nobody's silence (counted, it made owners stale while their first piece was on its way).
         """
         for p, t in self._seen.items():
             self._seen[p] = max(t, now)
 
     def peer_claims(self, peer: str, indices: Iterable[int], *, done: Callable[[int], bool], requested: Callable[[int], bool]) -> bool:
-        """A member asked a mirror for these pieces: each is its own from now on.
+        """A member asked a mirror for these pieces: each is its own from now on (see ``_honour``).
 
-        Ignored for non-members, for pieces out of range or ``done`` here and
-        beyond ``MAX_PEER_CLAIMS`` outstanding claims per peer. A piece we
-        claimed and have ``requested`` stays ours if our id is smaller.
-        Returns True when some piece changed owner.
+        Ignored for non-members. Returns True when some piece changed owner.
         """
-        me = self.me
-        if peer == me or peer not in self._ranks:
+        if peer == self.me or peer not in self._ranks:
             return False
-        changed = False
-        held = sum(1 for p in self._claimed.values() if p == peer)
-        for i in indices:
-            if not 0 <= i < self._n or done(i):
-                continue
-            if held >= MAX_PEER_CLAIMS:
-                break
-            cur = self._claimed.get(i)
-            if cur == peer:
-                continue
-            if cur == me and requested(i) and me < peer:
-                continue  # both asked a mirror for it: the smaller id keeps it, on both sides
-            self._claimed[i] = peer
-            held += 1
-            changed = True
-        return changed
+        new = _honour(self._claimed, self.me, peer, [i for i in indices if 0 <= i < self._n], done, requested)
+        for i in new:
+            self._promises.claimed(peer, i, self._now)
+        return bool(new)
 
     def claims(self, peer: str) -> list[int]:
         """The pieces ``peer`` claimed (or this node, for ``me``), in index order."""
@@ -317,15 +271,13 @@ class FirstCopy:
         """This node asked a peer for ``index``: a promise for it is due ``deliver_timeout`` from now (the first time)."""
         self._now = max(self._now, now)
         if 0 <= index < self._n:
-            self._requested.setdefault(index, now)
+            self._promises.requested(index, now)
 
     def delivered(self, source: str, index: int) -> None:
         """A peer source brought ``index`` and it verified: that member has shown it delivers.
 
-        ``source`` is the picker's source id: a member id, or a peer source's
-        ``peer:<id>`` (``peer:<id>@alias`` for identical files held under
-        another manifest; node/swarm/session.py PeerSource.id). When the piece
-        is a relayed owner's, the owner delivered too: its first copy reached us.
+        ``source``: a member id, or a peer source's ``peer:<id>[@alias]`` (node/swarm/session.py
+        PeerSource.id). When the piece is a relayed owner's, the owner delivered too: its first copy reached us.
         """
         member = source.removeprefix("peer:").split("@", 1)[0]
         if member == self.me or member not in self._ranks:
@@ -335,29 +287,23 @@ class FirstCopy:
             who.append(self.owner(index))
         for m in who:
             self._delivered.add(m)
-            if m in self._owners and m not in self._shown and not self._advertised.get(m):
+            if not self._advertised.get(m):
                 # A holder that sends no Haves (complete: a seed) shows itself by delivering, for the pace.
-                self._shown.add(m)
-                self._scale = None
+                self.pace.shown_by_delivery(m)
 
     def piece_done(self, index: int) -> None:
         """``index`` is here: no longer claimed, and delivered whoever advertised it."""
         self._claimed.pop(index, None)
-        asked = self._requested.pop(index, None)
+        asked = self._promises.done(index)
         if asked is not None:
-            self._waits.append(max(0.0, self._now - asked))  # how long our peer requests take to be served
-            self._scale = None
-        for pending in self._pending.values():
-            pending.pop(index, None)
+            self.pace.served(self._now - asked)  # how long our peer requests take to be served
 
     def progress(self, peer: str, index: int, now: float, *, wanted: bool) -> bool:
         """A member sent a Have for ``index``; True when it counts as progress.
 
-        It counts only the first time this member names ``index`` and only
-        when this node still ``wanted`` the piece (not held here): then the
-        member's pieces stay its own a while longer, and the piece must
-        arrive here within ``deliver_timeout`` of this node requesting it
-        (``unrequested_timeout`` of now if it never does).
+        It counts only the first time this member names ``index`` and only when this node still ``wanted``
+        the piece (not held here): then the member's pieces stay its own a while longer, and the piece must
+        arrive within ``deliver_timeout`` of our request for it (``unrequested_timeout`` of now if none).
         """
         if peer not in self._seen or peer in self._relayed or not 0 <= index < self._n:
             return False
@@ -380,21 +326,14 @@ class FirstCopy:
             return False
         if self.owner(index) == peer or self._owner[index] == peer:
             # One of its own first copies: the pace counts these only (how long owners take to show each).
-            self._gaps.append(max(0.0, now - self._shown_at.get(peer, self._seen[peer])))
-            self._shown_at[peer] = now
-            if peer in self._owners:
-                self._shown.add(peer)
-            self._scale = None
+            self.pace.first_copy(peer, now, self._seen[peer])
         self._seen[peer] = now
-        self._pending.setdefault(peer, {}).setdefault(index, now)
+        self._promises.add(peer, index, now)
         return True
 
     def scale(self) -> float:
         """How many times the fixed timers an owner may take now, from the swarm's pace (see pace_scale)."""
-        if self._scale is None:
-            self._scale = pace_scale(self._gaps, len(self._shown), len(self._owners), self._owner_timeout,
-                                     factor=self._pace_factor, max_scale=self._max_scale)
-        return self._scale
+        return self.pace.scale()
 
     def stale_at(self, peer: str) -> float | None:
         """When member ``peer`` is (or was) stale from, unless it makes progress first (None: not a member)."""
@@ -406,29 +345,46 @@ class FirstCopy:
         # Silent (no Have at all) for the pace's timeout, or no real progress for the longest one:
         # an owner that shows it is alive but slow keeps its pieces up to max_scale x owner_timeout.
         alive = max(seen, self._alive.get(peer, seen))
-        t = min(alive + self._owner_timeout * self.scale(), seen + self._owner_timeout * self._max_scale)
+        t = min(alive + self._owner_timeout * self.scale(), seen + self._owner_timeout * self.pace.max_scale)
         due = self._promise_due(peer)
         return t if due is None else min(t, due)
 
     def mirror_may_take(self, index: int, now: float) -> bool:
-        """Whether a mirror may fetch ``index`` now (peer holdings aside): ours, or its owner is stale."""
+        """Whether a mirror may fetch ``index`` now (peer holdings aside): ours, or its owner is stale.
+
+        Never while a promise says the piece is in the swarm (``_swarm_due``).
+        ``mirror_reason`` then says which rule let it.
+        """
         self._now = max(self._now, now)
-        o = self.owner(index)
+        o, why = self.owner(index), self._why
+        if any(now < t for t in self._swarm_due([index])):
+            return False  # a member advertised it: its first copy is in the swarm and comes from peers
         if o == self.me:
+            why[index] = "claimed" if self._claimed.get(index) == o else "own share"
             return True
         self._check_promises(o, now)
         t = self.stale_at(o)
         if t is None:
-            return True
-        if now < t:
-            return False
-        # A stale owner's piece passes to its successor: the next member in
-        # the piece's rendezvous order that is not stale (nodes that see the
-        # same members and staleness agree on it), which has ``owner_timeout``
-        # to bring it in before any node may take it from a mirror.
+            why[index] = "owner not a member"
+        if t is None or now < t:
+            return t is None
+        why[index] = "owner broke a promise" if o in self._lapsed else "owner silent"
+        # A stale owner's piece passes to its successor: the next member in the piece's rendezvous order
+        # that is not stale (nodes that see the same members and staleness agree on it), which has
+        # ``owner_timeout`` to bring it in before any node may take it from a mirror.
         if o not in self._delivered:
-            return True  # never brought us a piece: its share is the mirror's at once (the liar bounds hold)
-        return self._successor(index, o, now) == self.me or now >= t + self._owner_timeout * self.scale()
+            why[index] += ", never delivered"  # its share is the mirror's at once (the liar bounds hold)
+        elif self._successor(index, o, now) == self.me:
+            why[index] += ", successor is me"
+        elif now >= t + self._owner_timeout * self.scale():
+            why[index] += ", successor late"
+        else:
+            return False
+        return True
+
+    def mirror_reason(self, index: int) -> str:
+        """Why the last ``mirror_may_take(index)`` that said yes did, and whose share it is (diagnostics: logged)."""
+        return f"{self._why.get(index, '?')} (share of {self._owner[index][-6:]}, heard {self._promises.heard(index)})"
 
     def _successor(self, index: int, owner: str, now: float) -> str:
         """The first member after ``owner`` in ``index``'s rendezvous order that is not stale now (or this node)."""
@@ -448,24 +404,10 @@ class FirstCopy:
 
     def _promise_due(self, peer: str) -> float | None:
         """When the first of ``peer``'s outstanding promises breaks (None: none outstanding)."""
-        pending = self._pending.get(peer)
-        if not pending:
+        if not self._promises.outstanding(peer):
             return None
-        asked, deliver = self._requested, self._deliver()
-        unasked = self._unrequested_timeout * deliver / self._deliver_timeout
-        return min(
-            max(have, asked[i]) + deliver if i in asked else have + unasked for i, have in pending.items()
-        )
-
-    def _deliver(self) -> float:
-        """The promise timeout now: ``deliver_timeout`` times the pace's scale, or ``pace_factor`` times the
-        median time our peer requests take to be served, whichever is longer, within ``max_scale`` times it."""
-        d = self._deliver_timeout
-        k = self.scale()
-        if self._waits:
-            xs = sorted(self._waits)
-            k = max(k, self._pace_factor * xs[len(xs) // 2] / d)
-        return d * min(k, self._max_scale)
+        deliver = self.pace.deliver(self._deliver_timeout)
+        return self._promises.due(peer, deliver, self._unrequested_timeout * deliver / self._deliver_timeout)
 
     def _check_promises(self, peer: str, now: float) -> None:
         if peer in self._lapsed:
@@ -475,13 +417,201 @@ class FirstCopy:
             self._lapsed[peer] = due
 
     def deadlines(self, pieces: Iterable[int]) -> list[float]:
-        """When the owners of ``pieces`` go stale (their pieces become the mirror's)."""
+        """When the owners of ``pieces`` go stale, or their promises are due (their pieces become the mirror's)."""
+        pieces = list(pieces)
         owners = {self.owner(i) for i in pieces}
         times = [t for t in (self.stale_at(o) for o in owners) if t is not None]
-        if len(self._ranks) <= 2:
-            return times  # no successor but this node
-        wait = self._owner_timeout * self.scale()
-        return times + [t + wait for t in times]
+        if len(self._ranks) > 2:  # a successor other than this node
+            wait = self._owner_timeout * self.scale()
+            times += [t + wait for t in times]
+        return list(dict.fromkeys(times + self._swarm_due(pieces)))
+
+    def _swarm_due(self, pieces: Iterable[int]) -> list[float]:
+        """When the promises that brought ``pieces`` into the swarm are due: members' (paced), those that left (fixed)."""
+        pieces = [i for i in pieces if self._promises.heard(i, any_record=True)]
+        if not pieces:
+            return []
+        deliver = self.pace.deliver(self._deliver_timeout)
+        unasked = self._unrequested_timeout * deliver / self._deliver_timeout
+
+        def credible(m: str) -> bool:
+            self._check_promises(m, self._now)
+            return m not in self._lapsed
+
+        times = [self._promises.piece_due(i, deliver, unasked, credible) for i in pieces]
+        times += [self._promises.gone_due(i, self._deliver_timeout, self._unrequested_timeout) for i in pieces]
+        return [t for t in times if t is not None]
+
+
+class Promises:
+    """Each member's outstanding promises (pieces it advertised that are not here yet), and when each breaks.
+
+    A promise for piece ``i`` advertised at ``have`` breaks ``deliver`` after
+    ``max(have, asked)`` when this node asked a peer for ``i`` at ``asked``,
+    else ``unasked`` after ``have`` (``FirstCopy._promise_due``). ``due``
+    answers for a member in O(log n) amortised instead of a scan of its
+    promises on every Have and every mirror pick: two heaps per member, one
+    of ``max(have, asked)`` for the pieces asked for and one of ``have`` for
+    the others, whose entries are checked against the promises when they
+    reach the top (lazy deletion) and rebuilt when most are dead.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, dict[int, float]] = {}  # member -> piece -> when it advertised it
+        self._asked: dict[int, float] = {}  # piece -> when this node first asked a peer for it
+        self._heaps: dict[str, tuple[list[tuple[float, int]], list[tuple[float, int]]]] = {}  # (asked, unasked)
+        self._by_piece: dict[int, dict[str, float]] = {}  # piece -> member -> when it advertised it
+        self._gone: dict[int, float] = {}  # piece -> the first promise or claim for it by a member that left (kept)
+        self._claims: dict[str, dict[int, float]] = {}  # member -> piece -> when it said it asked a mirror for it
+
+    def outstanding(self, member: str) -> int:
+        return len(self._pending.get(member, ()))
+
+    def add(self, member: str, index: int, have: float) -> None:
+        """``member`` advertised ``index`` at ``have`` (the first time counts)."""
+        pending = self._pending.setdefault(member, {})
+        if index in pending:
+            return
+        pending[index] = have
+        self._by_piece.setdefault(index, {})[member] = have
+        asked, unasked = self._heaps.setdefault(member, ([], []))
+        a = self._asked.get(index)
+        if a is None:
+            heapq.heappush(unasked, (have, index))
+        else:
+            heapq.heappush(asked, (max(have, a), index))
+
+    def requested(self, index: int, now: float) -> None:
+        """This node asked a peer for ``index`` (the first time counts, until it is done)."""
+        if index in self._asked:
+            return
+        self._asked[index] = now
+        for member, pending in self._pending.items():
+            have = pending.get(index)
+            if have is not None:
+                heapq.heappush(self._heaps[member][0], (max(have, now), index))
+
+    def done(self, index: int) -> float | None:
+        """``index`` is here: every promise for it is kept. Returns when this node first asked for it (None: never)."""
+        for pending in [*self._pending.values(), *self._claims.values()]:
+            pending.pop(index, None)
+        self._by_piece.pop(index, None)
+        self._gone.pop(index, None)
+        return self._asked.pop(index, None)
+
+    def heard(self, index: int, *, any_record: bool = False) -> str:
+        """Who said ``index`` is in the swarm (Haves of members; a Have or claim of one that left), for diagnostics;
+        with ``any_record``, "" when nobody did (the fast path of every mirror pick)."""
+        haves = len(self._by_piece.get(index, ()))
+        if any_record and not haves and index not in self._gone:
+            return ""
+        return f"{haves} have(s), {'a' if index in self._gone else 'no'} gone record"
+
+    def claimed(self, member: str, index: int, at: float) -> None:
+        """``member`` said at ``at`` that it asked a mirror for ``index`` (kept, like a promise, if it leaves)."""
+        self._claims.setdefault(member, {})[index] = at
+
+    def piece_due(self, index: int, deliver: float, unasked: float, credible: Callable[[str], bool]) -> float | None:
+        """When the first promise for ``index`` by a ``credible`` member breaks (None: none)."""
+        return self._due(index, [h for m, h in self._by_piece.get(index, {}).items() if credible(m)], deliver, unasked)
+
+    def gone_due(self, index: int, deliver: float, unasked: float) -> float | None:
+        """When the first promise or claim for ``index`` by a member that left breaks (None: none)."""
+        return self._due(index, [self._gone[index]] if index in self._gone else [], deliver, unasked)
+
+    def _due(self, index: int, haves: list[float], deliver: float, unasked: float) -> float | None:
+        if not haves:
+            return None
+        asked = self._asked.get(index)
+        return min(haves) + unasked if asked is None else max(min(haves), asked) + deliver
+
+    def forget(self, member: str, *, keep: bool = False) -> None:
+        """``member`` left; ``keep``: its promises still say the pieces are in the swarm (``piece_due``)."""
+        for i, have in [*self._pending.pop(member, {}).items(), *self._claims.pop(member, {}).items()]:
+            self._by_piece.get(i, {}).pop(member, None)
+            if keep:
+                self._gone[i] = min(have, self._gone.get(i, have))
+        self._heaps.pop(member, None)
+
+    def due(self, member: str, deliver: float, unasked: float) -> float | None:
+        """When the first of ``member``'s promises breaks (None: none outstanding)."""
+        pending = self._pending.get(member)
+        if not pending:
+            return None
+        heaps = self._heaps[member]
+        if len(heaps[0]) + len(heaps[1]) > 2 * len(pending) + 16:
+            heaps = self._heaps[member] = self._rebuild(pending)
+        asked, unasked_heap = heaps
+        while asked:
+            t, i = asked[0]
+            have, a = pending.get(i), self._asked.get(i)
+            if have is not None and a is not None and max(have, a) == t:
+                break
+            heapq.heappop(asked)
+        while unasked_heap:
+            t, i = unasked_heap[0]
+            if pending.get(i) == t and i not in self._asked:
+                break
+            heapq.heappop(unasked_heap)
+        times = ([asked[0][0] + deliver] if asked else []) + ([unasked_heap[0][0] + unasked] if unasked_heap else [])
+        return min(times)
+
+    def _rebuild(self, pending: dict[int, float]) -> tuple[list[tuple[float, int]], list[tuple[float, int]]]:
+        asked: list[tuple[float, int]] = []
+        unasked: list[tuple[float, int]] = []
+        for i, have in pending.items():
+            a = self._asked.get(i)
+            if a is None:
+                unasked.append((have, i))
+            else:
+                asked.append((max(have, a), i))
+        heapq.heapify(asked)
+        heapq.heapify(unasked)
+        return asked, unasked
+
+
+def _honour(claimed: dict[int, str], me: str, peer: str, indices: Iterable[int],
+            done: Callable[[int], bool], requested: Callable[[int], bool]) -> list[int]:
+    """Record ``peer``'s claims in ``claimed`` (piece -> claimer); the pieces that changed owner.
+
+    Pieces ``done`` here are skipped, and claims beyond ``MAX_PEER_CLAIMS``
+    outstanding per peer. A piece we claimed and have ``requested`` stays
+    ours if our id is smaller.
+    """
+    changed = []
+    held = sum(1 for p in claimed.values() if p == peer)
+    for i in indices:
+        if done(i):
+            continue
+        if held >= MAX_PEER_CLAIMS:
+            break
+        cur = claimed.get(i)
+        if cur == peer:
+            continue
+        if cur == me and requested(i) and me < peer:
+            continue  # both asked a mirror for it: the smaller id keeps it, on both sides
+        claimed[i] = peer
+        held += 1
+        changed.append(i)
+    return changed
+
+
+def _shares(ranks: dict[str, tuple[int, ...]], n: int) -> list[str]:
+    """The owner of each of ``n`` pieces: rendezvous by ``ranks`` with bounded loads.
+
+    Each node owns at most ceil(n / members) pieces, so the shares come out
+    even (plain rendezvous leaves some nodes with twice the mean and the last
+    of them alone on the mirror).
+    """
+    cols = list(ranks.items())
+    cap = -(-n // len(cols))
+    load = dict.fromkeys(ranks, 0)
+    owner = []
+    for i in range(n):
+        o = max((c for c in cols if load[c[0]] < cap), key=lambda c: (c[1][i], c[0]))[0]
+        load[o] += 1
+        owner.append(o)
+    return owner
 
 
 @lru_cache(maxsize=4096)
