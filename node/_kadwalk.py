@@ -3,7 +3,7 @@
 The state machine decides whom to ask and when the walk is over; this pump
 starts its queries, each bounded by the lookup's ``query_timeout``, reports
 every outcome back, and wakes up at the lookup's next deadline. It knows
-nothing of libp2p: ``ask(peer)`` (node/_p2p.py) sends one FIND_NODE or
+nothing of libp2p: ``ask(peer)`` (node/_kadclient.py) sends one FIND_NODE or
 GET_PROVIDERS and returns the closer peers as (id, point) pairs.
 """
 
