@@ -53,13 +53,15 @@ DHT_TIMEOUT = 20.0  # one lookup, put or resolve as the caller sees it
 PEER_QUERY_TIMEOUT = 5.0  # one peer's answer to a query
 _VALUE_QUERY_PEERS = 20  # closest peers asked for a name record (Kademlia's k)
 # Our own iterative walks (protocol/_kadlookup.py): alpha 3 in flight, k 20,
-# 5 s per peer, 15 s per lookup; the routing table refreshed after bootstrap,
-# again 30 s later (the rest of a fleet booting together has joined by then),
-# then every 10 minutes.
+# 5 s per peer, 15 s per lookup. The routing table is refreshed after
+# bootstrap and again, backing off (1, 2, 4 ... 60 s), until two refreshes in
+# a row have added nobody (a fleet booting together keeps joining for a
+# minute or more on a loaded machine), then every 10 minutes.
 _LOOKUP = LookupParams(query_timeout=PEER_QUERY_TIMEOUT)
-_REFRESH_AFTER = (0.0, 30.0)
 _REFRESH_INTERVAL = 600.0
 _REFRESH_JITTER = 2.0
+_REFRESH_BACKOFF = (1.0, 60.0)  # first and longest wait between start-up refreshes
+_REFRESH_STABLE = 2  # start-up refreshes in a row that added nobody before the slow pace
 _MAX_PEERS_PER_ANSWER = 20
 _MAX_ADDRS = 8
 _ADDR_TTL = 3600
@@ -142,15 +144,20 @@ class KadClient:
         data = message.SerializeToString()
         stream = None
         done = False
+        stage, t0 = "open", trio.current_time()
         try:
             stream = await self._open_kad_stream(pid)
+            stage = "write"
             await stream.write(encode_uvarint(len(data)) + data)
+            stage = "read"
             if reply is not None:
                 reply.ParseFromString(await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE))
             done = True
         except (BaseLibp2pError, OSError, ValueError, DecodeError) as exc:
             raise SourceError(f"DHT query to {pid} failed: {exc!r}") from exc
         finally:
+            if not done and log.isEnabledFor(logging.DEBUG):
+                log.debug("DHT request to %s ended in %s after %.2f s", pid, stage, trio.current_time() - t0)
             if stream is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     try:
@@ -227,17 +234,21 @@ class KadClient:
         """
         bootstrap = tuple(bootstrap)
         # A fleet booting together sends every first lookup to the same bootstrap
-        # node, which resets DHT streams beyond 12 at once: spread the starts, and
-        # try again soon (1, 2, 4, ... s) while the table is still nearly empty.
+        # node, which resets DHT streams beyond 12 at once: spread the starts.
         await trio.sleep(random.random() * _REFRESH_JITTER)
-        retry = 1.0
-        for delay in _REFRESH_AFTER:
-            await trio.sleep(delay)
+        # Then refresh until the table stops growing. A fixed schedule (a retry
+        # while under 3 peers for 30 s, then one at 30 s) left 64 hosts on a
+        # loaded machine at 1-7 peers each: their first walks timed out at the
+        # busy bootstrap node, the table passed 3, and the next try was 10
+        # minutes away.
+        wait, stable = _REFRESH_BACKOFF[0], 0
+        while stable < _REFRESH_STABLE:
+            before = self.size()
             await self._refresh_once(bootstrap)
-            while self.size() < _LOOKUP.beta and retry < _REFRESH_AFTER[-1]:
-                await trio.sleep(retry * (0.5 + random.random()))
-                retry *= 2
-                await self._refresh_once(bootstrap)
+            grew = self.size() > before
+            stable = 0 if grew or self.size() < _LOOKUP.beta else stable + 1
+            await trio.sleep(wait * (0.5 + random.random()))
+            wait = min(wait * 2, _REFRESH_BACKOFF[1])
         while True:
             await trio.sleep(_REFRESH_INTERVAL)
             await self._refresh_once(bootstrap)

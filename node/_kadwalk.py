@@ -30,12 +30,15 @@ async def run_lookup(lookup: Lookup, ask: Ask) -> None:
 
     async def one(peer: str) -> None:
         closer: Iterable[tuple[str, bytes]] | None = None
+        t0 = trio.current_time()
         with trio.move_on_after(lookup.params.query_timeout):
             try:
                 closer = await ask(peer)
             except AutoglmError as exc:
                 log.debug("DHT query to %s failed: %r", peer, exc)
         now = trio.current_time()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("DHT query to %s %s after %.2f s", peer, "gave nothing" if closer is None else "answered", now - t0)
         if closer is None:
             lookup.on_failure(peer, now)
         else:

@@ -38,6 +38,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
@@ -595,6 +596,22 @@ def _all_private(listen: Sequence[str]) -> bool:
     return bool(ips) and not any(ip.is_global or ip.is_loopback or ip.is_unspecified for ip in ips)
 
 
+class _NoAutoConnect(AutoConnector):
+    """py-libp2p's auto-connector, switched off.
+
+    It dials every peer in the peerstore that it holds no connection to (16
+    to 32 at a time, every 10 s and after every disconnect) until it has
+    150 connections, and the peerstore fills with every peer any DHT answer
+    named: a fleet of up to ~150 nodes ends up fully meshed (a Noise and
+    yamux handshake and an identify each, in Python), and dials crossing
+    each other leave dead connections behind. Our nodes dial whom they
+    need: DHT walks, swarm sessions (docs/benchmarks.md, "The DHT at scale").
+    """
+
+    async def maybe_connect(self) -> None:
+        return None
+
+
 def _make_host(seed: bytes) -> Any:
     kp = create_new_key_pair(seed)
     noise = NoiseTransport(kp, noise_privkey=create_x25519_key_pair().private_key)
@@ -612,6 +629,7 @@ def _make_host(seed: bytes) -> Any:
     # and the relayed dial that follows starts that much sooner.
     network: Any = host.get_network()
     network.retry_config = RetryConfig(max_retries=1)
+    network.auto_connector = _NoAutoConnect(network)
     return host
 
 
