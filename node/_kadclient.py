@@ -279,8 +279,9 @@ class KadClient:
         await self._walk(os.urandom(32))
 
     # -- provider records ----------------------------------------------------------
-    async def _provide(self, key: str) -> bool:
-        """Our provider record, stored locally and on the k closest peers the walk knows of."""
+    async def provide(self, key: str) -> bool:
+        """Our provider record for ``key`` (a string key, as the ``*_provider_key`` functions make),
+        stored locally and on the k closest peers the walk knows of."""
         kb = _encode_key(key)  # the key bytes earlier versions used
         self._dht.provider_store.add_provider(kb, PeerInfo(self._host.get_id(), self._host.get_addrs()))
         sent = 0
@@ -309,7 +310,7 @@ class KadClient:
         return sent > 0
 
     async def provide_manifest(self, manifest_id: bytes) -> bool:
-        return await self._provide(manifest_provider_key(manifest_id))
+        return await self.provide(manifest_provider_key(manifest_id))
 
     def unprovide_manifest(self, manifest_id: bytes) -> None:
         """Stop providing a manifest: no more republishing, and this node's own record is dropped locally.
@@ -326,9 +327,9 @@ class KadClient:
                 del store.providers[key]
 
     async def provide_file(self, sha256: bytes) -> bool:
-        return await self._provide(file_provider_key(sha256))
+        return await self.provide(file_provider_key(sha256))
 
-    async def _find(self, key: str) -> list[PeerAddr]:
+    async def find_providers(self, key: str) -> list[PeerAddr]:
         """Providers of ``key``: the local store's and the network's (a GET_PROVIDERS walk).
 
         py-libp2p's ``find_providers`` returns the local store alone when it
@@ -363,10 +364,10 @@ class KadClient:
         return list(found.values())
 
     async def find_manifest_providers(self, manifest_id: bytes) -> list[PeerAddr]:
-        return await self._find(manifest_provider_key(manifest_id))
+        return await self.find_providers(manifest_provider_key(manifest_id))
 
     async def find_file_providers(self, sha256: bytes) -> list[PeerAddr]:
-        return await self._find(file_provider_key(sha256))
+        return await self.find_providers(file_provider_key(sha256))
 
     # -- name records --------------------------------------------------------------
     async def put_name_record(self, record: NameRecord) -> None:

@@ -506,6 +506,12 @@ class P2PNode:
     async def find_manifest_providers(self, manifest_id: bytes) -> list[PeerAddr]:
         return await self.kad.find_manifest_providers(manifest_id)
 
+    async def _provide(self, key: str) -> bool:
+        return await self.kad.provide(key)
+
+    async def _find(self, key: str) -> list[PeerAddr]:
+        return await self.kad.find_providers(key)
+
     async def find_file_providers(self, sha256: bytes) -> list[PeerAddr]:
         return await self.kad.find_file_providers(sha256)
 
