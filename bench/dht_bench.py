@@ -194,7 +194,7 @@ async def _worker(args: argparse.Namespace) -> None:
                 c0, t = cpu(), time.perf_counter()
                 await trio.sleep(float(cmd["seconds"]))
                 say(ev="idled", cpu=cpu() - c0, seconds=time.perf_counter() - t, hosts=len(nodes),
-                    table=[n.dht_size() for n in nodes])
+                    table=[n.dht_size() for n in nodes], conns=[len(n.connected_peers()) for n in nodes])
             elif op == "stop":
                 nursery.cancel_scope.cancel()
 
@@ -205,7 +205,21 @@ def worker_main(args: argparse.Namespace) -> None:
     import trio
 
     logging.basicConfig(level=logging.ERROR)
-    trio.run(_worker, args)
+    if args.debug_log:
+        # Every DHT query's failure (node/_kadwalk.py, node/_kadclient.py), for diagnosis.
+        handler = logging.FileHandler(args.debug_log)
+        handler.setFormatter(logging.Formatter("%(created).3f %(name)s %(message)s"))
+        for name in ("autoglm.node._kadwalk", "autoglm.node._kadclient"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
+            logging.getLogger(name).addHandler(handler)
+            logging.getLogger(name).propagate = False
+    if args.profile:
+        import cProfile
+
+        cProfile.runctx("trio.run(_worker, args)", globals(), {"trio": trio, "args": args, "_worker": _worker},
+                        filename=args.profile)
+    else:
+        trio.run(_worker, args)
 
 
 # -- parent ------------------------------------------------------------------------
@@ -216,6 +230,10 @@ class Worker:
                 "--timeout", str(args.timeout)]
         if bootstrap:
             argv += ["--bootstrap", bootstrap]
+        if args.debug_logs:
+            argv += ["--debug-log", str(args.debug_logs / f"w{idx}.log")]
+            if args.profile_workers:
+                argv += ["--profile", str(args.debug_logs / f"w{idx}.prof")]
         self.proc = PROCS.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.peers: list[str] = []
         self.addrs: list[str] = []
@@ -252,7 +270,11 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="bound on the convergence phase")
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of the idle CPU window at the end")
     ap.add_argument("--json", type=Path, help="write the raw results here")
+    ap.add_argument("--debug-logs", type=Path, help="a directory: each worker logs every DHT query's failure there")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--debug-log", help=argparse.SUPPRESS)
+    ap.add_argument("--profile", help=argparse.SUPPRESS)
+    ap.add_argument("--profile-workers", action="store_true", help="with --debug-logs: a cProfile of each worker there too")
     ap.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--bootstrap", help=argparse.SUPPRESS)
@@ -342,13 +364,17 @@ def main() -> int:
             w.send(op="idle", seconds=args.idle)
         idle_cpu = idle_s = 0.0
         tables_end: list[int] = []
+        conns_end: list[int] = []
         for w in workers:
             m = w.expect("idled")
+            conns_end += m["conns"]
             idle_cpu += m["cpu"]
             idle_s = max(idle_s, m["seconds"])
             tables_end += m["table"]
         idle_pct = 100 * idle_cpu / idle_s / args.nodes
-        log(f"idle: {idle_pct:.2f} % of a core per host; routing tables p50 {_pct([float(t) for t in tables_end], 0.5)}")
+        log(f"idle: {idle_pct:.2f} % of a core per host; routing tables p50 {_pct([float(t) for t in tables_end], 0.5)}"
+            f" (min {min(tables_end, default=0)}); libp2p connections per host p50 {_pct([float(c) for c in conns_end], 0.5)}"
+            f" (max {max(conns_end, default=0)})")
         for w in workers:
             w.send(op="stop")
         for w in workers:
@@ -379,7 +405,7 @@ def main() -> int:
             args.json.write_text(json.dumps({"nodes": args.nodes, "provider_lat": lat, "name_lat": nlat, "converge": conv,
                                              "missing": missing, "startup_s": t_up, "provide_s": t_provide,
                                              "holders_known": knew, "idle_cpu_pct_per_host": idle_pct,
-                                             "tables_start": tables, "tables_end": tables_end, "put_s": put["seconds"], "put_ok": put["ok"]}))
+                                             "tables_start": tables, "tables_end": tables_end, "conns_end": conns_end, "put_s": put["seconds"], "put_ok": put["ok"]}))
     return 0
 
 

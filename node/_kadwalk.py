@@ -3,7 +3,7 @@
 The state machine decides whom to ask and when the walk is over; this pump
 starts its queries, each bounded by the lookup's ``query_timeout``, reports
 every outcome back, and wakes up at the lookup's next deadline. It knows
-nothing of libp2p: ``ask(peer)`` (node/_p2p.py) sends one FIND_NODE or
+nothing of libp2p: ``ask(peer)`` (node/_kadclient.py) sends one FIND_NODE or
 GET_PROVIDERS and returns the closer peers as (id, point) pairs.
 """
 
@@ -30,12 +30,15 @@ async def run_lookup(lookup: Lookup, ask: Ask) -> None:
 
     async def one(peer: str) -> None:
         closer: Iterable[tuple[str, bytes]] | None = None
+        t0 = trio.current_time()
         with trio.move_on_after(lookup.params.query_timeout):
             try:
                 closer = await ask(peer)
             except AutoglmError as exc:
                 log.debug("DHT query to %s failed: %r", peer, exc)
         now = trio.current_time()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("DHT query to %s %s after %.2f s", peer, "gave nothing" if closer is None else "answered", now - t0)
         if closer is None:
             lookup.on_failure(peer, now)
         else:

@@ -1,4 +1,4 @@
-"""The one py-libp2p adapter: identity, Noise+yamux host, Kademlia DHT, control streams.
+"""The one py-libp2p adapter: identity, Noise+yamux host, Kademlia DHT (node/_kadclient.py), control streams.
 
 Everything else in the node talks to :class:`P2PNode` and never imports
 ``libp2p``. libp2p carries identity, discovery and the small control
@@ -22,13 +22,10 @@ whose listen addresses are all private reserves at its bootstrap peers.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import ipaddress
 import logging
 import os
-import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,21 +33,16 @@ from typing import Any
 
 import multiaddr
 import trio
-from google.protobuf.message import DecodeError
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.exceptions import BaseLibp2pError
-from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE
-from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
-from libp2p.kad_dht.kad_dht import DHTMode, KadDHT, _encode_key
-from libp2p.kad_dht.pb.kademlia_pb2 import Message
-from libp2p.kad_dht.utils import maybe_consume_signed_record
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
-from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.records.validator import Validator
 from libp2p.relay.circuit_v2 import (
     CircuitV2Protocol,
@@ -63,19 +55,20 @@ from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
-from libp2p.utils.varint import encode_uvarint, read_varint_prefixed_bytes_limited
 
-from autoglm.node._kadwalk import run_lookup
+from autoglm.node._kadclient import (
+    DHT_TIMEOUT,
+    PEER_QUERY_TIMEOUT,
+    KadClient,
+    PeerAddr,
+)
 from autoglm.node._logs import apply_libp2p_level
 from autoglm.node._ratelimit import RateLimiter
-from autoglm.node.errors import ConfigError, RemoteProtocolError, SourceError
+from autoglm.node.errors import ConfigError, SourceError
 from autoglm.protocol._control import CONTROL_PROTOCOL_ID
-from autoglm.protocol._kadlookup import Lookup, LookupParams, key_point
 from autoglm.protocol._namerecord import (
     NAME_NAMESPACE,
     NameRecord,
-    check_name_update,
-    name_key,
     select_name_record,
     verify_name_record,
 )
@@ -87,23 +80,8 @@ apply_libp2p_level()  # importing libp2p reset its logger
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 _IDENTITY_FILE = "p2p-identity.key"
-_DHT_TIMEOUT = 20.0
-_PEER_QUERY_TIMEOUT = 5.0  # one peer's answer to a value query
-_VALUE_QUERY_PEERS = 20  # closest peers asked for a name record (Kademlia's k)
-# Our own iterative walks (protocol/_kadlookup.py): alpha 3 in flight, k 20,
-# 5 s per peer, 15 s per lookup; the routing table refreshed after bootstrap,
-# again 30 s later (the rest of a fleet booting together has joined by then),
-# then every 10 minutes.
-_LOOKUP = LookupParams()
-_REFRESH_AFTER = (0.0, 30.0)
-_REFRESH_INTERVAL = 600.0
-_REFRESH_JITTER = 2.0
-_MAX_PEERS_PER_ANSWER = 20
-_MAX_ADDRS = 8
-_ADDR_TTL = 3600
-_FIND_NODE = Message.MessageType.FIND_NODE
-_GET_PROVIDERS = Message.MessageType.GET_PROVIDERS
-_ADD_PROVIDER = Message.MessageType.ADD_PROVIDER
+_DHT_TIMEOUT = DHT_TIMEOUT  # a dial or a stream open
+_PEER_QUERY_TIMEOUT = PEER_QUERY_TIMEOUT
 
 
 _PROTECT_TAG = "autoglm-session"
@@ -185,14 +163,6 @@ def _is_relayed(muxed_conn: Any) -> bool:
     return any("/p2p-circuit" in str(a) for a in addrs)
 
 
-@dataclass(frozen=True, slots=True)
-class PeerAddr:
-    """A peer as the DHT reports it: its id and the multiaddrs it advertised."""
-
-    peer_id: str
-    addrs: tuple[str, ...]
-
-
 def load_identity_seed(data_dir: Path) -> bytes:
     """The node's persistent Ed25519 seed (created 0600 on first use)."""
     path = data_dir / _IDENTITY_FILE
@@ -212,15 +182,6 @@ def load_identity_seed(data_dir: Path) -> bytes:
     if len(seed) != 32:
         raise ConfigError(f"{path} is not a 32-byte identity seed; delete it to make a new identity")
     return seed
-
-
-def manifest_provider_key(manifest_id: bytes) -> str:
-    # Hashed with a tag so provider keys for manifests and for files never collide.
-    return hashlib.sha256(b"autoglm/provide/manifest\x00" + manifest_id).hexdigest()
-
-
-def file_provider_key(sha256: bytes) -> str:
-    return hashlib.sha256(b"autoglm/provide/file\x00" + sha256).hexdigest()
 
 
 class _NameRecordValidator(Validator):
@@ -325,6 +286,7 @@ class P2PNode:
         self.relayed_dials = 0  # libp2p connections this node opened through a relay
         self.on_lookup: Callable[[float], None] | None = None  # each provider lookup's seconds (metrics)
         self._bootstrap: tuple[str, ...] = ()
+        self.kad = KadClient(host, dht, self.connect, on_lookup=self._lookup_seconds)
 
     def relay_status(self) -> dict[str, object]:
         """Reservations held at relays, connections dialled through them, and (a relay) bytes relayed."""
@@ -520,327 +482,44 @@ class P2PNode:
         return False
 
 
-    # -- our Kademlia walks (protocol/_kadlookup.py drives them) -------------------
-    def _kad_message(self, kind: int, key: bytes) -> Any:
-        message = Message()
-        message.type = kind  # type: ignore[assignment]
-        message.key = key
-        message.senderRecord = env_to_send_in_RPC(self._host)[0]
-        return message
-
-    async def _kad_rpc(self, peer: str, kind: int, key: bytes) -> Any:
-        """One DHT request and its answer (a kademlia_pb2.Message); SourceError if the peer fails."""
-        pid = ID.from_base58(peer)
-        reply = Message()
-        await self._kad_send(pid, self._kad_message(kind, key), reply)
-        if reply.type != kind or not maybe_consume_signed_record(reply, self._host, pid):
-            raise RemoteProtocolError(f"DHT peer {peer} sent a wrong answer or an invalid signed record")
-        # It answered a DHT request: a DHT server, worth a routing-table entry.
-        addrs = self._host.get_peerstore().addrs(pid)
-        if addrs:
-            await self._dht.routing_table.add_peer(PeerInfo(pid, addrs))
-        return reply
-
-    async def _kad_send(self, pid: ID, message: Any, reply: Any | None) -> None:
-        """Send ``message`` on a new DHT stream and, if ``reply`` is given, parse the answer into it.
-
-        The stream is always ended, even when the caller's scope is cancelled
-        (a lookup that finished cancels its slower queries): py-libp2p's
-        server reads a stream until it ends, holding one of its 12 handler
-        slots, and resets every DHT stream beyond 12. Streams left open by
-        cancelled queries had filled the bootstrap node's slots within
-        seconds at 32 hosts.
-        """
-        data = message.SerializeToString()
-        stream = None
-        done = False
-        try:
-            stream = await self._open_kad_stream(pid)
-            await stream.write(encode_uvarint(len(data)) + data)
-            if reply is not None:
-                reply.ParseFromString(await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE))
-            done = True
-        except (BaseLibp2pError, OSError, ValueError, DecodeError) as exc:
-            raise SourceError(f"DHT query to {pid} failed: {exc!r}") from exc
-        finally:
-            if stream is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    try:
-                        await (stream.close() if done else stream.reset())
-                    except (BaseLibp2pError, OSError):
-                        pass
-
-    async def _open_kad_stream(self, pid: ID) -> Any:
-        """A new DHT stream; once more on a fresh connection if the one we held was dead.
-
-        Two hosts that dial each other at the same moment (their walks cross)
-        each keep one of the two connections (one per peer) and often not the
-        same one: each then holds a connection the other has closed, and
-        learns it only when opening a stream fails with a reset or a broken
-        pipe. That failure drops the dead connection, so the second try dials.
-        In 16-host runs most failed queries were this.
-        """
-        try:
-            return await self._host.new_stream(pid, [KAD_PROTOCOL_ID])
-        except (BaseLibp2pError, OSError) as exc:
-            log.debug("DHT stream to %s failed (%r); trying a fresh connection", pid, exc)
-        return await self._host.new_stream(pid, [KAD_PROTOCOL_ID])
-
-    def _learn(self, peers: Any) -> list[PeerAddr]:
-        """Peers named in an answer (closer peers, providers): their addresses go to the peerstore."""
-        out: list[PeerAddr] = []
-        store = self._host.get_peerstore()
-        me = self._host.get_id()
-        for p in list(peers)[:_MAX_PEERS_PER_ANSWER]:
-            try:
-                pid = ID(p.id)
-                if pid == me or not maybe_consume_signed_record(p, self._host):
-                    continue
-                addrs = [multiaddr.Multiaddr(a) for a in p.addrs[:_MAX_ADDRS]]
-            except (BaseLibp2pError, ValueError, TypeError):
-                continue
-            if addrs:
-                store.add_addrs(pid, addrs, _ADDR_TTL)
-            out.append(PeerAddr(str(pid), tuple(str(a) for a in addrs)))
-        return out
-
-    def _seeds(self, key: bytes) -> list[tuple[str, bytes]]:
-        peers = {*self._dht.routing_table.find_local_closest_peers(key, _LOOKUP.k), *self._host.get_connected_peers()}
-        return [(str(p), key_point(p.to_bytes())) for p in peers]
-
-    async def _walk(self, key: bytes, kind: int = _FIND_NODE,
-                    on_reply: Callable[[Lookup, Any], None] | None = None, budget: float | None = None,
-                    need: int | None = None) -> Lookup:
-        """An iterative lookup of ``key`` (FIND_NODE, or GET_PROVIDERS with ``on_reply``), bounded by its budget."""
-        params = _LOOKUP if budget is None else dataclasses.replace(_LOOKUP, budget=budget)
-        lookup = Lookup(key_point(key), self._seeds(key), trio.current_time(), params, exclude=[self.peer_id])
-        if need is not None:
-            lookup.need = need
-
-        async def ask(peer: str) -> list[tuple[str, bytes]]:
-            reply = await self._kad_rpc(peer, kind, key)
-            if on_reply is not None:
-                on_reply(lookup, reply)
-            return [(p.peer_id, key_point(ID.from_base58(p.peer_id).to_bytes())) for p in self._learn(reply.closerPeers)]
-
-        await run_lookup(lookup, ask)
-        return lookup
+    # -- the DHT client: node/_kadclient.py (KadClient) ------------------------------
+    def _lookup_seconds(self, seconds: float) -> None:
+        if self.on_lookup is not None:
+            self.on_lookup(seconds)
 
     async def refresh_routing(self) -> None:
-        """Keep the routing table filled: a self-lookup and a random-key lookup, now and then.
-
-        The self-lookup makes the peers closest to us learn of us (each adds a
-        peer that sends it a DHT request) and us of them; the random key fills a
-        far bucket. Without it a node knows only its bootstrap peers and whoever
-        happened to query it.
-        """
-        # A fleet booting together sends every first lookup to the same bootstrap
-        # node, which resets DHT streams beyond 12 at once: spread the starts, and
-        # try again soon (1, 2, 4, ... s) while the table is still nearly empty.
-        await trio.sleep(random.random() * _REFRESH_JITTER)
-        retry = 1.0
-        for delay in _REFRESH_AFTER:
-            await trio.sleep(delay)
-            await self._refresh_once()
-            while self.dht_size() < _LOOKUP.beta and retry < _REFRESH_AFTER[-1]:
-                await trio.sleep(retry * (0.5 + random.random()))
-                retry *= 2
-                await self._refresh_once()
-        while True:
-            await trio.sleep(_REFRESH_INTERVAL)
-            await self._refresh_once()
+        """Keep the routing table filled (runs until cancelled); see :meth:`KadClient.refresh_routing`."""
+        await self.kad.refresh_routing(self._bootstrap)
 
     async def add_bootstrap_peer(self, addr: str) -> str:
-        """Dial a bootstrap peer and put it in the routing table at once.
-
-        Our answers to DHT requests name routing-table peers only: a node that
-        has not finished its first refresh would otherwise name nobody, and a
-        walk through it would end there.
-        """
-        peer = await self.connect(addr)
-        pid = ID.from_base58(peer)
-        addrs = self._host.get_peerstore().addrs(pid)
-        if addrs:
-            await self._dht.routing_table.add_peer(PeerInfo(pid, addrs))
-        return peer
-
-    async def _refresh_once(self) -> None:
-        if not self.dht_size() and not self._host.get_connected_peers():
-            # Alone again (the bootstrap connection was trimmed or dropped): dial the bootstrap peers.
-            for addr in self._bootstrap:
-                try:
-                    await self.add_bootstrap_peer(addr)
-                except SourceError as exc:
-                    log.info("bootstrap peer unreachable: %s", exc)
-        await self._walk(self._host.get_id().to_bytes())
-        await self._walk(os.urandom(32))
-
-    async def _provide(self, key: str) -> bool:
-        """Our provider record, stored locally and on the k closest peers the walk knows of."""
-        kb = _encode_key(key)  # the key bytes earlier versions used
-        self._dht.provider_store.add_provider(kb, PeerInfo(self._host.get_id(), self._host.get_addrs()))
-        sent = 0
-
-        message = self._kad_message(_ADD_PROVIDER, kb)
-        me = message.providerPeers.add()
-        me.id = self._host.get_id().to_bytes()
-        me.addrs.extend(a.to_bytes() for a in self._host.get_addrs())
-        me.signedRecord = message.senderRecord
-
-        async def one(peer: str) -> None:
-            # Fire and forget, as py-libp2p and Kubo do: no echo is read.
-            nonlocal sent
-            try:
-                await self._kad_send(ID.from_base58(peer), message, None)
-                sent += 1
-            except SourceError as exc:
-                log.debug("ADD_PROVIDER to %s failed: %r", peer, exc)
-
-        # The walk's budget (15 s) ends it early enough that the records go out within 20 s.
-        lookup = await self._walk(kb)
-        with trio.move_on_after(_PEER_QUERY_TIMEOUT):
-            async with trio.open_nursery() as nursery:
-                for peer in lookup.known_closest():
-                    nursery.start_soon(one, peer)
-        return sent > 0
+        return await self.kad.add_bootstrap_peer(addr)
 
     async def provide_manifest(self, manifest_id: bytes) -> bool:
-        return await self._provide(manifest_provider_key(manifest_id))
+        return await self.kad.provide_manifest(manifest_id)
 
     def unprovide_manifest(self, manifest_id: bytes) -> None:
-        """Stop providing a manifest: no more republishing, and this node's own record is dropped locally.
-
-        Kademlia has no withdrawal: records already stored at other nodes expire (48 h).
-        """
-        from libp2p.kad_dht.kad_dht import _encode_key
-
-        store = self._dht.provider_store
-        key = _encode_key(manifest_provider_key(manifest_id))
-        store.providing_keys.discard(key)
-        mine = store.providers.get(key)
-        if mine is not None:
-            mine.pop(str(store.local_peer_id), None)
-            if not mine:
-                del store.providers[key]
+        self.kad.unprovide_manifest(manifest_id)
 
     async def provide_file(self, sha256: bytes) -> bool:
-        return await self._provide(file_provider_key(sha256))
-
-    async def _find(self, key: str) -> list[PeerAddr]:
-        """Providers of ``key``: the local store's and the network's (a GET_PROVIDERS walk).
-
-        py-libp2p's ``find_providers`` returns the local store alone when it
-        holds any record for the key, so a holder (its own record is local)
-        never learnt of the others. The walk ends when the beta closest peers
-        it knows have answered (go-libp2p's rule; asking all k closest found
-        a few more holders in 16-node runs, but at 32 hosts on this machine
-        its ~20 queries per lookup ran past the 15 s budget), or at 20
-        providers.
-        """
-        kb = _encode_key(key)
-        found: dict[str, PeerAddr] = {}
-        for info in self._dht.provider_store.get_providers(kb):
-            found[str(info.peer_id)] = PeerAddr(str(info.peer_id), tuple(str(a) for a in info.addrs[:_MAX_ADDRS]))
-
-        def on_reply(lookup: Lookup, reply: Any) -> None:
-            providers = self._learn(reply.providerPeers)
-            for p in providers:
-                if len(found) < _MAX_PEERS_PER_ANSWER:
-                    found.setdefault(p.peer_id, p)
-            if len(found) >= _MAX_PEERS_PER_ANSWER:
-                lookup.need = 0
-            elif providers:
-                lookup.need = min(lookup.need, _LOOKUP.beta)
-
-        t0 = trio.current_time()
-        with trio.move_on_after(_DHT_TIMEOUT):
-            await self._walk(kb, _GET_PROVIDERS, on_reply)
-        if self.on_lookup is not None:
-            self.on_lookup(trio.current_time() - t0)
-        found.pop(self.peer_id, None)
-        return list(found.values())
+        return await self.kad.provide_file(sha256)
 
     async def find_manifest_providers(self, manifest_id: bytes) -> list[PeerAddr]:
-        return await self._find(manifest_provider_key(manifest_id))
+        return await self.kad.find_manifest_providers(manifest_id)
+
+    async def _provide(self, key: str) -> bool:
+        return await self.kad.provide(key)
+
+    async def _find(self, key: str) -> list[PeerAddr]:
+        return await self.kad.find_providers(key)
 
     async def find_file_providers(self, sha256: bytes) -> list[PeerAddr]:
-        return await self._find(file_provider_key(sha256))
+        return await self.kad.find_file_providers(sha256)
 
     async def put_name_record(self, record: NameRecord) -> None:
-        """Store a signed record locally and at the closest peers; refuses a lower seq."""
-        old = self._dht.value_store.get(record.key.encode())
-        check_name_update(record.key, old.value if old else None, record.encode())
-        try:
-            with trio.fail_after(_DHT_TIMEOUT):
-                await self._dht.put_value(record.key, record.encode())
-        except ValueError as exc:
-            raise RemoteProtocolError(str(exc)) from exc
+        await self.kad.put_name_record(record)
 
     async def get_name_record(self, publisher_key_id: str, name: str) -> NameRecord | None:
-        """The best valid record among ours and the network's, or None. Invalid values are skipped.
-
-        Strategy: py-libp2p's ``get_value`` answers from the local store first,
-        and any peer can PUT_VALUE an old, validly signed record to a node that
-        holds none. So the local record is only one candidate: the closest
-        peers are asked too, the highest valid sequence number wins, and a
-        newer record found on the network replaces the local one.
-        """
-        key = name_key(publisher_key_id, name)
-        key_bytes = key.encode()
-        local = self._dht.value_store.get(key_bytes)
-        values = [local.value] if local is not None else []
-        with trio.move_on_after(_DHT_TIMEOUT):
-            values += await self._values_from_peers(key_bytes)
-        if not values:
-            return None
-        try:
-            best = values[select_name_record(key, values)]
-        except RemoteProtocolError:
-            log.warning("ignoring invalid name records for %s", key)
-            return None
-        if local is None or best != local.value:
-            self._dht.value_store.put(key_bytes, best)
-        return verify_name_record(key, best)
-
-    async def _values_from_peers(self, key_bytes: bytes) -> list[bytes]:
-        """What the closest peers hold under ``key_bytes``; a silent peer costs one query timeout.
-
-        Strategy: the peers we already know (the routing table's closest and
-        the connected ones) are asked at once, while the network lookup for
-        closer ones runs beside them with a bound of its own: py-libp2p's
-        lookup waits for every peer of a round, so one peer that connected and
-        went silent held it, and the whole resolution, for the full DHT timeout
-        (issue 11, item 13). Peers the lookup finds in time are asked too.
-        """
-        me = self._host.get_id()
-        found: list[bytes] = []
-        asked: set[ID] = {me}
-
-        async def ask(peer: ID) -> None:
-            with trio.move_on_after(_PEER_QUERY_TIMEOUT):
-                try:
-                    value = await self._dht.value_store._get_from_peer(peer, key_bytes)
-                except (BaseLibp2pError, OSError) as exc:
-                    log.debug("value query to %s failed: %r", peer, exc)
-                    return
-                if isinstance(value, bytes):
-                    found.append(value)
-
-        def ask_all(nursery: trio.Nursery, peers: Iterable[ID]) -> None:
-            for peer in peers:
-                if peer not in asked and len(asked) <= _VALUE_QUERY_PEERS:
-                    asked.add(peer)
-                    nursery.start_soon(ask, peer)
-
-        async def lookup(nursery: trio.Nursery) -> None:
-            walk = await self._walk(key_bytes, budget=_PEER_QUERY_TIMEOUT)
-            ask_all(nursery, [ID.from_base58(p) for p in walk.closest()])
-
-        known = self._dht.routing_table.find_local_closest_peers(key_bytes, _VALUE_QUERY_PEERS)
-        async with trio.open_nursery() as nursery:
-            ask_all(nursery, [*known, *self._host.get_connected_peers()])
-            nursery.start_soon(lookup, nursery)
-        return found
+        return await self.kad.get_name_record(publisher_key_id, name)
 
     def set_control_handler(self, handler: ControlHandler) -> None:
         self.set_stream_handler(CONTROL_PROTOCOL_ID, handler)
@@ -923,6 +602,22 @@ def _all_private(listen: Sequence[str]) -> bool:
     return bool(ips) and not any(ip.is_global or ip.is_loopback or ip.is_unspecified for ip in ips)
 
 
+class _NoAutoConnect(AutoConnector):
+    """py-libp2p's auto-connector, switched off.
+
+    It dials every peer in the peerstore that it holds no connection to (16
+    to 32 at a time, every 10 s and after every disconnect) until it has
+    150 connections, and the peerstore fills with every peer any DHT answer
+    named: a fleet of up to ~150 nodes ends up fully meshed (a Noise and
+    yamux handshake and an identify each, in Python), and dials crossing
+    each other leave dead connections behind. Our nodes dial whom they
+    need: DHT walks, swarm sessions (docs/benchmarks.md, "The DHT at scale").
+    """
+
+    async def maybe_connect(self) -> None:
+        return None
+
+
 def _make_host(seed: bytes) -> Any:
     kp = create_new_key_pair(seed)
     noise = NoiseTransport(kp, noise_privkey=create_x25519_key_pair().private_key)
@@ -940,6 +635,7 @@ def _make_host(seed: bytes) -> Any:
     # and the relayed dial that follows starts that much sooner.
     network: Any = host.get_network()
     network.retry_config = RetryConfig(max_retries=1)
+    network.auto_connector = _NoAutoConnect(network)
     return host
 
 

@@ -2,7 +2,7 @@
 """Kademlia provider lookups at 1,000-10,000 nodes, with our real lookup code.
 
 The lookup is ``protocol/_kadlookup.Lookup``, the state machine the node's
-DHT walks run (node/_p2p.py), with the node's parameters (alpha 3, k 20,
+DHT walks run (node/_kadclient.py), with the node's parameters (alpha 3, k 20,
 beta 3, 5 s per query, 15 s per lookup). Only the network is simulated:
 
 - N nodes with random 256-bit points; each routing table holds up to k
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from autoglm.protocol._kadlookup import Lookup, LookupParams
 
-PARAMS = LookupParams()  # the node's own (node/_p2p.py _LOOKUP)
+PARAMS = LookupParams()  # the node's own (node/_kadclient.py _LOOKUP)
 BITS = 256
 
 

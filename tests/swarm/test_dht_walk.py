@@ -1,4 +1,4 @@
-"""The DHT walk (node/_p2p.py over protocol/_kadlookup.py) with real py-libp2p hosts on 127.0.0.1.
+"""The DHT walk (node/_kadclient.py over protocol/_kadlookup.py) with real py-libp2p hosts on 127.0.0.1.
 
 Twelve hosts joined as a chain (each bootstraps from the one before), two of
 them provide one manifest; then three late hosts join as a chain of their
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import trio
 
-from autoglm.node._p2p import P2PNode, manifest_provider_key, open_p2p
+from autoglm.node._kadclient import manifest_provider_key
+from autoglm.node._p2p import P2PNode, open_p2p
 
 logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 
