@@ -18,7 +18,9 @@ import logging
 import math
 import os
 import secrets
+import select
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -266,17 +268,103 @@ class _ServeState:
     verified: dict[tuple[os.PathLike[str], int, int], tuple[int, int, int]] = field(default_factory=dict)
 
 
+#: Threads that may be sending files at once (each holds one in a blocking loop); the store's own
+#: worker threads stay free whatever the peers do.
+_SEND_THREADS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("peerwire_send_threads")
+_POLL_MS = 200  # a sending thread looks for its caller's cancellation this often
+
+
+def _send_range(sockfd: int, fd: int, offset: int, count: int, gate: _SendGate) -> None:
+    """Runs in a worker thread: ``sendfile`` the range, then drop it from the page cache.
+
+    Waits with ``poll`` while the socket's buffer is full. Gives up when the
+    caller was cancelled (``gate``) or when the peer took no byte for
+    ``STALL_TIMEOUT``: a peer that stops reading holds a thread for that
+    long at most. Closes both fds (its own duplicates) whatever happens.
+    """
+    if not gate.take():
+        return
+    try:
+        poller = select.poll()
+        poller.register(sockfd, select.POLLOUT)
+        start, length = offset, count
+        last = time.monotonic()
+        while count:
+            if gate.stop:
+                return
+            try:
+                n = os.sendfile(sockfd, fd, offset, count)
+            except BlockingIOError:
+                if poller.poll(_POLL_MS):
+                    continue
+                if time.monotonic() - last > STALL_TIMEOUT:
+                    raise trio.BrokenResourceError(f"peer took nothing for {STALL_TIMEOUT:.0f} s") from None
+                continue
+            if n == 0:
+                raise trio.BrokenResourceError("peer closed during sendfile")
+            offset += n
+            count -= n
+            last = time.monotonic()
+        drop_cache(fd, start, length)
+    finally:
+        os.close(sockfd)
+        os.close(fd)
+
+
+class _SendGate:
+    """Who closes a sending thread's fds: the thread once it started, else the caller that gave up first."""
+
+    __slots__ = ("_lock", "_started", "stop")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started = False
+        self.stop = False
+
+    def take(self) -> bool:
+        with self._lock:
+            self._started = not self.stop
+            return self._started
+
+    def give_up(self) -> bool:
+        """Tell the thread to stop; True if it never started (the caller closes the fds)."""
+        with self._lock:
+            self.stop = True
+            return not self._started
+
+
 async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: int) -> None:
-    while count:
-        try:
-            n = os.sendfile(sock.fileno(), fd, offset, count)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock.fileno())
-            continue
-        if n == 0:
-            raise trio.BrokenResourceError("peer closed during sendfile")
-        offset += n
-        count -= n
+    """Send a file range on the socket and drop it from the page cache, in a worker thread.
+
+    Strategy: on the event loop, a piece went out in ~8 sendfile calls with a
+    wake-up between each, and a cold read blocked every other task on the
+    disk; a worker thread's own poll loop costs less (bench/cost_bench.py).
+    The thread gets duplicates of both fds: if the caller is cancelled it
+    returns at once (the thread stops within ``_POLL_MS``), and closing the
+    stream meanwhile cannot hand its fd number to another socket mid-send.
+    """
+    sockfd = os.dup(sock.fileno())
+    try:
+        filefd = os.dup(fd)
+    except BaseException:
+        os.close(sockfd)
+        raise
+    gate = _SendGate()
+    try:
+        limiter = _SEND_THREADS.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(8)
+        _SEND_THREADS.set(limiter)
+    try:
+        # trio_typing's stubs (pulled in by libp2p) predate abandon_on_cancel
+        await trio.to_thread.run_sync(  # type: ignore[call-arg]
+            _send_range, sockfd, filefd, offset, count, gate, abandon_on_cancel=True, limiter=limiter
+        )
+    except BaseException:
+        if gate.give_up():
+            os.close(sockfd)
+            os.close(filefd)
+        raise
 
 
 def _open_located(st: _ServeState, manifest_id: bytes, index: int) -> tuple[PieceLocation, int] | None:
@@ -359,8 +447,7 @@ async def _serve_one(stream: trio.SocketStream | AeadStream, proto: PeerwireServ
         # Raw bytes that just verified, or trusted / verified before and unchanged
         # since: zero copy from the file.
         await stream.send_all(proto.piece_header(req.req_id, Codec.RAW, loc.length))
-        await _sendfile(stream.socket, fd, loc.offset, loc.length)
-        drop_cache(fd, loc.offset, loc.length)
+        await _sendfile(stream.socket, fd, loc.offset, loc.length)  # drops the range from the cache too
     finally:
         os.close(fd)
     grant.served(req.manifest_id, req.index, loc.length)
