@@ -28,8 +28,10 @@ It reports CPU per GiB of the receiving daemon (its main thread and its worker
 threads, user and system apart), of the `fetch` command and of the sender;
 ``--py-spy FILE`` also records the receiver with py-spy (``--threads``,
 ``--idle`` off) into FILE (speedscope format), and the sender into FILE with
-the suffix ``.sender.json``; ``--perf FILE`` records it with
-``perf record -g`` instead (the kernel's side of the system time). ``--repeat K`` runs K fetches
+the suffix ``.sender.json``; ``--gil`` keeps only py-spy's samples that hold the GIL (the
+interpreter's CPU, not its waits); ``--perf FILE`` records both with
+``perf record -g`` instead (the kernel's side of the system time; the sender
+into FILE with the suffix ``.sender``). ``--repeat K`` runs K fetches
 (fresh output directories, same two daemons) and prints every one.
 
     .venv/bin/python bench/cost_bench.py --pair [--size 512MiB] [--repeat 3] [--py-spy prof.json]
@@ -191,18 +193,28 @@ def run_pair(args: argparse.Namespace) -> int:
             idle_seed = (sum(_cpu_split(seed.proc.pid).values()) - ia0) / t_idle
             a0, b0 = _cpu_split(seed.proc.pid), _cpu_split(recv.proc.pid)
             spy = spy2 = None
+            gil = ["--gil"] if args.gil else []
             if args.py_spy and k == 0:
                 spy = PROCS.start([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(recv.proc.pid),
-                                   "--threads", "--rate", "200", "--format", "speedscope", "-o", str(args.py_spy)],
+                                   "--threads", "--rate", "200", *gil, "--format", "speedscope", "-o", str(args.py_spy)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 spy2 = PROCS.start([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(seed.proc.pid),
-                                    "--threads", "--rate", "200", "--format", "speedscope",
+                                    "--threads", "--rate", "200", *gil, "--format", "speedscope",
                                     "-o", str(args.py_spy.with_suffix(".sender.json"))],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)
+            if args.strace and k == 0:  # syscall counts per thread group, both daemons
+                spy = PROCS.start(["strace", "-c", "-f", "-o", str(args.strace), "-p", str(recv.proc.pid)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                spy2 = PROCS.start(["strace", "-c", "-f", "-o", str(args.strace.with_suffix(".sender")), "-p",
+                                    str(seed.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
             if args.perf and k == 0:
                 spy = PROCS.start(["perf", "record", "-g", "-F", "499", "-p", str(recv.proc.pid), "-o", str(args.perf)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                spy2 = PROCS.start(["perf", "record", "-g", "-F", "499", "-p", str(seed.proc.pid),
+                                    "-o", str(args.perf.with_suffix(".sender"))],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
             out = run_dir / f"out{k}"
             r = swarm_bench.measure(cli + ["--data-dir", str(data), "fetch", str(model.manifest), "--trust",
@@ -221,6 +233,7 @@ def run_pair(args: argparse.Namespace) -> int:
                    "recv_daemon": sum(d.values()), "fetch_cmd": r.cpu / gib,
                    "sender": sum(a1.values()) - sum(a0.values())}
             row["sender"] /= gib
+            row.update({f"send_{key}": (a1[key] - a0[key]) / gib for key in a0})
             kinds: dict[str, int] = {}
             for ev in swarm_bench.parse_json_lines(r.stdout):
                 kinds[str(ev.get("event"))] = kinds.get(str(ev.get("event")), 0) + 1
@@ -230,7 +243,8 @@ def run_pair(args: argparse.Namespace) -> int:
             runs.append(row)
             log(f"run {k}: {r.wall:.1f} s; receiver {row['recv_total']:.2f} CPU-s/GiB (main {d['main_user']:.2f} user + "
                 f"{d['main_sys']:.2f} sys, threads {d['threads_user']:.2f} user + {d['threads_sys']:.2f} sys, "
-                f"fetch command {row['fetch_cmd']:.2f}), sender {row['sender']:.2f}; events {kinds}; idle CPU-s per s: receiver {idle:.3f}, sender {idle_seed:.3f}")
+                f"fetch command {row['fetch_cmd']:.2f}), sender {row['sender']:.2f} (main {row['send_main_user']:.2f} user + "
+                f"{row['send_main_sys']:.2f} sys, threads {row['send_threads_user']:.2f} user + {row['send_threads_sys']:.2f} sys); events {kinds}; idle CPU-s per s: receiver {idle:.3f}, sender {idle_seed:.3f}")
             PROCS.stop(recv.proc, grace=10)
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(data, ignore_errors=True)
@@ -272,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", choices=["peer", "mirror"], default="peer",
                     help="--pair: receive from the seed node over peerwire (default), or from a local serve-mirror alone")
     ap.add_argument("--idle", type=float, default=3.0, help="--pair: seconds to measure both daemons idle first (default 3)")
+    ap.add_argument("--strace", type=Path, metavar="FILE", help="--pair: strace -c -f both daemons' first fetch")
+    ap.add_argument("--gil", action="store_true", help="--py-spy: only samples holding the GIL (Python's CPU, not waits)")
     ap.add_argument("--perf", type=Path, metavar="FILE", help="--pair: record the receiver's first fetch with perf record -g")
     args = ap.parse_args(argv)
     if args.pair:
