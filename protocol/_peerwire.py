@@ -326,6 +326,11 @@ class PeerwireClient:
         return PieceReceived(hdr.req_id, p.manifest_id, p.index, data, hdr.length)
 
     @property
+    def body_req_id(self) -> int | None:
+        """The request whose payload is being received (None between frames)."""
+        return None if self._body is None else self._body[0].req_id
+
+    @property
     def body_remaining(self) -> int:
         """Bytes still owed for the payload being received (0 between frames)."""
         return 0 if self._body is None else max(0, self._body[0].length - self._decoder.buffered)

@@ -50,6 +50,10 @@ def test_page_aligned_buffers_start_on_a_direct_io_boundary() -> None:
                 assert _aligned(b) and _aligned(b[DIRECT_ALIGN:]) and not _aligned(b[1:])
             if n:
                 b[-1:] = b"x"
+    for at in (1264, 263408, 4095, 1 << 30):  # where pieces start in a safetensors file
+        b = _page_aligned(300_000, at)
+        head = -at % DIRECT_ALIGN  # the bytes before the file's next 4 KiB boundary
+        assert len(b) == 300_000 and _aligned(b[head:]) and not _aligned(b[head + 1 :])
 
 
 @pytest.mark.parametrize("alloc", [_uninitialised, _page_aligned])
