@@ -8,7 +8,7 @@ nginx mirror, the same model; run as root):
   autoglm join --seed (cold)            N daemons started together (start-up included)
 and the host floor, measured here over the same size in 8 MiB pieces:
   recv_into one buffer over loopback TCP (the receiving side only), BLAKE3,
-  pwrite + fdatasync + DONTNEED (the store's durable write), sendfile cold with
+  pwrite + fdatasync + DONTNEED (the store's durable write), sendfile cold into loopback TCP with
   drop-behind (one upload of every byte); their sum is what a node that receives,
   checks, stores and re-serves each byte once cannot go below.
 
@@ -28,11 +28,32 @@ It reports CPU per GiB of the receiving daemon (its main thread and its worker
 threads, user and system apart), of the `fetch` command and of the sender;
 ``--py-spy FILE`` also records the receiver with py-spy (``--threads``,
 ``--idle`` off) into FILE (speedscope format), and the sender into FILE with
-the suffix ``.sender.json``; ``--perf FILE`` records it with
-``perf record -g`` instead (the kernel's side of the system time). ``--repeat K`` runs K fetches
+the suffix ``.sender.json``; ``--gil`` keeps only py-spy's samples that hold the GIL (the
+interpreter's CPU, not its waits); ``--perf FILE`` records both with
+``perf record -g`` instead (the kernel's side of the system time; the sender
+into FILE with the suffix ``.sender``). ``--repeat K`` runs K fetches
 (fresh output directories, same two daemons) and prints every one.
 
     .venv/bin/python bench/cost_bench.py --pair [--size 512MiB] [--repeat 3] [--py-spy prof.json]
+
+``--parts`` measures our own data path without libp2p or the engine, in child
+processes of the tree under test: the peerwire server (``serve_peerwire``, a
+trusted piece goes out by sendfile) and client (``PeerwireConnection``, 4
+requests in flight) over 127.0.0.1, each process's CPU per GiB; and the
+store's write path (``Staging.write`` of 8 MiB pieces in the buffers the
+tree's peerwire client allocates, at file offsets 1264 + k × 8 MiB as in a
+safetensors file, fdatasync every 4). ``--base REF`` runs the
+same children against ``git archive REF`` too, interleaved run by run:
+
+    .venv/bin/python bench/cost_bench.py --parts [--base main] [--repeat 5] [--size 512MiB]
+
+``--cold`` starts a fresh ``join --json`` (no bootstrap, byte-compiled
+package) K times and reads its user + system CPU from ``/proc/PID/stat`` the
+moment it prints ``ready`` (the line that carries the address others join
+with: the libp2p host listens, the piece channel is up), then stops it; with
+``--base REF`` interleaved with the same for REF:
+
+    .venv/bin/python bench/cost_bench.py --cold [--base main] [--repeat 5]
 
 CPU-seconds are robust to a busy machine (times are not): the table says the load average.
 """
@@ -59,7 +80,9 @@ import swarm_bench
 from _harness import (
     DEFAULT_WORKDIR,
     PROCS,
+    REPO,
     MiB,
+    _parse_size,
     check_tools,
     fmt_bytes,
     guarded,
@@ -129,7 +152,7 @@ def host_floor(total: int, where: Path) -> dict[str, float]:
     with tempfile.TemporaryDirectory(dir=where) as d:
         path = Path(d) / "floor.bin"
         out["pwrite + fdatasync + DONTNEED"] = host_costs._write(path, total, drop=True) / gib
-        out["sendfile cold, drop-behind"] = host_costs._sendfile_cold(path, total)[0] / gib
+        out["sendfile cold, drop-behind"] = host_costs._sendfile_tcp(path, total) / gib
     return out
 
 
@@ -191,18 +214,28 @@ def run_pair(args: argparse.Namespace) -> int:
             idle_seed = (sum(_cpu_split(seed.proc.pid).values()) - ia0) / t_idle
             a0, b0 = _cpu_split(seed.proc.pid), _cpu_split(recv.proc.pid)
             spy = spy2 = None
+            gil = ["--gil"] if args.gil else []
             if args.py_spy and k == 0:
                 spy = PROCS.start([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(recv.proc.pid),
-                                   "--threads", "--rate", "200", "--format", "speedscope", "-o", str(args.py_spy)],
+                                   "--threads", "--rate", "200", *gil, "--format", "speedscope", "-o", str(args.py_spy)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 spy2 = PROCS.start([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(seed.proc.pid),
-                                    "--threads", "--rate", "200", "--format", "speedscope",
+                                    "--threads", "--rate", "200", *gil, "--format", "speedscope",
                                     "-o", str(args.py_spy.with_suffix(".sender.json"))],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)
+            if args.strace and k == 0:  # syscall counts per thread group, both daemons
+                spy = PROCS.start(["strace", "-c", "-f", "-o", str(args.strace), "-p", str(recv.proc.pid)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                spy2 = PROCS.start(["strace", "-c", "-f", "-o", str(args.strace.with_suffix(".sender")), "-p",
+                                    str(seed.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
             if args.perf and k == 0:
                 spy = PROCS.start(["perf", "record", "-g", "-F", "499", "-p", str(recv.proc.pid), "-o", str(args.perf)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                spy2 = PROCS.start(["perf", "record", "-g", "-F", "499", "-p", str(seed.proc.pid),
+                                    "-o", str(args.perf.with_suffix(".sender"))],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
             out = run_dir / f"out{k}"
             r = swarm_bench.measure(cli + ["--data-dir", str(data), "fetch", str(model.manifest), "--trust",
@@ -221,6 +254,7 @@ def run_pair(args: argparse.Namespace) -> int:
                    "recv_daemon": sum(d.values()), "fetch_cmd": r.cpu / gib,
                    "sender": sum(a1.values()) - sum(a0.values())}
             row["sender"] /= gib
+            row.update({f"send_{key}": (a1[key] - a0[key]) / gib for key in a0})
             kinds: dict[str, int] = {}
             for ev in swarm_bench.parse_json_lines(r.stdout):
                 kinds[str(ev.get("event"))] = kinds.get(str(ev.get("event")), 0) + 1
@@ -230,7 +264,8 @@ def run_pair(args: argparse.Namespace) -> int:
             runs.append(row)
             log(f"run {k}: {r.wall:.1f} s; receiver {row['recv_total']:.2f} CPU-s/GiB (main {d['main_user']:.2f} user + "
                 f"{d['main_sys']:.2f} sys, threads {d['threads_user']:.2f} user + {d['threads_sys']:.2f} sys, "
-                f"fetch command {row['fetch_cmd']:.2f}), sender {row['sender']:.2f}; events {kinds}; idle CPU-s per s: receiver {idle:.3f}, sender {idle_seed:.3f}")
+                f"fetch command {row['fetch_cmd']:.2f}), sender {row['sender']:.2f} (main {row['send_main_user']:.2f} user + "
+                f"{row['send_main_sys']:.2f} sys, threads {row['send_threads_user']:.2f} user + {row['send_threads_sys']:.2f} sys); events {kinds}; idle CPU-s per s: receiver {idle:.3f}, sender {idle_seed:.3f}")
             PROCS.stop(recv.proc, grace=10)
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(data, ignore_errors=True)
@@ -245,6 +280,199 @@ def run_pair(args: argparse.Namespace) -> int:
                  "fetch command", "receiver total", "sender"], rows, note="CPU-seconds per GiB received.")
     if args.json:
         args.json.write_text(json.dumps({"argv": sys.argv, "load_after": load, "runs": runs}, indent=2) + "\n")
+    return 0
+
+
+_PART = r"""
+import json, os, sys, time
+from pathlib import Path
+import trio
+from autoglm.node import _peerwire as pw
+from autoglm.node._store import PieceLocation
+P = 8 << 20
+MID = b"\x01" * 32
+what, path = sys.argv[1], Path(sys.argv[2])
+N = os.path.getsize(path) // P
+GIB = N * P / (1 << 30)
+
+
+class Loc:
+    def locate(self, mid, i):
+        return PieceLocation(path, i * P, P, b"\0" * 32, trusted=True)
+
+
+class Grant:
+    peer_id = "bench"
+    def check(self, mid, i): return None
+    def served(self, mid, i, n): pass
+    def release(self): pass
+
+
+async def client(port, rounds):
+    conn = await pw.connect_peerwire("127.0.0.1", port, b"t" * 32)
+    lim = trio.Semaphore(4)
+    async def one(i):
+        async with lim:
+            assert len(await conn.fetch(MID, i, P)) == P
+    for _ in range(rounds):
+        async with trio.open_nursery() as n:
+            for i in range(N):
+                n.start_soon(one, i)
+    await conn.aclose()
+
+
+async def serve(rounds):
+    async with trio.open_nursery() as n:
+        _, port = await n.start(lambda task_status: pw.serve_peerwire(Loc(), lambda t: Grant(), task_status=task_status))
+        t0 = time.process_time()
+        r = await trio.to_thread.run_sync(lambda: __import__("subprocess").run(
+            [sys.executable, "-c", SRC, "client", str(path), str(port), str(rounds)],
+            capture_output=True, text=True, check=True))
+        out = json.loads(r.stdout)
+        out["server"] = (time.process_time() - t0) / (GIB * rounds)
+        print(json.dumps(out))
+        n.cancel_scope.cancel()
+
+
+def store():
+    import shutil, tempfile
+    import autoglm.node._staging as S
+    head = 1264  # pieces start where the file's tensors do (a safetensors header first), not on 4 KiB
+    aligned = getattr(pw, "_page_aligned", None)
+    src = os.urandom(P)
+    bufs = []
+    for k in range(N):
+        try:
+            b = aligned(P, head + k * P) if aligned else pw._uninitialised(P)
+        except TypeError:  # a tree whose _page_aligned takes no offset
+            b = aligned(P)
+        b[:] = src
+        bufs.append(b)
+    d = Path(tempfile.mkdtemp(dir=path.parent))
+    try:
+        st = S.Staging(d, MID, [head + N * P])
+        t0 = time.process_time()
+        for k in range(N):
+            st.write(0, head + k * P, bufs[k], "bench")
+            if k % 4 == 3:
+                st.sync()
+        st.sync()
+        print(json.dumps({"store_write": (time.process_time() - t0) / GIB}))
+    finally:
+        shutil.rmtree(d)
+
+
+if what == "serve":
+    trio.run(serve, int(sys.argv[3]))
+elif what == "client":
+    t0 = time.process_time()
+    trio.run(client, int(sys.argv[3]), int(sys.argv[4]))
+    print(json.dumps({"client": (time.process_time() - t0) / (GIB * int(sys.argv[4]))}))
+else:
+    store()
+"""
+
+
+def _base_tree(ref: str, work: Path) -> Path:
+    """``git archive REF`` of the package, laid out so that PYTHONPATH=<result> imports it ahead of this tree."""
+    base = work / "base"
+    (base / "autoglm").mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "node", "protocol", "wasm_verify"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(base / "autoglm")], input=archive, check=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(base)], check=True, stdout=subprocess.DEVNULL)
+    return base
+
+
+def _cold_once(cli: list[str], data: Path, env: dict[str, str]) -> float:
+    """CPU-seconds (user + system) of a cold ``join --json`` the moment it prints its ``ready`` line."""
+    tick = os.sysconf("SC_CLK_TCK")
+    proc = subprocess.Popen(cli + ["--data-dir", str(data), "join", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if '"ready"' in line:
+                with open(f"/proc/{proc.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / tick
+        raise RuntimeError(f"join exited ({proc.wait()}) without a ready line")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_cold(args: argparse.Namespace) -> int:
+    """Cold start: CPU until ``join`` is ready, this tree and optionally a base tree, interleaved."""
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=args.workdir, prefix="cost-cold-"))
+    cli = swarm_bench.autoglm_cmd()  # byte-compiles this tree, as pip install would
+    trees: dict[str, str | None] = {"this tree": None}
+    results: dict[str, list[float]] = {}
+    with guarded():
+        on_cleanup(lambda: shutil.rmtree(work, ignore_errors=True))
+        if args.base:
+            trees = {f"base {args.base}": str(_base_tree(args.base, work)), **trees}
+        results = {t: [] for t in trees}
+        for k in range(args.repeat):
+            for name, pp in trees.items():
+                data = work / f"d{k}-{len(results[name])}-{name.split()[0]}"
+                cpu = _cold_once(cli, data, {**os.environ, "PYTHONPATH": pp or ""})
+                shutil.rmtree(data, ignore_errors=True)
+                results[name].append(cpu)
+                log(f"run {k} {name}: {cpu:.2f} CPU-s to ready (load {os.getloadavg()[0]:.1f})")
+    import statistics
+
+    print_table(f"Cold start: CPU-seconds until a fresh `join --json` prints ready (load average {os.getloadavg()[0]:.1f})",
+                ["tree", "runs (CPU-s)", "median"],
+                [[name, ", ".join(f"{v:.2f}" for v in runs), f"**{statistics.median(runs):.2f}**"] for name, runs in results.items()])
+    if args.json:
+        args.json.write_text(json.dumps({"argv": sys.argv, "results": results}, indent=2) + "\n")
+    return 0
+
+
+def run_parts(args: argparse.Namespace) -> int:
+    """Our data path's parts apart, in this tree and optionally a base tree, interleaved (module docstring)."""
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=args.workdir, prefix="cost-parts-"))
+    trees: dict[str, str | None] = {"this tree": None}
+    with guarded():
+        on_cleanup(lambda: shutil.rmtree(work, ignore_errors=True))
+        if args.base:
+            trees = {f"base {args.base}": str(_base_tree(args.base, work)), **trees}
+        blob = work / "pieces.bin"
+        total = _parse_size(args.size) // PIECE * PIECE
+        with open(blob, "wb") as f:
+            for _ in range(total // PIECE):
+                f.write(os.urandom(PIECE))
+        results: dict[str, list[dict[str, float]]] = {t: [] for t in trees}
+        for k in range(args.repeat):
+            for name, pp in trees.items():
+                env = {**os.environ, "PYTHONPATH": pp or ""}
+                row: dict[str, float] = {}
+                for what in ("serve", "store"):
+                    r = subprocess.run([sys.executable, "-c", f"SRC = {_PART!r}\n" + _PART, what, str(blob), "2"],
+                                       capture_output=True, text=True, env=env, timeout=600)
+                    if r.returncode != 0:
+                        print(f"{name}: {what} failed: {r.stderr[-2000:]}", file=sys.stderr)
+                        return 1
+                    row.update(json.loads(r.stdout.strip().splitlines()[-1]))
+                results[name].append(row)
+                log(f"run {k} {name}: " + ", ".join(f"{key} {v:.3f}" for key, v in row.items()) + f" (load {os.getloadavg()[0]:.1f})")
+    import statistics
+
+    keys = ["server", "client", "store_write"]
+    rows = [[name] + [f"{statistics.median(r[key] for r in runs):.2f} ({', '.join(f'{r[key]:.2f}' for r in runs)})"
+                      for key in keys] for name, runs in results.items()]
+    print_table(f"Data path parts, {fmt_bytes(total)} (load average {os.getloadavg()[0]:.1f})",
+                ["tree", "peerwire server", "peerwire client", "store write (Staging.write + fdatasync)"], rows,
+                note="CPU-seconds per GiB, median (runs), each run in fresh processes, trees interleaved.")
+    if args.json:
+        args.json.write_text(json.dumps({"argv": sys.argv, "results": results}, indent=2) + "\n")
     return 0
 
 
@@ -267,13 +495,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-floor", action="store_true", help="skip the host floor rows")
     ap.add_argument("--json", type=Path, metavar="FILE")
     ap.add_argument("--pair", action="store_true", help="one sender, one receiver on 127.0.0.1 (no root); see above")
-    ap.add_argument("--repeat", type=int, default=1, help="--pair: fetches to run (default 1)")
+    ap.add_argument("--repeat", type=int, default=1, help="--pair: fetches to run; --parts, --cold: runs per tree (default 1)")
     ap.add_argument("--py-spy", type=Path, metavar="FILE", help="--pair: record the receiver's first fetch with py-spy")
     ap.add_argument("--source", choices=["peer", "mirror"], default="peer",
                     help="--pair: receive from the seed node over peerwire (default), or from a local serve-mirror alone")
     ap.add_argument("--idle", type=float, default=3.0, help="--pair: seconds to measure both daemons idle first (default 3)")
+    ap.add_argument("--strace", type=Path, metavar="FILE", help="--pair: strace -c -f both daemons' first fetch")
+    ap.add_argument("--gil", action="store_true", help="--py-spy: only samples holding the GIL (Python's CPU, not waits)")
     ap.add_argument("--perf", type=Path, metavar="FILE", help="--pair: record the receiver's first fetch with perf record -g")
+    ap.add_argument("--parts", action="store_true", help="our data path's parts apart (no root); see above")
+    ap.add_argument("--base", metavar="REF", help="--parts, --cold: also measure this git ref's tree, interleaved")
+    ap.add_argument("--cold", action="store_true", help="CPU until a cold `join` is ready (no root); see above")
     args = ap.parse_args(argv)
+    if args.cold:
+        return run_cold(args)
+    if args.parts:
+        return run_parts(args)
     if args.pair:
         return run_pair(args)
     if os.geteuid() != 0:

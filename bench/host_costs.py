@@ -5,7 +5,9 @@ measured with ``time.process_time`` in one run.
 
   1. write SIZE in 8 MiB pwrites, page cache kept (the kernel's default)
   2. the same with fdatasync + POSIX_FADV_DONTNEED after each 8 MiB (what the store does)
-  3. read it back cold with sendfile into a socket, dropping behind (what peerwire does)
+  3. read it back cold with sendfile into a socket, dropping behind (what peerwire does): into a
+     socketpair read by a thread (both counted), and into loopback TCP read by another process
+     (the sender alone)
   4. fill 256 fresh 8 MiB bytearrays, glibc defaults (each one a new mmap)
   5. the same after node/_malloc.tune() (freed buffers stay in the heap)
 
@@ -102,6 +104,42 @@ def _sendfile_cold(path: Path, total: int) -> tuple[float, float]:
     return cpu, wall
 
 
+def _sendfile_tcp(path: Path, total: int) -> float:
+    """CPU of the sending process alone: sendfile cold, drop-behind, into loopback TCP read by another process.
+
+    The socketpair row above counts its reading thread too, and a Unix socket
+    skips TCP; over loopback TCP the sender's system time also carries the
+    kernel's receive-side processing (it runs in the sending thread's
+    context), which the peerwire server pays as well.
+    """
+    srv = socket.create_server(("127.0.0.1", 0))
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: read and discard
+        try:
+            with socket.create_connection(srv.getsockname()) as c:
+                buf = bytearray(1 << 20)
+                while c.recv_into(buf):
+                    pass
+        finally:
+            os._exit(0)
+    conn, _ = srv.accept()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, total, os.POSIX_FADV_DONTNEED)
+        t = time.process_time()
+        for off in range(0, total, PIECE):
+            sent = 0
+            while sent < PIECE:
+                sent += os.sendfile(conn.fileno(), fd, off + sent, PIECE - sent)
+            os.posix_fadvise(fd, off, PIECE, os.POSIX_FADV_DONTNEED)
+        return time.process_time() - t
+    finally:
+        os.close(fd)
+        conn.close()
+        srv.close()
+        os.waitpid(pid, 0)
+
+
 def _fill(mode: str) -> float:
     r = subprocess.run([sys.executable, "-c", _FILL, mode], capture_output=True, text=True, check=True, timeout=300)
     return float(r.stdout.strip())
@@ -122,9 +160,11 @@ def main() -> int:
         time.sleep(2)
         dropped = _write(path, total, drop=True)
         cpu, wall = _sendfile_cold(path, total)
+        tcp = _sendfile_tcp(path, total)
     rows.append(["pwrite, page cache kept", f"{kept:.2f}", f"{kept / gib:.2f}"])
     rows.append(["pwrite + fdatasync + DONTNEED per 8 MiB", f"{dropped:.2f}", f"{dropped / gib:.2f}"])
     rows.append([f"sendfile cold, drop-behind ({total / wall / 1e9:.2f} GB/s)", f"{cpu:.2f}", f"{cpu / gib:.2f}"])
+    rows.append(["sendfile cold, drop-behind, loopback TCP (sender only)", f"{tcp:.2f}", f"{tcp / gib:.2f}"])
     plain, tuned = _fill("plain"), _fill("tuned")
     rows.append(["256 fresh 8 MiB bytearrays, glibc defaults", f"{plain:.2f}", f"{plain / 2:.2f}"])
     rows.append(["the same after node/_malloc.tune()", f"{tuned:.2f}", f"{tuned / 2:.2f}"])

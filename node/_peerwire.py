@@ -18,11 +18,14 @@ import logging
 import math
 import os
 import secrets
+import select
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import trio
@@ -33,6 +36,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from autoglm.node._lowat import LowWater
 from autoglm.node._ratelimit import RateLimiter
+from autoglm.node._staging import DIRECT_ALIGN
 from autoglm.node._store import PieceLocation, drop_cache
 from autoglm.node.errors import AutoglmError, IntegrityError, RemoteProtocolError, SourceError
 from autoglm.protocol._frames import NEED_DATA
@@ -99,6 +103,27 @@ def _uninitialised(n: int) -> bytearray:
     ``bytearray(n)``.
     """
     return _FROM_NULL(None, n) if _FROM_NULL is not None else bytearray(n)
+
+
+def _page_aligned(n: int, at: int = 0) -> memoryview:
+    """``n`` uninitialised bytes (as :func:`_uninitialised`) placed to line up with file offset ``at``.
+
+    The view's address is ``at`` modulo DIRECT_ALIGN, so once the payload
+    lands the store writes its 4 KiB-aligned span with ``O_DIRECT`` straight
+    from this memory (node/_staging.py); an unaligned buffer is copied into
+    an aligned bounce buffer first (~0.1-0.15 CPU-s per GiB received). Pieces
+    start where the model's files put them (a safetensors header, then
+    tensors), not on 4 KiB, hence the offset. glibc's malloc returns 16-byte
+    alignment only: one page more, and a view from the right place.
+    """
+    raw = _uninitialised(n + DIRECT_ALIGN)
+    view = memoryview(raw)
+    if not n:
+        return view[:0]
+    import ctypes
+
+    shift = (at - ctypes.addressof(ctypes.c_char.from_buffer(raw))) % DIRECT_ALIGN
+    return view[shift : shift + n]
 
 
 def _from_null() -> Callable[[None, int], bytearray] | None:
@@ -245,17 +270,103 @@ class _ServeState:
     verified: dict[tuple[os.PathLike[str], int, int], tuple[int, int, int]] = field(default_factory=dict)
 
 
+#: Threads that may be sending files at once (each holds one in a blocking loop); the store's own
+#: worker threads stay free whatever the peers do.
+_SEND_THREADS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("peerwire_send_threads")
+_POLL_MS = 200  # a sending thread looks for its caller's cancellation this often
+
+
+def _send_range(sockfd: int, fd: int, offset: int, count: int, gate: _SendGate) -> None:
+    """Runs in a worker thread: ``sendfile`` the range, then drop it from the page cache.
+
+    Waits with ``poll`` while the socket's buffer is full. Gives up when the
+    caller was cancelled (``gate``) or when the peer took no byte for
+    ``STALL_TIMEOUT``: a peer that stops reading holds a thread for that
+    long at most. Closes both fds (its own duplicates) whatever happens.
+    """
+    if not gate.take():
+        return
+    try:
+        poller = select.poll()
+        poller.register(sockfd, select.POLLOUT)
+        start, length = offset, count
+        last = time.monotonic()
+        while count:
+            if gate.stop:
+                return
+            try:
+                n = os.sendfile(sockfd, fd, offset, count)
+            except BlockingIOError:
+                if poller.poll(_POLL_MS):
+                    continue
+                if time.monotonic() - last > STALL_TIMEOUT:
+                    raise trio.BrokenResourceError(f"peer took nothing for {STALL_TIMEOUT:.0f} s") from None
+                continue
+            if n == 0:
+                raise trio.BrokenResourceError("peer closed during sendfile")
+            offset += n
+            count -= n
+            last = time.monotonic()
+        drop_cache(fd, start, length)
+    finally:
+        os.close(sockfd)
+        os.close(fd)
+
+
+class _SendGate:
+    """Who closes a sending thread's fds: the thread once it started, else the caller that gave up first."""
+
+    __slots__ = ("_lock", "_started", "stop")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started = False
+        self.stop = False
+
+    def take(self) -> bool:
+        with self._lock:
+            self._started = not self.stop
+            return self._started
+
+    def give_up(self) -> bool:
+        """Tell the thread to stop; True if it never started (the caller closes the fds)."""
+        with self._lock:
+            self.stop = True
+            return not self._started
+
+
 async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: int) -> None:
-    while count:
-        try:
-            n = os.sendfile(sock.fileno(), fd, offset, count)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock.fileno())
-            continue
-        if n == 0:
-            raise trio.BrokenResourceError("peer closed during sendfile")
-        offset += n
-        count -= n
+    """Send a file range on the socket and drop it from the page cache, in a worker thread.
+
+    Strategy: on the event loop, a piece went out in ~8 sendfile calls with a
+    wake-up between each, and a cold read blocked every other task on the
+    disk; a worker thread's own poll loop costs less (bench/cost_bench.py).
+    The thread gets duplicates of both fds: if the caller is cancelled it
+    returns at once (the thread stops within ``_POLL_MS``), and closing the
+    stream meanwhile cannot hand its fd number to another socket mid-send.
+    """
+    sockfd = os.dup(sock.fileno())
+    try:
+        filefd = os.dup(fd)
+    except BaseException:
+        os.close(sockfd)
+        raise
+    gate = _SendGate()
+    try:
+        limiter = _SEND_THREADS.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(8)
+        _SEND_THREADS.set(limiter)
+    try:
+        # trio_typing's stubs (pulled in by libp2p) predate abandon_on_cancel
+        await trio.to_thread.run_sync(  # type: ignore[call-arg]
+            _send_range, sockfd, filefd, offset, count, gate, abandon_on_cancel=True, limiter=limiter
+        )
+    except BaseException:
+        if gate.give_up():
+            os.close(sockfd)
+            os.close(filefd)
+        raise
 
 
 def _open_located(st: _ServeState, manifest_id: bytes, index: int) -> tuple[PieceLocation, int] | None:
@@ -338,8 +449,7 @@ async def _serve_one(stream: trio.SocketStream | AeadStream, proto: PeerwireServ
         # Raw bytes that just verified, or trusted / verified before and unchanged
         # since: zero copy from the file.
         await stream.send_all(proto.piece_header(req.req_id, Codec.RAW, loc.length))
-        await _sendfile(stream.socket, fd, loc.offset, loc.length)
-        drop_cache(fd, loc.offset, loc.length)
+        await _sendfile(stream.socket, fd, loc.offset, loc.length)  # drops the range from the cache too
     finally:
         os.close(fd)
     grant.served(req.manifest_id, req.index, loc.length)
@@ -475,13 +585,14 @@ async def _serve_inbound(inbound: trio.MemoryReceiveChannel[trio.SocketStream], 
 class _Direct:
     """A raw payload being read with recv_into: its buffer and how much of it is filled."""
 
-    buf: bytearray
+    buf: bytearray | memoryview
     pos: int
 
 
 @dataclass(slots=True)
 class _Slot:
     result: PieceReceived | Rejected | None = None
+    file_offset: int = 0  # where the piece lies in its file: its buffer lines up with it (_page_aligned)
 
 
 class PeerwireConnection:
@@ -545,7 +656,9 @@ class PeerwireConnection:
                     continue
                 stream = self._stream
                 if self._direct is None and isinstance(stream, trio.SocketStream) and self._proto.body_remaining >= _DIRECT_MIN:
-                    started = self._proto.start_body_into(_uninitialised)  # None for a compressed payload
+                    owner = self._slots.get(self._proto.body_req_id or 0)
+                    at = owner.file_offset if owner is not None else 0
+                    started = self._proto.start_body_into(partial(_page_aligned, at=at))  # None if compressed
                     if started is not None:
                         self._direct = _Direct(*started)
                 if self._direct is not None and isinstance(stream, trio.SocketStream):
@@ -585,13 +698,17 @@ class PeerwireConnection:
         self._direct = None
         return self._proto.body_filled()
 
-    async def fetch(self, manifest_id: bytes, index: int, length: int) -> bytes | bytearray:
-        """One whole piece (hash not checked here). PeerRejected or SourceError on failure."""
+    async def fetch(self, manifest_id: bytes, index: int, length: int, file_offset: int = 0) -> bytes | bytearray | memoryview:
+        """One whole piece (hash not checked here). PeerRejected or SourceError on failure.
+
+        ``file_offset``: where the piece goes in its file; the buffer is placed
+        to line up with it, so the store can write it without a copy.
+        """
         if self._broken is not None:
             raise SourceError(f"peerwire connection is broken: {self._broken!r}")
         req_id = self._next_id
         self._next_id += 1
-        slot = self._slots[req_id] = _Slot()
+        slot = self._slots[req_id] = _Slot(file_offset=file_offset)
         try:
             async with self._send_lock:
                 await self._stream.send_all(self._proto.request(req_id, manifest_id, index, length))

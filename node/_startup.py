@@ -15,13 +15,24 @@ The command line turns the collector off before it imports anything heavy
 first moves every object alive at that point into the permanent generation
 (``gc.freeze``), so later full collections skip the start-up objects too.
 The library API never calls these: only the ``autoglm-node`` process does.
+
+:func:`skip_unused_imports` (the same process, before any import) marks one
+module absent that an import pulls in for nothing: httpx's ``__init__``
+imports its own command-line client, and with it click, rich's console and
+pygments (~80 modules, ~0.07 CPU-s of a cold ``join``), inside a ``try``
+that falls back when the import fails. py-libp2p imports httpx (AutoTLS);
+nothing in this process runs httpx's command line.
 """
 
 from __future__ import annotations
 
 import gc
+import sys
 
-__all__ = ["pause", "resume"]
+__all__ = ["pause", "resume", "skip_unused_imports"]
+
+#: Modules that importers treat as optional and that the node never uses.
+_UNUSED = ("httpx._main",)
 
 _paused = False
 
@@ -41,3 +52,9 @@ def resume() -> None:
         _paused = False
         gc.freeze()
         gc.enable()
+
+
+def skip_unused_imports() -> None:
+    """Make :data:`_UNUSED` fail to import (``None`` in ``sys.modules``); the CLI entry point only."""
+    for name in _UNUSED:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]

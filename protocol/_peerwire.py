@@ -121,7 +121,7 @@ class PieceReceived:
     req_id: int
     manifest_id: bytes
     index: int
-    data: bytes | bytearray
+    data: bytes | bytearray | memoryview
     wire_bytes: int
 
 
@@ -210,7 +210,7 @@ class PeerwireClient:
         self._body: tuple[PieceHeader, _Pending] | None = None
         self._authed = False
         self._sent_auth = False
-        self._into: bytearray | None = None
+        self._into: bytearray | memoryview | None = None
 
     @property
     def in_flight(self) -> int:
@@ -295,7 +295,9 @@ class PeerwireClient:
             data = _decompress_piece(raw, p.length)
         return PieceReceived(hdr.req_id, p.manifest_id, p.index, data, hdr.length)
 
-    def start_body_into(self, alloc: Callable[[int], bytearray] = bytearray) -> tuple[bytearray, int] | None:
+    def start_body_into(
+        self, alloc: Callable[[int], bytearray | memoryview] = bytearray
+    ) -> tuple[bytearray | memoryview, int] | None:
         """Zero-copy receive of a raw payload: the buffer to fill and how much of it is filled.
 
         Only while a raw (uncompressed) payload is owed. The caller fills the
@@ -322,6 +324,11 @@ class PeerwireClient:
         hdr, p = self._body
         data, self._body, self._into = self._into, None, None
         return PieceReceived(hdr.req_id, p.manifest_id, p.index, data, hdr.length)
+
+    @property
+    def body_req_id(self) -> int | None:
+        """The request whose payload is being received (None between frames)."""
+        return None if self._body is None else self._body[0].req_id
 
     @property
     def body_remaining(self) -> int:

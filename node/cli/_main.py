@@ -261,8 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _entry() -> None:  # pragma: no cover
     from autoglm.node._malloc import tune
-    from autoglm.node._startup import pause
+    from autoglm.node._startup import pause, skip_unused_imports
 
     pause()
+    skip_unused_imports()
     tune()
     sys.exit(main())

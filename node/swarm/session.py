@@ -186,7 +186,7 @@ class PeerSource:
             theirs = ref.index if self.alias is None else self.alias[1][ref.index]
             try:
                 conn = await s.peerwire()
-                data = await conn.fetch(self.held_as, theirs, ref.length)
+                data = await conn.fetch(self.held_as, theirs, ref.length, ref.offset)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("piece %d from %s in %.3f s", ref.index, self.id[-15:], trio.current_time() - t0)
             except PeerRejected as exc:

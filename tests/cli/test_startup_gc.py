@@ -46,3 +46,14 @@ def test_every_command_but_join_resumes_before_it_runs() -> None:
                "    rc = main(['--data-dir', tempfile.mkdtemp(), 'ls'])\n"
                "print(rc, seen)")
     assert out == "0 [True]"
+
+
+def test_httpx_loads_without_its_command_line_client() -> None:
+    # py-libp2p imports httpx; its CLI would pull in click, rich.console and pygments (node/_startup.py).
+    out = _run("import sys\n"
+               "from autoglm.node._startup import skip_unused_imports\n"
+               "skip_unused_imports()\n"
+               "import httpx\n"
+               "print(callable(httpx.Client), callable(httpx.main), 'click' in sys.modules, 'rich.console' in sys.modules, "
+               "'pygments' in sys.modules)")
+    assert out.split() == ["True", "True", "False", "False", "False"]

@@ -47,12 +47,16 @@ class Locator:
 class Grant:
     peer_id: str
     sent: list[int] = field(default_factory=list)
+    # The server counts a piece once its sendfile thread is back, which can be after the client has the last byte.
+    eight_sent: trio.Event = field(default_factory=trio.Event)
 
     def check(self, manifest_id: bytes, index: int) -> RejectReason | None:
         return None
 
     def served(self, manifest_id: bytes, index: int, nbytes: int) -> None:
         self.sent.append(index)
+        if len(self.sent) == 8:
+            self.eight_sent.set()
 
     def release(self) -> None:
         pass
@@ -106,6 +110,7 @@ async def test_reverse_dial_carries_verified_pieces(tmp_path: Path) -> None:
                     verify_piece(bytes(await conn.fetch(MID, i, PIECE)), p.loc.hashes[i])
             finally:
                 await conn.aclose()
+            await grant.eight_sent.wait()
             assert grant.sent == list(range(8))
             st = p.rev_a.stats.as_dict()
             assert st["connections"] == {"direct": 0, "reverse": 1, "libp2p": 0, "relayed": 0}
@@ -145,6 +150,7 @@ async def test_peerwire_over_libp2p_carries_verified_pieces(tmp_path: Path) -> N
                     verify_piece(bytes(await conn.fetch(MID, i, PIECE)), p.loc.hashes[i])
             finally:
                 await conn.aclose()
+            await grant.eight_sent.wait()
             assert grant.sent == list(range(8))
             st = p.rev_a.stats.as_dict()
             assert st["connections"] == {"direct": 0, "reverse": 0, "libp2p": 1, "relayed": 0}

@@ -297,3 +297,28 @@ async def test_fetch_cancelled_mid_payload_leaves_the_connection_usable(tmp_path
             finally:
                 await conn.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_raw_pieces_arrive_lined_up_with_their_file_offset(tmp_path: Path) -> None:
+    # Pipelined, so one task's pump receives other requests' payloads: each buffer follows its own request.
+    from autoglm.node._staging import DIRECT_ALIGN, _aligned
+
+    loc, tokens = _model(tmp_path), Tokens()
+    offsets = {1: 1264, 3: 263408, 5: 8 << 20, 7: 4095}  # the raw (incompressible) pieces, at safetensors-like offsets
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(serve_peerwire, loc, tokens.redeem)
+            async with open_peerwire_connection(host, port, tokens.issue("a")) as conn:
+                got: dict[int, bytes | bytearray | memoryview] = {}
+
+                async def one(i: int) -> None:
+                    got[i] = await conn.fetch(MID, i, PIECE, offsets[i])
+
+                async with trio.open_nursery() as inner:
+                    for i in offsets:
+                        inner.start_soon(one, i)
+            for i, at in offsets.items():
+                verify_piece(got[i], loc.hashes[i])
+                head = -at % DIRECT_ALIGN
+                assert isinstance(got[i], memoryview) and _aligned(got[i][head:]), i  # type: ignore[arg-type]
+            nursery.cancel_scope.cancel()

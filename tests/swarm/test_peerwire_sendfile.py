@@ -1,0 +1,106 @@
+"""The piece channel's sendfile in a worker thread: the bytes, the peer that stops
+reading (a bounded wait), cancellation (prompt, and no fd left behind)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from autoglm.node import _peerwire
+from autoglm.node._peerwire import _sendfile
+
+SIZE = 24 << 20
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def blob(tmp_path: Path) -> tuple[Path, bytes]:
+    data = os.urandom(SIZE)
+    p = tmp_path / "blob"
+    p.write_bytes(data)
+    return p, data
+
+
+async def _pair() -> tuple[trio.SocketStream, socket.socket]:
+    """A trio stream (the serving end) and a blocking socket at the other end, on 127.0.0.1."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", srv.getsockname()[1])
+        peer, _ = srv.accept()
+    finally:
+        srv.close()
+    return stream, peer
+
+
+async def test_sendfile_sends_the_range(blob: tuple[Path, bytes]) -> None:
+    path, data = blob
+    stream, peer = await _pair()
+    got = bytearray()
+
+    def read_all() -> None:
+        while len(got) < SIZE - 5:
+            chunk = peer.recv(1 << 20)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    before = _fds()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(trio.to_thread.run_sync, read_all)
+            await _sendfile(stream.socket, fd, 5, SIZE - 5)
+    finally:
+        os.close(fd)
+        await stream.aclose()
+        peer.close()
+    assert bytes(got) == data[5:]
+    assert _fds() == before - 2  # the stream and the peer's socket; the thread closed its duplicates
+
+
+async def test_a_peer_that_stops_reading_breaks_the_send(blob: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_peerwire, "STALL_TIMEOUT", 0.5)
+    path, _ = blob
+    stream, peer = await _pair()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(trio.BrokenResourceError, match="took nothing"):
+            await _sendfile(stream.socket, fd, 0, SIZE)
+        assert time.monotonic() - t0 < 5
+    finally:
+        os.close(fd)
+        await stream.aclose()
+        peer.close()
+
+
+async def test_cancel_returns_at_once_and_the_thread_lets_go(blob: tuple[Path, bytes]) -> None:
+    path, _ = blob
+    before = _fds()
+    stream, peer = await _pair()
+    fd = os.open(path, os.O_RDONLY)
+    t0 = time.monotonic()
+    with trio.move_on_after(0.3) as scope:
+        await _sendfile(stream.socket, fd, 0, SIZE)  # nobody reads: blocks until cancelled
+    assert scope.cancelled_caught and time.monotonic() - t0 < 1.0
+    os.close(fd)
+    await stream.aclose()
+    # The abandoned thread sees the cancellation within its poll interval and closes its duplicates;
+    # until it does, the peer still holds a live connection: its EOF says the thread let go.
+    peer.settimeout(5)
+
+    def drain() -> None:
+        while peer.recv(1 << 20):
+            pass
+
+    await trio.to_thread.run_sync(drain)
+    assert _fds() == before + 1  # only the peer's socket is left
+    peer.close()
