@@ -1,4 +1,4 @@
-"""The relay's reservation budget (node/_p2p.py RelayBudget) with real libp2p hosts on 127.0.0.1."""
+"""The relay's reservation budget (node/_relays.py RelayBudget) with real libp2p hosts on 127.0.0.1."""
 
 from __future__ import annotations
 
