@@ -15,8 +15,9 @@ retry, not three (an unreachable address failed after 15 s).
 
 Circuit relay v2 and hole punching live in node/_relays.py (``Relays``);
 :func:`open_p2p` builds them and ``P2PNode`` delegates: a node with
-``RelayBudget`` (``join --relay``) relays, and a node whose listen
-addresses are all private reserves at its bootstrap peers.
+``RelayBudget`` (``join --relay``) relays and advertises itself in the DHT,
+and a node whose listen addresses are all private reserves at up to
+``MAX_RELAYS`` relays (its bootstrap peers first, then relays the DHT names).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ from libp2p.utils.varint import encode_uvarint, read_varint_prefixed_bytes_limit
 from autoglm.node._kadwalk import run_lookup
 from autoglm.node._logs import apply_libp2p_level
 from autoglm.node._relays import (
+    MAX_RELAYS,
+    RELAY_PROVIDER_KEY,
     HopService,
     RelayBudget,
     Relays,
@@ -263,6 +266,20 @@ class P2PNode:
 
     def is_relayed(self, peer_id: str) -> bool:
         return self.relay is not None and self.relay.is_relayed(peer_id)
+
+    async def find_relays(self, limit: int = MAX_RELAYS * 2) -> list[str]:
+        """Relays the DHT names (providers of ``RELAY_PROVIDER_KEY``), dialled; their peer ids."""
+        found = []
+        for peer in (await self._find(RELAY_PROVIDER_KEY))[:limit]:
+            try:
+                found.append(await self.connect(peer) if peer.addrs else peer.peer_id)
+            except (SourceError, ConfigError) as exc:
+                log.info("relay %s unreachable: %s", peer.peer_id, exc)
+        return found
+
+    async def advertise_relay(self) -> bool:
+        """Provide ``RELAY_PROVIDER_KEY``: peers behind NAT find this node as a relay (``join --relay``)."""
+        return await self._provide(RELAY_PROVIDER_KEY)
 
     def on_name_record(self, callback: Callable[[NameRecord], None] | None) -> None:
         """Call ``callback`` (synchronously, cheaply) with every valid name record this node sees:
@@ -768,6 +785,19 @@ def _make_host(seed: bytes) -> Any:
     return host
 
 
+async def _first_reservations(node: P2PNode, relays: Relays, bootstrap: Sequence[str]) -> None:
+    """A NATed node's first reservations, before ``open_p2p`` yields: the bootstrap peers, then the DHT's relays.
+
+    Without a reservation no other NATed node can reach us, so a node whose
+    bootstrap peers relay nothing spends up to another 20 s finding relays.
+    """
+    with trio.move_on_after(_PEER_QUERY_TIMEOUT):
+        await relays.reserve_round(bootstrap)
+    if len(relays.reserved) < MAX_RELAYS:
+        with trio.move_on_after(_DHT_TIMEOUT):
+            await relays.reserve_round(await node.find_relays())
+
+
 @asynccontextmanager
 async def open_p2p(
     data_dir: Path,
@@ -779,8 +809,10 @@ async def open_p2p(
 
     Every node accepts connections through a relay and can dial through one
     (circuit relay v2, py-libp2p's); with ``relay`` it also relays for others
-    within that budget. A node whose listen addresses are all private holds
-    reservations at its bootstrap peers that are relays (node/_relays.py).
+    within that budget, and advertises itself as one in the DHT. A node whose
+    listen addresses are all private holds reservations at up to
+    ``MAX_RELAYS`` relays: its bootstrap peers that are relays, then relays
+    the DHT names (node/_relays.py).
     """
     try:
         maddrs = [multiaddr.Multiaddr(a) for a in listen]
@@ -813,10 +845,14 @@ async def open_p2p(
                 log.warning("bootstrap peer unreachable: %s", exc)
         nursery = await stack.enter_async_context(trio.open_nursery())
         nursery.start_soon(node.refresh_routing)
+        if relay is not None:
+            # Advertised before we yield: a relay that says "ready" can be found.
+            with trio.move_on_after(_DHT_TIMEOUT):
+                await node.advertise_relay()
+            nursery.start_soon(relays.advertise, node.advertise_relay)
         if booted and _all_private(listen):
-            with trio.move_on_after(_PEER_QUERY_TIMEOUT):
-                await relays.reserve_round(booted)
-            nursery.start_soon(relays.keep_reservations, booted)
+            await _first_reservations(node, relays, booted)
+            nursery.start_soon(relays.keep_reservations, booted, node.find_relays)
         try:
             yield node
         finally:
