@@ -268,13 +268,23 @@ class P2PNode:
         return self.relay is not None and self.relay.is_relayed(peer_id)
 
     async def find_relays(self, limit: int = MAX_RELAYS * 2) -> list[str]:
-        """Relays the DHT names (providers of ``RELAY_PROVIDER_KEY``), dialled; their peer ids."""
-        found = []
-        for peer in (await self._find(RELAY_PROVIDER_KEY))[:limit]:
+        """Relays the DHT names (providers of ``RELAY_PROVIDER_KEY``), dialled at once, 10 s at most; their peer ids.
+
+        At most ``limit`` of them are dialled: any node can write such a record.
+        """
+        found: list[str] = []
+
+        async def dial(peer: PeerAddr) -> None:
             try:
-                found.append(await self.connect(peer) if peer.addrs else peer.peer_id)
+                found.append(await self.connect(peer))
             except (SourceError, ConfigError) as exc:
                 log.info("relay %s unreachable: %s", peer.peer_id, exc)
+
+        named = [p for p in await self._find(RELAY_PROVIDER_KEY) if p.addrs][:limit]
+        with trio.move_on_after(_PEER_QUERY_TIMEOUT * 2):
+            async with trio.open_nursery() as nursery:
+                for peer in named:
+                    nursery.start_soon(dial, peer)
         return found
 
     async def advertise_relay(self) -> bool:
