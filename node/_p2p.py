@@ -805,7 +805,7 @@ async def _first_reservations(node: P2PNode, relays: Relays, bootstrap: Sequence
         await relays.reserve_round(bootstrap)
     if len(relays.reserved) < MAX_RELAYS:
         with trio.move_on_after(_DHT_TIMEOUT):
-            await relays.reserve_round(await node.find_relays())
+            await relays.reserve_round(await node.find_relays(), renew=False)
 
 
 @asynccontextmanager

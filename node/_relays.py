@@ -187,15 +187,20 @@ class Relays:
             self.reserved.remove(relay_peer)
         return ok
 
-    async def reserve_round(self, candidates: Sequence[str]) -> None:
-        """Renew the reservations held, and take new ones from ``candidates`` (in order) up to :data:`MAX_RELAYS`.
+    async def reserve_round(self, candidates: Sequence[str], renew: bool = True) -> None:
+        """Renew the reservations held (``renew``), then take new ones from ``candidates``, in order, up to :data:`MAX_RELAYS`.
 
-        A candidate that is no relay refuses the hop protocol at once; it is
-        asked again at the next round.
+        At most ``2 * MAX_RELAYS`` new candidates are asked a round. One that
+        is no relay refuses the hop protocol at once; it is asked again at the
+        next round.
         """
-        for peer in dict.fromkeys([*self.reserved, *candidates]):
-            if len(self.reserved) >= MAX_RELAYS and peer not in self.reserved:
-                continue
+        held = list(self.reserved)
+        if renew:
+            for peer in held:
+                await self.reserve(peer)
+        for peer in [c for c in dict.fromkeys(candidates) if c not in held][: MAX_RELAYS * 2]:
+            if len(self.reserved) >= MAX_RELAYS:
+                return
             await self.reserve(peer)
 
     async def keep_reservations(self, bootstrap: Sequence[str], discover: Callable[[], Awaitable[list[str]]]) -> None:
@@ -212,7 +217,7 @@ class Relays:
             await trio.sleep(_RESERVE_EVERY if self.reserved else _RESERVE_SOON)
             await self.reserve_round(bootstrap)
             if len(self.reserved) < MAX_RELAYS:
-                await self.reserve_round(await discover())
+                await self.reserve_round(await discover(), renew=False)
 
     async def advertise(self, provide: Callable[[], Awaitable[bool]]) -> None:
         """Republish a relay's provider record under :data:`RELAY_PROVIDER_KEY`: 30 s after start, then every 30 minutes.
