@@ -357,10 +357,14 @@ def run_scenario(net: NatNet, model: Any, work: Path, timeout: float = 300.0, le
     return res
 
 
-def run_two_nats(net: NatNet, model: Any, work: Path, timeout: float = 300.0, public_leech: bool = True) -> NatRun:
+def run_two_nats(net: NatNet, model: Any, work: Path, timeout: float = 300.0, public_leech: bool = True,
+                 relay_apart: bool = False) -> NatRun:
     """Two NATed segments (``NatNet(segments=2)``): pieces between two NATed nodes go through a relay.
 
     1. the relay (``join --relay``, also everyone's bootstrap peer) starts on the public segment;
+       with ``relay_apart`` the bootstrap peer is a plain node and the relay another public node
+       that bootstraps from it: the NATed nodes learn of the relay from the DHT (its provider
+       record under node/_relays.py's ``RELAY_PROVIDER_KEY``), not from their command line;
     2. NATed node A fetches the model from an HTTP mirror on the public segment, which then stops;
     3. NATed node B, behind the other NAT, fetches with A the only holder: neither can dial the
        other nor be dialled back, so the session and every piece go through the relay;
@@ -381,10 +385,19 @@ def run_two_nats(net: NatNet, model: Any, work: Path, timeout: float = 300.0, pu
         res.identical[node.name] = _same_tree(model.dir, work / f"{node.name}-out")
 
     try:
-        relay = Node("relay", net.pub, f"{PUB_NET}.2", work / "relay", ["--relay"])
-        nodes.append(relay)
-        baddr = relay.wait("ready", 60)["addrs"][0]
-        res.peer_ids["relay"] = relay.wait("ready", 1)["peer_id"]
+        if relay_apart:
+            boot = Node("bootstrap", net.pub, f"{PUB_NET}.2", work / "boot", [])
+            nodes.append(boot)
+            baddr = boot.wait("ready", 60)["addrs"][0]
+            res.peer_ids["bootstrap"] = boot.wait("ready", 1)["peer_id"]
+            relay = Node("relay", net.pub, f"{PUB_NET}.3", work / "relay", ["--relay", "--bootstrap", baddr])
+            nodes.append(relay)
+            res.peer_ids["relay"] = relay.wait("ready", 60)["peer_id"]
+        else:
+            relay = Node("relay", net.pub, f"{PUB_NET}.2", work / "relay", ["--relay"])
+            nodes.append(relay)
+            baddr = relay.wait("ready", 60)["addrs"][0]
+            res.peer_ids["relay"] = relay.wait("ready", 1)["peer_id"]
         mirror = PROCS.start(["ip", "netns", "exec", net.pub, *autoglm_cmd(), "--data-dir", str(work / "mirror"),
                               "serve-mirror", "--listen", f"{PUB_NET}.6:8080", str(model.dir)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -465,6 +478,8 @@ def main() -> int:
                     help="one NATed segment (reverse dial), two (relay), or both in turn (default)")
     ap.add_argument("--silent", action="store_true",
                     help="the NATs drop new connections to their outside address (a home router) instead of resetting them")
+    ap.add_argument("--relay-apart", action="store_true",
+                    help="two NATs: the bootstrap node relays nothing; the relay is another public node, found in the DHT")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -491,7 +506,7 @@ def main() -> int:
                 run = run_scenario(net, model, sub, args.timeout)
                 title = f"Peers behind NAT: one NATed segment, {args.size} model (bench/nat_bench.py)"
             else:
-                run = run_two_nats(net, model, sub, args.timeout)
+                run = run_two_nats(net, model, sub, args.timeout, relay_apart=args.relay_apart)
                 title = f"Peers behind NAT: two NATed segments and a relay, {args.size} model (bench/nat_bench.py)"
             net.down()
             _table(title, run)

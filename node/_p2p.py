@@ -13,11 +13,11 @@ rate-limited by receivers (10 per 10 s), so we announce per manifest and per
 file, never per piece; libp2p's loggers are silenced by the CLI; one dial
 retry, not three (an unreachable address failed after 15 s).
 
-Circuit relay v2 (py-libp2p's ``libp2p.relay.circuit_v2``): every node runs
-the STOP side (accepts connections through a relay) and dials through the
-relays that hold a reservation for it when a direct dial fails; a node with
-``RelayBudget`` (``join --relay``) also relays, within that budget. A node
-whose listen addresses are all private reserves at its bootstrap peers.
+Circuit relay v2 and hole punching live in node/_relays.py (``Relays``);
+:func:`open_p2p` builds them and ``P2PNode`` delegates: a node with
+``RelayBudget`` (``join --relay``) relays and advertises itself in the DHT,
+and a node whose listen addresses are all private reserves at up to
+``MAX_RELAYS`` relays (its bootstrap peers first, then relays the DHT names).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +43,8 @@ from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.records.validator import Validator
-from libp2p.relay.circuit_v2 import (
-    CircuitV2Protocol,
-    CircuitV2Transport,
-    DCUtRProtocol,
-    RelayLimits,
-)
+from libp2p.relay.circuit_v2 import CircuitV2Transport, DCUtRProtocol
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
-from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
@@ -63,7 +56,14 @@ from autoglm.node._kadclient import (
     PeerAddr,
 )
 from autoglm.node._logs import apply_libp2p_level
-from autoglm.node._ratelimit import RateLimiter
+from autoglm.node._relays import (
+    MAX_RELAYS,
+    RELAY_PROVIDER_KEY,
+    HopService,
+    RelayBudget,
+    Relays,
+    is_relayed_conn,
+)
 from autoglm.node.errors import ConfigError, SourceError
 from autoglm.protocol._control import CONTROL_PROTOCOL_ID
 from autoglm.protocol._namerecord import (
@@ -85,82 +85,6 @@ _PEER_QUERY_TIMEOUT = PEER_QUERY_TIMEOUT
 
 
 _PROTECT_TAG = "autoglm-session"
-_MAX_RELAYS = 3  # relays a node behind NAT holds a reservation at (and dials others through)
-_RESERVE_EVERY = 300.0  # a reservation is renewed this often (the relay grants 1 h)
-_PUNCH_TIMEOUT = 8.0  # a hole punch that has not given a direct connection by then has failed
-
-
-@dataclass(frozen=True, slots=True)
-class RelayBudget:
-    """What a relay (``join --relay``) grants; every number is per relay node unless it says per peer.
-
-    Circuits carry libp2p connections between two peers that cannot dial each
-    other (both behind NAT): the control session and the relayed peerwire
-    streams (node/swarm/relay.py). The relay never stores or fetches pieces:
-    a circuit moves bytes between two peers, so relaying costs the origin
-    nothing.
-    """
-
-    reservations: int = 32  # peers holding a reservation at once
-    circuits_per_peer: int = 4  # circuits to one reserved peer at once
-    bytes_per_circuit: int = 256 * 1024 * 1024  # both directions together; the circuit is reset past it
-    seconds_per_circuit: int = 600  # the circuit is reset past it
-    reservation_ttl: int = 3600
-    bytes_per_second: float | None = 16 * 1024 * 1024  # all circuits together (a py-libp2p relay moves ~3 MB/s anyway)
-
-    def limits(self) -> RelayLimits:
-        return RelayLimits(duration=self.seconds_per_circuit, data=self.bytes_per_circuit,
-                           max_circuit_conns=self.circuits_per_peer, max_reservations=self.reservations,
-                           reservation_ttl=self.reservation_ttl)
-
-
-class _Relay(CircuitV2Protocol):
-    """py-libp2p's relay, with a reservation always for the peer on the connection.
-
-    py-libp2p reserves for whatever peer id the RESERVE message names, so one
-    connection could take every slot of the budget under made-up ids.
-    """
-
-    def __init__(self, host: Any, budget: RelayBudget, allow_hop: bool) -> None:
-        super().__init__(host, budget.limits(), allow_hop=allow_hop)
-        self.rate = RateLimiter(budget.bytes_per_second)
-        self.relayed_bytes = 0  # bytes this node copied for circuits, both directions
-
-    async def _handle_reserve(self, stream: Any, msg: Any) -> None:
-        msg.peer.id = stream.muxed_conn.peer_id.to_bytes()
-        await super()._handle_reserve(stream, msg)
-
-    async def _relay_data(self, src_stream: Any, *args: Any, **kwargs: Any) -> None:
-        # Every byte a circuit carries is read here: one token bucket for all circuits.
-        paced: Any = _Paced(src_stream, self)
-        await super()._relay_data(paced, *args, **kwargs)
-
-
-class _Paced:
-    """A relayed stream whose reads take their bytes from the relay's token bucket."""
-
-    def __init__(self, stream: Any, relay: _Relay) -> None:
-        self._stream = stream
-        self._relay = relay
-
-    async def read(self, n: int | None = None) -> bytes:
-        data: bytes = await self._stream.read(n)
-        if data:
-            self._relay.relayed_bytes += len(data)
-            await self._relay.rate.acquire(len(data))
-        return data
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
-def _is_relayed(muxed_conn: Any) -> bool:
-    """Whether a libp2p connection runs through a relay (its transport address names /p2p-circuit)."""
-    try:
-        addrs = muxed_conn.get_transport_addresses() or []
-    except (AttributeError, BaseLibp2pError, OSError):
-        return False
-    return any("/p2p-circuit" in str(a) for a in addrs)
 
 
 def load_identity_seed(data_dir: Path) -> bytes:
@@ -225,7 +149,7 @@ class ControlStream:
     @property
     def relayed(self) -> bool:
         """The stream runs over a circuit through a relay (both ends behind NAT, say)."""
-        return _is_relayed(self._stream.muxed_conn)
+        return is_relayed_conn(self._stream.muxed_conn)
 
     @property
     def remote_host(self) -> str | None:
@@ -273,32 +197,60 @@ class P2PNode:
     """A running libp2p host with its DHT. Create with :func:`open_p2p`."""
 
     def __init__(self, host: Any, dht: KadDHT, names: _NameRecordValidator | None = None,
-                 circuits: CircuitV2Transport | None = None, relay: _Relay | None = None,
-                 dcutr: DCUtRProtocol | None = None) -> None:
-        self._relay = relay
-        self._dcutr = dcutr
+                 relays: Relays | None = None) -> None:
         self._host = host
         self._dht = dht
         self._names = names or _NameRecordValidator()
-        self._circuits = circuits
-        #: Relays that hold a reservation for us (we are reachable through them), in order of success.
-        self.relays: list[str] = []
-        self.relayed_dials = 0  # libp2p connections this node opened through a relay
+        #: Circuit relay v2 and hole punching (node/_relays.py); None on a bare host (no relaying at all).
+        self.relay = relays
         self.on_lookup: Callable[[float], None] | None = None  # each provider lookup's seconds (metrics)
         self._bootstrap: tuple[str, ...] = ()
         self.kad = KadClient(host, dht, self.connect, on_lookup=self._lookup_seconds)
 
+    # -- circuit relay and hole punching: node/_relays.py ---------------------------
+    @property
+    def relays(self) -> list[str]:
+        """Relays that hold a reservation for us (we are reachable through them), in order of success."""
+        return self.relay.reserved if self.relay is not None else []
+
     def relay_status(self) -> dict[str, object]:
-        """Reservations held at relays, connections dialled through them, and (a relay) bytes relayed."""
-        out: dict[str, object] = {"reserved_at": list(self.relays), "relayed_dials": self.relayed_dials}
-        if self._relay is not None and self._relay.allow_hop:
-            out["relayed_bytes"] = self._relay.relayed_bytes
-            out["circuits_now"] = len(self._relay._active_relays)
-        if self._dcutr is not None:
-            # py-libp2p keeps these per peer until it disconnects: peers now, not totals.
-            out["hole_punch_tried"] = len(self._dcutr._hole_punch_attempts)
-            out["hole_punched"] = len(self._dcutr._direct_connections)
-        return out
+        return self.relay.status() if self.relay is not None else {}
+
+    async def reserve(self, relay_peer: str) -> bool:
+        return self.relay is not None and await self.relay.reserve(relay_peer)
+
+    async def connect_via_relay(self, peer_id: str) -> bool:
+        return self.relay is not None and await self.relay.connect_via_relay(peer_id)
+
+    async def upgrade_direct(self, peer_id: str) -> bool:
+        return self.relay is not None and await self.relay.upgrade_direct(peer_id)
+
+    def is_relayed(self, peer_id: str) -> bool:
+        return self.relay is not None and self.relay.is_relayed(peer_id)
+
+    async def find_relays(self, limit: int = MAX_RELAYS * 2) -> list[str]:
+        """Relays the DHT names (providers of ``RELAY_PROVIDER_KEY``), dialled at once, 10 s at most; their peer ids.
+
+        At most ``limit`` of them are dialled: any node can write such a record.
+        """
+        found: list[str] = []
+
+        async def dial(peer: PeerAddr) -> None:
+            try:
+                found.append(await self.connect(peer))
+            except (SourceError, ConfigError) as exc:
+                log.info("relay %s unreachable: %s", peer.peer_id, exc)
+
+        named = [p for p in await self._find(RELAY_PROVIDER_KEY) if p.addrs][:limit]
+        with trio.move_on_after(_PEER_QUERY_TIMEOUT * 2):
+            async with trio.open_nursery() as nursery:
+                for peer in named:
+                    nursery.start_soon(dial, peer)
+        return found
+
+    async def advertise_relay(self) -> bool:
+        """Provide ``RELAY_PROVIDER_KEY``: peers behind NAT find this node as a relay (``join --relay``)."""
+        return await self._provide(RELAY_PROVIDER_KEY)
 
     def on_name_record(self, callback: Callable[[NameRecord], None] | None) -> None:
         """Call ``callback`` (synchronously, cheaply) with every valid name record this node sees:
@@ -403,84 +355,6 @@ class P2PNode:
             raise SourceError(f"cannot connect to {addr}")
         return str(info.peer_id)
 
-    async def reserve(self, relay_peer: str) -> bool:
-        """Ask a connected relay to hold a reservation for us, so peers can reach us through it."""
-        if self._circuits is None:
-            return False
-        try:
-            rid = ID.from_base58(relay_peer)
-            with trio.fail_after(_PEER_QUERY_TIMEOUT * 2):
-                stream = await self._host.new_stream(rid, [HOP_PROTOCOL_ID])
-                try:
-                    ok = bool(await self._circuits._make_reservation(stream, rid))
-                finally:
-                    with trio.move_on_after(2):
-                        await stream.close()
-        except (trio.TooSlowError, OSError, BaseLibp2pError, ValueError) as exc:
-            log.info("no reservation at %s: %r", relay_peer, exc)
-            return False
-        if ok and relay_peer not in self.relays:
-            log.info("reserved a relay slot at %s", relay_peer)
-            self.relays.append(relay_peer)
-        if not ok and relay_peer in self.relays:
-            self.relays.remove(relay_peer)
-        return ok
-
-    async def keep_reservations(self, candidates: Sequence[str]) -> None:
-        """Hold reservations at up to 3 of ``candidates`` (peer ids; the bootstrap peers), renewed every 5 minutes.
-
-        The first round is :meth:`reserve_round`, which ``open_p2p`` awaits
-        before it yields (so a fetch that starts at once can dial through a
-        relay); this loop renews.
-
-        Runs until cancelled; a candidate that is no relay refuses the hop
-        protocol at once and is asked again at the next round.
-        """
-        while True:
-            await trio.sleep(_RESERVE_EVERY)
-            await self.reserve_round(candidates)
-
-    async def reserve_round(self, candidates: Sequence[str]) -> None:
-        for peer in candidates[: _MAX_RELAYS * 2]:
-            if len(self.relays) >= _MAX_RELAYS and peer not in self.relays:
-                continue
-            await self.reserve(peer)
-
-    async def connect_via_relay(self, peer_id: str) -> bool:
-        """Open a libp2p connection to ``peer_id`` through a relay we know (ours first); True if one opened.
-
-        The relays tried are the ones that hold a reservation for us: in a
-        fleet behind NAT, peers reserve at the same public nodes (their
-        bootstrap peers), so the peer we cannot dial holds one there too.
-        Streams to the peer then use this connection (the control session,
-        relayed peerwire: node/swarm/relay.py).
-        """
-        if self._circuits is None or peer_id == self.peer_id:
-            return False
-        try:
-            dest = ID.from_base58(peer_id)
-        except (ValueError, BaseLibp2pError):
-            return False
-        if dest in self._host.get_connected_peers():
-            return True  # a connection (relayed, say) exists: streams use it
-        for relay in list(self.relays):
-            if relay == peer_id:
-                continue
-            try:
-                rid = ID.from_base58(relay)
-                with trio.fail_after(_PEER_QUERY_TIMEOUT * 2):
-                    raw = await self._circuits.dial_peer_info(
-                        PeerInfo(dest, []), relay_info=PeerInfo(rid, self._host.get_peerstore().addrs(rid)))
-                    await self._host.upgrade_outbound_connection(raw, dest)
-            except (trio.TooSlowError, OSError, BaseLibp2pError, ValueError, ConnectionError) as exc:
-                log.info("no circuit to %s through %s: %r", peer_id, relay, exc)
-                continue
-            if dest in self._host.get_connected_peers():
-                self.relayed_dials += 1
-                log.info("connected to %s through relay %s", peer_id, relay)
-                return True
-        return False
-
 
     # -- the DHT client: node/_kadclient.py (KadClient) ------------------------------
     def _lookup_seconds(self, seconds: float) -> None:
@@ -540,29 +414,6 @@ class P2PNode:
         except (trio.TooSlowError, OSError, BaseLibp2pError, ValueError) as exc:
             raise SourceError(f"cannot open {protocol_id} to {peer_id}: {exc}") from exc
         return ControlStream(stream)
-
-    async def upgrade_direct(self, peer_id: str) -> bool:
-        """Over a relayed connection, try a hole punch (DCUtR) to a direct one; True if one now exists.
-
-        Streams opened afterwards go over the direct connection (py-libp2p
-        prefers it), and py-libp2p closes the relayed one after a grace period.
-        """
-        if self._dcutr is None or not self.is_relayed(peer_id):
-            return False
-        with trio.move_on_after(_PUNCH_TIMEOUT):
-            try:
-                return bool(await self._dcutr.initiate_hole_punch(ID.from_base58(peer_id)))
-            except (BaseLibp2pError, OSError, ValueError) as exc:
-                log.info("hole punch to %s failed: %r", peer_id, exc)
-        return False
-
-    def is_relayed(self, peer_id: str) -> bool:
-        """Every libp2p connection we hold to ``peer_id`` runs through a relay."""
-        try:
-            conns = self._host.get_network().get_connections(ID.from_base58(peer_id))
-        except (AttributeError, BaseLibp2pError, ValueError, KeyError):
-            return False
-        return bool(conns) and all(_is_relayed(getattr(c, "muxed_conn", c)) for c in conns)
 
     async def open_control(self, peer: str | PeerAddr) -> ControlStream:
         """Open /autoglm/swarm/1 to a peer (dialling its addrs first if given)."""
@@ -639,6 +490,19 @@ def _make_host(seed: bytes) -> Any:
     return host
 
 
+async def _first_reservations(node: P2PNode, relays: Relays, bootstrap: Sequence[str]) -> None:
+    """A NATed node's first reservations, before ``open_p2p`` yields: the bootstrap peers, then the DHT's relays.
+
+    Without a reservation no other NATed node can reach us, so a node whose
+    bootstrap peers relay nothing spends up to another 20 s finding relays.
+    """
+    with trio.move_on_after(_PEER_QUERY_TIMEOUT):
+        await relays.reserve_round(bootstrap)
+    if len(relays.reserved) < MAX_RELAYS:
+        with trio.move_on_after(_DHT_TIMEOUT):
+            await relays.reserve_round(await node.find_relays(), renew=False)
+
+
 @asynccontextmanager
 async def open_p2p(
     data_dir: Path,
@@ -650,8 +514,10 @@ async def open_p2p(
 
     Every node accepts connections through a relay and can dial through one
     (circuit relay v2, py-libp2p's); with ``relay`` it also relays for others
-    within that budget. A node whose listen addresses are all private holds
-    reservations at its bootstrap peers that are relays.
+    within that budget, and advertises itself as one in the DHT. A node whose
+    listen addresses are all private holds reservations at up to
+    ``MAX_RELAYS`` relays: its bootstrap peers that are relays, then relays
+    the DHT names (node/_relays.py).
     """
     try:
         maddrs = [multiaddr.Multiaddr(a) for a in listen]
@@ -666,14 +532,15 @@ async def open_p2p(
         dht.validator.add_validator(NAME_NAMESPACE, names)  # type: ignore[union-attr]
         await stack.enter_async_context(background_trio_service(dht))
         budget = relay or RelayBudget()
-        circuit = _Relay(host, budget, allow_hop=relay is not None)
-        await stack.enter_async_context(background_trio_service(circuit))
-        circuits = CircuitV2Transport(host, circuit, RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT, limits=budget.limits()))
+        hop = HopService(host, budget, allow_hop=relay is not None)
+        await stack.enter_async_context(background_trio_service(hop))
+        circuits = CircuitV2Transport(host, hop, RelayConfig(roles=RelayRole.STOP | RelayRole.CLIENT, limits=budget.limits()))
         # Hole punching: over a relayed connection, both ends dial each other's
         # predicted outside address from their listen port at once (docs/nat.md).
         dcutr = DCUtRProtocol(host)
         await stack.enter_async_context(background_trio_service(dcutr))
-        node = P2PNode(host, dht, names, circuits, circuit, dcutr)
+        relays = Relays(host, circuits, hop, dcutr)
+        node = P2PNode(host, dht, names, relays)
         node._bootstrap = tuple(bootstrap)
         booted: list[str] = []
         for addr in bootstrap:
@@ -683,10 +550,14 @@ async def open_p2p(
                 log.warning("bootstrap peer unreachable: %s", exc)
         nursery = await stack.enter_async_context(trio.open_nursery())
         nursery.start_soon(node.refresh_routing)
+        if relay is not None:
+            # Advertised before we yield: a relay that says "ready" can be found.
+            with trio.move_on_after(_DHT_TIMEOUT):
+                await node.advertise_relay()
+            nursery.start_soon(relays.advertise, node.advertise_relay)
         if booted and _all_private(listen):
-            with trio.move_on_after(_PEER_QUERY_TIMEOUT):
-                await node.reserve_round(booted)
-            nursery.start_soon(node.keep_reservations, booted)
+            await _first_reservations(node, relays, booted)
+            nursery.start_soon(relays.keep_reservations, booted, node.find_relays)
         try:
             yield node
         finally:

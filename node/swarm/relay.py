@@ -29,7 +29,7 @@ drain, and a bridge that cannot hand its bytes on within
 Budgets: the serving side opens a relayed peerwire stream only for a peer it
 has a control session with, at most ``peerwire_conns`` at once per peer; the
 relay's own budget (reservations, circuits per peer, bytes and seconds per
-circuit) is ``RelayBudget`` in node/_p2p.py.
+circuit) is ``RelayBudget`` in node/_relays.py.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from _harness import cleanup, make_model  # noqa: E402
 
 from .test_nat_topology import WHY  # noqa: E402
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 @pytest.mark.skipif(WHY is not None, reason=f"NAT topology unavailable: {WHY}")
@@ -35,7 +35,7 @@ def test_two_natted_nodes_exchange_a_model_through_a_relay(tmp_path: Path) -> No
     try:
         net.up()
         assert net.check() is None, net.check()
-        run = nat_bench.run_two_nats(net, model, tmp_path, timeout=60, public_leech=False)
+        run = nat_bench.run_two_nats(net, model, tmp_path, timeout=150, public_leech=False)
     finally:
         cleanup()
     nat_a = run.peer_ids["natA"]
