@@ -165,7 +165,7 @@ class Fetch:
                                  on_written=self._piece_written, commit_interval=self.options.commit_interval)
         self.picker.progress = self.delivery.written  # the endgame judges a request by its bytes so far
         self.scheduler = SourceScheduler(self.picker, self.delivery, self.stats, self.options,
-                                         send_nowait=self._send_nowait, on_mirror_claims=self._mirror_claims_hook(on_mirror_claims))
+                                         send_nowait=self._send_nowait, on_mirror_claims=_logged_mirror_claims(self, on_mirror_claims))
         for s in sources:
             self.add_source(s)
 
@@ -220,25 +220,6 @@ class Fetch:
             return
         self.scheduler.withdraw_not_ours()
         self._wake()
-
-    def _mirror_claims_hook(self, post: Callable[[list[int]], None] | None) -> Callable[[list[int]], None] | None:
-        """``post`` (the swarm's Claim), after logging why the first-copy rules let a mirror take each piece."""
-        fc = self.first_copy
-        if post is None or fc is None:
-            return post
-
-        def hook(indices: list[int]) -> None:
-            if log.isEnabledFor(logging.DEBUG):  # one line per piece a mirror takes (docs/benchmarks.md, N=16)
-                mid = self.download.manifest_id.hex()[:16]
-                peers = [s for s in self.scheduler.sources.values() if s.kind is SourceKind.PEER]
-                for i in indices:
-                    held = sum(1 for s in peers if (a := s.availability()) is None or i in a)
-                    log.debug("%s: mirror takes %d: %s, %d requester(s) %d member(s) %d peer source(s) %d holding it",
-                             mid, i, fc.mirror_reason(i), len(self.picker.requesters(i)), len(fc.members()),
-                             len(peers), held)
-            post(indices)
-
-        return hook
 
     def peer_progress(self, peer: str, index: int) -> None:
         """A swarm peer sent a Have for ``index`` (see FirstCopy.progress)."""
@@ -433,6 +414,26 @@ class Fetch:
         await self._send(FetchDone(total, dict(st.bytes_by_source), seconds, st.discarded, str(d.out_dir), dict(rx)))
         return result
 
+
+
+def _logged_mirror_claims(fetch: Fetch, post: Callable[[list[int]], None] | None) -> Callable[[list[int]], None] | None:
+    """``post`` (the swarm's Claim), after logging why the first-copy rules let a mirror take each piece."""
+    fc = fetch.first_copy
+    if post is None or fc is None:
+        return post
+
+    def hook(indices: list[int]) -> None:
+        if log.isEnabledFor(logging.DEBUG):  # one line per piece a mirror takes (docs/benchmarks.md, N=16)
+            mid = fetch.download.manifest_id.hex()[:16]
+            peers = [s for s in fetch.scheduler.sources.values() if s.kind is SourceKind.PEER]
+            for i in indices:
+                held = sum(1 for s in peers if (a := s.availability()) is None or i in a)
+                log.debug("%s: mirror takes %d: %s, %d requester(s) %d member(s) %d peer source(s) %d holding it",
+                         mid, i, fc.mirror_reason(i), len(fetch.picker.requesters(i)), len(fc.members()),
+                         len(peers), held)
+        post(indices)
+
+    return hook
 
 
 def collapse_group(eg: BaseExceptionGroup[BaseException]) -> BaseException:

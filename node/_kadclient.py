@@ -1,11 +1,11 @@
-"""Our Kademlia client: walks, routing-table refresh, provider records and name records.
+"""Our Kademlia client: walks, routing-table refresh and provider records (name records: node/_kadnames.py).
 
 :class:`KadClient` runs over a libp2p host and py-libp2p's ``KadDHT`` (which
 keeps serving other nodes' requests, its routing table and its record
 stores); every lookup this node makes is ours. The walk itself is the
 sans-IO state machine in protocol/_kadlookup.py, pumped by node/_kadwalk.py;
 this module speaks the wire (one kademlia_pb2 message per stream) and owns
-the records. ``P2PNode`` (node/_p2p.py) builds it and delegates its DHT
+the provider records. ``P2PNode`` (node/_p2p.py) builds it and delegates its DHT
 methods to it, so the rest of the node still talks to ``P2PNode`` alone.
 """
 
@@ -37,13 +37,6 @@ from libp2p.utils.varint import encode_uvarint, read_varint_prefixed_bytes_limit
 from autoglm.node._kadwalk import run_lookup
 from autoglm.node.errors import RemoteProtocolError, SourceError
 from autoglm.protocol._kadlookup import Lookup, LookupParams, key_point
-from autoglm.protocol._namerecord import (
-    NameRecord,
-    check_name_update,
-    name_key,
-    select_name_record,
-    verify_name_record,
-)
 
 __all__ = ["DHT_TIMEOUT", "PEER_QUERY_TIMEOUT", "KadClient", "PeerAddr", "file_provider_key", "manifest_provider_key"]
 
@@ -51,7 +44,6 @@ log = logging.getLogger(__name__)
 
 DHT_TIMEOUT = 20.0  # one lookup, put or resolve as the caller sees it
 PEER_QUERY_TIMEOUT = 5.0  # one peer's answer to a query
-_VALUE_QUERY_PEERS = 20  # closest peers asked for a name record (Kademlia's k)
 # Our own iterative walks (protocol/_kadlookup.py): alpha 3 in flight, k 20,
 # 5 s per peer, 15 s per lookup. The routing table is refreshed after
 # bootstrap and again, backing off (1, 2, 4 ... 60 s), until two refreshes in
@@ -88,7 +80,7 @@ def file_provider_key(sha256: bytes) -> str:
 
 
 class KadClient:
-    """This node's side of the DHT as a client: every walk, provide, find, put and resolve.
+    """This node's side of the DHT as a client: every walk, provide and find.
 
     ``connect`` dials a ``/p2p/`` multiaddr and returns the peer id (the
     façade's, which falls back to relays); ``on_lookup`` gets each provider
@@ -221,6 +213,10 @@ class KadClient:
 
         await run_lookup(lookup, ask)
         return lookup
+
+    async def closest_peers(self, key: bytes, budget: float) -> list[str]:
+        """The closest peers to ``key`` a FIND_NODE walk reaches within ``budget`` seconds."""
+        return list((await self._walk(key, budget=budget)).closest())
 
     # -- the routing table ---------------------------------------------------------
     async def refresh_routing(self, bootstrap: Iterable[str] = ()) -> None:
@@ -368,80 +364,3 @@ class KadClient:
 
     async def find_file_providers(self, sha256: bytes) -> list[PeerAddr]:
         return await self.find_providers(file_provider_key(sha256))
-
-    # -- name records --------------------------------------------------------------
-    async def put_name_record(self, record: NameRecord) -> None:
-        """Store a signed record locally and at the closest peers; refuses a lower seq."""
-        old = self._dht.value_store.get(record.key.encode())
-        check_name_update(record.key, old.value if old else None, record.encode())
-        try:
-            with trio.fail_after(DHT_TIMEOUT):
-                await self._dht.put_value(record.key, record.encode())
-        except ValueError as exc:
-            raise RemoteProtocolError(str(exc)) from exc
-
-    async def get_name_record(self, publisher_key_id: str, name: str) -> NameRecord | None:
-        """The best valid record among ours and the network's, or None. Invalid values are skipped.
-
-        Strategy: py-libp2p's ``get_value`` answers from the local store first,
-        and any peer can PUT_VALUE an old, validly signed record to a node that
-        holds none. So the local record is only one candidate: the closest
-        peers are asked too, the highest valid sequence number wins, and a
-        newer record found on the network replaces the local one.
-        """
-        key = name_key(publisher_key_id, name)
-        key_bytes = key.encode()
-        local = self._dht.value_store.get(key_bytes)
-        values = [local.value] if local is not None else []
-        with trio.move_on_after(DHT_TIMEOUT):
-            values += await self._values_from_peers(key_bytes)
-        if not values:
-            return None
-        try:
-            best = values[select_name_record(key, values)]
-        except RemoteProtocolError:
-            log.warning("ignoring invalid name records for %s", key)
-            return None
-        if local is None or best != local.value:
-            self._dht.value_store.put(key_bytes, best)
-        return verify_name_record(key, best)
-
-    async def _values_from_peers(self, key_bytes: bytes) -> list[bytes]:
-        """What the closest peers hold under ``key_bytes``; a silent peer costs one query timeout.
-
-        Strategy: the peers we already know (the routing table's closest and
-        the connected ones) are asked at once, while the network lookup for
-        closer ones runs beside them with a bound of its own: py-libp2p's
-        lookup waits for every peer of a round, so one peer that connected and
-        went silent held it, and the whole resolution, for the full DHT timeout
-        (issue 11, item 13). Peers the lookup finds in time are asked too.
-        """
-        me = self._host.get_id()
-        found: list[bytes] = []
-        asked: set[ID] = {me}
-
-        async def ask(peer: ID) -> None:
-            with trio.move_on_after(PEER_QUERY_TIMEOUT):
-                try:
-                    value = await self._dht.value_store._get_from_peer(peer, key_bytes)
-                except (BaseLibp2pError, OSError) as exc:
-                    log.debug("value query to %s failed: %r", peer, exc)
-                    return
-                if isinstance(value, bytes):
-                    found.append(value)
-
-        def ask_all(nursery: trio.Nursery, peers: Iterable[ID]) -> None:
-            for peer in peers:
-                if peer not in asked and len(asked) <= _VALUE_QUERY_PEERS:
-                    asked.add(peer)
-                    nursery.start_soon(ask, peer)
-
-        async def lookup(nursery: trio.Nursery) -> None:
-            walk = await self._walk(key_bytes, budget=PEER_QUERY_TIMEOUT)
-            ask_all(nursery, [ID.from_base58(p) for p in walk.closest()])
-
-        known = self._dht.routing_table.find_local_closest_peers(key_bytes, _VALUE_QUERY_PEERS)
-        async with trio.open_nursery() as nursery:
-            ask_all(nursery, [*known, *self._host.get_connected_peers()])
-            nursery.start_soon(lookup, nursery)
-        return found

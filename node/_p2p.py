@@ -55,6 +55,7 @@ from autoglm.node._kadclient import (
     KadClient,
     PeerAddr,
 )
+from autoglm.node._kadnames import NameRecords
 from autoglm.node._logs import apply_libp2p_level
 from autoglm.node._relays import (
     MAX_RELAYS,
@@ -206,6 +207,7 @@ class P2PNode:
         self.on_lookup: Callable[[float], None] | None = None  # each provider lookup's seconds (metrics)
         self._bootstrap: tuple[str, ...] = ()
         self.kad = KadClient(host, dht, self.connect, on_lookup=self._lookup_seconds)
+        self.name_records = NameRecords(host, dht, self.kad.closest_peers)
 
     # -- circuit relay and hole punching: node/_relays.py ---------------------------
     @property
@@ -390,10 +392,10 @@ class P2PNode:
         return await self.kad.find_file_providers(sha256)
 
     async def put_name_record(self, record: NameRecord) -> None:
-        await self.kad.put_name_record(record)
+        await self.name_records.put(record)
 
     async def get_name_record(self, publisher_key_id: str, name: str) -> NameRecord | None:
-        return await self.kad.get_name_record(publisher_key_id, name)
+        return await self.name_records.get(publisher_key_id, name)
 
     def set_control_handler(self, handler: ControlHandler) -> None:
         self.set_stream_handler(CONTROL_PROTOCOL_ID, handler)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,16 @@ class Mirror:
         stats = json.loads(out.strip().splitlines()[-1])
         assert stats["event"] == "mirror-stats"
         return int(stats["body_bytes"])
+
+
+def node_status(tmp: Path, node: str) -> dict[str, object]:
+    """``status --json`` of the node whose data dir is ``tmp / node``."""
+    return json.loads(cli("--data-dir", str(tmp / node), "status", "--json").stdout)  # type: ignore[no-any-return]
+
+
+def wait_until(pred: object, what: str, timeout: float = 60) -> None:
+    """Poll ``pred`` every 0.3 s; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.3)

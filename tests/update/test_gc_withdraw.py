@@ -13,7 +13,6 @@ were removed). Before this, A announced removed versions until it restarted.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -23,28 +22,17 @@ from autoglm.node._p2p import open_p2p
 from autoglm.protocol import decode_signed_manifest
 from tests.swarm.harness import CLI, Proc, processes
 
-from ._models import Mirror, cli, keygen, publish, write_version
+from ._models import Mirror, cli, keygen, node_status, publish, wait_until, write_version
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 
-def _status(tmp: Path, node: str) -> dict[str, object]:
-    return json.loads(cli("--data-dir", str(tmp / node), "status", "--json").stdout)
-
-
 def _seen(tmp: Path, viewer: str, peer_id: str) -> dict[str, int] | None:
     """The manifests (id -> pieces) ``viewer`` has heard ``peer_id`` hold, None while not in session."""
-    for peer in _status(tmp, viewer)["peers"]:  # type: ignore[attr-defined]
+    for peer in node_status(tmp, viewer)["peers"]:  # type: ignore[attr-defined]
         if peer["peer_id"] == peer_id:
             return peer["manifests"]  # type: ignore[no-any-return]
     return None
-
-
-def _wait(pred: object, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.3)
 
 
 def _join(procs: list[Proc], tmp: Path, name: str, pub: Path, *extra: str) -> Proc:
@@ -80,7 +68,7 @@ def test_gc_and_rollback_withdraw_what_they_remove_from_a_running_node(tmp_path:
     with processes() as procs:
         a = _join(procs, tmp_path, "A", pub)
         boot = a.seen[0]["addrs"][0]
-        a_id = str(_status(tmp_path, "A")["peer_id"])
+        a_id = str(node_status(tmp_path, "A")["peer_id"])
         for v in (1, 2, 3, 4):
             m = Mirror(srcs[v])
             try:
@@ -89,14 +77,14 @@ def test_gc_and_rollback_withdraw_what_they_remove_from_a_running_node(tmp_path:
                 m.stop()
             if v == 4:
                 assert p.returncode != 0 and "hook.py" in p.stdout + p.stderr, p.stderr
-        held = _status(tmp_path, "A")["held"]
+        held = node_status(tmp_path, "A")["held"]
         assert all(ids[v] in held for v in (1, 2, 3, 4))  # type: ignore[operator]
 
         # gc removes v4's directory: A withdraws it at once
         gc = json.loads(cli(*a_dir, "gc", "--json").stdout)["actions"]
         assert any(f"no longer announces {ids[4][:16]}" in x for x in gc), gc
         assert not any(d.name.startswith("4-") for d in (tmp_path / "A" / "models" / "t_model" / "versions").iterdir())
-        held = _status(tmp_path, "A")["held"]
+        held = node_status(tmp_path, "A")["held"]
         assert ids[4] not in held and all(ids[v] in held for v in (1, 2, 3))  # type: ignore[operator]
 
         # the DHT names A for v3, not for v4
@@ -105,19 +93,19 @@ def test_gc_and_rollback_withdraw_what_they_remove_from_a_running_node(tmp_path:
 
         # a node starting now: A's Hello names v1-v3, not v4
         _join(procs, tmp_path, "B", pub, "--bootstrap", boot)
-        _wait(lambda: (_seen(tmp_path, "B", a_id) or {}).get(ids[3]) == full[3], "B never heard A hold v3")
+        wait_until(lambda: (_seen(tmp_path, "B", a_id) or {}).get(ids[3]) == full[3], "B never heard A hold v3")
         heard = _seen(tmp_path, "B", a_id) or {}
         assert ids[4] not in heard and all(heard.get(ids[v]) == full[v] for v in (1, 2, 3)), heard
 
         # rollback --keep 1: [v3, v2, v1] -> [v2, v3]; v1 is pruned and B, in session, hears it go
         rb = json.loads(cli(*a_dir, "rollback", "t/model", "--keep", "1", "--json").stdout)
         assert rb["current"].startswith("2-") and rb["withdrawn"] == [ids[1]], rb
-        _wait(lambda: (_seen(tmp_path, "B", a_id) or {}).get(ids[1]) in (0, None), "B still hears A hold v1")
+        wait_until(lambda: (_seen(tmp_path, "B", a_id) or {}).get(ids[1]) in (0, None), "B still hears A hold v1")
         heard = _seen(tmp_path, "B", a_id) or {}
         assert heard.get(ids[2]) == full[2] and heard.get(ids[3]) == full[3], heard
         a.stop()
 
         # A restarted announces what is left, nothing removed
         _join(procs, tmp_path, "A", pub)
-        held = _status(tmp_path, "A")["held"]
+        held = node_status(tmp_path, "A")["held"]
         assert sorted(held) == sorted([ids[2], ids[3]]), held  # type: ignore[arg-type]

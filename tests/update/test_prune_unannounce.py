@@ -9,8 +9,6 @@ for them counted broken promises against it).
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import pytest
@@ -18,27 +16,16 @@ import pytest
 from autoglm.protocol import decode_signed_manifest
 from tests.swarm.harness import CLI, Proc, processes
 
-from ._models import Mirror, cli, keygen, publish, write_version
+from ._models import Mirror, cli, keygen, node_status, publish, wait_until, write_version
 
 pytestmark = pytest.mark.integration
 
 
-def _status(tmp: Path, node: str) -> dict[str, object]:
-    return json.loads(cli("--data-dir", str(tmp / node), "status", "--json").stdout)
-
-
 def _f_pieces_seen_by_p(tmp: Path, f_id: str, mid: str) -> int | None:
-    for peer in _status(tmp, "P")["peers"]:  # type: ignore[attr-defined]
+    for peer in node_status(tmp, "P")["peers"]:  # type: ignore[attr-defined]
         if peer["peer_id"] == f_id:
             return peer["manifests"].get(mid)  # type: ignore[no-any-return]
     return None
-
-
-def _wait(pred: object, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.3)
 
 
 def test_a_pruned_version_is_unannounced(tmp_path: Path) -> None:
@@ -56,7 +43,7 @@ def test_a_pruned_version_is_unannounced(tmp_path: Path) -> None:
                  "F", tmp_path)
         procs.append(f)
         f.event("ready", 90)
-        f_id = str(_status(tmp_path, "F")["peer_id"])
+        f_id = str(node_status(tmp_path, "F")["peer_id"])
 
         for v in (1, 2):
             m = Mirror(srcs[v])
@@ -65,12 +52,12 @@ def test_a_pruned_version_is_unannounced(tmp_path: Path) -> None:
             finally:
                 m.stop()
             if v == 1:
-                _wait(lambda: _f_pieces_seen_by_p(tmp_path, f_id, v1) == ids[1].manifest.piece_count,
+                wait_until(lambda: _f_pieces_seen_by_p(tmp_path, f_id, v1) == ids[1].manifest.piece_count,
                       "P never saw F hold all of v1")
 
         versions = sorted(d.name for d in (tmp_path / "F" / "models" / "t_model" / "versions").iterdir())
         assert versions == [f"2-{ids[2].id.hex()[:16]}"]  # v1 was pruned (--keep 0)
         # F no longer holds v1 (its Hello would not name it) and told P so
-        assert v1 not in _status(tmp_path, "F")["held"]  # type: ignore[operator]
-        _wait(lambda: _f_pieces_seen_by_p(tmp_path, f_id, v1) in (0, None), "P still sees F's pieces of pruned v1")
+        assert v1 not in node_status(tmp_path, "F")["held"]  # type: ignore[operator]
+        wait_until(lambda: _f_pieces_seen_by_p(tmp_path, f_id, v1) in (0, None), "P still sees F's pieces of pruned v1")
         assert _f_pieces_seen_by_p(tmp_path, f_id, ids[2].id.hex()) == ids[2].manifest.piece_count
