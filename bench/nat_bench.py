@@ -87,6 +87,11 @@ class NatNet:
     #: The NATs drop new connections to their own outside address, as a home router does,
     #: instead of answering with a reset (Linux with no INPUT rules).
     silent: bool = False
+    #: The NATs map every new connection to a fresh random outside port (MASQUERADE
+    #: --random-fully: a symmetric NAT, as carrier-grade NATs are): the port a relay saw is
+    #: not the port a hole-punch dial leaves from, so no punch can work. Without it Linux
+    #: keeps the source port, and a punch whose SYNs cross can succeed even on NATs that reset.
+    symmetric: bool = False
     made: list[str] = field(default_factory=list)
 
     @property
@@ -108,6 +113,10 @@ class NatNet:
     @property
     def priv2(self) -> str:
         return f"{self.prefix}-priv2"
+
+    @property
+    def _masq_opts(self) -> tuple[str, ...]:
+        return ("--random-fully",) if self.symmetric else ()
 
     def ns(self, ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return _sh("ip", "netns", "exec", ns, *argv, check=check)
@@ -136,7 +145,7 @@ class NatNet:
         self.ns(self.priv, "ip", "route", "add", "default", "via", f"{PRIV_NET}.1")
         self.ns(self.gw, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
         ipt = ("iptables", "-w", "5")
-        self.ns(self.gw, *ipt, "-t", "nat", "-A", "POSTROUTING", "-s", f"{PRIV_NET}.0/24", "-o", f"{p}-gwo", "-j", "MASQUERADE")
+        self.ns(self.gw, *ipt, "-t", "nat", "-A", "POSTROUTING", "-s", f"{PRIV_NET}.0/24", "-o", f"{p}-gwo", "-j", "MASQUERADE", *self._masq_opts)
         self.ns(self.gw, *ipt, "-A", "FORWARD", "-i", f"{p}-gwo", "-o", f"{p}-gwi", "-m", "conntrack",
                 "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
         self.ns(self.gw, *ipt, "-A", "FORWARD", "-i", f"{p}-gwo", "-o", f"{p}-gwi", "-j", "DROP")
@@ -167,7 +176,7 @@ class NatNet:
         self.ns(self.gw2, "ip", "route", "add", "default", "via", f"{PUB2_NET}.2")
         self.ns(self.gw2, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
         ipt = ("iptables", "-w", "5")
-        self.ns(self.gw2, *ipt, "-t", "nat", "-A", "POSTROUTING", "-s", f"{PRIV2_NET}.0/24", "-o", f"{p}-g2o", "-j", "MASQUERADE")
+        self.ns(self.gw2, *ipt, "-t", "nat", "-A", "POSTROUTING", "-s", f"{PRIV2_NET}.0/24", "-o", f"{p}-g2o", "-j", "MASQUERADE", *self._masq_opts)
         self.ns(self.gw2, *ipt, "-A", "FORWARD", "-i", f"{p}-g2o", "-o", f"{p}-g2i", "-m", "conntrack",
                 "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
         self.ns(self.gw2, *ipt, "-A", "FORWARD", "-i", f"{p}-g2o", "-o", f"{p}-g2i", "-j", "DROP")
@@ -478,6 +487,8 @@ def main() -> int:
                     help="one NATed segment (reverse dial), two (relay), or both in turn (default)")
     ap.add_argument("--silent", action="store_true",
                     help="the NATs drop new connections to their outside address (a home router) instead of resetting them")
+    ap.add_argument("--symmetric", action="store_true",
+                    help="the NATs map each connection to a random outside port (MASQUERADE --random-fully): no hole punch can work")
     ap.add_argument("--relay-apart", action="store_true",
                     help="two NATs: the bootstrap node relays nothing; the relay is another public node, found in the DHT")
     ap.add_argument("--timeout", type=float, default=300.0)
@@ -495,7 +506,8 @@ def main() -> int:
             print(f"nat_bench: cannot make the model: {model.error}", file=sys.stderr)
             return 1
         for topo in ("one", "two") if args.topology == "both" else (args.topology,):
-            net = NatNet(args.prefix, segments=1 if topo == "one" else 2, silent=args.silent).up()
+            net = NatNet(args.prefix, segments=1 if topo == "one" else 2, silent=args.silent,
+                         symmetric=args.symmetric).up()
             bad = net.check()
             if bad:
                 print(f"nat_bench: the NAT is not in place: {bad}", file=sys.stderr)

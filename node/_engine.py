@@ -397,7 +397,10 @@ class Fetch:
                     if not self.picker.can_serve_missing() and not self.options.wait_for_sources:
                         raise sched.no_source_error()
                 # Wake when a backed-off source becomes usable again, even while others are busy.
-                with trio.move_on_at(sched.next_deadline(trio.current_time())):
+                # Deadlines are judged at the time schedule() judged readiness: a back-off that
+                # ends between the two (a loaded machine) is then a deadline in the past, an
+                # immediate wake, not a source forgotten until something else happens.
+                with trio.move_on_at(sched.next_deadline(sched.scheduled_at)):
                     await self._wake_ev.wait()
             nursery.cancel_scope.cancel()
 

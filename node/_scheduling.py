@@ -109,6 +109,7 @@ class SourceScheduler:
         self.nursery: trio.Nursery | None = None
         #: Stopping (Fetch.drain): no request starts; requests in flight end with their current piece.
         self.draining = False
+        self.scheduled_at = 0.0  # trio time of the last schedule(): deadlines are judged against it
 
     # -- sources ---------------------------------------------------------------
     def add(self, source: Source) -> bool:
@@ -232,9 +233,9 @@ class SourceScheduler:
         Local sources go first and alone: they claim every piece they hold
         before a network source is asked for anything.
         """
+        now = self.scheduled_at = trio.current_time()
         if self.draining:
             return
-        now = trio.current_time()
         # The picker's states change only through the picks below while this
         # runs: the scan for unrequested bytes is done once, again after a pick.
         self._unrequested = None

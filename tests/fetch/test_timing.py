@@ -128,3 +128,47 @@ def test_mirror_connections_are_shared_out_across_the_swarm(published: Published
 
     assert trio.run(main) == [16, 8, 4, 2, 2, 2]
     store.close()
+
+
+class LateClockSource(FlakySource):
+    """Fails once with a short back-off; the clock then passes the back-off's end between the
+    scheduler's readiness check and its deadline computation, as a loaded machine does."""
+
+    def __init__(self, root: Path, clock: trio.testing.MockClock) -> None:
+        super().__init__(root)
+        self.clock = clock
+        self.jumped = False
+
+    def ready_at(self) -> float:
+        t = self.score.ready_at
+        if t > trio.current_time() and not self.jumped:
+            self.jumped = True
+            self.clock.jump(t - trio.current_time() + 0.01)  # the back-off is over by the next look
+        return t
+
+    async def fetch(self, request: FetchRequest, sink: PieceSink) -> None:
+        self.starts.append(trio.current_time())
+        if len(self.starts) == 1:
+            self.score.ready_at = trio.current_time() + 0.05
+            raise RetryLater("502", None)
+        for p in request.pieces:
+            data = (self.root / p.path).read_bytes()[p.offset : p.offset + p.length]
+            await sink.put(p.index, data)
+
+
+def test_backoff_ending_under_load_is_not_forgotten(published: Published, tmp_path: Path) -> None:
+    """CI once hung 60 s here: the only mirror's back-off ended between two clock reads, so the
+    loop found no future deadline and slept until a wake that never came."""
+    clock = trio.testing.MockClock(rate=1.0)
+    store = Store(tmp_path / "data")
+    dl = store.open_download(published.signed, tmp_path / "out")
+    src = LateClockSource(published.root, clock)
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            await Fetch(store, dl, [src], options=FetchOptions(check_space=False, progress_interval=1e9)).run()
+
+    trio.run(main, clock=clock)
+    store.close()
+    published.assert_identical(tmp_path / "out")
+    assert src.jumped and len(src.starts) >= 2
