@@ -270,73 +270,75 @@ class _ServeState:
     verified: dict[tuple[os.PathLike[str], int, int], tuple[int, int, int]] = field(default_factory=dict)
 
 
-#: Threads that may be sending files at once (each holds one in a blocking loop); the store's own
-#: worker threads stay free whatever the peers do.
+#: Threads that may be sending files at once; the store's own worker threads stay free whatever
+#: the peers do. A thread is held only while the socket takes bytes: a peer that reads slowly
+#: waits on the event loop, so slow readers cannot hold every thread (docs/security.md).
 _SEND_THREADS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("peerwire_send_threads")
-_POLL_MS = 200  # a sending thread looks for its caller's cancellation this often
+_POLL_MS = 200  # a sending thread waits this long for room in the socket, then gives itself back
 
 
-def _send_range(sockfd: int, fd: int, offset: int, count: int, gate: _SendGate) -> None:
-    """Runs in a worker thread: ``sendfile`` the range, then drop it from the page cache.
+def _send_some(sockfd: int, fd: int, offset: int, count: int, gate: _SendGate) -> int:
+    """Runs in a worker thread: ``sendfile`` from the range until it is sent, or the socket stays full.
 
-    Waits with ``poll`` while the socket's buffer is full. Gives up when the
-    caller was cancelled (``gate``) or when the peer took no byte for
-    ``STALL_TIMEOUT``: a peer that stops reading holds a thread for that
-    long at most. Closes both fds (its own duplicates) whatever happens.
+    Returns the bytes sent. Waits with ``poll`` up to ``_POLL_MS`` for room in
+    the socket's buffer, then returns so the caller waits on the event loop
+    holding no thread. Stops when the caller was cancelled (``gate``); the
+    fds (the caller's duplicates) are then this thread's to close.
     """
     if not gate.take():
-        return
+        return 0
+    sent = 0
     try:
         poller = select.poll()
         poller.register(sockfd, select.POLLOUT)
-        start, length = offset, count
-        last = time.monotonic()
-        while count:
-            if gate.stop:
-                return
+        while sent < count and not gate.stop:
             try:
-                n = os.sendfile(sockfd, fd, offset, count)
+                n = os.sendfile(sockfd, fd, offset + sent, count - sent)
             except BlockingIOError:
                 if poller.poll(_POLL_MS):
                     continue
-                if time.monotonic() - last > STALL_TIMEOUT:
-                    raise trio.BrokenResourceError(f"peer took nothing for {STALL_TIMEOUT:.0f} s") from None
-                continue
+                break
             if n == 0:
                 raise trio.BrokenResourceError("peer closed during sendfile")
-            offset += n
-            count -= n
-            last = time.monotonic()
-        drop_cache(fd, start, length)
+            sent += n
+        return sent
     finally:
-        os.close(sockfd)
-        os.close(fd)
+        if gate.finish():
+            os.close(sockfd)
+            os.close(fd)
 
 
 class _SendGate:
-    """Who closes a sending thread's fds: the thread once it started, else the caller that gave up first."""
+    """Who closes a send's fd duplicates: the caller, unless it gave up while a thread was running."""
 
-    __slots__ = ("_lock", "_started", "stop")
+    __slots__ = ("_lock", "_running", "stop")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._started = False
+        self._running = False
         self.stop = False
 
     def take(self) -> bool:
+        """A thread starts; False if the caller already gave up (then the caller closes)."""
         with self._lock:
-            self._started = not self.stop
-            return self._started
+            self._running = not self.stop
+            return self._running
+
+    def finish(self) -> bool:
+        """A thread ends; True when the caller gave up meanwhile (the thread closes the fds)."""
+        with self._lock:
+            self._running = False
+            return self.stop
 
     def give_up(self) -> bool:
-        """Tell the thread to stop; True if it never started (the caller closes the fds)."""
+        """Tell a running thread to stop; True if none is running (the caller closes the fds)."""
         with self._lock:
             self.stop = True
-            return not self._started
+            return not self._running
 
 
 async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: int) -> None:
-    """Send a file range on the socket and drop it from the page cache, in a worker thread.
+    """Send a file range on the socket and drop it from the page cache, off the event loop.
 
     Strategy: on the event loop, a piece went out in ~8 sendfile calls with a
     wake-up between each, and a cold read blocked every other task on the
@@ -344,6 +346,9 @@ async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: i
     The thread gets duplicates of both fds: if the caller is cancelled it
     returns at once (the thread stops within ``_POLL_MS``), and closing the
     stream meanwhile cannot hand its fd number to another socket mid-send.
+    When the socket stays full the thread is given back and this task waits
+    for room on the event loop; a peer that takes no byte for
+    ``STALL_TIMEOUT`` breaks the send.
     """
     sockfd = os.dup(sock.fileno())
     try:
@@ -352,21 +357,35 @@ async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: i
         os.close(sockfd)
         raise
     gate = _SendGate()
+    mine = True  # whether this task closes the duplicates
     try:
         limiter = _SEND_THREADS.get()
     except LookupError:
         limiter = trio.CapacityLimiter(8)
         _SEND_THREADS.set(limiter)
+    start, length = offset, count
+    last = trio.current_time()
     try:
-        # trio_typing's stubs (pulled in by libp2p) predate abandon_on_cancel
-        await trio.to_thread.run_sync(  # type: ignore[call-arg]
-            _send_range, sockfd, filefd, offset, count, gate, abandon_on_cancel=True, limiter=limiter
-        )
+        while count:
+            # trio_typing's stubs (pulled in by libp2p) predate abandon_on_cancel
+            n = await trio.to_thread.run_sync(  # type: ignore[call-arg]
+                _send_some, sockfd, filefd, offset, count, gate, abandon_on_cancel=True, limiter=limiter
+            )
+            if n:
+                offset, count, last = offset + n, count - n, trio.current_time()
+            if count:
+                with trio.move_on_at(last + STALL_TIMEOUT) as waited:
+                    await trio.lowlevel.wait_writable(sock.fileno())
+                if waited.cancelled_caught:
+                    raise trio.BrokenResourceError(f"peer took nothing for {STALL_TIMEOUT:.0f} s")
+        drop_cache(filefd, start, length)
     except BaseException:
-        if gate.give_up():
+        mine = gate.give_up()
+        raise
+    finally:
+        if mine:
             os.close(sockfd)
             os.close(filefd)
-        raise
 
 
 def _open_located(st: _ServeState, manifest_id: bytes, index: int) -> tuple[PieceLocation, int] | None:

@@ -434,9 +434,14 @@ class FirstCopy:
         deliver = self.pace.deliver(self._deliver_timeout)
         unasked = self._unrequested_timeout * deliver / self._deliver_timeout
 
+        seen: dict[str, bool] = {}  # once per member per call: each check is a heap walk
+
         def credible(m: str) -> bool:
-            self._check_promises(m, self._now)
-            return m not in self._lapsed
+            ok = seen.get(m)
+            if ok is None:
+                self._check_promises(m, self._now)
+                ok = seen[m] = m not in self._lapsed
+            return ok
 
         times = [self._promises.piece_due(i, deliver, unasked, credible) for i in pieces]
         times += [self._promises.gone_due(i, self._deliver_timeout, self._unrequested_timeout) for i in pieces]

@@ -106,6 +106,12 @@ class PieceTimes:
         return None if r is None or r.nbytes <= 0 else r.expect(nbytes)
 
 
+#: With nothing measured for its kind of source, a request whose bytes are coming turns late once
+#: it is this old (seconds; early rates are slow start's, not the source's) and its rate so far
+#: projects its whole piece past ``late`` times this long: a source trickling a piece (a resumed
+#: fetch with one piece left, a small model) is rescued, not waited on for ever.
+UNMEASURED_HORIZON = 5.0
+
 #: What the endgame asks of the picker: a piece's size, and a requester's kind of source.
 Size = Callable[[int], int]
 KindOf = Callable[[str], Hashable]
@@ -154,13 +160,18 @@ class InFlight:
     def _first(self, by: Mapping[str, float]) -> tuple[float, str]:
         return min((t, s) for s, t in by.items())
 
-    def _late_after(self, index: int, sid: str, size: Size, kind_of: KindOf) -> float | None:
-        """Seconds after its request at which a request of ``sid`` for ``index`` counts as late (None: not while it moves)."""
+    def _late_after(self, index: int, sid: str, size: Size, kind_of: KindOf) -> float:
+        """Seconds after its request at which a request of ``sid`` for ``index`` counts as late."""
         typical = self.times.kind(kind_of(sid), size(index))
         if typical is not None:
             return max(self.delay, self.late * typical)
-        if self.progress is not None and self.progress(index) > 0:
-            return None  # nothing measured to call it late against, and its bytes are coming
+        got = 0 if self.progress is None else self.progress(index)
+        if got > 0:
+            # Nothing measured to judge it by, and its bytes are coming: late once its rate so far
+            # puts the whole piece past late x the horizon (age > that x got / size), and not before
+            # the horizon's first second. Whether a duplicate then pays is _sooner's question.
+            n = max(1, size(index))
+            return max(self.delay, 1.0, self.late * UNMEASURED_HORIZON * min(got, n) / n)
         return self.delay
 
     def endgame_pick(
@@ -179,7 +190,7 @@ class InFlight:
             if best is not None and (at, i) >= best:
                 continue
             late = self._late_after(i, first, size, kind_of)
-            if late is None or now < at + late or not may_send(i):  # at + late: the instant endgame_due gives
+            if now < at + late or not may_send(i):  # at + late: the instant endgame_due gives
                 continue
             mine = self.times.source(source_id, size(i))
             if self.progress is not None and (got := self.progress(i)) > 0:
@@ -240,8 +251,6 @@ class InFlight:
                 continue
             at, first = self._first(by)
             late = self._late_after(i, first, size, kind_of)
-            if late is None:
-                continue  # the next piece to arrive gives a measurement, and a pick
             # (request time, seconds after it): only a positive wait is an instant at which something changes.
             waits = [(at, late)]
             waits += [(t, own) for s, t in by.items() if (own := self.times.source(s, size(i))) is not None]

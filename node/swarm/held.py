@@ -86,16 +86,28 @@ class Held:
         h = self._held.get(manifest_id)
         if h is None:
             return None
+        before = h.have.copy()
         try:
             bits = await trio.to_thread.run_sync(self._store.bitfield, manifest_id)
             have = Bitfield.from_bytes(bits, h.piece_count)
         except (AutoglmError, ValueError):  # the store no longer knows it: nothing is left
             have = Bitfield(h.piece_count)
+        # While the store was read, a fetch of the same manifest may have verified pieces
+        # (add_piece: peers already heard Have) or a new hold may have replaced the entry:
+        # what arrived meanwhile stays held, and only the entry that was read is dropped.
+        now = self._held.get(manifest_id)
+        if now is not None:
+            for i in now.have:
+                if i not in before:
+                    have.add(i)
         if len(have) == 0:
-            del self._held[manifest_id]
-            self.envelopes.pop(manifest_id, None)
-        else:
+            if now is h:
+                del self._held[manifest_id]
+                self.envelopes.pop(manifest_id, None)
+        elif now is h or now is None:
             self._held[manifest_id] = _Manifest(h.piece_count, have)
+        else:
+            now.have = have
         self._changed()
         return ManifestState(manifest_id, h.piece_count, have.to_bytes())
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoglm.protocol._picker import MIRROR, PEER, PiecePicker, PieceState, SourceKind
+from autoglm.protocol._requests import UNMEASURED_HORIZON
 
 SIZE = 1000
 
@@ -329,8 +330,9 @@ def test_a_request_at_this_links_share_is_never_duplicated(got: int, took: float
         assert (picked == [2]) == (took * got <= (SIZE - got) * now)
 
 
-def test_with_nothing_measured_only_a_request_with_no_bytes_is_late() -> None:
-    """A node whose whole pipeline shares one slow link: every piece in flight moves slowly, none is duplicated."""
+def test_with_nothing_measured_a_trickle_is_late_and_a_moving_piece_is_not() -> None:
+    """Nothing measured for peers yet (a resumed fetch, a small model): a request with no bytes is late
+    after endgame_delay; one with bytes once its rate so far projects the piece past late x the horizon."""
     got = {0: 10, 1: 0}
     pp = PiecePicker([SIZE] * 2, endgame_delay=1.0)
     pp.progress = lambda i: got[i]
@@ -338,10 +340,29 @@ def test_with_nothing_measured_only_a_request_with_no_bytes_is_late() -> None:
         pp.add_source(sid, PEER, [0, 1])
     assert pp.pick("a", 2 * SIZE, 0.0) == [0, 1]
     assert pp.pick("b", SIZE, 0.5) == []  # younger than endgame_delay
-    assert pp.next_deadline(0.5) == 1.0  # piece 1 (no bytes) turns late then; piece 0 never by time alone
-    assert pp.pick("b", SIZE, 100.0) == [1]
-    assert pp.pick("b", SIZE, 100.0) == []  # piece 0 is moving: no duplicate
-    assert pp.next_deadline(100.0) is None
+    assert pp.next_deadline(0.5) == 1.0  # both turn late then: piece 1 has no bytes, piece 0 trickles
+    # Piece 0: 10 bytes in 100 s. Piece 1: none. Both are rescued, the older-asked first by index.
+    assert sorted(pp.pick("b", SIZE, 100.0) + pp.pick("b", SIZE, 100.0)) == [0, 1]
+    # A piece half in after 2 s projects 4 s, under 2 x UNMEASURED_HORIZON: not late until
+    # 2 x 5 x 1/2 = 5 s after its request (by then, at this rate, it is in).
+    pp2 = PiecePicker([SIZE], endgame_delay=1.0)
+    pp2.progress = lambda i: SIZE // 2
+    for sid in ("a", "b"):
+        pp2.add_source(sid, PEER, [0])
+    assert pp2.pick("a", SIZE, 0.0) == [0]
+    assert pp2.pick("b", SIZE, 2.0) == []
+    assert pp2.next_deadline(2.0) == 0.0 + 2.0 * UNMEASURED_HORIZON * 0.5
+
+
+def test_with_nothing_measured_requests_moving_alike_on_one_link_are_not_duplicated() -> None:
+    """A node whose whole pipeline shares one slow link: every piece in flight trickles alike, all past
+    the horizon; a duplicate would share the same link, so none is made."""
+    pp = PiecePicker([SIZE] * 3, endgame_delay=1.0)
+    pp.progress = lambda i: 1000 if i in (0, 1) else 0
+    for sid in ("a", "b"):
+        pp.add_source(sid, PEER, [0, 1])
+    assert pp.pick("a", 2 * SIZE, 0.0) == [0, 1]
+    assert pp.pick("b", SIZE, 100.0) == []
 
 
 @pytest.mark.parametrize(

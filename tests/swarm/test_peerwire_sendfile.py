@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,53 @@ async def test_cancel_returns_at_once_and_the_thread_lets_go(blob: tuple[Path, b
     await trio.to_thread.run_sync(drain)
     assert _fds() - before == {str(peer.fileno())}  # only the peer's socket is left
     peer.close()
+
+
+async def test_slow_readers_do_not_hold_the_send_threads(blob: tuple[Path, bytes]) -> None:
+    """Eight peers that read ~100 KiB/s (never silent long enough to be dropped) are being sent
+    pieces: a ninth peer's piece still goes out at once, since a send waiting for room in its
+    socket holds no thread (there are 8). Before, it waited for one of the slow pieces to end."""
+    path, _ = blob
+    fd = os.open(path, os.O_RDONLY)
+    stop = False
+
+    def trickle(peer: socket.socket) -> None:
+        peer.settimeout(0.5)
+        while not stop:
+            try:
+                if not peer.recv(1024):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.01)
+
+    pairs = [await _pair() for _ in range(9)]
+    try:
+        async with trio.open_nursery() as n:
+            for stream, peer in pairs[:8]:
+                n.start_soon(partial(trio.to_thread.run_sync, trickle, peer, abandon_on_cancel=True))
+                n.start_soon(_sendfile, stream.socket, fd, 0, SIZE)
+            await trio.sleep(1.0)
+            stream, peer = pairs[8]
+
+            def drain() -> int:
+                got = 0
+                while got < (1 << 20):
+                    chunk = peer.recv(1 << 20)
+                    if not chunk:
+                        break
+                    got += len(chunk)
+                return got
+
+            n.start_soon(partial(trio.to_thread.run_sync, drain, abandon_on_cancel=True))
+            with trio.move_on_after(30) as scope:
+                await _sendfile(stream.socket, fd, 0, 1 << 20)
+            assert not scope.cancelled_caught, "the fast peer's piece waited behind the slow readers"
+            stop = True
+            n.cancel_scope.cancel()
+    finally:
+        stop = True
+        os.close(fd)
+        for stream, peer in pairs:
+            await stream.aclose()
+            peer.close()
