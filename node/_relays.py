@@ -59,6 +59,7 @@ _CIRCUIT_TIMEOUT = 10.0
 _PUNCH_BUDGET = 30.0
 #: After a punch failed for a peer, streams to it go relayed at once for this long.
 _PUNCH_RETRY = 300.0
+_MAX_TRACKED = 4096  # peers remembered as relayed / hole-punched (status counts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +150,11 @@ class Relays:
         self.reserved: list[str] = []
         self.relayed_dials = 0  # libp2p connections this node opened through a relay
         self._no_punch: dict[str, float] = {}  # peer -> until when streams go relayed without a punch
+        # Peers first reached only through a relay, and those of them later reached directly (a hole
+        # punch, whichever end started it): py-libp2p's own set forgets a peer on disconnect, and
+        # misses a punch its verification step judged too early.
+        self._relayed_peers: dict[str, None] = {}
+        self._punched: dict[str, None] = {}
 
     @property
     def is_relay(self) -> bool:
@@ -163,8 +169,29 @@ class Relays:
             out["circuits_now"] = len(self._hop._active_relays)
         # py-libp2p keeps these per peer until it disconnects: peers now, not totals.
         out["hole_punch_tried"] = len(self._dcutr._hole_punch_attempts)
-        out["hole_punched"] = len(self._dcutr._direct_connections)
+        for p in list(self._relayed_peers):
+            self._note_direct(p)
+        out["hole_punched"] = len(self._punched)  # peers reached directly after a relay, since start
+        out["hole_punched_now"] = len(self._dcutr._direct_connections)
         return out
+
+    def _note_relayed(self, peer_id: str) -> None:
+        if peer_id not in self._relayed_peers and len(self._relayed_peers) < _MAX_TRACKED:
+            self._relayed_peers[peer_id] = None
+
+    def _note_direct(self, peer_id: str) -> None:
+        """``peer_id`` was relayed and now has a direct connection: count the punch (once per peer)."""
+        if peer_id in self._relayed_peers and peer_id not in self._punched and self.has_direct(peer_id):
+            if len(self._punched) < _MAX_TRACKED:
+                self._punched[peer_id] = None
+
+    def has_direct(self, peer_id: str) -> bool:
+        """Some libp2p connection we hold to ``peer_id`` does not run through a relay."""
+        try:
+            conns = self._host.get_network().get_connections(ID.from_base58(peer_id))
+        except (AttributeError, BaseLibp2pError, ValueError, KeyError):
+            return False
+        return any(not is_relayed_conn(getattr(c, "muxed_conn", c)) for c in conns)
 
     async def reserve(self, relay_peer: str) -> bool:
         """Ask a connected relay to hold a reservation for us, so peers can reach us through it."""
@@ -260,6 +287,7 @@ class Relays:
                 continue
             if dest in self._host.get_connected_peers():
                 self.relayed_dials += 1
+                self._note_relayed(peer_id)
                 log.info("connected to %s through relay %s", peer_id, relay)
                 return True
         return False
@@ -286,7 +314,9 @@ class Relays:
         it), and py-libp2p closes the relayed one after a grace period.
         """
         if not self.is_relayed(peer_id):
+            self._note_direct(peer_id)  # the peer's own attempt may have punched first
             return False
+        self._note_relayed(peer_id)
         now = trio.current_time()
         if self._no_punch.get(peer_id, 0.0) > now:
             return False
@@ -295,6 +325,7 @@ class Relays:
             while self.is_relayed(peer_id):
                 try:
                     if await self._dcutr.initiate_hole_punch(pid):
+                        self._note_direct(peer_id)
                         return True
                 except (BaseLibp2pError, OSError, ValueError) as exc:
                     log.info("hole punch to %s failed: %r", peer_id, exc)
@@ -303,6 +334,7 @@ class Relays:
                     break
                 await trio.sleep(1.0)
         if not self.is_relayed(peer_id):
+            self._note_direct(peer_id)
             return True
         if len(self._no_punch) > 4096:
             self._no_punch = {p: t for p, t in self._no_punch.items() if t > now}
