@@ -202,8 +202,8 @@ class SwarmFlights:
         if hm is None:
             return
         run = self._runs.setdefault(hm.signed.id, _Run(hm))
-        if run.running or run.wanted:
-            return  # a hold runs (its files' requests batch as usual), or ran (what it verified is kept)
+        if run.running or run.wanted.issuperset(e.path for e in hm.signed.manifest.files):
+            return  # a hold runs (its files' requests batch as usual), or the holds so far had every file
         run.running = True
         self.nursery.start_soon(self._run, run, True)
 
@@ -284,7 +284,7 @@ class SwarmFlights:
                     await run.asked.wait()
             if run.pending:
                 await self._gather(run)
-            if set(run.pending) | run.wanted != set(every):
+            if not self._asked_all(run):
                 why = "no file asked for" if not run.pending else f"{len(run.pending)} of {len(every)} file(s) asked for"
                 stood_down.append(why)
                 raise _StandDown(why)
@@ -317,10 +317,17 @@ class SwarmFlights:
         return bool(stood_down) and bool(run.pending)
 
     @staticmethod
+    def _asked_all(run: _Run) -> bool:
+        """Every file of the manifest was asked for (a file with the same bytes as one asked for counts: one flight per blob)."""
+        files = run.manifest.signed.manifest.files
+        asked = run.wanted.union(run.pending)
+        blobs = {(e.sha256, e.size) for e in files if e.path in asked}
+        return all(e.path in asked or (e.sha256, e.size) in blobs for e in files)
+
+    @staticmethod
     def _window(run: _Run) -> float:
         """How long a batch being gathered waits for the next request (see the module docstring)."""
-        asked = run.wanted.union(run.pending)
-        if all(e.path in asked for e in run.manifest.signed.manifest.files):
+        if SwarmFlights._asked_all(run):
             return BATCH_QUICK  # the whole manifest: nothing more can come
         now = trio.current_time()
         for p, t in list(run.expected.items()):

@@ -40,11 +40,11 @@ def clock() -> trio.testing.MockClock:
 def _setup(tmp: Path) -> tuple[HubManifest, RepoSnapshot, TrustPolicy]:
     key = Ed25519PrivateKey.generate()
     pub = key.public_key().public_bytes_raw()
-    sha = hashlib.sha256(b"data").digest()
-    entries = tuple(FileEntry(p, 4, sha, (Piece(0, 4, bytes(32)),)) for p in PATHS)
+    sha = {p: hashlib.sha256(p.encode()).digest() for p in PATHS}  # different bytes: one flight per file
+    entries = tuple(FileEntry(p, 4, sha[p], (Piece(0, 4, bytes(32)),)) for p in PATHS)
     signed = sign_manifest(Manifest(name=f"hf:{REPO}", version=COMMIT, created_at=1, publisher=key_id(pub), files=entries,
                                     max_piece_size=1 << 20), key)
-    files = tuple(HubFile(p, 4, "0" * 40, sha.hex()) for p in PATHS)
+    files = tuple(HubFile(p, 4, "0" * 40, sha[p].hex()) for p in PATHS)
     snap = RepoSnapshot(HubRef("hf", REPO, COMMIT), COMMIT, files, ("http://127.0.0.1:9",))
     return HubManifest(None, signed), snap, TrustPolicy(keys=frozenset({pub}))
 
