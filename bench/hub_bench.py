@@ -577,11 +577,13 @@ class Timeline:
         before = [u for t, _, _, u in self.rows if t <= done]
         after = [u for t, _, _, u in self.rows if t > done]
         stalls = []
-        for i in range(len(self.dirs)):  # the longest time a client's bytes stood still before it had them all
+        for i in range(len(self.dirs)):  # the longest time a client's bytes stood still between its first MiB and the end
             longest, since = 0.0, None
             for t, b, _, _ in self.rows:
                 if b[i] >= self.total:
                     break
+                if b[i] <= (1 << 20):
+                    continue
                 if since is None or b[i] != since[1]:
                     since = (t, b[i])
                 longest = max(longest, t - since[0])

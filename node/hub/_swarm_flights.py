@@ -36,8 +36,9 @@ docs/benchmarks.md). So the revision call *arms* the covering manifest's
 hold: the hold of every file of the manifest starts at once (announced,
 attached, its holders found: the node is a member of the manifest's swarm
 from then on), and its ``before_start`` waits for the client's requests,
-gathered as above, and (``ARM_FLEET``) for the peers in session to arm
-theirs. When they ask for every file the hold goes on as the batch; when they ask for some files only (``--include``), or for none within
+gathered as above, and for the peers in session to arm theirs (at most
+``ARM_FLEET`` seconds after the call, ``ARM_FLEET_MAX`` while another peer
+is fetching the manifest too). When they ask for every file the hold goes on as the batch; when they ask for some files only (``--include``), or for none within
 ``ARM_WAIT`` seconds, it stands down before its first request (no byte was
 fetched) and the files asked for get an ordinary hold. The files land in
 ``models--ORG--REPO/.autoglm-files/<commit>/`` (the folder the node keeps
@@ -80,7 +81,8 @@ from ._publish import (
     sidecar_path,
 )
 
-__all__ = ["ARM_FLEET", "ARM_WAIT", "BATCH_MAX", "BATCH_QUICK", "BATCH_WINDOW", "HubManifest", "SwarmFlights", "load_hub_manifests"]
+__all__ = ["ARM_FLEET", "ARM_FLEET_MAX", "ARM_WAIT", "BATCH_MAX", "BATCH_QUICK", "BATCH_WINDOW", "HubManifest", "SwarmFlights", "load_hub_manifests",
+           "swarm_fleet"]
 
 log = logging.getLogger("autoglm.node.hub._gateway")
 
@@ -89,9 +91,22 @@ BATCH_MAX = 2.0  # ... or this long after its first request
 BATCH_QUICK = 0.05  # ... or this long once every file of the manifest was asked for
 ARM_WAIT = 5.0  # an armed hold (started at the revision call) waits this long for the client's first file request
 ARM_FLEET = 2.0  # ... and, its batch gathered, until every peer in session holds the manifest, at most this long after the call
+ARM_FLEET_MAX = 5.0  # ... or this long while another peer in session is fetching it too (a fleet is starting)
 
 Hold = Callable[..., Awaitable[Any]]  # SwarmNode.hold(plan, events=...)
-Fleet = Callable[[bytes], tuple[int, int]]  # manifest id -> (peers in session that hold or fetch it, peers in session)
+# manifest id -> (peers in session fetching it, peers in session that hold or fetch it, peers in session)
+Fleet = Callable[[bytes], tuple[int, int, int]]
+
+
+def swarm_fleet(swarm: Any) -> Fleet:
+    """The :data:`Fleet` of a node's ``Swarm``: what its sessions announced."""
+
+    def fleet(mid: bytes) -> tuple[int, int, int]:
+        sessions = list(swarm.sessions.values())
+        bfs = [s.bitfield(mid) for s in sessions]
+        return sum(1 for b in bfs if b is not None and not b.complete), sum(1 for b in bfs if b is not None), len(sessions)
+
+    return fleet
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,11 +308,12 @@ class SwarmFlights:
                 # The peers this node is in session with are likely its fleet (the nodes given each other to
                 # join), their clients started with ours: wait for those to arm too, so that every node ranks
                 # the first copy over the same members from its first request (bounded: most peers of a large
-                # network never fetch this manifest).
-                while trio.current_time() < t0 + ARM_FLEET:
-                    holders, peers = self.fleet(mid)
-                    fleet = f"; {holders} of {peers} peer(s) in session hold it"
-                    if holders >= peers:
+                # network never fetch this manifest; longer once another peer fetches it too: on a loaded
+                # machine 4 clients started together resolved the revision up to 4 s apart).
+                while True:
+                    fetching, holders, peers = self.fleet(mid)
+                    fleet = f"; {holders} of {peers} peer(s) in session hold it, {fetching} fetching"
+                    if holders >= peers or trio.current_time() >= t0 + (ARM_FLEET_MAX if fetching else ARM_FLEET):
                         break
                     await trio.sleep(0.05)
             batch.update(run.pending)

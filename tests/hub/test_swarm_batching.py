@@ -19,6 +19,7 @@ from autoglm.node._plan import FetchPlan
 from autoglm.node.hub._api import HubFile, HubRef, RepoSnapshot
 from autoglm.node.hub._swarm_flights import (
     ARM_FLEET,
+    ARM_FLEET_MAX,
     ARM_WAIT,
     BATCH_MAX,
     BATCH_QUICK,
@@ -172,13 +173,17 @@ async def test_an_armed_hold_stands_down_for_a_client_that_asks_for_part_of_the_
 async def test_an_armed_hold_waits_for_the_peers_in_session_to_arm_theirs_within_a_bound(
         tmp_path: Path, clock: trio.testing.MockClock) -> None:
     asks = [(0.3 + 0.01 * i, i) for i in range(len(PATHS))]
-    # Two of the three peers hold the manifest from the start, the third arms 1.2 s after our revision call.
+    # Two of the three peers fetch the manifest from the start, the third arms 1.2 s after our revision call.
     t0 = trio.current_time()
-    t0, holds, went = await _armed(tmp_path / "a", asks, fleet=lambda mid: (2 + (trio.current_time() >= t0 + 1.2), 3))
+    t0, holds, went = await _armed(tmp_path / "a", asks,
+                                   fleet=lambda mid: (2 + (trio.current_time() >= t0 + 1.2), 2 + (trio.current_time() >= t0 + 1.2), 3))
     assert len(holds) == 1 and went[0] == pytest.approx(t0 + 1.2, abs=0.06)
-    # A peer that never fetches it: the hold goes on ARM_FLEET after the revision call.
-    t0, holds, went = await _armed(tmp_path / "b", asks, fleet=lambda mid: (2, 3))
+    # Nobody else fetches it (one peer is a seed holding all of it, one never fetches): ARM_FLEET after the call.
+    t0, holds, went = await _armed(tmp_path / "b", asks, fleet=lambda mid: (0, 1, 2))
     assert went == [pytest.approx(t0 + ARM_FLEET, abs=0.06)]
+    # Another peer fetches it too (a fleet is starting) but the third never does: ARM_FLEET_MAX after the call.
+    t0, holds, went = await _armed(tmp_path / "c", asks, fleet=lambda mid: (1, 2, 3))
+    assert went == [pytest.approx(t0 + ARM_FLEET_MAX, abs=0.06)]
     # Every peer already holds it: no wait past the batch.
-    t0, holds, went = await _armed(tmp_path / "c", asks, fleet=lambda mid: (3, 3))
+    t0, holds, went = await _armed(tmp_path / "d", asks, fleet=lambda mid: (3, 3, 3))
     assert went == [pytest.approx(t0 + asks[-1][0] + BATCH_QUICK)]
