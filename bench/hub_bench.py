@@ -510,6 +510,92 @@ def _wait_mesh(nodes: list[GatewayNode], netns: str, limit: float = 30.0) -> flo
 SWARM_ROW = "4 clients, each at its own node of a 4-node swarm (gateway, publish hf:// manifest)"
 
 
+class Timeline:
+    """Samples a swarm row every ``every`` seconds in a thread: what each client has on disk, the bytes the
+    nodes' namespace received from the upstream, and how busy the machine's CPUs were (/proc/stat).
+
+    ``summary`` says where the wall went: when the upstream had sent the repository (the swarm's first copy
+    done), when each client got its first shard byte and how much each still had to read then, and the CPU's
+    busy share before and after that point (idle CPU while clients wait means waiting on the fetch's order;
+    saturated CPU means the machine).
+    """
+
+    def __init__(self, dirs: list[Path], node_pid: int, total: int, every: float = 0.25) -> None:
+        import threading
+
+        self.dirs, self.pid, self.total, self.every = dirs, node_pid, total, every
+        self.rows: list[tuple[float, list[int], int, float]] = []  # (t, client bytes, upstream bytes, busy share)
+        self._stop = threading.Event()
+        self._rx0 = self._rx()
+        self.t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _rx(self) -> int:
+        try:
+            lines = Path(f"/proc/{self.pid}/net/dev").read_text().splitlines()[2:]
+        except OSError:
+            return 0
+        return sum(int(ln.split(":", 1)[1].split()[0]) for ln in lines if not ln.strip().startswith("lo:"))
+
+    @staticmethod
+    def _cpu() -> tuple[int, int]:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(f), f[3] + f[4]
+
+    @staticmethod
+    def _bytes(d: Path) -> int:
+        n = 0
+        for root, _, files in os.walk(d):
+            for name in files:
+                if name.endswith(".safetensors") or ".incomplete" in name or len(name) == 64:
+                    try:
+                        n += os.lstat(os.path.join(root, name)).st_size
+                    except OSError:
+                        pass
+        return n
+
+    def _run(self) -> None:
+        last = self._cpu()
+        while not self._stop.wait(self.every):
+            now = self._cpu()
+            busy = 1 - (now[1] - last[1]) / max(now[0] - last[0], 1)
+            last = now
+            self.rows.append((time.monotonic() - self.t0, [self._bytes(d) for d in self.dirs], self._rx() - self._rx0, busy))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def summary(self) -> str:
+        if not self.rows:
+            return "no samples"
+        done = next((t for t, _, up, _ in self.rows if up >= self.total), self.rows[-1][0])
+        first = [next((t for t, b, _, _ in self.rows if b[i] > (1 << 20)), float("nan")) for i in range(len(self.dirs))]
+        at_done = next(b for t, b, _, _ in self.rows if t >= done)
+        left = [max(self.total - x, 0) for x in at_done]
+        before = [u for t, _, _, u in self.rows if t <= done]
+        after = [u for t, _, _, u in self.rows if t > done]
+        stalls = []
+        for i in range(len(self.dirs)):  # the longest time a client's bytes stood still between its first MiB and the end
+            longest, since = 0.0, None
+            for t, b, _, _ in self.rows:
+                if b[i] >= self.total:
+                    break
+                if b[i] <= (1 << 20):
+                    continue
+                if since is None or b[i] != since[1]:
+                    since = (t, b[i])
+                longest = max(longest, t - since[0])
+            stalls.append(round(longest, 1))
+        def avg(xs: list[float]) -> str:
+            return f"{100 * sum(xs) / len(xs):.0f} %" if xs else "n/a"
+        half = [next((round(t, 1) for t, b, _, _ in self.rows if b[i] >= self.total // 2), float("nan")) for i in range(len(self.dirs))]
+        return (f"upstream sent the repository {done:.1f} s after the clients started; clients' first MiB at "
+                f"{[round(x, 1) for x in first]} s, half at {half} s; left to read then: {[fmt_bytes(x) for x in left]}; "
+                f"longest stall per client {stalls} s; CPU busy {avg(before)} until then, {avg(after)} after")
+
+
 def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int, *, rows: str = "1,4,swarm",
                        compare: Path | None = None) -> tuple[list[list[str]], dict[str, Any]]:
     """(e): 1 and 4 clients straight at the capped upstream; 4 clients each at its own node of a 4-node swarm.
@@ -545,6 +631,7 @@ def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int, *, ro
     for rep in range(reps):
         for name, clients, via, cmd in cases:
             nodes: list[GatewayNode] = []
+            timeline: Timeline | None = None
             extra = ["--hf-manifest", str(manifest), "--trust", str(key)]
             try:
                 if via:
@@ -560,9 +647,13 @@ def swarm_gateway_rows(tools: Tools, local: HubNginx, reps: int, cap: int, *, ro
                 urls = [g.url for g in nodes] if via else [up.url()] * clients
                 dirs = [tools.fresh("hf-download") for _ in range(clients)]
                 mark = up.mark()
+                timeline = Timeline(dirs, nodes[0].proc.pid, total) if via else None
                 results = measure_many([_hf_download(d, u) for d, u in zip(dirs, urls, strict=True)], timeout=TIMEOUT,
                                        env=tools.env(up.url()), netns=net.node_ns)
             finally:
+                if via and timeline is not None:
+                    timeline.stop()
+                    log(f"(e) timeline: {timeline.summary()}")
                 for g in nodes:
                     g.stop(keep=True)
             served = up.settle(mark)

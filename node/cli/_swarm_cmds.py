@@ -289,11 +289,12 @@ def cmd_join(args: argparse.Namespace) -> int:
 
                     from autoglm.node._metrics import watch_gateway
                     from autoglm.node.hub._gateway import serve_gateway
+                    from autoglm.node.hub._swarm_flights import swarm_fleet
 
                     nm = node.metrics  # the gateway's hub bytes and served bytes in /metrics
                     hub_events = None if nm is None else partial(nm.observe, as_kind="hub")
                     gw = await nursery.start(partial(serve_gateway, node.node.store, gateway, hold=node.hold, names=node,
-                                                     on_event=hub_events))
+                                                     on_event=hub_events, fleet=swarm_fleet(node.swarm)))
                     if nm is not None:
                         watch_gateway(nm, gw.stats)
                     extra["hf_gateway"] = f"http://{gw.address[0]}:{gw.address[1]}"

@@ -145,6 +145,10 @@ class SwarmFeed(Protocol):
         """A client asked HEAD for ``f`` (its GET will likely follow)."""
         ...
 
+    def arm(self, snap: RepoSnapshot) -> None:
+        """A client resolved the revision (``snapshot_download``): its file requests will follow."""
+        ...
+
     async def cover(self, snap: RepoSnapshot) -> Any:
         """What covers the snapshot's commit (a trusted manifest) or None; waits a bounded time."""
         ...

@@ -66,7 +66,7 @@ from ._fetch import PIECE_SIZE
 from ._flights import Flights, FlightSettings
 from ._gwhttp import Abort, ClientBudgets, ClientStats, HttpServer, Reply
 from ._names import NameCovers, NameSource
-from ._swarm_flights import Hold, HubManifest, SwarmFlights
+from ._swarm_flights import Fleet, Hold, HubManifest, SwarmFlights
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -151,11 +151,12 @@ class Gateway:
     ``hold`` is the node's swarm fetch (``SwarmNode.hold``), needed for ``config.manifests``;
     ``names`` the node's name records (the ``SwarmNode``): with ``hold`` and trusted keys, the
     record ``hf:ORG/REPO`` finds covering manifests too; ``on_event`` gets the hub flights'
-    engine events (the node's metrics).
+    engine events (the node's metrics); ``fleet`` says how many peers in session hold a manifest
+    (an armed swarm hold waits a little for them: ``_swarm_flights``).
     """
 
     def __init__(self, store: Store, config: GatewayConfig, *, hold: Hold | None = None, names: NameSource | None = None,
-                 on_event: Callable[[str, Event], None] | None = None) -> None:
+                 on_event: Callable[[str, Event], None] | None = None, fleet: Fleet | None = None) -> None:
         self.store = store
         self.config = config
         self.cache_dir = config.cache_dir or hub_cache_dir()
@@ -164,6 +165,7 @@ class Gateway:
         self.address: tuple[str, int] = (config.host, config.port)
         self.flights: Flights | None = None
         self._hold = hold
+        self._fleet = fleet
         self._names = names
         self.name_covers: NameCovers | None = None
         self._on_event = on_event
@@ -196,7 +198,8 @@ class Gateway:
             if (cfg.manifests or self.name_covers is not None) and self._hold is not None:
                 self.flights.swarm = SwarmFlights(cfg.manifests, self._hold, cache_dir=self.cache_dir,
                                                   trust=trust, endpoints=cfg.endpoints, token=cfg.token, nursery=nursery,
-                                                  fall_back=self.flights.fall_back, names=self.name_covers)
+                                                  fall_back=self.flights.fall_back, names=self.name_covers,
+                                                  fleet=self._fleet)
             await nursery.start(trio.serve_listeners, self._http.client, listeners)
             try:
                 await self._probe_loops()
@@ -269,6 +272,12 @@ class Gateway:
             await reply.answer(404, {"error": "not found"})
             return
         snap = await self.flights.snapshot(repo, rest[1])
+        prefix = "/".join(rest[2:]).strip("/")
+        recursive = query.get("recursive", "false").lower() in ("true", "1")
+        if self.flights.swarm is not None and (rest[0] == "revision" or (recursive and not prefix)):
+            # snapshot_download's first call (model info; the whole tree when it names a commit): its file
+            # requests follow, so a covering manifest's hold starts now (armed: _swarm_flights)
+            self.flights.swarm.arm(snap)
         if rest[0] == "revision":
             await reply.answer(200, {
                 "_id": snap.commit[:24], "id": repo, "modelId": repo, "sha": snap.commit, "private": False, "gated": False,
@@ -276,8 +285,6 @@ class Gateway:
                 "siblings": [{"rfilename": f.path} for f in snap.files],
             }, [("X-Repo-Commit", snap.commit)])
             return
-        prefix = "/".join(rest[2:]).strip("/")
-        recursive = query.get("recursive", "false").lower() in ("true", "1")
         await reply.answer(200, _tree(snap.files, prefix, recursive), [("X-Repo-Commit", snap.commit)])
 
     async def _resolve(self, reply: Reply, repo: str, rev: str, path: str, headers: dict[str, str]) -> None:
@@ -391,10 +398,11 @@ def _tree(files: Sequence[HubFile], prefix: str, recursive: bool) -> list[dict[s
 
 async def serve_gateway(
     store: Store, config: GatewayConfig, *, hold: Hold | None = None, names: NameSource | None = None,
-    on_event: Callable[[str, Event], None] | None = None, task_status: TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
+    on_event: Callable[[str, Event], None] | None = None, fleet: Fleet | None = None,
+    task_status: TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a gateway until cancelled; reports the :class:`Gateway` (its ``address`` bound) once listening."""
-    gw = Gateway(store, config, hold=hold, names=names, on_event=on_event)
+    gw = Gateway(store, config, hold=hold, names=names, on_event=on_event, fleet=fleet)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(gw.serve)

@@ -297,3 +297,50 @@ async def test_gateway_finds_the_covering_manifest_through_the_signed_name_recor
     blob = tmp_path / "gwnode" / "hf-home" / "hub" / FOLDER / "blobs" / hashlib.sha256(files[BIG]).hexdigest()
     seeded = tmp_path / "gwnode" / "hf-home" / "hub" / FOLDER / ".autoglm-files" / commit / BIG
     assert blob.read_bytes() == files[BIG] and blob.stat().st_ino == seeded.stat().st_ino
+
+
+async def test_the_revision_call_arms_the_swarm_hold_and_a_partial_download_fetches_only_what_it_asked_for(
+        hub: Hub, tmp_path: Path) -> None:
+    """The real huggingface_hub at a gateway node whose manifest covers the commit (the Hub its web seed).
+
+    ``snapshot_download(allow_patterns=...)`` resolves the revision (which arms the hold of every file) and
+    asks for one file: the armed hold stands down before any request and the node fetches that file only.
+    Then a whole ``snapshot_download``: the armed hold goes on as the client's batch, one swarm fetch.
+    """
+    from tests.swarm.harness import processes, start_node
+
+    files = {**hub.files, BIG: save({"w": np.random.default_rng(7).integers(0, 255, size=(3 << 20) // 4, dtype=np.int32)})}
+    commit = hub.server.add_commit(REPO, files)
+    env = clean_env(tmp_path, HF_ENDPOINT=hub.url)
+    await run_cli(["--data-dir", str(tmp_path / "pub"), "keygen", "--out", str(tmp_path / "key")], env)
+    await run_cli(["--data-dir", str(tmp_path / "pub"), "publish", f"hf://{REPO}@main", "--key", str(tmp_path / "key"),
+                   "--cache-dir", str(tmp_path / "pubcache"), "--out", str(tmp_path / "m.agm"), "--max-piece", "1MiB",
+                   "--json"], env)
+    pub = {"manifest": tmp_path / "m.agm", "key": tmp_path / "key.pub"}
+    seeded = tmp_path / "gwnode" / "hf-home" / "hub" / FOLDER / ".autoglm-files" / commit
+
+    def run() -> tuple[str, list[str], str, str]:
+        with processes() as procs:
+            n = start_node(procs, tmp_path, "n", pub, seed=False, env=clean_env(tmp_path / "gwnode", HF_ENDPOINT=hub.url),
+                           extra=["--hf-gateway", "127.0.0.1:0", "--hf-manifest", str(pub["manifest"])])
+            url = n.event("ready", 10)["hf_gateway"]
+            part = _client("from huggingface_hub import snapshot_download\n"
+                           f"print(snapshot_download({REPO!r}, allow_patterns=['config.json']))\n",
+                           clean_env(tmp_path / "client-part", HF_ENDPOINT=url))
+            held = sorted(str(p.relative_to(seeded)) for p in seeded.rglob("*") if p.is_file())
+            log_part = n.stderr_tail(1 << 24)
+            whole = _client(_snapshot_code(REPO), clean_env(tmp_path / "client", HF_ENDPOINT=url))
+            return part, held, log_part, whole + "\n" + n.stderr_tail(1 << 24)
+
+    part, held, log_part, out = await trio.to_thread.run_sync(run)
+    whole, log = out.split("\n", 1)
+    assert (Path(part) / "config.json").read_bytes() == files["config.json"]
+    assert not (Path(part) / BIG).exists()
+    assert held == ["config.json"], held  # the node fetched the file asked for, not the manifest's other files
+    assert "the armed hold stood down before any request (1 of" in log_part, log_part[-3000:]
+    for path, data in files.items():
+        assert (Path(whole) / path).read_bytes() == data, path
+    # The whole download: the armed hold went on with the client's files (one swarm fetch for all of them).
+    assert re.search(r"\d+ file\(s\) from the swarm \(.*the hold armed [\d.]+ s before", log), log[-3000:]
+    # holds: the partial download's armed one (stood down) and its own, then the whole download's armed one
+    assert log.count("fetch of hf:") == 3, log[-3000:]

@@ -18,6 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from autoglm.node._plan import FetchPlan
 from autoglm.node.hub._api import HubFile, HubRef, RepoSnapshot
 from autoglm.node.hub._swarm_flights import (
+    ARM_FLEET,
+    ARM_FLEET_MAX,
+    ARM_WAIT,
     BATCH_MAX,
     BATCH_QUICK,
     BATCH_WINDOW,
@@ -38,11 +41,11 @@ def clock() -> trio.testing.MockClock:
 def _setup(tmp: Path) -> tuple[HubManifest, RepoSnapshot, TrustPolicy]:
     key = Ed25519PrivateKey.generate()
     pub = key.public_key().public_bytes_raw()
-    sha = hashlib.sha256(b"data").digest()
-    entries = tuple(FileEntry(p, 4, sha, (Piece(0, 4, bytes(32)),)) for p in PATHS)
+    sha = {p: hashlib.sha256(p.encode()).digest() for p in PATHS}  # different bytes: one flight per file
+    entries = tuple(FileEntry(p, 4, sha[p], (Piece(0, 4, bytes(32)),)) for p in PATHS)
     signed = sign_manifest(Manifest(name=f"hf:{REPO}", version=COMMIT, created_at=1, publisher=key_id(pub), files=entries,
                                     max_piece_size=1 << 20), key)
-    files = tuple(HubFile(p, 4, "0" * 40, sha.hex()) for p in PATHS)
+    files = tuple(HubFile(p, 4, "0" * 40, sha[p].hex()) for p in PATHS)
     snap = RepoSnapshot(HubRef("hf", REPO, COMMIT), COMMIT, files, ("http://127.0.0.1:9",))
     return HubManifest(None, signed), snap, TrustPolicy(keys=frozenset({pub}))
 
@@ -110,3 +113,77 @@ async def test_a_file_asked_head_for_is_waited_for_past_the_window(tmp_path: Pat
     t0, holds = await _scenario(tmp_path / "b", [gap] * 3, heads=5)
     assert len(holds) == 1 and set(holds[0][1]) == set(PATHS[:4])
     assert holds[0][0] == pytest.approx(t0 + BATCH_MAX)
+
+
+async def _armed(tmp: Path, asks: list[tuple[float, int]], fleet: Any = None,
+                 ) -> tuple[float, list[tuple[float, tuple[str, ...], bool]], list[float]]:
+    """A revision call arms the hold at t0; then GETs for PATHS[i] at (seconds after t0, i).
+
+    Returns t0, the holds started (when, files, armed) and when each armed hold went on past ``before_start``.
+    """
+    hm, snap, trust = _setup(tmp)
+    holds: list[tuple[float, tuple[str, ...], bool]] = []
+    went: list[float] = []
+
+    async def hold(plan: FetchPlan, *, events: trio.MemorySendChannel[Any], before_start: Any = None) -> None:
+        holds.append((trio.current_time(), plan.files, before_start is not None))
+        async with events:
+            if before_start is not None:
+                await before_start(b"m" * 32)  # what SwarmNode.hold does once the manifest is attached, before any request
+                went.append(trio.current_time())
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        sf = SwarmFlights([hm], hold, cache_dir=tmp, trust=trust, endpoints=snap.endpoints, token=None,
+                          nursery=nursery, fall_back=lambda *a: None, fleet=fleet)
+        t0 = trio.current_time()
+        sf.arm(snap)
+        for at, i in asks:
+            await trio.sleep_until(t0 + at)
+            assert sf.take(snap, snap.files[i], tmp / "repo", hm) is not None
+        await trio.sleep(ARM_WAIT + BATCH_MAX + 1.0)
+        nursery.cancel_scope.cancel()
+    return t0, holds, went
+
+
+async def test_the_revision_call_starts_the_hold_of_the_whole_manifest_and_the_clients_requests_let_it_go_on(
+        tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    # snapshot_download: the revision call, then (0.7 s later) a GET for every file. The hold of every file
+    # started at the call (the node is a member of the swarm from then on) and goes on once the last GET is in.
+    asks = [(0.7 + 0.01 * i, i) for i in range(len(PATHS))]
+    t0, holds, went = await _armed(tmp_path / "a", asks)
+    assert holds == [(t0, tuple(sorted(PATHS)), True)]
+    assert went == [pytest.approx(t0 + asks[-1][0] + BATCH_QUICK)]
+
+
+async def test_an_armed_hold_stands_down_for_a_client_that_asks_for_part_of_the_manifest_or_nothing(
+        tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    # hf download --include: three files only. The armed hold (every file) never goes on; those three get
+    # their own hold at once, so the node fetches nothing it was not asked for.
+    asks = [(0.5, 0), (0.52, 1), (0.54, 2)]
+    t0, holds, went = await _armed(tmp_path / "a", asks)
+    assert went == [] and len(holds) == 2
+    assert holds[0] == (t0, tuple(sorted(PATHS)), True)
+    assert holds[1] == (pytest.approx(t0 + 0.54 + BATCH_WINDOW), tuple(PATHS[:3]), False)
+    # No request at all (the client only asked for the model info): the armed hold ends ARM_WAIT later.
+    t0, holds, went = await _armed(tmp_path / "b", [])
+    assert went == [] and holds == [(t0, tuple(sorted(PATHS)), True)]
+
+
+async def test_an_armed_hold_waits_for_the_peers_in_session_to_arm_theirs_within_a_bound(
+        tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    asks = [(0.3 + 0.01 * i, i) for i in range(len(PATHS))]
+    # Two of the three peers fetch the manifest from the start, the third arms 1.2 s after our revision call.
+    t0 = trio.current_time()
+    t0, holds, went = await _armed(tmp_path / "a", asks,
+                                   fleet=lambda mid: (2 + (trio.current_time() >= t0 + 1.2), 2 + (trio.current_time() >= t0 + 1.2), 3))
+    assert len(holds) == 1 and went[0] == pytest.approx(t0 + 1.2, abs=0.06)
+    # Nobody else fetches it (one peer is a seed holding all of it, one never fetches): ARM_FLEET after the call.
+    t0, holds, went = await _armed(tmp_path / "b", asks, fleet=lambda mid: (0, 1, 2))
+    assert went == [pytest.approx(t0 + ARM_FLEET, abs=0.06)]
+    # Another peer fetches it too (a fleet is starting) but the third never does: ARM_FLEET_MAX after the call.
+    t0, holds, went = await _armed(tmp_path / "c", asks, fleet=lambda mid: (1, 2, 3))
+    assert went == [pytest.approx(t0 + ARM_FLEET_MAX, abs=0.06)]
+    # Every peer already holds it: no wait past the batch.
+    t0, holds, went = await _armed(tmp_path / "d", asks, fleet=lambda mid: (3, 3, 3))
+    assert went == [pytest.approx(t0 + asks[-1][0] + BATCH_QUICK)]
