@@ -226,8 +226,8 @@ class SwarmFlights:
         """A client asked HEAD for ``f``: its GET will likely follow, so a hold being gathered waits for it."""
         hm = self.manifests.get((snap.ref.repo, snap.commit)) or next(
             (m for m in self._by_name.values() if (m.repo, m.commit) == (snap.ref.repo, snap.commit)), None)
-        if hm is None:
-            return
+        if hm is None or all(e.path != f.path for e in hm.signed.manifest.files):
+            return  # a file outside the manifest goes to the hub: no batch waits for it
         run = self._runs.setdefault(hm.signed.id, _Run(hm))
         if f.path not in run.wanted and f.path not in run.pending and len(run.expected) < 4096:
             run.expected[f.path] = trio.current_time()

@@ -50,10 +50,12 @@ def _setup(tmp: Path) -> tuple[HubManifest, RepoSnapshot, TrustPolicy]:
     return HubManifest(None, signed), snap, TrustPolicy(keys=frozenset({pub}))
 
 
-async def _scenario(tmp: Path, gaps: list[float], heads: int = 0) -> tuple[float, list[tuple[float, tuple[str, ...]]]]:
+async def _scenario(tmp: Path, gaps: list[float], heads: int = 0, foreign_heads: int = 0,
+                    ) -> tuple[float, list[tuple[float, tuple[str, ...]]]]:
     """Requests for PATHS[0], PATHS[1], ... with ``gaps`` seconds between them; the holds started (the first runs on).
 
-    ``heads``: first, HEAD requests for PATHS[:heads] (``hf_hub_download`` asks HEAD before GET).
+    ``heads``: first, HEAD requests for PATHS[:heads] (``hf_hub_download`` asks HEAD before GET);
+    ``foreign_heads``: HEAD requests for files the manifest does not have (they go to the hub).
     """
     hm, snap, trust = _setup(tmp)
     holds: list[tuple[float, tuple[str, ...]]] = []
@@ -68,6 +70,8 @@ async def _scenario(tmp: Path, gaps: list[float], heads: int = 0) -> tuple[float
                           nursery=nursery, fall_back=lambda *a: None)
         for f in snap.files[:heads]:
             sf.expect(snap, f)
+        for k in range(foreign_heads):
+            sf.expect(snap, HubFile(f"not-in-manifest-{k}.md", 4, "1" * 40, None))
         t0 = trio.current_time()
         for i, gap in enumerate([0.0, *gaps]):
             await trio.sleep(gap)
@@ -113,6 +117,9 @@ async def test_a_file_asked_head_for_is_waited_for_past_the_window(tmp_path: Pat
     t0, holds = await _scenario(tmp_path / "b", [gap] * 3, heads=5)
     assert len(holds) == 1 and set(holds[0][1]) == set(PATHS[:4])
     assert holds[0][0] == pytest.approx(t0 + BATCH_MAX)
+    # HEADs for files outside the manifest (served by the hub, never a swarm GET): nothing waits for them.
+    t0, holds = await _scenario(tmp_path / "c", [gap] * 3, foreign_heads=3)
+    assert len(holds) == 1 and holds[0][0] == pytest.approx(t0 + 3 * gap + BATCH_WINDOW)
 
 
 async def _armed(tmp: Path, asks: list[tuple[float, int]], fleet: Any = None,
