@@ -22,6 +22,9 @@ the sandbox gate, the atomic switch. A staged record (``rollout`` below
 follower offline for several versions resolves the newest record and jumps
 straight to it. The last sequence number handled is kept in
 ``ROOT/follow.json``, so a restart does not undo a local ``rollback``.
+With ``--hf-cache`` each version also goes into the Hugging Face cache
+layout, ``refs/<revision>`` moved after ``current`` (node/_hfversions.py:
+the Hub identity of a manifest that came by name).
 """
 
 from __future__ import annotations
