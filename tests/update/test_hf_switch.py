@@ -15,10 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +189,72 @@ def test_sigkill_after_every_step_leaves_refs_on_a_complete_snapshot(tmp_path: P
     rd = repo_dir(tmp_path / "s0" / "cache", REPO)
     blob = (rd / "snapshots" / C2 / "model.safetensors").resolve()
     assert blob.stat().st_ino == (tmp_path / "s0" / "m" / "versions" / "v2" / "model.safetensors").stat().st_ino
+
+
+_LOOP = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from autoglm.node._hfversions import HubTarget, plan_hf_switch
+    from autoglm.node._versions import VersionSet, apply_steps
+    from autoglm.node.hub._api import HubFile
+    import autoglm.node.hub._publish  # imported by the first switch: loaded before "go", not in the kill window
+    root, cache, specs, start = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+    vs = VersionSet(root)
+    print("go", flush=True)
+    i = 0
+    while True:
+        s = specs[i % 2]
+        files = tuple(HubFile(**f) for f in s["files"])
+        commit = f"{start + i:039x}{i % 2}"  # a new commit each time (a snapshot not yet there); last digit: v1/v2
+        apply_steps(plan_hf_switch(vs, s["dirname"], 2, HubTarget(cache, "acme/m", "main", commit), files))
+        i += 1
+""")
+
+
+def test_random_sigkill_while_a_reader_loads_through_refs(tmp_path: Path) -> None:
+    """A real process moves v1 -> v2 -> v1 ... with --hf-cache and is SIGKILLed at random; a reader here
+    resolves refs/main and reads the snapshot's files as huggingface_hub does: always one whole commit.
+    Each switch is to a new commit, so a ref moved before its snapshot is complete would be seen."""
+    root, cache = tmp_path / "m", tmp_path / "cache"
+    vs = VersionSet(root)
+    want = {"1": V1, "0": V2}  # by a commit's last digit
+    _version(root, "v1", V1)
+    _version(root, "v2", V2)
+    apply_steps(plan_hf_switch(vs, "v1", 2, HubTarget(cache, REPO, "main", C1), _hub_files(V1)))
+    specs = [{"dirname": d, "files": [{"path": f.path, "size": f.size, "blob_id": f.blob_id, "sha256": f.sha256}
+                                       for f in _hub_files(v)]} for d, v in (("v2", V2), ("v1", V1))]
+    rd = repo_dir(cache, REPO)
+    stop = threading.Event()
+    seen: list[str] = []
+    problems: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                commit = (rd / "refs" / "main").read_text()
+                got = {p: (rd / "snapshots" / commit / p).read_bytes() for p in V1}
+                if got != want[commit[-1]]:
+                    problems.append(f"{commit[:4]}: a file of another commit")
+                seen.append(commit)
+            except (OSError, KeyError) as exc:
+                problems.append(repr(exc))
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    rng = random.Random(41)
+    try:
+        for n in range(10):
+            p = subprocess.Popen([sys.executable, "-c", _LOOP, str(root), str(cache), json.dumps(specs), str(n << 32)],
+                                 stdout=subprocess.PIPE, text=True)
+            assert p.stdout is not None and p.stdout.readline().strip() == "go"
+            time.sleep(rng.uniform(0.05, 0.6))
+            p.send_signal(signal.SIGKILL)
+            p.wait(timeout=30)
+            ref = (rd / "refs" / "main").read_text()
+            assert snapshot_problem(rd, ref) is None
+            assert [x.name for x in (rd / "refs").iterdir()] == ["main"]
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    assert not problems, problems[:5]
+    assert len(set(seen)) > 2, "the reader never saw the switches"
