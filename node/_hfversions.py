@@ -49,7 +49,7 @@ from autoglm.protocol import SignedManifest
 if TYPE_CHECKING:
     from autoglm.node.hub._api import HubFile
 
-__all__ = ["HfCache", "HubTarget", "hub_files", "hub_target", "plan_hf_install", "plan_hf_switch"]
+__all__ = ["HfCache", "HubTarget", "hub_files", "hub_repo_of", "hub_target", "plan_hf_install", "plan_hf_switch"]
 
 _REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -123,14 +123,20 @@ def hub_target(signed: SignedManifest, hf: HfCache, vs: VersionSet) -> HubTarget
     prov = hf.provenance
     if prov is not None:
         return HubTarget(hf.cache, prov.repo, hf.revision or prov.revision, prov.commit)
-    repo = m.name.removeprefix("hf:")
-    if not m.name.startswith("hf:") or not _REPO.fullmatch(repo):
+    repo = hub_repo_of(m.name)
+    if repo is None:
         raise ConfigError(f"--hf-cache: {m.name!r} was not published from the Hub (publish hf://ORG/REPO names "
                           "it hf:ORG/REPO); give the MANIFEST with its .hub.json instead")
     if not _COMMIT.fullmatch(m.version):
         raise ConfigError(f"--hf-cache: {m.name} version {m.version!r} is not a Hub commit (40 hex digits)")
     revision = hf.revision or _last_revision(vs, repo) or "main"
     return HubTarget(hf.cache, repo, check_revision(revision), m.version)
+
+
+def hub_repo_of(name: str) -> str | None:
+    """``ORG/REPO`` of a name ``hf:ORG/REPO`` (what ``publish hf://`` names its manifests), else None."""
+    repo = name.removeprefix("hf:")
+    return repo if name.startswith("hf:") and _REPO.fullmatch(repo) else None
 
 
 def _last_revision(vs: VersionSet, repo: str) -> str | None:

@@ -259,8 +259,15 @@ def cmd_join(args: argparse.Namespace) -> int:
     from ._update_cmds import hf_cache_from_args
 
     follow_hf = hf_cache_from_args(args)
-    if follow_hf is not None and not args.follow:
-        raise ConfigError("--hf-cache goes with --follow NAME")
+    if follow_hf is not None:
+        from autoglm.node._hfversions import hub_repo_of
+
+        if not args.follow:
+            raise ConfigError("--hf-cache goes with --follow NAME")
+        for name in args.follow:
+            if hub_repo_of(name) is None:
+                raise ConfigError(f"--follow {name} --hf-cache: only a model published with publish hf:// "
+                                  "(named hf:ORG/REPO) has a place in the Hugging Face cache")
     host, _, port = args.peerwire.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--peerwire {args.peerwire!r} is not HOST:PORT")

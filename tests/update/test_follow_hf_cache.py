@@ -126,3 +126,12 @@ async def test_a_follower_with_hf_cache_moves_refs_with_each_version_and_rolls_b
         assert up["switched"] is True and up["hf_snapshot"] == str(cache / FOLDER / "snapshots" / c2)
         assert await _offline_load(tmp_path, cache) == (c2, files2[SHARD])
         assert f.p.poll() is None, f.stderr_tail()
+
+
+def test_follow_hf_cache_of_a_name_not_from_the_hub_is_refused_at_start(tmp_path: Path) -> None:
+    import subprocess
+
+    for extra in (["--follow", "t/model", "--hf-cache"], ["--hf-cache"], ["--follow", NAME, "--hf-revision", "dev"]):
+        p = subprocess.run([*CLI, "--data-dir", str(tmp_path / "n"), "join", "--json", *extra],
+                           capture_output=True, text=True, timeout=120, check=False)
+        assert p.returncode == 2 and "--hf-cache" in p.stderr, (extra, p.stderr[-2000:])
