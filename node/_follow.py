@@ -22,6 +22,9 @@ the sandbox gate, the atomic switch. A staged record (``rollout`` below
 follower offline for several versions resolves the newest record and jumps
 straight to it. The last sequence number handled is kept in
 ``ROOT/follow.json``, so a restart does not undo a local ``rollback``.
+With ``--hf-cache`` each version also goes into the Hugging Face cache
+layout, ``refs/<revision>`` moved after ``current`` (node/_hfversions.py:
+the Hub identity of a manifest that came by name).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from autoglm.node._plan import FetchPlan
-from autoglm.node._update import UpdateResult, update_to
+from autoglm.node._update import HfCache, UpdateResult, update_to
 from autoglm.node._versions import default_root
 from autoglm.node.errors import AutoglmError, ConfigError
 from autoglm.protocol import SignedManifest, TrustPolicy
@@ -62,6 +65,7 @@ class FollowConfig:
     keep: int = 2
     interval_min: float = 5.0
     interval_max: float = 60.0
+    hf_cache: HfCache | None = None  # --hf-cache: each version also into the Hugging Face cache layout
 
 
 class PollSchedule:
@@ -112,11 +116,13 @@ async def node_update(
     plan: FetchPlan | None = None,
     events: trio.MemorySendChannel[Event] | None = None,
     rollout: int = ROLLOUT_FULL,
+    hf: HfCache | None = None,
 ) -> UpdateResult:
     """The update path inside a joined node: peers first, then mirrors; gate; switch.
 
     ``rollout``: the share (ppm) of followers the name record admits; the
-    update waits only for those (protocol/_rollout.py).
+    update waits only for those (protocol/_rollout.py). ``hf``: also the
+    Hugging Face cache layout (node/_hfversions.py).
     """
     data_dir = sn.config.data_dir
     root = root or default_root(data_dir, signed.manifest.name)
@@ -135,7 +141,7 @@ async def node_update(
     async def fetch(p: FetchPlan, ev: trio.MemorySendChannel[Event] | None) -> Any:
         return await sn.hold(p, events=ev, before_start=before_start)
 
-    res = await update_to(signed, plan, root, keep, data_dir, fetch, events, sn.node.store)
+    res = await update_to(signed, plan, root, keep, data_dir, fetch, events, sn.node.store, hf)
     if res.pruned:
         await _unannounce(sn, res.pruned, root)
     return res
@@ -202,7 +208,7 @@ async def _apply(sn: SwarmNode, cfg: FollowConfig, root: Path, rec: NameRecord) 
                  cfg.name, rec.seq, rec.version, rec.rollout / 10_000)
     else:
         signed = await sn.manifest_for(rec)
-        res = await node_update(sn, signed, root, cfg.keep, rollout=rec.rollout)
+        res = await node_update(sn, signed, root, cfg.keep, rollout=rec.rollout, hf=cfg.hf_cache)
         log.info("follow %s: seq %d -> %s%s", cfg.name, rec.seq, res.current, "" if res.switched else " (already current)")
     await trio.to_thread.run_sync(_save_seen, root, rec.seq)
 
@@ -279,6 +285,7 @@ async def control_update(stream: Any, sn: SwarmNode, req: dict[str, Any]) -> Non
         if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
             raise ConfigError("update: keep is a whole number >= 0")
         root = Path(str(req["root"])) if req.get("root") else None
+        hf = HfCache.from_wire(req["hf_cache"]) if req.get("hf_cache") is not None else None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_forward, stream, recv)
             rec: NameRecord | None = None
@@ -287,10 +294,13 @@ async def control_update(stream: Any, sn: SwarmNode, req: dict[str, Any]) -> Non
                 signed = await sn.manifest_for(rec)
             else:
                 signed, _ = await load_manifest(str(req["manifest"]), trust, req.get("headers") or {})
+                if hf is not None:
+                    hf = await trio.to_thread.run_sync(_with_provenance, hf, str(req["manifest"]), signed)
             root = root or default_root(sn.config.data_dir, signed.manifest.name)
             plan = FetchPlan.from_wire({**req, "out": str(root), "manifest": "-"}, trust, signed)
             try:
-                res = await node_update(sn, signed, root, keep, plan, send, rec.rollout if rec is not None else ROLLOUT_FULL)
+                res = await node_update(sn, signed, root, keep, plan, send,
+                                        rec.rollout if rec is not None else ROLLOUT_FULL, hf)
             except BaseException:
                 await send.aclose()
                 raise
@@ -302,12 +312,24 @@ async def control_update(stream: Any, sn: SwarmNode, req: dict[str, Any]) -> Non
         await _send(stream, {"event": "error", "message": str(exc), "kind": type(exc).__name__})
 
 
+def _with_provenance(hf: HfCache, manifest: str, signed: SignedManifest) -> HfCache:
+    """A MANIFEST file with its ``.hub.json`` beside it: the checked provenance names the Hub identity. Blocking."""
+    from autoglm.node.hub._publish import load_provenance, sidecar_path
+
+    if manifest.startswith(("http://", "https://")) or not sidecar_path(Path(manifest)).is_file():
+        return hf
+    return HfCache(hf.cache, hf.revision, load_provenance(sidecar_path(Path(manifest)), signed))
+
+
 def _result_value(res: UpdateResult) -> dict[str, Any]:
-    return {
+    out = {
         "root": str(res.root), "current": res.current, "previous": res.previous, "switched": res.switched,
         "manifest_id": res.manifest_id.hex(), "bytes_by_source": res.bytes_by_source,
         "received_by_source": res.received_by_source, "pruned": res.pruned,
     }
+    if res.hf_snapshot is not None:
+        out["hf_snapshot"] = res.hf_snapshot
+    return out
 
 
 async def preheat(sn: SwarmNode, signed: SignedManifest, spec: Any) -> None:

@@ -9,8 +9,9 @@ checks every file (node/_gate.py), and only a version that passed becomes
 ``current`` (node/_versions.py). A refused version never becomes current.
 
 :func:`rollback` switches ``current`` back and, for a version installed with
-``update --hf-cache``, points the Hugging Face cache's ``refs/<revision>``
-back at that version's commit, replaced last, as an update writes it.
+``update --hf-cache`` or ``join --follow --hf-cache``, points the Hugging
+Face cache's ``refs/<revision>`` back at that version's commit, replaced
+last, as an update writes it.
 """
 
 from __future__ import annotations
@@ -25,22 +26,31 @@ from typing import TYPE_CHECKING
 import trio
 
 from autoglm.node._engine import FetchResult
+from autoglm.node._hfversions import (
+    HfCache,
+    HubTarget,
+    hub_files,
+    hub_target,
+    plan_hf_install,
+    plan_hf_switch,
+)
 from autoglm.node._plan import FetchPlan
 from autoglm.node._progress import Event
 from autoglm.node._versions import (
     HubPin,
     VersionSet,
+    apply_steps,
     forget_in_store,
     register_root,
     version_dirname,
 )
-from autoglm.node.errors import StorageError, VerificationRefused
+from autoglm.node.errors import ConfigError, StorageError, VerificationRefused
 from autoglm.protocol import SignedManifest
 
 if TYPE_CHECKING:
     from autoglm.node._store import Store
 
-__all__ = ["Fetcher", "RollbackResult", "UpdateResult", "rollback", "update_to"]
+__all__ = ["Fetcher", "HfCache", "RollbackResult", "UpdateResult", "rollback", "update_to"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,7 @@ class UpdateResult:
     bytes_by_source: dict[str, int] = field(default_factory=dict)
     received_by_source: dict[str, int] = field(default_factory=dict)
     pruned: list[str] = field(default_factory=list)
+    hf_snapshot: str | None = None  # with --hf-cache: snapshots/<commit> that refs/<revision> names now
 
 
 def _gate(path: Path, data_dir: Path) -> None:
@@ -83,37 +94,77 @@ async def update_to(
     fetch: Fetcher,
     events: trio.MemorySendChannel[Event] | None = None,
     store: Store | None = None,
+    hf: HfCache | None = None,
 ) -> UpdateResult:
     """Fetch ``signed`` (the plan's manifest) as a new version under ``root`` and switch to it.
 
     ``plan.out`` is replaced by the version's own directory. ``events`` is
     closed at the end, as a fetch closes it. With ``store``, the store
     forgets the copies of versions pruned here (so a later local copy never
-    looks for a piece in a removed directory).
+    looks for a piece in a removed directory). With ``hf`` the version also
+    goes into the Hugging Face cache layout (node/_hfversions.py): blobs and
+    snapshot before ``current`` moves, ``refs/<revision>`` after it; a
+    version already current is (re)installed there.
     """
     vs = VersionSet(root)
     m = signed.manifest
     dirname = version_dirname(m.version, signed.id)
     target = vs.path_for(dirname)
+    hub = hub_target(signed, hf, vs) if hf is not None else None  # a ConfigError here fetches nothing
     with vs.locked():
         previous = await trio.to_thread.run_sync(vs.current)
         if previous == dirname:
             if events is not None:
                 await events.aclose()
-            return UpdateResult(root, dirname, previous, False, signed.id)
+            if hf is None or hub is None:
+                return UpdateResult(root, dirname, previous, False, signed.id)
+            await trio.to_thread.run_sync(_install_current, vs, dirname, signed, hf, hub)
+            return UpdateResult(root, dirname, previous, False, signed.id, hf_snapshot=_snapshot(hub))
         await trio.to_thread.run_sync(lambda: target.mkdir(parents=True, exist_ok=True))
         await trio.to_thread.run_sync(register_root, data_dir, root)
         res = await fetch(dataclasses.replace(plan, manifest=signed, out=target), events)
         await trio.to_thread.run_sync(_gate, target, data_dir)
         before = {e.dirname for e in await trio.to_thread.run_sync(vs.entries)}
-        await trio.to_thread.run_sync(vs.switch, dirname, keep, lambda dirs: forget_in_store(data_dir, dirs))
+
+        def forget(dirs: list[Path]) -> None:
+            forget_in_store(data_dir, dirs)
+
+        if hf is None or hub is None:
+            await trio.to_thread.run_sync(vs.switch, dirname, keep, forget)
+        else:
+            await trio.to_thread.run_sync(_switch_with_hub, vs, dirname, keep, signed, hf, hub, forget)
         after = {e.dirname for e in await trio.to_thread.run_sync(vs.entries)}
     pruned = sorted(before - after)
     if pruned and store is not None:
         await trio.to_thread.run_sync(lambda: store.gc())
-    log.info("%s: now %s (was %s)%s", root, dirname, previous, f"; removed {', '.join(pruned)}" if pruned else "")
+    log.info("%s: now %s (was %s)%s%s", root, dirname, previous, f"; removed {', '.join(pruned)}" if pruned else "",
+             "" if hub is None else f"; {hub.repo_dir}/refs/{hub.revision} -> {hub.commit}")
     return UpdateResult(root, dirname, previous, True, signed.id, dict(res.bytes_by_source),
-                        dict(res.received_by_source), pruned)
+                        dict(res.received_by_source), pruned, None if hub is None else _snapshot(hub))
+
+
+def _snapshot(hub: HubTarget) -> str:
+    return str(hub.repo_dir / "snapshots" / hub.commit)
+
+
+def _switch_with_hub(vs: VersionSet, dirname: str, keep: int, signed: SignedManifest, hf: HfCache, hub: HubTarget,
+                     forget: Callable[[list[Path]], None]) -> None:
+    """Blocking: the version's Hub identity, then pin, cache blobs and snapshot, ``current``, ``refs/`` (in order)."""
+    if keep < 0:
+        raise ConfigError("--keep is 0 or more")
+    files = hub_files(signed, hf, vs.path_for(dirname))
+    try:
+        apply_steps(plan_hf_switch(vs, dirname, keep, hub, files, forget))
+    except OSError as exc:
+        raise StorageError(f"cannot switch {vs.root}/current: {exc.strerror}") from exc
+
+
+def _install_current(vs: VersionSet, dirname: str, signed: SignedManifest, hf: HfCache, hub: HubTarget) -> None:
+    """Blocking: the version already current goes into the cache (pin, blobs, tree, snapshot, ref)."""
+    files = hub_files(signed, hf, vs.path_for(dirname))
+    before, ref = plan_hf_install(hub, files, vs.path_for(dirname))
+    vs.pin_hub(dirname, hub.pin)
+    apply_steps([*before, ref])
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,6 +73,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument("--follow-keep", type=int, default=2, metavar="K", help="earlier versions kept for rollback (default 2)")
     g.add_argument("--follow-interval", type=float, default=60.0, metavar="SECONDS",
                    help="longest wait between two DHT polls (backoff from 5 s; default 60); a push from a peer is at once")
+    from ._update_cmds import add_hf_cache_args
+
+    add_hf_cache_args(g, "each followed version")
     add_trust_args(p)
     p.set_defaults(func=cmd_join)
 
@@ -253,6 +256,18 @@ def cmd_join(args: argparse.Namespace) -> int:
     from autoglm.node._swarm_node import JoinConfig, open_swarm_node
     from autoglm.node.swarm import Announced, PeerBanned, SwarmConfig, SwarmEvent
 
+    from ._update_cmds import hf_cache_from_args
+
+    follow_hf = hf_cache_from_args(args)
+    if follow_hf is not None:
+        from autoglm.node._hfversions import hub_repo_of
+
+        if not args.follow:
+            raise ConfigError("--hf-cache goes with --follow NAME")
+        for name in args.follow:
+            if hub_repo_of(name) is None:
+                raise ConfigError(f"--follow {name} --hf-cache: only a model published with publish hf:// "
+                                  "(named hf:ORG/REPO) has a place in the Hugging Face cache")
     host, _, port = args.peerwire.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--peerwire {args.peerwire!r} is not HOST:PORT")
@@ -320,7 +335,7 @@ def cmd_join(args: argparse.Namespace) -> int:
 
                     for name in args.follow:
                         cfg = FollowConfig(name, keep=args.follow_keep, interval_min=min(5.0, args.follow_interval),
-                                           interval_max=args.follow_interval)
+                                           interval_max=args.follow_interval, hf_cache=follow_hf)
                         await nursery.start(follow, node, cfg)
                 async for sig in signals:
                     if sig == signal.SIGHUP:

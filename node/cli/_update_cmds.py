@@ -13,7 +13,7 @@ from ._common import console, err_console, errors_reported, human_bytes, print_j
 from ._manifest_cmds import add_trust_args, trust_from_args
 from ._progress_view import FetchView as _Renderer
 
-__all__ = ["register"]
+__all__ = ["add_hf_cache_args", "hf_cache_from_args", "register"]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,12 +30,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--mirror", action="append", default=[], metavar="URL", help="mirror base URL (repeatable)")
     p.add_argument("--standalone", action="store_true", help="do not hand the update to a running node (MANIFEST only)")
     p.add_argument("--json", action="store_true", help="JSON lines: progress, then an 'updated' summary")
-    p.add_argument("--hf-cache", action="store_true",
-                   help="also write the Hugging Face cache layout (a MANIFEST published from hf://, its .hub.json "
-                   "beside it): blobs are hard links to the new version's files, then refs/<revision> is replaced "
-                   "with one rename(2), as `fetch --hf-cache` does")
-    p.add_argument("--cache-dir", type=Path, metavar="DIR",
-                   help="with --hf-cache: the Hugging Face cache (default: HF_HUB_CACHE, or HF_HOME/hub)")
+    add_hf_cache_args(p)
     add_trust_args(p)
     p.set_defaults(func=cmd_update)
 
@@ -51,6 +46,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--versions-dir", type=Path, metavar="DIR", help="where the versions live (default DATA_DIR/models/<NAME>)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_versions)
+
+
+def add_hf_cache_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "the new version") -> None:
+    """``--hf-cache``, ``--cache-dir``, ``--hf-revision`` (update, and join --follow)."""
+    p.add_argument("--hf-cache", action="store_true",
+                   help=f"also put {what} into the Hugging Face cache layout (a model published with publish hf://, "
+                   "by NAME hf:ORG/REPO or a MANIFEST with its .hub.json): blobs are hard links to the version's "
+                   "files, then refs/<revision> is replaced with one rename(2) after current (docs/huggingface.md)")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR",
+                   help="with --hf-cache: the Hugging Face cache (default: HF_HUB_CACHE, or HF_HOME/hub)")
+    p.add_argument("--hf-revision", metavar="REV",
+                   help="with --hf-cache: the ref to move (default: the .hub.json's revision, else the one this "
+                   "versions directory last moved, else main)")
+
+
+def hf_cache_from_args(args: argparse.Namespace) -> Any:
+    """The ``HfCache`` the --hf-cache arguments ask for, or None."""
+    if not args.hf_cache:
+        if args.cache_dir is not None or args.hf_revision is not None:
+            raise ConfigError("--cache-dir and --hf-revision go with --hf-cache")
+        return None
+    from autoglm.node._hfversions import HfCache, check_revision
+    from autoglm.node.hub._cache import hub_cache_dir
+
+    rev = check_revision(args.hf_revision) if args.hf_revision is not None else None
+    return HfCache((args.cache_dir or hub_cache_dir()).expanduser().resolve(), rev)
 
 
 def _root(args: argparse.Namespace, name: str) -> Path:
@@ -75,6 +96,9 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         req["name"] = args.target
     if args.versions_dir:
         req["root"] = str(Path(args.versions_dir).resolve())
+    hf = hf_cache_from_args(args)
+    if hf is not None:
+        req["hf_cache"] = hf.to_wire()
     return req
 
 
@@ -87,7 +111,7 @@ def _update_here(args: argparse.Namespace, renderer: _Renderer) -> dict[str, Any
     import trio
 
     from autoglm.node._engine import collapse_group
-    from autoglm.node._follow import _result_value
+    from autoglm.node._follow import _result_value, _with_provenance
     from autoglm.node._plan import FetchPlan
     from autoglm.node._progress import Event
     from autoglm.node._update import update_to
@@ -103,6 +127,9 @@ def _update_here(args: argparse.Namespace, renderer: _Renderer) -> dict[str, Any
     async def main() -> dict[str, Any]:
         signed, manifest = await load_manifest(args.target, trust, {})
         root = _root(args, manifest.name)
+        hf = hf_cache_from_args(args)
+        if hf is not None:
+            hf = await trio.to_thread.run_sync(_with_provenance, hf, args.target, signed)
         send, recv = trio.open_memory_channel[Event](256)
         async with open_node(NodeConfig(args.data_dir)) as node, trio.open_nursery() as nursery:
 
@@ -118,7 +145,7 @@ def _update_here(args: argparse.Namespace, renderer: _Renderer) -> dict[str, Any
                 return await node.run_fetch(p, events=ev)
 
             try:
-                res = await update_to(signed, plan, root, args.keep, Path(args.data_dir), fetch, send, node.store)
+                res = await update_to(signed, plan, root, args.keep, Path(args.data_dir), fetch, send, node.store, hf)
             except BaseException:
                 await send.aclose()
                 raise
@@ -128,37 +155,6 @@ def _update_here(args: argparse.Namespace, renderer: _Renderer) -> dict[str, Any
         return trio.run(main)
     except BaseExceptionGroup as eg:
         raise collapse_group(eg) from None
-
-
-def _hf_cache_state(args: argparse.Namespace) -> tuple[Path, Any]:
-    """``update --hf-cache``: the cache folder and the checked provenance beside the manifest."""
-    from autoglm.node._manifests import load_signed_manifest
-    from autoglm.node.hub._cache import hub_cache_dir
-    from autoglm.node.hub._publish import load_provenance, sidecar_path
-
-    if args.target.startswith(("http://", "https://")) or not Path(args.target).is_file():
-        raise ConfigError("update --hf-cache needs the MANIFEST file with its .hub.json beside it (written by publish hf://)")
-    path = Path(args.target)
-    side = sidecar_path(path)
-    if not side.is_file():
-        raise ConfigError(f"--hf-cache needs {side} (the provenance publish hf://… writes beside the manifest)")
-    prov = load_provenance(side, load_signed_manifest(path))
-    return (args.cache_dir or hub_cache_dir()).expanduser().resolve(), prov
-
-
-def _write_hf_cache(state: tuple[Path, Any], result: dict[str, Any]) -> str:
-    """The new version (now ``current``) into the HF cache layout; refs/<revision> last, in one rename.
-
-    The version's pin (cache, repo, revision, commit) is recorded first, so
-    ``rollback`` to it later moves the ref back (or says its snapshot is gone).
-    """
-    from autoglm.node._versions import HubPin, VersionSet
-    from autoglm.node.hub._publish import write_hf_cache
-
-    cache, prov = state
-    vs = VersionSet(Path(result["root"]))
-    vs.pin_hub(str(result["current"]), HubPin(str(cache), prov.repo, prov.revision, prov.commit))
-    return str(write_hf_cache(cache, prov, vs.path_for(str(result["current"]))))
 
 
 def tell_node_withdrawn(data_dir: Path, manifest_ids: list[bytes]) -> list[str]:
@@ -195,7 +191,7 @@ def tell_node_withdrawn(data_dir: Path, manifest_ids: list[bytes]) -> list[str]:
 def cmd_update(args: argparse.Namespace) -> int:
     if args.keep < 0:
         raise ConfigError("--keep is 0 or more")
-    hf_state = _hf_cache_state(args) if args.hf_cache else None
+    hf_cache_from_args(args)  # a bad --hf-revision is refused before anything runs
     if _is_manifest(args.target) and not args.target.startswith(("http://", "https://")):
         # publish hf://: the Hub endpoints named in the signed provenance are web seeds
         from autoglm.node.hub._publish import with_sidecar_mirrors
@@ -212,8 +208,6 @@ def cmd_update(args: argparse.Namespace) -> int:
                               "data directory (or give the MANIFEST file or URL)")
         result = _delegate(args, sock, renderer) if sock is not None else _update_here(args, renderer)
     result = {k: v for k, v in result.items() if k != "event"}
-    if hf_state is not None:
-        result["hf_snapshot"] = _write_hf_cache(hf_state, result)
     seconds = round(time.perf_counter() - t0, 3)
     if args.json:
         print_json({"event": "updated", **result, "seconds": seconds})
@@ -223,6 +217,8 @@ def cmd_update(args: argparse.Namespace) -> int:
                       f"fetched {human_bytes(fetched)} in {seconds:.1f}s", soft_wrap=True)
     else:
         console.print(f"{result['root']}/current is already {result['current']}", soft_wrap=True)
+    if not args.json and result.get("hf_snapshot"):
+        console.print(f"Hugging Face cache: {result['hf_snapshot']}", soft_wrap=True, markup=False)
     return 0
 
 

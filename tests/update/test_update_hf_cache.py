@@ -24,6 +24,8 @@ from autoglm.node._versions import resolve_current
 from tests.hub.conftest import REPO, Hub, clean_env, run_cli, run_py, tensors
 from tests.hub.conftest import hub as hub  # the fixture
 
+from ._models import cli, keygen, publish, write_version
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 FOLDER = f"models--{REPO.replace('/', '--')}"
@@ -114,8 +116,15 @@ print(json.dumps([snap, try_to_load_from_cache({REPO!r}, {SHARD!r}, cache_dir={s
     return Path(snap).name, await trio.Path(shard).read_bytes()
 
 
-async def test_update_hf_cache_needs_the_provenance(tmp_path: Path) -> None:
-    (tmp_path / "m.agm").write_bytes(b"not used")
-    res = await run_cli(["--data-dir", str(tmp_path / "node"), "update", str(tmp_path / "m.agm"), "--standalone",
-                         "--hf-cache", "--mirror", "http://127.0.0.1:9/"], clean_env(tmp_path), check=False)
-    assert res.returncode != 0 and b"hub.json" in res.stderr
+def test_update_hf_cache_refuses_a_model_not_published_from_the_hub_before_fetching(tmp_path: Path) -> None:
+    """No .hub.json and a manifest named otherwise than hf:ORG/REPO: no Hub identity, so nothing is fetched."""
+    key, pub = keygen(tmp_path)
+    m = publish(tmp_path, write_version(tmp_path, 1), key, 1)
+    res = cli("--data-dir", str(tmp_path / "node"), "update", str(m), "--standalone", "--hf-cache", "--cache-dir",
+              str(tmp_path / "cache"), "--trust", str(pub), "--mirror", "http://127.0.0.1:9/", ok=False)
+    assert res.returncode != 0 and "hf:ORG/REPO" in res.stderr and ".hub.json" in res.stderr, res.stderr
+    assert not (tmp_path / "cache").exists()
+    assert not list((tmp_path / "node" / "models").rglob("*.safetensors"))
+    bad = cli("--data-dir", str(tmp_path / "node"), "update", str(m), "--standalone", "--hf-cache", "--hf-revision",
+              "../x", "--trust", str(pub), "--mirror", "http://127.0.0.1:9/", ok=False)
+    assert bad.returncode != 0 and "not a branch or tag name" in bad.stderr, bad.stderr
