@@ -178,14 +178,17 @@ class RollbackResult:
     hub_left: HubPin | None = None  # the cache ref rolled-from pinned, left alone: ``current`` has no pin
 
 
-def rollback(root: Path, keep: int, data_dir: Path | None = None) -> RollbackResult:
+def rollback(root: Path, keep: int, data_dir: Path | None = None,
+             withdrawn_hook: Callable[[list[bytes]], object] | None = None) -> RollbackResult:
     """Switch ``root`` back to the version used before; fetches nothing. Blocking.
 
     With a Hugging Face cache pin (``update --hf-cache``) on the version
     rolled back to, its snapshot must still be complete (StorageError before
     anything changes, e.g. after ``hf cache delete``); ``refs/<revision>`` is
     then replaced (temp file, rename) after ``current``. With ``data_dir``
-    the store forgets the versions pruned here before they are removed.
+    the store forgets the versions pruned here before they are removed;
+    ``withdrawn_hook`` hears their manifest ids as soon as they are gone (a
+    running node must stop announcing them even if the ref write then fails).
     """
     from autoglm.node.hub._cache import repo_dir, snapshot_problem, write_ref
 
@@ -208,6 +211,8 @@ def rollback(root: Path, keep: int, data_dir: Path | None = None) -> RollbackRes
 
         before = {e.dirname for e in vs.entries()}
         vs.rollback(keep, forget)
+        if withdrawn and withdrawn_hook is not None:
+            withdrawn_hook(list(withdrawn))
         pruned = sorted(before - {e.dirname for e in vs.entries()})
         if pin is not None:
             write_ref(repo_dir(Path(pin.cache), pin.repo), pin.revision, pin.commit)

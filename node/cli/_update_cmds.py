@@ -226,8 +226,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from autoglm.node._update import rollback
 
     root = _root(args, args.name)
-    res = rollback(root, args.keep, Path(args.data_dir))
-    told = tell_node_withdrawn(Path(args.data_dir), res.withdrawn)
+    told: list[str] = []
+    # The node hears of pruned versions before the ref is written: a failed ref write must not
+    # leave it announcing pieces whose files are gone.
+    res = rollback(root, args.keep, Path(args.data_dir),
+                   withdrawn_hook=lambda ids: told.extend(tell_node_withdrawn(Path(args.data_dir), ids)))
     ref = None
     if res.hub is not None:
         from autoglm.node.hub._cache import repo_dir
