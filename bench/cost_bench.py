@@ -20,6 +20,12 @@ Peak RSS: autoglm, the largest daemon's VmHWM; libtorrent, the process's peak ÷
 
     sudo .venv/bin/python bench/cost_bench.py [--n 8] [--size 1GiB] [--tools lt1,autoglm,autoglm-seed] [--json F]
 
+With ``--base REF`` the autoglm rows run for REF's tree (``git archive``, first on
+``PYTHONPATH``) and this tree in turn, ``--repeat K`` times, each row with the load
+average before and after it (libtorrent's row runs once):
+
+    sudo .venv/bin/python bench/cost_bench.py --n 8 --tools autoglm --no-floor --base main --repeat 2
+
 A smaller mode for profiling one receiver (no root, no namespaces, 127.0.0.1):
 ``--pair`` starts one `join --seed` node that adopts the model where it lies
 (no transfer), then one `join` node bootstrapped from it with no mirror, and
@@ -504,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gil", action="store_true", help="--py-spy: only samples holding the GIL (Python's CPU, not waits)")
     ap.add_argument("--perf", type=Path, metavar="FILE", help="--pair: record the receiver's first fetch with perf record -g")
     ap.add_argument("--parts", action="store_true", help="our data path's parts apart (no root); see above")
-    ap.add_argument("--base", metavar="REF", help="--parts, --cold: also measure this git ref's tree, interleaved")
+    ap.add_argument("--base", metavar="REF", help="--parts, --cold, and the autoglm rows at --n: also measure this git "
+                                                  "ref's tree, interleaved")
     ap.add_argument("--cold", action="store_true", help="CPU until a cold `join` is ready (no root); see above")
     args = ap.parse_args(argv)
     if args.cold:
@@ -543,12 +550,25 @@ def main(argv: list[str] | None = None) -> int:
                 "autoglm": ("autoglm join + fetch", bench.run_autoglm),
                 "autoglm-seed": ("autoglm join --seed, cold", bench.run_autoglm_seed)}
         n = args.n
-        for key in wanted:
+        # --base: the autoglm rows of both trees, interleaved --repeat times (libtorrent's once).
+        trees: dict[str, str | None] = {"": None}
+        if args.base:
+            trees = {f" (base {args.base})": str(_base_tree(args.base, run_dir)), " (this tree)": None}
+        outer_pythonpath = os.environ.get("PYTHONPATH", "")
+        runs = [(key, tree, k) for k in range(args.repeat if args.base else 1) for tree in trees for key in wanted
+                if key == "lt1" and k == 0 and tree == list(trees)[-1] or key != "lt1"]
+        for key, tree, k in runs:
             label, fn = plan[key]
+            label += tree
             log(f"N={n}: {label}")
+            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (trees[tree], outer_pythonpath) if p)
             os.sync()
+            load = os.getloadavg()[0]
             row = fn(n)
-            report["rows"][key] = row
+            row["load_before"], row["load_after"] = load, os.getloadavg()[0]
+            report["rows"][f"{key}{tree} #{k}" if args.base else key] = row
+            if args.base:
+                label += f" #{k + 1}, load {load:.0f}→{row['load_after']:.0f}"
             if row.get("time") is None:
                 rows.append([label, f"not available: {row.get('error')}", "", "", "", ""])
                 continue
