@@ -368,8 +368,64 @@ def store():
         shutil.rmtree(d)
 
 
+MSG = 48  # bytes: a Have frame is about this size
+CTL_ROUNDS = 1000  # each side sends and reads 1,000 messages, one at a time: an N=8 node's Haves and Claims per GiB
+
+
+async def _exactly(s, n):
+    out = b""
+    while len(out) < n:
+        chunk = await s.receive_some()
+        assert chunk, "control stream ended early"
+        out += chunk
+    return out
+
+
+async def ctl_server():
+    import logging, tempfile
+    from autoglm.node._p2p import open_p2p
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    async with open_p2p(Path(tempfile.mkdtemp(dir=path.parent))) as node:
+        done = trio.Event()
+        cpu = {}
+
+        async def handler(s):
+            t0 = time.process_time()
+            for _ in range(CTL_ROUNDS):
+                await s.send_all(await _exactly(s, MSG))
+            cpu["control_b"] = time.process_time() - t0
+            done.set()
+            await s.aclose()
+
+        node.set_control_handler(handler)
+        r = await trio.to_thread.run_sync(lambda: __import__("subprocess").run(
+            [sys.executable, "-c", SRC, "ctl_client", str(path), node.addrs()[0]], capture_output=True, text=True, check=True))
+        await done.wait()
+        print(json.dumps({**json.loads(r.stdout), **cpu}))
+
+
+async def ctl_client(addr):
+    import logging, tempfile
+    from autoglm.node._p2p import open_p2p
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    async with open_p2p(Path(tempfile.mkdtemp(dir=path.parent))) as node:
+        s = await node.open_control(await node.connect(addr))
+        msg = b"h" * MSG
+        t0 = time.process_time()
+        for _ in range(CTL_ROUNDS):
+            await s.send_all(msg)
+            await _exactly(s, MSG)
+        cpu = time.process_time() - t0
+        await s.aclose()
+    print(json.dumps({"control_a": cpu}))
+
+
 if what == "serve":
     trio.run(serve, int(sys.argv[3]))
+elif what == "control":
+    trio.run(ctl_server)
+elif what == "ctl_client":
+    trio.run(ctl_client, sys.argv[3])
 elif what == "client":
     t0 = time.process_time()
     trio.run(client, int(sys.argv[3]), int(sys.argv[4]))
@@ -460,7 +516,7 @@ def run_parts(args: argparse.Namespace) -> int:
             for name, pp in trees.items():
                 env = {**os.environ, "PYTHONPATH": pp or ""}
                 row: dict[str, float] = {}
-                for what in ("serve", "store"):
+                for what in ("serve", "store", "control"):
                     r = subprocess.run([sys.executable, "-c", f"SRC = {_PART!r}\n" + _PART, what, str(blob), "2"],
                                        capture_output=True, text=True, env=env, timeout=600)
                     if r.returncode != 0:
@@ -471,12 +527,15 @@ def run_parts(args: argparse.Namespace) -> int:
                 log(f"run {k} {name}: " + ", ".join(f"{key} {v:.3f}" for key, v in row.items()) + f" (load {os.getloadavg()[0]:.1f})")
     import statistics
 
-    keys = ["server", "client", "store_write"]
+    keys = ["server", "client", "store_write", "control_a", "control_b"]
     rows = [[name] + [f"{statistics.median(r[key] for r in runs):.2f} ({', '.join(f'{r[key]:.2f}' for r in runs)})"
                       for key in keys] for name, runs in results.items()]
     print_table(f"Data path parts, {fmt_bytes(total)} (load average {os.getloadavg()[0]:.1f})",
-                ["tree", "peerwire server", "peerwire client", "store write (Staging.write + fdatasync)"], rows,
-                note="CPU-seconds per GiB, median (runs), each run in fresh processes, trees interleaved.")
+                ["tree", "peerwire server", "peerwire client", "store write (Staging.write + fdatasync)",
+                 "control, dialler", "control, listener"], rows,
+                note="CPU-seconds per GiB, median (runs), each run in fresh processes, trees interleaved. Control: CPU-s "
+                     "of each end of one libp2p control stream (Noise, yamux) carrying 1,000 48-byte messages each "
+                     "way, one at a time (ping-pong): about an N=8 node's Haves and Claims per GiB.")
     if args.json:
         args.json.write_text(json.dumps({"argv": sys.argv, "results": results}, indent=2) + "\n")
     return 0
