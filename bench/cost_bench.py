@@ -45,7 +45,10 @@ into FILE with the suffix ``.sender``). ``--repeat K`` runs K fetches
 ``--parts`` measures our own data path without libp2p or the engine, in child
 processes of the tree under test: the peerwire server (``serve_peerwire``, a
 trusted piece goes out by sendfile) and client (``PeerwireConnection``, 4
-requests in flight) over 127.0.0.1, each process's CPU per GiB; and the
+requests in flight) over 127.0.0.1, each process's CPU per GiB; the server again with
+each piece asked for three times in a row (as when several peers fetch a new piece from
+its first holder); one libp2p control stream carrying 1,000 48-byte messages each way,
+one at a time (about an N=8 node's Haves and Claims per GiB), each end's CPU; and the
 store's write path (``Staging.write`` of 8 MiB pieces in the buffers the
 tree's peerwire client allocates, at file offsets 1264 + k × 8 MiB as in a
 safetensors file, fdatasync every 4). ``--base REF`` runs the
@@ -314,12 +317,13 @@ class Grant:
     def release(self): pass
 
 
-async def client(port, rounds):
+async def client(port, rounds, times=1):
     conn = await pw.connect_peerwire("127.0.0.1", port, b"t" * 32)
     lim = trio.Semaphore(4)
     async def one(i):
         async with lim:
-            assert len(await conn.fetch(MID, i, P)) == P
+            for _ in range(times):  # times > 1: as several peers asking for a new piece in turn
+                assert len(await conn.fetch(MID, i, P)) == P
     for _ in range(rounds):
         async with trio.open_nursery() as n:
             for i in range(N):
@@ -327,15 +331,17 @@ async def client(port, rounds):
     await conn.aclose()
 
 
-async def serve(rounds):
+async def serve(rounds, times=1):
     async with trio.open_nursery() as n:
         _, port = await n.start(lambda task_status: pw.serve_peerwire(Loc(), lambda t: Grant(), task_status=task_status))
         t0 = time.process_time()
         r = await trio.to_thread.run_sync(lambda: __import__("subprocess").run(
-            [sys.executable, "-c", SRC, "client", str(path), str(port), str(rounds)],
+            [sys.executable, "-c", SRC, "client", str(path), str(port), str(rounds), str(times)],
             capture_output=True, text=True, check=True))
         out = json.loads(r.stdout)
-        out["server"] = (time.process_time() - t0) / (GIB * rounds)
+        out["server" if times == 1 else f"server_x{times}"] = (time.process_time() - t0) / (GIB * rounds * times)
+        if times > 1:
+            del out["client"]
         print(json.dumps(out))
         n.cancel_scope.cancel()
 
@@ -422,14 +428,16 @@ async def ctl_client(addr):
 
 if what == "serve":
     trio.run(serve, int(sys.argv[3]))
+elif what == "serve3":
+    trio.run(serve, 1, 3)
 elif what == "control":
     trio.run(ctl_server)
 elif what == "ctl_client":
     trio.run(ctl_client, sys.argv[3])
 elif what == "client":
     t0 = time.process_time()
-    trio.run(client, int(sys.argv[3]), int(sys.argv[4]))
-    print(json.dumps({"client": (time.process_time() - t0) / (GIB * int(sys.argv[4]))}))
+    trio.run(client, int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    print(json.dumps({"client": (time.process_time() - t0) / (GIB * int(sys.argv[4]) * int(sys.argv[5]))}))
 else:
     store()
 """
@@ -516,7 +524,7 @@ def run_parts(args: argparse.Namespace) -> int:
             for name, pp in trees.items():
                 env = {**os.environ, "PYTHONPATH": pp or ""}
                 row: dict[str, float] = {}
-                for what in ("serve", "store", "control"):
+                for what in ("serve", "serve3", "store", "control"):
                     r = subprocess.run([sys.executable, "-c", f"SRC = {_PART!r}\n" + _PART, what, str(blob), "2"],
                                        capture_output=True, text=True, env=env, timeout=600)
                     if r.returncode != 0:
@@ -527,11 +535,12 @@ def run_parts(args: argparse.Namespace) -> int:
                 log(f"run {k} {name}: " + ", ".join(f"{key} {v:.3f}" for key, v in row.items()) + f" (load {os.getloadavg()[0]:.1f})")
     import statistics
 
-    keys = ["server", "client", "store_write", "control_a", "control_b"]
+    keys = ["server", "server_x3", "client", "store_write", "control_a", "control_b"]
     rows = [[name] + [f"{statistics.median(r[key] for r in runs):.2f} ({', '.join(f'{r[key]:.2f}' for r in runs)})"
                       for key in keys] for name, runs in results.items()]
     print_table(f"Data path parts, {fmt_bytes(total)} (load average {os.getloadavg()[0]:.1f})",
-                ["tree", "peerwire server", "peerwire client", "store write (Staging.write + fdatasync)",
+                ["tree", "peerwire server", "server, each piece 3× in a row", "peerwire client",
+                 "store write (Staging.write + fdatasync)",
                  "control, dialler", "control, listener"], rows,
                 note="CPU-seconds per GiB, median (runs), each run in fresh processes, trees interleaved. Control: CPU-s "
                      "of each end of one libp2p control stream (Noise, yamux) carrying 1,000 48-byte messages each "

@@ -7,13 +7,15 @@ peer, so choking, bans and fair sharing apply per peer. A piece this process
 hash-checked and wrote itself goes out with ``os.sendfile``; any other piece
 (a file that was on disk before) is read and its BLAKE3 hash checked before
 its first serve, and later serves of the unchanged file region use
-``os.sendfile`` too. Served ranges leave the page cache at once (drop-behind,
-node/_store.py). The client pipelines requests on one connection and returns
+``os.sendfile`` too. Served ranges leave the page cache once no peer asked
+for them again for a few seconds (drop-behind, node/_store.py, kept a little
+for the next peer: node/_dropbehind.py). The client pipelines requests on one connection and returns
 whole, length-checked pieces; the caller verifies the hash (the sink does).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import os
@@ -34,6 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from autoglm.node._dropbehind import RecentlyServed
 from autoglm.node._lowat import LowWater
 from autoglm.node._ratelimit import RateLimiter
 from autoglm.node._staging import DIRECT_ALIGN
@@ -274,10 +277,13 @@ class _ServeState:
 #: worker threads stay free whatever the peers do.
 _SEND_THREADS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("peerwire_send_threads")
 _POLL_MS = 200  # a sending thread looks for its caller's cancellation this often
+#: The serving server's recently sent ranges (node/_dropbehind.py), seen by the tasks it starts;
+#: unset (a bare ``_sendfile``): each range is dropped as soon as it went out.
+_SERVED: contextvars.ContextVar[RecentlyServed] = contextvars.ContextVar("peerwire_recently_served")
 
 
-def _send_range(sockfd: int, fd: int, offset: int, count: int, gate: _SendGate) -> None:
-    """Runs in a worker thread: ``sendfile`` the range, then drop it from the page cache.
+def _send_range(sockfd: int, fd: int, offset: int, count: int, gate: _SendGate, served: RecentlyServed | None) -> None:
+    """Runs in a worker thread: ``sendfile`` the range, then drop it from the page cache (via ``served``: later).
 
     Waits with ``poll`` while the socket's buffer is full. Gives up when the
     caller was cancelled (``gate``) or when the peer took no byte for
@@ -307,7 +313,10 @@ def _send_range(sockfd: int, fd: int, offset: int, count: int, gate: _SendGate) 
             offset += n
             count -= n
             last = time.monotonic()
-        drop_cache(fd, start, length)
+        if served is None:
+            drop_cache(fd, start, length)
+        else:
+            served.sent(fd, start, length)
     finally:
         os.close(sockfd)
         os.close(fd)
@@ -360,7 +369,7 @@ async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: i
     try:
         # trio_typing's stubs (pulled in by libp2p) predate abandon_on_cancel
         await trio.to_thread.run_sync(  # type: ignore[call-arg]
-            _send_range, sockfd, filefd, offset, count, gate, abandon_on_cancel=True, limiter=limiter
+            _send_range, sockfd, filefd, offset, count, gate, _SERVED.get(None), abandon_on_cancel=True, limiter=limiter
         )
     except BaseException:
         if gate.give_up():
@@ -449,7 +458,7 @@ async def _serve_one(stream: trio.SocketStream | AeadStream, proto: PeerwireServ
         # Raw bytes that just verified, or trusted / verified before and unchanged
         # since: zero copy from the file.
         await stream.send_all(proto.piece_header(req.req_id, Codec.RAW, loc.length))
-        await _sendfile(stream.socket, fd, loc.offset, loc.length)  # drops the range from the cache too
+        await _sendfile(stream.socket, fd, loc.offset, loc.length)  # drops the range from the cache too (seconds later)
     finally:
         os.close(fd)
     grant.served(req.manifest_id, req.index, loc.length)
@@ -569,11 +578,25 @@ async def serve_peerwire(
     st = _ServeState(locator, redeem, up or RateLimiter(None), psk=psk, idle_timeout=idle_timeout)
     listeners = await trio.open_tcp_listeners(port, host=host)
     sockname = listeners[0].socket.getsockname()
-    async with trio.open_nursery() as nursery:
-        task_status.started((sockname[0], sockname[1]))
-        if inbound is not None:
-            nursery.start_soon(_serve_inbound, inbound, st, nursery)
-        await trio.serve_listeners(lambda s: _handle_conn(s, st), listeners, handler_nursery=nursery)
+    served = RecentlyServed()
+    _SERVED.set(served)  # this task's context: the connection tasks below inherit it
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started((sockname[0], sockname[1]))
+            nursery.start_soon(_sweep_served, served)
+            if inbound is not None:
+                nursery.start_soon(_serve_inbound, inbound, st, nursery)
+            await trio.serve_listeners(lambda s: _handle_conn(s, st), listeners, handler_nursery=nursery)
+    finally:
+        served.clear()
+
+
+async def _sweep_served(served: RecentlyServed) -> None:
+    """Drop the uploads no peer asked for again within ``keep_s`` (a worker thread: each drop is ~1 ms)."""
+    while True:
+        await trio.sleep(1.0)
+        if len(served):
+            await trio.to_thread.run_sync(served.expire)
 
 
 async def _serve_inbound(inbound: trio.MemoryReceiveChannel[trio.SocketStream], st: _ServeState, nursery: trio.Nursery) -> None:
