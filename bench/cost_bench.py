@@ -20,6 +20,12 @@ Peak RSS: autoglm, the largest daemon's VmHWM; libtorrent, the process's peak ÷
 
     sudo .venv/bin/python bench/cost_bench.py [--n 8] [--size 1GiB] [--tools lt1,autoglm,autoglm-seed] [--json F]
 
+With ``--base REF`` the autoglm rows run for REF's tree (``git archive``, first on
+``PYTHONPATH``) and this tree in turn, ``--repeat K`` times, each row with the load
+average before and after it (libtorrent's row runs once):
+
+    sudo .venv/bin/python bench/cost_bench.py --n 8 --tools autoglm --no-floor --base main --repeat 2
+
 A smaller mode for profiling one receiver (no root, no namespaces, 127.0.0.1):
 ``--pair`` starts one `join --seed` node that adopts the model where it lies
 (no transfer), then one `join` node bootstrapped from it with no mirror, and
@@ -39,7 +45,10 @@ into FILE with the suffix ``.sender``). ``--repeat K`` runs K fetches
 ``--parts`` measures our own data path without libp2p or the engine, in child
 processes of the tree under test: the peerwire server (``serve_peerwire``, a
 trusted piece goes out by sendfile) and client (``PeerwireConnection``, 4
-requests in flight) over 127.0.0.1, each process's CPU per GiB; and the
+requests in flight) over 127.0.0.1, each process's CPU per GiB; the server again with
+each piece asked for three times in a row (as when several peers fetch a new piece from
+its first holder); one libp2p control stream carrying 1,000 48-byte messages each way,
+one at a time (about an N=8 node's Haves and Claims per GiB), each end's CPU; and the
 store's write path (``Staging.write`` of 8 MiB pieces in the buffers the
 tree's peerwire client allocates, at file offsets 1264 + k × 8 MiB as in a
 safetensors file, fdatasync every 4). ``--base REF`` runs the
@@ -308,12 +317,13 @@ class Grant:
     def release(self): pass
 
 
-async def client(port, rounds):
+async def client(port, rounds, times=1):
     conn = await pw.connect_peerwire("127.0.0.1", port, b"t" * 32)
     lim = trio.Semaphore(4)
     async def one(i):
         async with lim:
-            assert len(await conn.fetch(MID, i, P)) == P
+            for _ in range(times):  # times > 1: as several peers asking for a new piece in turn
+                assert len(await conn.fetch(MID, i, P)) == P
     for _ in range(rounds):
         async with trio.open_nursery() as n:
             for i in range(N):
@@ -321,15 +331,17 @@ async def client(port, rounds):
     await conn.aclose()
 
 
-async def serve(rounds):
+async def serve(rounds, times=1):
     async with trio.open_nursery() as n:
         _, port = await n.start(lambda task_status: pw.serve_peerwire(Loc(), lambda t: Grant(), task_status=task_status))
         t0 = time.process_time()
         r = await trio.to_thread.run_sync(lambda: __import__("subprocess").run(
-            [sys.executable, "-c", SRC, "client", str(path), str(port), str(rounds)],
+            [sys.executable, "-c", SRC, "client", str(path), str(port), str(rounds), str(times)],
             capture_output=True, text=True, check=True))
         out = json.loads(r.stdout)
-        out["server"] = (time.process_time() - t0) / (GIB * rounds)
+        out["server" if times == 1 else f"server_x{times}"] = (time.process_time() - t0) / (GIB * rounds * times)
+        if times > 1:
+            del out["client"]
         print(json.dumps(out))
         n.cancel_scope.cancel()
 
@@ -362,12 +374,70 @@ def store():
         shutil.rmtree(d)
 
 
+MSG = 48  # bytes: a Have frame is about this size
+CTL_ROUNDS = 1000  # each side sends and reads 1,000 messages, one at a time: an N=8 node's Haves and Claims per GiB
+
+
+async def _exactly(s, n):
+    out = b""
+    while len(out) < n:
+        chunk = await s.receive_some()
+        assert chunk, "control stream ended early"
+        out += chunk
+    return out
+
+
+async def ctl_server():
+    import logging, tempfile
+    from autoglm.node._p2p import open_p2p
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    async with open_p2p(Path(tempfile.mkdtemp(dir=path.parent))) as node:
+        done = trio.Event()
+        cpu = {}
+
+        async def handler(s):
+            t0 = time.process_time()
+            for _ in range(CTL_ROUNDS):
+                await s.send_all(await _exactly(s, MSG))
+            cpu["control_b"] = time.process_time() - t0
+            done.set()
+            await s.aclose()
+
+        node.set_control_handler(handler)
+        r = await trio.to_thread.run_sync(lambda: __import__("subprocess").run(
+            [sys.executable, "-c", SRC, "ctl_client", str(path), node.addrs()[0]], capture_output=True, text=True, check=True))
+        await done.wait()
+        print(json.dumps({**json.loads(r.stdout), **cpu}))
+
+
+async def ctl_client(addr):
+    import logging, tempfile
+    from autoglm.node._p2p import open_p2p
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    async with open_p2p(Path(tempfile.mkdtemp(dir=path.parent))) as node:
+        s = await node.open_control(await node.connect(addr))
+        msg = b"h" * MSG
+        t0 = time.process_time()
+        for _ in range(CTL_ROUNDS):
+            await s.send_all(msg)
+            await _exactly(s, MSG)
+        cpu = time.process_time() - t0
+        await s.aclose()
+    print(json.dumps({"control_a": cpu}))
+
+
 if what == "serve":
     trio.run(serve, int(sys.argv[3]))
+elif what == "serve3":
+    trio.run(serve, 1, 3)
+elif what == "control":
+    trio.run(ctl_server)
+elif what == "ctl_client":
+    trio.run(ctl_client, sys.argv[3])
 elif what == "client":
     t0 = time.process_time()
-    trio.run(client, int(sys.argv[3]), int(sys.argv[4]))
-    print(json.dumps({"client": (time.process_time() - t0) / (GIB * int(sys.argv[4]))}))
+    trio.run(client, int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    print(json.dumps({"client": (time.process_time() - t0) / (GIB * int(sys.argv[4]) * int(sys.argv[5]))}))
 else:
     store()
 """
@@ -454,7 +524,7 @@ def run_parts(args: argparse.Namespace) -> int:
             for name, pp in trees.items():
                 env = {**os.environ, "PYTHONPATH": pp or ""}
                 row: dict[str, float] = {}
-                for what in ("serve", "store"):
+                for what in ("serve", "serve3", "store", "control"):
                     r = subprocess.run([sys.executable, "-c", f"SRC = {_PART!r}\n" + _PART, what, str(blob), "2"],
                                        capture_output=True, text=True, env=env, timeout=600)
                     if r.returncode != 0:
@@ -465,12 +535,16 @@ def run_parts(args: argparse.Namespace) -> int:
                 log(f"run {k} {name}: " + ", ".join(f"{key} {v:.3f}" for key, v in row.items()) + f" (load {os.getloadavg()[0]:.1f})")
     import statistics
 
-    keys = ["server", "client", "store_write"]
+    keys = ["server", "server_x3", "client", "store_write", "control_a", "control_b"]
     rows = [[name] + [f"{statistics.median(r[key] for r in runs):.2f} ({', '.join(f'{r[key]:.2f}' for r in runs)})"
                       for key in keys] for name, runs in results.items()]
     print_table(f"Data path parts, {fmt_bytes(total)} (load average {os.getloadavg()[0]:.1f})",
-                ["tree", "peerwire server", "peerwire client", "store write (Staging.write + fdatasync)"], rows,
-                note="CPU-seconds per GiB, median (runs), each run in fresh processes, trees interleaved.")
+                ["tree", "peerwire server", "server, each piece 3× in a row", "peerwire client",
+                 "store write (Staging.write + fdatasync)",
+                 "control, dialler", "control, listener"], rows,
+                note="CPU-seconds per GiB, median (runs), each run in fresh processes, trees interleaved. Control: CPU-s "
+                     "of each end of one libp2p control stream (Noise, yamux) carrying 1,000 48-byte messages each "
+                     "way, one at a time (ping-pong): about an N=8 node's Haves and Claims per GiB.")
     if args.json:
         args.json.write_text(json.dumps({"argv": sys.argv, "results": results}, indent=2) + "\n")
     return 0
@@ -504,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gil", action="store_true", help="--py-spy: only samples holding the GIL (Python's CPU, not waits)")
     ap.add_argument("--perf", type=Path, metavar="FILE", help="--pair: record the receiver's first fetch with perf record -g")
     ap.add_argument("--parts", action="store_true", help="our data path's parts apart (no root); see above")
-    ap.add_argument("--base", metavar="REF", help="--parts, --cold: also measure this git ref's tree, interleaved")
+    ap.add_argument("--base", metavar="REF", help="--parts, --cold, and the autoglm rows at --n: also measure this git "
+                                                  "ref's tree, interleaved")
     ap.add_argument("--cold", action="store_true", help="CPU until a cold `join` is ready (no root); see above")
     args = ap.parse_args(argv)
     if args.cold:
@@ -543,12 +618,25 @@ def main(argv: list[str] | None = None) -> int:
                 "autoglm": ("autoglm join + fetch", bench.run_autoglm),
                 "autoglm-seed": ("autoglm join --seed, cold", bench.run_autoglm_seed)}
         n = args.n
-        for key in wanted:
+        # --base: the autoglm rows of both trees, interleaved --repeat times (libtorrent's once).
+        trees: dict[str, str | None] = {"": None}
+        if args.base:
+            trees = {f" (base {args.base})": str(_base_tree(args.base, run_dir)), " (this tree)": None}
+        outer_pythonpath = os.environ.get("PYTHONPATH", "")
+        runs = [(key, tree, k) for k in range(args.repeat if args.base else 1) for tree in trees for key in wanted
+                if key == "lt1" and k == 0 and tree == list(trees)[-1] or key != "lt1"]
+        for key, tree, k in runs:
             label, fn = plan[key]
+            label += tree
             log(f"N={n}: {label}")
+            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (trees[tree], outer_pythonpath) if p)
             os.sync()
+            load = os.getloadavg()[0]
             row = fn(n)
-            report["rows"][key] = row
+            row["load_before"], row["load_after"] = load, os.getloadavg()[0]
+            report["rows"][f"{key}{tree} #{k}" if args.base else key] = row
+            if args.base:
+                label += f" #{k + 1}, load {load:.0f}→{row['load_after']:.0f}"
             if row.get("time") is None:
                 rows.append([label, f"not available: {row.get('error')}", "", "", "", ""])
                 continue

@@ -11,7 +11,8 @@ also accepts plaintext); one connection per peer (avoids a 250 ms delay per
 dial); the DHT exists before the first connection; ADD_PROVIDER is
 rate-limited by receivers (10 per 10 s), so we announce per manifest and per
 file, never per piece; libp2p's loggers are silenced by the CLI; one dial
-retry, not three (an unreachable address failed after 15 s).
+retry, not three (an unreachable address failed after 15 s); yamux window
+credit in halves and read-ahead on TCP connections (node/_libp2p_io.py).
 
 Circuit relay v2 and hole punching live in node/_relays.py (``Relays``);
 :func:`open_p2p` builds them and ``P2PNode`` delegates: a node with
@@ -56,6 +57,7 @@ from autoglm.node._kadclient import (
     PeerAddr,
 )
 from autoglm.node._kadnames import NameRecords
+from autoglm.node._libp2p_io import apply as _apply_io_fixes
 from autoglm.node._logs import apply_libp2p_level
 from autoglm.node._relays import (
     MAX_RELAYS,
@@ -78,6 +80,7 @@ __all__ = ["DEFAULT_LISTEN", "ControlStream", "P2PNode", "PeerAddr", "RelayBudge
 
 log = logging.getLogger(__name__)
 apply_libp2p_level()  # importing libp2p reset its logger
+_apply_io_fixes()  # window credit in halves, read-ahead per TCP connection (node/_libp2p_io.py)
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 _IDENTITY_FILE = "p2p-identity.key"

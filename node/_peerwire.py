@@ -7,13 +7,15 @@ peer, so choking, bans and fair sharing apply per peer. A piece this process
 hash-checked and wrote itself goes out with ``os.sendfile``; any other piece
 (a file that was on disk before) is read and its BLAKE3 hash checked before
 its first serve, and later serves of the unchanged file region use
-``os.sendfile`` too. Served ranges leave the page cache at once (drop-behind,
-node/_store.py). The client pipelines requests on one connection and returns
+``os.sendfile`` too. Served ranges leave the page cache once no peer asked
+for them again for a few seconds (drop-behind, node/_store.py, kept a little
+for the next peer: node/_dropbehind.py). The client pipelines requests on one connection and returns
 whole, length-checked pieces; the caller verifies the hash (the sink does).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import os
@@ -34,6 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from autoglm.node._dropbehind import RecentlyServed
 from autoglm.node._lowat import LowWater
 from autoglm.node._ratelimit import RateLimiter
 from autoglm.node._staging import DIRECT_ALIGN
@@ -275,6 +278,9 @@ class _ServeState:
 #: waits on the event loop, so slow readers cannot hold every thread (docs/security.md).
 _SEND_THREADS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("peerwire_send_threads")
 _POLL_MS = 200  # a sending thread waits this long for room in the socket, then gives itself back
+#: The serving server's recently sent ranges (node/_dropbehind.py), seen by the tasks it starts;
+#: unset (a bare ``_sendfile``): each range is dropped as soon as it went out.
+_SERVED: contextvars.ContextVar[RecentlyServed] = contextvars.ContextVar("peerwire_recently_served")
 
 
 def _send_some(sockfd: int, fd: int, offset: int, count: int, gate: _SendGate) -> int:
@@ -378,7 +384,11 @@ async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: i
                     await trio.lowlevel.wait_writable(sock.fileno())
                 if waited.cancelled_caught:
                     raise trio.BrokenResourceError(f"peer took nothing for {STALL_TIMEOUT:.0f} s")
-        drop_cache(filefd, start, length)
+        served = _SERVED.get(None)
+        if served is None:
+            drop_cache(filefd, start, length)
+        else:
+            served.sent(filefd, start, length)  # kept a while for the next peer that asks (it dups the fd)
     except BaseException:
         mine = gate.give_up()
         raise
@@ -468,7 +478,7 @@ async def _serve_one(stream: trio.SocketStream | AeadStream, proto: PeerwireServ
         # Raw bytes that just verified, or trusted / verified before and unchanged
         # since: zero copy from the file.
         await stream.send_all(proto.piece_header(req.req_id, Codec.RAW, loc.length))
-        await _sendfile(stream.socket, fd, loc.offset, loc.length)  # drops the range from the cache too
+        await _sendfile(stream.socket, fd, loc.offset, loc.length)  # drops the range from the cache too (seconds later)
     finally:
         os.close(fd)
     grant.served(req.manifest_id, req.index, loc.length)
@@ -588,11 +598,25 @@ async def serve_peerwire(
     st = _ServeState(locator, redeem, up or RateLimiter(None), psk=psk, idle_timeout=idle_timeout)
     listeners = await trio.open_tcp_listeners(port, host=host)
     sockname = listeners[0].socket.getsockname()
-    async with trio.open_nursery() as nursery:
-        task_status.started((sockname[0], sockname[1]))
-        if inbound is not None:
-            nursery.start_soon(_serve_inbound, inbound, st, nursery)
-        await trio.serve_listeners(lambda s: _handle_conn(s, st), listeners, handler_nursery=nursery)
+    served = RecentlyServed()
+    _SERVED.set(served)  # this task's context: the connection tasks below inherit it
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started((sockname[0], sockname[1]))
+            nursery.start_soon(_sweep_served, served)
+            if inbound is not None:
+                nursery.start_soon(_serve_inbound, inbound, st, nursery)
+            await trio.serve_listeners(lambda s: _handle_conn(s, st), listeners, handler_nursery=nursery)
+    finally:
+        served.clear()
+
+
+async def _sweep_served(served: RecentlyServed) -> None:
+    """Drop the uploads no peer asked for again within ``keep_s`` (a worker thread: each drop is ~1 ms)."""
+    while True:
+        await trio.sleep(1.0)
+        if len(served):
+            await trio.to_thread.run_sync(served.expire)
 
 
 async def _serve_inbound(inbound: trio.MemoryReceiveChannel[trio.SocketStream], st: _ServeState, nursery: trio.Nursery) -> None:
