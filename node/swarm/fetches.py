@@ -294,7 +294,9 @@ class Fetches:
         self._departed[mid] = m.departed
         self._later.at(mid, m.next_change)
         banned = self._banned_now(mid)
-        relayed = [p for p in self._gossiped.get(mid, ()) if p not in self._sessions and p not in m.departed and p not in banned]
+        # A gossiped peer in session counts directly once its Hello said what it holds; until then, relayed.
+        told = {p for p, s in self._sessions.items() if s.said_hello}
+        relayed = [p for p in self._gossiped.get(mid, ()) if p not in told and p not in m.departed and p not in banned]
         fetch.set_swarm(m.peers, m.complete, relayed)
 
     def session_ended(self, s: Session) -> bool:

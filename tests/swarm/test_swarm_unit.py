@@ -267,6 +267,40 @@ async def test_fetchers_share_the_first_copy(swarm: Swarm) -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_a_member_whose_session_reset_stays_until_it_announces_again(swarm: Swarm) -> None:
+    """Dialled again, its new Hello still on its way: still a member (before, it left the members until
+    the Hello came, and every piece's owner moved twice); not announced by the end of the grace: gone."""
+    from autoglm.protocol._control import Interested
+
+    mid = b"\x0e" * 32
+    swarm.start_holding(mid, 2)
+    fetch = RecordingFetch()
+    swarm.attach(mid, fetch)
+    hello = Hello((ManifestState(mid, 2, b"\x00"),), None, b"t" * 16)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            swarm.use_nursery(nursery)
+            theirs, peer = _session_with_peer_b(nursery, swarm)
+            assert isinstance(await _next(peer, theirs), Hello)
+            await theirs.send_all(peer.send(hello, trio.current_time()))
+            await theirs.send_all(peer.send(Interested(mid), trio.current_time()))
+            await trio.testing.wait_all_tasks_blocked()
+            assert fetch.swarms[-1] == {"peerB"}
+            await theirs.aclose()  # the stream reset ...
+            await trio.testing.wait_all_tasks_blocked()
+            again, peer = _session_with_peer_b(nursery, swarm)  # ... and peerB dialled again at once
+            assert isinstance(await _next(peer, again), Hello)
+            swarm.fetches.update_membership(mid)  # as any other peer's Announce or Interested does meanwhile
+            assert "peerB" in swarm.sessions and fetch.swarms[-1] == {"peerB"}
+            await trio.sleep(swarm.config.member_grace + 0.1)
+            assert fetch.swarms[-1] == set()  # in session, but it never said it holds the manifest
+            await again.send_all(peer.send(hello, trio.current_time()))
+            await again.send_all(peer.send(Interested(mid), trio.current_time()))
+            await trio.testing.wait_all_tasks_blocked()
+            assert fetch.swarms[-1] == {"peerB"}
+            nursery.cancel_scope.cancel()
+
+
 class IntroP2P:
     """The slice of P2PNode that peer exchange uses: addresses from the peerstore, dials recorded."""
 
