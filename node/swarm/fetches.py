@@ -297,7 +297,10 @@ class Fetches:
         # A gossiped peer in session counts directly once its Hello said what it holds; until then, relayed.
         told = {p for p, s in self._sessions.items() if s.said_hello}
         relayed = [p for p in self._gossiped.get(mid, ()) if p not in told and p not in m.departed and p not in banned]
-        fetch.set_swarm(m.peers, m.complete, relayed)
+        # A departed member is relayed while its grace lasts: its pieces still reach us through others, and
+        # the first Have of one of them from anyone is its progress (protocol/_ownership.py, relayed members).
+        gone = m.departed
+        fetch.set_swarm([p for p in m.peers if p not in gone], [p for p in m.complete if p not in gone], [*relayed, *gone])
 
     def session_ended(self, s: Session) -> bool:
         """``s`` is gone: stop using it; holders of what we fetch stay members for the grace period.

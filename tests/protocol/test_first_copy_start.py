@@ -143,3 +143,15 @@ def test_fetchers_started_together_take_disjoint_first_copies(k: int, seed: int,
     nodes = [_node(me, [p for p in ids if p != me]) for me in ids]
     for i in range(N):
         assert sum(fc.mirror_may_take(i, t) for fc in nodes) == 1
+
+
+def test_a_departed_member_is_relayed_its_share_unmoved_its_progress_seen_through_others() -> None:
+    """A member whose session reset is passed as relayed while its grace lasts (node/swarm/fetches.py): no piece
+    changes owner, and a Have of one of its pieces from another member keeps it from going stale."""
+    fc = FirstCopy("me", [8 << 20] * N, owner_timeout=20.0, max_scale=1.0)
+    fc.set_members(["b", "c"], 0.0)
+    bs = [i for i in range(N) if fc.owner(i) == "b"]
+    assert not fc.set_members(["c"], 5.0, relayed=["b"])  # b's stream reset: the same owners
+    assert fc.progress("c", bs[0], 15.0, wanted=True)  # c got b's first copy: b's progress, relayed
+    assert not fc.mirror_may_take(bs[1], 30.0)  # silent since 0 it would be stale at 20 s; it showed at 15 s
+    assert fc.mirror_may_take(bs[1], 35.0)  # and it is, 20 s after that

@@ -260,10 +260,11 @@ async def test_fetchers_share_the_first_copy(swarm: Swarm) -> None:
             await theirs.aclose()
             await trio.testing.wait_all_tasks_blocked()
             # Gone: it stays a member for member_grace (a reset stream dialled again
-            # must not move every owner twice), then leaves.
-            assert "peerB" not in swarm.sessions and fetch.complete[-1] == {"peerB"}
+            # must not move every owner twice), relayed (its pieces reach us through
+            # others), then leaves.
+            assert "peerB" not in swarm.sessions and fetch.complete[-1] == set() and fetch.relayed[-1] == {"peerB"}
             await trio.sleep(swarm.config.member_grace + 0.1)
-            assert fetch.swarms[-1] == set() and fetch.complete[-1] == set()
+            assert fetch.swarms[-1] == set() and fetch.complete[-1] == set() and fetch.relayed[-1] == set()
             nursery.cancel_scope.cancel()
 
 
@@ -291,9 +292,9 @@ async def test_a_member_whose_session_reset_stays_until_it_announces_again(swarm
             again, peer = _session_with_peer_b(nursery, swarm)  # ... and peerB dialled again at once
             assert isinstance(await _next(peer, again), Hello)
             swarm.fetches.update_membership(mid)  # as any other peer's Announce or Interested does meanwhile
-            assert "peerB" in swarm.sessions and fetch.swarms[-1] == {"peerB"}
+            assert "peerB" in swarm.sessions and fetch.relayed[-1] == {"peerB"}  # still a member (relayed)
             await trio.sleep(swarm.config.member_grace + 0.1)
-            assert fetch.swarms[-1] == set()  # in session, but it never said it holds the manifest
+            assert fetch.swarms[-1] == set() and fetch.relayed[-1] == set()  # in session, never said it holds it
             await again.send_all(peer.send(hello, trio.current_time()))
             await again.send_all(peer.send(Interested(mid), trio.current_time()))
             await trio.testing.wait_all_tasks_blocked()
