@@ -115,7 +115,8 @@ class Fetches:
 
     def detach(self, manifest_id: bytes) -> None:
         self._fetches.pop(manifest_id, None)
-        self._gossiped.pop(manifest_id, None), self._idle_since.pop(manifest_id, None)
+        self._gossiped.pop(manifest_id, None)
+        self._idle_since.pop(manifest_id, None)
         self.attached_at.pop(manifest_id, None)
         self._later.cancel(manifest_id)
         for s in list(self._sessions.values()):
