@@ -315,18 +315,10 @@ class Fetch:
         for i in d.done:
             by_file[self._refs[i].path] = by_file.get(self._refs[i].path, 0) + self._refs[i].length
         if self.options.local_copies:
-            for src in await trio.to_thread.run_sync(self._find_local):
+            for src in await trio.to_thread.run_sync(_find_local, self.store, d):
                 log.info("%s: %d piece(s) may come from %s", d.manifest_id.hex()[:16], src.piece_count, src.id)
                 self.add_source(src)
         return present
-
-    def _find_local(self) -> list[LocalSource]:
-        """The local sources: the store, the output directory's old files, the HF cache. Blocking (hashes old files)."""
-        from autoglm.node.hub._cache import hub_cache_dir  # the root huggingface_hub uses
-
-        d = self.download
-        found = find_local_pieces(self.store, d, hub_cache_dir())
-        return [LocalSource(sid, spots, [p.length for p in d.pieces]) for sid, spots in found.items()]
 
     async def run(
         self, *, go: trio.Event | None = None, task_status: TaskStatus[Fetch] = trio.TASK_STATUS_IGNORED
@@ -417,6 +409,14 @@ class Fetch:
         await self._send(FetchDone(total, dict(st.bytes_by_source), seconds, st.discarded, str(d.out_dir), dict(rx)))
         return result
 
+
+
+def _find_local(store: Store, d: Download) -> list[LocalSource]:
+    """The local sources: the store, the output directory's old files, the HF cache. Blocking (hashes old files)."""
+    from autoglm.node.hub._cache import hub_cache_dir  # the root huggingface_hub uses
+
+    found = find_local_pieces(store, d, hub_cache_dir())
+    return [LocalSource(sid, spots, [p.length for p in d.pieces]) for sid, spots in found.items()]
 
 
 def _logged_mirror_claims(fetch: Fetch, post: Callable[[list[int]], None] | None) -> Callable[[list[int]], None] | None:

@@ -43,7 +43,7 @@ the promise is due (``Promises.piece_due``: the first such Have, timed as
 above), unless every member that sent one broke a promise since (a liar's
 Haves hold nothing back). The record outlives the member, and so does a
 claim (its copy is on its way): a holder or claimer whose session broke
-(streams reset under load; ``member_grace`` is 5 s) leaves the members
+(streams reset under load, and take longer than ``member_grace`` to come back) leaves the members
 while its copy still reaches us through others, and without the record
 the piece's rendezvous owner, now this node, took it from the mirror
 again (docs/benchmarks.md, "Duplicate first copies at N=16"). What a

@@ -380,7 +380,7 @@ class SimNode:
         n = len(self.sw.sizes)
         holders = [(p, len(self.have_of[p]) == n) for p in self.peers]
         m = membership(
-            holders, self.departed, in_session=self.peers.keys(), banned=(), now=self.sw.loop.now, grace=self.sw.params.member_grace,
+            holders, self.departed, banned=(), now=self.sw.loop.now, grace=self.sw.params.member_grace,
         )
         self.departed = m.departed
         self.fetchers = 1 + len(m.peers)

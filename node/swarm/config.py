@@ -83,7 +83,15 @@ class SwarmConfig:
     # A holder whose session just ended stays in the first-copy membership this
     # long: a control stream that resets and is dialled again must not move
     # every piece's owner twice (each move costs mirror requests in flight).
-    member_grace: float = 5.0
+    # Under load a reset session takes 10-50 s to come back (median 17-22 s at
+    # N=16 on 2 cores, docs/benchmarks.md "The start race"); 5 s let most of
+    # them move every owner twice. A departed member is relayed meanwhile.
+    member_grace: float = 30.0
+    # A holder of nothing that has not said Interested (yet) is a first-copy
+    # member for this long from when it announced the manifest (or the fetch
+    # began): a fetcher's Interested answers our Announce a round trip later,
+    # and its share must not be taken from a mirror meanwhile (protocol/_membership.py).
+    first_round: float = 1.0
     # An introduced peer with a larger id waits this long for the smaller one
     # to dial (both dialling at once costs one of the two connections).
     intro_dial_delay: float = 1.0

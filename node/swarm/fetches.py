@@ -64,8 +64,18 @@ class Fetches:
         self._departed: dict[bytes, dict[str, tuple[float, bool]]] = {}
         # manifest -> holder named by peer exchange -> the peer that named it, until a departure names it
         self._gossiped: dict[bytes, dict[str, str]] = {}
-        self._settling: set[bytes] = set()  # manifests whose membership update from peer exchange is due
-        self.nursery: trio.Nursery | None = None
+        # manifest -> holder of nothing not (yet) Interested -> since when: a member for its first round
+        self._idle_since: dict[bytes, dict[str, float]] = {}
+        # membership updates that are due later: a grace or a first round ends, peer exchange settles
+        self._later = Later(self.update_membership)
+
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        return self._later.nursery
+
+    @nursery.setter
+    def nursery(self, nursery: trio.Nursery | None) -> None:
+        self._later.nursery = nursery
 
     # -- queries ---------------------------------------------------------------
     def get(self, manifest_id: bytes) -> FetchHandle | None:
@@ -106,7 +116,9 @@ class Fetches:
     def detach(self, manifest_id: bytes) -> None:
         self._fetches.pop(manifest_id, None)
         self._gossiped.pop(manifest_id, None)
+        self._idle_since.pop(manifest_id, None)
         self.attached_at.pop(manifest_id, None)
+        self._later.cancel(manifest_id)
         for s in list(self._sessions.values()):
             src = s.sources.pop(manifest_id, None)
             if src is not None:
@@ -208,21 +220,8 @@ class Fetches:
                 known[info.peer_id] = by
                 named += 1
                 changed = True
-        if not changed or mid in self._settling:
-            return
-        if self.nursery is None:
+        if changed and not self._later.at(mid, trio.current_time() + GOSSIP_SETTLE):
             self.update_membership(mid)
-            return
-        try:
-            self.nursery.start_soon(self._settle, mid)
-        except RuntimeError:  # the node is stopping (its nursery closed)
-            return
-        self._settling.add(mid)
-
-    async def _settle(self, mid: bytes) -> None:
-        await trio.sleep(GOSSIP_SETTLE)
-        self._settling.discard(mid)
-        self.update_membership(mid)
 
     # -- bans ------------------------------------------------------------------
     def ban(self, peer_id: str, manifest_id: bytes, why: str, duration: float | None = None) -> None:
@@ -283,15 +282,26 @@ class Fetches:
             bf = s.bitfield(mid)
             if bf is not None and not s.closed:
                 holders.append((p, bf.complete))
+        now = trio.current_time()
+        was = self._idle_since.get(mid, {})  # since we know it announced nothing (or since the fetch began)
+        idle = self._idle_since[mid] = {p: was.get(p, now) for p, s in self._sessions.items() if is_idle(s, mid)}
         m = membership(
-            holders, self._departed.get(mid, {}), in_session=self._sessions.keys(),
-            banned=self._banned_now(mid), now=trio.current_time(), grace=self._config.member_grace,
-            idle=[p for p, s in self._sessions.items() if is_idle(s, mid)],
+            holders, self._departed.get(mid, {}), banned=self._banned_now(mid), now=now,
+            grace=self._config.member_grace, idle=idle, first_round=self._config.first_round,
         )
+        if log.isEnabledFor(logging.DEBUG) and (late := [p for p in was if p not in idle and p in m.peers]):
+            log.debug("%s: %s fetch it too, %s s after they announced it", mid.hex()[:16],
+                      ",".join(p[-6:] for p in late), ",".join(f"{now - was[p]:.3f}" for p in late))
         self._departed[mid] = m.departed
+        self._later.at(mid, m.next_change)
         banned = self._banned_now(mid)
-        relayed = [p for p in self._gossiped.get(mid, ()) if p not in self._sessions and p not in m.departed and p not in banned]
-        fetch.set_swarm(m.peers, m.complete, relayed)
+        # A gossiped peer in session counts directly once its Hello said what it holds; until then, relayed.
+        told = {p for p, s in self._sessions.items() if s.said_hello}
+        relayed = [p for p in self._gossiped.get(mid, ()) if p not in told and p not in m.departed and p not in banned]
+        # A departed member is relayed while its grace lasts: its pieces still reach us through others, and
+        # the first Have of one of them from anyone is its progress (protocol/_ownership.py, relayed members).
+        gone = m.departed
+        fetch.set_swarm([p for p in m.peers if p not in gone], [p for p in m.complete if p not in gone], [*relayed, *gone])
 
     def session_ended(self, s: Session) -> bool:
         """``s`` is gone: stop using it; holders of what we fetch stay members for the grace period.
@@ -304,19 +314,14 @@ class Fetches:
         s.aliases.clear()
         now = trio.current_time()
         redial = False
+        again = self._sessions.get(s.peer_id)  # a session that replaced this one (both dialled at once)
         for mid, bf in s.manifests().items():
-            if mid in self._fetches and s.peer_id not in self._sessions and not is_idle(s, mid):
-                redial = True
+            if mid in self._fetches and not is_idle(s, mid) and (again is None or again.bitfield(mid) is None):
+                redial = redial or again is None
                 self._departed.setdefault(mid, {})[s.peer_id] = (now, bf.complete)
-                if self.nursery is not None:
-                    self.nursery.start_soon(self._forget_departed, mid)
         for mid in list(self._fetches):
             self.update_membership(mid)
         return redial
-
-    async def _forget_departed(self, mid: bytes) -> None:
-        await trio.sleep(self._config.member_grace)
-        self.update_membership(mid)
 
     def post_claims(self, mid: bytes, indices: Sequence[int], only: Session | None = None) -> None:
         """Tell the peers fetching ``mid`` which pieces we just asked a mirror for (see FirstCopy.peer_claims)."""
@@ -328,6 +333,37 @@ class Fetches:
                 continue
             for k in range(0, len(indices), MAX_CLAIM):
                 s.post(Claim(mid, tuple(indices[k : k + MAX_CLAIM])))
+
+
+class Later:
+    """At most one pending call of ``call(mid)`` per manifest, at the earliest time asked for."""
+
+    def __init__(self, call: Callable[[bytes], None]) -> None:
+        self._call = call
+        self._due: dict[bytes, float] = {}  # manifest -> when its call is due (a task sleeps until then)
+        self.nursery: trio.Nursery | None = None
+
+    def at(self, mid: bytes, t: float) -> bool:
+        """Call for ``mid`` at ``t`` (or earlier, if already due earlier); False: no nursery to wait in."""
+        if self.nursery is None:
+            return False
+        if t == math.inf or self._due.get(mid, math.inf) <= t:
+            return True
+        try:
+            self.nursery.start_soon(self._then, mid, t)
+        except RuntimeError:  # the node is stopping (its nursery closed): nothing to update any more
+            return True
+        self._due[mid] = t
+        return True
+
+    def cancel(self, mid: bytes) -> None:
+        self._due.pop(mid, None)
+
+    async def _then(self, mid: bytes, t: float) -> None:
+        await trio.sleep_until(t)
+        if self._due.get(mid) == t:
+            del self._due[mid]
+            self._call(mid)
 
 
 def is_idle(s: Session, mid: bytes) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -20,12 +20,19 @@ from autoglm.node._store import PieceLocation
 from autoglm.node.errors import AutoglmError, StorageError
 from autoglm.protocol import Manifest
 from autoglm.protocol._bitfield import Bitfield
-from autoglm.protocol._control import MAX_ENVELOPE, MAX_MANIFESTS, ManifestState
+from autoglm.protocol._control import (
+    MAX_ENVELOPE,
+    MAX_MANIFESTS,
+    Announce,
+    ControlMessage,
+    ManifestState,
+)
 from autoglm.protocol._peerwire import RejectReason
 
 from .config import PeerBudget, PieceStore, SwarmStats
+from .session import Session
 
-__all__ = ["Grant", "Held", "Serving"]
+__all__ = ["Grant", "Held", "Serving", "tell", "withdraw"]
 
 log = logging.getLogger("autoglm.node.swarm")
 
@@ -192,6 +199,29 @@ class Grant:
         if self._open:
             self._open = False
             self._serving.conn_closed(self.peer_id)
+
+
+def tell(sessions: Iterable[Session], mid: bytes, msg: ControlMessage) -> None:
+    """``msg`` to every peer of ``sessions`` we announced ``mid`` to."""
+    for s in list(sessions):
+        if mid in s.announced:
+            s.post(msg)
+
+
+async def withdraw(held: Held, sessions: Mapping[str, Session], mid: bytes, gone: Callable[[bytes], None]) -> None:
+    """Pieces of ``mid`` were removed here (a version pruned by ``update --keep``): tell peers what is left.
+
+    Peers hear the new bitfield as an Announce; when nothing is left the
+    manifest is no longer held (not in a Hello) and ``gone(mid)`` runs first
+    (the swarm stops renewing its provider record in the DHT and drops it
+    from this node's own provider store).
+    """
+    state = await held.withdraw(mid)
+    if state is None:
+        return
+    if mid not in held:
+        gone(mid)
+    tell(sessions.values(), mid, Announce(state))
 
 
 class Serving:

@@ -71,7 +71,7 @@ from .config import FetchHandle, PieceStore, SwarmConfig, SwarmEvent, SwarmStats
 from .dialer import Dialer
 from .discovery import Discovery
 from .fetches import Fetches
-from .held import Held, Serving
+from .held import Held, Serving, tell, withdraw
 from .reverse import PEERWIRE_STREAM_ID, REVERSE_PROTOCOL_ID, Reverse, may_be_unreachable
 from .session import PeerSource, Session
 
@@ -159,32 +159,19 @@ class Swarm:
     def piece_verified(self, manifest_id: bytes, index: int) -> None:
         """A piece is durable and verified here: tell every peer."""
         if self.held.add_piece(manifest_id, index):
-            self._tell(manifest_id, Have(manifest_id, index))
-
-    def _tell(self, mid: bytes, msg: ControlMessage) -> None:
-        """``msg`` to every peer we announced ``mid`` to."""
-        for s in list(self.sessions.values()):
-            if mid in s.announced:
-                s.post(msg)
+            tell(self.sessions.values(), manifest_id, Have(manifest_id, index))
 
     async def refresh_held(self, mid: bytes) -> None:
         """Re-read a manifest's verified pieces from the store."""
         await self.held.refresh(mid)
 
     async def withdraw(self, mid: bytes) -> None:
-        """Pieces of ``mid`` were removed here (a version pruned by ``update --keep``): tell peers what is left.
+        """Pieces of ``mid`` were removed here: tell peers what is left (see :func:`.held.withdraw`)."""
+        await withdraw(self.held, self.sessions, mid, self._unprovide)
 
-        Peers hear the new bitfield as an Announce; when nothing is left the
-        manifest is no longer held (not in a Hello, its provider record no longer
-        renewed in the DHT and dropped from this node's own provider store).
-        """
-        state = await self.held.withdraw(mid)
-        if state is None:
-            return
-        if mid not in self.held:
-            self.discovery.forget(mid)
-            self.p2p.unprovide_manifest(mid)
-        self._tell(mid, Announce(state))
+    def _unprovide(self, mid: bytes) -> None:
+        self.discovery.forget(mid)
+        self.p2p.unprovide_manifest(mid)
 
     # -- fetching ------------------------------------------------------------------
     def attach(self, manifest_id: bytes, fetch: FetchHandle) -> None:

@@ -19,30 +19,28 @@ GRACE = 5.0
 
 
 @pytest.mark.parametrize(
-    ("holders", "departed", "in_session", "banned", "now", "peers", "complete", "kept"),
+    ("holders", "departed", "banned", "now", "peers", "complete", "kept"),
     [
         # fetching and complete holders, split
-        ([("a", False), ("b", True)], {}, "ab", "", 0.0, "a", "b", ""),
+        ([("a", False), ("b", True)], {}, "", 0.0, "a", "b", ""),
         # a banned holder is no member
-        ([("a", False), ("b", False)], {}, "ab", "b", 0.0, "a", "", ""),
+        ([("a", False), ("b", False)], {}, "b", 0.0, "a", "", ""),
         # a departed peer stays, as it was, within the grace ...
-        ([], {"c": (10.0, True)}, "", "", 14.9, "", "c", "c"),
-        ([], {"c": (10.0, False)}, "", "", 14.9, "c", "", "c"),
+        ([], {"c": (10.0, True)}, "", 14.9, "", "c", "c"),
+        ([], {"c": (10.0, False)}, "", 14.9, "c", "", "c"),
         # ... and leaves when it is over, exactly then
-        ([], {"c": (10.0, False)}, "", "", 15.0, "", "", ""),
-        # back in session: counted as a holder only (once), not as departed
-        ([("c", False)], {"c": (10.0, True)}, "c", "", 11.0, "c", "", ""),
-        # back in session without the manifest: gone
-        ([], {"c": (10.0, True)}, "c", "", 11.0, "", "", ""),
+        ([], {"c": (10.0, False)}, "", 15.0, "", "", ""),
+        # announced again on a new session: counted as a holder only (once), not as departed
+        ([("c", False)], {"c": (10.0, True)}, "", 11.0, "c", "", ""),
         # banned while departed: gone
-        ([], {"c": (10.0, False)}, "", "c", 11.0, "", "", ""),
+        ([], {"c": (10.0, False)}, "c", 11.0, "", "", ""),
     ],
 )
 def test_membership_table(
-    holders: list[tuple[str, bool]], departed: dict[str, tuple[float, bool]], in_session: str, banned: str,
+    holders: list[tuple[str, bool]], departed: dict[str, tuple[float, bool]], banned: str,
     now: float, peers: str, complete: str, kept: str,
 ) -> None:
-    m = membership(holders, departed, in_session=set(in_session), banned=set(banned), now=now, grace=GRACE)
+    m = membership(holders, departed, banned=set(banned), now=now, grace=GRACE)
     assert (m.peers, m.complete, set(m.departed)) == (tuple(peers), tuple(complete), set(kept))
 
 
@@ -52,23 +50,21 @@ _peer = st.sampled_from("abcdefgh")
 @given(
     holders=st.dictionaries(_peer, st.booleans()),
     departed=st.dictionaries(_peer, st.tuples(st.floats(0, 100), st.booleans())),
-    others=st.sets(_peer),
     banned=st.sets(_peer),
     now=st.floats(0, 200),
 )
 def test_membership_properties(
-    holders: dict[str, bool], departed: dict[str, tuple[float, bool]], others: set[str], banned: set[str], now: float
+    holders: dict[str, bool], departed: dict[str, tuple[float, bool]], banned: set[str], now: float
 ) -> None:
-    in_session = set(holders) | others
-    m = membership(holders.items(), departed, in_session=in_session, banned=banned, now=now, grace=GRACE)
+    m = membership(holders.items(), departed, banned=banned, now=now, grace=GRACE)
     members = m.peers + m.complete
     assert len(members) == len(set(members)), "a peer counted twice"
     assert not set(members) & banned
     for p in members:
         assert p in holders or (p in m.departed and now - departed[p][0] < GRACE)
-    assert set(m.departed) <= set(departed) - in_session
+    assert set(m.departed) <= set(departed) - set(holders)
     # Applying it again (same now) changes nothing: the kept departed are exactly those still due.
-    again = membership(holders.items(), m.departed, in_session=in_session, banned=banned, now=now, grace=GRACE)
+    again = membership(holders.items(), m.departed, banned=banned, now=now, grace=GRACE)
     assert again == m
 
 

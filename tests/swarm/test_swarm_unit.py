@@ -59,7 +59,7 @@ def _session_with_peer_b(nursery: trio.Nursery, swarm: Swarm) -> tuple[MemContro
 @pytest.fixture
 def swarm(tmp_path: Path) -> Swarm:
     store = Store(tmp_path)
-    return Swarm(None, store, SwarmConfig(keepalive_interval=15, idle_timeout=45, member_grace=0.3))  # type: ignore[arg-type]
+    return Swarm(None, store, SwarmConfig(keepalive_interval=15, idle_timeout=45, member_grace=0.3, first_round=0.3))  # type: ignore[arg-type]
 
 
 async def test_session_keepalive_idle_timeout_and_unchoke(swarm: Swarm, autojump_clock: trio.testing.MockClock) -> None:
@@ -237,11 +237,16 @@ async def test_fetchers_share_the_first_copy(swarm: Swarm) -> None:
     assert fetch.swarms == [set()]
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
+            swarm.use_nursery(nursery)
             theirs, peer = _session_with_peer_b(nursery, swarm)
             assert isinstance(await _next(peer, theirs), Hello)
             await theirs.send_all(peer.send(Hello((ManifestState(mid, 2, b"\x00"),), None, b"t" * 16), trio.current_time()))
             await trio.testing.wait_all_tasks_blocked()
-            # Nothing of it and not fetching it (the publisher's node keeping an envelope): no member yet
+            # Nothing of it and no Interested yet: a member for its first round (a fetcher's
+            # Interested answers our Announce a round trip later) ...
+            assert fetch.swarms[-1] == {"peerB"}
+            await trio.sleep(swarm.config.first_round + 0.1)
+            # ... then, still not fetching it (the publisher's node keeping an envelope), no member
             assert fetch.swarms[-1] == set()
             await theirs.send_all(peer.send(Interested(mid), trio.current_time()))  # it fetches
             await trio.testing.wait_all_tasks_blocked()
@@ -252,14 +257,48 @@ async def test_fetchers_share_the_first_copy(swarm: Swarm) -> None:
             await theirs.send_all(peer.send(Have(mid, 1), trio.current_time()))  # now complete
             await trio.testing.wait_all_tasks_blocked()
             assert fetch.swarms[-1] == set() and fetch.complete[-1] == {"peerB"}
-            swarm.use_nursery(nursery)
             await theirs.aclose()
             await trio.testing.wait_all_tasks_blocked()
             # Gone: it stays a member for member_grace (a reset stream dialled again
-            # must not move every owner twice), then leaves.
-            assert "peerB" not in swarm.sessions and fetch.complete[-1] == {"peerB"}
+            # must not move every owner twice), relayed (its pieces reach us through
+            # others), then leaves.
+            assert "peerB" not in swarm.sessions and fetch.complete[-1] == set() and fetch.relayed[-1] == {"peerB"}
             await trio.sleep(swarm.config.member_grace + 0.1)
-            assert fetch.swarms[-1] == set() and fetch.complete[-1] == set()
+            assert fetch.swarms[-1] == set() and fetch.complete[-1] == set() and fetch.relayed[-1] == set()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_member_whose_session_reset_stays_until_it_announces_again(swarm: Swarm) -> None:
+    """Dialled again, its new Hello still on its way: still a member (before, it left the members until
+    the Hello came, and every piece's owner moved twice); not announced by the end of the grace: gone."""
+    from autoglm.protocol._control import Interested
+
+    mid = b"\x0e" * 32
+    swarm.start_holding(mid, 2)
+    fetch = RecordingFetch()
+    swarm.attach(mid, fetch)
+    hello = Hello((ManifestState(mid, 2, b"\x00"),), None, b"t" * 16)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            swarm.use_nursery(nursery)
+            theirs, peer = _session_with_peer_b(nursery, swarm)
+            assert isinstance(await _next(peer, theirs), Hello)
+            await theirs.send_all(peer.send(hello, trio.current_time()))
+            await theirs.send_all(peer.send(Interested(mid), trio.current_time()))
+            await trio.testing.wait_all_tasks_blocked()
+            assert fetch.swarms[-1] == {"peerB"}
+            await theirs.aclose()  # the stream reset ...
+            await trio.testing.wait_all_tasks_blocked()
+            again, peer = _session_with_peer_b(nursery, swarm)  # ... and peerB dialled again at once
+            assert isinstance(await _next(peer, again), Hello)
+            swarm.fetches.update_membership(mid)  # as any other peer's Announce or Interested does meanwhile
+            assert "peerB" in swarm.sessions and fetch.relayed[-1] == {"peerB"}  # still a member (relayed)
+            await trio.sleep(swarm.config.member_grace + 0.1)
+            assert fetch.swarms[-1] == set() and fetch.relayed[-1] == set()  # in session, never said it holds it
+            await again.send_all(peer.send(hello, trio.current_time()))
+            await again.send_all(peer.send(Interested(mid), trio.current_time()))
+            await trio.testing.wait_all_tasks_blocked()
+            assert fetch.swarms[-1] == {"peerB"}
             nursery.cancel_scope.cancel()
 
 

@@ -75,7 +75,7 @@ def test_rollout_wait_always_ends_and_rechecks_in_the_future(
 def test_idle_announcers_are_no_first_copy_members(
     holders: list[tuple[str, bool]], idle: str, peers: str, complete: str
 ) -> None:
-    m = membership(holders, {}, in_session={p for p, _ in holders}, banned=set(), now=0.0, grace=5.0, idle=set(idle))
+    m = membership(holders, {}, banned=set(), now=0.0, grace=5.0, idle=set(idle))
     assert (m.peers, m.complete) == (tuple(peers), tuple(complete))
 
 
