@@ -197,18 +197,16 @@ class KadClient:
         return [(str(p), key_point(p.to_bytes())) for p in peers]
 
     async def _walk(self, key: bytes, kind: int = _FIND_NODE,
-                    on_reply: Callable[[Lookup, Any], None] | None = None, budget: float | None = None,
+                    on_reply: Callable[[Lookup, str, Any], None] | None = None, budget: float | None = None,
                     need: int | None = None) -> Lookup:
         """An iterative lookup of ``key`` (FIND_NODE, or GET_PROVIDERS with ``on_reply``), bounded by its budget."""
         params = _LOOKUP if budget is None else dataclasses.replace(_LOOKUP, budget=budget)
-        lookup = Lookup(key_point(key), self._seeds(key), trio.current_time(), params, exclude=[self._peer_id])
-        if need is not None:
-            lookup.need = need
+        lookup = Lookup(key_point(key), self._seeds(key), trio.current_time(), params, exclude=[self._peer_id], need=need)
 
         async def ask(peer: str) -> list[tuple[str, bytes]]:
             reply = await self._kad_rpc(peer, kind, key)
             if on_reply is not None:
-                on_reply(lookup, reply)
+                on_reply(lookup, peer, reply)
             return [(p.peer_id, key_point(ID.from_base58(p.peer_id).to_bytes())) for p in self._learn(reply.closerPeers)]
 
         await run_lookup(lookup, ask)
@@ -277,10 +275,26 @@ class KadClient:
     # -- provider records ----------------------------------------------------------
     async def provide(self, key: str) -> bool:
         """Our provider record for ``key`` (a string key, as the ``*_provider_key`` functions make),
-        stored locally and on the k closest peers the walk knows of."""
+        stored locally and on the k closest peers a full walk finds.
+
+        The walk is a full one (it ends when the k closest live peers it knows
+        have answered, or all it can reach): a walk that stopped at the beta
+        closest left records on whichever peers a young routing table led it
+        to, and a later GET_PROVIDERS walk could miss them. On a loaded
+        machine a full walk can take its whole 15 s budget, after which
+        ADD_PROVIDERs to peers it has not spoken to for a while may not get a
+        stream within their 5 s (a 12-host test with four copies in parallel
+        placed no record that way). So each peer that answers while it is
+        among the k closest the walk knows gets the record at once, on the
+        connection that just answered; when the walk ends, the k closest it
+        knows that have not got it yet (all of them if the walk was cut by
+        its budget, those not known to have failed) get it too. A few peers
+        that later fall out of the k closest hold a spare record.
+        """
         kb = _encode_key(key)  # the key bytes earlier versions used
         self._dht.provider_store.add_provider(kb, PeerInfo(self._host.get_id(), self._host.get_addrs()))
         sent = 0
+        placed: set[str] = set()
 
         message = self._kad_message(_ADD_PROVIDER, kb)
         me = message.providerPeers.add()
@@ -291,18 +305,30 @@ class KadClient:
         async def one(peer: str) -> None:
             # Fire and forget, as py-libp2p and Kubo do: no echo is read.
             nonlocal sent
-            try:
-                await self._kad_send(ID.from_base58(peer), message, None)
-                sent += 1
-            except SourceError as exc:
-                log.debug("ADD_PROVIDER to %s failed: %r", peer, exc)
+            with trio.move_on_after(PEER_QUERY_TIMEOUT):
+                try:
+                    await self._kad_send(ID.from_base58(peer), message, None)
+                    sent += 1
+                except SourceError as exc:
+                    log.debug("ADD_PROVIDER to %s failed: %r", peer, exc)
 
-        # The walk's budget (15 s) ends it early enough that the records go out within 20 s.
-        lookup = await self._walk(kb)
-        with trio.move_on_after(PEER_QUERY_TIMEOUT):
-            async with trio.open_nursery() as nursery:
-                for peer in lookup.known_closest():
+        async with trio.open_nursery() as nursery:
+
+            def place(peer: str) -> None:
+                if peer not in placed:
+                    placed.add(peer)
                     nursery.start_soon(one, peer)
+
+            def on_reply(lookup: Lookup, peer: str, reply: Any) -> None:
+                if peer in lookup.known_closest():
+                    place(peer)
+
+            # The walk's budget (15 s) and the sends' 5 s keep a provide within 20 s.
+            lookup = await self._walk(kb, on_reply=on_reply, need=_LOOKUP.k)
+            for peer in lookup.known_closest():
+                place(peer)
+        log.debug("provide: walk of %d queries, %d answers%s; record sent to %d of %d peers",
+                  lookup.queries, lookup.answers, " (cut by its budget)" if lookup.timed_out else "", sent, len(placed))
         return sent > 0
 
     async def provide_manifest(self, manifest_id: bytes) -> bool:
@@ -330,33 +356,33 @@ class KadClient:
 
         py-libp2p's ``find_providers`` returns the local store alone when it
         holds any record for the key, so a holder (its own record is local)
-        never learnt of the others. The walk ends when the beta closest peers
-        it knows have answered (go-libp2p's rule; asking all k closest found
-        a few more holders in 16-node runs, but at 32 hosts on this machine
-        its ~20 queries per lookup ran past the 15 s budget), or at 20
-        providers.
+        never learnt of the others. The walk is a full one until it has a
+        provider (protocol/_kadlookup.py, ``Lookup.found``): it goes on past
+        the beta closest until the k closest have answered, so that a record
+        on any of the k closest is found; with a provider it ends once the
+        beta closest have answered, and at 20 providers at once.
         """
         kb = _encode_key(key)
+        me = self._peer_id
         found: dict[str, PeerAddr] = {}
         for info in self._dht.provider_store.get_providers(kb):
             found[str(info.peer_id)] = PeerAddr(str(info.peer_id), tuple(str(a) for a in info.addrs[:_MAX_ADDRS]))
 
-        def on_reply(lookup: Lookup, reply: Any) -> None:
-            providers = self._learn(reply.providerPeers)
-            for p in providers:
-                if len(found) < _MAX_PEERS_PER_ANSWER:
+        def others() -> int:
+            return len(found) - (me in found)
+
+        def on_reply(lookup: Lookup, peer: str, reply: Any) -> None:
+            for p in self._learn(reply.providerPeers):
+                if others() < _MAX_PEERS_PER_ANSWER:
                     found.setdefault(p.peer_id, p)
-            if len(found) >= _MAX_PEERS_PER_ANSWER:
-                lookup.need = 0
-            elif providers:
-                lookup.need = min(lookup.need, _LOOKUP.beta)
+            lookup.found(others(), _MAX_PEERS_PER_ANSWER)
 
         t0 = trio.current_time()
         with trio.move_on_after(DHT_TIMEOUT):
-            await self._walk(kb, _GET_PROVIDERS, on_reply)
+            await self._walk(kb, _GET_PROVIDERS, on_reply, need=_LOOKUP.beta if others() else _LOOKUP.k)
         if self.on_lookup is not None:
             self.on_lookup(trio.current_time() - t0)
-        found.pop(self._peer_id, None)
+        found.pop(me, None)
         return list(found.values())
 
     async def find_manifest_providers(self, manifest_id: bytes) -> list[PeerAddr]:

@@ -12,13 +12,23 @@ one silent peer costs one slot for ``query_timeout``, not the whole round
 (py-libp2p's own lookup waits for the slowest query of every round).
 
 The lookup is over when the ``need`` closest live peers it knows have all
-answered (``need`` starts at ``beta``: go-libp2p-kad-dht's resiliency, the
-number of closest peers that must respond for a query to end; a provider
-walk that has all the providers it wants sets it to 0), when nothing is left
-to ask, or when ``budget`` seconds have passed since it started. Requiring
-all ``k`` closest to answer instead costs about ``k`` queries per lookup
-however small the network: at 32 hosts to a 2-core machine that alone
-pushed provides past their bound.
+answered, when nothing is left to ask, or when ``budget`` seconds have passed
+since it started. ``need`` says what kind of walk it is:
+
+- ``beta`` (the default; go-libp2p-kad-dht's resiliency): a FIND_NODE walk
+  that wants the neighbourhood of the target, as the routing-table refresh
+  does. Cheap: at 32 hosts to a 2-core machine asking all ``k`` closest
+  pushed every walk past its budget.
+- ``k``: a *full* walk, which ends only when the ``k`` closest live peers it
+  knows (all it can reach, if fewer) have answered. ADD_PROVIDER uses it to
+  place records on the true ``k`` closest, and GET_PROVIDERS starts as one:
+  a record placed while its holder's routing table was still filling may sit
+  on any of the ``k`` closest, not on the ``beta`` closest (a 12-host test
+  failed that way once). :meth:`Lookup.found` then shortens it: the first
+  result drops ``need`` to ``beta`` (one more hop's worth of closer peers
+  may know more providers), ``enough`` results end it at once (``need`` 0),
+  as libp2p's provider lookups end on enough providers or the ``k`` closest
+  queried.
 
 Sans-IO: the caller passes ``now`` in, starts the queries that
 :meth:`Lookup.next_queries` returns, reports each outcome, and wakes up at
@@ -43,7 +53,7 @@ def key_point(data: bytes) -> bytes:
 class LookupParams:
     alpha: int = 3  # queries in flight
     k: int = 20  # closest peers a lookup converges on (and provider records go to)
-    beta: int = 3  # closest peers that must answer before a provider walk with results stops
+    beta: int = 3  # closest peers that must answer before a FIND_NODE walk (or a provider walk with results) stops
     query_timeout: float = 5.0  # one peer's answer
     budget: float = 15.0  # the whole lookup
     max_candidates: int = 80  # peers kept (the closest); a hostile answer cannot grow it further
@@ -56,9 +66,10 @@ class Lookup:
     """An iterative lookup of ``target`` (a 32-byte point), seeded with known peers."""
 
     def __init__(self, target: bytes, seeds: Iterable[tuple[str, bytes]], now: float,
-                 params: LookupParams = LookupParams(), exclude: Iterable[str] = ()) -> None:
+                 params: LookupParams = LookupParams(), exclude: Iterable[str] = (),
+                 need: int | None = None) -> None:
         self.params = params
-        self.need = params.beta
+        self.need = params.beta if need is None else need
         self._target = int.from_bytes(target, "big")
         self._dist: dict[str, int] = {}
         self._state: dict[str, int] = {}
@@ -92,6 +103,17 @@ class Lookup:
         self._sent.pop(peer, None)
         self.answers += 1
         self._add(closer)
+
+    def found(self, results: int, enough: int) -> None:
+        """The caller holds ``results`` results (providers) so far; it wants ``enough``.
+
+        Any result shortens a full walk to the ``beta`` closest; ``enough``
+        ends it at once. ``need`` never grows back.
+        """
+        if results >= enough:
+            self.need = 0
+        elif results > 0:
+            self.need = min(self.need, self.params.beta)
 
     def on_failure(self, peer: str, now: float) -> None:
         if self._state.get(peer) == _ASKED:
