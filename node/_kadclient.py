@@ -54,6 +54,7 @@ _REFRESH_INTERVAL = 600.0
 _REFRESH_JITTER = 2.0
 _REFRESH_BACKOFF = (1.0, 60.0)  # first and longest wait between start-up refreshes
 _REFRESH_STABLE = 2  # start-up refreshes in a row that added nobody before the slow pace
+_DIAL_TIMEOUT = 20.0  # a dial a query started goes on this long in the background
 _MAX_PEERS_PER_ANSWER = 20
 _MAX_ADDRS = 8
 _ADDR_TTL = 3600
@@ -93,6 +94,9 @@ class KadClient:
         self._dht = dht
         self._connect = connect
         self.on_lookup = on_lookup
+        # Dials our queries started, by peer, while they run (refresh_routing's nursery holds them).
+        self._dials: dict[ID, trio.Event] = {}
+        self._background: trio.Nursery | None = None
 
     @property
     def _peer_id(self) -> str:
@@ -167,11 +171,43 @@ class KadClient:
         pipe. That failure drops the dead connection, so the second try dials.
         In 16-host runs most failed queries were this.
         """
+        await self._connection(pid)
         try:
             return await self._host.new_stream(pid, [KAD_PROTOCOL_ID])
         except (BaseLibp2pError, OSError) as exc:
             log.debug("DHT stream to %s failed (%r); trying a fresh connection", pid, exc)
         return await self._host.new_stream(pid, [KAD_PROTOCOL_ID])
+
+    async def _connection(self, pid: ID) -> None:
+        """Wait for a connection to ``pid``, dialling it in the background if there is none.
+
+        The dial is not the query's: it goes on for up to 20 s after the
+        query that started it gave up at its 5 s (and is shared by every walk
+        of this host that wants the same peer). On a loaded machine a new
+        connection (TCP, Noise, yamux, identify, all in Python) took 0.3-8 s;
+        dialled inside the query, one that took longer than 5 s was thrown
+        away with it, and the next walk to that peer started again from
+        nothing. Raises SourceError if the dial failed.
+        """
+        if self._background is None or self._host.get_network().connections.get(pid):
+            return
+        event = self._dials.get(pid)
+        if event is None:
+            event = self._dials[pid] = trio.Event()
+            self._background.start_soon(self._dial, pid, event)
+        await event.wait()
+        if not self._host.get_network().connections.get(pid):
+            raise SourceError(f"DHT peer {pid} could not be dialled")
+
+    async def _dial(self, pid: ID, event: trio.Event) -> None:
+        try:
+            with trio.move_on_after(_DIAL_TIMEOUT):
+                await self._host.connect(PeerInfo(pid, self._host.get_peerstore().addrs(pid)))
+        except Exception as exc:  # py-libp2p's dial raises assorted types; a background task must not
+            log.debug("DHT dial to %s failed: %r", pid, exc)
+        finally:
+            del self._dials[pid]
+            event.set()
 
     def _learn(self, peers: Any) -> list[PeerAddr]:
         """Peers named in an answer (closer peers, providers): their addresses go to the peerstore."""
@@ -226,7 +262,14 @@ class KadClient:
         happened to query it. ``bootstrap`` (multiaddrs) is dialled again when
         the node finds itself alone.
         """
-        bootstrap = tuple(bootstrap)
+        async with trio.open_nursery() as background:
+            self._background = background
+            try:
+                await self._refresh_forever(tuple(bootstrap))
+            finally:
+                self._background = None
+
+    async def _refresh_forever(self, bootstrap: tuple[str, ...]) -> None:
         # A fleet booting together sends every first lookup to the same bootstrap
         # node, which resets DHT streams beyond 12 at once: spread the starts.
         await trio.sleep(random.random() * _REFRESH_JITTER)

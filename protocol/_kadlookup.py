@@ -30,6 +30,13 @@ since it started. ``need`` says what kind of walk it is:
   as libp2p's provider lookups end on enough providers or the ``k`` closest
   queried.
 
+A peer whose query ran out of its ``query_timeout`` (not one that failed
+outright) is asked once more, when the walk has nobody new to ask among the
+``k`` closest and time is left: on a loaded machine a live peer's answer
+took longer than 5 s often enough that a young node's provide walked to its
+only seed, timed out, and ended with nobody to send its record to, 10 s of
+its budget unused.
+
 Sans-IO: the caller passes ``now`` in, starts the queries that
 :meth:`Lookup.next_queries` returns, reports each outcome, and wakes up at
 :meth:`Lookup.next_deadline` to call :meth:`Lookup.handle_timer`.
@@ -75,6 +82,8 @@ class Lookup:
         self._state: dict[str, int] = {}
         self._sent: dict[str, float] = {}
         self._exclude = set(exclude)
+        self._retry: set[str] = set()  # timed out once: may be asked once more
+        self._retried: set[str] = set()
         self._deadline = now + params.budget
         self.timed_out = False
         self.queries = 0
@@ -124,6 +133,8 @@ class Lookup:
         for peer, sent in list(self._sent.items()):
             if now >= sent + self.params.query_timeout:
                 self.on_failure(peer, now)
+                if peer not in self._retried:
+                    self._retry.add(peer)
         if now >= self._deadline:
             self.timed_out = True
 
@@ -146,7 +157,19 @@ class Lookup:
                 self.queries += 1
                 out.append(peer)
                 slots -= 1
+        if slots > 0 and not self._has_new():
+            # Nobody new to ask: a peer that only ran out of time gets one more try, closest first.
+            for peer in sorted(self._retry, key=self._dist.__getitem__)[:slots]:
+                self._retry.discard(peer)
+                self._retried.add(peer)
+                self._state[peer] = _ASKED
+                self._sent[peer] = now
+                self.queries += 1
+                out.append(peer)
         return out
+
+    def _has_new(self) -> bool:
+        return any(self._state[p] == _NEW for p in self._live()[: self.params.k])
 
     def next_deadline(self) -> float:
         return min([self._deadline, *(t + self.params.query_timeout for t in self._sent.values())])
@@ -155,12 +178,15 @@ class Lookup:
     def done(self) -> bool:
         if self.timed_out:
             return True
-        live = self._live()
-        closest = live[: self.need]
-        if all(self._state[p] == _ANSWERED for p in closest):
+        if self.need <= 0:
             return True
-        # Nothing left to ask and nothing in flight: the walk cannot get further.
-        return not self._sent and not any(self._state[p] == _NEW for p in live[: self.params.k])
+        closest = self._live()[: self.need]
+        if closest and all(self._state[p] == _ANSWERED for p in closest):
+            # Fewer live peers than it needs: not over while a timed-out peer may yet answer.
+            if len(closest) >= self.need or not self._retry:
+                return True
+        # Nothing left to ask (or to ask again) and nothing in flight: the walk cannot get further.
+        return not self._sent and not self._retry and not self._has_new()
 
     def closest(self, count: int | None = None) -> list[str]:
         """The closest peers that answered, nearest first."""

@@ -254,3 +254,41 @@ def test_a_provider_walk_finds_a_record_on_any_of_the_k_closest(n: int, seed: in
     lookup, found, asked = _provider_walk(net, target, seeds, {holder}, params, silent)
     assert found, (holder, asked)
     assert not lookup.timed_out
+
+
+def test_a_peer_that_only_timed_out_is_asked_once_more_when_nobody_new_is_left() -> None:
+    # A young node knows one peer, which is slow (live, but its first answer came after 5 s).
+    target = key_point(b"k")
+    lookup = Lookup(target, [("slow", key_point(b"slow"))], 0.0, P, need=P.k)
+    assert lookup.next_queries(0.0) == ["slow"]
+    lookup.handle_timer(5.0)
+    assert not lookup.done
+    assert lookup.next_queries(5.0) == ["slow"]  # asked again: the budget has 10 s left
+    lookup.on_response("slow", [("other", key_point(b"other"))], 6.0)
+    assert lookup.closest() == ["slow"] and lookup.next_queries(6.0) == ["other"]
+    lookup.handle_timer(11.0)  # "other" ran out of time: asked again too
+    assert lookup.next_queries(11.0) == ["other"]
+    lookup.handle_timer(15.0)
+    assert lookup.done and lookup.timed_out
+
+
+def test_a_second_timeout_or_an_outright_failure_is_final() -> None:
+    target = key_point(b"k")
+    lookup = Lookup(target, [("slow", key_point(b"slow")), ("dead", key_point(b"dead"))], 0.0,
+                    LookupParams(alpha=3, k=8, beta=3, query_timeout=5.0, budget=60.0, max_candidates=32))
+    assert sorted(lookup.next_queries(0.0)) == ["dead", "slow"]
+    lookup.on_failure("dead", 0.1)  # refused: not asked again
+    lookup.handle_timer(5.0)
+    assert lookup.next_queries(5.0) == ["slow"]
+    lookup.handle_timer(10.0)
+    assert lookup.next_queries(10.0) == [] and lookup.done and not lookup.timed_out
+
+
+def test_new_peers_go_before_a_retry() -> None:
+    net = _net(30)
+    target = key_point(b"k")
+    seeds = _closest(net, target, 4)
+    lookup = Lookup(target, [(p, net[p]) for p in seeds], 0.0, P, need=P.k)
+    assert len(lookup.next_queries(0.0)) == 3
+    lookup.handle_timer(5.0)  # all three ran out of time; the 4th seed is new
+    assert lookup.next_queries(5.0)[0] == seeds[3]
