@@ -421,8 +421,12 @@ class KadClient:
             lookup.found(others(), _MAX_PEERS_PER_ANSWER)
 
         t0 = trio.current_time()
+        lookup: Lookup | None = None
         with trio.move_on_after(DHT_TIMEOUT):
-            await self._walk(kb, _GET_PROVIDERS, on_reply, need=_LOOKUP.beta if others() else _LOOKUP.k)
+            lookup = await self._walk(kb, _GET_PROVIDERS, on_reply, need=_LOOKUP.beta if others() else _LOOKUP.k)
+        if lookup is not None:
+            log.debug("find providers: walk of %d queries, %d answers%s; %d providers", lookup.queries, lookup.answers,
+                      " (cut by its budget)" if lookup.timed_out else "", others())
         if self.on_lookup is not None:
             self.on_lookup(trio.current_time() - t0)
         found.pop(me, None)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from autoglm.node._kadclient import manifest_provider_key
+from autoglm.node._kadclient import PeerAddr, manifest_provider_key
 from autoglm.node._p2p import P2PNode, open_p2p
 
 logging.getLogger("libp2p").setLevel(logging.CRITICAL)
@@ -52,14 +52,18 @@ async def test_a_provider_is_found_over_a_multi_hop_walk(tmp_path: Path) -> None
             assert {holder_a.peer_id, holder_b.peer_id}.isdisjoint(seeker.connected_peers())
             assert not _holds_record(seeker, mid) and not _holds_record(via, mid)
 
-            # One walk finds a holder: a GET_PROVIDERS walk without providers goes on past the
-            # 3 closest until the k closest (here: everyone it can reach) have answered. A holder
-            # that provided right after joining placed its record on the few peers its young
-            # routing table led to, which need not be the searcher's 3 closest (the walk used to
-            # stop there, and the test asked up to 3 times). Once it has a provider the walk ends
-            # with the 3 closest, so both holders in one walk is not promised when one record
-            # sits on a far peer only: the node's discovery asks again, and holders provide again
-            # as their tables grow (node/swarm/discovery.py).
-            found = {p.peer_id: p for p in await seeker.find_manifest_providers(mid)}
-            assert found and set(found) <= {holder_a.peer_id, holder_b.peer_id}
+            # A node's discovery asks again while it still lacks holders (node/swarm/discovery.py);
+            # so may the test, up to three walks. A GET_PROVIDERS walk without providers now goes
+            # on past the 3 closest until the k closest (here: everyone it reaches) have answered,
+            # so a record that a holder placed while its routing table was young (on the few peers
+            # that table led to) is found; but once a walk has a provider it ends with the 3
+            # closest, so both holders from one walk are not promised, and on a loaded machine
+            # (two copies of this test at load 12: 2 of 6 single walks found nobody in 15 s) a walk
+            # can run out of budget on a chain of slow hops.
+            found: dict[str, PeerAddr] = {}
+            for _ in range(3):
+                found.update({p.peer_id: p for p in await seeker.find_manifest_providers(mid)})
+                if {holder_a.peer_id, holder_b.peer_id} <= set(found):
+                    break
+            assert set(found) == {holder_a.peer_id, holder_b.peer_id}
             assert all(p.addrs for p in found.values())  # dialable: the answer carried their addresses
