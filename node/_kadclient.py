@@ -54,6 +54,7 @@ _REFRESH_INTERVAL = 600.0
 _REFRESH_JITTER = 2.0
 _REFRESH_BACKOFF = (1.0, 60.0)  # first and longest wait between start-up refreshes
 _REFRESH_STABLE = 2  # start-up refreshes in a row that added nobody before the slow pace
+_DIAL_TIMEOUT = 20.0  # a dial a query started goes on this long in the background
 _MAX_PEERS_PER_ANSWER = 20
 _MAX_ADDRS = 8
 _ADDR_TTL = 3600
@@ -93,6 +94,9 @@ class KadClient:
         self._dht = dht
         self._connect = connect
         self.on_lookup = on_lookup
+        # Dials our queries started, by peer, while they run (refresh_routing's nursery holds them).
+        self._dials: dict[ID, trio.Event] = {}
+        self._background: trio.Nursery | None = None
 
     @property
     def _peer_id(self) -> str:
@@ -167,11 +171,43 @@ class KadClient:
         pipe. That failure drops the dead connection, so the second try dials.
         In 16-host runs most failed queries were this.
         """
+        await self._connection(pid)
         try:
             return await self._host.new_stream(pid, [KAD_PROTOCOL_ID])
         except (BaseLibp2pError, OSError) as exc:
             log.debug("DHT stream to %s failed (%r); trying a fresh connection", pid, exc)
         return await self._host.new_stream(pid, [KAD_PROTOCOL_ID])
+
+    async def _connection(self, pid: ID) -> None:
+        """Wait for a connection to ``pid``, dialling it in the background if there is none.
+
+        The dial is not the query's: it goes on for up to 20 s after the
+        query that started it gave up at its 5 s (and is shared by every walk
+        of this host that wants the same peer). On a loaded machine a new
+        connection (TCP, Noise, yamux, identify, all in Python) took 0.3-8 s;
+        dialled inside the query, one that took longer than 5 s was thrown
+        away with it, and the next walk to that peer started again from
+        nothing. Raises SourceError if the dial failed.
+        """
+        if self._background is None or self._host.get_network().connections.get(pid):
+            return
+        event = self._dials.get(pid)
+        if event is None:
+            event = self._dials[pid] = trio.Event()
+            self._background.start_soon(self._dial, pid, event)
+        await event.wait()
+        if not self._host.get_network().connections.get(pid):
+            raise SourceError(f"DHT peer {pid} could not be dialled")
+
+    async def _dial(self, pid: ID, event: trio.Event) -> None:
+        try:
+            with trio.move_on_after(_DIAL_TIMEOUT):
+                await self._host.connect(PeerInfo(pid, self._host.get_peerstore().addrs(pid)))
+        except Exception as exc:  # py-libp2p's dial raises assorted types; a background task must not
+            log.debug("DHT dial to %s failed: %r", pid, exc)
+        finally:
+            del self._dials[pid]
+            event.set()
 
     def _learn(self, peers: Any) -> list[PeerAddr]:
         """Peers named in an answer (closer peers, providers): their addresses go to the peerstore."""
@@ -197,18 +233,16 @@ class KadClient:
         return [(str(p), key_point(p.to_bytes())) for p in peers]
 
     async def _walk(self, key: bytes, kind: int = _FIND_NODE,
-                    on_reply: Callable[[Lookup, Any], None] | None = None, budget: float | None = None,
+                    on_reply: Callable[[Lookup, str, Any], None] | None = None, budget: float | None = None,
                     need: int | None = None) -> Lookup:
         """An iterative lookup of ``key`` (FIND_NODE, or GET_PROVIDERS with ``on_reply``), bounded by its budget."""
         params = _LOOKUP if budget is None else dataclasses.replace(_LOOKUP, budget=budget)
-        lookup = Lookup(key_point(key), self._seeds(key), trio.current_time(), params, exclude=[self._peer_id])
-        if need is not None:
-            lookup.need = need
+        lookup = Lookup(key_point(key), self._seeds(key), trio.current_time(), params, exclude=[self._peer_id], need=need)
 
         async def ask(peer: str) -> list[tuple[str, bytes]]:
             reply = await self._kad_rpc(peer, kind, key)
             if on_reply is not None:
-                on_reply(lookup, reply)
+                on_reply(lookup, peer, reply)
             return [(p.peer_id, key_point(ID.from_base58(p.peer_id).to_bytes())) for p in self._learn(reply.closerPeers)]
 
         await run_lookup(lookup, ask)
@@ -228,7 +262,14 @@ class KadClient:
         happened to query it. ``bootstrap`` (multiaddrs) is dialled again when
         the node finds itself alone.
         """
-        bootstrap = tuple(bootstrap)
+        async with trio.open_nursery() as background:
+            self._background = background
+            try:
+                await self._refresh_forever(tuple(bootstrap))
+            finally:
+                self._background = None
+
+    async def _refresh_forever(self, bootstrap: tuple[str, ...]) -> None:
         # A fleet booting together sends every first lookup to the same bootstrap
         # node, which resets DHT streams beyond 12 at once: spread the starts.
         await trio.sleep(random.random() * _REFRESH_JITTER)
@@ -277,10 +318,26 @@ class KadClient:
     # -- provider records ----------------------------------------------------------
     async def provide(self, key: str) -> bool:
         """Our provider record for ``key`` (a string key, as the ``*_provider_key`` functions make),
-        stored locally and on the k closest peers the walk knows of."""
+        stored locally and on the k closest peers a full walk finds.
+
+        The walk is a full one (it ends when the k closest live peers it knows
+        have answered, or all it can reach): a walk that stopped at the beta
+        closest left records on whichever peers a young routing table led it
+        to, and a later GET_PROVIDERS walk could miss them. On a loaded
+        machine a full walk can take its whole 15 s budget, after which
+        ADD_PROVIDERs to peers it has not spoken to for a while may not get a
+        stream within their 5 s (a 12-host test with four copies in parallel
+        placed no record that way). So each peer that answers while it is
+        among the k closest the walk knows gets the record at once, on the
+        connection that just answered; when the walk ends, the k closest it
+        knows that have not got it yet (all of them if the walk was cut by
+        its budget, those not known to have failed) get it too. A few peers
+        that later fall out of the k closest hold a spare record.
+        """
         kb = _encode_key(key)  # the key bytes earlier versions used
         self._dht.provider_store.add_provider(kb, PeerInfo(self._host.get_id(), self._host.get_addrs()))
         sent = 0
+        placed: set[str] = set()
 
         message = self._kad_message(_ADD_PROVIDER, kb)
         me = message.providerPeers.add()
@@ -291,18 +348,30 @@ class KadClient:
         async def one(peer: str) -> None:
             # Fire and forget, as py-libp2p and Kubo do: no echo is read.
             nonlocal sent
-            try:
-                await self._kad_send(ID.from_base58(peer), message, None)
-                sent += 1
-            except SourceError as exc:
-                log.debug("ADD_PROVIDER to %s failed: %r", peer, exc)
+            with trio.move_on_after(PEER_QUERY_TIMEOUT):
+                try:
+                    await self._kad_send(ID.from_base58(peer), message, None)
+                    sent += 1
+                except SourceError as exc:
+                    log.debug("ADD_PROVIDER to %s failed: %r", peer, exc)
 
-        # The walk's budget (15 s) ends it early enough that the records go out within 20 s.
-        lookup = await self._walk(kb)
-        with trio.move_on_after(PEER_QUERY_TIMEOUT):
-            async with trio.open_nursery() as nursery:
-                for peer in lookup.known_closest():
+        async with trio.open_nursery() as nursery:
+
+            def place(peer: str) -> None:
+                if peer not in placed:
+                    placed.add(peer)
                     nursery.start_soon(one, peer)
+
+            def on_reply(lookup: Lookup, peer: str, reply: Any) -> None:
+                if peer in lookup.known_closest():
+                    place(peer)
+
+            # The walk's budget (15 s) and the sends' 5 s keep a provide within 20 s.
+            lookup = await self._walk(kb, on_reply=on_reply, need=_LOOKUP.k)
+            for peer in lookup.known_closest():
+                place(peer)
+        log.debug("provide: walk of %d queries, %d answers%s; record sent to %d of %d peers",
+                  lookup.queries, lookup.answers, " (cut by its budget)" if lookup.timed_out else "", sent, len(placed))
         return sent > 0
 
     async def provide_manifest(self, manifest_id: bytes) -> bool:
@@ -330,33 +399,37 @@ class KadClient:
 
         py-libp2p's ``find_providers`` returns the local store alone when it
         holds any record for the key, so a holder (its own record is local)
-        never learnt of the others. The walk ends when the beta closest peers
-        it knows have answered (go-libp2p's rule; asking all k closest found
-        a few more holders in 16-node runs, but at 32 hosts on this machine
-        its ~20 queries per lookup ran past the 15 s budget), or at 20
-        providers.
+        never learnt of the others. The walk is a full one until it has a
+        provider (protocol/_kadlookup.py, ``Lookup.found``): it goes on past
+        the beta closest until the k closest have answered, so that a record
+        on any of the k closest is found; with a provider it ends once the
+        beta closest have answered, and at 20 providers at once.
         """
         kb = _encode_key(key)
+        me = self._peer_id
         found: dict[str, PeerAddr] = {}
         for info in self._dht.provider_store.get_providers(kb):
             found[str(info.peer_id)] = PeerAddr(str(info.peer_id), tuple(str(a) for a in info.addrs[:_MAX_ADDRS]))
 
-        def on_reply(lookup: Lookup, reply: Any) -> None:
-            providers = self._learn(reply.providerPeers)
-            for p in providers:
-                if len(found) < _MAX_PEERS_PER_ANSWER:
+        def others() -> int:
+            return len(found) - (me in found)
+
+        def on_reply(lookup: Lookup, peer: str, reply: Any) -> None:
+            for p in self._learn(reply.providerPeers):
+                if others() < _MAX_PEERS_PER_ANSWER:
                     found.setdefault(p.peer_id, p)
-            if len(found) >= _MAX_PEERS_PER_ANSWER:
-                lookup.need = 0
-            elif providers:
-                lookup.need = min(lookup.need, _LOOKUP.beta)
+            lookup.found(others(), _MAX_PEERS_PER_ANSWER)
 
         t0 = trio.current_time()
+        lookup: Lookup | None = None
         with trio.move_on_after(DHT_TIMEOUT):
-            await self._walk(kb, _GET_PROVIDERS, on_reply)
+            lookup = await self._walk(kb, _GET_PROVIDERS, on_reply, need=_LOOKUP.beta if others() else _LOOKUP.k)
+        if lookup is not None:
+            log.debug("find providers: walk of %d queries, %d answers%s; %d providers", lookup.queries, lookup.answers,
+                      " (cut by its budget)" if lookup.timed_out else "", others())
         if self.on_lookup is not None:
             self.on_lookup(trio.current_time() - t0)
-        found.pop(self._peer_id, None)
+        found.pop(me, None)
         return list(found.values())
 
     async def find_manifest_providers(self, manifest_id: bytes) -> list[PeerAddr]:

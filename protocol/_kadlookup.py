@@ -12,13 +12,30 @@ one silent peer costs one slot for ``query_timeout``, not the whole round
 (py-libp2p's own lookup waits for the slowest query of every round).
 
 The lookup is over when the ``need`` closest live peers it knows have all
-answered (``need`` starts at ``beta``: go-libp2p-kad-dht's resiliency, the
-number of closest peers that must respond for a query to end; a provider
-walk that has all the providers it wants sets it to 0), when nothing is left
-to ask, or when ``budget`` seconds have passed since it started. Requiring
-all ``k`` closest to answer instead costs about ``k`` queries per lookup
-however small the network: at 32 hosts to a 2-core machine that alone
-pushed provides past their bound.
+answered, when nothing is left to ask, or when ``budget`` seconds have passed
+since it started. ``need`` says what kind of walk it is:
+
+- ``beta`` (the default; go-libp2p-kad-dht's resiliency): a FIND_NODE walk
+  that wants the neighbourhood of the target, as the routing-table refresh
+  does. Cheap: at 32 hosts to a 2-core machine asking all ``k`` closest
+  pushed every walk past its budget.
+- ``k``: a *full* walk, which ends only when the ``k`` closest live peers it
+  knows (all it can reach, if fewer) have answered. ADD_PROVIDER uses it to
+  place records on the true ``k`` closest, and GET_PROVIDERS starts as one:
+  a record placed while its holder's routing table was still filling may sit
+  on any of the ``k`` closest, not on the ``beta`` closest (a 12-host test
+  failed that way once). :meth:`Lookup.found` then shortens it: the first
+  result drops ``need`` to ``beta`` (one more hop's worth of closer peers
+  may know more providers), ``enough`` results end it at once (``need`` 0),
+  as libp2p's provider lookups end on enough providers or the ``k`` closest
+  queried.
+
+A peer whose query ran out of its ``query_timeout`` (not one that failed
+outright) is asked once more, when the walk has nobody new to ask among the
+``k`` closest and time is left: on a loaded machine a live peer's answer
+took longer than 5 s often enough that a young node's provide walked to its
+only seed, timed out, and ended with nobody to send its record to, 10 s of
+its budget unused.
 
 Sans-IO: the caller passes ``now`` in, starts the queries that
 :meth:`Lookup.next_queries` returns, reports each outcome, and wakes up at
@@ -43,7 +60,7 @@ def key_point(data: bytes) -> bytes:
 class LookupParams:
     alpha: int = 3  # queries in flight
     k: int = 20  # closest peers a lookup converges on (and provider records go to)
-    beta: int = 3  # closest peers that must answer before a provider walk with results stops
+    beta: int = 3  # closest peers that must answer before a FIND_NODE walk (or a provider walk with results) stops
     query_timeout: float = 5.0  # one peer's answer
     budget: float = 15.0  # the whole lookup
     max_candidates: int = 80  # peers kept (the closest); a hostile answer cannot grow it further
@@ -56,14 +73,17 @@ class Lookup:
     """An iterative lookup of ``target`` (a 32-byte point), seeded with known peers."""
 
     def __init__(self, target: bytes, seeds: Iterable[tuple[str, bytes]], now: float,
-                 params: LookupParams = LookupParams(), exclude: Iterable[str] = ()) -> None:
+                 params: LookupParams = LookupParams(), exclude: Iterable[str] = (),
+                 need: int | None = None) -> None:
         self.params = params
-        self.need = params.beta
+        self.need = params.beta if need is None else need
         self._target = int.from_bytes(target, "big")
         self._dist: dict[str, int] = {}
         self._state: dict[str, int] = {}
         self._sent: dict[str, float] = {}
         self._exclude = set(exclude)
+        self._retry: set[str] = set()  # timed out once: may be asked once more
+        self._retried: set[str] = set()
         self._deadline = now + params.budget
         self.timed_out = False
         self.queries = 0
@@ -93,6 +113,17 @@ class Lookup:
         self.answers += 1
         self._add(closer)
 
+    def found(self, results: int, enough: int) -> None:
+        """The caller holds ``results`` results (providers) so far; it wants ``enough``.
+
+        Any result shortens a full walk to the ``beta`` closest; ``enough``
+        ends it at once. ``need`` never grows back.
+        """
+        if results >= enough:
+            self.need = 0
+        elif results > 0:
+            self.need = min(self.need, self.params.beta)
+
     def on_failure(self, peer: str, now: float) -> None:
         if self._state.get(peer) == _ASKED:
             self._state[peer] = _FAILED
@@ -102,6 +133,8 @@ class Lookup:
         for peer, sent in list(self._sent.items()):
             if now >= sent + self.params.query_timeout:
                 self.on_failure(peer, now)
+                if peer not in self._retried:
+                    self._retry.add(peer)
         if now >= self._deadline:
             self.timed_out = True
 
@@ -124,7 +157,19 @@ class Lookup:
                 self.queries += 1
                 out.append(peer)
                 slots -= 1
+        if slots > 0 and not self._has_new():
+            # Nobody new to ask: a peer that only ran out of time gets one more try, closest first.
+            for peer in sorted(self._retry, key=self._dist.__getitem__)[:slots]:
+                self._retry.discard(peer)
+                self._retried.add(peer)
+                self._state[peer] = _ASKED
+                self._sent[peer] = now
+                self.queries += 1
+                out.append(peer)
         return out
+
+    def _has_new(self) -> bool:
+        return any(self._state[p] == _NEW for p in self._live()[: self.params.k])
 
     def next_deadline(self) -> float:
         return min([self._deadline, *(t + self.params.query_timeout for t in self._sent.values())])
@@ -133,12 +178,15 @@ class Lookup:
     def done(self) -> bool:
         if self.timed_out:
             return True
-        live = self._live()
-        closest = live[: self.need]
-        if all(self._state[p] == _ANSWERED for p in closest):
+        if self.need <= 0:
             return True
-        # Nothing left to ask and nothing in flight: the walk cannot get further.
-        return not self._sent and not any(self._state[p] == _NEW for p in live[: self.params.k])
+        closest = self._live()[: self.need]
+        if closest and all(self._state[p] == _ANSWERED for p in closest):
+            # Fewer live peers than it needs: not over while a timed-out peer may yet answer.
+            if len(closest) >= self.need or not self._retry:
+                return True
+        # Nothing left to ask (or to ask again) and nothing in flight: the walk cannot get further.
+        return not self._sent and not self._retry and not self._has_new()
 
     def closest(self, count: int | None = None) -> list[str]:
         """The closest peers that answered, nearest first."""

@@ -85,7 +85,9 @@ def one_lookup(net: Net, rng: random.Random, args: argparse.Namespace) -> tuple[
     silent = {j for j in range(n) if rng.random() < args.silent}
     me = rng.randrange(n)
     seeds = sorted(net.tables[me], key=lambda j: net.points[j] ^ key)[: PARAMS.k]
-    lookup = Lookup(_pt(key), [(str(j), _pt(net.points[j])) for j in seeds], 0.0, PARAMS, exclude=[str(me)])
+    # A provider walk as node/_kadclient.py runs it: full (k closest) until it has a provider.
+    lookup = Lookup(_pt(key), [(str(j), _pt(net.points[j])) for j in seeds], 0.0, PARAMS, exclude=[str(me)],
+                    need=PARAMS.k)
     depth = {j: 0 for j in seeds}
     sigma = 0.5
     mu = math.log(args.rtt)
@@ -114,7 +116,7 @@ def one_lookup(net: Net, rng: random.Random, args: argparse.Namespace) -> tuple[
                 depth.setdefault(x, depth[j] + 1)
             if j in holders and not found:
                 found, found_at = True, at
-                lookup.need = min(lookup.need, PARAMS.beta)
+                lookup.found(1, PARAMS.k)
             lookup.on_response(peer, [(str(x), _pt(net.points[x])) for x in answer], at)
     closest = lookup.closest(1)
     hops = depth[int(closest[0])] + 1 if closest else 0

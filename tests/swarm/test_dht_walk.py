@@ -53,12 +53,17 @@ async def test_a_provider_is_found_over_a_multi_hop_walk(tmp_path: Path) -> None
             assert not _holds_record(seeker, mid) and not _holds_record(via, mid)
 
             # A node's discovery asks again while it still lacks holders (node/swarm/discovery.py);
-            # so may the test, up to three walks: on a loaded host a holder placed its record
-            # while its own routing table was still filling, and one walk can end short of it.
+            # so may the test, up to three walks. A GET_PROVIDERS walk without providers now goes
+            # on past the 3 closest until the k closest (here: everyone it reaches) have answered,
+            # so a record that a holder placed while its routing table was young (on the few peers
+            # that table led to) is found; but once a walk has a provider it ends with the 3
+            # closest, so both holders from one walk are not promised, and on a loaded machine
+            # (two copies of this test at load 12: 2 of 6 single walks found nobody in 15 s) a walk
+            # can run out of budget on a chain of slow hops.
             found: dict[str, PeerAddr] = {}
             for _ in range(3):
                 found.update({p.peer_id: p for p in await seeker.find_manifest_providers(mid)})
                 if {holder_a.peer_id, holder_b.peer_id} <= set(found):
                     break
-            assert {holder_a.peer_id, holder_b.peer_id} <= set(found)
-            assert found[holder_a.peer_id].addrs  # dialable: the answer carried its addresses
+            assert set(found) == {holder_a.peer_id, holder_b.peer_id}
+            assert all(p.addrs for p in found.values())  # dialable: the answer carried their addresses
