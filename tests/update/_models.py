@@ -97,3 +97,20 @@ def wait_until(pred: object, what: str, timeout: float = 60) -> None:
     while not pred():  # type: ignore[operator]
         assert time.monotonic() < deadline, what
         time.sleep(0.3)
+
+
+async def offline_load(tmp: Path, cache: Path, shard: str) -> tuple[str, bytes]:
+    """What huggingface_hub, offline, loads from ``cache``: (the snapshot's commit, ``shard``'s bytes)."""
+    import trio
+
+    from tests.hub.conftest import REPO, clean_env, run_py
+
+    offline = clean_env(tmp, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    code = f"""
+import json
+from huggingface_hub import snapshot_download, try_to_load_from_cache
+snap = snapshot_download({REPO!r}, cache_dir={str(cache)!r}, local_files_only=True)
+print(json.dumps([snap, try_to_load_from_cache({REPO!r}, {shard!r}, cache_dir={str(cache)!r})]))
+"""
+    snap, got = json.loads(await run_py(code, offline))
+    return Path(snap).name, await trio.Path(got).read_bytes()

@@ -24,9 +24,10 @@ import trio
 from safetensors.numpy import save
 
 from autoglm.node._versions import resolve_current
-from tests.hub.conftest import REPO, Hub, clean_env, run_cli, run_py, tensors
+from tests.hub.conftest import REPO, Hub, clean_env, run_cli, tensors
 from tests.hub.conftest import hub as hub  # the fixture
 from tests.swarm.harness import CLI, Proc, processes
+from tests.update._models import offline_load
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -68,15 +69,7 @@ async def _wait_ref(cache: Path, commit: str, proc: Proc) -> None:
 
 async def _offline_load(tmp: Path, cache: Path) -> tuple[str, bytes]:
     """What huggingface_hub, offline, loads from ``cache``: (the snapshot's commit, the second shard's bytes)."""
-    offline = clean_env(tmp, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
-    code = f"""
-import json
-from huggingface_hub import snapshot_download, try_to_load_from_cache
-snap = snapshot_download({REPO!r}, cache_dir={str(cache)!r}, local_files_only=True)
-print(json.dumps([snap, try_to_load_from_cache({REPO!r}, {SHARD!r}, cache_dir={str(cache)!r})]))
-"""
-    snap, shard = json.loads(await run_py(code, offline))
-    return Path(snap).name, await trio.Path(shard).read_bytes()
+    return await offline_load(tmp, cache, SHARD)
 
 
 def _links(snap: Path) -> dict[str, str]:

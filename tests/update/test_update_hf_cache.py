@@ -17,14 +17,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import trio
 from safetensors.numpy import save
 
 from autoglm.node._versions import resolve_current
-from tests.hub.conftest import REPO, Hub, clean_env, run_cli, run_py, tensors
+from tests.hub.conftest import REPO, Hub, clean_env, run_cli, tensors
 from tests.hub.conftest import hub as hub  # the fixture
 
-from ._models import cli, keygen, publish, write_version
+from ._models import cli, keygen, offline_load, publish, write_version
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -105,15 +104,7 @@ async def test_update_moves_the_hf_cache_ref_to_the_new_commit_fetching_only_the
 
 async def _offline_load(tmp: Path, cache: Path) -> tuple[str, bytes]:
     """What huggingface_hub, offline, loads from ``cache``: (the snapshot's commit, the second shard's bytes)."""
-    offline = clean_env(tmp, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
-    code = f"""
-import json
-from huggingface_hub import snapshot_download, try_to_load_from_cache
-snap = snapshot_download({REPO!r}, cache_dir={str(cache)!r}, local_files_only=True)
-print(json.dumps([snap, try_to_load_from_cache({REPO!r}, {SHARD!r}, cache_dir={str(cache)!r})]))
-"""
-    snap, shard = json.loads(await run_py(code, offline))
-    return Path(snap).name, await trio.Path(shard).read_bytes()
+    return await offline_load(tmp, cache, SHARD)
 
 
 def test_update_hf_cache_refuses_a_model_not_published_from_the_hub_before_fetching(tmp_path: Path) -> None:
