@@ -17,25 +17,17 @@ import logging
 import os
 import random
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
-import multiaddr
 import trio
-from google.protobuf.message import DecodeError
-from libp2p.exceptions import BaseLibp2pError
-from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE
-from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import KadDHT, _encode_key
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
-from libp2p.kad_dht.utils import maybe_consume_signed_record
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from libp2p.peer.peerstore import env_to_send_in_RPC
-from libp2p.utils.varint import encode_uvarint, read_varint_prefixed_bytes_limited
 
 from autoglm.node._kadwalk import run_lookup
-from autoglm.node.errors import RemoteProtocolError, SourceError
+from autoglm.node._kadwire import MAX_ADDRS, MAX_PEERS_PER_ANSWER, KadWire, PeerAddr
+from autoglm.node.errors import SourceError
 from autoglm.protocol._kadlookup import Lookup, LookupParams, key_point
 
 __all__ = ["DHT_TIMEOUT", "PEER_QUERY_TIMEOUT", "KadClient", "PeerAddr", "file_provider_key", "manifest_provider_key"]
@@ -54,21 +46,9 @@ _REFRESH_INTERVAL = 600.0
 _REFRESH_JITTER = 2.0
 _REFRESH_BACKOFF = (1.0, 60.0)  # first and longest wait between start-up refreshes
 _REFRESH_STABLE = 2  # start-up refreshes in a row that added nobody before the slow pace
-_DIAL_TIMEOUT = 20.0  # a dial a query started goes on this long in the background
-_MAX_PEERS_PER_ANSWER = 20
-_MAX_ADDRS = 8
-_ADDR_TTL = 3600
 _FIND_NODE = Message.MessageType.FIND_NODE
 _GET_PROVIDERS = Message.MessageType.GET_PROVIDERS
 _ADD_PROVIDER = Message.MessageType.ADD_PROVIDER
-
-
-@dataclass(frozen=True, slots=True)
-class PeerAddr:
-    """A peer as the DHT reports it: its id and the multiaddrs it advertised."""
-
-    peer_id: str
-    addrs: tuple[str, ...]
 
 
 def manifest_provider_key(manifest_id: bytes) -> str:
@@ -94,9 +74,7 @@ class KadClient:
         self._dht = dht
         self._connect = connect
         self.on_lookup = on_lookup
-        # Dials our queries started, by peer, while they run (refresh_routing's nursery holds them).
-        self._dials: dict[ID, trio.Event] = {}
-        self._background: trio.Nursery | None = None
+        self._wire = KadWire(host, dht)
 
     @property
     def _peer_id(self) -> str:
@@ -105,127 +83,6 @@ class KadClient:
     def size(self) -> int:
         """Peers in the routing table."""
         return int(self._dht.get_routing_table_size())
-
-    # -- one request on the wire ---------------------------------------------------
-    def _kad_message(self, kind: int, key: bytes) -> Any:
-        message = Message()
-        message.type = kind  # type: ignore[assignment]
-        message.key = key
-        message.senderRecord = env_to_send_in_RPC(self._host)[0]
-        return message
-
-    async def _kad_rpc(self, peer: str, kind: int, key: bytes) -> Any:
-        """One DHT request and its answer (a kademlia_pb2.Message); SourceError if the peer fails."""
-        pid = ID.from_base58(peer)
-        reply = Message()
-        await self._kad_send(pid, self._kad_message(kind, key), reply)
-        if reply.type != kind or not maybe_consume_signed_record(reply, self._host, pid):
-            raise RemoteProtocolError(f"DHT peer {peer} sent a wrong answer or an invalid signed record")
-        # It answered a DHT request: a DHT server, worth a routing-table entry.
-        addrs = self._host.get_peerstore().addrs(pid)
-        if addrs:
-            await self._dht.routing_table.add_peer(PeerInfo(pid, addrs))
-        return reply
-
-    async def _kad_send(self, pid: ID, message: Any, reply: Any | None) -> None:
-        """Send ``message`` on a new DHT stream and, if ``reply`` is given, parse the answer into it.
-
-        The stream is always ended, even when the caller's scope is cancelled
-        (a lookup that finished cancels its slower queries): py-libp2p's
-        server reads a stream until it ends, holding one of its 12 handler
-        slots, and resets every DHT stream beyond 12. Streams left open by
-        cancelled queries had filled the bootstrap node's slots within
-        seconds at 32 hosts.
-        """
-        data = message.SerializeToString()
-        stream = None
-        done = False
-        stage, t0 = "open", trio.current_time()
-        try:
-            stream = await self._open_kad_stream(pid)
-            stage = "write"
-            await stream.write(encode_uvarint(len(data)) + data)
-            stage = "read"
-            if reply is not None:
-                reply.ParseFromString(await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE))
-            done = True
-        except (BaseLibp2pError, OSError, ValueError, DecodeError) as exc:
-            raise SourceError(f"DHT query to {pid} failed: {exc!r}") from exc
-        finally:
-            if not done and log.isEnabledFor(logging.DEBUG):
-                log.debug("DHT request to %s ended in %s after %.2f s", pid, stage, trio.current_time() - t0)
-            if stream is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    try:
-                        await (stream.close() if done else stream.reset())
-                    except (BaseLibp2pError, OSError):
-                        pass
-
-    async def _open_kad_stream(self, pid: ID) -> Any:
-        """A new DHT stream; once more on a fresh connection if the one we held was dead.
-
-        Two hosts that dial each other at the same moment (their walks cross)
-        each keep one of the two connections (one per peer) and often not the
-        same one: each then holds a connection the other has closed, and
-        learns it only when opening a stream fails with a reset or a broken
-        pipe. That failure drops the dead connection, so the second try dials.
-        In 16-host runs most failed queries were this.
-        """
-        await self._connection(pid)
-        try:
-            return await self._host.new_stream(pid, [KAD_PROTOCOL_ID])
-        except (BaseLibp2pError, OSError) as exc:
-            log.debug("DHT stream to %s failed (%r); trying a fresh connection", pid, exc)
-        return await self._host.new_stream(pid, [KAD_PROTOCOL_ID])
-
-    async def _connection(self, pid: ID) -> None:
-        """Wait for a connection to ``pid``, dialling it in the background if there is none.
-
-        The dial is not the query's: it goes on for up to 20 s after the
-        query that started it gave up at its 5 s (and is shared by every walk
-        of this host that wants the same peer). On a loaded machine a new
-        connection (TCP, Noise, yamux, identify, all in Python) took 0.3-8 s;
-        dialled inside the query, one that took longer than 5 s was thrown
-        away with it, and the next walk to that peer started again from
-        nothing. Raises SourceError if the dial failed.
-        """
-        if self._background is None or self._host.get_network().connections.get(pid):
-            return
-        event = self._dials.get(pid)
-        if event is None:
-            event = self._dials[pid] = trio.Event()
-            self._background.start_soon(self._dial, pid, event)
-        await event.wait()
-        if not self._host.get_network().connections.get(pid):
-            raise SourceError(f"DHT peer {pid} could not be dialled")
-
-    async def _dial(self, pid: ID, event: trio.Event) -> None:
-        try:
-            with trio.move_on_after(_DIAL_TIMEOUT):
-                await self._host.connect(PeerInfo(pid, self._host.get_peerstore().addrs(pid)))
-        except Exception as exc:  # py-libp2p's dial raises assorted types; a background task must not
-            log.debug("DHT dial to %s failed: %r", pid, exc)
-        finally:
-            del self._dials[pid]
-            event.set()
-
-    def _learn(self, peers: Any) -> list[PeerAddr]:
-        """Peers named in an answer (closer peers, providers): their addresses go to the peerstore."""
-        out: list[PeerAddr] = []
-        store = self._host.get_peerstore()
-        me = self._host.get_id()
-        for p in list(peers)[:_MAX_PEERS_PER_ANSWER]:
-            try:
-                pid = ID(p.id)
-                if pid == me or not maybe_consume_signed_record(p, self._host):
-                    continue
-                addrs = [multiaddr.Multiaddr(a) for a in p.addrs[:_MAX_ADDRS]]
-            except (BaseLibp2pError, ValueError, TypeError):
-                continue
-            if addrs:
-                store.add_addrs(pid, addrs, _ADDR_TTL)
-            out.append(PeerAddr(str(pid), tuple(str(a) for a in addrs)))
-        return out
 
     # -- walks (protocol/_kadlookup.py decides, node/_kadwalk.py pumps) ------------
     def _seeds(self, key: bytes) -> list[tuple[str, bytes]]:
@@ -240,10 +97,10 @@ class KadClient:
         lookup = Lookup(key_point(key), self._seeds(key), trio.current_time(), params, exclude=[self._peer_id], need=need)
 
         async def ask(peer: str) -> list[tuple[str, bytes]]:
-            reply = await self._kad_rpc(peer, kind, key)
+            reply = await self._wire.rpc(peer, kind, key)
             if on_reply is not None:
                 on_reply(lookup, peer, reply)
-            return [(p.peer_id, key_point(ID.from_base58(p.peer_id).to_bytes())) for p in self._learn(reply.closerPeers)]
+            return [(p.peer_id, key_point(ID.from_base58(p.peer_id).to_bytes())) for p in self._wire.learn(reply.closerPeers)]
 
         await run_lookup(lookup, ask)
         return lookup
@@ -263,11 +120,11 @@ class KadClient:
         the node finds itself alone.
         """
         async with trio.open_nursery() as background:
-            self._background = background
+            self._wire.background = background
             try:
                 await self._refresh_forever(tuple(bootstrap))
             finally:
-                self._background = None
+                self._wire.background = None
 
     async def _refresh_forever(self, bootstrap: tuple[str, ...]) -> None:
         # A fleet booting together sends every first lookup to the same bootstrap
@@ -339,7 +196,7 @@ class KadClient:
         sent = 0
         placed: set[str] = set()
 
-        message = self._kad_message(_ADD_PROVIDER, kb)
+        message = self._wire.message(_ADD_PROVIDER, kb)
         me = message.providerPeers.add()
         me.id = self._host.get_id().to_bytes()
         me.addrs.extend(a.to_bytes() for a in self._host.get_addrs())
@@ -350,7 +207,7 @@ class KadClient:
             nonlocal sent
             with trio.move_on_after(PEER_QUERY_TIMEOUT):
                 try:
-                    await self._kad_send(ID.from_base58(peer), message, None)
+                    await self._wire.send(ID.from_base58(peer), message, None)
                     sent += 1
                 except SourceError as exc:
                     log.debug("ADD_PROVIDER to %s failed: %r", peer, exc)
@@ -409,16 +266,16 @@ class KadClient:
         me = self._peer_id
         found: dict[str, PeerAddr] = {}
         for info in self._dht.provider_store.get_providers(kb):
-            found[str(info.peer_id)] = PeerAddr(str(info.peer_id), tuple(str(a) for a in info.addrs[:_MAX_ADDRS]))
+            found[str(info.peer_id)] = PeerAddr(str(info.peer_id), tuple(str(a) for a in info.addrs[:MAX_ADDRS]))
 
         def others() -> int:
             return len(found) - (me in found)
 
         def on_reply(lookup: Lookup, peer: str, reply: Any) -> None:
-            for p in self._learn(reply.providerPeers):
-                if others() < _MAX_PEERS_PER_ANSWER:
+            for p in self._wire.learn(reply.providerPeers):
+                if others() < MAX_PEERS_PER_ANSWER:
                     found.setdefault(p.peer_id, p)
-            lookup.found(others(), _MAX_PEERS_PER_ANSWER)
+            lookup.found(others(), MAX_PEERS_PER_ANSWER)
 
         t0 = trio.current_time()
         lookup: Lookup | None = None
