@@ -56,11 +56,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 
 from ._availability import Availability
 from ._ownership import MAX_PEER_CLAIMS, FirstCopy
-from ._requests import InFlight
+from ._requests import Endgame, InFlight, Source
 from ._runs import MirrorRuns
 from ._stream import StreamOrder
 
@@ -85,17 +84,6 @@ class PieceState(enum.IntEnum):
     REQUESTED = 1
     WRITING = 2  # the hash matched and the bytes are with the store: commit pending
     DONE = 3
-
-
-@dataclass(slots=True)
-class _Source:
-    kind: SourceKind
-    have: set[int] | None  # None: every piece
-    failed: set[int] = field(default_factory=set)
-    in_flight: set[int] = field(default_factory=set)
-
-    def has(self, index: int) -> bool:
-        return self.have is None or index in self.have
 
 
 class PiecePicker:
@@ -128,7 +116,8 @@ class PiecePicker:
         self._avail = Availability(self._state, self._wanted, PieceState.NONE)
         self._asked = InFlight(endgame_copies, endgame_delay, endgame_late)
         self.progress = progress
-        self._sources: dict[str, _Source] = {}
+        self._sources: dict[str, Source] = {}
+        self._endgame = Endgame(self._asked, self._sources, self._sizes.__getitem__, self._endgame_allowed)
         self._remaining = sum(1 for i in range(n) if self._wanted[i] and self._state[i] != PieceState.DONE)
         #: First-copy spreading (None: every piece is ours to fetch). The caller
         #: holds it too and tells it about the swarm (members, claims, Haves).
@@ -213,19 +202,12 @@ class PiecePicker:
         """
         times: list[float] = []
         if not self._avail.any_open():
-            times += self._asked.endgame_due(-float("inf") if now is None else now, self._duplicators,
-                                             self._sizes.__getitem__, self._kind_of)
+            times += self._endgame.due(-float("inf") if now is None else now)
         if self.first_copy is not None:
             times += self.first_copy.deadlines(self._avail.open_pieces())
         if now is not None:
             times = [t for t in times if t > now]
         return min(times, default=None)
-
-    def _kind_of(self, source_id: str) -> SourceKind:
-        return self._sources[source_id].kind
-
-    def _duplicators(self, index: int) -> Iterable[str]:
-        return (sid for sid, src in self._sources.items() if src.has(index) and index not in src.failed)
 
     # -- sources ---------------------------------------------------------
     def add_source(self, source_id: str, kind: SourceKind, have: Iterable[int] | None = None) -> None:
@@ -233,7 +215,7 @@ class PiecePicker:
             raise ValueError(f"unknown source kind {kind!r}")
         if source_id in self._sources:
             raise ValueError(f"source {source_id!r} already added")
-        src = _Source(kind, None if have is None else set(have))
+        src = Source(kind, None if have is None else set(have))
         self._sources[source_id] = src
         if kind is PEER and src.have is not None:
             self._avail.add(src.have, +1)
@@ -287,7 +269,7 @@ class PiecePicker:
                 lambda i: not self.wants(i), lambda i: self._pickable(src, i), max_bytes)
             picked = picked or self._avail.rarest(src.have, src.failed, self._sizes, max_bytes)
         if not picked and not self._avail.any_open():
-            picked = self._pick_endgame(source_id, src, now)
+            picked = self._endgame.pick(source_id, now)
         for i in picked:
             self._mark_requested(source_id, src, i, now)
             if self.first_copy is not None:
@@ -310,10 +292,10 @@ class PiecePicker:
         self._mark_requested(source_id, src, index, now)
         return True
 
-    def _pickable(self, src: _Source, i: int) -> bool:
+    def _pickable(self, src: Source, i: int) -> bool:
         return self._wanted[i] and self._state[i] == PieceState.NONE and src.has(i) and i not in src.failed
 
-    def _pick_run(self, src: _Source, max_bytes: int, now: float) -> list[int]:
+    def _pick_run(self, src: Source, max_bytes: int, now: float) -> list[int]:
         return self._runs.pick(
             max_bytes, free=lambda i: self._pickable(src, i) and self._may_take(i, now), held=self._avail.count,
             any_unheld=self._avail.any_unheld(), endgame=not self._avail.any_open(),
@@ -322,20 +304,13 @@ class PiecePicker:
     def _may_take(self, i: int, now: float) -> bool:
         return self.first_copy is None or self.first_copy.mirror_may_take(i, now)
 
-    def _pick_endgame(self, source_id: str, src: _Source, now: float) -> list[int]:
-        mirror, count = src.kind is MIRROR, self._avail.count
+    def _endgame_allowed(self, src: Source, i: int, now: float) -> bool:
+        """Rule 4 beyond holding the piece: a wanted piece, and for a mirror within rules 3 and 5."""
+        if not self._wanted[i]:
+            return False
+        return src.kind is not MIRROR or ((self._runs.overlap_budget is None or self._avail.count[i] == 0) and self._may_take(i, now))
 
-        def may_send(i: int) -> bool:
-            if not (self._wanted[i] and src.has(i)) or i in src.failed:
-                return False
-            if mirror and self._runs.overlap_budget is not None and count[i] != 0:
-                return False
-            return not mirror or self._may_take(i, now)
-
-        i = self._asked.endgame_pick(source_id, may_send, now, self._sizes.__getitem__, self._kind_of)
-        return [] if i is None else [i]
-
-    def _mark_requested(self, source_id: str, src: _Source, i: int, now: float) -> None:
+    def _mark_requested(self, source_id: str, src: Source, i: int, now: float) -> None:
         self._asked.add(i, source_id, now)
         src.in_flight.add(i)
         self._set_state(i, PieceState.REQUESTED)

@@ -57,9 +57,9 @@ pick again.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["InFlight", "PieceTimes"]
+__all__ = ["Endgame", "InFlight", "PieceTimes", "Source"]
 
 #: Weight kept by the older samples when a new one arrives.
 DECAY = 0.8
@@ -115,6 +115,23 @@ UNMEASURED_HORIZON = 5.0
 #: What the endgame asks of the picker: a piece's size, and a requester's kind of source.
 Size = Callable[[int], int]
 KindOf = Callable[[str], Hashable]
+
+
+@dataclass(slots=True)
+class Source:
+    """One of the picker's sources: its kind (the picker's ``SourceKind``), what it holds, what it got wrong, what it was asked."""
+
+    kind: Hashable
+    have: set[int] | None  # None: every piece
+    failed: set[int] = field(default_factory=set)
+    in_flight: set[int] = field(default_factory=set)
+
+    def has(self, index: int) -> bool:
+        return self.have is None or index in self.have
+
+    def may_ask(self, index: int) -> bool:
+        """It holds ``index`` and never sent it wrong (picker rule 1)."""
+        return self.has(index) and index not in self.failed
 
 
 class InFlight:
@@ -274,3 +291,39 @@ class InFlight:
             for sid in by:
                 assert i in in_flight[sid], (sid, i)
         assert {i for i, st in enumerate(state) if st == requested} == set(self._by), "REQUESTED without requesters"
+
+
+class Endgame:
+    """Picker rule 4 over the picker's sources: the piece a source may duplicate now, and when to look again.
+
+    ``allowed(source, index, now)``: the picker's limits beyond holding the piece (wanted; for a mirror,
+    the overlap budget and first-copy ownership). The piece times and requesters are ``asked``'s.
+    """
+
+    def __init__(self, asked: InFlight, sources: Mapping[str, Source], size: Size,
+                 allowed: Callable[[Source, int, float], bool]) -> None:
+        self._asked = asked
+        self._sources = sources
+        self._size = size
+        self._allowed = allowed
+
+    def kind_of(self, source_id: str) -> Hashable:
+        return self._sources[source_id].kind
+
+    def duplicators(self, index: int) -> Iterable[str]:
+        """The sources that could be asked for ``index``."""
+        return (sid for sid, src in self._sources.items() if src.may_ask(index))
+
+    def pick(self, source_id: str, now: float) -> list[int]:
+        """At most one REQUESTED piece for ``source_id`` to duplicate (InFlight.endgame_pick)."""
+        src = self._sources[source_id]
+
+        def may_send(i: int) -> bool:
+            return src.may_ask(i) and self._allowed(src, i, now)
+
+        i = self._asked.endgame_pick(source_id, may_send, now, self._size, self.kind_of)
+        return [] if i is None else [i]
+
+    def due(self, now: float) -> list[float]:
+        """Instants after ``now`` at which a duplicate may become allowed (InFlight.endgame_due)."""
+        return self._asked.endgame_due(now, self.duplicators, self._size, self.kind_of)

@@ -52,13 +52,14 @@ def loopback(n: int, seed: int = 1, deliver_timeout: float | None = None, wire: 
 def fleet(n: int, size: int, piece: int, servers: float, spread: float, churn: float, degree: int | None, seed: int,
           deliver_timeout: float | None, wire: bool, owner_timeout: float | None = None, sched_tick: float = 0.05,
           gossip: float | None = None, max_scale: float | None = None, pace_factor: float | None = None,
-          endgame_copies: int | None = None) -> Scenario:
+          endgame_copies: int | None = None, finish_on_choke: bool = False) -> Scenario:
     """Servers at 10 Gbit/s, edge devices at 20-100 Mbit/s (symmetric), a 1 Gbit/s origin; WAN-ish latencies."""
     ns = int(round(servers * n))
     fleets = (Fleet(ns, 10 * Gbit, 10 * Gbit), Fleet(n - ns, 20 * Mbit, 20 * Mbit, down_hi=100 * Mbit, up_hi=100 * Mbit))
     # A piece takes 0.7-3.4 s at edge speeds: waking the scheduler at most every 50 ms per node changes nothing there.
     params = Params(latency=0.010, origin_rtt=0.100, start_delay=0.5, deliver_timeout=deliver_timeout, wire=wire,
-                    sched_tick=sched_tick, gossip=gossip, max_scale=max_scale, pace_factor=pace_factor)
+                    sched_tick=sched_tick, gossip=gossip, max_scale=max_scale, pace_factor=pace_factor,
+                    finish_on_choke=finish_on_choke)
     if owner_timeout is not None:
         params = dataclasses.replace(params, owner_timeout=owner_timeout)
     if endgame_copies is not None:
@@ -96,9 +97,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_fleet(args: argparse.Namespace) -> int:
     sc = fleet(args.n, _size(args.size), _size(args.piece), args.servers, args.spread, args.churn, args.degree,
                args.seed, args.deliver_timeout, not args.no_wire, args.owner_timeout, args.sched_tick,
-               None if args.gossip < 0 else args.gossip, args.max_scale, args.pace_factor, args.endgame_copies)
+               None if args.gossip < 0 else args.gossip, args.max_scale, args.pace_factor, args.endgame_copies,
+               args.finish_on_choke)
     t = time.time()
-    r: Result = run(sc)
+    r: Result = run(sc, args.horizon)
     row = r.row()
     row["wall_clock_s"] = round(time.time() - t, 1)
     print(json.dumps(row))
@@ -172,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--pace-factor", type=float, default=None, help="what-if: FirstCopy pace_factor")
     f.add_argument("--endgame-copies", type=int, default=None,
                    help="what-if: FetchOptions.endgame_copies (1: no endgame duplicates; default 2)")
+    f.add_argument("--finish-on-choke", action="store_true",
+                   help="what-if: a Choke lets the piece on its way finish (the node drops it)")
+    f.add_argument("--horizon", type=float, default=None,
+                   help="simulated seconds before the run is stopped (default 20 x the fluid bound + 60)")
     f.set_defaults(fn=cmd_fleet)
     o = sub.add_parser("owners", help="first-copy owners agreed when each node sees only its own sessions")
     o.add_argument("--n", type=int, nargs="+", default=[50, 200, 1000, 10000])

@@ -88,6 +88,9 @@ class Params:
     # with no session here): a node that arrives is known to every node this many seconds later, one
     # that leaves is forgotten after ``member_grace``. None: first-copy members are the sessions only.
     gossip: float | None = None
+    # What-if (not the node's behaviour): a Choke lets the piece already on its way finish instead of
+    # dropping its bytes (the node ends every request to that peer: stop_using -> remove_source).
+    finish_on_choke: bool = False
 
 
 # node/swarm/session.py PeerSource: QUEUE_TIME seconds of throughput in flight, within [MIN_DEPTH, MAX_DEPTH].
@@ -225,6 +228,7 @@ class SimNode:
         self.reqs: dict[int, _Req] = {}
         self.by_piece: dict[int, set[int]] = {}
         self.active: dict[str, int] = {}
+        self._draining: set[str] = set()  # choked sources whose piece on its way may finish (finish_on_choke)
         self._rid = 0
         self._rate: dict[str, tuple[float, float]] = {}  # peer source -> (rate EWMA, last arrival)
         self._mirror_tput: float | None = None
@@ -313,11 +317,15 @@ class SimNode:
             self.rechoke()
         elif isinstance(msg, Unchoke):
             self.unchoking_us.add(src)
+            self._draining.discard(f"peer:{src}")
             self._attach(src)
             self.schedule()
         elif isinstance(msg, Choke):
             self.unchoking_us.discard(src)
-            self._detach(src)
+            if self.sw.params.finish_on_choke:
+                self._drain(src)
+            else:
+                self._detach(src)
             self.schedule()
 
     def _hello(self, src: str, have: frozenset[int], reply: bool) -> None:
@@ -424,6 +432,19 @@ class SimNode:
             self.picker.add_source(sid, PEER, self.have_of[peer])
             self.active[sid] = 0
 
+    def _drain(self, peer: str) -> None:
+        """What-if (``Params.finish_on_choke``): a Choke ends the requests not yet moving; a piece on its way finishes."""
+        sid = f"peer:{peer}"
+        if self.picker is None or not self.picker.has_source(sid):
+            return
+        for rid, r in list(self.reqs.items()):
+            if r.sid == sid and r.flow is None:
+                self._end_req(rid, cancel=True)
+        if any(r.sid == sid for r in self.reqs.values()):
+            self._draining.add(sid)
+        else:
+            self._detach(peer)
+
     def _detach(self, peer: str) -> None:
         sid = f"peer:{peer}"
         if self.picker is None or not self.picker.has_source(sid):
@@ -432,6 +453,7 @@ class SimNode:
             if r.sid == sid:
                 self._end_req(rid, cancel=False)
         self.picker.remove_source(sid)
+        self._draining.discard(sid)
         self.active.pop(sid, None)
         self._rate.pop(sid, None)
 
@@ -469,7 +491,7 @@ class SimNode:
         while progress:
             progress = False
             for sid in order:
-                if self.active.get(sid, 0) >= self._max_requests(sid):
+                if sid in self._draining or self.active.get(sid, 0) >= self._max_requests(sid):
                     continue
                 picked = pk.pick(sid, self._request_bytes(sid), now)
                 if not picked:
@@ -610,6 +632,8 @@ class SimNode:
         r.flow = None
         self._end_req(rid, cancel=False)
         self._arrived(r.sid, index)
+        if r.sid in self._draining and not any(q.sid == r.sid for q in self.reqs.values()):
+            self._detach(r.sid[5:])
 
     def _end_req(self, rid: int, cancel: bool) -> None:
         """Forget request ``rid``; ``cancel``: withdraw its pieces still requested in the picker too."""

@@ -49,6 +49,54 @@ def test_flow_speeds_up_when_another_ends() -> None:
     assert ended == pytest.approx({"short": 10.0, "long": 20.0})
 
 
+def test_a_crowded_source_keeps_its_queue_bounded_and_its_times() -> None:
+    # 1,000 flows from one source, each ending at a different time: every end re-times the rest.
+    # The dead finish events must not pile up (10,000 nodes once held millions: GBs), and the
+    # deferred re-splits of a crowded source may only make flows late, by a bounded amount.
+    loop = Loop()
+    net = Net(loop)
+    n, cap = 1000, 1000.0
+    src = Link("origin", cap)
+    ended: list[float] = []
+    sizes = [float(k + 1) for k in range(n)]
+    most = 0
+    for k, b in enumerate(sizes):
+        net.start(src, Link(f"d{k}", 1e9), b, lambda: ended.append(loop.now))
+
+    def watch() -> None:
+        nonlocal most
+        most = max(most, len(loop._q))
+        if len(ended) < n:
+            loop.at(loop.now + 1.0, watch)
+
+    loop.at(0.0, watch)
+    loop.run(1e6)
+    assert len(ended) == n
+    assert most <= 4 * n + Loop.COMPACT_MIN
+    assert loop.pending() == 0
+    assert src.bytes == pytest.approx(sum(sizes))
+    # Processor sharing: the k-th smallest flow ends at (sum of the k smaller ones + (n-k+1) * its size) / cap.
+    exact, acc = [], 0.0
+    for k, b in enumerate(sizes):
+        exact.append((acc + (n - k) * b) / cap)
+        acc += b
+    for got, want in zip(sorted(ended), exact, strict=True):
+        assert want - 1e-6 <= got <= want + n * Net.CROWD_DELAY * 0.01 + Net.CROWD_DELAY + 1e-6
+
+
+def test_cancelled_events_do_not_run_and_are_compacted() -> None:
+    loop = Loop()
+    ran: list[int] = []
+    evs = [loop.at(float(k), ran.append, k) for k in range(Loop.COMPACT_MIN * 3)]
+    for e in evs[: Loop.COMPACT_MIN * 2]:
+        loop.cancel(e)
+    assert len(loop._q) <= Loop.COMPACT_MIN * 2  # rebuilt once the dead outnumbered the live
+    assert loop.pending() == Loop.COMPACT_MIN
+    loop.run(1e9)
+    assert ran == list(range(Loop.COMPACT_MIN * 2, Loop.COMPACT_MIN * 3))
+    assert loop.events == Loop.COMPACT_MIN
+
+
 def test_sample_model_pieces_are_the_planners() -> None:
     sizes, starts = sample_pieces(GiB)
     assert starts[0] == 0 and len(starts) == 3
