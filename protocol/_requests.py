@@ -106,11 +106,13 @@ class PieceTimes:
         return None if r is None or r.nbytes <= 0 else r.expect(nbytes)
 
 
-#: With nothing measured for its kind of source, a request whose bytes are coming turns late once
-#: it is this old (seconds; early rates are slow start's, not the source's) and its rate so far
-#: projects its whole piece past ``late`` times this long: a source trickling a piece (a resumed
-#: fetch with one piece left, a small model) is rescued, not waited on for ever.
+#: With nothing measured for its kind of source, a request whose bytes are coming is late once it
+#: is this old (seconds) and its rate so far is under UNMEASURED_FLOOR (bytes/s): a source that
+#: trickles a piece (a resumed fetch with one piece left, a small model) is rescued, not waited on
+#: for ever. A projection of the piece's time was tried and duplicated pieces on a slow shared
+#: link (an edge device's 20 Mbit/s split among its requests, tests/sim/test_sim.py).
 UNMEASURED_HORIZON = 5.0
+UNMEASURED_FLOOR = 64 * 1024
 
 #: What the endgame asks of the picker: a piece's size, and a requester's kind of source.
 Size = Callable[[int], int]
@@ -184,11 +186,10 @@ class InFlight:
             return max(self.delay, self.late * typical)
         got = 0 if self.progress is None else self.progress(index)
         if got > 0:
-            # Nothing measured to judge it by, and its bytes are coming: late once its rate so far
-            # puts the whole piece past late x the horizon (age > that x got / size), and not before
-            # the horizon's first second. Whether a duplicate then pays is _sooner's question.
-            n = max(1, size(index))
-            return max(self.delay, 1.0, self.late * UNMEASURED_HORIZON * min(got, n) / n)
+            # Nothing measured to judge it by, and its bytes are coming: late once it is past the
+            # horizon and its rate so far is under the floor (age > got / floor). Whether a
+            # duplicate then pays is _sooner's question.
+            return max(self.delay, UNMEASURED_HORIZON, got / UNMEASURED_FLOOR)
         return self.delay
 
     def endgame_pick(

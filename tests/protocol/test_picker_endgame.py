@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoglm.protocol._picker import MIRROR, PEER, PiecePicker, PieceState, SourceKind
-from autoglm.protocol._requests import UNMEASURED_HORIZON
+from autoglm.protocol._requests import UNMEASURED_FLOOR, UNMEASURED_HORIZON
 
 SIZE = 1000
 
@@ -332,7 +332,7 @@ def test_a_request_at_this_links_share_is_never_duplicated(got: int, took: float
 
 def test_with_nothing_measured_a_trickle_is_late_and_a_moving_piece_is_not() -> None:
     """Nothing measured for peers yet (a resumed fetch, a small model): a request with no bytes is late
-    after endgame_delay; one with bytes once its rate so far projects the piece past late x the horizon."""
+    after endgame_delay; one with bytes once past the horizon with its rate so far under the floor."""
     got = {0: 10, 1: 0}
     pp = PiecePicker([SIZE] * 2, endgame_delay=1.0)
     pp.progress = lambda i: got[i]
@@ -340,18 +340,19 @@ def test_with_nothing_measured_a_trickle_is_late_and_a_moving_piece_is_not() -> 
         pp.add_source(sid, PEER, [0, 1])
     assert pp.pick("a", 2 * SIZE, 0.0) == [0, 1]
     assert pp.pick("b", SIZE, 0.5) == []  # younger than endgame_delay
-    assert pp.next_deadline(0.5) == 1.0  # both turn late then: piece 1 has no bytes, piece 0 trickles
+    assert pp.next_deadline(0.5) == 1.0  # piece 1 (no bytes) turns late then; piece 0 (a trickle) at the horizon
     # Piece 0: 10 bytes in 100 s. Piece 1: none. Both are rescued, the older-asked first by index.
     assert sorted(pp.pick("b", SIZE, 100.0) + pp.pick("b", SIZE, 100.0)) == [0, 1]
-    # A piece half in after 2 s projects 4 s, under 2 x UNMEASURED_HORIZON: not late until
-    # 2 x 5 x 1/2 = 5 s after its request (by then, at this rate, it is in).
-    pp2 = PiecePicker([SIZE], endgame_delay=1.0)
-    pp2.progress = lambda i: SIZE // 2
+    # A piece half in after 2 s (2 MiB/s): not late until its rate so far falls under the floor,
+    # half a piece / UNMEASURED_FLOOR after its request (by then, at this rate, it is long in).
+    big = 8 << 20
+    pp2 = PiecePicker([big], endgame_delay=1.0)
+    pp2.progress = lambda i: big // 2
     for sid in ("a", "b"):
         pp2.add_source(sid, PEER, [0])
-    assert pp2.pick("a", SIZE, 0.0) == [0]
-    assert pp2.pick("b", SIZE, 2.0) == []
-    assert pp2.next_deadline(2.0) == 0.0 + 2.0 * UNMEASURED_HORIZON * 0.5
+    assert pp2.pick("a", big, 0.0) == [0]
+    assert pp2.pick("b", big, 2.0) == []
+    assert pp2.next_deadline(2.0) == (big // 2) / UNMEASURED_FLOOR > UNMEASURED_HORIZON
 
 
 def test_with_nothing_measured_requests_moving_alike_on_one_link_are_not_duplicated() -> None:
