@@ -132,7 +132,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections.abc import Callable, Iterable, Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from ._pace import MAX_SCALE, PACE_FACTOR, PACE_QUANTILE, Pace, pace_scale
 
@@ -429,19 +429,13 @@ class FirstCopy:
     def _swarm_due(self, pieces: Iterable[int]) -> list[float]:
         """When the promises that brought ``pieces`` into the swarm are due: members' (paced), those that left (fixed)."""
         pieces = [i for i in pieces if self._promises.heard(i, any_record=True)]
-        if not pieces:
-            return []
         deliver = self.pace.deliver(self._deliver_timeout)
         unasked = self._unrequested_timeout * deliver / self._deliver_timeout
 
-        seen: dict[str, bool] = {}  # once per member per call: each check is a heap walk
-
+        @cache  # once per member per call: each check is a heap walk
         def credible(m: str) -> bool:
-            ok = seen.get(m)
-            if ok is None:
-                self._check_promises(m, self._now)
-                ok = seen[m] = m not in self._lapsed
-            return ok
+            self._check_promises(m, self._now)
+            return m not in self._lapsed
 
         times = [self._promises.piece_due(i, deliver, unasked, credible) for i in pieces]
         times += [self._promises.gone_due(i, self._deliver_timeout, self._unrequested_timeout) for i in pieces]
